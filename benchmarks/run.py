@@ -1,0 +1,236 @@
+"""`make bench`: the game-generation figures, each as a ratio against a baseline measured in the same run.
+
+    python -m benchmarks.run [--quantity 1000000] [--skip-e2e] [--skip-counter]
+
+1. End to end: generate-games for QUANTITY games (local Prefect server, embedded Redis, LocalCluster of
+   DASK_N_WORKERS process workers), flow start to artifacts, with the peak memory of every process of the
+   run (this one, the Dask workers, redis-server). Baseline: openpyxl write-only writing the same rows on one
+   core. Target: end to end <= 0.65 x baseline; peak memory < 2 GiB.
+2. Counter claims from 2 processes through the Lua script (accepted games/s), against the seed's approach
+   (Manager().dict() + Manager().Lock(), reading the 60 counters per game). Target: >= 50,000 games/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REGION_CAPS = [700_000, 250_000, 50_000, 1_000, 100]
+
+
+def _rss_of_tree(pids: set[int]) -> int:
+    """Resident memory (bytes) of the given processes and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo, seen = 0, list(pids), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+    return total
+
+
+class PeakMemory:
+    """Samples the summed RSS of a set of process trees every 0.2 s."""
+
+    def __init__(self, pids: set[int]):
+        self.pids, self.peak, self._stop = pids, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_of_tree(self.pids))
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_baseline(games: np.ndarray, scores: np.ndarray, path: Path) -> float:
+    """Seconds for plain openpyxl write-only to write the same rows (rank, numbers, sum, evens, score)."""
+    import openpyxl
+
+    g = games.astype(np.int64)
+    rows = np.column_stack([np.arange(1, len(g) + 1), g, g.sum(axis=1), (g % 2 == 0).sum(axis=1)]).tolist()
+    score_list = scores.tolist()
+    started = time.perf_counter()
+    wb = openpyxl.Workbook(write_only=True)
+    sheets_rows = 1_000_000
+    ws = None
+    for i, (row, score) in enumerate(zip(rows, score_list)):
+        if i % sheets_rows == 0:
+            ws = wb.create_sheet(f"Games {i + 1}")
+        row.append(score)
+        ws.append(row)
+    wb.save(path)
+    return time.perf_counter() - started
+
+
+def bench_end_to_end(quantity: int) -> dict:
+    from deployments.stack import start_local_stack
+    from operations.infra.embedded_redis import ensure_embedded_redis
+    from operations.settings import get_settings
+
+    settings = get_settings()
+    stack = start_local_stack(settings)
+    redis_pid = ensure_embedded_redis(settings.redis_dir).pid if not settings.redis_url else None
+    from flows.generate_games import generate_games
+
+    run_key = f"bench-{uuid.uuid4().hex[:8]}"
+    with PeakMemory({os.getpid(), *([redis_pid] if redis_pid else [])}) as memory:
+        started = time.perf_counter()
+        state = generate_games(quantity=quantity, run_key=run_key, return_state=True)
+        elapsed = time.perf_counter() - started
+    if not state.is_completed():
+        raise SystemExit(f"generate-games failed: {state.message}")
+    result = state.result()
+    run_dir = settings.output_dir / run_key
+    with np.load(run_dir / "ranked.npz") as data:
+        games, scores = data["games"], data["scores"]
+    baseline = write_baseline(games, scores, run_dir / "baseline.xlsx")
+    return {
+        "ui": stack.ui_url,
+        "run_key": run_key,
+        "run_dir": run_dir,
+        "seconds": elapsed,
+        "flow_seconds": result["seconds"],
+        "baseline": baseline,
+        "peak_bytes": memory.peak,
+    }
+
+
+def _lua_claimer(url: str, run_key: str, worker: int, games: int, out) -> None:
+    import redis
+
+    from operations.lottery.counter import FirstNumberCounter
+    from operations.lottery.engine import games_to_masks, sample_uniform_games
+
+    counter = FirstNumberCounter(redis.Redis.from_url(url), "bench", run_key)
+    token = uuid.uuid4().hex
+    counter.begin_chunk(worker, token, len(REGION_CAPS))
+    rng = np.random.default_rng(worker)
+    batches = [sample_uniform_games(rng, 20_000, 6, 60) for _ in range(games // 20_000)]
+    prepared = [(games_to_masks(b), b[:, 0], np.minimum((b[:, 0] - 1) // 10, 4)) for b in batches]
+    out.put("ready")
+    accepted = 0
+    started = time.perf_counter()
+    for masks, firsts, regions in prepared:
+        res = counter.claim(worker, token, 10**9, masks, firsts, regions, len(REGION_CAPS))
+        accepted += int(res.accepted.sum())
+    out.put((accepted, time.perf_counter() - started))
+
+
+def _manager_claimer(shared, lock, worker: int, games: int, caps: list[int], out) -> None:
+    """The seed's approach: under the shared lock, read the 60 counters, check the region, increment."""
+    rng = np.random.default_rng(worker)
+    candidates = [sorted(rng.choice(60, 6, replace=False) + 1) for _ in range(games)]
+    out.put("ready")
+    accepted = 0
+    started = time.perf_counter()
+    for game in candidates:
+        first = int(game[0])
+        region = min((first - 1) // 10, 4)
+        with lock:
+            current = {n: shared.get(n, 0) for n in range(1, 61)}
+            in_region = sum(v for n, v in current.items() if min((n - 1) // 10, 4) == region)
+            if in_region < caps[region]:
+                shared[first] = current[first] + 1
+                accepted += 1
+    out.put((accepted, time.perf_counter() - started))
+
+
+def _run_pair(target, args_for) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args_for(w), out)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        out.get(timeout=300)  # both ready before timing
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    accepted = sum(a for a, _ in results)
+    return accepted / max(s for _, s in results)
+
+
+def bench_counter(lua_games: int, manager_games: int) -> tuple[float, float]:
+    from operations.infra.embedded_redis import resolve_redis_url
+    from operations.lottery.counter import FirstNumberCounter
+    from operations.settings import get_settings
+
+    import redis
+
+    url = resolve_redis_url(get_settings())
+    run_key = f"claims-{uuid.uuid4().hex[:8]}"
+    counter = FirstNumberCounter(redis.Redis.from_url(url), "bench", run_key)
+    counter.initialise("bench", sum(REGION_CAPS), REGION_CAPS)
+    lua_rate = _run_pair(_lua_claimer, lambda w: (url, run_key, w, lua_games))
+    counter.delete_run()
+    manager = multiprocessing.get_context("spawn").Manager()
+    shared, lock = manager.dict(), manager.Lock()
+    manager_rate = _run_pair(_manager_claimer, lambda w: (shared, lock, w, manager_games, REGION_CAPS))
+    manager.shutdown()
+    return lua_rate, manager_rate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantity", type=int, default=1_000_000)
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-counter", action="store_true")
+    parser.add_argument("--keep-output", action="store_true", help="keep the benchmark's spreadsheets")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
+
+    print(f"machine: {os.cpu_count()} cores; DASK_N_WORKERS={os.environ.get('DASK_N_WORKERS', '2')}", flush=True)
+    if not args.skip_counter:
+        lua, manager = bench_counter(lua_games=400_000, manager_games=4_000)
+        print(f"counter claims, 2 processes: Lua batches {lua:,.0f} accepted games/s; "
+              f"seed's Manager dict+Lock {manager:,.0f} games/s; ratio {lua / manager:,.0f}x "
+              f"(target >= 50,000 games/s)", flush=True)
+    if not args.skip_e2e:
+        e2e = bench_end_to_end(args.quantity)
+        ratio = e2e["seconds"] / e2e["baseline"]
+        print(f"end to end, {args.quantity:,} games: {e2e['seconds']:.1f} s "
+              f"(flow's own clock {e2e['flow_seconds']:.1f} s)")
+        print(f"baseline, openpyxl write-only of the same rows on one core: {e2e['baseline']:.1f} s")
+        print(f"ratio end-to-end / baseline: {ratio:.2f} (target <= 0.65)")
+        print(f"peak memory of the run's processes: {e2e['peak_bytes'] / 2**30:.2f} GiB (target < 2 GiB)")
+        if not args.keep_output:
+            shutil.rmtree(e2e["run_dir"], ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Task runners built from settings: a Dask cluster (local or existing) or the in-process thread pool."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlparse
+
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect_dask import DaskTaskRunner
+
+from operations.settings import Settings
+
+
+class DaskSchedulerUnreachable(RuntimeError):
+    """DASK_SCHEDULER_ADDRESS does not answer."""
+
+
+def check_scheduler_reachable(address: str, timeout: float) -> None:
+    """Fail fast with a clear message instead of letting the Dask client wait forever."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port or 8786
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise DaskSchedulerUnreachable(
+            f"Dask scheduler {address} (DASK_SCHEDULER_ADDRESS) is unreachable: {exc}. "
+            "Start it, fix the address, or unset DASK_SCHEDULER_ADDRESS to use a local cluster."
+        ) from exc
+
+
+def dask_task_runner(settings: Settings) -> DaskTaskRunner:
+    """The configured Dask cluster: DASK_SCHEDULER_ADDRESS if set, else a LocalCluster of process workers."""
+    if settings.dask_scheduler_address:
+        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
+        return DaskTaskRunner(address=settings.dask_scheduler_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": settings.dask_n_workers,
+            "threads_per_worker": settings.dask_threads_per_worker,
+            "processes": True,
+            "dashboard_address": None,
+        },
+    )
+
+
+def in_process_task_runner(settings: Settings) -> ThreadPoolTaskRunner:
+    return ThreadPoolTaskRunner(max_workers=settings.dask_n_workers)
+
+
+def worker_count(settings: Settings) -> int:
+    """Workers that will share the work (for chunk sizing); an existing cluster is assumed to have this many."""
+    return settings.dask_n_workers

@@ -1,0 +1,223 @@
+"""The run's shared first-number counter in Redis: atomic, batched claims of candidate games.
+
+Every worker of a run claims its candidates through one Lua script, so each sees every other worker's
+claims at once. Keys of run R under prefix P:
+
+    P:R:meta     hash   fingerprint, quantity, created
+    P:R:caps     hash   region index -> cap
+    P:R:regions  hash   region index -> games claimed
+    P:R:counter  hash   first number -> games claimed (the seed's snapshot format)
+    P:R:seen     set    masks of claimed games (no repeats in the whole run)
+    P:R:chunk:I:claims  list  "mask|first|region" claimed by chunk I's current attempt
+    P:R:chunk:I:owner   string  token of chunk I's current attempt
+    P:R:done     hash   chunk index -> JSON of its committed result
+    P:R:faults   hash   chunk index -> failures to inject after claims (chaos drills and tests)
+
+A chunk attempt first *begins* (releasing whatever an earlier attempt of the same chunk claimed and taking
+ownership), then *claims* batches, then *commits*. A retried or re-run chunk therefore never counts its
+games twice nor leaves claims of games it threw away, and a committed chunk is never generated again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+_BEGIN = """
+local prefix, chunk, token = KEYS[1], ARGV[1], ARGV[2]
+local done = redis.call('HGET', prefix .. ':done', chunk)
+if done then return {1, done, 0} end
+local claims_key = prefix .. ':chunk:' .. chunk .. ':claims'
+local entries = redis.call('LRANGE', claims_key, 0, -1)
+for _, e in ipairs(entries) do
+  local mask, first, region = string.match(e, '^(%d+)|(%d+)|(%d+)$')
+  redis.call('SREM', prefix .. ':seen', mask)
+  redis.call('HINCRBY', prefix .. ':counter', first, -1)
+  redis.call('HINCRBY', prefix .. ':regions', region, -1)
+end
+redis.call('DEL', claims_key)
+redis.call('SET', prefix .. ':chunk:' .. chunk .. ':owner', token)
+return {0, '', #entries}
+"""
+
+# ARGV: chunk, token, limit, then mask, first, region for each candidate.
+# Returns {status, flags}: flags has one character per candidate: A accepted, R repeat, F region full,
+# '.' not looked at (the chunk's limit was reached).
+_CLAIM = """
+local prefix, chunk, token, limit = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('GET', prefix .. ':chunk:' .. chunk .. ':owner') ~= token then
+  return {0, 'superseded'}
+end
+local caps = redis.call('HGETALL', prefix .. ':caps')
+local cap, count = {}, {}
+for i = 1, #caps, 2 do cap[caps[i]] = tonumber(caps[i + 1]) end
+local counts = redis.call('HGETALL', prefix .. ':regions')
+for i = 1, #counts, 2 do count[counts[i]] = tonumber(counts[i + 1]) end
+local seen = prefix .. ':seen'
+local flags, accepted, by_first, by_region = {}, {}, {}, {}
+local n = (#ARGV - 3) / 3
+for i = 0, n - 1 do
+  if #accepted >= limit then
+    flags[#flags + 1] = string.rep('.', n - i)
+    break
+  end
+  local mask, first, region = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+  local c = count[region] or 0
+  if c >= (cap[region] or 0) then
+    flags[#flags + 1] = 'F'
+  elseif redis.call('SADD', seen, mask) == 0 then
+    flags[#flags + 1] = 'R'
+  else
+    count[region] = c + 1
+    by_first[first] = (by_first[first] or 0) + 1
+    by_region[region] = (by_region[region] or 0) + 1
+    accepted[#accepted + 1] = mask .. '|' .. first .. '|' .. region
+    flags[#flags + 1] = 'A'
+  end
+end
+for f, d in pairs(by_first) do redis.call('HINCRBY', prefix .. ':counter', f, d) end
+for r, d in pairs(by_region) do redis.call('HINCRBY', prefix .. ':regions', r, d) end
+local claims_key = prefix .. ':chunk:' .. chunk .. ':claims'
+for i = 1, #accepted, 4000 do
+  redis.call('RPUSH', claims_key, unpack(accepted, i, math.min(i + 3999, #accepted)))
+end
+return {1, table.concat(flags)}
+"""
+
+_COMMIT = """
+local prefix, chunk, token, payload = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local owner_key = prefix .. ':chunk:' .. chunk .. ':owner'
+if redis.call('GET', owner_key) ~= token then return 0 end
+redis.call('HSET', prefix .. ':done', chunk, payload)
+redis.call('DEL', owner_key, prefix .. ':chunk:' .. chunk .. ':claims')
+return 1
+"""
+
+_TAKE_FAULT = """
+local key, chunk = KEYS[1], ARGV[1]
+local left = tonumber(redis.call('HGET', key, chunk) or '0')
+if left > 0 then redis.call('HINCRBY', key, chunk, -1) return 1 end
+return 0
+"""
+
+
+class SupersededAttempt(RuntimeError):
+    """Another attempt of the same chunk has begun since this one; this one must stop."""
+
+
+class RunKeyConflict(ValueError):
+    """The run key was already used by a run with other parameters."""
+
+
+@dataclass(frozen=True)
+class ChunkStart:
+    committed: dict | None  # the committed result when the chunk is already done
+    released: int  # claims of an earlier attempt given back
+    region_counts: list[int]
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    accepted: np.ndarray  # bool per candidate
+    repeats: int
+    region_full: int
+    region_counts: list[int]
+
+
+class FirstNumberCounter:
+    """Claims of one run's games in Redis; build it from a redis-py client (no state besides keys)."""
+
+    def __init__(self, client: redis.Redis, key_prefix: str, run_key: str):
+        if not run_key or any(c in run_key for c in " {}"):
+            raise ValueError(f"run_key {run_key!r} must be non-empty without spaces or braces")
+        self.client = client
+        self.prefix = f"{key_prefix}:{run_key}"
+        self._begin = client.register_script(_BEGIN)
+        self._claim = client.register_script(_CLAIM)
+        self._commit = client.register_script(_COMMIT)
+        self._take_fault = client.register_script(_TAKE_FAULT)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    def initialise(self, fingerprint: str, quantity: int, caps: list[int]) -> bool:
+        """Create the run (or confirm a resumed one has the same parameters). True if it already existed."""
+        meta = self._key("meta")
+        created = self.client.hsetnx(meta, "fingerprint", fingerprint)
+        existing = self.client.hget(meta, "fingerprint").decode()
+        if existing != fingerprint:
+            raise RunKeyConflict(
+                f"run key {self.prefix!r} was used by a run with other parameters; choose another run_key "
+                "or resume with the same parameters"
+            )
+        if created:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(meta, mapping={"quantity": quantity})
+            pipe.hset(self._key("caps"), mapping={str(i): c for i, c in enumerate(caps)})
+            pipe.hset(self._key("regions"), mapping={str(i): 0 for i in range(len(caps))})
+            pipe.execute()
+        return not created
+
+    def region_counts(self, regions: int) -> list[int]:
+        raw = self.client.hgetall(self._key("regions"))
+        return [int(raw.get(str(i).encode(), 0)) for i in range(regions)]
+
+    def begin_chunk(self, chunk: int, token: str, regions: int) -> ChunkStart:
+        """Release an earlier attempt's claims and own the chunk, or return its committed result."""
+        done, payload, released = self._begin(keys=[self.prefix], args=[chunk, token])
+        committed = json.loads(payload) if done == 1 else None
+        return ChunkStart(committed=committed, released=int(released), region_counts=self.region_counts(regions))
+
+    def claim(
+        self, chunk: int, token: str, limit: int, masks: np.ndarray, firsts: np.ndarray, regions: np.ndarray,
+        n_regions: int,
+    ) -> ClaimResult:
+        """Atomically claim up to `limit` of the candidates, in order; repeats and full regions are refused."""
+        args: list = [chunk, token, limit]
+        triples = np.empty(3 * len(masks), dtype=object)
+        triples[0::3] = masks.astype(str)
+        triples[1::3] = firsts.astype(str)
+        triples[2::3] = regions.astype(str)
+        args.extend(triples.tolist())
+        status, flags = self._claim(keys=[self.prefix], args=args)
+        if status == 0:
+            raise SupersededAttempt(f"chunk {chunk} of {self.prefix} was taken over by a newer attempt")
+        codes = np.frombuffer(flags, dtype=np.uint8)
+        return ClaimResult(
+            accepted=codes == ord("A"),
+            repeats=int(np.count_nonzero(codes == ord("R"))),
+            region_full=int(np.count_nonzero(codes == ord("F"))),
+            region_counts=self.region_counts(n_regions),
+        )
+
+    def commit_chunk(self, chunk: int, token: str, result: dict) -> None:
+        if not self._commit(keys=[self.prefix], args=[chunk, token, json.dumps(result)]):
+            raise SupersededAttempt(f"chunk {chunk} of {self.prefix} was taken over before it committed")
+
+    def committed_chunks(self) -> dict[int, dict]:
+        return {int(k): json.loads(v) for k, v in self.client.hgetall(self._key("done")).items()}
+
+    def inject_faults(self, chunk: int, failures: int = 1) -> None:
+        """Make the next `failures` attempts of a chunk fail right after their claims (chaos drills)."""
+        self.client.hset(self._key("faults"), str(chunk), failures)
+
+    def take_fault(self, chunk: int) -> bool:
+        return bool(self._take_fault(keys=[self._key("faults")], args=[chunk]))
+
+    def snapshot(self) -> dict:
+        """The counter in the seed's format: {"counter": {"1": 877, ...}, "total_generated": 10000}."""
+        raw = self.client.hgetall(self._key("counter"))
+        counter = {k.decode(): int(v) for k, v in raw.items() if int(v)}
+        ordered = dict(sorted(counter.items(), key=lambda kv: int(kv[0])))
+        return {"counter": ordered, "total_generated": sum(ordered.values())}
+
+    def seen_count(self) -> int:
+        return int(self.client.scard(self._key("seen")))
+
+    def delete_run(self) -> int:
+        """Remove every key of the run."""
+        keys = list(self.client.scan_iter(match=f"{self.prefix}:*", count=1000))
+        return int(self.client.delete(*keys)) if keys else 0

@@ -1,0 +1,148 @@
+"""Generation of one chunk of games against the shared counter, and the run's final ranking."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from operations.lottery.counter import FirstNumberCounter
+from operations.lottery.engine import games_to_masks, masks_to_games, rank_order, sample_games_by_first_number
+from operations.lottery.plan import GenerationPlan
+
+MAX_CANDIDATES_PER_CLAIM = 30_000
+MAX_EMPTY_ROUNDS = 200
+
+
+class GenerationStalled(RuntimeError):
+    """A chunk could not find new games: the rules and caps leave too few (permanent, not retried)."""
+
+
+class InjectedFault(RuntimeError):
+    """A failure injected on purpose after a chunk's claims (chaos drills and tests)."""
+
+
+@dataclass
+class ChunkResult:
+    chunk: int
+    games: int
+    path: str
+    candidates: int = 0
+    rejected_by_rule: dict[str, int] = field(default_factory=dict)
+    repeats: int = 0
+    region_full: int = 0
+    released: int = 0
+    seconds: float = 0.0
+    resumed: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def chunk_path(run_dir: Path, chunk: int) -> Path:
+    return run_dir / "chunks" / f"chunk-{chunk:05d}.npy"
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+
+
+def generate_chunk(
+    plan: GenerationPlan, counter: FirstNumberCounter, chunk: int, run_dir: Path
+) -> ChunkResult:
+    """Generate chunk `chunk`'s quota of distinct games, claimed through the shared counter.
+
+    Idempotent: an already committed chunk returns its saved result; a new attempt releases the claims of
+    any earlier attempt of the same chunk before claiming its own.
+    """
+    started = time.perf_counter()
+    quota = plan.chunk_quotas[chunk]
+    n_regions = len(plan.regions)
+    token = uuid.uuid4().hex
+    start = counter.begin_chunk(chunk, token, n_regions)
+    if start.committed is not None and Path(start.committed["path"]).exists():
+        return ChunkResult(**{**start.committed, "resumed": True})
+    region_of = plan.region_of_first()
+    rng = np.random.default_rng([plan.request.seed, chunk])
+    counts = start.region_counts
+    result = ChunkResult(chunk=chunk, games=0, path=str(chunk_path(run_dir, chunk)), released=start.released)
+    accepted: list[np.ndarray] = []
+    need, empty_rounds = quota, 0
+    while need > 0:
+        weights = plan.first_number_weights(counts)
+        if weights.sum() <= 0:
+            raise GenerationStalled(f"chunk {chunk}: every first-number region is full with {need} games to go")
+        acceptance = max(plan.expected_acceptance(weights), 0.01)
+        size = int(min(MAX_CANDIDATES_PER_CLAIM, max(256, need * 1.15 / acceptance)))
+        games = _sample(plan, rng, size, weights)
+        masks = games_to_masks(games)
+        ok, rejected = plan.checker.check(games, masks)
+        for rule, n in rejected.items():
+            result.rejected_by_rule[rule] = result.rejected_by_rule.get(rule, 0) + n
+        result.candidates += size
+        games, masks = games[ok], masks[ok]
+        firsts = games[:, 0]
+        claim = counter.claim(chunk, token, need, masks, firsts, region_of[firsts], n_regions)
+        result.repeats += claim.repeats
+        result.region_full += claim.region_full
+        counts = claim.region_counts
+        got = int(np.count_nonzero(claim.accepted))
+        if got:
+            accepted.append(masks[claim.accepted])
+            need -= got
+            empty_rounds = 0
+        else:
+            empty_rounds += 1
+            if empty_rounds >= MAX_EMPTY_ROUNDS:
+                raise GenerationStalled(
+                    f"chunk {chunk}: {MAX_EMPTY_ROUNDS} rounds found no new game ({need} to go); "
+                    "the rules and caps leave too few games"
+                )
+    if counter.take_fault(chunk):
+        raise InjectedFault(f"chunk {chunk}: failure injected after claiming {quota} games")
+    chunk_masks = np.concatenate(accepted) if accepted else np.zeros(0, np.uint64)
+    _save_atomically(chunk_path(run_dir, chunk), chunk_masks)
+    result.games = len(chunk_masks)
+    result.seconds = round(time.perf_counter() - started, 3)
+    counter.commit_chunk(chunk, token, result.to_json())
+    return result
+
+
+def _sample(plan: GenerationPlan, rng: np.random.Generator, size: int, weights: np.ndarray) -> np.ndarray:
+    return sample_games_by_first_number(
+        rng, size, plan.k, plan.n, weights, plan.rules.excluded, plan.rules.required
+    )
+
+
+@dataclass(frozen=True)
+class RankedGames:
+    path: Path  # .npz with games (Q, k) uint8 and scores (Q,) in rank order
+    games: int
+
+
+def rank_games(plan: GenerationPlan, chunk_files: list[Path], run_dir: Path) -> RankedGames:
+    """Merge every chunk's games, score them and sort by score descending across the whole run."""
+    masks = np.concatenate([np.load(p) for p in chunk_files]) if chunk_files else np.zeros(0, np.uint64)
+    if len(np.unique(masks)) != len(masks):
+        raise RuntimeError("the chunks hold a repeated game; the counter's claims were bypassed")
+    games = masks_to_games(masks, plan.k)
+    scores = plan.scorer.score(games)
+    order = rank_order(scores, masks)
+    path = run_dir / "ranked.npz"
+    tmp = run_dir / f"ranked.{uuid.uuid4().hex}.tmp.npz"
+    np.savez(tmp, games=games[order], scores=scores[order])
+    os.replace(tmp, path)
+    return RankedGames(path=path, games=len(masks))
+
+
+def load_ranked(path: Path, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        return data["games"][start:stop], data["scores"][start:stop]

@@ -1,0 +1,78 @@
+"""Tasks of the game-generation flow: thin wrappers that add retries, tags and names to domain code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from blocks.redis_game_counter import RedisGameCounter
+from operations.lottery.counter import RunKeyConflict, SupersededAttempt
+from operations.lottery.generation import (
+    ChunkResult,
+    GenerationStalled,
+    RankedGames,
+    generate_chunk,
+    load_ranked,
+    rank_games,
+)
+from operations.lottery.plan import GenerationPlan, InfeasibleRequest
+from operations.lottery.spreadsheet import WorkbookSummary, WrittenWorkbook, write_games_workbook
+
+PERMANENT_ERRORS = (InfeasibleRequest, GenerationStalled, RunKeyConflict, SupersededAttempt, ValueError)
+
+
+def retry_unless_permanent(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry transient faults (Redis/network/worker hiccups, injected faults); never bad input or stalls."""
+    try:
+        state.result()
+    except PERMANENT_ERRORS:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+# Side effects are guarded by the counter itself (a committed chunk returns its saved result, a new attempt
+# releases the previous one's claims), so Dask recomputing a finished chunk is harmless: no cache needed,
+# and NO_CACHE avoids hashing the plan on every call.
+@task(
+    name="generate-games-chunk",
+    task_run_name="chunk-{chunk}",
+    retries=3,
+    retry_delay_seconds=[1, 4, 10],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+    tags=["redis", "lottery"],
+)
+def generate_games_chunk(
+    plan: GenerationPlan, counter_block: RedisGameCounter, chunk: int, run_dir: Path
+) -> ChunkResult:
+    """Generate one chunk of distinct games, claimed through the shared Redis counter."""
+    return generate_chunk(plan, counter_block.counter(plan.run_key), chunk, run_dir)
+
+
+@task(name="rank-games", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, tags=["lottery"])
+def rank_all_games(plan: GenerationPlan, chunk_files: list[Path], run_dir: Path) -> RankedGames:
+    """Merge the chunks, score every game and sort the whole run by score."""
+    return rank_games(plan, chunk_files, run_dir)
+
+
+@task(
+    name="write-games-spreadsheet",
+    task_run_name="spreadsheet-ranks-{start}-{stop}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 5],
+    tags=["spreadsheet"],
+)
+def write_games_spreadsheet(
+    ranked: RankedGames, start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int
+) -> WrittenWorkbook:
+    """Write ranks start+1..stop of the run to one .xlsx file (atomically replaced, so retries are safe)."""
+    games, scores = load_ranked(ranked.path, start, stop)
+    return write_games_workbook(path, games, scores, start + 1, summary, rows_per_sheet=rows_per_sheet)

@@ -1,0 +1,84 @@
+"""Session fixtures: one real Prefect server (SQLite, in a temp folder) and one real embedded redis-server.
+
+The server is started in `pytest_configure`, before any test module imports Prefect, so that both this
+process and the Dask worker processes it spawns point at it through PREFECT_API_URL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_STATE: dict = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # pragma: no cover - xdist workers share the controller's server
+        return
+    root = Path(tempfile.mkdtemp(prefix="ops-tests-"))
+    _STATE["root"] = root
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(root / "prefect-client"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "DATA_DIR": str(root / "data"),
+            "OUTPUT_DIR": str(root / "data" / "output"),
+        }
+    )
+    for var in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "PREFECT_PROFILES_PATH"):
+        os.environ.pop(var, None)
+    from deployments.prefect_server import ensure_prefect_server
+    from operations.infra.embedded_redis import ensure_embedded_redis
+
+    server = ensure_prefect_server(root / "prefect-server")
+    os.environ["PREFECT_API_URL"] = server.api_url
+    redis_server = ensure_embedded_redis(root / "redis")
+    os.environ["REDIS_URL"] = redis_server.url
+    _STATE["server"], _STATE["redis"] = server, redis_server
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = _STATE.get("root")
+    if root is None:
+        return
+    from deployments.prefect_server import stop_prefect_server
+    from operations.infra.embedded_redis import stop_embedded_redis
+
+    stop_prefect_server(root / "prefect-server")
+    stop_embedded_redis(root / "redis")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    return _STATE["server"].api_url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return _STATE["redis"].url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Fresh settings with outputs in this test's folder."""
+    from operations import settings as settings_module
+
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "output"))
+    settings_module.get_settings.cache_clear()
+    yield settings_module.get_settings()
+    settings_module.get_settings.cache_clear()

@@ -1,0 +1,47 @@
+"""RedisGameCounter block: Prefect's standard block checks, secrets kept out of dumps, clients on demand."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from prefect.testing.standard_test_suites import BlockStandardTestSuite
+from pydantic import ValidationError
+
+from blocks.redis_game_counter import RedisGameCounter
+
+
+class TestRedisGameCounterStandards(BlockStandardTestSuite):
+    @pytest.fixture
+    def block(self):
+        return RedisGameCounter
+
+    def test_has_a_valid_image(self, block):  # no logo: the suite would download it and there is no internet
+        pytest.skip("no logo URL for this block")
+
+
+def test_password_moves_out_of_the_url_and_stays_secret():
+    block = RedisGameCounter.from_url("redis://:hunter2@127.0.0.1:6390/1")
+    assert block.url == "redis://127.0.0.1:6390/1"
+    assert "hunter2" not in repr(block) and "hunter2" not in block.model_dump_json()
+    assert block.password.get_secret_value() == "hunter2"
+
+
+def test_a_password_written_in_the_url_field_is_refused():
+    with pytest.raises(ValidationError, match="password"):
+        RedisGameCounter(url="redis://:hunter2@127.0.0.1:6390/1")
+
+
+def test_block_pickles_without_a_live_client(redis_url):
+    block = RedisGameCounter.from_url(redis_url)
+    block.ping()  # builds and caches a client in this process
+    clone = pickle.loads(pickle.dumps(block))
+    assert clone.url == block.url
+    clone.ping()
+
+
+def test_saved_block_loads_by_name_with_its_secret(redis_url):
+    RedisGameCounter.from_url(redis_url, password=None, key_prefix="saved").save("saved-counter", overwrite=True)
+    loaded = RedisGameCounter.load("saved-counter")
+    assert loaded.key_prefix == "saved" and loaded.url == redis_url
+    loaded.ping()

@@ -1,0 +1,181 @@
+"""The generate-games flow end to end against a real Prefect server, a real redis-server and, for the larger
+runs, a real Dask LocalCluster of process workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect_dask import DaskTaskRunner
+
+from blocks.redis_game_counter import RedisGameCounter
+from flows.generate_games import generate_games
+from operations.lottery.engine import games_to_masks
+from operations.lottery.spreadsheet import read_game_rows
+from operations.settings import get_settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dask_settings(settings, monkeypatch):
+    """Settings that send even small runs to a 2-worker LocalCluster in small chunks."""
+    monkeypatch.setenv("IN_PROCESS_MAX_QUANTITY", "0")
+    monkeypatch.setenv("MIN_GAMES_PER_CHUNK", "1000")
+    monkeypatch.setenv("MAX_GAMES_PER_CHUNK", "5000")
+    monkeypatch.setenv("MAX_ROWS_PER_FILE", "6000")
+    monkeypatch.setenv("ROWS_PER_SHEET", "4000")
+    get_settings.cache_clear()
+    yield get_settings()
+    get_settings.cache_clear()
+
+
+def _artifacts(flow_run_id) -> list:
+    async def read():
+        async with get_client() as client:
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]})
+            )
+            ids = [flow_run_id, *[r.id for r in subflows]]
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+
+    return asyncio.run(read())
+
+
+def _read_spreadsheets(paths: list[str], k: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ranks, games, scores = [], [], []
+    for path in paths:
+        for row in read_game_rows(Path(path)):
+            ranks.append(row[0])
+            games.append(row[1 : 1 + k])
+            scores.append(row[-1])
+    return np.array(ranks), np.array(games, dtype=np.uint8), np.array(scores)
+
+
+def _check_run(result: dict, quantity: int, k: int = 6) -> np.ndarray:
+    """Spreadsheets hold exactly the run: contiguous ranks, sorted by score, valid distinct games, and the
+    counter snapshot written beside them agrees with them number by number."""
+    ranks, games, scores = _read_spreadsheets(result["spreadsheets"], k)
+    assert ranks.tolist() == list(range(1, quantity + 1))
+    assert (np.diff(scores) <= 0).all(), "not sorted by score across the whole run"
+    assert ((games >= 1) & (games <= 60)).all() and (np.diff(games.astype(int), axis=1) > 0).all()
+    masks = games_to_masks(games)
+    assert len(np.unique(masks)) == quantity, "a repeated game"
+    snapshot = json.loads(Path(result["counter_snapshot"]).read_text())
+    firsts = np.bincount(games[:, 0], minlength=61)
+    assert snapshot == {
+        "counter": {str(i): int(c) for i, c in enumerate(firsts) if c},
+        "total_generated": quantity,
+    }
+    return games
+
+
+def test_small_run_in_process_with_artifacts(settings):
+    state = generate_games(quantity=3_000, run_key=f"small-{uuid.uuid4().hex[:6]}", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    games = _check_run(result, 3_000)
+    assert len(result["spreadsheets"]) == 1
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    by_type: dict[str, list] = {}
+    for artifact in artifacts:
+        by_type.setdefault(artifact.type, []).append(artifact)
+    links = [a.data for a in by_type["markdown"] if a.key and a.key.startswith("games-spreadsheet")] or [
+        a.data for a in artifacts if a.key and a.key.startswith("games-spreadsheet")
+    ]
+    assert links, f"no link artifact among {[a.key for a in artifacts]}"
+    for link in links:
+        target = link.split("(", 1)[1].split(")", 1)[0] if "(" in link else link
+        assert Path(target.removeprefix("file://")).exists()
+    table = next(a for a in artifacts if a.key == "games-first-number-distribution")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert sum(r["generated"] for r in rows) == 3_000
+    assert any(a.type == "progress" for a in artifacts)
+    summary = next(a for a in artifacts if a.key == "games-run-summary")
+    assert "3,000 games" in summary.data
+    assert len(games) == 3_000
+
+
+def test_dask_run_with_a_retried_chunk_respects_caps_and_never_repeats(dask_settings):
+    run_key = f"dask-{uuid.uuid4().hex[:6]}"
+    block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
+    block.save("flowtest-counter", overwrite=True)
+    block.counter(run_key).inject_faults(2, failures=1)  # chunk 2 fails once, after its claims
+    quantity = 20_000
+    state = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    games = _check_run(result, quantity)
+    assert len(result["spreadsheets"]) == 4  # 20,000 rows at most 6,000 per file, written in parallel
+    for path in result["spreadsheets"]:
+        from openpyxl import load_workbook
+
+        wb = load_workbook(path, read_only=True)
+        assert all(ws.max_row - 1 <= 4_000 for ws in wb.worksheets[1:])
+    counter = block.counter(run_key)
+    caps = [int(v) for _, v in sorted(counter.client.hgetall(f"{counter.prefix}:caps").items())]
+    counts = counter.region_counts(len(caps))
+    assert all(c <= cap for c, cap in zip(counts, caps))
+    assert counter.seen_count() == quantity
+    counter.delete_run()
+
+
+def test_resume_after_a_failed_run_generates_only_the_missing_chunks(dask_settings):
+    run_key = f"resume-{uuid.uuid4().hex[:6]}"
+    block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
+    block.save("flowtest-counter", overwrite=True)
+    counter = block.counter(run_key)
+    counter.inject_faults(3, failures=10)  # more than the task's retries: the first run fails
+    quantity = 20_000
+    first = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
+    assert first.is_failed()
+    done_before = set(counter.committed_chunks())
+    assert 3 not in done_before and done_before
+    counter.inject_faults(3, failures=0)
+    second = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
+    assert second.is_completed(), second.message
+    _check_run(second.result(), quantity)
+    assert counter.seen_count() == quantity
+    counter.delete_run()
+
+
+def test_infeasible_parameters_fail_before_any_chunk(settings, redis_client):
+    run_key = f"infeasible-{uuid.uuid4().hex[:6]}"
+    state = generate_games(
+        quantity=5_000, rules={"sum_min": 21, "sum_max": 30}, run_key=run_key, return_state=True
+    )
+    assert state.is_failed()
+    assert "sum 21..30" in state.message
+    assert not list(redis_client.scan_iter(match=f"*{run_key}*"))
+    assert not (settings.output_dir / run_key).exists()
+
+
+def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url):
+    RedisGameCounter.from_url(redis_url, key_prefix="blocktest").save("blocktest-counter", overwrite=True)
+    run_key = f"block-{uuid.uuid4().hex[:6]}"
+
+    @task
+    def claim_in_worker(name: str) -> tuple[int, dict]:
+        counter = RedisGameCounter.load(name).counter(run_key)
+        counter.initialise("fp", 10, [10])
+        counter.begin_chunk(0, "t", 1)
+        games = np.array([[5, 10, 15, 20, 25, 30]], dtype=np.uint8)
+        counter.claim(0, "t", 1, games_to_masks(games), games[:, 0], np.zeros(1, int), 1)
+        return os.getpid(), counter.snapshot()
+
+    @flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 1, "processes": True, "dashboard_address": None}))
+    def use_block() -> tuple[int, dict]:
+        return claim_in_worker.submit("blocktest-counter").result()
+
+    pid, snapshot = use_block()
+    assert pid != os.getpid()
+    assert snapshot == {"counter": {"5": 1}, "total_generated": 1}
+    RedisGameCounter.load("blocktest-counter").counter(run_key).delete_run()

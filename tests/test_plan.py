@@ -1,0 +1,82 @@
+"""Planning: caps from exact shares, and infeasible requests rejected with the culprit named."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from operations.lottery.parameters import FirstNumberRegion, GameRules, GenerationRequest
+from operations.lottery.plan import InfeasibleRequest, build_plan
+
+NO_DRAWS = np.zeros(0, dtype=np.uint64)
+NO_RULES = GameRules(historical_defaults=False, exclude_past_draws=False)
+
+
+def test_default_shares_without_rules_are_the_exact_first_number_probabilities():
+    plan = build_plan(GenerationRequest(quantity=1_000_000, rules=NO_RULES), "p", NO_DRAWS)
+    total = math.comb(60, 6)
+    expected = [sum(math.comb(60 - m, 5) for m in range(r.first, r.last + 1)) / total for r in plan.regions]
+    assert [r.share for r in plan.regions] == pytest.approx(expected, abs=1e-12)
+    assert [r.cap for r in plan.regions] == [math.ceil(s * 1_000_000 - 1e-9) for s in expected]
+    assert plan.feasibility.exact and plan.feasibility.total == total
+
+
+def test_default_rules_give_feasible_caps_and_chunks_that_add_up():
+    plan = build_plan(GenerationRequest(quantity=1_000_000), "p", NO_DRAWS, workers=2)
+    assert sum(plan.chunk_quotas) == 1_000_000
+    assert all(q <= 250_000 for q in plan.chunk_quotas)
+    assert sum(min(r.cap, r.feasible) for r in plan.regions) >= 1_000_000
+    # no game of 6 numbers with smallest number >= 41 sums to 248 or less
+    assert plan.regions[-1].feasible == 0 and plan.regions[-1].cap == 0
+
+
+def test_rules_leaving_too_few_games_are_rejected_naming_the_rule():
+    request = GenerationRequest(quantity=100, rules=GameRules(sum_min=21, sum_max=22))
+    with pytest.raises(InfeasibleRequest, match=r"leave 0 distinct games.*sum 21\.\.22 removes"):
+        build_plan(request, "p", NO_DRAWS)
+
+
+def test_asking_for_almost_every_feasible_game_is_rejected():
+    rules = GameRules(historical_defaults=False, exclude_past_draws=False, required_numbers=[1, 2, 3, 4, 5])
+    with pytest.raises(InfeasibleRequest, match="at most 80%"):
+        build_plan(GenerationRequest(quantity=50, rules=rules), "p", NO_DRAWS)
+
+
+def test_caps_that_cannot_add_up_are_rejected():
+    regions = [FirstNumberRegion(first=1, last=10, share=0.5), FirstNumberRegion(first=11, last=55, share=0.2)]
+    with pytest.raises(InfeasibleRequest, match="caps add up to 7,000"):
+        build_plan(GenerationRequest(quantity=10_000, regions=regions), "p", NO_DRAWS)
+
+
+def test_a_region_that_cannot_hold_its_cap_is_named():
+    regions = [FirstNumberRegion(first=1, last=40, share=0.5), FirstNumberRegion(first=41, last=55, share=0.5)]
+    with pytest.raises(InfeasibleRequest, match="region 41-55 holds 0 games"):
+        build_plan(GenerationRequest(quantity=10_000, regions=regions), "p", NO_DRAWS)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"regions": [{"first": 56, "last": 60}]}, "unknown region 56-60"),
+        ({"regions": [{"first": 1, "last": 20}, {"first": 15, "last": 30}]}, "overlap"),
+        ({"regions": [{"first": 20, "last": 10}]}, "must not be greater"),
+        ({"rules": {"sum_min": 300, "sum_max": 200}}, "rule 'sum'"),
+        ({"rules": {"excluded_numbers": [7], "required_numbers": [7]}}, "both name"),
+        ({"rules": {"excluded_numbers": [61]}}, "less than or equal to 60"),
+        ({"quantity": 0}, "greater than or equal to 1"),
+        ({"numbers_per_game": 21}, "less than or equal to 20"),
+    ],
+)
+def test_bad_parameters_fail_validation_with_a_message(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        GenerationRequest(**kwargs)
+
+
+def test_larger_games_are_estimated_by_sampling():
+    plan = build_plan(GenerationRequest(quantity=100_000, numbers_per_game=10), "p", NO_DRAWS)
+    assert not plan.feasibility.exact
+    assert plan.feasibility.total > 1e8
+    assert sum(r.cap for r in plan.regions) >= 100_000
