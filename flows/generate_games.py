@@ -31,7 +31,13 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from blocks.redis_game_counter import RedisGameCounter
-from flows.task_runners import dask_task_runner, in_process_task_runner, worker_count
+from flows.task_runners import (
+    LocalClusterInBackground,
+    check_scheduler_reachable,
+    dask_task_runner,
+    in_process_task_runner,
+    worker_count,
+)
 from operations.infra.embedded_redis import resolve_redis_url
 from operations.lottery.counter import FirstNumberCounter
 from operations.lottery.draws import SAMPLE_RESULTS, load_past_draws
@@ -72,6 +78,21 @@ def part_ranges(quantity: int, workers: int, max_rows_per_file: int) -> list[tup
         files = max(files, workers)
     size = math.ceil(quantity / files)
     return [(start, min(start + size, quantity)) for start in range(0, quantity, size)]
+
+
+def _plan(request: GenerationRequest, run_key: str, past_draws_file: str | None, settings: Settings) -> GenerationPlan:
+    """Resolve the rules and check feasibility (raises InfeasibleRequest naming the rule or region)."""
+    draws_path = Path(past_draws_file or settings.past_draws_file or SAMPLE_RESULTS)
+    draws = load_past_draws(draws_path) if request.rules.exclude_past_draws else np.zeros(0, np.uint64)
+    return build_plan(
+        request,
+        run_key,
+        draws,
+        workers=worker_count(settings),
+        min_chunk=settings.min_games_per_chunk,
+        max_chunk=settings.max_games_per_chunk,
+        cache_dir=settings.data_dir / "cache",
+    )
 
 
 def _workbook_summary(plan: GenerationPlan, region_counts: list[int]) -> WorkbookSummary:
@@ -221,43 +242,45 @@ def generate_games(
         seed=seed,
     )
     run_key = run_key or str(flow_run.get_id() or "local")
-    draws_path = Path(past_draws_file or settings.past_draws_file or SAMPLE_RESULTS)
-    draws = load_past_draws(draws_path) if request.rules.exclude_past_draws else np.zeros(0, np.uint64)
-    workers = worker_count(settings)
-    plan = build_plan(
-        request,
-        run_key,
-        draws,
-        workers=workers,
-        min_chunk=settings.min_games_per_chunk,
-        max_chunk=settings.max_games_per_chunk,
-    )
-    block = load_counter_block(counter_block, settings)
-    block.ping()
-    counter = block.counter(run_key)
-    resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
-    run_dir = settings.output_dir / run_key
-    committed = counter.committed_chunks()
-    pending = [
-        i for i in range(len(plan.chunk_quotas)) if i not in committed or not chunk_path(run_dir, i).exists()
-    ]
-    logger.info(
-        "run %s: %s games in %d chunks (%d pending%s), %s feasible games (%s), planned in %.1f s",
-        run_key,
-        f"{quantity:,}",
-        len(plan.chunk_quotas),
-        len(pending),
-        ", resumed" if resumed else "",
-        f"{plan.feasibility.total:,.0f}",
-        "exact" if plan.feasibility.exact else "estimate",
-        time.perf_counter() - started,
-    )
     on_dask = quantity >= settings.in_process_max_quantity
-    runner = dask_task_runner(settings) if on_dask else in_process_task_runner(settings)
-    parts = part_ranges(quantity, workers, settings.max_rows_per_file)
-    produced = produce_games.with_options(task_runner=runner)(
-        plan, block, run_dir, pending, parts, settings.rows_per_sheet
-    )
+    if on_dask and settings.dask_scheduler_address:
+        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
+    local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask_scheduler_address else None
+    try:
+        plan = _plan(request, run_key, past_draws_file, settings)
+        block = load_counter_block(counter_block, settings)
+        block.ping()
+        counter = block.counter(run_key)
+        resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
+        run_dir = settings.output_dir / run_key
+        committed = counter.committed_chunks()
+        pending = [
+            i for i in range(len(plan.chunk_quotas)) if i not in committed or not chunk_path(run_dir, i).exists()
+        ]
+        logger.info(
+            "run %s: %s games in %d chunks (%d pending%s), %s feasible games (%s), planned in %.1f s",
+            run_key,
+            f"{quantity:,}",
+            len(plan.chunk_quotas),
+            len(pending),
+            ", resumed" if resumed else "",
+            f"{plan.feasibility.total:,.0f}",
+            "exact" if plan.feasibility.exact else "estimate",
+            time.perf_counter() - started,
+        )
+        if local_cluster is not None:
+            runner = local_cluster.task_runner()
+        elif on_dask:
+            runner = dask_task_runner(settings)
+        else:
+            runner = in_process_task_runner(settings)
+        parts = part_ranges(quantity, worker_count(settings), settings.max_rows_per_file)
+        produced = produce_games.with_options(task_runner=runner)(
+            plan, block, run_dir, pending, parts, settings.rows_per_sheet
+        )
+    finally:
+        if local_cluster is not None:
+            local_cluster.close()
     snapshot = counter.snapshot()
     if snapshot["total_generated"] != quantity:
         raise RuntimeError(f"counter holds {snapshot['total_generated']} games, expected {quantity}")

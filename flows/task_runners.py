@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import threading
 from urllib.parse import urlparse
 
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from operations.settings import Settings
+
+
+# Dask's per-worker INFO lines drown the run's own log; worker processes inherit the variable.
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 class DaskSchedulerUnreachable(RuntimeError):
@@ -43,6 +51,41 @@ def dask_task_runner(settings: Settings) -> DaskTaskRunner:
             "dashboard_address": None,
         },
     )
+
+
+class LocalClusterInBackground:
+    """A LocalCluster started in a thread, so its ~2-3 s start-up overlaps the flow's planning."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._cluster = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, name="local-dask-cluster", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        from distributed import LocalCluster
+
+        try:
+            self._cluster = LocalCluster(
+                n_workers=self._settings.dask_n_workers,
+                threads_per_worker=self._settings.dask_threads_per_worker,
+                processes=True,
+                dashboard_address=None,
+            )
+        except BaseException as exc:  # re-raised in the flow's thread by task_runner()
+            self._error = exc
+
+    def task_runner(self) -> DaskTaskRunner:
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"the local Dask cluster did not start: {self._error}") from self._error
+        return DaskTaskRunner(address=self._cluster.scheduler_address)
+
+    def close(self) -> None:
+        self._thread.join()
+        if self._cluster is not None:
+            self._cluster.close()
 
 
 def in_process_task_runner(settings: Settings) -> ThreadPoolTaskRunner:

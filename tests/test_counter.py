@@ -117,6 +117,6 @@ def test_a_chunk_retried_after_a_fault_after_its_claims_counts_once(redis_client
     again = generate_chunk(plan, counter, 1, tmp_path)
     assert again.resumed and again.games == quota
     assert counter.snapshot()["total_generated"] == quota
-    saved = np.load(result.path)
+    saved = np.load(result.path)["masks"]
     assert len(saved) == quota == len(np.unique(saved))
     counter.delete_run()

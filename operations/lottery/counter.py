@@ -7,8 +7,8 @@ claims at once. Keys of run R under prefix P:
     P:R:caps     hash   region index -> cap
     P:R:regions  hash   region index -> games claimed
     P:R:counter  hash   first number -> games claimed (the seed's snapshot format)
-    P:R:seen     set    masks of claimed games (no repeats in the whole run)
-    P:R:chunk:I:claims  list  "mask|first|region" claimed by chunk I's current attempt
+    P:R:seen     set    masks (8 bytes, little-endian) of claimed games (no repeats in the whole run)
+    P:R:chunk:I:claims  list  mask + first number byte + region byte, claimed by chunk I's current attempt
     P:R:chunk:I:owner   string  token of chunk I's current attempt
     P:R:done     hash   chunk index -> JSON of its committed result
     P:R:faults   hash   chunk index -> failures to inject after claims (chaos drills and tests)
@@ -33,48 +33,50 @@ if done then return {1, done, 0} end
 local claims_key = prefix .. ':chunk:' .. chunk .. ':claims'
 local entries = redis.call('LRANGE', claims_key, 0, -1)
 for _, e in ipairs(entries) do
-  local mask, first, region = string.match(e, '^(%d+)|(%d+)|(%d+)$')
-  redis.call('SREM', prefix .. ':seen', mask)
-  redis.call('HINCRBY', prefix .. ':counter', first, -1)
-  redis.call('HINCRBY', prefix .. ':regions', region, -1)
+  redis.call('SREM', prefix .. ':seen', string.sub(e, 1, 8))
+  redis.call('HINCRBY', prefix .. ':counter', string.byte(e, 9), -1)
+  redis.call('HINCRBY', prefix .. ':regions', string.byte(e, 10), -1)
 end
 redis.call('DEL', claims_key)
 redis.call('SET', prefix .. ':chunk:' .. chunk .. ':owner', token)
 return {0, '', #entries}
 """
 
-# ARGV: chunk, token, limit, then mask, first, region for each candidate.
-# Returns {status, flags}: flags has one character per candidate: A accepted, R repeat, F region full,
-# '.' not looked at (the chunk's limit was reached).
+# ARGV: chunk, token, limit, masks (8 bytes each, little-endian), first numbers (1 byte each), regions
+# (1 byte each). Returns {status, flags}: one character per candidate: A accepted, R repeat, F region full,
+# '.' not looked at (the chunk's limit was reached). Claims are stored as 10-byte strings mask|first|region.
 _CLAIM = """
 local prefix, chunk, token, limit = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local masks, firsts, regions = ARGV[4], ARGV[5], ARGV[6]
 if redis.call('GET', prefix .. ':chunk:' .. chunk .. ':owner') ~= token then
   return {0, 'superseded'}
 end
 local caps = redis.call('HGETALL', prefix .. ':caps')
 local cap, count = {}, {}
-for i = 1, #caps, 2 do cap[caps[i]] = tonumber(caps[i + 1]) end
+for i = 1, #caps, 2 do cap[tonumber(caps[i])] = tonumber(caps[i + 1]) end
 local counts = redis.call('HGETALL', prefix .. ':regions')
-for i = 1, #counts, 2 do count[counts[i]] = tonumber(counts[i + 1]) end
+for i = 1, #counts, 2 do count[tonumber(counts[i])] = tonumber(counts[i + 1]) end
 local seen = prefix .. ':seen'
 local flags, accepted, by_first, by_region = {}, {}, {}, {}
-local n = (#ARGV - 3) / 3
-for i = 0, n - 1 do
+local n = #firsts
+for i = 1, n do
   if #accepted >= limit then
-    flags[#flags + 1] = string.rep('.', n - i)
+    flags[#flags + 1] = string.rep('.', n - i + 1)
     break
   end
-  local mask, first, region = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+  local region = string.byte(regions, i)
   local c = count[region] or 0
+  local mask = string.sub(masks, 8 * i - 7, 8 * i)
   if c >= (cap[region] or 0) then
     flags[#flags + 1] = 'F'
   elseif redis.call('SADD', seen, mask) == 0 then
     flags[#flags + 1] = 'R'
   else
+    local first = string.byte(firsts, i)
     count[region] = c + 1
     by_first[first] = (by_first[first] or 0) + 1
     by_region[region] = (by_region[region] or 0) + 1
-    accepted[#accepted + 1] = mask .. '|' .. first .. '|' .. region
+    accepted[#accepted + 1] = mask .. string.sub(firsts, i, i) .. string.sub(regions, i, i)
     flags[#flags + 1] = 'A'
   end
 end
@@ -84,7 +86,9 @@ local claims_key = prefix .. ':chunk:' .. chunk .. ':claims'
 for i = 1, #accepted, 4000 do
   redis.call('RPUSH', claims_key, unpack(accepted, i, math.min(i + 3999, #accepted)))
 end
-return {1, table.concat(flags)}
+local out = {}
+for r, c in pairs(count) do out[#out + 1] = r .. '=' .. c end
+return {1, table.concat(flags), table.concat(out, ',')}
 """
 
 _COMMIT = """
@@ -176,21 +180,30 @@ class FirstNumberCounter:
         n_regions: int,
     ) -> ClaimResult:
         """Atomically claim up to `limit` of the candidates, in order; repeats and full regions are refused."""
-        args: list = [chunk, token, limit]
-        triples = np.empty(3 * len(masks), dtype=object)
-        triples[0::3] = masks.astype(str)
-        triples[1::3] = firsts.astype(str)
-        triples[2::3] = regions.astype(str)
-        args.extend(triples.tolist())
-        status, flags = self._claim(keys=[self.prefix], args=args)
+        status, flags, *rest = self._claim(
+            keys=[self.prefix],
+            args=[
+                chunk,
+                token,
+                limit,
+                masks.astype("<u8").tobytes(),
+                firsts.astype(np.uint8).tobytes(),
+                regions.astype(np.uint8).tobytes(),
+            ],
+        )
         if status == 0:
             raise SupersededAttempt(f"chunk {chunk} of {self.prefix} was taken over by a newer attempt")
         codes = np.frombuffer(flags, dtype=np.uint8)
+        counts = [0] * n_regions
+        for pair in rest[0].decode().split(",") if rest and rest[0] else ():
+            region, value = pair.split("=")
+            if int(region) < n_regions:
+                counts[int(region)] = int(value)
         return ClaimResult(
             accepted=codes == ord("A"),
             repeats=int(np.count_nonzero(codes == ord("R"))),
             region_full=int(np.count_nonzero(codes == ord("F"))),
-            region_counts=self.region_counts(n_regions),
+            region_counts=counts,
         )
 
     def commit_chunk(self, chunk: int, token: str, result: dict) -> None:

@@ -116,10 +116,16 @@ class GameSpace:
 # ---------------------------------------------------------------------------------------------- encoding
 
 
+_BIT = np.zeros(65, dtype=np.uint64)
+_BIT[1:] = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
+
+
 def games_to_masks(games: np.ndarray) -> np.ndarray:
     """(B, k) numbers -> (B,) uint64 masks."""
-    bits = np.left_shift(np.uint64(1), (games.astype(np.uint64) - np.uint64(1)))
-    return np.bitwise_or.reduce(bits, axis=1)
+    masks = _BIT[games[:, 0]]
+    for j in range(1, games.shape[1]):
+        masks |= _BIT[games[:, j]]
+    return masks
 
 
 def masks_to_games(masks: np.ndarray, k: int) -> np.ndarray:
@@ -143,15 +149,16 @@ def _longest_run(games: np.ndarray) -> np.ndarray:
     return best
 
 
+def bucket_histogram(buckets: np.ndarray, n_buckets: int) -> np.ndarray:
+    """(B, n_buckets) count of each game's numbers per bucket (row or column of the slip)."""
+    index = (np.arange(len(buckets), dtype=np.int64)[:, None] * n_buckets + buckets).ravel()
+    return np.bincount(index, minlength=len(buckets) * n_buckets).reshape(-1, n_buckets).astype(np.int16)
+
+
 def _bucket_counts(buckets: np.ndarray, n_buckets: int) -> tuple[np.ndarray, np.ndarray]:
     """Per game: (most members in one bucket, number of occupied buckets)."""
-    most = np.zeros(len(buckets), dtype=np.int16)
-    occupied = np.zeros(len(buckets), dtype=np.int16)
-    for b in range(n_buckets):
-        c = (buckets == b).sum(axis=1, dtype=np.int16)
-        np.maximum(most, c, out=most)
-        occupied += c > 0
-    return most, occupied
+    hist = bucket_histogram(buckets, n_buckets)
+    return hist.max(axis=1), (hist > 0).sum(axis=1, dtype=np.int16)
 
 
 def game_features(games: np.ndarray) -> dict[str, np.ndarray]:
@@ -320,7 +327,32 @@ def sample_games_by_first_number(
     numbers are uniform over the allowed numbers above m: uniform over games within each first number."""
     p = first_weights[1:] / first_weights[1:].sum()
     first = rng.choice(np.arange(1, n + 1), size=size, p=p)
-    keys = rng.random((size, n), dtype=np.float32)
+    rest = np.empty((size, k - 1), dtype=np.int64)
+    # Wide ranges: k-1 independent draws above m, rejecting rows with a repeat (uniform over sets, and far
+    # cheaper than ranking n keys per row). Narrow ranges, and excluded/required numbers: rank random keys.
+    wide = (n - first >= 4 * (k - 1)) if not (excluded or required) else np.zeros(size, dtype=bool)
+    todo = np.nonzero(wide)[0]
+    for _ in range(30):
+        if not len(todo):
+            break
+        span = (n - first[todo])[:, None]
+        draw = first[todo][:, None] + 1 + (rng.random((len(todo), k - 1)) * span).astype(np.int64)
+        draw.sort(axis=1)
+        ok = ~(np.diff(draw, axis=1) == 0).any(axis=1)
+        rest[todo[ok]] = draw[ok]
+        todo = todo[~ok]
+    narrow = np.concatenate([np.nonzero(~wide)[0], todo])
+    if len(narrow):
+        rest[narrow] = _rest_by_keys(rng, first[narrow], k, n, excluded, required)
+    games = np.concatenate([first[:, None], rest], axis=1)
+    games.sort(axis=1)
+    return games.astype(np.uint8)
+
+
+def _rest_by_keys(
+    rng: np.random.Generator, first: np.ndarray, k: int, n: int, excluded: tuple[int, ...], required: tuple[int, ...]
+) -> np.ndarray:
+    keys = rng.random((len(first), n), dtype=np.float32)
     numbers = np.arange(1, n + 1)
     keys[numbers[None, :] <= first[:, None]] = 2.0  # nothing at or below the first number
     if excluded:
@@ -328,7 +360,4 @@ def sample_games_by_first_number(
     if required:
         req = np.array(required)
         keys[:, req - 1] = np.where(req[None, :] > first[:, None], -1.0, 2.0)
-    rest = np.argpartition(keys, k - 2, axis=1)[:, : k - 1] + 1
-    games = np.concatenate([first[:, None], rest], axis=1)
-    games.sort(axis=1)
-    return games.astype(np.uint8)
+    return np.argpartition(keys, k - 2, axis=1)[:, : k - 1] + 1

@@ -44,14 +44,14 @@ class ChunkResult:
 
 
 def chunk_path(run_dir: Path, chunk: int) -> Path:
-    return run_dir / "chunks" / f"chunk-{chunk:05d}.npy"
+    return run_dir / "chunks" / f"chunk-{chunk:05d}.npz"
 
 
-def _save_atomically(path: Path, array: np.ndarray) -> None:
+def _save_atomically(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "wb") as fh:
-        np.save(fh, array)
+        np.savez(fh, **arrays)
     os.replace(tmp, path)
 
 
@@ -109,7 +109,8 @@ def generate_chunk(
     if counter.take_fault(chunk):
         raise InjectedFault(f"chunk {chunk}: failure injected after claiming {quota} games")
     chunk_masks = np.concatenate(accepted) if accepted else np.zeros(0, np.uint64)
-    _save_atomically(chunk_path(run_dir, chunk), chunk_masks)
+    games = masks_to_games(chunk_masks, plan.k)
+    _save_atomically(chunk_path(run_dir, chunk), masks=chunk_masks, games=games, scores=plan.scorer.score(games))
     result.games = len(chunk_masks)
     result.seconds = round(time.perf_counter() - started, 3)
     counter.commit_chunk(chunk, token, result.to_json())
@@ -129,17 +130,19 @@ class RankedGames:
 
 
 def rank_games(plan: GenerationPlan, chunk_files: list[Path], run_dir: Path) -> RankedGames:
-    """Merge every chunk's games, score them and sort by score descending across the whole run."""
-    masks = np.concatenate([np.load(p) for p in chunk_files]) if chunk_files else np.zeros(0, np.uint64)
+    """Merge every chunk's (already scored) games and sort them by score descending across the whole run."""
+    parts = []
+    for path in chunk_files:
+        with np.load(path) as data:
+            parts.append((data["masks"], data["games"], data["scores"]))
+    masks = np.concatenate([p[0] for p in parts])
     if len(np.unique(masks)) != len(masks):
         raise RuntimeError("the chunks hold a repeated game; the counter's claims were bypassed")
-    games = masks_to_games(masks, plan.k)
-    scores = plan.scorer.score(games)
-    order = rank_order(scores, masks)
+    order = rank_order(np.concatenate([p[2] for p in parts]), masks)
     path = run_dir / "ranked.npz"
-    tmp = run_dir / f"ranked.{uuid.uuid4().hex}.tmp.npz"
-    np.savez(tmp, games=games[order], scores=scores[order])
-    os.replace(tmp, path)
+    _save_atomically(
+        path, games=np.concatenate([p[1] for p in parts])[order], scores=np.concatenate([p[2] for p in parts])[order]
+    )
     return RankedGames(path=path, games=len(masks))
 
 

@@ -4,16 +4,19 @@ first-number caps and chunk quotas. Infeasible requests fail here, before any ch
 from __future__ import annotations
 
 import hashlib
-import itertools
+import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 from operations.lottery.engine import (
     GameSpace,
     _longest_run,
+    bucket_histogram,
     games_to_masks,
     masks_to_games,
     ResolvedRules,
@@ -108,13 +111,15 @@ class GenerationPlan:
 
 @lru_cache(maxsize=4)
 def _combinations(n: int, r: int) -> np.ndarray:
-    """All r-subsets of 1..n in lexicographic order, as uint8 rows."""
-    flat = np.fromiter(
-        itertools.chain.from_iterable(itertools.combinations(range(1, n + 1), r)),
-        dtype=np.uint8,
-        count=math.comb(n, r) * r,
-    )
-    return flat.reshape(-1, r)
+    """All r-subsets of 1..n in lexicographic order, as uint8 rows (built column by column in numpy)."""
+    rows = np.arange(1, n + 1, dtype=np.uint8)[:, None]
+    for _ in range(r - 1):
+        last = rows[:, -1].astype(np.int64)
+        counts = n - last
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        following = np.repeat(last, counts) + 1 + (np.arange(counts.sum()) - starts)
+        rows = np.column_stack([np.repeat(rows, counts, axis=0), following.astype(np.uint8)])
+    return rows
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ class _TailFeatures:
 def _tail_features(n: int, r: int) -> _TailFeatures:
     tails = _combinations(n, r)
     g = tails.astype(np.int16)
-    row_counts = np.stack([((g - 1) // SLIP_COLUMNS == b).sum(axis=1) for b in range(6)], axis=1).astype(np.int8)
+    row_counts = bucket_histogram((tails - 1) // SLIP_COLUMNS, 6).astype(np.int8)
     consecutive = np.diff(g, axis=1) == 1
     prefix = np.ones(len(g), dtype=np.int8)
     alive = np.ones(len(g), dtype=bool)
@@ -221,11 +226,43 @@ def _estimate(k: int, n: int, checker: RuleChecker, seed: int) -> Feasibility:
     return Feasibility(exact=False, by_first=by_first, candidates_by_first=candidates, rejected_by_rule=rejected)
 
 
-def count_feasible_games(k: int, n: int, checker: RuleChecker) -> Feasibility:
-    """Feasible games per first number: exact when C(n, k) is small enough to enumerate, else estimated."""
-    if math.comb(n, k) <= EXACT_COUNT_LIMIT and (k == 6 or not checker.rules.exclude_past_draws or not len(checker.past_draw_masks)):
-        return _count_exact(k, n, checker)
-    return _estimate(k, n, checker, seed=12345)
+def count_feasible_games(k: int, n: int, checker: RuleChecker, cache_dir: Path | None = None) -> Feasibility:
+    """Feasible games per first number: exact when C(n, k) is small enough to enumerate, else estimated.
+
+    With `cache_dir`, results are kept on disk by (k, n, rules, past draws): the same rules count once.
+    """
+    key = hashlib.sha256(
+        repr((k, n, checker.rules, EXACT_COUNT_LIMIT, SAMPLES_PER_FIRST_NUMBER)).encode()
+        + checker.past_draw_masks.tobytes()
+    ).hexdigest()[:24]
+    cached = cache_dir / f"feasibility-{key}.json" if cache_dir else None
+    if cached and cached.exists():
+        data = json.loads(cached.read_text())
+        return Feasibility(
+            exact=data["exact"],
+            by_first=np.array(data["by_first"]),
+            candidates_by_first=np.array(data["candidates_by_first"]),
+            rejected_by_rule=data["rejected_by_rule"],
+        )
+    exact = math.comb(n, k) <= EXACT_COUNT_LIMIT and (
+        k == 6 or not checker.rules.exclude_past_draws or not len(checker.past_draw_masks)
+    )
+    feas = _count_exact(k, n, checker) if exact else _estimate(k, n, checker, seed=12345)
+    if cached:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "exact": feas.exact,
+                    "by_first": feas.by_first.tolist(),
+                    "candidates_by_first": feas.candidates_by_first.tolist(),
+                    "rejected_by_rule": feas.rejected_by_rule,
+                }
+            )
+        )
+        os.replace(tmp, cached)
+    return feas
 
 
 @lru_cache(maxsize=16)
@@ -262,6 +299,7 @@ def build_plan(
     workers: int = 2,
     min_chunk: int = 50_000,
     max_chunk: int = 250_000,
+    cache_dir: Path | None = None,
 ) -> GenerationPlan:
     """Resolve rules, count feasible games and set the caps; raise InfeasibleRequest naming the culprit."""
     k, n, q = request.numbers_per_game, request.highest_number, request.quantity
@@ -269,7 +307,7 @@ def build_plan(
     rules = space.resolve(request.rules)
     draws = np.sort(past_draw_masks.astype(np.uint64)) if rules.exclude_past_draws else np.zeros(0, np.uint64)
     checker = RuleChecker(rules=rules, k=k, past_draw_masks=draws)
-    feas = count_feasible_games(k, n, checker)
+    feas = count_feasible_games(k, n, checker, cache_dir)
     how = "exactly" if feas.exact else "by sampling (estimate)"
     if feas.total < q:
         raise InfeasibleRequest(
