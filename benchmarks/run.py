@@ -56,7 +56,7 @@ def _rss_of_tree(pids: set[int]) -> int:
 
 
 class PeakMemory:
-    """Samples the summed RSS of a set of process trees every 0.2 s."""
+    """Samples the summed RSS of a set of process trees every second."""
 
     def __init__(self, pids: set[int]):
         self.pids, self.peak, self._stop = pids, 0, threading.Event()
@@ -65,7 +65,7 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, _rss_of_tree(self.pids))
-            self._stop.wait(0.2)
+            self._stop.wait(1.0)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -116,9 +116,10 @@ def bench_end_to_end(quantity: int, warm: bool) -> dict:
     if not state.is_completed():
         raise SystemExit(f"generate-games failed: {state.message}")
     result = state.result()
+    from operations.lottery.generation import rank_games
+
     run_dir = settings.output_dir / run_key
-    with np.load(run_dir / "ranked.npz") as data:
-        games, scores = data["games"], data["scores"]
+    games, scores = rank_games(sorted((run_dir / "chunks").glob("chunk-*.npz")))
     baseline = write_baseline(games, scores, run_dir / "baseline.xlsx")
     return {
         "ui": stack.ui_url,

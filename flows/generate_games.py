@@ -46,7 +46,7 @@ from operations.lottery.parameters import DEFAULT_REGIONS, FirstNumberRegion, Ga
 from operations.lottery.plan import GenerationPlan, build_plan
 from operations.lottery.spreadsheet import RegionRow, WorkbookSummary
 from operations.settings import Settings, get_settings
-from tasks.lottery import generate_games_chunk, rank_all_games, write_games_spreadsheet
+from tasks.lottery import generate_games_chunk, write_games_spreadsheet
 
 PARALLEL_WRITE_MIN_ROWS = 50_000  # below this, one file: a second writer costs more than it saves
 
@@ -135,7 +135,8 @@ def produce_games(
     parts: list[tuple[int, int]],
     rows_per_sheet: int,
 ) -> dict:
-    """Generate the pending chunks, rank the run and write its spreadsheets on this flow's task runner."""
+    """Generate the pending chunks, then rank the run and write its spreadsheets in parallel on this flow's
+    task runner (each writer ranks the whole run, a second of numpy, and writes its own slice)."""
     logger = get_run_logger()
     counter = counter_block.counter(plan.run_key)
     total_chunks = len(plan.chunk_quotas)
@@ -155,12 +156,11 @@ def produce_games(
         logger.info(_chunk_line(result, total_chunks))
 
     chunk_files = [chunk_path(run_dir, i) for i in range(total_chunks)]
-    ranked = rank_all_games.submit(plan, chunk_files, run_dir).result()
     summary = _workbook_summary(plan, counter.region_counts(len(plan.regions)))
     width = len(str(plan.request.quantity))
     writes = [
         write_games_spreadsheet.submit(
-            ranked,
+            chunk_files,
             start,
             stop,
             run_dir / f"games-{plan.run_key}-ranks-{start + 1:0{width}d}-{stop:0{width}d}.xlsx",
@@ -176,58 +176,47 @@ def produce_games(
     }
 
 
+def _param(default, title: str, description: str):
+    """A flow parameter's default with the title and description the UI form shows (Prefect titles
+    parameters by their names unless the schema says otherwise)."""
+    return Field(default=default, description=description, json_schema_extra={"title": title})
+
+
 @flow(name="generate-games", log_prints=False)
 def generate_games(
-    quantity: Annotated[
-        int, Field(ge=1, le=10_000_000, title="Games", description="How many distinct games to generate.")
-    ] = 10_000,
-    numbers_per_game: Annotated[
-        int, Field(ge=6, le=20, title="Numbers per game", description="6 to 20, as on the Mega-Sena slip.")
-    ] = 6,
-    highest_number: Annotated[
-        int, Field(ge=20, le=60, title="Highest number", description="Games use the numbers 1..this.")
-    ] = 60,
-    rules: Annotated[GameRules, Field(title="Rules", description="Filters every game passes.")] = GameRules(),
-    regions: Annotated[
-        list[FirstNumberRegion],
-        Field(
-            min_length=1,
-            max_length=60,
-            title="First-number regions",
-            description="Balance of the games' smallest number: no region exceeds ceil(share x games).",
-        ),
-    ] = list(DEFAULT_REGIONS),
-    seed: Annotated[
-        int, Field(ge=0, le=2**63 - 1, title="Seed", description="Random seed: same seed, same candidates.")
-    ] = 20_260_000,
-    run_key: Annotated[
-        str | None,
-        Field(
-            default=None,
-            max_length=80,
-            pattern=r"^[A-Za-z0-9_.-]+$",
-            title="Run key",
-            description="Names the run and its Redis keys; re-run with the same key to resume. Empty: the flow run id.",
-        ),
-    ] = None,
-    counter_block: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=120,
-            title="Counter block",
-            description="Name of the RedisGameCounter block holding the shared counter.",
-        ),
-    ] = "games-counter",
-    past_draws_file: Annotated[
-        str | None,
-        Field(
-            default=None,
-            title="Past draws file",
-            description="Caixa's Mega-Sena results .xlsx (Concurso, Data do Sorteio, Bola1..Bola6). "
-            "Empty: PAST_DRAWS_FILE, else the bundled sample.",
-        ),
-    ] = None,
+    quantity: Annotated[int, Field(ge=1, le=10_000_000)] = _param(
+        10_000, "Games", "How many distinct games to generate (1 to 10,000,000)."
+    ),
+    numbers_per_game: Annotated[int, Field(ge=6, le=20)] = _param(
+        6, "Numbers per game", "6 to 20, as on the Mega-Sena slip."
+    ),
+    highest_number: Annotated[int, Field(ge=20, le=60)] = _param(
+        60, "Highest number", "Games use the numbers 1..this (60 on the Mega-Sena slip)."
+    ),
+    rules: GameRules = _param(GameRules(), "Rules", "Filters every game passes; empty rules take historical defaults."),
+    regions: Annotated[list[FirstNumberRegion], Field(min_length=1, max_length=60)] = _param(
+        list(DEFAULT_REGIONS),
+        "First-number regions",
+        "Balance of the games' smallest number: no region ever exceeds ceil(share x games).",
+    ),
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = _param(
+        20_260_000, "Seed", "Random seed: the same seed draws the same candidates."
+    ),
+    run_key: Annotated[str | None, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")] = _param(
+        None,
+        "Run key",
+        "Names the run, its output folder and its Redis keys; re-run with the same key to resume. "
+        "Empty: the flow run id.",
+    ),
+    counter_block: Annotated[str, Field(min_length=1, max_length=120)] = _param(
+        "games-counter", "Counter block", "Name of the RedisGameCounter block holding the shared counter."
+    ),
+    past_draws_file: str | None = _param(
+        None,
+        "Past draws file",
+        "Caixa's Mega-Sena results .xlsx (Concurso, Data do Sorteio, Bola1..Bola6). "
+        "Empty: PAST_DRAWS_FILE, else the bundled sample.",
+    ),
 ) -> dict:
     """Generate `quantity` distinct, rule-abiding, scored Mega-Sena games into ranked spreadsheets."""
     started = time.perf_counter()

@@ -14,9 +14,7 @@ from operations.lottery.counter import RunKeyConflict, SupersededAttempt
 from operations.lottery.generation import (
     ChunkResult,
     GenerationStalled,
-    RankedGames,
     generate_chunk,
-    load_ranked,
     rank_games,
 )
 from operations.lottery.plan import GenerationPlan, InfeasibleRequest
@@ -56,12 +54,6 @@ def generate_games_chunk(
     return generate_chunk(plan, counter_block.counter(plan.run_key), chunk, run_dir)
 
 
-@task(name="rank-games", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, tags=["lottery"])
-def rank_all_games(plan: GenerationPlan, chunk_files: list[Path], run_dir: Path) -> RankedGames:
-    """Merge the chunks, score every game and sort the whole run by score."""
-    return rank_games(plan, chunk_files, run_dir)
-
-
 @task(
     name="write-games-spreadsheet",
     task_run_name="spreadsheet-ranks-{start}-{stop}",
@@ -71,8 +63,8 @@ def rank_all_games(plan: GenerationPlan, chunk_files: list[Path], run_dir: Path)
     tags=["spreadsheet"],
 )
 def write_games_spreadsheet(
-    ranked: RankedGames, start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int
+    chunk_files: list[Path], start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int
 ) -> WrittenWorkbook:
-    """Write ranks start+1..stop of the run to one .xlsx file (atomically replaced, so retries are safe)."""
-    games, scores = load_ranked(ranked.path, start, stop)
-    return write_games_workbook(path, games, scores, start + 1, summary, rows_per_sheet=rows_per_sheet)
+    """Rank the whole run and write ranks start+1..stop to one .xlsx (atomically replaced: retries are safe)."""
+    games, scores = rank_games(chunk_files)
+    return write_games_workbook(path, games[start:stop], scores[start:stop], start + 1, summary, rows_per_sheet)

@@ -45,3 +45,17 @@ def test_saved_block_loads_by_name_with_its_secret(redis_url):
     loaded = RedisGameCounter.load("saved-counter")
     assert loaded.key_prefix == "saved" and loaded.url == redis_url
     loaded.ping()
+
+
+def test_block_type_registers_through_the_prefect_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "block", "register", "-m", "blocks.redis_game_counter"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "redis-game-counter" in done.stdout.lower().replace(" ", "-") or "Redis Game Counter" in done.stdout

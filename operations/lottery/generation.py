@@ -123,29 +123,18 @@ def _sample(plan: GenerationPlan, rng: np.random.Generator, size: int, weights: 
     )
 
 
-@dataclass(frozen=True)
-class RankedGames:
-    path: Path  # .npz with games (Q, k) uint8 and scores (Q,) in rank order
-    games: int
+def rank_games(chunk_files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Every chunk's (already scored) games, sorted by score descending across the whole run (ties by mask).
 
-
-def rank_games(plan: GenerationPlan, chunk_files: list[Path], run_dir: Path) -> RankedGames:
-    """Merge every chunk's (already scored) games and sort them by score descending across the whole run."""
+    Deterministic, so parallel spreadsheet writers each rank the run and write their own slice of it.
+    """
     parts = []
     for path in chunk_files:
         with np.load(path) as data:
             parts.append((data["masks"], data["games"], data["scores"]))
     masks = np.concatenate([p[0] for p in parts])
+    scores = np.concatenate([p[2] for p in parts])
+    order = rank_order(scores, masks)
     if len(np.unique(masks)) != len(masks):
         raise RuntimeError("the chunks hold a repeated game; the counter's claims were bypassed")
-    order = rank_order(np.concatenate([p[2] for p in parts]), masks)
-    path = run_dir / "ranked.npz"
-    _save_atomically(
-        path, games=np.concatenate([p[1] for p in parts])[order], scores=np.concatenate([p[2] for p in parts])[order]
-    )
-    return RankedGames(path=path, games=len(masks))
-
-
-def load_ranked(path: Path, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as data:
-        return data["games"][start:stop], data["scores"][start:stop]
+    return np.concatenate([p[1] for p in parts])[order], scores[order]
