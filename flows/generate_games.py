@@ -208,8 +208,11 @@ def generate_games(
         "Names the run, its output folder and its Redis keys; re-run with the same key to resume. "
         "Empty: the flow run id.",
     ),
-    counter_block: Annotated[str, Field(min_length=1, max_length=120)] = _param(
-        "games-counter", "Counter block", "Name of the RedisGameCounter block holding the shared counter."
+    counter_block: Annotated[str | None, Field(min_length=1, max_length=120)] = _param(
+        None,
+        "Counter block",
+        "Name of the RedisGameCounter block holding the shared counter. Empty: COUNTER_BLOCK_NAME "
+        "(games-counter), created on first use.",
     ),
     past_draws_file: str | None = _param(
         None,
@@ -237,7 +240,7 @@ def generate_games(
     local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask_scheduler_address else None
     try:
         plan = _plan(request, run_key, past_draws_file, settings)
-        block = load_counter_block(counter_block, settings)
+        block = load_counter_block(counter_block or settings.counter_block_name, settings)
         block.ping()
         counter = block.counter(run_key)
         resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
@@ -280,6 +283,8 @@ def generate_games(
     return {
         "run_key": run_key,
         "games": quantity,
+        "chunks": len(plan.chunk_quotas),
+        "chunks_generated": len(produced["chunks"]),
         "spreadsheets": [w["path"] for w in produced["workbooks"]],
         "counter_snapshot": str(snapshot_path),
         "seconds": round(elapsed, 2),

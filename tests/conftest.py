@@ -49,6 +49,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     from deployments.prefect_server import stop_prefect_server
     from operations.infra.embedded_redis import stop_embedded_redis
 
+    try:  # send the last run logs before the server goes away
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - best effort at shutdown
+        pass
     stop_prefect_server(root / "prefect-server")
     stop_embedded_redis(root / "redis")
     shutil.rmtree(root, ignore_errors=True)

@@ -6,6 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -180,3 +185,54 @@ def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url):
     assert pid != os.getpid()
     assert snapshot == {"counter": {"5": 1}, "total_generated": 1}
     RedisGameCounter.load("blocktest-counter").counter(run_key).delete_run()
+
+
+def test_resume_after_the_flow_process_is_killed(dask_settings):
+    """SIGKILL the whole flow process group (flow, Dask cluster) mid-run; the re-run with the same run_key
+    generates only the chunks that had not committed, releases the killed attempts' claims, and its counter
+    matches its spreadsheets exactly."""
+    run_key = f"killed-{uuid.uuid4().hex[:6]}"
+    block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
+    block.save("flowtest-counter", overwrite=True)
+    counter = block.counter(run_key)
+    quantity = 100_000
+    script = (
+        "from flows.generate_games import generate_games\n"
+        f"generate_games(quantity={quantity}, run_key={run_key!r}, counter_block='flowtest-counter')\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 180
+    try:
+        while len(counter.committed_chunks()) < 2:
+            assert process.poll() is None, "the flow ended before it could be killed"
+            assert time.monotonic() < deadline, "no chunk committed in time"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    committed = set(counter.committed_chunks())
+    state = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["chunks"] == 20 and result["chunks_generated"] == 20 - len(committed) < 20
+    _check_run(result, quantity)
+    assert counter.seen_count() == quantity
+    counter.delete_run()
+
+
+def test_an_unreachable_dask_scheduler_fails_fast_with_a_clear_message(settings, monkeypatch):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", f"tcp://127.0.0.1:{port}")
+    monkeypatch.setenv("DASK_CONNECT_TIMEOUT_SECONDS", "2")
+    monkeypatch.setenv("IN_PROCESS_MAX_QUANTITY", "0")
+    get_settings.cache_clear()
+    started = time.monotonic()
+    state = generate_games(quantity=1_000, run_key=f"nosched-{uuid.uuid4().hex[:6]}", return_state=True)
+    assert state.is_failed()
+    assert f"Dask scheduler tcp://127.0.0.1:{port}" in state.message and "unreachable" in state.message
+    assert time.monotonic() - started < 60
+    get_settings.cache_clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import zipfile
 
 import numpy as np
@@ -69,3 +71,21 @@ def test_rewriting_the_same_path_replaces_it_whole(tmp_path):
     write_games_workbook(target, games2, scores2, 1, SUMMARY)
     assert [list(r[1:7]) for r in read_game_rows(target)] == games2.tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.xlsx"]
+
+
+@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice (Debian libreoffice-calc-nogui) not installed")
+def test_libreoffice_opens_every_sheet(tmp_path):
+    games, scores = _games(30, 6)
+    path = write_games_workbook(tmp_path / "g.xlsx", games, scores, 1, SUMMARY, rows_per_sheet=20).path
+    done = subprocess.run(
+        ["soffice", "--headless", "--norestore", f"-env:UserInstallation=file://{tmp_path}/lo-profile",
+         "--convert-to", "csv:Text - txt - csv (StarCalc):44,34,UTF8,1,,0,false,true,false,false,false,-1",
+         "--outdir", str(tmp_path), str(path)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    first = (tmp_path / "g-Games 1-20.csv").read_text().splitlines()
+    assert first[0] == "Rank,N1,N2,N3,N4,N5,N6,Sum,Evens,Score" and len(first) == 21
+    assert first[1].split(",")[1:7] == [str(n) for n in games[0]]
+    assert len((tmp_path / "g-Games 21-30.csv").read_text().splitlines()) == 11
+    assert "1-10" in (tmp_path / "g-Summary.csv").read_text()

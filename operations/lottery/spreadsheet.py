@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 import openpyxl
+from openpyxl.cell import WriteOnlyCell
 from openpyxl.chart import BarChart, Reference
 from openpyxl.utils import get_column_letter
 
@@ -52,7 +53,7 @@ class WrittenWorkbook:
 def _write_summary(wb: openpyxl.Workbook, summary: WorkbookSummary, first_rank: int, last_rank: int) -> None:
     ws = wb.create_sheet(SUMMARY_SHEET)
     ws.column_dimensions["A"].width = 28
-    ws.column_dimensions["B"].width = 30
+    ws.column_dimensions["B"].width = 20
     for col in "CDE":
         ws.column_dimensions[col].width = 16
     ws.append([summary.title])
@@ -66,8 +67,14 @@ def _write_summary(wb: openpyxl.Workbook, summary: WorkbookSummary, first_rank: 
     header_row = 4 + len(summary.parameters) + 2
     ws.append(["Region", "Target share", "Cap", "Generated", "Generated share"])
     total = max(1, summary.total_games)
+
+    def percent(value: float) -> WriteOnlyCell:
+        cell = WriteOnlyCell(ws, value=float(value))
+        cell.number_format = "0.00%"
+        return cell
+
     for region in summary.regions:
-        ws.append([region.label, float(region.target_share), region.cap, region.count, region.count / total])
+        ws.append([region.label, percent(region.target_share), region.cap, region.count, percent(region.count / total)])
     if summary.regions:
         last = header_row + len(summary.regions)
         chart = BarChart()
@@ -77,6 +84,7 @@ def _write_summary(wb: openpyxl.Workbook, summary: WorkbookSummary, first_rank: 
         chart.y_axis.title = "share of games"
         chart.x_axis.title = "region of the smallest number"
         chart.y_axis.numFmt = "0%"
+        chart.x_axis.delete = chart.y_axis.delete = False  # openpyxl >= 3.1 hides axes in Excel otherwise
         for col in (2, 5):
             chart.add_data(Reference(ws, min_col=col, min_row=header_row, max_row=last), titles_from_data=True)
         chart.set_categories(Reference(ws, min_col=1, min_row=header_row + 1, max_row=last))
