@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench up down clean
+.PHONY: demo test bench up down status run clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ up: $(STAMP)
 
 down: $(STAMP)
 	$(BIN)/python -m deployments.stack down
+
+status: $(STAMP)
+	$(BIN)/python -m deployments.stack status
+
+# make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=200000 run_key=batch-1"
+DEPLOYMENT ?= generate-games/on-demand
+run: $(STAMP)
+	$(BIN)/python -m deployments.start_run $(DEPLOYMENT) $(PARAMS)
 
 clean: down
 	rm -rf data/

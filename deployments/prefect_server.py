@@ -5,10 +5,7 @@ Prefect's ephemeral in-process API cannot serve Dask process workers, so every l
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +14,16 @@ from pathlib import Path
 
 import httpx
 
-from operations.infra.embedded_redis import folder_lock, free_port, pid_alive
+from operations.infra.processes import (
+    folder_lock,
+    free_port,
+    pid_alive,
+    port_free,
+    read_state,
+    stop_process_group,
+    tail,
+    write_state,
+)
 
 STATE_FILE = "prefect-server.json"
 DEFAULT_PORT = 4200
@@ -53,35 +59,26 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+def running_prefect_server(prefect_dir: Path) -> PrefectServer | None:
+    """This folder's server if it is running and healthy, without starting one."""
+    state = read_state(Path(prefect_dir).resolve() / STATE_FILE)
+    if not state or not pid_alive(state["pid"]):
+        return None
+    p = state["port"]
+    if not _healthy(f"http://127.0.0.1:{p}/api"):
+        return None
+    return PrefectServer(f"http://127.0.0.1:{p}/api", f"http://127.0.0.1:{p}", p, state["pid"], False)
 
 
 def ensure_prefect_server(prefect_dir: Path, port: int | None = None, timeout: float = 120.0) -> PrefectServer:
     """Reuse this folder's running server or start one (port 4200 if free, else any free port)."""
     prefect_dir = Path(prefect_dir).resolve()
     with folder_lock(prefect_dir):
-        try:
-            state = json.loads((prefect_dir / STATE_FILE).read_text())
-        except (OSError, ValueError):
-            state = None
-        if state and pid_alive(state["pid"]) and _healthy(f"http://127.0.0.1:{state['port']}/api"):
-            p = state["port"]
-            return PrefectServer(f"http://127.0.0.1:{p}/api", f"http://127.0.0.1:{p}", p, state["pid"], False)
+        running = running_prefect_server(prefect_dir)
+        if running is not None:
+            return running
         if port is None:
-            port = DEFAULT_PORT if _port_free(DEFAULT_PORT) else free_port()
+            port = DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port()
         log = prefect_dir / "server.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
@@ -96,42 +93,22 @@ def ensure_prefect_server(prefect_dir: Path, port: int | None = None, timeout: f
         deadline = time.monotonic() + timeout
         while not _healthy(api_url):
             if process.poll() is not None or time.monotonic() > deadline:
-                _stop_group(process.pid, 5)
-                raise RuntimeError(f"prefect server did not become healthy on {api_url}:\n{_tail(log)}")
+                stop_process_group(process.pid, 5)
+                raise RuntimeError(f"prefect server did not become healthy on {api_url}:\n{tail(log)}")
             time.sleep(0.5)
-        (prefect_dir / STATE_FILE).write_text(json.dumps({"port": port, "pid": process.pid}))
+        write_state(prefect_dir / STATE_FILE, {"port": port, "pid": process.pid})
         return PrefectServer(api_url, f"http://127.0.0.1:{port}", port, process.pid, True)
-
-
-def _stop_group(pid: int, timeout: float) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if pid_alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def stop_prefect_server(prefect_dir: Path, timeout: float = 20.0) -> bool:
     """Stop this folder's server. True if one was running."""
     prefect_dir = Path(prefect_dir).resolve()
     with folder_lock(prefect_dir):
-        try:
-            state = json.loads((prefect_dir / STATE_FILE).read_text())
-        except (OSError, ValueError):
+        state = read_state(prefect_dir / STATE_FILE)
+        if state is None:
             return False
         (prefect_dir / STATE_FILE).unlink(missing_ok=True)
         if not pid_alive(state["pid"]):
             return False
-        _stop_group(state["pid"], timeout)
+        stop_process_group(state["pid"], timeout)
         return True

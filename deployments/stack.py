@@ -1,8 +1,9 @@
-"""The local stack: a real Prefect server (SQLite under DATA_DIR), the embedded Redis, the blocks.
+"""The local stack: a real Prefect server (SQLite under DATA_DIR), the embedded Redis, the blocks, the
+process work pool with the deployments of prefect.yaml, and a worker.
 
-    python -m deployments.stack up      # start (or reuse) everything, print the UI address
-    python -m deployments.stack down    # stop what `up` started
-    python -m deployments.stack status
+    python -m deployments.stack up      # start (or reuse) everything, deploy, print the UI address
+    python -m deployments.stack down    # stop what `up` started (worker, server, embedded Redis)
+    python -m deployments.stack status  # what is running, without starting anything
 
 Services configured by environment (PREFECT_API_URL, REDIS_URL) are used as they are and never started.
 Prefect is imported only after PREFECT_API_URL is set, so this process and the Dask workers it spawns all
@@ -13,12 +14,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from deployments.prefect_server import ensure_prefect_server, stop_prefect_server
+from deployments.prefect_server import ensure_prefect_server, running_prefect_server, stop_prefect_server
+from deployments.prefect_worker import (
+    LOCAL_WORK_POOL,
+    ensure_prefect_worker,
+    ensure_work_pool,
+    stop_prefect_worker,
+)
 from operations.infra.embedded_redis import ensure_embedded_redis, stop_embedded_redis
-from operations.settings import Settings, get_settings
+from operations.infra.processes import pid_alive, read_state
+from operations.settings import PROJECT_ROOT, Settings, get_settings
 
 
 @dataclass(frozen=True)
@@ -57,15 +67,73 @@ def register_blocks(settings: Settings, redis_url: str) -> None:
     RedisGameCounter.from_url(redis_url, password).save(settings.counter_block_name, overwrite=True)
 
 
+def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> str:
+    """`prefect deploy --all` from the project folder (prefect.yaml); returns its output, raises on failure."""
+    env = dict(os.environ, PREFECT_API_URL=api_url)
+    done = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=project_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect deploy --all failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def start_operator_stack(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> LocalStack:
+    """Everything an operator needs: server, Redis, blocks, work pool, deployments and a worker."""
+    settings = settings or get_settings()
+    stack = start_local_stack(settings)
+    ensure_work_pool(LOCAL_WORK_POOL)
+    deploy_all(stack.api_url)
+    ensure_prefect_worker(
+        settings.prefect_dir / "worker", stack.api_url, PROJECT_ROOT, LOCAL_WORK_POOL, worker_query_seconds
+    )
+    return stack
+
+
 def stop_local_stack(settings: Settings | None = None) -> list[str]:
-    """Stop the embedded services this project started; configured external ones are left alone."""
+    """Stop the services this project started (worker first); configured external ones are left alone."""
     settings = settings or get_settings()
     stopped = []
+    if stop_prefect_worker(settings.prefect_dir / "worker"):
+        stopped.append("prefect worker")
     if stop_prefect_server(settings.prefect_dir):
         stopped.append("prefect server")
     if stop_embedded_redis(settings.redis_dir):
         stopped.append("embedded redis")
     return stopped
+
+
+def local_api_url(settings: Settings | None = None) -> str | None:
+    """PREFECT_API_URL when set, else the API of the running local server (None if there is none)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    server = running_prefect_server((settings or get_settings()).prefect_dir)
+    return server.api_url if server else None
+
+
+def stack_status(settings: Settings | None = None) -> dict[str, str]:
+    settings = settings or get_settings()
+    server = running_prefect_server(settings.prefect_dir)
+    worker = read_state(settings.prefect_dir / "worker" / "prefect-worker.json")
+    redis_state = read_state(settings.redis_dir / "embedded-redis.json")
+    return {
+        "prefect server": f"{server.ui_url} (pid {server.pid})" if server else "not running",
+        "prefect worker": (
+            f"{worker['name']} on pool {worker['pool']} (pid {worker['pid']})"
+            if worker and pid_alive(worker["pid"])
+            else "not running"
+        ),
+        "embedded redis": (
+            f"127.0.0.1:{redis_state['port']} (pid {redis_state['pid']})"
+            if redis_state and pid_alive(redis_state["pid"])
+            else ("not used: REDIS_URL is set" if settings.redis_url else "not running")
+        ),
+    }
 
 
 def _redact(url: str) -> str:
@@ -83,11 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         stopped = stop_local_stack()
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
         return 0
-    stack = start_local_stack()
-    print(f"Prefect UI:   {stack.ui_url}")
-    print(f"Prefect API:  {stack.api_url}")
-    print(f"Redis:        {_redact(stack.redis_url)}")
+    if args.command == "status":
+        for service, state in stack_status().items():
+            print(f"{service + ':':16}{state}")
+        return 0
+    stack = start_operator_stack()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments()
+        flows = {f.id: f.name for f in client.read_flows()}
+    print(f"Prefect UI:    {stack.ui_url}")
+    print(f"Prefect API:   {stack.api_url}")
+    print(f"Redis:         {_redact(stack.redis_url)}")
     print(f"Counter block: {stack.counter_block} (RedisGameCounter)")
+    print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_dir / 'worker' / 'worker.log'}")
+    print("Deployments:")
+    for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
+        print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")
+    print("Start a run: python -m deployments.start_run generate-games/on-demand quantity=100000")
     return 0
 
 

@@ -8,6 +8,7 @@ parallel, then publish the counter snapshot and the artifacts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -80,7 +81,9 @@ def part_ranges(quantity: int, workers: int, max_rows_per_file: int) -> list[tup
     return [(start, min(start + size, quantity)) for start in range(0, quantity, size)]
 
 
-def _plan(request: GenerationRequest, run_key: str, past_draws_file: str | None, settings: Settings) -> GenerationPlan:
+def _plan(
+    request: GenerationRequest, run_key: str, past_draws_file: str | None, settings: Settings, workers: int
+) -> GenerationPlan:
     """Resolve the rules and check feasibility (raises InfeasibleRequest naming the rule or region)."""
     draws_path = Path(past_draws_file or settings.past_draws_file or SAMPLE_RESULTS)
     draws = load_past_draws(draws_path) if request.rules.exclude_past_draws else np.zeros(0, np.uint64)
@@ -88,7 +91,7 @@ def _plan(request: GenerationRequest, run_key: str, past_draws_file: str | None,
         request,
         run_key,
         draws,
-        workers=worker_count(settings),
+        workers=workers,
         min_chunk=settings.min_games_per_chunk,
         max_chunk=settings.max_games_per_chunk,
         cache_dir=settings.data_dir / "cache",
@@ -239,11 +242,13 @@ def generate_games(
         check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
     local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask_scheduler_address else None
     try:
-        plan = _plan(request, run_key, past_draws_file, settings)
+        workers = worker_count(settings) if on_dask else settings.dask_n_workers
+        plan = _plan(request, run_key, past_draws_file, settings, workers)
         block = load_counter_block(counter_block or settings.counter_block_name, settings)
         block.ping()
         counter = block.counter(run_key)
         resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
+        plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
         run_dir = settings.output_dir / run_key
         committed = counter.committed_chunks()
         pending = [
@@ -266,7 +271,7 @@ def generate_games(
             runner = dask_task_runner(settings)
         else:
             runner = in_process_task_runner(settings)
-        parts = part_ranges(quantity, worker_count(settings), settings.max_rows_per_file)
+        parts = part_ranges(quantity, workers, settings.max_rows_per_file)
         produced = produce_games.with_options(task_runner=runner)(
             plan, block, run_dir, pending, parts, settings.rows_per_sheet
         )

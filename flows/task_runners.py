@@ -93,5 +93,13 @@ def in_process_task_runner(settings: Settings) -> ThreadPoolTaskRunner:
 
 
 def worker_count(settings: Settings) -> int:
-    """Workers that will share the work (for chunk sizing); an existing cluster is assumed to have this many."""
-    return settings.dask_n_workers
+    """Task slots that will share the work (chunk sizing, spreadsheet files): the threads of the existing
+    cluster at DASK_SCHEDULER_ADDRESS, else the LocalCluster's workers x threads."""
+    if settings.dask_scheduler_address:
+        from distributed import Client
+
+        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
+        with Client(settings.dask_scheduler_address, timeout=settings.dask_connect_timeout_seconds) as client:
+            threads = sum(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        return max(1, threads)
+    return settings.dask_n_workers * settings.dask_threads_per_worker

@@ -26,6 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
             "PREFECT_HOME": str(root / "prefect-client"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "WARNING",
+            # runs held by a deployment concurrency limit retry after this many seconds (30 by default)
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
             "DATA_DIR": str(root / "data"),
             "OUTPUT_DIR": str(root / "data" / "output"),
         }

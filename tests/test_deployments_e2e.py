@@ -1,0 +1,211 @@
+"""The operator's day end to end: deployments made by `prefect deploy --all` from prefect.yaml, a real
+process worker, runs started and cancelled through the Prefect REST API, as other applications do."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import pytest
+
+from blocks.redis_game_counter import RedisGameCounter
+from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, ensure_work_pool, stop_prefect_worker
+from deployments.stack import deploy_all, register_blocks
+from operations.lottery.generation import chunk_path
+from operations.settings import PROJECT_ROOT, Settings
+from run_checks import assert_operator_form, check_generated_run
+
+pytestmark = pytest.mark.slow
+
+# Parameters of a small run of each flow, for starting every on-demand deployment. A flow that adds an
+# on-demand deployment to prefect.yaml adds its entry here (the first test fails until it does).
+SMALL_RUN_PARAMETERS = {
+    "generate-games": lambda key: {"quantity": 30_000, "run_key": key},
+}
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def operator_stack(prefect_api_url, redis_url, tmp_path_factory):
+    """The deployments of prefect.yaml and a worker whose flow runs write under a temporary folder and
+    cut their work in small chunks (so that a short run still has many chunks to cancel between)."""
+    root = tmp_path_factory.mktemp("operator")
+    worker_env = {
+        "OUTPUT_DIR": str(root / "output"),
+        "REDIS_URL": redis_url,
+        "IN_PROCESS_MAX_QUANTITY": "20000",
+        "MIN_GAMES_PER_CHUNK": "1000",
+        "MAX_GAMES_PER_CHUNK": "5000",
+    }
+    settings = Settings(**{k.lower(): v for k, v in worker_env.items()})
+    register_blocks(settings, redis_url)
+    ensure_work_pool(LOCAL_WORK_POOL)
+    deploy_all(prefect_api_url)
+    worker = ensure_prefect_worker(
+        root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
+    )
+    client = httpx.Client(base_url=prefect_api_url, timeout=30)
+    yield client, settings
+    client.close()
+    stop_prefect_worker(root / "worker")
+    assert worker.started
+
+
+def _deployment(client: httpx.Client, name: str) -> dict:
+    response = client.get(f"/deployments/name/{name}")
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _start(client: httpx.Client, deployment_id: str, parameters: dict, idempotency_key: str | None = None) -> dict:
+    body = {"parameters": parameters}
+    if idempotency_key:
+        body["idempotency_key"] = idempotency_key
+    response = client.post(f"/deployments/{deployment_id}/create_flow_run", json=body)
+    assert response.status_code in (200, 201), response.text  # 200: the idempotency key's existing run
+    return response.json()
+
+
+def _wait(client: httpx.Client, flow_run_id: str, states=TERMINAL, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.get(f"/flow_runs/{flow_run_id}").json()
+        if run["state_type"] in states:
+            return run
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run['state_name']} after {timeout} s"
+        time.sleep(0.25)
+
+
+def _artifacts(client: httpx.Client, flow_run_id: str) -> list[dict]:
+    subflows = client.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
+    ids = [flow_run_id, *[r["id"] for r in subflows.json()]]
+    response = client.post("/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": ids}}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _spreadsheets_from_links(artifacts: list[dict]) -> list[str]:
+    links = [a for a in artifacts if (a["key"] or "").startswith("games-spreadsheet")]
+    assert links, f"no spreadsheet link among {[a['key'] for a in artifacts]}"
+    paths = []
+    for artifact in links:
+        data = artifact["data"]
+        uri = data.split("](", 1)[1].split(")", 1)[0] if "](" in data else data
+        assert uri.startswith("file://"), uri
+        paths.append(unquote(urlsplit(uri).path))
+    return sorted(paths)
+
+
+def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack):
+    client, _ = operator_stack
+    deployments = client.post("/deployments/filter", json={}).json()
+    flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).json()}
+    on_demand = {flows[d["flow_id"]] for d in deployments if d["name"] == "on-demand"}
+    assert on_demand == set(SMALL_RUN_PARAMETERS), "every flow has an on-demand deployment with a test run"
+    for deployment in deployments:
+        where = f"{flows[deployment['flow_id']]}/{deployment['name']}"
+        assert deployment["enforce_parameter_schema"], where
+        assert deployment["work_pool_name"] == LOCAL_WORK_POOL, where
+        step = deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+        assert Path(step["directory"]) == PROJECT_ROOT, where
+        assert_operator_form(deployment["parameter_openapi_schema"])
+
+    games = _deployment(client, "generate-games/on-demand")
+    assert games["global_concurrency_limit"]["limit"] == 1
+    assert games["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert games["schedules"] == []
+    scheduled = _deployment(client, "generate-games/draw-day-mornings")
+    [schedule] = scheduled["schedules"]
+    assert schedule["schedule"]["cron"] == "0 7 * * 2,4,6"
+    assert schedule["schedule"]["timezone"] == "America/Sao_Paulo"
+    assert scheduled["parameters"] == {"quantity": 1_000_000}
+    assert scheduled["global_concurrency_limit"]["limit"] == 1
+
+
+@pytest.mark.parametrize("flow_name", sorted(SMALL_RUN_PARAMETERS))
+def test_on_demand_run_started_through_the_rest_api_completes_with_artifacts(operator_stack, flow_name):
+    client, settings = operator_stack
+    deployment = _deployment(client, f"{flow_name}/on-demand")
+    run_key = f"rest-{uuid.uuid4().hex[:6]}"
+    parameters = SMALL_RUN_PARAMETERS[flow_name](run_key)
+    started = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
+    again = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
+    assert again["id"] == started["id"], "the idempotency key must return the same flow run"
+
+    run = _wait(client, started["id"])
+    assert run["state_type"] == "COMPLETED", run["state"]
+    artifacts = _artifacts(client, started["id"])
+    assert {"table", "markdown", "progress"} <= {a["type"] for a in artifacts}  # links are stored as markdown
+    spreadsheets = _spreadsheets_from_links(artifacts)
+    assert spreadsheets and all(Path(p).is_file() for p in spreadsheets)
+    snapshot = settings.output_dir / run_key / f"counter-{run_key}.json"
+    check_generated_run(spreadsheets, str(snapshot), parameters["quantity"])
+
+
+def test_invalid_parameters_are_refused_with_409_and_no_run_is_created(operator_stack):
+    client, _ = operator_stack
+    deployment = _deployment(client, "generate-games/on-demand")
+    count = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+    before = client.post("/flow_runs/count", json=count).json()
+    for parameters, field in [
+        ({"quantity": 0}, "quantity"),
+        ({"quantity": 10, "numbers_per_game": 61}, "numbers_per_game"),
+        ({"run_key": "not a key!"}, "run_key"),
+        ({"quantity": "many"}, "quantity"),
+    ]:
+        response = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+        assert response.status_code == 409, (parameters, response.text)
+        assert "Validation failed" in response.text and field in response.text, response.text
+    assert client.post("/flow_runs/count", json=count).json() == before
+
+
+def test_a_second_generation_run_waits_for_the_first(operator_stack):
+    client, _ = operator_stack
+    deployment = _deployment(client, "generate-games/on-demand")
+    first = _start(client, deployment["id"], {"quantity": 60_000, "run_key": f"first-{uuid.uuid4().hex[:6]}"})
+    _wait(client, first["id"], states={"RUNNING"} | TERMINAL)
+    second = _start(client, deployment["id"], {"quantity": 5_000, "run_key": f"second-{uuid.uuid4().hex[:6]}"})
+    first_done, second_done = _wait(client, first["id"]), _wait(client, second["id"])
+    assert first_done["state_type"] == second_done["state_type"] == "COMPLETED"
+    history = [s["name"] for s in client.get("/flow_run_states/", params={"flow_run_id": second["id"]}).json()]
+    assert "AwaitingConcurrencySlot" in history, history
+    assert second_done["start_time"] >= first_done["end_time"], "the two runs overlapped"
+
+
+def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
+    client, settings = operator_stack
+    deployment = _deployment(client, "generate-games/on-demand")
+    run_key = f"cancel-{uuid.uuid4().hex[:6]}"
+    quantity, chunks = 200_000, 40
+    counter = RedisGameCounter.load(settings.counter_block_name).counter(run_key)
+    run = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key})
+    deadline = time.monotonic() + 180
+    while len(counter.committed_chunks()) < 2:
+        assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
+        assert time.monotonic() < deadline, "no chunk committed in time"
+        time.sleep(0.05)
+    response = client.post(
+        f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}
+    )
+    assert response.status_code in (200, 201), response.text
+    assert _wait(client, run["id"], timeout=120)["state_type"] == "CANCELLED"
+
+    run_dir = settings.output_dir / run_key
+    committed = set(counter.committed_chunks())
+    time.sleep(3)  # nothing of the cancelled run may still be working
+    assert set(counter.committed_chunks()) == committed
+    assert 0 < len(committed) < chunks, f"cancelled too late to test a resume ({len(committed)} chunks)"
+    mtimes = {i: chunk_path(run_dir, i).stat().st_mtime_ns for i in committed}
+
+    rerun = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key})
+    done = _wait(client, rerun["id"])
+    assert done["state_type"] == "COMPLETED", done["state"]
+    assert {i: chunk_path(run_dir, i).stat().st_mtime_ns for i in committed} == mtimes, "finished chunks redone"
+    spreadsheets = _spreadsheets_from_links(_artifacts(client, rerun["id"]))
+    check_generated_run(spreadsheets, str(run_dir / f"counter-{run_key}.json"), quantity)
+    assert counter.seen_count() == quantity
+    counter.delete_run()
