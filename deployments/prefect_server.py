@@ -47,6 +47,9 @@ def prefect_server_env(prefect_dir: Path) -> dict[str, str]:
             "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_dir / 'prefect.db'}",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+            # The UI calls the API of the server that served it (the default is port 4200 whatever --port
+            # says, so a second server's UI would show the first one's runs).
+            "PREFECT_UI_API_URL": "/api",
         }
     )
     return env

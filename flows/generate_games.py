@@ -205,20 +205,21 @@ def generate_games(
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = _param(
         20_260_000, "Seed", "Random seed: the same seed draws the same candidates."
     ),
-    run_key: Annotated[str | None, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]+$")] = _param(
-        None,
+    # Optional text fields default to "" rather than None: the UI then shows a plain text box, not a type switch.
+    run_key: Annotated[str, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]*$")] = _param(
+        "",
         "Run key",
         "Names the run, its output folder and its Redis keys; re-run with the same key to resume. "
         "Empty: the flow run id.",
     ),
-    counter_block: Annotated[str | None, Field(min_length=1, max_length=120)] = _param(
-        None,
+    counter_block: Annotated[str, Field(max_length=120)] = _param(
+        "",
         "Counter block",
         "Name of the RedisGameCounter block holding the shared counter. Empty: COUNTER_BLOCK_NAME "
         "(games-counter), created on first use.",
     ),
-    past_draws_file: str | None = _param(
-        None,
+    past_draws_file: Annotated[str, Field(max_length=4096)] = _param(
+        "",
         "Past draws file",
         "Caixa's Mega-Sena results .xlsx (Concurso, Data do Sorteio, Bola1..Bola6). "
         "Empty: PAST_DRAWS_FILE, else the bundled sample.",

@@ -36,8 +36,9 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.pop(var, None)
     from deployments.prefect_server import ensure_prefect_server
     from operations.infra.embedded_redis import ensure_embedded_redis
+    from operations.infra.processes import free_port
 
-    server = ensure_prefect_server(root / "prefect-server")
+    server = ensure_prefect_server(root / "prefect-server", port=free_port())  # 4200 stays the operator's
     os.environ["PREFECT_API_URL"] = server.api_url
     redis_server = ensure_embedded_redis(root / "redis")
     os.environ["REDIS_URL"] = redis_server.url

@@ -29,6 +29,19 @@ SMALL_RUN_PARAMETERS = {
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+class RetryingClient(httpx.Client):
+    """What an application calling the Prefect API should do, as Prefect's own client does: retry 429, 502
+    and 503 with backoff (a busy SQLite answers 503). Starting runs with an idempotency key makes it safe."""
+
+    def request(self, method, url, **kwargs):
+        for attempt in range(6):
+            response = super().request(method, url, **kwargs)
+            if response.status_code not in (429, 502, 503):
+                return response
+            time.sleep(0.5 * 2**attempt)
+        return response
+
+
 @pytest.fixture(scope="module")
 def operator_stack(prefect_api_url, redis_url, tmp_path_factory):
     """The deployments of prefect.yaml and a worker whose flow runs write under a temporary folder and
@@ -48,7 +61,7 @@ def operator_stack(prefect_api_url, redis_url, tmp_path_factory):
     worker = ensure_prefect_worker(
         root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
     )
-    client = httpx.Client(base_url=prefect_api_url, timeout=30)
+    client = RetryingClient(base_url=prefect_api_url, timeout=30)
     yield client, settings
     client.close()
     stop_prefect_worker(root / "worker")
@@ -166,9 +179,10 @@ def test_invalid_parameters_are_refused_with_409_and_no_run_is_created(operator_
 def test_a_second_generation_run_waits_for_the_first(operator_stack):
     client, _ = operator_stack
     deployment = _deployment(client, "generate-games/on-demand")
-    first = _start(client, deployment["id"], {"quantity": 60_000, "run_key": f"first-{uuid.uuid4().hex[:6]}"})
+    first_key, second_key = f"first-{uuid.uuid4().hex[:6]}", f"second-{uuid.uuid4().hex[:6]}"
+    first = _start(client, deployment["id"], {"quantity": 60_000, "run_key": first_key}, first_key)
     _wait(client, first["id"], states={"RUNNING"} | TERMINAL)
-    second = _start(client, deployment["id"], {"quantity": 5_000, "run_key": f"second-{uuid.uuid4().hex[:6]}"})
+    second = _start(client, deployment["id"], {"quantity": 5_000, "run_key": second_key}, second_key)
     first_done, second_done = _wait(client, first["id"]), _wait(client, second["id"])
     assert first_done["state_type"] == second_done["state_type"] == "COMPLETED"
     history = [s["name"] for s in client.get("/flow_run_states/", params={"flow_run_id": second["id"]}).json()]
@@ -182,7 +196,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     run_key = f"cancel-{uuid.uuid4().hex[:6]}"
     quantity, chunks = 200_000, 40
     counter = RedisGameCounter.load(settings.counter_block_name).counter(run_key)
-    run = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key})
+    run = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key}, run_key)
     deadline = time.monotonic() + 180
     while len(counter.committed_chunks()) < 2:
         assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
@@ -201,7 +215,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     assert 0 < len(committed) < chunks, f"cancelled too late to test a resume ({len(committed)} chunks)"
     mtimes = {i: chunk_path(run_dir, i).stat().st_mtime_ns for i in committed}
 
-    rerun = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key})
+    rerun = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key}, f"{run_key}-resume")
     done = _wait(client, rerun["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
     assert {i: chunk_path(run_dir, i).stat().st_mtime_ns for i in committed} == mtimes, "finished chunks redone"

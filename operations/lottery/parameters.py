@@ -47,6 +47,9 @@ DEFAULT_REGIONS: tuple[FirstNumberRegion, ...] = (
 )
 
 
+_NONE = "None: the historical default (switch above on) or no limit (off)."
+
+
 class GameRules(BaseModel):
     """Filters every game must pass. Empty fields take the historical default for the game size."""
 
@@ -57,32 +60,39 @@ class GameRules(BaseModel):
         title="Fill empty rules with historical defaults",
         description="On: rules left empty take the central range of past draws for this game size "
         "(for 6 numbers: sum 118-248, 2-4 even numbers, runs of at most 2, at most 3 per row, "
-        "at least 4 rows). Off: rules left empty are not applied.",
+        "at least 3 rows). Off: rules left empty are not applied.",
     )
-    sum_min: int | None = Field(default=None, ge=0, le=1300, title="Minimum sum", description="Smallest sum.")
-    sum_max: int | None = Field(default=None, ge=0, le=1300, title="Maximum sum", description="Largest sum.")
+    sum_min: int | None = Field(
+        default=None, ge=0, le=1300, title="Minimum sum", description=f"Smallest sum. {_NONE}"
+    )
+    sum_max: int | None = Field(
+        default=None, ge=0, le=1300, title="Maximum sum", description=f"Largest sum. {_NONE}"
+    )
     evens_min: int | None = Field(
-        default=None, ge=0, le=20, title="Minimum even numbers", description="Fewest even numbers in a game."
+        default=None, ge=0, le=20, title="Minimum even numbers",
+        description=f"Fewest even numbers in a game. {_NONE}"
     )
     evens_max: int | None = Field(
-        default=None, ge=0, le=20, title="Maximum even numbers", description="Most even numbers in a game."
+        default=None, ge=0, le=20, title="Maximum even numbers",
+        description=f"Most even numbers in a game. {_NONE}"
     )
     max_consecutive: int | None = Field(
         default=None,
         ge=1,
         le=20,
         title="Longest run of consecutive numbers",
-        description="Longest allowed run such as 21-22-23 (a run of 3).",
+        description=f"Longest allowed run such as 21-22-23 (a run of 3). {_NONE}",
     )
     max_per_row: int | None = Field(
         default=None,
         ge=1,
         le=10,
         title="Most numbers in one row",
-        description="Most numbers in one row (decade) of the 6x10 slip: 1-10, 11-20, ...",
+        description=f"Most numbers in one row (decade) of the 6x10 slip: 1-10, 11-20, ... {_NONE}",
     )
     min_rows: int | None = Field(
-        default=None, ge=1, le=6, title="Fewest rows occupied", description="Fewest rows of the slip occupied."
+        default=None, ge=1, le=6, title="Fewest rows occupied",
+        description=f"Fewest rows of the slip occupied. {_NONE}"
     )
     excluded_numbers: list[SlipNumber] = Field(
         default_factory=list,
