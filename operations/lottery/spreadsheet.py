@@ -3,8 +3,11 @@ distribution against the targets, bar chart) and game sheets of at most `rows_pe
 
 from __future__ import annotations
 
+import datetime
+import gc
 import os
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,10 +17,12 @@ import openpyxl
 from openpyxl.cell import WriteOnlyCell
 from openpyxl.chart import BarChart, Reference
 from openpyxl.utils import get_column_letter
+from openpyxl.writer.excel import ExcelWriter
 
 GAME_SHEET_PREFIX = "Games"
 SUMMARY_SHEET = "Summary"
 EXCEL_MAX_ROWS = 1_048_576
+ROWS_PER_BLOCK = 20_000
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,14 @@ def _write_summary(wb: openpyxl.Workbook, summary: WorkbookSummary, first_rank: 
         ws.add_chart(chart, "G4")
 
 
+def _save_fast(wb: openpyxl.Workbook, path: Path) -> None:
+    """`Workbook.save` with the fastest deflate level: a 500,000-row sheet is ~185 MB of XML, which openpyxl's
+    default level compresses in ~3.4 s and level 1 in ~0.9 s, for a file ~30% larger (29 MB instead of 22)."""
+    wb.properties.modified = datetime.datetime.now(tz=datetime.timezone.utc).replace(tzinfo=None)
+    archive = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, allowZip64=True, compresslevel=1)
+    ExcelWriter(wb, archive).save()  # closes the archive
+
+
 def write_games_workbook(
     path: Path,
     games: np.ndarray,
@@ -112,7 +125,7 @@ def write_games_workbook(
     path.parent.mkdir(parents=True, exist_ok=True)
     g = games.astype(np.int64)
     table = np.column_stack([np.arange(first_rank, first_rank + n), g, g.sum(axis=1), (g % 2 == 0).sum(axis=1)])
-    score_list = np.round(scores.astype(np.float64), 6).tolist()
+    rounded_scores = np.round(scores.astype(np.float64), 6)
     header = ["Rank", *[f"N{i}" for i in range(1, k + 1)], "Sum", "Evens", "Score"]
 
     wb = openpyxl.Workbook(write_only=True)
@@ -127,13 +140,21 @@ def write_games_workbook(
         ws.column_dimensions[get_column_letter(k + 4)].width = 10
         ws.append(header)
         append = ws.append
-        for row, score in zip(table[start:stop].tolist(), score_list[start:stop]):
-            row.append(score)
-            append(row)
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # the loop makes millions of short-lived, acyclic objects: collections only cost time
+        try:
+            for block in range(start, stop, ROWS_PER_BLOCK):  # Python lists of one block at a time: less memory
+                end = min(block + ROWS_PER_BLOCK, stop)
+                for row, score in zip(table[block:end].tolist(), rounded_scores[block:end].tolist()):
+                    row.append(score)
+                    append(row)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         sheets.append(SheetRange(name, first_rank + start, first_rank + stop - 1))
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
     try:
-        wb.save(tmp)
+        _save_fast(wb, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

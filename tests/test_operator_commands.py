@@ -1,0 +1,71 @@
+"""The operator's commands as they are typed: `python -m deployments.stack up` (twice), `status`, `down`
+on an empty data folder, and `python -m deployments.start_run` against the stack it started."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from operations.settings import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _command(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def operator_env(tmp_path_factory):
+    """The environment of an operator's shell: nothing configured, all state under a fresh DATA_DIR."""
+    root = tmp_path_factory.mktemp("operator-commands")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS")}
+    env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output")})
+    yield env
+    _command(env, "deployments.stack", "down")
+
+
+def test_stack_up_twice_status_start_run_and_down(operator_env):
+    first = _command(operator_env, "deployments.stack", "up")
+    assert first.returncode == 0, first.stderr
+    ui = re.search(r"Prefect UI:\s+(\S+)", first.stdout).group(1)
+    api = f"{ui}/api"
+    assert "generate-games/on-demand" in first.stdout and "generate-games/draw-day-mornings" in first.stdout
+    pids = _command(operator_env, "deployments.stack", "status").stdout
+
+    second = _command(operator_env, "deployments.stack", "up")  # harmless: reuses everything
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"Prefect UI:\s+(\S+)", second.stdout).group(1) == ui
+    status = _command(operator_env, "deployments.stack", "status").stdout
+    assert status == pids and "not running" not in status, status
+
+    refused = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0")
+    assert refused.returncode == 2 and "Validation failed for field 'quantity'" in refused.stderr, refused.stderr
+
+    started = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=3000",
+                       "run_key=from-the-shell")
+    assert started.returncode == 0, started.stderr
+    flow_run_id = re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1)
+    assert f"{ui}/runs/flow-run/{flow_run_id}" in started.stdout
+    deadline = time.monotonic() + 180
+    while (run := httpx.get(f"{api}/flow_runs/{flow_run_id}").json())["state_type"] not in (
+        "COMPLETED", "FAILED", "CRASHED", "CANCELLED"
+    ):
+        assert time.monotonic() < deadline, run["state_name"]
+        time.sleep(0.5)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert run["parameters"] == {"quantity": 3000, "run_key": "from-the-shell"}
+
+    down = _command(operator_env, "deployments.stack", "down")
+    assert down.returncode == 0 and "prefect worker, prefect server, embedded redis" in down.stdout, down.stdout
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/health", timeout=2)
+    assert "not running" in _command(operator_env, "deployments.stack", "status").stdout
