@@ -3,6 +3,7 @@ first-number caps and chunk quotas. Infeasible requests fail here, before any ch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -138,7 +139,26 @@ class _TailFeatures:
 
 
 @lru_cache(maxsize=2)
-def _tail_features(n: int, r: int) -> _TailFeatures:
+def _tail_features(n: int, r: int, cache_dir: Path | None = None) -> _TailFeatures:
+    """The features of every r-subset of 1..n (5,461,512 tails for 6 of 60: ~2.3 s to build, ~0.1 s to load).
+    They do not depend on the rules, so with `cache_dir` they are built once per machine and kept on disk."""
+    cached = cache_dir / f"tail-features-{n}-{r}.npz" if cache_dir else None
+    if cached is not None and cached.exists():
+        try:
+            with np.load(cached) as data:
+                return _TailFeatures(**{f.name: data[f.name] for f in dataclasses.fields(_TailFeatures)})
+        except (OSError, ValueError, KeyError):
+            cached.unlink(missing_ok=True)  # damaged: rebuild below
+    features = _build_tail_features(n, r)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **dataclasses.asdict(features))
+        os.replace(tmp, cached)
+    return features
+
+
+def _build_tail_features(n: int, r: int) -> _TailFeatures:
     tails = _combinations(n, r)
     g = tails.astype(np.int16)
     row_counts = bucket_histogram((tails - 1) // SLIP_COLUMNS, 6).astype(np.int8)
@@ -161,9 +181,9 @@ def _tail_features(n: int, r: int) -> _TailFeatures:
     )
 
 
-def _count_exact(k: int, n: int, checker: RuleChecker) -> Feasibility:
+def _count_exact(k: int, n: int, checker: RuleChecker, cache_dir: Path | None = None) -> Feasibility:
     """Count every game by first number m, deriving its features from those of its (k-1)-number tail."""
-    t = _tail_features(n, k - 1)
+    t = _tail_features(n, k - 1, cache_dir)
     rules = checker.rules
     by_first = np.zeros(n + 1)
     rejected: dict[str, float] = {}
@@ -247,7 +267,7 @@ def count_feasible_games(k: int, n: int, checker: RuleChecker, cache_dir: Path |
     exact = math.comb(n, k) <= EXACT_COUNT_LIMIT and (
         k == 6 or not checker.rules.exclude_past_draws or not len(checker.past_draw_masks)
     )
-    feas = _count_exact(k, n, checker) if exact else _estimate(k, n, checker, seed=12345)
+    feas = _count_exact(k, n, checker, cache_dir) if exact else _estimate(k, n, checker, seed=12345)
     if cached:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
