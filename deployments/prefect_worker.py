@@ -30,14 +30,13 @@ class PrefectWorker:
     started: bool
 
 
-def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> bool:
-    """Create the process work pool if it is missing. True if created."""
+def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> None:
+    """Create the process work pool if it is missing."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
-    created = False
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
@@ -51,10 +50,8 @@ def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> bool:
                         base_job_template=ProcessWorker.get_default_base_job_template(),
                     )
                 )
-                created = True
             except ObjectAlreadyExists:  # another `up` won the race
                 pass
-    return created
 
 
 def _worker_online(api_url: str, pool: str, name: str) -> bool:
@@ -65,6 +62,12 @@ def _worker_online(api_url: str, pool: str, name: str) -> bool:
     if response.status_code != 200:
         return False
     return any(w["name"] == name and w.get("status") == "ONLINE" for w in response.json())
+
+
+def running_prefect_worker(worker_dir: Path) -> dict | None:
+    """The state (pid, pool, api_url, name) of this folder's worker if its process is alive."""
+    state = read_state(Path(worker_dir).resolve() / STATE_FILE)
+    return state if state and pid_alive(state["pid"]) else None
 
 
 def worker_name(pool: str) -> str:
@@ -87,10 +90,10 @@ def ensure_prefect_worker(
     worker_dir = Path(worker_dir).resolve()
     name = worker_name(pool)
     with folder_lock(worker_dir):
-        state = read_state(worker_dir / STATE_FILE)
-        if state and pid_alive(state["pid"]) and state.get("api_url") == api_url and state.get("pool") == pool:
+        state = running_prefect_worker(worker_dir)
+        if state and state.get("api_url") == api_url and state.get("pool") == pool:
             return PrefectWorker(name, pool, state["pid"], False)
-        if state and pid_alive(state["pid"]):  # a worker of another server or pool: replace it
+        if state:  # a worker of another server or pool: replace it
             stop_process_group(state["pid"], 30)
         env = dict(os.environ)
         env.update(

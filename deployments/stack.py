@@ -24,10 +24,10 @@ from deployments.prefect_worker import (
     LOCAL_WORK_POOL,
     ensure_prefect_worker,
     ensure_work_pool,
+    running_prefect_worker,
     stop_prefect_worker,
 )
-from operations.infra.embedded_redis import ensure_embedded_redis, stop_embedded_redis
-from operations.infra.processes import pid_alive, read_state
+from operations.infra.embedded_redis import ensure_embedded_redis, running_embedded_redis, stop_embedded_redis
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
 
@@ -67,8 +67,10 @@ def register_blocks(settings: Settings, redis_url: str) -> None:
     RedisGameCounter.from_url(redis_url, password).save(settings.counter_block_name, overwrite=True)
 
 
-def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> str:
-    """`prefect deploy --all` from the project folder (prefect.yaml); returns its output, raises on failure."""
+def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
+    """The work pool (created if missing), then `prefect deploy --all` from the project folder (prefect.yaml);
+    idempotent; raises with prefect's output on failure."""
+    ensure_work_pool(LOCAL_WORK_POOL)
     env = dict(os.environ, PREFECT_API_URL=api_url)
     done = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
@@ -80,17 +82,15 @@ def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> str:
     )
     if done.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done.stdout
 
 
 def start_operator_stack(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> LocalStack:
     """Everything an operator needs: server, Redis, blocks, work pool, deployments and a worker."""
     settings = settings or get_settings()
     stack = start_local_stack(settings)
-    ensure_work_pool(LOCAL_WORK_POOL)
     deploy_all(stack.api_url)
     ensure_prefect_worker(
-        settings.prefect_dir / "worker", stack.api_url, PROJECT_ROOT, LOCAL_WORK_POOL, worker_query_seconds
+        settings.prefect_worker_dir, stack.api_url, PROJECT_ROOT, LOCAL_WORK_POOL, worker_query_seconds
     )
     return stack
 
@@ -99,7 +99,7 @@ def stop_local_stack(settings: Settings | None = None) -> list[str]:
     """Stop the services this project started (worker first); configured external ones are left alone."""
     settings = settings or get_settings()
     stopped = []
-    if stop_prefect_worker(settings.prefect_dir / "worker"):
+    if stop_prefect_worker(settings.prefect_worker_dir):
         stopped.append("prefect worker")
     if stop_prefect_server(settings.prefect_dir):
         stopped.append("prefect server")
@@ -119,18 +119,16 @@ def local_api_url(settings: Settings | None = None) -> str | None:
 def stack_status(settings: Settings | None = None) -> dict[str, str]:
     settings = settings or get_settings()
     server = running_prefect_server(settings.prefect_dir)
-    worker = read_state(settings.prefect_dir / "worker" / "prefect-worker.json")
-    redis_state = read_state(settings.redis_dir / "embedded-redis.json")
+    worker = running_prefect_worker(settings.prefect_worker_dir)
+    redis_server = running_embedded_redis(settings.redis_dir)
     return {
         "prefect server": f"{server.ui_url} (pid {server.pid})" if server else "not running",
         "prefect worker": (
-            f"{worker['name']} on pool {worker['pool']} (pid {worker['pid']})"
-            if worker and pid_alive(worker["pid"])
-            else "not running"
+            f"{worker['name']} on pool {worker['pool']} (pid {worker['pid']})" if worker else "not running"
         ),
         "embedded redis": (
-            f"127.0.0.1:{redis_state['port']} (pid {redis_state['pid']})"
-            if redis_state and pid_alive(redis_state["pid"])
+            f"127.0.0.1:{redis_server.port} (pid {redis_server.pid})"
+            if redis_server
             else ("not used: REDIS_URL is set" if settings.redis_url else "not running")
         ),
     }
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Prefect API:   {stack.api_url}")
     print(f"Redis:         {_redact(stack.redis_url)}")
     print(f"Counter block: {stack.counter_block} (RedisGameCounter)")
-    print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_dir / 'worker' / 'worker.log'}")
+    print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_worker_dir / 'worker.log'}")
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")

@@ -38,9 +38,9 @@ def check_scheduler_reachable(address: str, timeout: float) -> None:
 
 
 def dask_task_runner(settings: Settings) -> DaskTaskRunner:
-    """The configured Dask cluster: DASK_SCHEDULER_ADDRESS if set, else a LocalCluster of process workers."""
+    """The configured Dask cluster: DASK_SCHEDULER_ADDRESS if set (the flow has checked it is reachable),
+    else a LocalCluster of process workers."""
     if settings.dask_scheduler_address:
-        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
         return DaskTaskRunner(address=settings.dask_scheduler_address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
@@ -98,7 +98,6 @@ def worker_count(settings: Settings) -> int:
     if settings.dask_scheduler_address:
         from distributed import Client
 
-        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
         with Client(settings.dask_scheduler_address, timeout=settings.dask_connect_timeout_seconds) as client:
             threads = sum(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
         return max(1, threads)

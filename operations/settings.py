@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     def prefect_dir(self) -> Path:
         return self.data_dir / "prefect"
 
+    @property
+    def prefect_worker_dir(self) -> Path:
+        return self.prefect_dir / "worker"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from deployments.browser_check import browser_missing, check_custom_run_form
-from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
 from deployments.stack import deploy_all
 
 pytestmark = [
@@ -16,8 +15,7 @@ pytestmark = [
 
 
 def test_custom_run_form_shows_parameter_titles(prefect_api_url, tmp_path):
-    ensure_work_pool(LOCAL_WORK_POOL)
-    deploy_all(prefect_api_url)  # the deployments of prefect.yaml, as `make up` makes them (idempotent)
+    deploy_all(prefect_api_url)  # the work pool and deployments of prefect.yaml, as `make up` makes them
     screenshot = tmp_path / "custom-run.png"
     found = check_custom_run_form(
         prefect_api_url.removesuffix("/api"), prefect_api_url, "generate-games/on-demand", screenshot=screenshot

@@ -3,7 +3,6 @@ process worker, runs started and cancelled through the Prefect REST API, as othe
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from blocks.redis_game_counter import RedisGameCounter
-from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, ensure_work_pool, stop_prefect_worker
+from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, register_blocks
 from operations.lottery.generation import chunk_path
 from operations.settings import PROJECT_ROOT, Settings
@@ -56,16 +55,14 @@ def operator_stack(prefect_api_url, redis_url, tmp_path_factory):
     }
     settings = Settings(**{k.lower(): v for k, v in worker_env.items()})
     register_blocks(settings, redis_url)
-    ensure_work_pool(LOCAL_WORK_POOL)
     deploy_all(prefect_api_url)
-    worker = ensure_prefect_worker(
+    ensure_prefect_worker(
         root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
     )
     client = RetryingClient(base_url=prefect_api_url, timeout=30)
     yield client, settings
     client.close()
     stop_prefect_worker(root / "worker")
-    assert worker.started
 
 
 def _deployment(client: httpx.Client, name: str) -> dict:

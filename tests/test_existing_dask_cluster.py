@@ -84,4 +84,3 @@ def test_the_flow_runs_its_tasks_on_the_configured_cluster(dask_cluster, setting
     done = {worker: after[worker] - before[worker] for worker in after}
     assert len(done) == 2 and all(n > 0 for n in done.values()), done
     assert sum(done.values()) == result["chunks"] + len(result["spreadsheets"])
-    get_settings.cache_clear()

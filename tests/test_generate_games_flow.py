@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
 from prefect_dask import DaskTaskRunner
 
 from blocks.redis_game_counter import RedisGameCounter
 from flows.generate_games import generate_games
 from operations.lottery.engine import games_to_masks
 from operations.settings import get_settings
-from run_checks import check_generated_run, read_spreadsheets
+from run_checks import check_generated_run
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_dask_run_with_a_retried_chunk_respects_caps_and_never_repeats(dask_sett
     state = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    games = _check_run(result, quantity)
+    _check_run(result, quantity)
     assert len(result["spreadsheets"]) == 4  # 20,000 rows at most 6,000 per file, written in parallel
     for path in result["spreadsheets"]:
         from openpyxl import load_workbook

@@ -46,13 +46,21 @@ def _read_state(redis_dir: Path) -> dict | None:
     return read_state(redis_dir / STATE_FILE)
 
 
+def running_embedded_redis(redis_dir: Path) -> EmbeddedRedis | None:
+    """This folder's redis-server if it is running and answers, without starting one."""
+    state = _read_state(Path(redis_dir).resolve())
+    if state and pid_alive(state["pid"]) and _ping(state["port"]):
+        return EmbeddedRedis(f"redis://127.0.0.1:{state['port']}/0", state["port"], state["pid"], False)
+    return None
+
+
 def ensure_embedded_redis(redis_dir: Path, start_timeout: float = 10.0) -> EmbeddedRedis:
     """Reuse the running embedded redis-server of this folder, or start one."""
     redis_dir = Path(redis_dir).resolve()
     with folder_lock(redis_dir):
-        state = _read_state(redis_dir)
-        if state and pid_alive(state["pid"]) and _ping(state["port"]):
-            return EmbeddedRedis(f"redis://127.0.0.1:{state['port']}/0", state["port"], state["pid"], False)
+        running = running_embedded_redis(redis_dir)
+        if running is not None:
+            return running
         port = free_port()
         log = redis_dir / "redis.log"
         process = subprocess.Popen(

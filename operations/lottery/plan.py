@@ -140,7 +140,7 @@ class _TailFeatures:
 
 @lru_cache(maxsize=2)
 def _tail_features(n: int, r: int, cache_dir: Path | None = None) -> _TailFeatures:
-    """The features of every r-subset of 1..n (5,461,512 tails for 6 of 60: ~2.3 s to build, ~0.1 s to load).
+    """The features of every r-subset of 1..n (5,461,512 tails for 6 of 60: ~2.3 s to build, ~0.5 s to load).
     They do not depend on the rules, so with `cache_dir` they are built once per machine and kept on disk."""
     cached = cache_dir / f"tail-features-{n}-{r}.npz" if cache_dir else None
     if cached is not None and cached.exists():
