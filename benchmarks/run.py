@@ -9,6 +9,8 @@
    exact feasibility count cached by earlier runs of the same rules (by default it is counted again).
 2. Counter claims from 2 processes through the Lua script (accepted games/s), against the seed's approach
    (Manager().dict() + Manager().Lock(), reading the 60 counters per game). Target: >= 50,000 games/s.
+3. Marketplace sync (benchmarks/marketplace.py): 200 accounts on the emulator at 30 ms per request, on threads
+   and on Dask, against the floor and against one account after another. Target: <= 1.3 x the floor.
 """
 
 from __future__ import annotations
@@ -223,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-counter", action="store_true")
     parser.add_argument("--warm", action="store_true", help="keep the cached feasibility count of earlier runs")
     parser.add_argument("--keep-output", action="store_true", help="keep the benchmark's spreadsheets")
+    parser.add_argument("--skip-marketplace", action="store_true")
+    parser.add_argument("--marketplace-accounts", type=int, default=200)
+    parser.add_argument("--marketplace-orders", type=int, default=500)
+    parser.add_argument("--marketplace-items", type=int, default=200)
+    parser.add_argument("--marketplace-latency-ms", type=float, default=30.0)
+    parser.add_argument("--marketplace-concurrency", type=int, default=10)
     args = parser.parse_args(argv)
     os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
 
@@ -242,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peak memory of the run's processes (+ Redis growth): {e2e['peak_bytes'] / 2**30:.2f} GiB (target < 2 GiB)")
         if not args.keep_output:
             shutil.rmtree(e2e["run_dir"], ignore_errors=True)
+    if not args.skip_marketplace:
+        from benchmarks.marketplace import bench_marketplace, print_marketplace
+
+        print_marketplace(
+            bench_marketplace(
+                args.marketplace_accounts, args.marketplace_orders, args.marketplace_items,
+                args.marketplace_latency_ms, args.marketplace_concurrency,
+            )
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`make demo`: start the local stack on embedded defaults and run generate-games end to end.
+"""`make demo`: start the local stack on embedded defaults and run every flow end to end: generate-games, then
+the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace).
 
     python -m deployments.demo [--quantity 200000] [--run-key demo-...]
 
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantity", type=int, default=200_000, help="games to generate (default 200,000)")
     parser.add_argument("--run-key", default=None, help="run key (default demo-<timestamp>)")
+    parser.add_argument("--sellers", type=int, default=3, help="emulated seller accounts to onboard (default 3)")
+    parser.add_argument("--skip-marketplace", action="store_true", help="only the game generation")
     args = parser.parse_args(argv)
 
     stack = start_local_stack()
@@ -36,7 +39,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  spreadsheet: {path}")
     print(f"  counter snapshot: {result['counter_snapshot']}")
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
+    if not args.skip_marketplace and demo_marketplace(stack, args.sellers) != 0:
+        return 1
     print("The local stack is still running for the UI; `make down` stops it.")
+    return 0
+
+
+def demo_marketplace(stack, sellers: int) -> int:
+    """Onboard the emulated sellers not onboarded yet (through the onboard-account flow, as an operator would
+    from the UI form), then sync every active account."""
+    from emulators.marketplace import EmulatorControl
+    from flows.onboard_account import onboard_account
+    from flows.sync_marketplace import sync_marketplace
+    from operations.infra.database import get_engine
+    from operations.marketplace.store import list_accounts
+
+    if not stack.marketplace_emulated:
+        print("\nmarketplace: MARKETPLACE_API_URL is set, so the demo does not onboard emulated sellers")
+    else:
+        control = EmulatorControl(stack.marketplace_api_url)
+        known = {a.seller_id for a in list_accounts(get_engine(stack.database_url))}
+        for seller in control.sellers()[:sellers]:
+            if seller["seller_id"] in known:
+                continue
+            state = onboard_account(
+                authorization_code=control.authorize(seller["seller_id"]), nickname=seller["nickname"],
+                return_state=True,
+            )
+            if not state.is_completed():
+                print(f"onboard-account ended {state.type.value}: {state.message}", file=sys.stderr)
+                return 1
+        control.mutate(orders_updated=20, orders_new=10, items_updated=5)  # the next sync has news to fetch
+    print(f"\nsyncing the marketplace accounts from {stack.marketplace_api_url} ...", flush=True)
+    state = sync_marketplace(return_state=True)
+    if not state.is_completed():
+        print(f"sync-marketplace ended {state.type.value}: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    print(
+        f"{result['accounts']} account(s) in {result['seconds']:.1f} s: orders {result['orders_new']:,} new / "
+        f"{result['orders_updated']:,} updated, items {result['items_new']:,} new / {result['items_updated']:,} "
+        f"updated, {result['requests']:,} API requests"
+    )
+    print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
+    print("  accounts: .venv/bin/python -m deployments.marketplace_accounts list")
     return 0
 
 

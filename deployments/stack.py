@@ -1,11 +1,13 @@
-"""The local stack: a real Prefect server (SQLite under DATA_DIR), the embedded Redis, the blocks, the
-process work pool with the deployments of prefect.yaml, and a worker.
+"""The local stack: a real Prefect server (SQLite under DATA_DIR), the embedded Redis, the project database
+(the embedded PostgreSQL, migrated to head), the blocks, the process work pool with the deployments of
+prefect.yaml, and a worker.
 
     python -m deployments.stack up      # start (or reuse) everything, deploy, print the UI address
-    python -m deployments.stack down    # stop what `up` started (worker, server, embedded Redis)
+    python -m deployments.stack down    # stop what `up` started (worker, server, embedded Redis and PostgreSQL)
     python -m deployments.stack status  # what is running, without starting anything
 
-Services configured by environment (PREFECT_API_URL, REDIS_URL) are used as they are and never started.
+Services configured by environment (PREFECT_API_URL, REDIS_URL, DATABASE_URL) are used as they are and never
+started (DATABASE_URL's database is still migrated).
 Prefect is imported only after PREFECT_API_URL is set, so this process and the Dask workers it spawns all
 talk to the same server.
 """
@@ -27,8 +29,24 @@ from deployments.prefect_worker import (
     running_prefect_worker,
     stop_prefect_worker,
 )
+from operations.infra.database import migrate_to_head, redact_url
+from operations.infra.embedded_postgres import (
+    resolve_database_url,
+    running_embedded_postgres,
+    stop_embedded_postgres,
+)
+from emulators.marketplace import (
+    EmulatorConfig,
+    running_emulator_process,
+    start_emulator_process,
+    stop_emulator_process,
+)
 from operations.infra.embedded_redis import ensure_embedded_redis, running_embedded_redis, stop_embedded_redis
 from operations.settings import PROJECT_ROOT, Settings, get_settings
+
+
+# The emulated marketplace of the local stack and the demo: a few sellers, a little latency.
+DEMO_MARKETPLACE = EmulatorConfig(sellers=5, orders_per_seller=300, items_per_seller=80, latency_ms=10)
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,15 @@ class LocalStack:
     ui_url: str
     redis_url: str
     counter_block: str
+    database_url: str  # may hold a password: show it with redact_url
+    marketplace_api_url: str = ""
+    marketplace_emulated: bool = False  # the local emulator stands in for the marketplace API
+
+    def __repr__(self) -> str:  # passwords redacted
+        return (
+            f"LocalStack(api_url={self.api_url!r}, ui_url={self.ui_url!r}, redis_url={redact_url(self.redis_url)!r}, "
+            f"counter_block={self.counter_block!r}, database_url={redact_url(self.database_url)!r})"
+        )
 
 
 def start_local_stack(settings: Settings | None = None) -> LocalStack:
@@ -54,8 +81,53 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
         redis_url = settings.redis_url.get_secret_value()
     else:
         redis_url = ensure_embedded_redis(settings.redis_dir).url
+    database_url = resolve_database_url(settings)  # the embedded PostgreSQL when DATABASE_URL is unset
+    migrate_to_head(database_url)
     register_blocks(settings, redis_url)
-    return LocalStack(api_url=api_url, ui_url=ui_url, redis_url=redis_url, counter_block=settings.counter_block_name)
+    if settings.marketplace_api_url:
+        marketplace_url = settings.marketplace_api_url
+    else:  # no marketplace configured: the local emulator (a real HTTP server) stands in for it
+        marketplace_url = start_emulator_process(DEMO_MARKETPLACE, settings.marketplace_emulator_dir).base_url
+    save_marketplace_app_block(settings, marketplace_url)
+    return LocalStack(
+        api_url=api_url,
+        ui_url=ui_url,
+        redis_url=redis_url,
+        counter_block=settings.counter_block_name,
+        database_url=database_url,
+        marketplace_api_url=marketplace_url,
+        marketplace_emulated=not settings.marketplace_api_url,
+    )
+
+
+def save_marketplace_app_block(settings: Settings, api_url: str, emulator: EmulatorConfig | None = None) -> None:
+    """Register the MarketplaceApp block type and save the default block: from MARKETPLACE_* settings when they
+    name the API and the app's credentials, for the emulator at `api_url` when MARKETPLACE_API_URL is unset.
+    With MARKETPLACE_API_URL set but no credentials, an existing block (filled in the UI) is left as it is."""
+    from pydantic import SecretStr
+
+    from blocks.marketplace_app import MarketplaceApp  # imports Prefect: only once the API URL is set
+
+    MarketplaceApp.register_type_and_schema()
+    name = settings.marketplace_app_block
+    if not settings.marketplace_api_url:
+        config = emulator or DEMO_MARKETPLACE
+        block = MarketplaceApp(
+            api_base_url=api_url, client_id=config.client_id, client_secret=SecretStr(config.client_secret),
+            redirect_uri=config.redirect_uri,
+        )
+    elif settings.marketplace_client_id and settings.marketplace_client_secret:
+        block = MarketplaceApp(
+            api_base_url=settings.marketplace_api_url, client_id=settings.marketplace_client_id,
+            client_secret=settings.marketplace_client_secret, redirect_uri=settings.marketplace_redirect_uri or "",
+        )
+    else:
+        try:
+            MarketplaceApp.load(name)
+            return
+        except ValueError:
+            block = MarketplaceApp(api_base_url=settings.marketplace_api_url)  # credentials to be filled in the UI
+    block.save(name, overwrite=True)
 
 
 def register_blocks(settings: Settings, redis_url: str) -> None:
@@ -105,6 +177,10 @@ def stop_local_stack(settings: Settings | None = None) -> list[str]:
         stopped.append("prefect server")
     if stop_embedded_redis(settings.redis_dir):
         stopped.append("embedded redis")
+    if stop_embedded_postgres(settings.postgres_dir):
+        stopped.append("embedded postgres")
+    if stop_emulator_process(settings.marketplace_emulator_dir):
+        stopped.append("marketplace emulator")
     return stopped
 
 
@@ -121,6 +197,8 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
     server = running_prefect_server(settings.prefect_dir)
     worker = running_prefect_worker(settings.prefect_worker_dir)
     redis_server = running_embedded_redis(settings.redis_dir)
+    postgres = running_embedded_postgres(settings.postgres_dir)
+    emulator = running_emulator_process(settings.marketplace_emulator_dir)
     return {
         "prefect server": f"{server.ui_url} (pid {server.pid})" if server else "not running",
         "prefect worker": (
@@ -130,6 +208,16 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
             f"127.0.0.1:{redis_server.port} (pid {redis_server.pid})"
             if redis_server
             else ("not used: REDIS_URL is set" if settings.redis_url else "not running")
+        ),
+        "embedded postgres": (
+            f"socket {postgres.socket_dir} (pid {postgres.pid})"
+            if postgres
+            else ("not used: DATABASE_URL is set" if settings.database_url else "not running")
+        ),
+        "marketplace": (
+            f"{settings.marketplace_api_url} (MARKETPLACE_API_URL)"
+            if settings.marketplace_api_url
+            else (f"emulator {emulator.base_url} (pid {emulator.pid})" if emulator else "emulator not running")
         ),
     }
 
@@ -151,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         for service, state in stack_status().items():
-            print(f"{service + ':':16}{state}")
+            print(f"{service + ':':19}{state}")
         return 0
     stack = start_operator_stack()
     from prefect.client.orchestration import get_client
@@ -162,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Prefect UI:    {stack.ui_url}")
     print(f"Prefect API:   {stack.api_url}")
     print(f"Redis:         {_redact(stack.redis_url)}")
+    print(f"Database:      {redact_url(stack.database_url)}")
     print(f"Counter block: {stack.counter_block} (RedisGameCounter)")
+    print(f"Marketplace:   {stack.marketplace_api_url}{' (emulator)' if stack.marketplace_emulated else ''}, "
+          f"app block {get_settings().marketplace_app_block}")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_worker_dir / 'worker.log'}")
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):

@@ -32,6 +32,7 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from blocks.redis_game_counter import RedisGameCounter
+from flows.forms import form_field
 from flows.task_runners import (
     LocalClusterInBackground,
     check_scheduler_reachable,
@@ -179,46 +180,40 @@ def produce_games(
     }
 
 
-def _param(default, title: str, description: str):
-    """A flow parameter's default with the title and description the UI form shows (Prefect titles
-    parameters by their names unless the schema says otherwise)."""
-    return Field(default=default, description=description, json_schema_extra={"title": title})
-
-
 @flow(name="generate-games", log_prints=False)
 def generate_games(
-    quantity: Annotated[int, Field(ge=1, le=10_000_000)] = _param(
+    quantity: Annotated[int, Field(ge=1, le=10_000_000)] = form_field(
         10_000, "Games", "How many distinct games to generate (1 to 10,000,000)."
     ),
-    numbers_per_game: Annotated[int, Field(ge=6, le=20)] = _param(
+    numbers_per_game: Annotated[int, Field(ge=6, le=20)] = form_field(
         6, "Numbers per game", "6 to 20, as on the Mega-Sena slip."
     ),
-    highest_number: Annotated[int, Field(ge=20, le=60)] = _param(
+    highest_number: Annotated[int, Field(ge=20, le=60)] = form_field(
         60, "Highest number", "Games use the numbers 1..this (60 on the Mega-Sena slip)."
     ),
-    rules: GameRules = _param(GameRules(), "Rules", "Filters every game passes; empty rules take historical defaults."),
-    regions: Annotated[list[FirstNumberRegion], Field(min_length=1, max_length=60)] = _param(
+    rules: GameRules = form_field(GameRules(), "Rules", "Filters every game passes; empty rules take historical defaults."),
+    regions: Annotated[list[FirstNumberRegion], Field(min_length=1, max_length=60)] = form_field(
         list(DEFAULT_REGIONS),
         "First-number regions",
         "Balance of the games' smallest number: no region ever exceeds ceil(share x games).",
     ),
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = _param(
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = form_field(
         20_260_000, "Seed", "Random seed: the same seed draws the same candidates."
     ),
     # Optional text fields default to "" rather than None: the UI then shows a plain text box, not a type switch.
-    run_key: Annotated[str, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]*$")] = _param(
+    run_key: Annotated[str, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]*$")] = form_field(
         "",
         "Run key",
         "Names the run, its output folder and its Redis keys; re-run with the same key to resume. "
         "Empty: the flow run id.",
     ),
-    counter_block: Annotated[str, Field(max_length=120)] = _param(
+    counter_block: Annotated[str, Field(max_length=120)] = form_field(
         "",
         "Counter block",
         "Name of the RedisGameCounter block holding the shared counter. Empty: COUNTER_BLOCK_NAME "
         "(games-counter), created on first use.",
     ),
-    past_draws_file: Annotated[str, Field(max_length=4096)] = _param(
+    past_draws_file: Annotated[str, Field(max_length=4096)] = form_field(
         "",
         "Past draws file",
         "Caixa's Mega-Sena results .xlsx (Concurso, Data do Sorteio, Bola1..Bola6). "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -65,13 +66,86 @@ class Settings(BaseSettings):
         default="games-counter", description="Name of the saved RedisGameCounter block flows load by default."
     )
 
+    # -- project database ------------------------------------------------------------------------------
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="Any SQLAlchemy URL (postgresql+psycopg://user:pass@host/db, sqlite:///file for a single "
+        "process). Unset: an embedded PostgreSQL is started under DATA_DIR/postgres.",
+    )
+    database_pool_size: int = Field(
+        default=5, ge=1, le=100,
+        description="Connections per process pool (each flow, worker and Dask worker process has its own pool).",
+    )
+    database_max_overflow: int = Field(
+        default=0, ge=0, le=100, description="Extra connections a process pool may open beyond its size when busy."
+    )
+    database_pool_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="How long a checkout waits for a free pooled connection."
+    )
+    database_statement_timeout_seconds: float = Field(
+        default=60.0, ge=0, le=86_400,
+        description="Longest statement on PostgreSQL (statement_timeout; 0 disables it). Migrations are not limited.",
+    )
+
+    # -- marketplace sync -------------------------------------------------------------------------------
+    marketplace_app_block: str = Field(
+        default="marketplace-app", description="Name of the MarketplaceApp block the marketplace flows load."
+    )
+    marketplace_api_url: str | None = Field(
+        default=None,
+        description="Marketplace API base URL saved in the app block by `make up`. Unset: the local emulator.",
+    )
+    marketplace_client_id: str | None = Field(default=None, description="The marketplace app's client id.")
+    marketplace_client_secret: SecretStr | None = Field(
+        default=None, description="The marketplace app's client secret."
+    )
+    marketplace_redirect_uri: str | None = Field(default=None, description="The app's registered redirect URI.")
+    marketplace_task_runner: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="Where account tasks run: the flow's thread pool, or Dask (DASK_SCHEDULER_ADDRESS or a "
+        "LocalCluster of DASK_N_WORKERS processes with threads enough for MARKETPLACE_CONCURRENCY).",
+    )
+    marketplace_concurrency: int = Field(default=10, ge=1, le=200, description="Accounts synced at once per run.")
+    marketplace_account_timeout_seconds: float = Field(
+        default=300.0, gt=0, le=86_400, description="Time one account's sync may take (the old system's 5 minutes)."
+    )
+    marketplace_lookback_hours: float = Field(
+        default=2.0, ge=0, le=24 * 30,
+        description="Each incremental sync re-reads orders updated this long before the checkpoint.",
+    )
+    marketplace_initial_history_days: float = Field(
+        default=90.0, gt=0, le=3650, description="How far back the first sync of an account reads orders."
+    )
+    marketplace_max_window_days: float = Field(
+        default=30.0, gt=0, le=3650,
+        description="Longest date window of one order search; the checkpoint advances after each window.",
+    )
+    marketplace_lock_wait_seconds: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="How long a run waits for an account another run is syncing before skipping it.",
+    )
+    marketplace_task_retries: int = Field(
+        default=2, ge=0, le=10, description="Task retries of an account after transient faults (429/5xx/network)."
+    )
+    marketplace_retry_delay_seconds: float = Field(
+        default=10.0, ge=0, le=3600, description="Delay before an account task's retry (with jitter)."
+    )
+
     @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
 
     @property
+    def postgres_dir(self) -> Path:
+        return self.data_dir / "postgres"
+
+    @property
     def prefect_dir(self) -> Path:
         return self.data_dir / "prefect"
+
+    @property
+    def marketplace_emulator_dir(self) -> Path:
+        return self.data_dir / "marketplace-emulator"
 
     @property
     def prefect_worker_dir(self) -> Path:

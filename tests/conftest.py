@@ -1,4 +1,5 @@
-"""Session fixtures: one real Prefect server (SQLite, in a temp folder) and one real embedded redis-server.
+"""Session fixtures: one real Prefect server (SQLite, in a temp folder), one real embedded redis-server and
+one real embedded PostgreSQL (database "operations_test", migrated to head, exported as DATABASE_URL).
 
 The server is started in `pytest_configure`, before any test module imports Prefect, so that both this
 process and the Dask worker processes it spawns point at it through PREFECT_API_URL.
@@ -12,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["marketplace_fixtures"]
 
 _STATE: dict = {}
 
@@ -32,7 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "OUTPUT_DIR": str(root / "data" / "output"),
         }
     )
-    for var in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "PREFECT_PROFILES_PATH"):
+    for var in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "PREFECT_PROFILES_PATH", "DATABASE_URL"):
         os.environ.pop(var, None)
     from deployments.prefect_server import ensure_prefect_server
     from operations.infra.embedded_redis import ensure_embedded_redis
@@ -43,6 +46,18 @@ def pytest_configure(config: pytest.Config) -> None:
     redis_server = ensure_embedded_redis(root / "redis")
     os.environ["REDIS_URL"] = redis_server.url
     _STATE["server"], _STATE["redis"] = server, redis_server
+
+    from operations.infra.database import migrate_to_head
+    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
+    from operations.settings import get_settings
+
+    postgres = ensure_embedded_postgres(root / "postgres")
+    _STATE["postgres"] = postgres
+    database_url = ensure_database(postgres, "operations_test")
+    migrate_to_head(database_url)
+    os.environ["DATABASE_URL"] = database_url  # child processes (Prefect and Dask workers) inherit it
+    _STATE["database_url"] = database_url
+    get_settings.cache_clear()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -60,6 +75,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         pass
     stop_prefect_server(root / "prefect-server")
     stop_embedded_redis(root / "redis")
+    if "postgres" in _STATE:
+        from operations.infra.database import dispose_engines
+        from operations.infra.embedded_postgres import stop_embedded_postgres
+
+        dispose_engines()
+        stop_embedded_postgres(root / "postgres")
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -71,6 +92,22 @@ def prefect_api_url() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return _STATE["redis"].url
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    """The session's PostgreSQL database ("operations_test" on the embedded server), migrated to head."""
+    return _STATE["database_url"]
+
+
+@pytest.fixture
+def sqlite_database_url(tmp_path) -> str:
+    """A fresh SQLite file migrated to head."""
+    from operations.infra.database import migrate_to_head
+
+    url = f"sqlite:///{tmp_path / 'operations.db'}"
+    migrate_to_head(url)
+    return url
 
 
 @pytest.fixture

@@ -8,22 +8,34 @@ import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from dataclasses import dataclass
+
 import httpx
 import pytest
 
 from blocks.redis_game_counter import RedisGameCounter
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
-from deployments.stack import deploy_all, register_blocks
+from deployments.stack import deploy_all, register_blocks, save_marketplace_app_block
+from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
+from marketplace_fixtures import Marketplace, clear_marketplace_tables
+from operations.infra.database import get_engine
+from operations.marketplace.store import count_rows, get_account
 from operations.lottery.generation import chunk_path
 from operations.settings import PROJECT_ROOT, Settings
 from run_checks import assert_operator_form, check_generated_run
 
 pytestmark = pytest.mark.slow
 
-# Parameters of a small run of each flow, for starting every on-demand deployment. A flow that adds an
-# on-demand deployment to prefect.yaml adds its entry here (the first test fails until it does).
+# Parameters of a small run of each flow, for starting every on-demand deployment, and what its finished run
+# must show. A flow that adds an on-demand deployment to prefect.yaml adds its entries here (the first test
+# fails until it does). `stack` is the operator_stack fixture's OperatorStack.
 SMALL_RUN_PARAMETERS = {
-    "generate-games": lambda key: {"quantity": 30_000, "run_key": key},
+    "generate-games": lambda key, stack: {"quantity": 30_000, "run_key": key},
+    "sync-marketplace": lambda key, stack: {"accounts": stack.market.seller_ids()[:2], "resources": "both"},
+    "onboard-account": lambda key, stack: {
+        "authorization_code": stack.market.control.authorize(stack.market.seller_ids()[2]),
+        "nickname": f"rest-{key}",
+    },
 }
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -42,7 +54,7 @@ class RetryingClient(httpx.Client):
 
 
 @pytest.fixture(scope="module")
-def operator_stack(prefect_api_url, redis_url, tmp_path_factory):
+def operator_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     """The deployments of prefect.yaml and a worker whose flow runs write under a temporary folder and
     cut their work in small chunks (so that a short run still has many chunks to cancel between)."""
     root = tmp_path_factory.mktemp("operator")
@@ -55,14 +67,32 @@ def operator_stack(prefect_api_url, redis_url, tmp_path_factory):
     }
     settings = Settings(**{k.lower(): v for k, v in worker_env.items()})
     register_blocks(settings, redis_url)
+    emulator = run_in_thread(EmulatorConfig(sellers=3, orders_per_seller=100, items_per_seller=20))
+    engine = get_engine(database_url)
+    clear_marketplace_tables(engine)
+    market = Marketplace(emulator.base_url, EmulatorControl(emulator.base_url), EmulatorConfig(), engine)
+    save_marketplace_app_block(settings, emulator.base_url, market.config)
+    for seller in market.seller_ids()[:2]:
+        market.onboard(seller)
     deploy_all(prefect_api_url)
     ensure_prefect_worker(
         root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
     )
     client = RetryingClient(base_url=prefect_api_url, timeout=30)
-    yield client, settings
+    yield OperatorStack(client, settings, market)
     client.close()
     stop_prefect_worker(root / "worker")
+    emulator.stop()
+
+
+@dataclass
+class OperatorStack:
+    client: httpx.Client
+    settings: Settings
+    market: Marketplace
+
+    def __iter__(self):  # `client, settings = operator_stack`
+        return iter((self.client, self.settings))
 
 
 def _deployment(client: httpx.Client, name: str) -> dict:
@@ -124,6 +154,11 @@ def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack
         assert Path(step["directory"]) == PROJECT_ROOT, where
         assert_operator_form(deployment["parameter_openapi_schema"])
 
+    sync = _deployment(client, "sync-marketplace/on-demand")
+    assert sync["global_concurrency_limit"] is None, "syncs of different accounts must overlap"
+    [every] = _deployment(client, "sync-marketplace/every-15-minutes")["schedules"]
+    assert every["schedule"]["cron"] == "*/15 * * * *"
+
     games = _deployment(client, "generate-games/on-demand")
     assert games["global_concurrency_limit"]["limit"] == 1
     assert games["concurrency_options"]["collision_strategy"] == "ENQUEUE"
@@ -136,24 +171,49 @@ def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack
     assert scheduled["global_concurrency_limit"]["limit"] == 1
 
 
+def _check_games_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
+    assert {"table", "markdown", "progress"} <= {a["type"] for a in artifacts}  # links are stored as markdown
+    spreadsheets = _spreadsheets_from_links(artifacts)
+    assert spreadsheets and all(Path(p).is_file() for p in spreadsheets)
+    snapshot = stack.settings.output_dir / run_key / f"counter-{run_key}.json"
+    check_generated_run(spreadsheets, str(snapshot), parameters["quantity"])
+
+
+def _check_sync_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
+    keys = {a["key"] for a in artifacts}
+    assert {"marketplace-sync-accounts", "marketplace-sync-summary"} <= keys, keys
+    for seller in parameters["accounts"]:
+        stored = count_rows(stack.market.engine, seller)
+        assert stored["orders"] == len(stack.market.control.orders(seller)), stored
+        assert stored["items"] == len(stack.market.control.items(seller)), stored
+
+
+def _check_onboarding_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
+    account = get_account(stack.market.engine, stack.market.seller_ids()[2])
+    assert (account.nickname, account.status) == (parameters["nickname"], "active")
+    assert "marketplace-onboarded-account" in {a["key"] for a in artifacts}
+
+
+RUN_CHECKS = {
+    "generate-games": _check_games_run,
+    "sync-marketplace": _check_sync_run,
+    "onboard-account": _check_onboarding_run,
+}
+
+
 @pytest.mark.parametrize("flow_name", sorted(SMALL_RUN_PARAMETERS))
 def test_on_demand_run_started_through_the_rest_api_completes_with_artifacts(operator_stack, flow_name):
-    client, settings = operator_stack
+    client = operator_stack.client
     deployment = _deployment(client, f"{flow_name}/on-demand")
     run_key = f"rest-{uuid.uuid4().hex[:6]}"
-    parameters = SMALL_RUN_PARAMETERS[flow_name](run_key)
+    parameters = SMALL_RUN_PARAMETERS[flow_name](run_key, operator_stack)
     started = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
     again = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
     assert again["id"] == started["id"], "the idempotency key must return the same flow run"
 
     run = _wait(client, started["id"])
     assert run["state_type"] == "COMPLETED", run["state"]
-    artifacts = _artifacts(client, started["id"])
-    assert {"table", "markdown", "progress"} <= {a["type"] for a in artifacts}  # links are stored as markdown
-    spreadsheets = _spreadsheets_from_links(artifacts)
-    assert spreadsheets and all(Path(p).is_file() for p in spreadsheets)
-    snapshot = settings.output_dir / run_key / f"counter-{run_key}.json"
-    check_generated_run(spreadsheets, str(snapshot), parameters["quantity"])
+    RUN_CHECKS[flow_name](operator_stack, parameters, _artifacts(client, started["id"]), run_key)
 
 
 def test_invalid_parameters_are_refused_with_409_and_no_run_is_created(operator_stack):
@@ -171,6 +231,26 @@ def test_invalid_parameters_are_refused_with_409_and_no_run_is_created(operator_
         assert response.status_code == 409, (parameters, response.text)
         assert "Validation failed" in response.text and field in response.text, response.text
     assert client.post("/flow_runs/count", json=count).json() == before
+
+
+def test_invalid_sync_parameters_are_refused_with_409_before_any_api_request(operator_stack):
+    client, market = operator_stack.client, operator_stack.market
+    market.control.reset_stats()
+    for name, parameters, field in [
+        ("sync-marketplace/on-demand", {"resources": "everything"}, "resources"),
+        ("sync-marketplace/on-demand", {"accounts": ["seller-one"]}, "accounts"),
+        ("sync-marketplace/on-demand", {"accounts": [0]}, "accounts"),
+        ("sync-marketplace/on-demand", {"full_resync_from": "yesterday"}, "full_resync_from"),
+        ("onboard-account/on-demand", {}, "authorization_code"),
+    ]:
+        deployment = _deployment(client, name)
+        count = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+        before = client.post("/flow_runs/count", json=count).json()
+        response = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+        assert response.status_code == 409, (parameters, response.text)
+        assert "Validation failed" in response.text and field in response.text, response.text
+        assert client.post("/flow_runs/count", json=count).json() == before
+    assert market.control.stats()["total"] == 0
 
 
 def test_a_second_generation_run_waits_for_the_first(operator_stack):

@@ -14,3 +14,16 @@ def test_every_parameter_field_has_title_description_and_bounds():
     assert {"quantity", "numbers_per_game", "rules", "regions", "run_key"} <= set(names)
     quantity = schema["properties"]["quantity"]
     assert (quantity["minimum"], quantity["maximum"], quantity["default"]) == (1, 10_000_000, 10_000)
+
+
+def test_marketplace_forms_have_titles_descriptions_bounds_and_a_choice_of_resources():
+    from flows.onboard_account import onboard_account
+    from flows.sync_marketplace import sync_marketplace
+
+    schema = parameter_schema(sync_marketplace).model_dump()
+    assert set(assert_operator_form(schema)) == {"accounts", "resources", "full_resync_from", "app_block"}
+    assert schema["definitions"]["SyncResources"]["enum"] == ["orders", "items", "both"]
+    assert schema["properties"]["accounts"]["items"]["minimum"] == 1
+    onboarding = parameter_schema(onboard_account).model_dump()
+    assert_operator_form(onboarding)
+    assert onboarding["required"] == ["authorization_code"]

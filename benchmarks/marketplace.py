@@ -1,0 +1,167 @@
+"""Marketplace sync figures for `make bench`, each beside a baseline measured in the same run.
+
+ACCOUNTS seller accounts x ORDERS orders + ITEMS items each, the emulator in its own process answering every
+request after LATENCY ms, CONCURRENCY accounts at a time:
+- wall time of `sync-marketplace` on the thread pool and on Dask, against the floor (requests x latency /
+  concurrency) and against the old behaviour (the same accounts synced one after another, measured here);
+- Prefect's overhead per account task (task run time outside the sync code), and the peak memory.
+Each measured sync starts from empty order/item tables and checkpoints, so every run does the same requests.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import text
+
+
+def _reset_data(engine) -> None:
+    with engine.begin() as conn:
+        for table in ("marketplace_order_lines", "marketplace_orders", "marketplace_items",
+                      "marketplace_sync_checkpoints"):
+            conn.execute(text(f"DELETE FROM {table}"))
+
+
+def _task_overheads(flow_run_id, reports: list[dict]) -> float:
+    """Mean seconds each account task run spent outside the sync code (Prefect's own cost per task)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        ids = [flow_run_id, *[c.id for c in children]]
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)), limit=10_000)
+    durations = [(r.end_time - r.start_time).total_seconds() for r in runs if r.start_time and r.end_time]
+    domain = sum(r.get("seconds", 0.0) for r in reports)
+    return (sum(durations) - domain) / max(1, len(durations))
+
+
+def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float, concurrency: int) -> dict:
+    from benchmarks.run import PeakMemory
+    from deployments.stack import start_local_stack
+    from emulators.marketplace import EmulatorConfig, EmulatorControl, start_emulator_process, stop_emulator_process
+    from operations.infra.database import get_engine, migrate_to_head
+    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
+    from operations.settings import get_settings
+
+    settings = get_settings()
+    start_local_stack(settings)
+    if settings.database_url:
+        url = settings.database_url.get_secret_value()
+    else:
+        server = ensure_embedded_postgres(settings.postgres_dir)
+        url = ensure_database(server, "marketplace_bench")
+    migrate_to_head(url)
+    os.environ["DATABASE_URL"] = url
+    os.environ["MARKETPLACE_CONCURRENCY"] = str(concurrency)
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM marketplace_accounts"))
+    state_dir = Path(tempfile.mkdtemp(prefix="marketplace-bench-"))
+    config = EmulatorConfig(
+        sellers=accounts, orders_per_seller=orders, items_per_seller=items, latency_ms=latency_ms, seed=11
+    )
+    emulator = start_emulator_process(config, state_dir)
+    try:
+        return _measure(emulator.base_url, config, engine, accounts, latency_ms, concurrency, settings, PeakMemory)
+    finally:
+        stop_emulator_process(state_dir)
+
+
+def _measure(base_url, config, engine, accounts, latency_ms, concurrency, settings, PeakMemory) -> dict:
+    from emulators.marketplace import EmulatorControl
+    from operations import settings as settings_module
+    from pydantic import SecretStr
+
+    from blocks.marketplace_app import MarketplaceApp
+    from flows.sync_marketplace import sync_options
+    from operations.marketplace.onboarding import onboard_from_code
+    from operations.marketplace.store import list_accounts
+    from operations.marketplace.sync import SyncResources, sync_account
+
+    control = EmulatorControl(base_url)
+    block_name = "marketplace-bench"
+    app = MarketplaceApp(
+        api_base_url=base_url, client_id=config.client_id, client_secret=SecretStr(config.client_secret),
+        redirect_uri=config.redirect_uri, max_connections=max(20, concurrency * 2),
+    )
+    app.save(block_name, overwrite=True)
+    os.environ["MARKETPLACE_APP_BLOCK"] = block_name
+    sellers = [s["seller_id"] for s in control.sellers()]
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda s: onboard_from_code(engine, app.client(), control.authorize(s)), sellers))
+    figures: dict = {"accounts": accounts, "latency_ms": latency_ms, "concurrency": concurrency}
+
+    for runner in ("threads", "dask"):
+        _reset_data(engine)
+        os.environ["MARKETPLACE_TASK_RUNNER"] = runner
+        settings_module.get_settings.cache_clear()
+        from flows.sync_marketplace import sync_marketplace
+
+        control.reset_stats()
+        with PeakMemory({os.getpid()}) as memory:
+            started = time.perf_counter()
+            state = sync_marketplace(return_state=True)
+            wall = time.perf_counter() - started
+        if not state.is_completed():
+            raise SystemExit(f"sync-marketplace on {runner} failed: {state.message}")
+        requests = control.stats()["total"]
+        floor = requests * latency_ms / 1000 / concurrency
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(state.state_details.flow_run_id)
+        reports = _reports_of(flow_run.id)
+        figures[runner] = {
+            "wall": wall, "requests": requests, "floor": floor, "ratio": wall / floor,
+            "task_overhead": _task_overheads(flow_run.id, reports), "peak_bytes": memory.peak,
+        }
+
+    # the old behaviour: one account after another, same code, no orchestration
+    _reset_data(engine)
+    options = sync_options(settings)
+    control.reset_stats()
+    started = time.perf_counter()
+    for account in list_accounts(engine):
+        sync_account(engine, app.client(), account, SyncResources.both, options)
+    figures["sequential"] = {"wall": time.perf_counter() - started, "requests": control.stats()["total"]}
+    return figures
+
+
+def _reports_of(flow_run_id) -> list[dict]:
+    """The per-account rows of the run's table artifact (their `seconds` is time spent in the sync code)."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=["marketplace-sync-accounts"]),
+            )
+        )
+    data = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
+    return data
+
+
+def print_marketplace(figures: dict) -> None:
+    n, latency, conc = figures["accounts"], figures["latency_ms"], figures["concurrency"]
+    seq = figures["sequential"]
+    print(f"marketplace sync, {n} accounts, {latency:.0f} ms per request, concurrency {conc}:")
+    for runner in ("threads", "dask"):
+        f = figures[runner]
+        print(
+            f"  {runner:8} {f['wall']:6.1f} s for {f['requests']:,} requests; floor {f['floor']:.1f} s "
+            f"-> {f['ratio']:.2f}x the floor (target <= 1.3); {seq['wall'] / f['wall']:.1f}x faster than one "
+            f"account after another; Prefect per account task {f['task_overhead'] * 1000:.0f} ms; "
+            f"peak memory {f['peak_bytes'] / 2**20:,.0f} MiB"
+        )
+    print(f"  baseline, one account after another (the old system): {seq['wall']:.1f} s for {seq['requests']:,} requests")

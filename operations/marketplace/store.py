@@ -1,0 +1,570 @@
+"""The marketplace sync's storage: accounts and their tokens, serialized refreshes, the per-account sync
+lock, idempotent upserts of orders and items, and checkpoints. SQLAlchemy Core on PostgreSQL or SQLite.
+
+Exactly-once comes from keys, not from luck: orders and items are upserted on the API's ids and only
+overwritten by a newer `date_last_updated` / `last_updated`, so re-reading a page changes nothing; a
+checkpoint moves only after the rows it covers are committed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, Callable, Iterator
+
+from pydantic import SecretStr
+from sqlalchemy import Engine, create_engine, delete, func, select, text, update
+from sqlalchemy.pool import NullPool
+
+from operations.infra.database import upsert_statement
+from operations.marketplace.client import InvalidGrant, TokenGrant, parse_time
+from operations.marketplace.models import (
+    AccountStatus,
+    MarketplaceAccount,
+    MarketplaceItem,
+    MarketplaceOrder,
+    MarketplaceOrderLine,
+    SyncCheckpoint,
+)
+
+ACCOUNTS = MarketplaceAccount.__table__
+ORDERS = MarketplaceOrder.__table__
+ORDER_LINES = MarketplaceOrderLine.__table__
+ITEMS = MarketplaceItem.__table__
+CHECKPOINTS = SyncCheckpoint.__table__
+
+# One lock per account within a process: SQLite has no row locks, and threads of one process share a pool.
+_local_locks: dict[int, threading.Lock] = {}
+_local_locks_guard = threading.Lock()
+
+
+class AccountNeedsReauthorization(Exception):
+    """The account's refresh token was refused (invalid_grant): its owner must authorize the app again."""
+
+
+class UnknownAccount(ValueError):
+    """A seller id that is not in the accounts table."""
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """Aware UTC datetimes everywhere (SQLite hands back naive ones, stored in UTC)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _local_lock(seller_id: int) -> threading.Lock:
+    with _local_locks_guard:
+        return _local_locks.setdefault(seller_id, threading.Lock())
+
+
+@dataclass(frozen=True)
+class AccountView:
+    """An account as listed and reported: never its tokens."""
+
+    seller_id: int
+    nickname: str
+    status: str
+    status_reason: str
+    last_sync_started_at: datetime | None
+    last_sync_finished_at: datetime | None
+    last_sync_status: str
+    last_sync_error: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.nickname or 'seller'}-{self.seller_id}"
+
+
+@dataclass(frozen=True)
+class TokenState:
+    access_token: SecretStr
+    expires_at: datetime | None
+    refresh_token: SecretStr
+    version: int
+    status: str
+
+    def valid_for(self, margin: timedelta, now: datetime) -> bool:
+        return bool(self.access_token.get_secret_value()) and self.expires_at is not None and (
+            self.expires_at - margin > now
+        )
+
+
+def _view(row: Any) -> AccountView:
+    return AccountView(
+        seller_id=row.seller_id,
+        nickname=row.nickname or "",
+        status=row.status.value if isinstance(row.status, AccountStatus) else str(row.status),
+        status_reason=row.status_reason or "",
+        last_sync_started_at=utc(row.last_sync_started_at),
+        last_sync_finished_at=utc(row.last_sync_finished_at),
+        last_sync_status=row.last_sync_status or "",
+        last_sync_error=row.last_sync_error or "",
+    )
+
+
+_VIEW_COLUMNS = [
+    ACCOUNTS.c.seller_id, ACCOUNTS.c.nickname, ACCOUNTS.c.status, ACCOUNTS.c.status_reason,
+    ACCOUNTS.c.last_sync_started_at, ACCOUNTS.c.last_sync_finished_at, ACCOUNTS.c.last_sync_status,
+    ACCOUNTS.c.last_sync_error,
+]
+
+
+# -- accounts ----------------------------------------------------------------------------------------------
+def save_account(engine: Engine, grant: TokenGrant, nickname: str = "", issued_at: datetime | None = None) -> AccountView:
+    """Add a seller from its first tokens (onboarding, or a re-authorization: the account is active again)."""
+    issued_at = issued_at or now_utc()
+    row = {
+        "seller_id": grant.user_id,
+        "nickname": nickname,
+        "status": AccountStatus.active,
+        "status_reason": "",
+        "access_token": grant.access_token.get_secret_value(),
+        "access_token_expires_at": grant.expires_at(issued_at),
+        "refresh_token": grant.refresh_token.get_secret_value(),
+        "token_version": 1,
+        "scope": grant.scope,
+        "updated_at": issued_at,
+    }
+    update_columns = [c for c in row if c not in ("seller_id", "token_version")]
+    if not nickname:
+        update_columns.remove("nickname")
+    with engine.begin() as conn:
+        conn.execute(upsert_statement(engine, ACCOUNTS, [row], ["seller_id"], update_columns))
+        conn.execute(
+            update(ACCOUNTS)
+            .where(ACCOUNTS.c.seller_id == grant.user_id)
+            .values(token_version=ACCOUNTS.c.token_version + 1)
+        )
+    return get_account(engine, grant.user_id)
+
+
+def get_account(engine: Engine, seller_id: int) -> AccountView:
+    with engine.connect() as conn:
+        row = conn.execute(select(*_VIEW_COLUMNS).where(ACCOUNTS.c.seller_id == seller_id)).first()
+    if row is None:
+        raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
+    return _view(row)
+
+
+def list_accounts(engine: Engine) -> list[AccountView]:
+    with engine.connect() as conn:
+        return [_view(r) for r in conn.execute(select(*_VIEW_COLUMNS).order_by(ACCOUNTS.c.seller_id))]
+
+
+def set_account_status(engine: Engine, seller_id: int, status: AccountStatus, reason: str = "") -> AccountView:
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(ACCOUNTS)
+            .where(ACCOUNTS.c.seller_id == seller_id)
+            .values(status=status, status_reason=reason, updated_at=now_utc())
+        )
+    if done.rowcount == 0:
+        raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
+    return get_account(engine, seller_id)
+
+
+def select_accounts(
+    engine: Engine, seller_ids: list[int] | None
+) -> tuple[list[AccountView], list[tuple[AccountView, str]]]:
+    """(accounts to sync, [(account, why it is skipped)]). Unknown requested ids raise UnknownAccount, before
+    any request is made. No ids: every account, of which the active ones are synced."""
+    accounts = {a.seller_id: a for a in list_accounts(engine)}
+    if seller_ids:
+        unknown = sorted(set(seller_ids) - set(accounts))
+        if unknown:
+            raise UnknownAccount(
+                f"unknown seller id(s) {', '.join(map(str, unknown))}: onboard them first "
+                "(onboard-account, or python -m deployments.marketplace_accounts)"
+            )
+        chosen = [accounts[i] for i in dict.fromkeys(seller_ids)]
+    else:
+        chosen = list(accounts.values())
+    to_sync, skipped = [], []
+    for account in chosen:
+        if account.status == AccountStatus.active.value:
+            to_sync.append(account)
+        elif account.status == AccountStatus.needs_reauthorization.value:
+            skipped.append((account, f"needs re-authorization by its owner ({account.status_reason})"))
+        else:
+            skipped.append((account, "deactivated"))
+    return to_sync, skipped
+
+
+def record_sync(
+    engine: Engine, seller_id: int, *, started: datetime, finished: datetime | None, status: str, error: str = ""
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            update(ACCOUNTS)
+            .where(ACCOUNTS.c.seller_id == seller_id)
+            .values(
+                last_sync_started_at=started,
+                last_sync_finished_at=finished,
+                last_sync_status=status,
+                last_sync_error=error[:2000],
+            )
+        )
+
+
+# -- tokens ------------------------------------------------------------------------------------------------
+def read_tokens(engine: Engine, seller_id: int) -> TokenState:
+    with engine.connect() as conn:
+        row = conn.execute(select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)).first()
+    if row is None:
+        raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
+    return _token_state(row)
+
+
+def _token_state(row: Any) -> TokenState:
+    status = row.status.value if isinstance(row.status, AccountStatus) else str(row.status)
+    return TokenState(
+        access_token=SecretStr(row.access_token or ""),
+        expires_at=utc(row.access_token_expires_at),
+        refresh_token=SecretStr(row.refresh_token or ""),
+        version=row.token_version,
+        status=status,
+    )
+
+
+def refresh_tokens(
+    engine: Engine, seller_id: int, seen_version: int, refresh: Callable[[SecretStr], TokenGrant]
+) -> TokenState:
+    """Refresh the account's tokens, serialized across threads, processes and machines.
+
+    The account row is locked (`SELECT ... FOR UPDATE` on PostgreSQL; a process lock on SQLite, which allows
+    one process) while the single-use refresh token is traded, and the new pair is committed before it is
+    returned. A caller whose `seen_version` is stale gets the tokens another refresh already stored, without
+    a second refresh. `invalid_grant` parks the account (needs re-authorization) and raises
+    AccountNeedsReauthorization; other failures keep the old tokens and propagate (the caller retries)."""
+    with _local_lock(seller_id):
+        dead_reason = None
+        with engine.begin() as conn:
+            query = select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)
+            if engine.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).first()
+            if row is None:
+                raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
+            state = _token_state(row)
+            if state.status != AccountStatus.active.value:
+                raise AccountNeedsReauthorization(
+                    f"seller {seller_id} is {state.status}: {row.status_reason or 'authorize the app again'}"
+                )
+            if state.version != seen_version:
+                return state  # another task, run or machine refreshed first: use its tokens
+            issued = now_utc()
+            try:
+                grant = refresh(state.refresh_token)
+            except InvalidGrant as exc:
+                dead_reason = f"refresh token refused ({exc.error}) at {issued:%Y-%m-%d %H:%M} UTC"
+                conn.execute(
+                    update(ACCOUNTS)
+                    .where(ACCOUNTS.c.seller_id == seller_id, ACCOUNTS.c.token_version == state.version)
+                    .values(
+                        status=AccountStatus.needs_reauthorization, status_reason=dead_reason, updated_at=issued
+                    )
+                )
+            else:
+                done = conn.execute(
+                    update(ACCOUNTS)
+                    .where(ACCOUNTS.c.seller_id == seller_id, ACCOUNTS.c.token_version == state.version)
+                    .values(
+                        access_token=grant.access_token.get_secret_value(),
+                        access_token_expires_at=grant.expires_at(issued),
+                        refresh_token=grant.refresh_token.get_secret_value(),
+                        token_version=state.version + 1,
+                        scope=grant.scope or row.scope,
+                        updated_at=issued,
+                    )
+                )
+                if done.rowcount != 1:  # cannot happen under the row lock; never lose the new token silently
+                    raise RuntimeError(f"seller {seller_id}: token version moved during a locked refresh")
+                return TokenState(
+                    grant.access_token, grant.expires_at(issued), grant.refresh_token, state.version + 1, "active"
+                )
+        raise AccountNeedsReauthorization(f"seller {seller_id}: {dead_reason}; the owner must authorize again")
+
+
+# -- the per-account sync lock -----------------------------------------------------------------------------
+_lock_engines: dict[tuple[int, str], Engine] = {}
+
+
+def _lock_engine(engine: Engine) -> Engine:
+    """Advisory locks live as long as their connection: one unpooled connection per held lock, so a killed
+    process releases its locks at once and the work pool is never held by a lock."""
+    import os
+
+    key = (os.getpid(), engine.url.render_as_string(hide_password=False))
+    if key not in _lock_engines:
+        _lock_engines[key] = create_engine(engine.url, poolclass=NullPool)
+    return _lock_engines[key]
+
+
+@contextmanager
+def account_sync_lock(
+    engine: Engine, seller_id: int, wait_seconds: float, lease_seconds: float
+) -> Iterator[bool]:
+    """Hold the account's sync lock while the block runs; yields False if another run still held it after
+    `wait_seconds`. PostgreSQL: a session advisory lock (released when the holder's connection ends, even if
+    its process is killed). SQLite: a lease in the account row that expires after `lease_seconds`."""
+    deadline = time.monotonic() + wait_seconds
+    if engine.dialect.name == "postgresql":
+        conn = _lock_engine(engine).connect()
+        try:
+            key = text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))")
+            name = f"marketplace-sync:{seller_id}"
+            while not conn.execute(key, {"k": name}).scalar():
+                conn.rollback()
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.25)
+            conn.commit()
+            try:
+                yield True
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), {"k": name})
+                conn.commit()
+        finally:
+            conn.close()
+        return
+    owner = uuid.uuid4().hex
+    while True:
+        now = now_utc()
+        with engine.begin() as conn:
+            taken = conn.execute(
+                update(ACCOUNTS)
+                .where(
+                    ACCOUNTS.c.seller_id == seller_id,
+                    (ACCOUNTS.c.sync_lease_until.is_(None)) | (ACCOUNTS.c.sync_lease_until < now),
+                )
+                .values(sync_lease_owner=owner, sync_lease_until=now + timedelta(seconds=lease_seconds))
+            ).rowcount
+        if taken:
+            break
+        if time.monotonic() >= deadline:
+            yield False
+            return
+        time.sleep(0.25)
+    try:
+        yield True
+    finally:
+        with engine.begin() as conn:
+            conn.execute(
+                update(ACCOUNTS)
+                .where(ACCOUNTS.c.seller_id == seller_id, ACCOUNTS.c.sync_lease_owner == owner)
+                .values(sync_lease_owner=None, sync_lease_until=None)
+            )
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def get_checkpoint(engine: Engine, seller_id: int, resource: str) -> datetime | None:
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(CHECKPOINTS.c.watermark).where(
+                CHECKPOINTS.c.seller_id == seller_id, CHECKPOINTS.c.resource == resource
+            )
+        ).scalar()
+    return utc(value)
+
+
+def advance_checkpoint(engine: Engine, seller_id: int, resource: str, watermark: datetime) -> None:
+    """Move the checkpoint forward (never back): called after the rows it covers are committed."""
+    row = {"seller_id": seller_id, "resource": resource, "watermark": utc(watermark), "updated_at": now_utc()}
+    with engine.begin() as conn:
+        conn.execute(
+            upsert_statement(
+                engine, CHECKPOINTS, [row], ["seller_id", "resource"], ["watermark", "updated_at"],
+                only_if_newer="watermark",
+            )
+        )
+
+
+# -- orders and items --------------------------------------------------------------------------------------
+@dataclass
+class UpsertCounts:
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+
+    def add(self, other: UpsertCounts) -> None:
+        self.new += other.new
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+
+
+def _money(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value)).quantize(Decimal("0.01"))
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def order_row(seller_id: int, order: dict[str, Any], synced_at: datetime) -> dict[str, Any]:
+    buyer = order.get("buyer") or {}
+    shipping = order.get("shipping") or {}
+    detail = order.get("status_detail")
+    return {
+        "id": int(order["id"]),
+        "seller_id": seller_id,
+        "status": str(order.get("status") or ""),
+        "status_detail": None if detail is None else (detail if isinstance(detail, str) else str(detail)),
+        "date_created": parse_time(order.get("date_created")),
+        "date_closed": parse_time(order.get("date_closed")),
+        "last_updated": parse_time(order.get("last_updated")),
+        "date_last_updated": parse_time(order.get("date_last_updated") or order.get("last_updated")) or synced_at,
+        "total_amount": _money(order.get("total_amount")),
+        "paid_amount": _money(order.get("paid_amount")),
+        "currency_id": str(order.get("currency_id") or ""),
+        "buyer_id": _int(buyer.get("id")),
+        "buyer_nickname": buyer.get("nickname"),
+        "shipping_id": _int(shipping.get("id")),
+        "pack_id": _int(order.get("pack_id")),
+        "tags": list(order.get("tags") or []),
+        "synced_at": synced_at,
+    }
+
+
+def order_line_rows(order: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for line, entry in enumerate(order.get("order_items") or []):
+        item = entry.get("item") or {}
+        rows.append(
+            {
+                "order_id": int(order["id"]),
+                "line": line,
+                "item_id": str(item.get("id") or ""),
+                "title": str(item.get("title") or ""),
+                "variation_id": _int(item.get("variation_id")),
+                "seller_sku": item.get("seller_sku"),
+                "quantity": _int(entry.get("quantity")) or 0,
+                "unit_price": _money(entry.get("unit_price")),
+                "sale_fee": _money(entry.get("sale_fee")),
+            }
+        )
+    return rows
+
+
+def item_row(seller_id: int, item: dict[str, Any], synced_at: datetime) -> dict[str, Any]:
+    return {
+        "id": str(item["id"]),
+        "seller_id": seller_id,
+        "title": str(item.get("title") or ""),
+        "price": _money(item.get("price")),
+        "currency_id": str(item.get("currency_id") or ""),
+        "available_quantity": _int(item.get("available_quantity")),
+        "sold_quantity": _int(item.get("sold_quantity")),
+        "status": str(item.get("status") or ""),
+        "last_updated": parse_time(item.get("last_updated")) or synced_at,
+        "permalink": item.get("permalink"),
+        "seller_custom_field": item.get("seller_custom_field"),
+        "synced_at": synced_at,
+    }
+
+
+def _newest_by_key(rows: list[dict[str, Any]], key: str, stamp: str) -> list[dict[str, Any]]:
+    """One row per key (a page may repeat a record that changed while it was read): the newest wins."""
+    best: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        current = best.get(row[key])
+        if current is None or row[stamp] > current[stamp]:
+            best[row[key]] = row
+    return list(best.values())
+
+
+def _classify(conn, table, key: str, stamp: str, rows: list[dict[str, Any]]) -> tuple[UpsertCounts, set]:
+    """Counts of new / newer / unchanged rows against what is stored, and the keys that will be written."""
+    ids = [r[key] for r in rows]
+    stored = {k: utc(v) for k, v in conn.execute(select(table.c[key], table.c[stamp]).where(table.c[key].in_(ids)))}
+    counts, changed = UpsertCounts(), set()
+    for row in rows:
+        old = stored.get(row[key], "missing")
+        if old == "missing":
+            counts.new += 1
+            changed.add(row[key])
+        elif old is None or row[stamp] > old:
+            counts.updated += 1
+            changed.add(row[key])
+        else:
+            counts.unchanged += 1
+    return counts, changed
+
+
+_ORDER_UPDATE = [c.name for c in ORDERS.columns if c.name not in ("id",)]
+_LINE_UPDATE = [c.name for c in ORDER_LINES.columns if c.name not in ("order_id", "line")]
+_ITEM_UPDATE = [c.name for c in ITEMS.columns if c.name not in ("id",)]
+
+
+def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) -> UpsertCounts:
+    """Upsert one page of orders and their lines in one transaction; an order is only overwritten by a newer
+    `date_last_updated`, so the same page twice changes nothing."""
+    if not orders:
+        return UpsertCounts()
+    synced_at = now_utc()
+    rows = _newest_by_key([order_row(seller_id, o, synced_at) for o in orders], "id", "date_last_updated")
+    by_id = {int(o["id"]): o for o in orders}
+    with engine.begin() as conn:
+        counts, changed = _classify(conn, ORDERS, "id", "date_last_updated", rows)
+        if changed:
+            write = [r for r in rows if r["id"] in changed]
+            conn.execute(
+                upsert_statement(engine, ORDERS, write, ["id"], _ORDER_UPDATE, only_if_newer="date_last_updated")
+            )
+            lines = [line for order_id in changed for line in order_line_rows(by_id[order_id])]
+            if lines:
+                conn.execute(upsert_statement(engine, ORDER_LINES, lines, ["order_id", "line"], _LINE_UPDATE))
+            for order_id in changed:  # an order that lost lines
+                conn.execute(
+                    delete(ORDER_LINES).where(
+                        ORDER_LINES.c.order_id == order_id,
+                        ORDER_LINES.c.line >= len(by_id[order_id].get("order_items") or []),
+                    )
+                )
+    return counts
+
+
+def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) -> UpsertCounts:
+    """Upsert item details in one transaction, overwriting only by a newer `last_updated`."""
+    if not items:
+        return UpsertCounts()
+    synced_at = now_utc()
+    rows = _newest_by_key([item_row(seller_id, i, synced_at) for i in items], "id", "last_updated")
+    with engine.begin() as conn:
+        counts, changed = _classify(conn, ITEMS, "id", "last_updated", rows)
+        if changed:
+            write = [r for r in rows if r["id"] in changed]
+            conn.execute(upsert_statement(engine, ITEMS, write, ["id"], _ITEM_UPDATE, only_if_newer="last_updated"))
+    return counts
+
+
+def count_rows(engine: Engine, seller_id: int | None = None) -> dict[str, int]:
+    """Stored orders, order lines and items (of one seller, or all)."""
+    with engine.connect() as conn:
+        def n(table, column) -> int:
+            query = select(func.count()).select_from(table)
+            if seller_id is not None and column is not None:
+                query = query.where(column == seller_id)
+            return int(conn.execute(query).scalar() or 0)
+
+        lines = select(func.count()).select_from(ORDER_LINES.join(ORDERS, ORDER_LINES.c.order_id == ORDERS.c.id))
+        if seller_id is not None:
+            lines = lines.where(ORDERS.c.seller_id == seller_id)
+        return {
+            "orders": n(ORDERS, ORDERS.c.seller_id),
+            "order_lines": int(conn.execute(lines).scalar() or 0),
+            "items": n(ITEMS, ITEMS.c.seller_id),
+        }

@@ -1,0 +1,54 @@
+"""Tasks of the marketplace flows: thin wrappers that add retries, names and tags to domain code."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from blocks.marketplace_app import MarketplaceApp
+from operations.infra.database import get_engine
+from operations.marketplace.store import AccountView
+from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources, sync_account
+
+
+def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry an account whose sync hit 429/5xx/network/database faults past the client's own retries; never
+    one with a dead refresh token, a refused request or a timeout (the next run resumes from its checkpoint)."""
+    try:
+        state.result()
+    except AccountSyncFailed as exc:
+        return exc.transient
+    except Exception:  # noqa: BLE001 - anything unforeseen (a worker lost mid-call) is worth one more try
+        return True
+    return False
+
+
+# Re-running an account is harmless by design (upserts keyed by the API's ids, checkpoints after commits), so
+# Dask recomputing a finished task needs no cache; NO_CACHE also keeps the block out of cache keys.
+@task(
+    name="sync-account",
+    task_run_name="sync-{account.nickname}-{account.seller_id}",
+    retries=2,
+    retry_delay_seconds=[5, 20],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+    tags=["marketplace", "http"],
+)
+def sync_marketplace_account(
+    account: AccountView,
+    app: MarketplaceApp,
+    database_url: str,
+    resources: SyncResources,
+    options: SyncOptions,
+    full_resync_from: datetime | None,
+) -> dict:
+    """Sync one seller account (orders and/or items) into the project database; returns its report."""
+    result = sync_account(
+        get_engine(database_url), app.client(), account, resources, options, full_resync_from=full_resync_from
+    )
+    return result.to_json()

@@ -1,0 +1,274 @@
+"""One account's sync against the real emulator over HTTP and a real database (PostgreSQL, and SQLite where
+the store is concerned): completeness, idempotence, tokens, faults, paging limits and checkpoints."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, select
+
+from marketplace_fixtures import OPTIONS, FAST_RETRY
+from operations.infra.http import RetryPolicy
+from operations.marketplace.client import MarketplaceClient
+from operations.marketplace.models import AccountStatus, MarketplaceItem, MarketplaceOrder
+from operations.marketplace.store import (
+    count_rows,
+    get_account,
+    get_checkpoint,
+    read_tokens,
+    refresh_tokens,
+    select_accounts,
+)
+from operations.marketplace.sync import AccountSyncFailed, SyncResources, sync_account
+
+
+
+def _stored_orders(engine, seller_id: int) -> dict[int, datetime]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(MarketplaceOrder.id, MarketplaceOrder.date_last_updated).where(MarketplaceOrder.seller_id == seller_id)
+        )
+        return {r.id: r.date_last_updated for r in rows}
+
+
+def _truth_order_ids(market, seller_id: int) -> set[int]:
+    return {int(o["id"]) for o in market.control.orders(seller_id)}
+
+
+def _truth_item_ids(market, seller_id: int) -> set[str]:
+    return {str(i["id"]) for i in market.control.items(seller_id)}
+
+
+def _stored_item_ids(engine, seller_id: int) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.scalars(select(MarketplaceItem.id).where(MarketplaceItem.seller_id == seller_id)))
+
+
+def test_full_sync_stores_everything_once_and_a_rerun_changes_nothing(any_database, emulator_factory):
+    market = emulator_factory(any_database)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    first = sync_account(any_database, market.client(), account, SyncResources.both, OPTIONS)
+    assert first.status == "synced"
+    assert set(_stored_orders(any_database, seller)) == _truth_order_ids(market, seller)
+    assert _stored_item_ids(any_database, seller) == _truth_item_ids(market, seller)
+    assert first.orders.new == len(_truth_order_ids(market, seller)) and first.orders.updated == 0
+    assert first.items.new == len(_truth_item_ids(market, seller))
+    assert get_checkpoint(any_database, seller, "orders") is not None
+    counts = count_rows(any_database, seller)
+
+    again = sync_account(any_database, market.client(), account, SyncResources.both, OPTIONS)
+    assert (again.orders.new, again.orders.updated, again.items.new, again.items.updated) == (0, 0, 0, 0)
+    assert count_rows(any_database, seller) == counts, "a re-run duplicated rows"
+
+
+def test_changed_and_new_records_are_picked_up_by_the_next_incremental_sync(any_database, emulator_factory):
+    market = emulator_factory(any_database)
+    seller = market.seller_ids()[1]
+    account = market.onboard(seller)
+    sync_account(any_database, market.client(), account, SyncResources.both, OPTIONS)
+    before = _stored_orders(any_database, seller)
+    changed = market.control.mutate(seller_id=seller, orders_updated=7, orders_new=3, items_updated=4, items_new=2)
+
+    result = sync_account(any_database, market.client(), account, SyncResources.both, OPTIONS)
+    assert (result.orders.new, result.orders.updated) == (3, 7)
+    assert (result.items.new, result.items.updated) == (2, 4)
+    after = _stored_orders(any_database, seller)
+    assert set(after) == _truth_order_ids(market, seller)
+    updated = {i for i in after if i in before and after[i] != before[i]}
+    assert len(updated) == 7 and len(set(after) - set(before)) == 3, changed
+    # the incremental sync read only the lookback window, not the whole history again
+    assert result.order_pages < 5
+
+
+def test_expired_access_token_is_refreshed_once_and_the_call_retried(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    version = read_tokens(pg_engine, seller).version
+    market.control.expire_tokens(seller_id=seller)  # the stored token still looks valid: the API says 401
+    result = sync_account(pg_engine, market.client(), account, SyncResources.orders, OPTIONS)
+    assert result.status == "synced" and result.refreshes == 1
+    assert read_tokens(pg_engine, seller).version == version + 1
+    assert set(_stored_orders(pg_engine, seller)) == _truth_order_ids(market, seller)
+
+
+def _race_refresh(base_url: str, database_url: str, seller_id: int, seen_version: int, start_at: float, out) -> None:
+    from pydantic import SecretStr
+
+    from emulators.marketplace import EmulatorConfig
+    from operations.infra.database import get_engine
+    from operations.infra.http import shared_http_client
+    from operations.marketplace.client import AppCredentials, MarketplaceClient
+
+    cfg = EmulatorConfig()
+    client = MarketplaceClient(
+        shared_http_client(base_url), AppCredentials(cfg.client_id, SecretStr(cfg.client_secret)), FAST_RETRY
+    )
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        state = refresh_tokens(get_engine(database_url), seller_id, seen_version, client.refresh)
+        out.put(("ok", state.version, client.stats.refreshes))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out.put(("error", repr(exc), 0))
+
+
+def test_concurrent_refreshes_from_threads_and_processes_never_lose_the_account(pg_engine, database_url, emulator_factory):
+    market = emulator_factory(pg_engine, latency_ms=20)
+    seller = market.seller_ids()[0]
+    market.onboard(seller)
+    seen = read_tokens(pg_engine, seller).version
+    market.control.reset_stats()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 3  # spawned interpreters need a moment to import
+    procs = [ctx.Process(target=_race_refresh, args=(market.base_url, database_url, seller, seen, start_at, out))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    thread_results = []
+
+    def in_thread():
+        time.sleep(max(0.0, start_at - time.time()))
+        client = market.client()
+        state = refresh_tokens(pg_engine, seller, seen, client.refresh)
+        thread_results.append((state.version, client.stats.refreshes))
+
+    threads = [threading.Thread(target=in_thread) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    assert all(r[0] == "ok" for r in results), results
+    versions = {r[1] for r in results} | {v for v, _ in thread_results}
+    assert versions == {seen + 1}, "every racer must end with the one refreshed token pair"
+    assert sum(r[2] for r in results) + sum(n for _, n in thread_results) == 1, "exactly one refresh call"
+    assert get_account(pg_engine, seller).status == AccountStatus.active.value
+    # the stored refresh token is the live one: a later forced refresh works
+    client = market.client()
+    assert refresh_tokens(pg_engine, seller, seen + 1, client.refresh).version == seen + 2
+
+
+def test_throttling_and_server_errors_are_retried_and_counted(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine, rate_429=0.15, rate_503=0.1, retry_after=1)
+    seller = market.seller_ids()[2]
+    account = market.onboard(seller)
+    client = market.client(RetryPolicy(attempts=8, base_delay=0.01, max_delay=0.05, max_retry_after=0.05))
+    result = sync_account(pg_engine, client, account, SyncResources.both, OPTIONS)
+    assert result.status == "synced"
+    assert result.retries > 0 and result.throttled > 0 and result.server_errors > 0
+    assert result.retries == result.throttled + result.server_errors
+    assert set(_stored_orders(pg_engine, seller)) == _truth_order_ids(market, seller)
+    assert _stored_item_ids(pg_engine, seller) == _truth_item_ids(market, seller)
+
+
+def test_windows_split_below_the_offset_cap_and_short_totals_are_reported(pg_engine, emulator_factory):
+    # 600 orders in 60 days with an offset cap of 200: the history must be cut into smaller windows
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=600, max_offset=200, total_underreport=0.2)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    result = sync_account(pg_engine, market.client(orders_offset_cap=200), account, SyncResources.orders, OPTIONS)
+    assert set(_stored_orders(pg_engine, seller)) == _truth_order_ids(market, seller)
+    assert len(result.windows) > 3
+    assert all(w.end - w.start <= timedelta(days=30) for w in result.windows)
+    assert result.mismatched_windows, "the under-reported totals must show as mismatches"
+    assert sum(w.rows_read for w in result.windows) == 600
+    stats = market.control.stats()
+    assert not any(str(status) == "400" for status in stats.get("by_status", {})), stats
+
+
+def test_items_beyond_the_offset_cap_are_scanned_and_an_expired_scroll_restarts_the_scan(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=5, items_per_seller=1_250)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+
+    class ExpiringScroll(MarketplaceClient):
+        calls = 0
+
+        def scan_item_ids(self, token, seller_id, scroll_id, limit=100):
+            ExpiringScroll.calls += 1
+            if ExpiringScroll.calls == 4:
+                market.control.expire_scrolls()
+            return super().scan_item_ids(token, seller_id, scroll_id, limit)
+
+    base = market.client()
+    client = ExpiringScroll(base.http, base.credentials, base.retry)
+    result = sync_account(pg_engine, client, account, SyncResources.items, OPTIONS)
+    assert result.scan_restarts == 1
+    assert _stored_item_ids(pg_engine, seller) == _truth_item_ids(market, seller)
+    assert result.items.new == 1_250
+
+
+def test_a_failure_mid_window_keeps_the_checkpoint_and_the_rerun_completes_without_duplicates(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=400)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    # the 3rd and later order pages fail past every retry: 2 pages (100 orders) are committed, no window ends
+    market.control.add_fault(path_prefix="/orders/search", seller_id=seller, skip=2, times=1000, status=503)
+    options = OPTIONS.__class__(**{**OPTIONS.__dict__, "max_window": timedelta(days=365)})
+    with pytest.raises(AccountSyncFailed) as failed:
+        sync_account(pg_engine, market.client(RetryPolicy(attempts=2, base_delay=0.01)), account,
+                     SyncResources.orders, options)
+    assert failed.value.transient and failed.value.result["status"] == "failed"
+    assert get_checkpoint(pg_engine, seller, "orders") is None, "checkpoint advanced past uncommitted pages"
+    assert len(_stored_orders(pg_engine, seller)) == 100
+    assert get_account(pg_engine, seller).last_sync_status == "failed"
+
+    market.control.clear_faults()
+    result = sync_account(pg_engine, market.client(), account, SyncResources.orders, options)
+    assert result.orders.new == 300 and result.orders.unchanged == 100
+    with pg_engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(MarketplaceOrder).where(MarketplaceOrder.seller_id == seller)).scalar()
+    assert total == 400 and get_checkpoint(pg_engine, seller, "orders") is not None
+
+
+def test_a_dead_refresh_token_parks_the_account_and_later_runs_skip_it(any_database, emulator_factory):
+    market = emulator_factory(any_database)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    market.control.revoke(seller)
+    market.control.expire_tokens(seller_id=seller)
+    with pytest.raises(AccountSyncFailed) as failed:
+        sync_account(any_database, market.client(), account, SyncResources.orders, OPTIONS)
+    assert not failed.value.transient
+    assert failed.value.result["status"] == "needs_reauthorization"
+    parked = get_account(any_database, seller)
+    assert parked.status == AccountStatus.needs_reauthorization.value and "invalid_grant" in parked.status_reason
+    to_sync, skipped = select_accounts(any_database, None)
+    assert seller not in {a.seller_id for a in to_sync}
+    assert [(a.seller_id, "re-authorization" in why) for a, why in skipped] == [(seller, True)]
+    # the owner authorizes again: the same account is active with its data kept
+    assert market.onboard(seller).status == AccountStatus.active.value
+
+
+def test_two_accounts_overlap_in_time_and_the_same_account_never(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine, sellers=2, orders_per_seller=300, latency_ms=40)
+    a, b = market.seller_ids()
+    accounts = {s: market.onboard(s) for s in (a, b)}
+    options = OPTIONS.__class__(**{**OPTIONS.__dict__, "lock_wait_seconds": 0.3})
+    spans: dict[str, tuple[float, float, str]] = {}
+
+    def run(name: str, seller: int) -> None:
+        started = time.monotonic()
+        result = sync_account(pg_engine, market.client(), accounts[seller], SyncResources.orders, options)
+        spans[name] = (started, time.monotonic(), result.status)
+
+    threads = [threading.Thread(target=run, args=args) for args in (("a1", a), ("b", b))]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    second = threading.Thread(target=run, args=("a2", a))
+    second.start()
+    for t in [*threads, second]:
+        t.join()
+    assert spans["a1"][2] == spans["b"][2] == "synced"
+    assert spans["a1"][0] < spans["b"][1] and spans["b"][0] < spans["a1"][1], "different accounts did not overlap"
+    assert spans["a2"][2] == "skipped", "the same account was synced twice at once"
+    assert spans["a2"][1] < spans["a1"][1]
