@@ -36,7 +36,15 @@ def _task_overheads(flow_run_id, reports: list[dict]) -> float:
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
         ids = [flow_run_id, *[c.id for c in children]]
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)), limit=10_000)
+        runs, offset = [], 0
+        while True:  # the API pages task runs by at most 200
+            page = client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=ids)), limit=200, offset=offset
+            )
+            runs += page
+            offset += len(page)
+            if len(page) < 200:
+                break
     durations = [(r.end_time - r.start_time).total_seconds() for r in runs if r.start_time and r.end_time]
     domain = sum(r.get("seconds", 0.0) for r in reports)
     return (sum(durations) - domain) / max(1, len(durations))
@@ -45,7 +53,7 @@ def _task_overheads(flow_run_id, reports: list[dict]) -> float:
 def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float, concurrency: int) -> dict:
     from benchmarks.run import PeakMemory
     from deployments.stack import start_local_stack
-    from emulators.marketplace import EmulatorConfig, EmulatorControl, start_emulator_process, stop_emulator_process
+    from emulators.marketplace import EmulatorConfig, start_emulator_process, stop_emulator_process
     from operations.infra.database import get_engine, migrate_to_head
     from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
     from operations.settings import get_settings
@@ -93,9 +101,9 @@ def _measure(base_url, config, engine, accounts, latency_ms, concurrency, settin
     )
     app.save(block_name, overwrite=True)
     os.environ["MARKETPLACE_APP_BLOCK"] = block_name
-    sellers = [s["seller_id"] for s in control.sellers()]
+    sellers = [(s["seller_id"], s["nickname"]) for s in control.sellers()]
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda s: onboard_from_code(engine, app.client(), control.authorize(s)), sellers))
+        list(pool.map(lambda s: onboard_from_code(engine, app.client(), control.authorize(s[0]), s[1]), sellers))
     figures: dict = {"accounts": accounts, "latency_ms": latency_ms, "concurrency": concurrency}
 
     for runner in ("threads", "dask"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from operations.infra.processes import (
+    stop_detached_service,
     folder_lock,
     free_port,
     pid_alive,
@@ -105,13 +106,4 @@ def ensure_prefect_server(prefect_dir: Path, port: int | None = None, timeout: f
 
 def stop_prefect_server(prefect_dir: Path, timeout: float = 20.0) -> bool:
     """Stop this folder's server. True if one was running."""
-    prefect_dir = Path(prefect_dir).resolve()
-    with folder_lock(prefect_dir):
-        state = read_state(prefect_dir / STATE_FILE)
-        if state is None:
-            return False
-        (prefect_dir / STATE_FILE).unlink(missing_ok=True)
-        if not pid_alive(state["pid"]):
-            return False
-        stop_process_group(state["pid"], timeout)
-        return True
+    return stop_detached_service(prefect_dir, STATE_FILE, timeout)

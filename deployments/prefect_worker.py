@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from operations.infra.processes import folder_lock, pid_alive, read_state, stop_process_group, tail, write_state
+from operations.infra.processes import stop_detached_service, folder_lock, pid_alive, read_state, stop_process_group, tail, write_state
 
 STATE_FILE = "prefect-worker.json"
 LOCAL_WORK_POOL = "operations-local"
@@ -129,11 +129,4 @@ def ensure_prefect_worker(
 
 def stop_prefect_worker(worker_dir: Path, timeout: float = 30.0) -> bool:
     """Stop this folder's worker and the flow runs it started (its process group). True if one was running."""
-    worker_dir = Path(worker_dir).resolve()
-    with folder_lock(worker_dir):
-        state = read_state(worker_dir / STATE_FILE)
-        (worker_dir / STATE_FILE).unlink(missing_ok=True)
-        if not state or not pid_alive(state["pid"]):
-            return False
-        stop_process_group(state["pid"], timeout)
-        return True
+    return stop_detached_service(worker_dir, STATE_FILE, timeout)

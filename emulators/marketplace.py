@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, urlencode
 
 import httpx
@@ -52,11 +52,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from operations.infra.processes import (
+    stop_detached_service,
     folder_lock,
     free_port,
     pid_alive,
     read_state,
-    stop_process_group,
     tail,
     write_state,
 )
@@ -1190,14 +1190,7 @@ def start_emulator_process(
 
 def stop_emulator_process(state_dir: Path, timeout: float = 10.0) -> bool:
     """Stop this folder's emulator process. True if one was running."""
-    state_dir = Path(state_dir).resolve()
-    with folder_lock(state_dir):
-        state = read_state(state_dir / STATE_FILE)
-        (state_dir / STATE_FILE).unlink(missing_ok=True)
-        if not state or not pid_alive(state["pid"]):
-            return False
-        stop_process_group(state["pid"], timeout)
-        return True
+    return stop_detached_service(state_dir, STATE_FILE, timeout)
 
 
 # -- control client --------------------------------------------------------------------------------------

@@ -64,11 +64,9 @@ def sync_accounts(
     """Map one task per account on this flow's task runner and wait for every one of them; failed accounts
     come back as their partial reports with `status` failed (or needs_reauthorization) and the error."""
     logger = get_run_logger()
-    task = sync_marketplace_account.with_options(
-        timeout_seconds=options.timeout_seconds + 30,  # backstop: the domain stops itself at timeout_seconds
-        retries=retries,
-        retry_delay_seconds=retry_delay_seconds,
-    )
+    # No Prefect timeout_seconds: it cannot interrupt a blocking call in a worker thread. The domain stops
+    # the account itself at options.timeout_seconds, and every HTTP/database call has its own timeout.
+    task = sync_marketplace_account.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = task.map(
         accounts, unmapped(app), unmapped(database_url), unmapped(resources), unmapped(options),
         unmapped(full_resync_from),

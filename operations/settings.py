@@ -73,8 +73,9 @@ class Settings(BaseSettings):
         "process). Unset: an embedded PostgreSQL is started under DATA_DIR/postgres.",
     )
     database_pool_size: int = Field(
-        default=5, ge=1, le=100,
-        description="Connections per process pool (each flow, worker and Dask worker process has its own pool).",
+        default=10, ge=1, le=100,
+        description="Connections per process pool (each flow, worker and Dask worker process has its own pool); "
+        "at least MARKETPLACE_CONCURRENCY, or account tasks wait for connections.",
     )
     database_max_overflow: int = Field(
         default=0, ge=0, le=100, description="Extra connections a process pool may open beyond its size when busy."

@@ -31,7 +31,7 @@ def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 # Dask recomputing a finished task needs no cache; NO_CACHE also keeps the block out of cache keys.
 @task(
     name="sync-account",
-    task_run_name="sync-{account.nickname}-{account.seller_id}",
+    task_run_name="sync-{account.label}",
     retries=2,
     retry_delay_seconds=[5, 20],
     retry_jitter_factor=0.5,

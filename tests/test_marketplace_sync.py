@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -249,7 +249,8 @@ def test_a_dead_refresh_token_parks_the_account_and_later_runs_skip_it(any_datab
 
 
 def test_two_accounts_overlap_in_time_and_the_same_account_never(pg_engine, emulator_factory):
-    market = emulator_factory(pg_engine, sellers=2, orders_per_seller=300, latency_ms=40)
+    # each sync takes over a second (12+ pages at 60 ms), far longer than the second run's 0.3 s lock wait
+    market = emulator_factory(pg_engine, sellers=2, orders_per_seller=600, latency_ms=60)
     a, b = market.seller_ids()
     accounts = {s: market.onboard(s) for s in (a, b)}
     options = OPTIONS.__class__(**{**OPTIONS.__dict__, "lock_wait_seconds": 0.3})

@@ -27,7 +27,11 @@ def _command(env: dict, *args: str, timeout: float = 300) -> subprocess.Complete
 def operator_env(tmp_path_factory):
     """The environment of an operator's shell: nothing configured, all state under a fresh DATA_DIR."""
     root = tmp_path_factory.mktemp("operator-commands")
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "DATABASE_URL", "MARKETPLACE_API_URL")
+    }
     env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output")})
     yield env
     _command(env, "deployments.stack", "down")
@@ -64,8 +68,65 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
     assert run["state_type"] == "COMPLETED", run["state"]
     assert run["parameters"] == {"quantity": 3000, "run_key": "from-the-shell"}
 
+    _marketplace_accounts_from_the_shell(operator_env, first.stdout, api)
+
     down = _command(operator_env, "deployments.stack", "down")
-    assert down.returncode == 0 and "prefect worker, prefect server, embedded redis" in down.stdout, down.stdout
+    assert down.returncode == 0, down.stdout
+    assert "prefect worker, prefect server, embedded redis, embedded postgres, marketplace emulator" in down.stdout
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
     assert "not running" in _command(operator_env, "deployments.stack", "status").stdout
+
+
+def _wait_run(api: str, flow_run_id: str) -> dict:
+    deadline = time.monotonic() + 180
+    while (run := httpx.get(f"{api}/flow_runs/{flow_run_id}").json())["state_type"] not in (
+        "COMPLETED", "FAILED", "CRASHED", "CANCELLED"
+    ):
+        assert time.monotonic() < deadline, run["state_name"]
+        time.sleep(0.5)
+    return run
+
+
+def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) -> None:
+    """The stack's own emulator and embedded PostgreSQL: add, import, list, deactivate accounts, then a sync of
+    one account started from the shell."""
+    from emulators.marketplace import EmulatorControl
+
+    url = re.search(r"Marketplace:\s+(\S+?),? \(emulator\)", up_output).group(1)
+    control = EmulatorControl(url)
+    first, second = [s["seller_id"] for s in control.sellers()[:2]]
+    added = _command(env, "deployments.marketplace_accounts", "add", "--code", control.authorize(first),
+                     "--nickname", "shop-one")
+    assert added.returncode == 0 and f"seller {first} (shop-one) is active" in added.stdout, added.stderr
+    reused = _command(env, "deployments.marketplace_accounts", "add", "--code", "spent-code")
+    assert reused.returncode == 2 and "invalid_grant" in reused.stderr, reused.stderr
+
+    # adopt an account whose refresh token "the old system" holds: read from stdin, rotated at once
+    code = control.authorize(second)
+    import httpx as _httpx
+
+    grant = _httpx.post(f"{url}/oauth/token", data={
+        "grant_type": "authorization_code", "client_id": "emulated-app", "client_secret": "emulated-secret",
+        "code": code, "redirect_uri": control.config()["redirect_uri"],
+    }).json()
+    imported = subprocess.run(
+        [sys.executable, "-m", "deployments.marketplace_accounts", "import", "--nickname", "shop-two"],
+        cwd=PROJECT_ROOT, env=env, input=grant["refresh_token"] + "\n", capture_output=True, text=True, timeout=120,
+    )
+    assert imported.returncode == 0 and f"seller {second} (shop-two) is active" in imported.stdout, imported.stderr
+    assert grant["refresh_token"] not in imported.stdout + imported.stderr
+
+    deactivated = _command(env, "deployments.marketplace_accounts", "deactivate", str(second))
+    assert deactivated.returncode == 0, deactivated.stderr
+    listing = _command(env, "deployments.marketplace_accounts", "list").stdout
+    assert re.search(rf"{first}\s+shop-one\s+active", listing) and re.search(rf"{second}\s+shop-two\s+inactive", listing)
+
+    started = _command(env, "deployments.start_run", "sync-marketplace/on-demand",
+                       "--parameters", f'{{"accounts": [{first}], "resources": "orders"}}')
+    assert started.returncode == 0, started.stderr
+    flow_run_id = re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1)
+    run = _wait_run(api, flow_run_id)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    listing = _command(env, "deployments.marketplace_accounts", "list").stdout
+    assert re.search(rf"{first}\s+shop-one\s+active\s+\S+ \S+ UTC\s+synced", listing), listing

@@ -15,8 +15,6 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from blocks.marketplace_app import MarketplaceApp
-from marketplace_fixtures import clear_marketplace_tables
-from operations.infra.database import get_engine
 from operations.marketplace.models import MarketplaceAccount, MarketplaceOrder
 from operations.marketplace.store import count_rows
 from operations.settings import PROJECT_ROOT

@@ -209,7 +209,7 @@ def upsert_statement(
     else:
         raise ValueError(f"upsert_statement supports postgresql and sqlite, not {dialect!r}")
     table = getattr(table, "__table__", table)
-    if not rows:
+    if rows is not _EXECUTEMANY and not rows:
         raise ValueError(f"upsert into {table.name}: no rows")
     if not key_columns:
         raise ValueError(f"upsert into {table.name}: key_columns is empty")
@@ -218,7 +218,10 @@ def upsert_statement(
     if unknown:
         raise ValueError(f"upsert into {table.name}: unknown columns {unknown}; it has {list(table.c.keys())}")
     # without preserve_rowcount, SQLAlchemy reads an INSERT's rowcount after closing the cursor (-1 on psycopg)
-    statement = insert(table).values(rows).execution_options(preserve_rowcount=True)
+    statement = insert(table)
+    if rows is not _EXECUTEMANY:
+        statement = statement.values(rows)
+    statement = statement.execution_options(preserve_rowcount=True)
     if not update_columns:
         return statement.on_conflict_do_nothing(index_elements=key_columns)
     where = None
@@ -230,6 +233,32 @@ def upsert_statement(
         set_={name: statement.excluded[name] for name in update_columns},
         where=where,
     )
+
+
+_EXECUTEMANY: Any = object()  # rows=_EXECUTEMANY: a statement without VALUES, for executemany parameters
+
+
+@lru_cache(maxsize=256)
+def _cached_upsert(dialect: str, table: Table, key_columns: tuple, update_columns: tuple, only_if_newer: str | None):
+    return upsert_statement(dialect, table, _EXECUTEMANY, list(key_columns), list(update_columns), only_if_newer)
+
+
+def upsert_rows(
+    conn: Connection,
+    table: Table | type[Base],
+    rows: list[dict[str, Any]],
+    key_columns: list[str],
+    update_columns: list[str],
+    only_if_newer: str | None = None,
+) -> None:
+    """Execute the upsert of `upsert_statement` for many rows at once: one cached statement sent as an
+    executemany (psycopg pipelines it; its text is parsed once). Compiling a statement with the rows
+    inlined costs ~20 ms per 50 rows; this compiles once per process. Rows share their keys."""
+    if not rows:
+        return
+    table = getattr(table, "__table__", table)
+    statement = _cached_upsert(conn.dialect.name, table, tuple(key_columns), tuple(update_columns), only_if_newer)
+    conn.execute(statement, rows)
 
 
 # -- migrations ---------------------------------------------------------------------------------------------

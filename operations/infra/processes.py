@@ -98,3 +98,16 @@ def stop_process_group(pid: int, timeout: float) -> None:
         except ProcessLookupError:
             pass
     reap(pid)
+
+
+def stop_detached_service(folder: Path, state_file: str, timeout: float) -> bool:
+    """Stop the detached service whose state file (with its `pid`) is in `folder`: its process group gets
+    SIGTERM, then SIGKILL after `timeout` seconds. True if one was running."""
+    folder = Path(folder).resolve()
+    with folder_lock(folder):
+        state = read_state(folder / state_file)
+        (folder / state_file).unlink(missing_ok=True)
+        if not state or not pid_alive(state["pid"]):
+            return False
+        stop_process_group(state["pid"], timeout)
+        return True

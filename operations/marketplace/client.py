@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import httpx
+import orjson
 from pydantic import SecretStr
 
 from operations.infra.http import RetryPolicy, is_transient_status, TRANSIENT_ERRORS
@@ -135,6 +136,16 @@ def parse_time(value: str | None) -> datetime | None:
     return parsed.astimezone(timezone.utc)
 
 
+def _json(response: httpx.Response) -> Any:
+    """The body as JSON (orjson: pages of orders decode ~5x faster than with the json module)."""
+    try:
+        return orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        raise MarketplaceError(
+            f"{response.request.url.path}: {response.status_code} answer is not JSON: {response.text[:200]!r}"
+        ) from None
+
+
 def _error_fields(response: httpx.Response) -> tuple[str, str]:
     """(error code, human message) from an error body; older answers put the text under `message`."""
     try:
@@ -209,7 +220,7 @@ class MarketplaceClient:
         response = self._send(
             "POST", "/oauth/token", data=body, headers={"Accept": "application/json"}
         )
-        data = response.json()
+        data = _json(response)
         try:
             return TokenGrant(
                 access_token=SecretStr(data["access_token"]),
@@ -258,7 +269,7 @@ class MarketplaceClient:
                 "limit": limit,
             },
         )
-        return response.json()
+        return _json(response)
 
     def search_item_ids(
         self, token: SecretStr, seller_id: int, offset: int = 0, limit: int = ITEMS_PAGE_LIMIT
@@ -267,7 +278,7 @@ class MarketplaceClient:
         response = self._send(
             "GET", f"/users/{seller_id}/items/search", token=token, params={"offset": offset, "limit": limit}
         )
-        return response.json()
+        return _json(response)
 
     def scan_item_ids(
         self, token: SecretStr, seller_id: int, scroll_id: str | None, limit: int = ITEMS_PAGE_LIMIT
@@ -277,7 +288,7 @@ class MarketplaceClient:
         if scroll_id:
             params["scroll_id"] = scroll_id
         response = self._send("GET", f"/users/{seller_id}/items/search", token=token, params=params)
-        return response.json()
+        return _json(response)
 
     def get_items(self, token: SecretStr, ids: Iterable[str]) -> tuple[list[dict[str, Any]], list[str]]:
         """Details of up to 20 items: (found items, ids answered 404). Accepts `code` (/items) and
@@ -287,7 +298,7 @@ class MarketplaceClient:
             raise ValueError(f"get_items takes 1 to {ITEMS_DETAIL_BATCH} ids, not {len(ids)}")
         response = self._send("GET", "/items", token=token, params={"ids": ",".join(ids)})
         found, missing = [], []
-        for requested, entry in zip(ids, response.json()):
+        for requested, entry in zip(ids, _json(response)):
             code = entry.get("code", entry.get("status_code"))
             if code == 200 and isinstance(entry.get("body"), dict):
                 found.append(entry["body"])

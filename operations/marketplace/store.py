@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, delete, func, select, text, update
 from sqlalchemy.pool import NullPool
 
-from operations.infra.database import upsert_statement
+from operations.infra.database import upsert_rows, upsert_statement
 from operations.marketplace.client import InvalidGrant, TokenGrant, parse_time
 from operations.marketplace.models import (
     AccountStatus,
@@ -382,12 +382,7 @@ def advance_checkpoint(engine: Engine, seller_id: int, resource: str, watermark:
     """Move the checkpoint forward (never back): called after the rows it covers are committed."""
     row = {"seller_id": seller_id, "resource": resource, "watermark": utc(watermark), "updated_at": now_utc()}
     with engine.begin() as conn:
-        conn.execute(
-            upsert_statement(
-                engine, CHECKPOINTS, [row], ["seller_id", "resource"], ["watermark", "updated_at"],
-                only_if_newer="watermark",
-            )
-        )
+        upsert_rows(conn, CHECKPOINTS, [row], ["seller_id", "resource"], ["watermark", "updated_at"], "watermark")
 
 
 # -- orders and items --------------------------------------------------------------------------------------
@@ -509,6 +504,18 @@ _LINE_UPDATE = [c.name for c in ORDER_LINES.columns if c.name not in ("order_id"
 _ITEM_UPDATE = [c.name for c in ITEMS.columns if c.name not in ("id",)]
 
 
+def _upsert_classified(
+    conn, table, key: str, stamp: str, rows: list[dict[str, Any]], update_columns: list[str]
+) -> tuple[UpsertCounts, set]:
+    """Upsert the rows that are new or newer than what is stored (the statement itself also refuses to
+    overwrite with an older `stamp`); (new / updated / unchanged counts, changed keys). Reading the stored
+    stamps first costs one indexed SELECT; asking the INSERT itself (RETURNING xmax) was measured slower: its
+    statement text changes with every batch, and psycopg parses it again each time."""
+    counts, changed = _classify(conn, table, key, stamp, rows)
+    upsert_rows(conn, table, [r for r in rows if r[key] in changed], [key], update_columns, only_if_newer=stamp)
+    return counts, changed
+
+
 def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) -> UpsertCounts:
     """Upsert one page of orders and their lines in one transaction; an order is only overwritten by a newer
     `date_last_updated`, so the same page twice changes nothing."""
@@ -518,22 +525,13 @@ def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) 
     rows = _newest_by_key([order_row(seller_id, o, synced_at) for o in orders], "id", "date_last_updated")
     by_id = {int(o["id"]): o for o in orders}
     with engine.begin() as conn:
-        counts, changed = _classify(conn, ORDERS, "id", "date_last_updated", rows)
+        counts, changed = _upsert_classified(conn, ORDERS, "id", "date_last_updated", rows, _ORDER_UPDATE)
         if changed:
-            write = [r for r in rows if r["id"] in changed]
-            conn.execute(
-                upsert_statement(engine, ORDERS, write, ["id"], _ORDER_UPDATE, only_if_newer="date_last_updated")
-            )
+            # the lines of a new or newer order are replaced whole (an order may lose lines)
+            if counts.updated:
+                conn.execute(delete(ORDER_LINES).where(ORDER_LINES.c.order_id.in_(sorted(changed))))
             lines = [line for order_id in changed for line in order_line_rows(by_id[order_id])]
-            if lines:
-                conn.execute(upsert_statement(engine, ORDER_LINES, lines, ["order_id", "line"], _LINE_UPDATE))
-            for order_id in changed:  # an order that lost lines
-                conn.execute(
-                    delete(ORDER_LINES).where(
-                        ORDER_LINES.c.order_id == order_id,
-                        ORDER_LINES.c.line >= len(by_id[order_id].get("order_items") or []),
-                    )
-                )
+            upsert_rows(conn, ORDER_LINES, lines, ["order_id", "line"], _LINE_UPDATE)
     return counts
 
 
@@ -544,10 +542,7 @@ def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) ->
     synced_at = now_utc()
     rows = _newest_by_key([item_row(seller_id, i, synced_at) for i in items], "id", "last_updated")
     with engine.begin() as conn:
-        counts, changed = _classify(conn, ITEMS, "id", "last_updated", rows)
-        if changed:
-            write = [r for r in rows if r["id"] in changed]
-            conn.execute(upsert_statement(engine, ITEMS, write, ["id"], _ITEM_UPDATE, only_if_newer="last_updated"))
+        counts, _ = _upsert_classified(conn, ITEMS, "id", "last_updated", rows, _ITEM_UPDATE)
     return counts
 
 
