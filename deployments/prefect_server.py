@@ -8,21 +8,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from operations.infra.processes import (
-    stop_detached_service,
     folder_lock,
     free_port,
     pid_alive,
     port_free,
     read_state,
-    stop_process_group,
-    tail,
+    stop_detached_service,
+    wait_until_ready,
     write_state,
 )
 
@@ -94,12 +92,10 @@ def ensure_prefect_server(prefect_dir: Path, port: int | None = None, timeout: f
                 start_new_session=True,
             )
         api_url = f"http://127.0.0.1:{port}/api"
-        deadline = time.monotonic() + timeout
-        while not _healthy(api_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_process_group(process.pid, 5)
-                raise RuntimeError(f"prefect server did not become healthy on {api_url}:\n{tail(log)}")
-            time.sleep(0.5)
+        wait_until_ready(
+            process, lambda: _healthy(api_url), timeout, log, f"prefect server did not become healthy on {api_url}",
+            poll=0.5,
+        )
         write_state(prefect_dir / STATE_FILE, {"port": port, "pid": process.pid})
         return PrefectServer(api_url, f"http://127.0.0.1:{port}", port, process.pid, True)
 

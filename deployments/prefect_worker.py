@@ -10,13 +10,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from operations.infra.processes import stop_detached_service, folder_lock, pid_alive, read_state, stop_process_group, tail, write_state
+from operations.infra.processes import folder_lock, pid_alive, read_state, stop_detached_service, stop_process_group, wait_until_ready, write_state
 
 STATE_FILE = "prefect-worker.json"
 LOCAL_WORK_POOL = "operations-local"
@@ -117,12 +116,10 @@ def ensure_prefect_worker(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while not _worker_online(api_url, pool, name):
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_process_group(process.pid, 5)
-                raise RuntimeError(f"prefect worker did not come online on pool {pool!r}:\n{tail(log)}")
-            time.sleep(0.5)
+        wait_until_ready(
+            process, lambda: _worker_online(api_url, pool, name), timeout, log,
+            f"prefect worker did not come online on pool {pool!r}", poll=0.5,
+        )
         write_state(worker_dir / STATE_FILE, {"pid": process.pid, "pool": pool, "api_url": api_url, "name": name})
         return PrefectWorker(name, pool, process.pid, True)
 

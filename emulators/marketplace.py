@@ -52,12 +52,12 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from operations.infra.processes import (
-    stop_detached_service,
     folder_lock,
     free_port,
     pid_alive,
     read_state,
-    tail,
+    stop_detached_service,
+    wait_until_ready,
     write_state,
 )
 
@@ -1175,12 +1175,10 @@ def start_emulator_process(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + start_timeout
-        while _health(port) is None:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"the marketplace emulator did not start on 127.0.0.1:{port}:\n{tail(log)}")
-            time.sleep(0.1)
+        wait_until_ready(
+            process, lambda: _health(port) is not None, start_timeout, log,
+            f"the marketplace emulator did not start on 127.0.0.1:{port}",
+        )
         write_state(state_dir / STATE_FILE, {"port": port, "pid": process.pid})
         base_url = f"http://127.0.0.1:{port}"
         return RunningEmulator(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from operations.infra.processes import folder_lock, free_port, pid_alive, read_state, reap, tail, write_state
+from operations.infra.processes import folder_lock, free_port, pid_alive, read_state, reap, wait_until_ready, write_state
 from operations.settings import Settings
 
 STATE_FILE = "embedded-redis.json"
@@ -82,12 +82,10 @@ def ensure_embedded_redis(redis_dir: Path, start_timeout: float = 10.0) -> Embed
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + start_timeout
-        while not _ping(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"embedded redis-server did not start on 127.0.0.1:{port}:\n{tail(log)}")
-            time.sleep(0.05)
+        wait_until_ready(
+            process, lambda: _ping(port), start_timeout, log,
+            f"embedded redis-server did not start on 127.0.0.1:{port}", poll=0.05,
+        )
         write_state(redis_dir / STATE_FILE, {"port": port, "pid": process.pid})
         return EmbeddedRedis(f"redis://127.0.0.1:{port}/0", port, process.pid, True)
 

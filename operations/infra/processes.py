@@ -8,10 +8,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def free_port() -> int:
@@ -111,3 +112,16 @@ def stop_detached_service(folder: Path, state_file: str, timeout: float) -> bool
             return False
         stop_process_group(state["pid"], timeout)
         return True
+
+
+def wait_until_ready(
+    process: subprocess.Popen, ready: Callable[[], bool], timeout: float, log: Path, what: str, poll: float = 0.1
+) -> None:
+    """Wait for a just-started detached service to answer; if it exits or `timeout` passes first, stop its
+    process group and raise with the end of its log."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(process.pid, 5)
+            raise RuntimeError(f"{what}:\n{tail(log)}")
+        time.sleep(poll)
