@@ -4,7 +4,8 @@ ACCOUNTS seller accounts x ORDERS orders + ITEMS items each, the emulator in its
 request after LATENCY ms, CONCURRENCY accounts at a time:
 - wall time of `sync-marketplace` on the thread pool and on Dask, against the floor (requests x latency /
   concurrency) and against the old behaviour (the same accounts synced one after another, measured here);
-- Prefect's overhead per account task (task run time outside the sync code), and the peak memory.
+- Prefect's overhead per account task (task run time outside the sync code), and the peak memory;
+- `onboard-account`: seconds per flow run against the same onboarding code called without a flow run.
 Each measured sync starts from empty order/item tables and checkpoints, so every run does the same requests.
 """
 
@@ -16,14 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sqlalchemy import text
-
-
-def _reset_data(engine) -> None:
-    with engine.begin() as conn:
-        for table in ("marketplace_order_lines", "marketplace_orders", "marketplace_items",
-                      "marketplace_sync_checkpoints"):
-            conn.execute(text(f"DELETE FROM {table}"))
 
 
 def _task_overheads(flow_run_id, reports: list[dict]) -> float:
@@ -51,15 +44,15 @@ def _task_overheads(flow_run_id, reports: list[dict]) -> float:
 
 
 def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float, concurrency: int) -> dict:
-    from benchmarks.run import PeakMemory
     from deployments.stack import start_local_stack
     from emulators.marketplace import EmulatorConfig, start_emulator_process, stop_emulator_process
     from operations.infra.database import get_engine, migrate_to_head
     from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
+    from operations.marketplace.store import clear_marketplace_data
     from operations.settings import get_settings
 
     settings = get_settings()
-    start_local_stack(settings)
+    start_local_stack(settings)  # the Prefect server; the sync gets a database of its own below
     if settings.database_url:
         url = settings.database_url.get_secret_value()
     else:
@@ -69,28 +62,27 @@ def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float,
     os.environ["DATABASE_URL"] = url
     os.environ["MARKETPLACE_CONCURRENCY"] = str(concurrency)
     engine = get_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM marketplace_accounts"))
+    clear_marketplace_data(engine, accounts=True)
     state_dir = Path(tempfile.mkdtemp(prefix="marketplace-bench-"))
     config = EmulatorConfig(
         sellers=accounts, orders_per_seller=orders, items_per_seller=items, latency_ms=latency_ms, seed=11
     )
     emulator = start_emulator_process(config, state_dir)
     try:
-        return _measure(emulator.base_url, config, engine, accounts, latency_ms, concurrency, settings, PeakMemory)
+        return _measure(emulator.base_url, config, engine, latency_ms, concurrency, settings)
     finally:
         stop_emulator_process(state_dir)
 
 
-def _measure(base_url, config, engine, accounts, latency_ms, concurrency, settings, PeakMemory) -> dict:
-    from emulators.marketplace import EmulatorControl
-    from operations import settings as settings_module
+def _measure(base_url, config, engine, latency_ms, concurrency, settings) -> dict:
     from pydantic import SecretStr
 
+    from benchmarks.run import PeakMemory
     from blocks.marketplace_app import MarketplaceApp
+    from emulators.marketplace import EmulatorControl
     from flows.sync_marketplace import sync_options
-    from operations.marketplace.onboarding import onboard_from_code
-    from operations.marketplace.store import list_accounts
+    from operations import settings as settings_module
+    from operations.marketplace.store import clear_marketplace_data, list_accounts
     from operations.marketplace.sync import SyncResources, sync_account
 
     control = EmulatorControl(base_url)
@@ -101,13 +93,11 @@ def _measure(base_url, config, engine, accounts, latency_ms, concurrency, settin
     )
     app.save(block_name, overwrite=True)
     os.environ["MARKETPLACE_APP_BLOCK"] = block_name
-    sellers = [(s["seller_id"], s["nickname"]) for s in control.sellers()]
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda s: onboard_from_code(engine, app.client(), control.authorize(s[0]), s[1]), sellers))
-    figures: dict = {"accounts": accounts, "latency_ms": latency_ms, "concurrency": concurrency}
+    figures: dict = {"accounts": config.sellers, "latency_ms": latency_ms, "concurrency": concurrency}
+    figures["onboarding"] = _onboard_all(control, engine, app, concurrency)
 
     for runner in ("threads", "dask"):
-        _reset_data(engine)
+        clear_marketplace_data(engine)
         os.environ["MARKETPLACE_TASK_RUNNER"] = runner
         settings_module.get_settings.cache_clear()
         from flows.sync_marketplace import sync_marketplace
@@ -121,18 +111,14 @@ def _measure(base_url, config, engine, accounts, latency_ms, concurrency, settin
             raise SystemExit(f"sync-marketplace on {runner} failed: {state.message}")
         requests = control.stats()["total"]
         floor = requests * latency_ms / 1000 / concurrency
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            flow_run = client.read_flow_run(state.state_details.flow_run_id)
-        reports = _reports_of(flow_run.id)
+        flow_run_id = state.state_details.flow_run_id
         figures[runner] = {
             "wall": wall, "requests": requests, "floor": floor, "ratio": wall / floor,
-            "task_overhead": _task_overheads(flow_run.id, reports), "peak_bytes": memory.peak,
+            "task_overhead": _task_overheads(flow_run_id, _reports_of(flow_run_id)), "peak_bytes": memory.peak,
         }
 
     # the old behaviour: one account after another, same code, no orchestration
-    _reset_data(engine)
+    clear_marketplace_data(engine)
     options = sync_options(settings)
     control.reset_stats()
     started = time.perf_counter()
@@ -140,6 +126,35 @@ def _measure(base_url, config, engine, accounts, latency_ms, concurrency, settin
         sync_account(engine, app.client(), account, SyncResources.both, options)
     figures["sequential"] = {"wall": time.perf_counter() - started, "requests": control.stats()["total"]}
     return figures
+
+
+ONBOARDED_BY_FLOW = 20
+
+
+def _onboard_all(control, engine, app, concurrency: int) -> dict:
+    """Onboard every emulated seller. The first ONBOARDED_BY_FLOW one at a time through the `onboard-account`
+    flow (as operators do from the UI), as many more one at a time by the domain call alone (the baseline:
+    the same code with no flow run around it), the rest in parallel (set-up, not measured)."""
+    from flows.onboard_account import onboard_account
+    from operations.marketplace.onboarding import onboard_from_code
+
+    sellers = [(s["seller_id"], s["nickname"]) for s in control.sellers()]
+    by_flow, direct, rest = (
+        sellers[:ONBOARDED_BY_FLOW], sellers[ONBOARDED_BY_FLOW : 2 * ONBOARDED_BY_FLOW], sellers[2 * ONBOARDED_BY_FLOW :]
+    )
+    started = time.perf_counter()
+    for seller_id, nickname in by_flow:
+        state = onboard_account(authorization_code=control.authorize(seller_id), nickname=nickname, return_state=True)
+        if not state.is_completed():
+            raise SystemExit(f"onboard-account failed: {state.message}")
+    flow_seconds = (time.perf_counter() - started) / max(1, len(by_flow))
+    started = time.perf_counter()
+    for seller_id, nickname in direct:
+        onboard_from_code(engine, app.client(), control.authorize(seller_id), nickname)
+    direct_seconds = (time.perf_counter() - started) / max(1, len(direct))
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda s: onboard_from_code(engine, app.client(), control.authorize(s[0]), s[1]), rest))
+    return {"by_flow": len(by_flow), "flow_seconds": flow_seconds, "direct": len(direct), "direct_seconds": direct_seconds}
 
 
 def _reports_of(flow_run_id) -> list[dict]:
@@ -173,3 +188,9 @@ def print_marketplace(figures: dict) -> None:
             f"peak memory {f['peak_bytes'] / 2**20:,.0f} MiB"
         )
     print(f"  baseline, one account after another (the old system): {seq['wall']:.1f} s for {seq['requests']:,} requests")
+    o = figures["onboarding"]
+    print(
+        f"onboard-account, one seller at a time: {o['flow_seconds'] * 1000:.0f} ms per flow run ({o['by_flow']} runs); "
+        f"baseline, the same code without a flow run: {o['direct_seconds'] * 1000:.0f} ms ({o['direct']} sellers); "
+        f"Prefect's cost per onboarding {(o['flow_seconds'] - o['direct_seconds']) * 1000:.0f} ms"
+    )

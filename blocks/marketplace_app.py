@@ -90,3 +90,14 @@ client = app.client()  # a MarketplaceClient over this process's shared httpx.Cl
             raise ValueError("the MarketplaceApp block has no client_id/client_secret: fill them in and save it")
         http = shared_http_client(self.api_base_url, self.http_settings())
         return MarketplaceClient(http, self.credentials(), self.retry_policy(), stats or RequestStats())
+
+
+def load_marketplace_app(name: str) -> MarketplaceApp:
+    """The saved block `name`, or an error saying how to create it."""
+    try:
+        return MarketplaceApp.load(name)
+    except ValueError:
+        raise ValueError(
+            f"no MarketplaceApp block named {name!r}: `make up` saves one (from MARKETPLACE_* settings, or for "
+            "the local emulator), or create it in the UI (Blocks -> Marketplace App)"
+        ) from None

@@ -38,9 +38,9 @@ def _app(name: str):
     if not api_url:
         raise SystemExit("no Prefect server: set PREFECT_API_URL or run `make up` (the app block lives there)")
     os.environ["PREFECT_API_URL"] = api_url
-    from flows.sync_marketplace import load_app_block  # imports Prefect: only once the API URL is set
+    from blocks.marketplace_app import load_marketplace_app  # imports Prefect: only once the API URL is set
 
-    return load_app_block(name)
+    return load_marketplace_app(name)
 
 
 def _print_accounts(accounts) -> None:

@@ -12,8 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 from typing_extensions import Annotated
 
+from blocks.marketplace_app import load_marketplace_app
 from flows.forms import form_field
-from flows.sync_marketplace import load_app_block
 from operations.infra.database import check_schema_current, get_engine
 from operations.infra.embedded_postgres import resolve_database_url
 from operations.marketplace.onboarding import onboard_from_code
@@ -43,7 +43,7 @@ def onboard_account(
     settings = get_settings()
     engine = get_engine(resolve_database_url(settings))
     check_schema_current(engine)
-    app = load_app_block(app_block or settings.marketplace_app_block)
+    app = load_marketplace_app(app_block or settings.marketplace_app_block)
     account = onboard_from_code(engine, app.client(), authorization_code, nickname, redirect_uri or None)
     logger.info("seller %s (%s) onboarded: %s", account.seller_id, account.nickname or "no nickname", account.status)
     create_markdown_artifact(

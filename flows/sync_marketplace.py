@@ -19,12 +19,12 @@ from prefect.utilities.annotations import unmapped
 from pydantic import Field
 from typing_extensions import Annotated
 
-from blocks.marketplace_app import MarketplaceApp
+from blocks.marketplace_app import MarketplaceApp, load_marketplace_app
 from flows.forms import form_field
 from flows.task_runners import io_task_runner
 from operations.infra.database import check_schema_current, get_engine
 from operations.infra.embedded_postgres import resolve_database_url
-from operations.marketplace.store import AccountView, select_accounts
+from operations.marketplace.store import AccountView, account_label, select_accounts
 from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources
 from operations.settings import Settings, get_settings
 from tasks.marketplace import sync_marketplace_account
@@ -38,16 +38,6 @@ def sync_options(settings: Settings) -> SyncOptions:
         timeout_seconds=settings.marketplace_account_timeout_seconds,
         lock_wait_seconds=settings.marketplace_lock_wait_seconds,
     )
-
-
-def load_app_block(name: str) -> MarketplaceApp:
-    try:
-        return MarketplaceApp.load(name)
-    except ValueError:
-        raise ValueError(
-            f"no MarketplaceApp block named {name!r}: `make up` saves one (from MARKETPLACE_* settings, or for "
-            "the local emulator), or create it in the UI (Blocks -> Marketplace App)"
-        ) from None
 
 
 @flow(name="sync-accounts", log_prints=False)
@@ -90,7 +80,7 @@ def sync_accounts(
 
 
 def _account_line(r: dict) -> str:
-    label = f"{r.get('nickname') or 'seller'}-{r['seller_id']}"
+    label = account_label(r.get("nickname"), r["seller_id"])
     if r["status"] != "synced":
         return f"{label}: {r['status']}: {r.get('error', '')}"
     o, i = r["orders"], r["items"]
@@ -108,12 +98,12 @@ def sync_marketplace(
     resources: SyncResources = form_field(
         SyncResources.both, "What to sync", "Orders, items, or both."
     ),
-    full_resync_from: date | None = Field(
-        default=None,
-        description="Re-read every order last updated since this day (UTC, YYYY-MM-DD), ignoring the "
-        "checkpoints. Empty: incremental from each account's checkpoint (minus the lookback).",
-        # the server checks patterns but not formats: this refuses a non-date with 409 before a run exists
-        json_schema_extra={"title": "Full resync from", "pattern": r"^\d{4}-\d{2}-\d{2}$"},
+    full_resync_from: date | None = form_field(
+        None,
+        "Full resync from",
+        "Re-read every order last updated since this day (UTC, YYYY-MM-DD), ignoring the checkpoints. "
+        "Empty: incremental from each account's checkpoint (minus the lookback).",
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
     ),
     app_block: Annotated[str, Field(max_length=120)] = form_field(
         "", "App block", "Name of the MarketplaceApp block. Empty: MARKETPLACE_APP_BLOCK (marketplace-app)."
@@ -137,7 +127,7 @@ def sync_marketplace(
         logger.warning("%s skipped: %s", account.label, why)
     reports: list[dict] = []
     if to_sync:
-        app = load_app_block(app_block or settings.marketplace_app_block)
+        app = load_marketplace_app(app_block or settings.marketplace_app_block)
         app.client()  # fails here, before any task, when the block lacks credentials
         concurrency = max(1, min(settings.marketplace_concurrency, len(to_sync)))
         runner = io_task_runner(settings, concurrency, settings.marketplace_task_runner)
@@ -160,7 +150,7 @@ def sync_marketplace(
     if failed:
         raise RuntimeError(
             f"{len(failed)} of {len(reports)} account(s) failed: "
-            + "; ".join(f"{r.get('nickname') or 'seller'}-{r['seller_id']}: {r['error']}" for r in failed)
+            + "; ".join(f"{account_label(r.get('nickname'), r['seller_id'])}: {r['error']}" for r in failed)
         )
     return summary
 
@@ -172,7 +162,7 @@ def _publish(reports: list[dict], resources: SyncResources, runner: str, elapsed
     mismatches = []
     for r in reports:
         o, i = r.get("orders") or {}, r.get("items") or {}
-        label = f"{r.get('nickname') or 'seller'}-{r['seller_id']}"
+        label = account_label(r.get("nickname"), r["seller_id"])
         windows = r.get("windows") or []
         bad = [w for w in windows if w["api_total"] != w["rows_read"]]
         mismatches += [(label, w) for w in bad]

@@ -8,20 +8,16 @@ from datetime import timedelta
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
 from operations.infra.database import get_engine
 from operations.infra.http import RetryPolicy, shared_http_client
 from operations.marketplace.client import AppCredentials, MarketplaceClient, RequestStats
 from operations.marketplace.onboarding import onboard_from_code
-from operations.marketplace.store import AccountView
+from operations.marketplace.store import AccountView, clear_marketplace_data
 from operations.marketplace.sync import SyncOptions
 
-MARKETPLACE_TABLES = (
-    "marketplace_order_lines", "marketplace_orders", "marketplace_items", "marketplace_sync_checkpoints",
-    "marketplace_accounts",
-)
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 OPTIONS = SyncOptions(lookback=timedelta(hours=2), initial_history=timedelta(days=90), lock_wait_seconds=5)
 
@@ -47,12 +43,6 @@ class Marketplace:
         return [s["seller_id"] for s in self.control.sellers()]
 
 
-def clear_marketplace_tables(engine: Engine) -> None:
-    with engine.begin() as conn:
-        for table in MARKETPLACE_TABLES:
-            conn.execute(text(f"DELETE FROM {table}"))
-
-
 @pytest.fixture(params=["postgresql", "sqlite"])
 def any_database(request, database_url, tmp_path) -> Engine:
     """The session's PostgreSQL (emptied of marketplace rows) and a fresh, migrated SQLite file."""
@@ -60,14 +50,14 @@ def any_database(request, database_url, tmp_path) -> Engine:
         engine = get_engine(database_url)
     else:
         engine = get_engine(request.getfixturevalue("sqlite_database_url"))
-    clear_marketplace_tables(engine)
+    clear_marketplace_data(engine, accounts=True)
     return engine
 
 
 @pytest.fixture
 def pg_engine(database_url) -> Engine:
     engine = get_engine(database_url)
-    clear_marketplace_tables(engine)
+    clear_marketplace_data(engine, accounts=True)
     return engine
 
 

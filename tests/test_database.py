@@ -33,6 +33,7 @@ from operations.infra.embedded_postgres import (
     ensure_database,
     ensure_embedded_postgres,
     running_embedded_postgres,
+    server_url,
     stop_embedded_postgres,
 )
 from operations.settings import PROJECT_ROOT, Settings
@@ -89,7 +90,7 @@ def test_embedded_postgres_outlives_its_starters_is_reused_and_keeps_data_across
         assert len(str(reused.socket_dir / ".s.PGSQL.5432")) < 100
 
         url = ensure_database(reused, "kept")
-        assert ensure_database(reused, "kept") == url == reused.database_url("kept")
+        assert ensure_database(reused, "kept") == url == server_url(reused.socket_dir, "kept")
         engine = get_engine(url)
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE notes (body text)"))

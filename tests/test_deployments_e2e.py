@@ -17,9 +17,9 @@ from blocks.redis_game_counter import RedisGameCounter
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
-from marketplace_fixtures import Marketplace, clear_marketplace_tables
+from marketplace_fixtures import Marketplace
 from operations.infra.database import get_engine
-from operations.marketplace.store import count_rows, get_account
+from operations.marketplace.store import clear_marketplace_data, count_rows, get_account
 from operations.lottery.generation import chunk_path
 from operations.settings import PROJECT_ROOT, Settings
 from run_checks import assert_operator_form, check_generated_run
@@ -69,7 +69,7 @@ def operator_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     register_blocks(settings, redis_url)
     emulator = run_in_thread(EmulatorConfig(sellers=3, orders_per_seller=100, items_per_seller=20))
     engine = get_engine(database_url)
-    clear_marketplace_tables(engine)
+    clear_marketplace_data(engine, accounts=True)
     market = Marketplace(emulator.base_url, EmulatorControl(emulator.base_url), EmulatorConfig(), engine)
     save_marketplace_app_block(settings, emulator.base_url, market.config)
     for seller in market.seller_ids()[:2]:

@@ -172,14 +172,6 @@ def dispose_engines() -> None:
         engine.dispose()
 
 
-@contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session in one transaction: committed when the block succeeds, rolled back when it raises.
-    Objects stay usable after the block (no expiry on commit)."""
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        yield session
-
-
 # -- upserts ------------------------------------------------------------------------------------------------
 
 

@@ -46,10 +46,6 @@ class EmbeddedPostgres:
     pid: int
     started: bool  # False when an already-running server was reused
 
-    def database_url(self, name: str) -> str:
-        """The SQLAlchemy URL of another database of this server (see `ensure_database` to create it)."""
-        return server_url(self.socket_dir, name)
-
 
 def server_url(socket_dir: Path, database: str) -> str:
     """SQLAlchemy URL of a database of an embedded server, by its socket folder."""

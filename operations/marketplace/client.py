@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
 
 import httpx
@@ -27,15 +27,6 @@ ORDERS_OFFSET_CAP = 10_000  # offset + limit above this is answered 400
 ITEMS_PAGE_LIMIT = 100
 ITEMS_OFFSET_CAP = 1_000  # offset paging of item ids stops here; beyond it, search_type=scan
 ITEMS_DETAIL_BATCH = 20  # ids per GET /items
-
-ORDER_FIELDS = (
-    "id", "status", "status_detail", "date_created", "date_closed", "last_updated", "date_last_updated",
-    "total_amount", "paid_amount", "currency_id", "order_items", "buyer", "shipping", "pack_id", "tags",
-)
-ITEM_FIELDS = (
-    "id", "title", "price", "currency_id", "available_quantity", "sold_quantity", "status", "last_updated",
-    "permalink", "seller_custom_field",
-)
 
 
 class MarketplaceError(Exception):
@@ -88,8 +79,6 @@ class TokenGrant:
     scope: str
 
     def expires_at(self, issued: datetime) -> datetime:
-        from datetime import timedelta
-
         return issued + timedelta(seconds=self.expires_in)
 
 
@@ -118,6 +107,10 @@ class RequestStats:
     def retried(self) -> None:
         with self._lock:
             self.retries += 1
+
+    def refreshed(self) -> None:
+        with self._lock:
+            self.refreshes += 1
 
 
 def _iso(value: datetime) -> str:
@@ -237,7 +230,7 @@ class MarketplaceClient:
 
         Raises InvalidGrant when the refresh token is dead; TransientAPIError when the server never answered
         (then the old refresh token may still be valid: keep it)."""
-        self.stats.refreshes += 1
+        self.stats.refreshed()
         return self._grant({"grant_type": "refresh_token", "refresh_token": refresh_token.get_secret_value()})
 
     def exchange_code(self, code: SecretStr, redirect_uri: str | None = None) -> TokenGrant:
@@ -305,7 +298,3 @@ class MarketplaceClient:
             else:
                 missing.append(requested)
         return found, missing
-
-
-def pick(record: dict[str, Any], fields: Iterable[str]) -> dict[str, Any]:
-    return {name: record.get(name) for name in fields}

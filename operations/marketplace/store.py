@@ -8,6 +8,7 @@ checkpoint moves only after the rows it covers are committed.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -67,6 +68,11 @@ def _local_lock(seller_id: int) -> threading.Lock:
         return _local_locks.setdefault(seller_id, threading.Lock())
 
 
+def account_label(nickname: str | None, seller_id: int) -> str:
+    """How an account is named in task runs, logs and reports: `<nickname>-<seller id>`."""
+    return f"{nickname or 'seller'}-{seller_id}"
+
+
 @dataclass(frozen=True)
 class AccountView:
     """An account as listed and reported: never its tokens."""
@@ -82,7 +88,7 @@ class AccountView:
 
     @property
     def label(self) -> str:
-        return f"{self.nickname or 'seller'}-{self.seller_id}"
+        return account_label(self.nickname, self.seller_id)
 
 
 @dataclass(frozen=True)
@@ -302,8 +308,6 @@ _lock_engines: dict[tuple[int, str], Engine] = {}
 def _lock_engine(engine: Engine) -> Engine:
     """Advisory locks live as long as their connection: one unpooled connection per held lock, so a killed
     process releases its locks at once and the work pool is never held by a lock."""
-    import os
-
     key = (os.getpid(), engine.url.render_as_string(hide_password=False))
     if key not in _lock_engines:
         _lock_engines[key] = create_engine(engine.url, poolclass=NullPool)
@@ -544,6 +548,15 @@ def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) ->
     with engine.begin() as conn:
         counts, _ = _upsert_classified(conn, ITEMS, "id", "last_updated", rows, _ITEM_UPDATE)
     return counts
+
+
+def clear_marketplace_data(engine: Engine, accounts: bool = False) -> None:
+    """Delete every synced order, line, item and checkpoint (and, with `accounts`, the accounts): for
+    benchmarks and tests that start from nothing."""
+    tables = [ORDER_LINES, ORDERS, ITEMS, CHECKPOINTS] + ([ACCOUNTS] if accounts else [])
+    with engine.begin() as conn:
+        for table in tables:
+            conn.execute(delete(table))
 
 
 def count_rows(engine: Engine, seller_id: int | None = None) -> dict[str, int]:

@@ -28,7 +28,6 @@ from operations.marketplace.client import (
     InvalidAccessToken,
     MarketplaceClient,
     MarketplaceError,
-    PermanentAPIError,
     ScrollExpired,
     TransientAPIError,
 )
@@ -37,6 +36,7 @@ from operations.marketplace.store import (
     AccountView,
     TokenState,
     UpsertCounts,
+    account_label,
     account_sync_lock,
     advance_checkpoint,
     get_checkpoint,
@@ -81,8 +81,8 @@ class SyncTimeout(MarketplaceError):
     """The account's sync ran out of its time; its checkpoints keep what was committed."""
 
 
-class AccountBusy(MarketplaceError):
-    """Another run is syncing this account."""
+class WindowTooLarge(MarketplaceError):
+    """One hour holds more orders than the API pages through: they cannot all be read."""
 
 
 class AccountSyncFailed(Exception):
@@ -147,7 +147,7 @@ class AccountSyncResult:
 
     @property
     def label(self) -> str:
-        return f"{self.nickname or 'seller'}-{self.seller_id}"
+        return account_label(self.nickname, self.seller_id)
 
     @property
     def mismatched_windows(self) -> list[WindowReport]:
@@ -208,58 +208,73 @@ class AccountSession:
             return fn(self.tokens.access_token)  # a second 401 propagates
 
 
+def _page_window(
+    session: AccountSession, result: AccountSyncResult, start: datetime, stop: datetime
+) -> tuple[set[int], set[int], int] | None:
+    """One pass over a window, each page upserted: (order ids read, paging totals seen, pages), or None when
+    the window holds more orders than the API pages through (offset + limit above its cap): split it."""
+    client, seller, cap = session.client, session.seller_id, session.client.orders_offset_cap
+    offset, seen, totals, pages = 0, set(), set(), 0
+    while offset + ORDERS_PAGE_LIMIT <= cap:
+        page = session.call(lambda t: client.search_orders(t, seller, start, stop, offset))
+        result.order_pages += 1
+        pages += 1
+        total = int((page.get("paging") or {}).get("total") or 0)
+        totals.add(total)
+        if offset == 0 and total + ORDERS_PAGE_LIMIT > cap and stop - start > HOUR:
+            return None  # split now rather than after paging up to the cap
+        orders = page.get("results") or []
+        if not orders:  # page until empty: paging.total is known to run low for some sellers
+            return seen, totals, pages
+        result.orders.add(upsert_orders(session.engine, seller, orders))
+        seen.update(int(o["id"]) for o in orders)
+        offset += len(orders)
+    return None
+
+
+def _read_window(
+    session: AccountSession, result: AccountSyncResult, start: datetime, stop: datetime, rereads: int
+) -> WindowReport | None:
+    """A window read until its total held still while it was paged (else offsets shifted under the pages and
+    it is read again, at most `rereads` times); None when it must be split."""
+    report = WindowReport(start, stop, api_total=0, rows_read=0, pages=0)
+    for _ in range(rereads + 1):
+        passed = _page_window(session, result, start, stop)
+        if passed is None:
+            return None
+        seen, totals, pages = passed
+        report.pages += pages
+        report.api_total, report.rows_read = max(totals, default=0), len(seen)
+        if len(totals) <= 1:
+            break
+        report.rereads += 1
+    return report
+
+
 def _sync_orders(
     session: AccountSession, result: AccountSyncResult, since: datetime, until: datetime, options: SyncOptions
 ) -> None:
     """Orders last updated in [since, until), window by window; the checkpoint follows each stored window."""
-    engine, client, seller = session.engine, session.client, session.seller_id
-    cap = client.orders_offset_cap
     # The API truncates both ends of the filter to the hour: the last window ends at the next full hour so
     # that the current hour is read, and the checkpoint never passes `until` (the sync's start).
-    end = floor_hour(until) if floor_hour(until) == until else floor_hour(until) + HOUR
+    end = floor_hour(until)
+    if end < until:
+        end += HOUR
     pending = deque(split_windows(floor_hour(since), end, options.max_window))
     while pending:
         start, stop = pending.popleft()
-        report = WindowReport(start, stop, api_total=0, rows_read=0, pages=0)
-        split = False
-        for attempt in range(options.window_rereads + 1):
-            offset, seen, totals = 0, set(), set()
-            while True:
-                if offset + ORDERS_PAGE_LIMIT > cap:
-                    split = True  # the window holds more than the API pages through
-                    break
-                page = session.call(lambda t: client.search_orders(t, seller, start, stop, offset))
-                result.order_pages += 1
-                report.pages += 1
-                total = int((page.get("paging") or {}).get("total") or 0)
-                totals.add(total)
-                if offset == 0 and total + ORDERS_PAGE_LIMIT > cap and stop - start > HOUR:
-                    split = True
-                    break
-                orders = page.get("results") or []
-                if not orders:  # page until empty: paging.total is known to run low for some sellers
-                    break
-                result.orders.add(upsert_orders(engine, seller, orders))
-                seen.update(int(o["id"]) for o in orders)
-                offset += len(orders)
-            if split or len(totals) <= 1:
-                break
-            report.rereads += 1  # the window changed while paged (offsets shifted): read it again
-        if split:
+        report = _read_window(session, result, start, stop, options.window_rereads)
+        if report is None:
             if stop - start <= HOUR:
-                raise PermanentAPIError(
-                    400, "window_too_large",
-                    f"more than {cap:,} orders last updated in the hour from {start:%Y-%m-%d %H:00} UTC",
-                    "/orders/search",
+                raise WindowTooLarge(
+                    f"more than {session.client.orders_offset_cap:,} orders last updated in the hour from "
+                    f"{start:%Y-%m-%d %H:00} UTC: the API cannot page through them"
                 )
-            middle = start + ((stop - start) / 2 // HOUR) * HOUR
-            middle = max(middle, start + HOUR)
-            pending.appendleft((middle, stop))
-            pending.appendleft((start, middle))
+            middle = max(start + ((stop - start) / 2 // HOUR) * HOUR, start + HOUR)
+            pending.extendleft([(middle, stop), (start, middle)])  # the earlier half first
             continue
-        report.api_total, report.rows_read = max(totals, default=0), len(seen)
         result.windows.append(report)
-        advance_checkpoint(engine, seller, "orders", min(stop, until))
+        advance_checkpoint(session.engine, session.seller_id, "orders", min(stop, until))
         result.orders_checkpoint = min(stop, until)
 
 
