@@ -94,7 +94,7 @@ def _measure(base_url, config, engine, latency_ms, concurrency, settings) -> dic
     app.save(block_name, overwrite=True)
     os.environ["MARKETPLACE_APP_BLOCK"] = block_name
     figures: dict = {"accounts": config.sellers, "latency_ms": latency_ms, "concurrency": concurrency}
-    figures["onboarding"] = _onboard_all(control, engine, app, concurrency)
+    figures["onboarding"] = _onboard_all(control, engine, app, block_name, concurrency)
 
     for runner in ("threads", "dask"):
         clear_marketplace_data(engine)
@@ -131,7 +131,7 @@ def _measure(base_url, config, engine, latency_ms, concurrency, settings) -> dic
 ONBOARDED_BY_FLOW = 20
 
 
-def _onboard_all(control, engine, app, concurrency: int) -> dict:
+def _onboard_all(control, engine, app, block_name: str, concurrency: int) -> dict:
     """Onboard every emulated seller. The first ONBOARDED_BY_FLOW one at a time through the `onboard-account`
     flow (as operators do from the UI), as many more one at a time by the domain call alone (the baseline:
     the same code with no flow run around it), the rest in parallel (set-up, not measured)."""
@@ -144,7 +144,10 @@ def _onboard_all(control, engine, app, concurrency: int) -> dict:
     )
     started = time.perf_counter()
     for seller_id, nickname in by_flow:
-        state = onboard_account(authorization_code=control.authorize(seller_id), nickname=nickname, return_state=True)
+        state = onboard_account(
+            authorization_code=control.authorize(seller_id), nickname=nickname, app_block=block_name,
+            return_state=True,
+        )
         if not state.is_completed():
             raise SystemExit(f"onboard-account failed: {state.message}")
     flow_seconds = (time.perf_counter() - started) / max(1, len(by_flow))

@@ -222,13 +222,6 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
     }
 
 
-def _redact(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return url.replace(parts.password, "***") if parts.password else url
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["up", "down", "status"])
@@ -249,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         flows = {f.id: f.name for f in client.read_flows()}
     print(f"Prefect UI:    {stack.ui_url}")
     print(f"Prefect API:   {stack.api_url}")
-    print(f"Redis:         {_redact(stack.redis_url)}")
+    print(f"Redis:         {redact_url(stack.redis_url)}")
     print(f"Database:      {redact_url(stack.database_url)}")
     print(f"Counter block: {stack.counter_block} (RedisGameCounter)")
     print(f"Marketplace:   {stack.marketplace_api_url}{' (emulator)' if stack.marketplace_emulated else ''}, "
