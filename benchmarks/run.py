@@ -11,6 +11,8 @@
    (Manager().dict() + Manager().Lock(), reading the 60 counters per game). Target: >= 50,000 games/s.
 3. Marketplace sync (benchmarks/marketplace.py): 200 accounts on the emulator at 30 ms per request, on threads
    and on Dask, against the floor and against one account after another. Target: <= 1.3 x the floor.
+4. Product files (benchmarks/products.py): a 200,000-row .xlsx (10% bad rows) through process-products on Dask
+   and on threads, its reading alone, against row by row with one transaction per row. Target: >= 3 x.
 """
 
 from __future__ import annotations
@@ -231,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--marketplace-items", type=int, default=200)
     parser.add_argument("--marketplace-latency-ms", type=float, default=30.0)
     parser.add_argument("--marketplace-concurrency", type=int, default=10)
+    parser.add_argument("--skip-products", action="store_true")
+    parser.add_argument("--products-rows", type=int, default=200_000)
+    parser.add_argument("--products-bad-fraction", type=float, default=0.1)
+    parser.add_argument("--products-baseline-rows", type=int, default=5_000,
+                        help="rows the row-by-row baseline loads (its rows/s is compared)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
 
@@ -259,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.marketplace_latency_ms, args.marketplace_concurrency,
             )
         )
+    if not args.skip_products:
+        from benchmarks.products import bench_products, print_products
+
+        print_products(bench_products(args.products_rows, args.products_bad_fraction, args.products_baseline_rows))
     return 0
 
 

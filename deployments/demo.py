@@ -1,5 +1,6 @@
 """`make demo`: start the local stack on embedded defaults and run every flow end to end: generate-games, then
-the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace).
+the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace), then a
+generated products file with some bad rows through process-products (dealers loaded from a file first).
 
     python -m deployments.demo [--quantity 200000] [--run-key demo-...]
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantity", type=int, default=200_000, help="games to generate (default 200,000)")
     parser.add_argument("--run-key", default=None, help="run key (default demo-<timestamp>)")
     parser.add_argument("--sellers", type=int, default=3, help="emulated seller accounts to onboard (default 3)")
-    parser.add_argument("--skip-marketplace", action="store_true", help="only the game generation")
+    parser.add_argument("--skip-marketplace", action="store_true", help="no marketplace sync")
+    parser.add_argument("--products-rows", type=int, default=30_000, help="rows of the demo products file (30,000)")
     args = parser.parse_args(argv)
 
     stack = start_local_stack()
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  counter snapshot: {result['counter_snapshot']}")
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     if not args.skip_marketplace and demo_marketplace(stack, args.sellers) != 0:
+        return 1
+    if args.products_rows and demo_products(stack, args.products_rows, run_key) != 0:
         return 1
     print("The local stack is still running for the UI; `make down` stops it.")
     return 0
@@ -83,6 +87,39 @@ def demo_marketplace(stack, sellers: int) -> int:
     )
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     print("  accounts: .venv/bin/python -m deployments.marketplace_accounts list")
+    return 0
+
+
+def demo_products(stack, rows: int, run_key: str) -> int:
+    """Load the demo dealers from a file (as `python -m deployments.dealers load` does), generate a products
+    .xlsx with 10% bad rows and process it; the second demo run finds nothing changed."""
+    from flows.process_products import process_products
+    from operations.infra.database import get_engine
+    from operations.products.dealers import read_dealers_file
+    from operations.products.sample import generate_products_file, write_dealers_file
+    from operations.products.store import upsert_dealers
+    from operations.settings import get_settings
+
+    folder = get_settings().data_dir / "demo-products"
+    folder.mkdir(parents=True, exist_ok=True)
+    dealers_file, products_file = folder / "dealers.csv", folder / "products.xlsx"
+    codes = write_dealers_file(dealers_file, 20)
+    inserted, renamed = upsert_dealers(get_engine(stack.database_url), read_dealers_file(dealers_file))
+    if not products_file.exists():
+        generate_products_file(products_file, rows, codes, bad_fraction=0.1, seed=2026)
+    print(f"\n{len(codes)} dealers from {dealers_file} ({inserted} new); processing {products_file} ...", flush=True)
+    state = process_products(file_path=str(products_file), run_key=f"{run_key}-products", return_state=True)
+    if not state.is_completed():
+        print(f"process-products ended {state.type.value}: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    print(
+        f"{result['rows']:,} rows processed - Successes: {result['successes']:,}, Failures: {result['failures']:,} "
+        f"in {result['seconds']:.1f} s ({result['created']:,} created, {result['updated']:,} updated, "
+        f"{result['unchanged']:,} unchanged; {result['messages_published']:,} messages published)"
+    )
+    print(f"  failures spreadsheet: {result['failures_file']}")
+    print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     return 0
 
 

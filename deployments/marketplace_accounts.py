@@ -20,15 +20,12 @@ import sys
 
 from pydantic import SecretStr
 
-from operations.infra.database import check_schema_current, get_engine
-from operations.infra.embedded_postgres import resolve_database_url
+from operations.infra.database import project_engine
 from operations.settings import get_settings
 
 
 def _engine():
-    engine = get_engine(resolve_database_url(get_settings()))
-    check_schema_current(engine)
-    return engine
+    return project_engine()[1]
 
 
 def _app(name: str):

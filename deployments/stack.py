@@ -131,12 +131,16 @@ def save_marketplace_app_block(settings: Settings, api_url: str, emulator: Emula
 
 
 def register_blocks(settings: Settings, redis_url: str) -> None:
-    """Register the project's block types and save the default counter block (idempotent)."""
-    from blocks.redis_game_counter import RedisGameCounter  # imports Prefect: only once the API URL is set
+    """Register the project's Redis block types and save their default blocks, on the project's Redis: the
+    game counter and the products queue (idempotent)."""
+    from blocks.products_queue import ProductsQueue  # imports Prefect: only once the API URL is set
+    from blocks.redis_game_counter import RedisGameCounter
 
-    RedisGameCounter.register_type_and_schema()
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    RedisGameCounter.from_url(redis_url, password).save(settings.counter_block_name, overwrite=True)
+    for block_class, name in ((RedisGameCounter, settings.counter_block_name),
+                              (ProductsQueue, settings.products_queue_block)):
+        block_class.register_type_and_schema()
+        block_class.from_url(redis_url, password).save(name, overwrite=True)
 
 
 def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Redis:         {redact_url(stack.redis_url)}")
     print(f"Database:      {redact_url(stack.database_url)}")
     print(f"Counter block: {stack.counter_block} (RedisGameCounter)")
+    print(f"Products queue: {get_settings().products_queue_block} (ProductsQueue, a Redis stream)")
     print(f"Marketplace:   {stack.marketplace_api_url}{' (emulator)' if stack.marketplace_emulated else ''}, "
           f"app block {get_settings().marketplace_app_block}")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_worker_dir / 'worker.log'}")

@@ -40,7 +40,7 @@ from flows.task_runners import (
     in_process_task_runner,
     worker_count,
 )
-from operations.infra.embedded_redis import resolve_redis_url
+from operations.infra.links import output_link
 from operations.lottery.counter import FirstNumberCounter
 from operations.lottery.draws import SAMPLE_RESULTS, load_past_draws
 from operations.lottery.generation import ChunkResult, chunk_path
@@ -55,22 +55,6 @@ PARALLEL_WRITE_MIN_ROWS = 50_000  # below this, one file: a second writer costs 
 
 def _artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]
-
-
-def load_counter_block(name: str, settings: Settings) -> RedisGameCounter:
-    """Load the named counter block; the default one is created (embedded Redis or REDIS_URL) if missing."""
-    try:
-        return RedisGameCounter.load(name)
-    except ValueError:
-        if name != settings.counter_block_name:
-            raise ValueError(
-                f"no RedisGameCounter block named {name!r}: save one (make up does) or use "
-                f"{settings.counter_block_name!r}"
-            ) from None
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    block = RedisGameCounter.from_url(resolve_redis_url(settings), password)
-    block.save(name, overwrite=True)
-    return block
 
 
 def part_ranges(quantity: int, workers: int, max_rows_per_file: int) -> list[tuple[int, int]]:
@@ -240,7 +224,9 @@ def generate_games(
     try:
         workers = worker_count(settings) if on_dask else settings.dask_n_workers
         plan = _plan(request, run_key, past_draws_file, settings, workers)
-        block = load_counter_block(counter_block or settings.counter_block_name, settings)
+        block = RedisGameCounter.load_or_create_default(
+            counter_block or settings.counter_block_name, settings.counter_block_name, settings
+        )
         block.ping()
         counter = block.counter(run_key)
         resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
@@ -301,7 +287,7 @@ def _publish_artifacts(
         path = Path(workbook["path"])
         create_link_artifact(
             key=_artifact_key("games-spreadsheet", str(i)),
-            link=path.resolve().as_uri(),
+            link=output_link(path),
             link_text=path.name,
             description=f"Run {run_key}: spreadsheet {i} of {len(produced['workbooks'])}, "
             f"{workbook['rows']:,} games in {workbook['sheets']} sheet(s)",
@@ -331,7 +317,7 @@ def _publish_artifacts(
         for rule, n in chunk["rejected_by_rule"].items():
             rejected[rule] = rejected.get(rule, 0) + n
     rule_rows = "\n".join(f"| {rule} | {n:,} |" for rule, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
-    files = "\n".join(f"- [{Path(w['path']).name}]({Path(w['path']).resolve().as_uri()}) ({w['rows']:,} games)"
+    files = "\n".join(f"- [{Path(w['path']).name}]({output_link(Path(w['path']))}) ({w['rows']:,} games)"
                       for w in produced["workbooks"])
     create_markdown_artifact(
         key="games-run-summary",

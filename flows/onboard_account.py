@@ -14,8 +14,7 @@ from typing_extensions import Annotated
 
 from blocks.marketplace_app import load_marketplace_app
 from flows.forms import form_field
-from operations.infra.database import check_schema_current, get_engine
-from operations.infra.embedded_postgres import resolve_database_url
+from operations.infra.database import project_engine
 from operations.marketplace.onboarding import onboard_from_code
 from operations.settings import get_settings
 
@@ -41,8 +40,7 @@ def onboard_account(
     """Exchange the authorization code and store the seller account (active) with its tokens."""
     logger = get_run_logger()
     settings = get_settings()
-    engine = get_engine(resolve_database_url(settings))
-    check_schema_current(engine)
+    _, engine = project_engine(settings)
     app = load_marketplace_app(app_block or settings.marketplace_app_block)
     account = onboard_from_code(engine, app.client(), authorization_code, nickname, redirect_uri or None)
     logger.info("seller %s (%s) onboarded: %s", account.seller_id, account.nickname or "no nickname", account.status)

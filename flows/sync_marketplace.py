@@ -22,8 +22,7 @@ from typing_extensions import Annotated
 from blocks.marketplace_app import MarketplaceApp, load_marketplace_app
 from flows.forms import form_field
 from flows.task_runners import io_task_runner
-from operations.infra.database import check_schema_current, get_engine
-from operations.infra.embedded_postgres import resolve_database_url
+from operations.infra.database import project_engine
 from operations.marketplace.store import AccountView, account_label, select_accounts
 from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources
 from operations.settings import Settings, get_settings
@@ -119,9 +118,7 @@ def sync_marketplace(
         resync_from = datetime.combine(full_resync_from, dtime.min, tzinfo=timezone.utc)
         if resync_from > now:
             raise ValueError(f"full_resync_from {full_resync_from} is in the future")
-    database_url = resolve_database_url(settings)
-    engine = get_engine(database_url)
-    check_schema_current(engine)
+    database_url, engine = project_engine(settings)
     to_sync, skipped = select_accounts(engine, accounts or None)
     for account, why in skipped:
         logger.warning("%s skipped: %s", account.label, why)

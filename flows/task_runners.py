@@ -92,16 +92,22 @@ def in_process_task_runner(settings: Settings) -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=settings.dask_n_workers)
 
 
-def worker_count(settings: Settings) -> int:
-    """Task slots that will share the work (chunk sizing, spreadsheet files): the threads of the existing
-    cluster at DASK_SCHEDULER_ADDRESS, else the LocalCluster's workers x threads."""
+def cluster_shape(settings: Settings) -> tuple[int, int]:
+    """(worker processes, task slots) of the cluster that will run the work: the existing cluster at
+    DASK_SCHEDULER_ADDRESS (asked), else the LocalCluster's workers and workers x threads."""
     if settings.dask_scheduler_address:
         from distributed import Client
 
         with Client(settings.dask_scheduler_address, timeout=settings.dask_connect_timeout_seconds) as client:
-            threads = sum(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
-        return max(1, threads)
-    return settings.dask_n_workers * settings.dask_threads_per_worker
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            threads = sum(w["nthreads"] for w in workers)
+        return max(1, len(workers)), max(1, threads)
+    return settings.dask_n_workers, settings.dask_n_workers * settings.dask_threads_per_worker
+
+
+def worker_count(settings: Settings) -> int:
+    """Task slots that will share the work (chunk sizing, spreadsheet files)."""
+    return cluster_shape(settings)[1]
 
 
 def io_task_runner(settings: Settings, concurrency: int, kind: str) -> ThreadPoolTaskRunner | DaskTaskRunner:

@@ -132,6 +132,49 @@ class Settings(BaseSettings):
         default=10.0, ge=0, le=3600, description="Delay before an account task's retry (with jitter)."
     )
 
+    # -- product files ----------------------------------------------------------------------------------
+    products_queue_block: str = Field(
+        default="products-queue", description="Name of the ProductsQueue block (Redis stream) process-products loads."
+    )
+    products_in_process_max_rows: int = Field(
+        default=20_000, ge=0,
+        description="Files of fewer rows are loaded by the flow's thread pool; larger ones on Dask process workers.",
+    )
+    products_min_chunk_rows: int = Field(
+        default=2_000, ge=100, le=1_000_000,
+        description="Smallest chunk of rows mapped to one task (keeps Prefect's per-task cost a few percent).",
+    )
+    products_max_chunk_rows: int = Field(
+        default=20_000, ge=100, le=1_000_000,
+        description="Largest chunk of rows mapped to one task (bounds the memory of a task and of a retry).",
+    )
+    products_task_retries: int = Field(
+        default=3, ge=0, le=10, description="Retries of a chunk after a transient database fault (nothing committed)."
+    )
+
+    # -- turnstile registration -------------------------------------------------------------------------
+    participants_file: Path | None = Field(
+        default=None,
+        description="Participants file the scheduled register-participants run reads when given no file.",
+    )
+    turnstile_cache_block: str = Field(
+        default="turnstile-cache", description="Name of the TurnstileCache block (Redis) register-participants loads."
+    )
+    turnstiles_task_runner: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="Where turnstile tasks run: the flow's thread pool, or Dask (DASK_SCHEDULER_ADDRESS or a "
+        "LocalCluster with threads enough for TURNSTILES_CONCURRENCY).",
+    )
+    turnstiles_concurrency: int = Field(default=10, ge=1, le=200, description="Turnstiles worked on at once per run.")
+    turnstile_task_retries: int = Field(
+        default=2, ge=0, le=10,
+        description="Task retries of a turnstile that stayed unreachable past its request retries.",
+    )
+    turnstiles_timezone: str = Field(
+        default="America/Sao_Paulo",
+        description="Time zone of validity dates written without one in participants files.",
+    )
+
     @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"

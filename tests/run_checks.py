@@ -60,3 +60,21 @@ def assert_operator_form(schema: dict) -> list[str]:
             bounded = [prop] + [alt for alt in prop.get("anyOf", []) if alt.get("type") in ("integer", "number")]
             assert any("minimum" in b and "maximum" in b for b in bounded), f"{where} has no bounds"
     return [name for model, name, _ in fields if not model]
+
+
+def run_artifacts(flow_run_id) -> list:
+    """The artifacts of a flow run and of its subflows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+        )
+        ids = [flow_run_id, *[c.id for c in children]]
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))

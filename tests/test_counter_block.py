@@ -1,4 +1,5 @@
-"""RedisGameCounter block: Prefect's standard block checks, secrets kept out of dumps, clients on demand."""
+"""The Redis blocks (RedisGameCounter, ProductsQueue): Prefect's standard block checks, secrets kept out of
+dumps, clients on demand."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import pytest
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import ValidationError
 
+from blocks.products_queue import ProductsQueue
 from blocks.redis_game_counter import RedisGameCounter
+from operations.infra.redis_stream import StreamMessage
 
 
-class TestRedisGameCounterStandards(BlockStandardTestSuite):
-    @pytest.fixture
-    def block(self):
-        return RedisGameCounter
+class TestRedisBlockStandards(BlockStandardTestSuite):
+    @pytest.fixture(params=[RedisGameCounter, ProductsQueue])
+    def block(self, request):
+        return request.param
 
     def test_has_a_valid_image(self, block):  # no logo: the suite would download it and there is no internet
         pytest.skip("no logo URL for this block")
@@ -59,3 +62,16 @@ def test_block_type_registers_through_the_prefect_cli():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "redis-game-counter" in done.stdout.lower().replace(" ", "-") or "Redis Game Counter" in done.stdout
+
+
+def test_products_queue_block_publishes_through_its_own_client(redis_url, redis_client):
+    queue = ProductsQueue.from_url(redis_url, stream="test.queue-block", max_length=50)
+    queue.save("test-products-queue", overwrite=True)
+    loaded = ProductsQueue.load("test-products-queue")
+    publisher = pickle.loads(pickle.dumps(loaded)).publisher()
+    redis_client.delete(publisher.stream)
+    first = publisher.publish([StreamMessage(f"k{i}", {"n": str(i)}) for i in range(3)])
+    again = publisher.publish([StreamMessage("k1", {"n": "1"})])
+    assert [p.added for p in first] == [True] * 3 and again[0].added is False
+    assert again[0].entry_id == first[1].entry_id and publisher.length() == 3
+    redis_client.delete(publisher.stream, *(publisher.guard_key(f"k{i}") for i in range(3)))

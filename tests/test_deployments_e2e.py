@@ -21,6 +21,9 @@ from marketplace_fixtures import Marketplace
 from operations.infra.database import get_engine
 from operations.marketplace.store import clear_marketplace_data, count_rows, get_account
 from operations.lottery.generation import chunk_path
+from operations.products.report import read_failures_workbook
+from operations.products.sample import SampleStats, dealer_codes, generate_products_file
+from operations.products.store import clear_products_data, upsert_dealers
 from operations.settings import PROJECT_ROOT, Settings
 from run_checks import assert_operator_form, check_generated_run
 
@@ -36,6 +39,7 @@ SMALL_RUN_PARAMETERS = {
         "authorization_code": stack.market.control.authorize(stack.market.seller_ids()[2]),
         "nickname": f"rest-{key}",
     },
+    "process-products": lambda key, stack: {"file_path": str(stack.products_file), "run_key": key},
 }
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -74,12 +78,17 @@ def operator_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     save_marketplace_app_block(settings, emulator.base_url, market.config)
     for seller in market.seller_ids()[:2]:
         market.onboard(seller)
+    clear_products_data(engine, dealers=True)
+    dealers = dealer_codes(4)
+    upsert_dealers(engine, [(code, code) for code in dealers])
+    products_file = root / "products.csv"
+    products_sample = generate_products_file(products_file, 800, dealers, bad_fraction=0.1, seed=2)
     deploy_all(prefect_api_url)
     ensure_prefect_worker(
         root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
     )
     client = RetryingClient(base_url=prefect_api_url, timeout=30)
-    yield OperatorStack(client, settings, market)
+    yield OperatorStack(client, settings, market, products_file, products_sample)
     client.close()
     stop_prefect_worker(root / "worker")
     emulator.stop()
@@ -90,6 +99,8 @@ class OperatorStack:
     client: httpx.Client
     settings: Settings
     market: Marketplace
+    products_file: Path
+    products_sample: SampleStats
 
     def __iter__(self):  # `client, settings = operator_stack`
         return iter((self.client, self.settings))
@@ -194,10 +205,21 @@ def _check_onboarding_run(stack: OperatorStack, parameters: dict, artifacts: lis
     assert "marketplace-onboarded-account" in {a["key"] for a in artifacts}
 
 
+def _check_products_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
+    keys = {a["key"] for a in artifacts}
+    assert {"products-failures", "products-failure-reasons", "products-summary", "products-progress"} <= keys, keys
+    [summary] = [a for a in artifacts if a["key"] == "products-summary"]
+    sample = stack.products_sample
+    assert f"Successes: {sample.good_rows:,}, Failures: {sample.rows - sample.good_rows:,}" in summary["data"]
+    failures = stack.settings.output_dir / "products" / run_key / f"{stack.products_file.stem}-failures.xlsx"
+    assert len(read_failures_workbook(failures)) == sample.rows - sample.good_rows
+
+
 RUN_CHECKS = {
     "generate-games": _check_games_run,
     "sync-marketplace": _check_sync_run,
     "onboard-account": _check_onboarding_run,
+    "process-products": _check_products_run,
 }
 
 
@@ -233,7 +255,7 @@ def test_invalid_parameters_are_refused_with_409_and_no_run_is_created(operator_
     assert client.post("/flow_runs/count", json=count).json() == before
 
 
-def test_invalid_sync_parameters_are_refused_with_409_before_any_api_request(operator_stack):
+def test_invalid_parameters_of_the_other_flows_are_refused_with_409_before_any_work(operator_stack):
     client, market = operator_stack.client, operator_stack.market
     market.control.reset_stats()
     for name, parameters, field in [
@@ -242,6 +264,9 @@ def test_invalid_sync_parameters_are_refused_with_409_before_any_api_request(ope
         ("sync-marketplace/on-demand", {"accounts": [0]}, "accounts"),
         ("sync-marketplace/on-demand", {"full_resync_from": "yesterday"}, "full_resync_from"),
         ("onboard-account/on-demand", {}, "authorization_code"),
+        ("process-products/on-demand", {}, "file_path"),
+        ("process-products/on-demand", {"file_path": "/data/products.txt"}, "file_path"),
+        ("process-products/on-demand", {"file_path": "/data/p.csv", "chunk_rows": -1}, "chunk_rows"),
     ]:
         deployment = _deployment(client, name)
         count = {"deployments": {"id": {"any_": [deployment["id"]]}}}

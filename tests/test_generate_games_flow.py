@@ -3,7 +3,6 @@ runs, a real Dask LocalCluster of process workers."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -17,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prefect import flow, task
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
 from prefect_dask import DaskTaskRunner
 
 from blocks.redis_game_counter import RedisGameCounter
 from flows.generate_games import generate_games
 from operations.lottery.engine import games_to_masks
 from operations.settings import get_settings
-from run_checks import check_generated_run
+from run_checks import check_generated_run, run_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +40,6 @@ def dask_settings(settings, monkeypatch):
     get_settings.cache_clear()
 
 
-def _artifacts(flow_run_id) -> list:
-    async def read():
-        async with get_client() as client:
-            subflows = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]})
-            )
-            ids = [flow_run_id, *[r.id for r in subflows]]
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
-
-    return asyncio.run(read())
-
-
 def _check_run(result: dict, quantity: int, k: int = 6) -> np.ndarray:
     return check_generated_run(result["spreadsheets"], result["counter_snapshot"], quantity, k)
 
@@ -65,7 +50,7 @@ def test_small_run_in_process_with_artifacts(settings):
     result = state.result()
     games = _check_run(result, 3_000)
     assert len(result["spreadsheets"]) == 1
-    artifacts = _artifacts(state.state_details.flow_run_id)
+    artifacts = run_artifacts(state.state_details.flow_run_id)
     by_type: dict[str, list] = {}
     for artifact in artifacts:
         by_type.setdefault(artifact.type, []).append(artifact)

@@ -86,7 +86,7 @@ def _sqlite_file(url: URL) -> Path | None:
 
 # -- engines ------------------------------------------------------------------------------------------------
 
-_ENGINES: dict[tuple[int, str], Engine] = {}  # entries of a parent process are kept, never used nor closed
+_ENGINES: dict[tuple, Engine] = {}  # entries of a parent process are kept, never used nor closed
 _ENGINES_LOCK = threading.Lock()
 
 
@@ -115,9 +115,12 @@ def _sqlite_setup(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN")
 
 
-def _new_engine(url: str | URL, settings: Settings | None = None, *, migrations: bool = False) -> Engine:
+def _new_engine(
+    url: str | URL, settings: Settings | None = None, *, migrations: bool = False, pool_size: int | None = None,
+    application_name: str = "operations",
+) -> Engine:
     """An engine configured for the URL's database; `migrations`: unpooled connections, no statement limit
-    (and no settings read)."""
+    (and no settings read). `pool_size` overrides the setting; PostgreSQL shows `application_name`."""
     parsed = _parse(url)
     if not migrations:
         settings = settings or get_settings()
@@ -127,7 +130,7 @@ def _new_engine(url: str | URL, settings: Settings | None = None, *, migrations:
     if migrations:
         kwargs["poolclass"] = NullPool
     if backend == "postgresql":
-        connect_args: dict[str, Any] = {"connect_timeout": 10}
+        connect_args: dict[str, Any] = {"connect_timeout": 10, "application_name": application_name}
         timeout_ms = 0 if settings is None else int(settings.database_statement_timeout_seconds * 1000)
         if timeout_ms and not migrations:
             options = parsed.query.get("options")
@@ -138,7 +141,7 @@ def _new_engine(url: str | URL, settings: Settings | None = None, *, migrations:
         pooled = pooled and _sqlite_file(parsed) is not None  # in-memory databases use a single-connection pool
     if pooled and settings is not None:
         kwargs.update(
-            pool_size=settings.database_pool_size,
+            pool_size=pool_size or settings.database_pool_size,
             max_overflow=settings.database_max_overflow,
             pool_timeout=settings.database_pool_timeout_seconds,
         )
@@ -151,14 +154,18 @@ def _new_engine(url: str | URL, settings: Settings | None = None, *, migrations:
     return engine
 
 
-def get_engine(url: str, settings: Settings | None = None) -> Engine:
+def get_engine(
+    url: str, settings: Settings | None = None, *, pool_size: int | None = None, purpose: str | None = None
+) -> Engine:
     """This process's engine for the URL, created on first use with the pool and timeout settings (`settings`,
-    else the process's); a forked or spawned process, e.g. a Dask worker, gets its own."""
-    key = (os.getpid(), url)
+    else the process's); a forked or spawned process, e.g. a Dask worker, gets its own. A `purpose` gets an
+    engine (and pool) of its own, of `pool_size` connections, named `operations-<purpose>` on PostgreSQL."""
+    key = (os.getpid(), url, pool_size, purpose)
     with _ENGINES_LOCK:
         engine = _ENGINES.get(key)
         if engine is None:
-            engine = _ENGINES[key] = _new_engine(url, settings)
+            name = f"operations-{purpose}" if purpose else "operations"
+            engine = _ENGINES[key] = _new_engine(url, settings, pool_size=pool_size, application_name=name)
         return engine
 
 
@@ -362,6 +369,17 @@ def check_schema_current(engine: Engine) -> None:
         f"the database {where} is at revision {current or 'none (never migrated)'}, the code expects {head}: "
         "run `make up` (which migrates) or `python -m operations.infra.database migrate`"
     )
+
+
+def project_engine(settings: Settings | None = None) -> tuple[str, Engine]:
+    """The project database's URL (DATABASE_URL, else the embedded PostgreSQL, started if needed) and this
+    process's engine for it, checked to be at the code's head revision (SchemaNotCurrent says how to migrate)."""
+    from operations.infra.embedded_postgres import resolve_database_url
+
+    url = resolve_database_url(settings or get_settings())
+    engine = get_engine(url, settings)
+    check_schema_current(engine)
+    return url, engine
 
 
 # -- command line -------------------------------------------------------------------------------------------

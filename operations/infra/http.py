@@ -13,8 +13,10 @@ import os
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Iterator
 
 import httpx
 
@@ -121,3 +123,27 @@ class RetryPolicy:
 
 def is_transient_status(status_code: int) -> bool:
     return status_code in TRANSIENT_STATUS
+
+
+class RequestPacer:
+    """At most `in_flight` requests at once and `per_second` request starts per second, for the threads of one
+    process that share it (a small device's budget). `slot()` wraps one request."""
+
+    def __init__(self, per_second: float, in_flight: int = 1):
+        if per_second <= 0 or in_flight < 1:
+            raise ValueError("per_second must be > 0 and in_flight >= 1")
+        self.interval = 1.0 / per_second
+        self._slots = threading.BoundedSemaphore(in_flight)
+        self._lock = threading.Lock()
+        self._next_start = 0.0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._slots:
+            with self._lock:
+                now = time.monotonic()
+                start = max(now, self._next_start)
+                self._next_start = start + self.interval
+            if start > now:
+                time.sleep(start - now)
+            yield

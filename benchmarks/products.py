@@ -1,0 +1,162 @@
+"""Product-file figures for `make bench`, each beside a baseline measured in the same run.
+
+A generated .xlsx of ROWS rows (BAD_FRACTION bad rows, 50 dealers), loaded from empty tables:
+- reading and checking the .xlsx alone (openpyxl read-only, streamed), so its share of the run is visible;
+- `process-products` end to end (flow start to artifacts) on Dask process workers (the default for large
+  files) and on the flow's thread pool, in rows/s, with the peak memory of the run's processes;
+- the same file again (nothing changes, nothing is published);
+- baseline: the old system's way on one process, row by row with one transaction per row (dealer looked up
+  per row, product, offer, staging and outbox written, committed, then published), on the first
+  BASELINE_ROWS rows of the same file. Target: end to end >= 3 x the baseline's rows/s, memory < 1 GiB.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+BENCH_QUEUE_BLOCK = "products-bench"
+DEALERS = 50
+
+
+def bench_products(rows: int, bad_fraction: float, baseline_rows: int) -> dict:
+    from deployments.stack import start_local_stack
+    from operations.infra.database import get_engine, migrate_to_head
+    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
+    from operations.products.sample import dealer_codes, generate_products_file
+    from operations.products.store import clear_products_data, upsert_dealers
+    from operations.settings import get_settings
+
+    settings = get_settings()
+    stack = start_local_stack(settings)  # the Prefect server and Redis; the bench gets a database of its own
+    from blocks.products_queue import ProductsQueue  # imports Prefect: only once the API URL is set
+
+    if settings.database_url:
+        url = settings.database_url.get_secret_value()
+    else:
+        url = ensure_database(ensure_embedded_postgres(settings.postgres_dir), "products_bench")
+    migrate_to_head(url)
+    os.environ["DATABASE_URL"] = url
+    engine = get_engine(url)
+    clear_products_data(engine, dealers=True)
+    codes = dealer_codes(DEALERS)
+    upsert_dealers(engine, [(code, f"Dealer {code}") for code in codes])
+    queue = ProductsQueue.from_url(stack.redis_url, stream="bench.products.staged")
+    queue.save(BENCH_QUEUE_BLOCK, overwrite=True)
+    folder = Path(tempfile.mkdtemp(prefix="products-bench-"))
+    source = folder / f"products-{rows}.xlsx"
+    started = time.perf_counter()
+    sample = generate_products_file(source, rows, codes, bad_fraction=bad_fraction, seed=5)
+    figures: dict = {
+        "rows": sample.rows, "good_rows": sample.good_rows, "generate_seconds": time.perf_counter() - started
+    }
+    try:
+        figures["read"] = _read_only(source)
+        for runner in ("dask", "threads"):
+            _clear(engine, queue)
+            figures[runner] = _flow(source, runner, sample.rows)
+        figures["rerun"] = _flow(source, "dask", sample.rows)
+        _clear(engine, queue)
+        figures["baseline"] = _row_by_row(source, engine, queue, baseline_rows)
+    finally:
+        _clear(engine, queue)
+        source.unlink(missing_ok=True)
+    return figures
+
+
+def _clear(engine, queue) -> None:
+    from operations.products.store import clear_products_data
+
+    clear_products_data(engine)
+    client = queue.get_client()
+    client.delete(queue.stream)
+    for key in client.scan_iter(f"{{{queue.stream}}}:*", count=10_000):
+        client.delete(key)
+
+
+def _read_only(source: Path) -> dict:
+    """Reading and checking every row of the .xlsx, nothing else."""
+    from operations.products.reader import open_product_rows
+
+    started = time.perf_counter()
+    with open_product_rows(source) as (_, rows):
+        count = sum(1 for _ in rows)
+    seconds = time.perf_counter() - started
+    return {"rows": count, "seconds": seconds}
+
+
+def _flow(source: Path, runner: str, rows: int) -> dict:
+    from benchmarks.run import PeakMemory
+    from flows.process_products import process_products
+    from operations import settings as settings_module
+
+    # threads: a threshold above the file; dask: the default threshold (20,000 rows)
+    os.environ["PRODUCTS_IN_PROCESS_MAX_ROWS"] = str(10 * rows if runner == "threads" else 20_000)
+    settings_module.get_settings.cache_clear()
+    with PeakMemory({os.getpid()}) as memory:
+        started = time.perf_counter()
+        state = process_products(file_path=str(source), queue_block=BENCH_QUEUE_BLOCK, return_state=True)
+        wall = time.perf_counter() - started
+    if not state.is_completed():
+        raise SystemExit(f"process-products on {runner} failed: {state.message}")
+    result = state.result()
+    return {"seconds": wall, "peak_bytes": memory.peak, "result": result}
+
+
+def _row_by_row(source: Path, engine, queue, limit: int) -> dict:
+    """The old system's work for each row, one row and one transaction at a time, on one process."""
+    from sqlalchemy import select
+
+    from operations.products.models import Dealer
+    from operations.products.outbox import publish_outbox
+    from operations.products.reader import RowFailure, open_product_rows
+    from operations.products.store import DealerRow, store_chunk
+
+    publisher = queue.publisher()
+    seen: set[tuple[str, str]] = set()
+    done = failed = 0
+    started = time.perf_counter()
+    with open_product_rows(source) as (_, rows):
+        for item in islice(rows, limit):
+            done += 1
+            if isinstance(item, RowFailure) or (item.dealer_code, item.sku) in seen:
+                failed += 1
+                continue
+            with engine.connect() as conn:
+                dealer_id = conn.execute(select(Dealer.id).where(Dealer.code == item.dealer_code)).scalar()
+            if dealer_id is None:
+                failed += 1
+                continue
+            seen.add((item.dealer_code, item.sku))
+            outcome = store_chunk(engine, [DealerRow(dealer_id, item)], "baseline", queue.stream)
+            publish_outbox(engine, publisher, outcome.outbox_ids)
+    seconds = time.perf_counter() - started
+    return {"rows": done, "failed": failed, "seconds": seconds}
+
+
+def print_products(figures: dict) -> None:
+    rows = figures["rows"]
+    base = figures["baseline"]
+    base_rate = base["rows"] / base["seconds"]
+    read = figures["read"]
+    print(f"process-products, a generated .xlsx of {rows:,} rows ({rows - figures['good_rows']:,} bad), "
+          f"{DEALERS} dealers:")
+    print(f"  reading and checking the .xlsx alone (openpyxl read-only): {read['seconds']:.1f} s, "
+          f"{read['rows'] / read['seconds']:,.0f} rows/s")
+    for runner, label in (("dask", "Dask process workers (default)"), ("threads", "the flow's thread pool"),
+                          ("rerun", "the same file again, Dask")):
+        f = figures[runner]
+        r = f["result"]
+        rate = rows / f["seconds"]
+        print(
+            f"  {label}: {f['seconds']:.1f} s end to end, {rate:,.0f} rows/s = {rate / base_rate:.1f}x the baseline "
+            f"(target >= 3); {r['created']:,} created / {r['updated']:,} updated / {r['unchanged']:,} unchanged, "
+            f"{r['failures']:,} failures, {r['messages_published']:,} messages; read {r['read_seconds']:.1f} s "
+            f"({100 * r['read_seconds'] / f['seconds']:.0f}% of the run); peak memory "
+            f"{f['peak_bytes'] / 2**20:,.0f} MiB (target < 1 GiB)"
+        )
+    print(f"  baseline, row by row with one transaction per row on one process: {base['rows']:,} rows in "
+          f"{base['seconds']:.1f} s = {base_rate:,.0f} rows/s")

@@ -1,0 +1,168 @@
+"""Cutting a products file into chunk files while it streams, checking what needs the whole file.
+
+The file is read once, row by row. Rows that fail a cell check (reader.py), name an unknown dealer or repeat a
+dealer's SKU already seen in the file (the first occurrence wins) go to the failure log; the others are
+written, with their dealer's id, to numbered chunk files of `chunk_rows` rows (JSON lines, replaced
+atomically) that the chunk tasks read. Each chunk file is handed out as soon as it is complete, so the
+database work starts while the rest of the file is still being read, and no more than one chunk of rows is
+ever in memory (plus one small key per row to find repeats).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import zipfile
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Iterator
+
+from operations.products.reader import ProductRow, Reason, RowFailure, open_product_rows
+from operations.products.report import FailureLog
+from operations.products.store import DealerRow
+
+_XLSX_SAMPLE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFile:
+    index: int
+    path: Path
+    rows: int
+    first_row: int
+    last_row: int
+
+
+@dataclass
+class SplitStats:
+    """What the read of the file found; complete once `FileSplitter.chunks()` is exhausted."""
+
+    rows: int = 0                 # data rows read (empty rows skipped)
+    valid_rows: int = 0           # rows written to chunk files
+    failed_rows: int = 0          # rows in the failure log
+    chunks: int = 0
+    read_seconds: float = 0.0     # reading, checking and writing chunk files, without the waits of the consumer
+    extra_columns: list[str] = field(default_factory=list)
+
+
+def estimate_rows(path: Path) -> int:
+    """Data rows of the file, cheaply (it picks the task runner and the chunk size, nothing else): for .xlsx the
+    sheet's recorded dimension, or its size over the size of its first rows (without opening the workbook:
+    openpyxl scans a whole sheet that records no dimension); for .csv the line count."""
+    if path.suffix.lower() == ".xlsx":
+        with zipfile.ZipFile(path) as archive:
+            sheets = [info for info in archive.infolist()
+                      if info.filename.startswith("xl/worksheets/") and info.filename.endswith(".xml")]
+            if not sheets:
+                return 0
+            sheet = max(sheets, key=lambda info: info.file_size)
+            with archive.open(sheet) as handle:
+                head = handle.read(_XLSX_SAMPLE_BYTES)
+        dimension = re.search(rb'<dimension ref="[A-Z]+\d+:[A-Z]+(\d+)"', head)
+        if dimension:
+            return max(0, int(dimension.group(1)) - 1)
+        rows = head.count(b"<row ")
+        return max(0, round(rows * sheet.file_size / max(1, len(head))) - 1)
+    with path.open("rb") as handle:
+        return max(0, sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b"")) - 1)
+
+
+def _encode(dealer_id: int, row: ProductRow) -> str:
+    return json.dumps(
+        [row.row_number, dealer_id, row.dealer_code, row.sku, row.name, str(row.price), row.stock, row.attributes],
+        ensure_ascii=False, separators=(",", ":"),
+    )
+
+
+def read_chunk(path: Path) -> list[DealerRow]:
+    """The rows of a chunk file."""
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            number, dealer_id, dealer_code, sku, name, price, stock, attributes = json.loads(line)
+            rows.append(DealerRow(dealer_id, ProductRow(number, dealer_code, sku, name, Decimal(price), stock,
+                                                        attributes)))
+    return rows
+
+
+class FileSplitter:
+    """`with FileSplitter(...) as splitter:` opens the file and checks its header (HeaderError names the
+    column); `splitter.chunks()` then yields the chunk files as they are written."""
+
+    def __init__(self, source: Path, chunk_dir: Path, dealers: dict[str, int], chunk_rows: int,
+                 failures: FailureLog):
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be at least 1")
+        self.source = source
+        self.chunk_dir = chunk_dir
+        self.dealers = dealers
+        self.chunk_rows = chunk_rows
+        self.failures = failures
+        self.stats = SplitStats()
+        self._context = None
+        self._rows: Iterator[ProductRow | RowFailure] | None = None
+
+    def __enter__(self) -> FileSplitter:
+        started = time.perf_counter()
+        self._context = open_product_rows(self.source)
+        header, self._rows = self._context.__enter__()
+        self.stats.extra_columns = list(header.extras)
+        self.stats.read_seconds += time.perf_counter() - started
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc_info)
+
+    def chunks(self) -> Iterator[ChunkFile]:
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        stats, seen = self.stats, {}
+        lines: list[str] = []
+        first_row = last_row = 0
+        started = time.perf_counter()
+        for item in self._rows:
+            stats.rows += 1
+            failure = item if isinstance(item, RowFailure) else self._cross_row_failure(item, seen)
+            if failure is not None:
+                stats.failed_rows += 1
+                self.failures.add(failure)
+                continue
+            if not lines:
+                first_row = item.row_number
+            lines.append(_encode(self.dealers[item.dealer_code], item))
+            last_row = item.row_number
+            if len(lines) == self.chunk_rows:
+                chunk = self._write_chunk(lines, first_row, last_row)
+                lines = []
+                stats.read_seconds += time.perf_counter() - started
+                yield chunk
+                started = time.perf_counter()
+        if lines:
+            chunk = self._write_chunk(lines, first_row, last_row)
+            stats.read_seconds += time.perf_counter() - started
+            yield chunk
+        else:
+            stats.read_seconds += time.perf_counter() - started
+
+    def _cross_row_failure(self, row: ProductRow, seen: dict[tuple[str, str], int]) -> RowFailure | None:
+        if row.dealer_code not in self.dealers:
+            return RowFailure(row.row_number, row.dealer_code, row.sku, "dealer_code", Reason.UNKNOWN_DEALER,
+                              f"no dealer with code {row.dealer_code!r}")
+        first = seen.setdefault((row.dealer_code, row.sku), row.row_number)
+        if first != row.row_number:
+            return RowFailure(row.row_number, row.dealer_code, row.sku, "sku", Reason.REPEATED_SKU,
+                              f"first at row {first}")
+        return None
+
+    def _write_chunk(self, lines: list[str], first_row: int, last_row: int) -> ChunkFile:
+        index = self.stats.chunks
+        path = self.chunk_dir / f"chunk-{index:05d}.jsonl"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+        self.stats.chunks += 1
+        self.stats.valid_rows += len(lines)
+        return ChunkFile(index, path, len(lines), first_row, last_row)

@@ -1,0 +1,199 @@
+"""Failed rows of a products file, for the operators and for the flow in between.
+
+`FailureLog` keeps the failures of a run on disk as they come (a big file's failures never sit in memory);
+`write_failures_workbook` turns them into the .xlsx the operators open: every failure with its row, column and
+reason, and a count by reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import fields
+from itertools import chain, islice, repeat
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import openpyxl
+from openpyxl.cell import WriteOnlyCell
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+from openpyxl.styles import Font
+
+from operations.products.reader import RowFailure
+
+if TYPE_CHECKING:
+    from openpyxl.worksheet._write_only import WriteOnlyWorksheet
+
+FAILURE_COLUMNS = ("Row", "Dealer", "SKU", "Column", "Reason", "Detail")
+FAILURE_SHEET = "Failures"
+REASONS_SHEET = "Reasons"
+EXCEL_MAX_DATA_ROWS = 1_048_575  # a sheet's 1,048,576 rows, less the header
+_COLUMN_WIDTHS = {"A": 9, "B": 14, "C": 24, "D": 13, "E": 30, "F": 60}
+_BOLD = Font(bold=True)
+_FIELDS = tuple(field.name for field in fields(RowFailure))
+
+
+def write_failures_workbook(
+    path: Path, failures: Iterable[RowFailure], *, title: str, rows_per_sheet: int = 1_000_000
+) -> dict[str, int]:
+    """Write `failures`, in the order given, to the .xlsx at `path` and return the failures per reason.
+
+    Sheets "Failures", "Failures 2", ... hold at most `rows_per_sheet` failures each; the last sheet, "Reasons",
+    has `title` and the count of each reason, largest first. The workbook is written beside `path` and then
+    moved over it, so that a failed or retried write never leaves half a file.
+    """
+    if not 1 <= rows_per_sheet <= EXCEL_MAX_DATA_ROWS:
+        raise ValueError(f"rows_per_sheet must be 1..{EXCEL_MAX_DATA_ROWS:,}, not {rows_per_sheet}")
+    path = Path(path)
+    workbook = openpyxl.Workbook(write_only=True)
+    counts: Counter[str] = Counter()
+    sheet, rows_in_sheet = _add_failure_sheet(workbook, FAILURE_SHEET), 0
+    for failure in failures:
+        if rows_in_sheet == rows_per_sheet:
+            sheet, rows_in_sheet = _add_failure_sheet(workbook, f"{FAILURE_SHEET} {len(workbook.worksheets) + 1}"), 0
+        texts = (failure.dealer_code, failure.sku, failure.column, failure.reason, failure.detail)
+        sheet.append([failure.row_number, *(_text_cell(sheet, text) if text else None for text in texts)])
+        rows_in_sheet += 1
+        counts[failure.reason] += 1
+    by_count = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    _add_reasons_sheet(workbook, title, by_count)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
+    try:
+        workbook.save(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return by_count
+
+
+def read_failures_workbook(path: Path) -> list[RowFailure]:
+    """The failures of every "Failures" sheet of a workbook written by `write_failures_workbook`, in order."""
+    failures: list[RowFailure] = []
+    workbook = openpyxl.load_workbook(path, read_only=True)
+    try:
+        for sheet in workbook.worksheets:
+            if not sheet.title.startswith(FAILURE_SHEET):
+                continue
+            for row in islice(sheet.iter_rows(values_only=True), 1, None):
+                if row and row[0] is not None:
+                    texts = islice(chain(row[1:], repeat(None)), len(FAILURE_COLUMNS) - 1)  # trailing empties
+                    failures.append(RowFailure(int(row[0]), *("" if text is None else str(text) for text in texts)))
+    finally:
+        workbook.close()
+    return failures
+
+
+def _add_failure_sheet(workbook: openpyxl.Workbook, name: str) -> WriteOnlyWorksheet:
+    sheet = workbook.create_sheet(name)
+    sheet.freeze_panes = "A2"
+    for letter, width in _COLUMN_WIDTHS.items():
+        sheet.column_dimensions[letter].width = width
+    sheet.append([_bold(sheet, heading) for heading in FAILURE_COLUMNS])
+    return sheet
+
+
+def _add_reasons_sheet(workbook: openpyxl.Workbook, title: str, counts: dict[str, int]) -> None:
+    sheet = workbook.create_sheet(REASONS_SHEET)
+    sheet.column_dimensions["A"].width = 40
+    sheet.column_dimensions["B"].width = 12
+    sheet.append([_bold(sheet, title)])
+    if not counts:
+        sheet.append(["No failures"])
+        return
+    sheet.append([f"{sum(counts.values()):,} failed rows"])
+    sheet.append([])
+    sheet.append([_bold(sheet, "Reason"), _bold(sheet, "Rows")])
+    for reason, count in counts.items():
+        sheet.append([_text_cell(sheet, reason), count])
+
+
+def _bold(sheet: WriteOnlyWorksheet, text: str) -> WriteOnlyCell:
+    cell = _text_cell(sheet, text)
+    cell.font = _BOLD
+    return cell
+
+
+def _text_cell(sheet: WriteOnlyWorksheet, text: str) -> WriteOnlyCell:
+    """Text, from the products file or about it, as a cell that stays text: a leading '=' does not make it a
+    formula, and the control characters Excel refuses become U+FFFD."""
+    cell = WriteOnlyCell(sheet, value=ILLEGAL_CHARACTERS_RE.sub("\ufffd", text))
+    cell.data_type = "s"
+    return cell
+
+
+class FailureLog:
+    """An append-only JSON-lines file of `RowFailure`s, one a line, with the count per reason kept in memory.
+
+    Opening a log that exists appends to it: its failures are counted first, and a last line torn by a crash
+    is cut off. The file is opened at the first write; a pickled log holds only its path and counts.
+    Read one back with `iter_failures`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._counts: Counter[str] = Counter()
+        self._file: BinaryIO | None = None
+        if self.path.exists():
+            self._count_existing()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    @property
+    def total(self) -> int:
+        return self._counts.total()
+
+    def add(self, failure: RowFailure) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("ab")
+        record = {name: getattr(failure, name) for name in _FIELDS}
+        self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self._counts[failure.reason] += 1
+
+    def extend(self, failures: Iterable[RowFailure]) -> None:
+        for failure in failures:
+            self.add(failure)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FailureLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, object]:
+        if self._file is not None:
+            self._file.flush()  # the copy's counts then match what the file holds
+        return {"path": self.path, "counts": self._counts}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.path, self._counts, self._file = state["path"], state["counts"], None
+
+    def _count_existing(self) -> None:
+        complete = 0
+        with self.path.open("rb+") as file:
+            for line in file:
+                if not line.endswith(b"\n"):
+                    break
+                self._counts[json.loads(line)["reason"]] += 1
+                complete += len(line)
+            if file.seek(0, os.SEEK_END) > complete:
+                file.truncate(complete)
+
+
+def iter_failures(path: Path) -> Iterator[RowFailure]:
+    """The failures of a `FailureLog` file, in file order (a last line torn by a crash is left out)."""
+    with Path(path).open("rb") as file:
+        for line in file:
+            if line.endswith(b"\n"):
+                yield RowFailure(**json.loads(line))

@@ -1,0 +1,188 @@
+"""The `process-products` flow on the session's real Prefect server, PostgreSQL and Redis: a mixed file
+accounted for row by row, its failures spreadsheet, re-runs, header errors refused before any write, and a
+Dask run with publish faults that still publishes each message once within the connection budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from sqlalchemy import text
+
+from blocks.products_queue import ProductsQueue
+from operations.infra.database import get_engine
+from operations.products.report import read_failures_workbook
+from operations.products.sample import dealer_codes, generate_products_file
+from operations.products.store import clear_products_data, offers, product_counts, upsert_dealers
+from operations.settings import get_settings
+from run_checks import run_artifacts
+
+pytestmark = pytest.mark.slow
+
+DEALERS = dealer_codes(6)
+
+
+@pytest.fixture
+def products(database_url, redis_url, settings):
+    """Empty product tables with 6 dealers, and a queue block on a stream of this test's own."""
+    engine = get_engine(database_url)
+    clear_products_data(engine, dealers=True)
+    upsert_dealers(engine, [(code, f"Dealer {code}") for code in DEALERS])
+    name = f"queue-{uuid.uuid4().hex[:8]}"
+    queue = ProductsQueue.from_url(redis_url, stream=f"test.products.{name}")
+    queue.save(name, overwrite=True)
+    yield engine, queue, name
+    queue.get_client().delete(queue.stream)
+
+
+def _stream_keys(queue: ProductsQueue) -> list[str]:
+    return [fields[b"message_key"].decode() for _, fields in queue.get_client().xrange(queue.stream)]
+
+
+def _run(**parameters):
+    from flows.process_products import process_products
+
+    state = process_products(**parameters, return_state=True)
+    return state, (state.result() if state.is_completed() else None)
+
+
+def test_a_mixed_file_is_accounted_for_row_by_row_and_reruns_change_only_what_changed(products, tmp_path):
+    engine, queue, block = products
+    source = tmp_path / "products.xlsx"
+    sample = generate_products_file(source, 3_000, DEALERS, bad_fraction=0.1, seed=7)
+
+    state, result = _run(file_path=str(source), queue_block=block, run_key="mixed-1")
+    assert state.is_completed(), state.message
+    assert (result["rows"], result["successes"], result["failures"], result["unaccounted"]) == (
+        sample.rows, sample.good_rows, sample.rows - sample.good_rows, 0)
+    assert result["created"] == sample.good_rows and result["chunks"] >= 2
+    assert result["failures_by_reason"] == sample.bad_by_reason
+    assert result["messages_published"] == sample.good_rows
+    keys = _stream_keys(queue)
+    assert len(keys) == len(set(keys)) == sample.good_rows
+
+    # the failures spreadsheet, as the link artifact points at it, read back
+    artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
+    assert {"products-failures", "products-failure-reasons", "products-summary", "products-progress"} <= set(artifacts)
+    link = artifacts["products-failures"].data
+    path = Path(unquote(urlsplit(link.split("](", 1)[1].rstrip(")") if "](" in link else link).path))
+    assert path == Path(result["failures_file"])
+    failures = read_failures_workbook(path)
+    assert len(failures) == result["failures"]
+    assert [f.row_number for f in failures] == sorted(f.row_number for f in failures)
+    by_reason: dict[str, int] = {}
+    for failure in failures:
+        by_reason[failure.reason] = by_reason.get(failure.reason, 0) + 1
+        assert failure.row_number >= 2 and failure.column
+    assert by_reason == sample.bad_by_reason
+    reasons_table = artifacts["products-failure-reasons"].data
+    for reason, count in sample.bad_by_reason.items():
+        assert reason in reasons_table and str(count) in reasons_table
+    assert "Every row is accounted for" in artifacts["products-summary"].data
+    assert artifacts["products-progress"].data == 100.0
+
+    # the same file again: nothing changes, nothing is published
+    state, again = _run(file_path=str(source), queue_block=block, run_key="mixed-2")
+    assert state.is_completed(), state.message
+    assert (again["created"], again["updated"], again["unchanged"]) == (0, 0, sample.good_rows)
+    assert again["messages_published"] == 0 and len(_stream_keys(queue)) == sample.good_rows
+
+    # changed prices: just those offers updated, one message each
+    repriced = tmp_path / "products-repriced.xlsx"
+    generate_products_file(repriced, 3_000, DEALERS, bad_fraction=0.1, seed=7, reprice_every=10)
+    before = offers(engine)
+    state, third = _run(file_path=str(repriced), queue_block=block, run_key="mixed-3")
+    assert state.is_completed(), state.message
+    after = offers(engine)
+    changed = {key for key in after if after[key]["price"] != before[key]["price"]}
+    assert third["updated"] == len(changed) > 0 and third["created"] == 0
+    assert all(after[key]["version"] == 2 for key in changed)
+    assert third["messages_published"] == len(changed)
+    assert len(_stream_keys(queue)) == sample.good_rows + len(changed)
+
+
+def test_a_bad_header_or_a_missing_file_fails_the_run_before_anything_is_written(products, tmp_path):
+    engine, _, block = products
+    bad = tmp_path / "bad-header.csv"
+    bad.write_text("dealer_code;sku;nome;preço unitário errado;estoque\nD0001;A;x;1,00;2\n", encoding="utf-8")
+    state, _ = _run(file_path=str(bad), queue_block=block)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "'price'" in message and "preço unitário errado" in message
+    state, _ = _run(file_path=str(tmp_path / "missing.csv"), queue_block=block)
+    assert state.is_failed() and "does not exist" in str(state.result(raise_on_failure=False))
+    assert product_counts(engine)["offers"] == 0
+
+
+def test_on_dask_publish_faults_still_publish_each_message_once_within_the_connection_budget(
+    products, tmp_path, monkeypatch, database_url
+):
+    engine, queue, block = products
+    monkeypatch.setenv("PRODUCTS_IN_PROCESS_MAX_ROWS", "500")  # Dask even for this small file
+    monkeypatch.setenv("DATABASE_POOL_SIZE", "3")  # the flow's connection + one per worker process
+    monkeypatch.setenv("DASK_N_WORKERS", "2")
+    monkeypatch.setenv("DASK_THREADS_PER_WORKER", "3")  # more chunks in flight than connections
+    get_settings.cache_clear()
+    source = tmp_path / "products.csv"
+    sample = generate_products_file(source, 4_000, DEALERS, bad_fraction=0.05, seed=11)
+    queue.publisher().inject_faults(3)  # three chunks fail to publish after their commit
+
+    peak, stop = [0], threading.Event()
+
+    def sample_connections():
+        watcher = get_engine(database_url, pool_size=1, purpose="test-watcher")
+        with watcher.connect() as conn:
+            while not stop.is_set():
+                n = conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'operations-products'"
+                )).scalar_one()
+                peak[0] = max(peak[0], n)
+                time.sleep(0.02)
+
+    watcher = threading.Thread(target=sample_connections, daemon=True)
+    watcher.start()
+    try:
+        state, result = _run(file_path=str(source), queue_block=block, run_key="dask-1", chunk_rows=400)
+    finally:
+        stop.set()
+        watcher.join()
+    assert state.is_completed(), state.message
+    assert result["successes"] == sample.good_rows and result["unaccounted"] == 0 and result["chunks"] >= 9
+    keys = _stream_keys(queue)
+    assert len(keys) == len(set(keys)) == sample.good_rows == product_counts(engine)["staged"]
+    assert product_counts(engine)["unpublished"] == 0
+    assert 1 <= peak[0] <= 2, f"chunk processes held {peak[0]} connections; the budget leaves them 2"
+
+
+def test_a_chunk_that_keeps_failing_fails_the_run_naming_its_rows_and_a_rerun_completes_it(
+    products, tmp_path, monkeypatch
+):
+    import tasks.products as product_tasks
+    from operations.products.store import ChunkFailed, store_chunk
+
+    engine, queue, block = products
+    source = tmp_path / "products.csv"
+    sample = generate_products_file(source, 1_200, DEALERS, bad_fraction=0.0, seed=3)
+
+    def refuse_second_chunk(engine, rows, run_key, stream):
+        if rows[0].row.row_number > 400:
+            raise ChunkFailed("database refused the chunk: injected", transient=False)
+        return store_chunk(engine, rows, run_key, stream)
+
+    monkeypatch.setattr(product_tasks, "store_chunk", refuse_second_chunk)
+    state, _ = _run(file_path=str(source), queue_block=block, chunk_rows=400)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "800 of 1,200 rows unaccounted for" in message and "rows 402-801" in message, message
+    assert product_counts(engine)["offers"] == 400
+
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    state, result = _run(file_path=str(source), queue_block=block, chunk_rows=400)
+    assert state.is_completed(), state.message
+    assert (result["created"], result["unchanged"]) == (sample.good_rows - 400, 400)
+    assert len(_stream_keys(queue)) == sample.good_rows

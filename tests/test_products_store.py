@@ -1,0 +1,217 @@
+"""Product chunks against the real PostgreSQL and Redis: upserts, row isolation, idempotent re-runs, and the
+outbox published exactly once through crashes and concurrent publishers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+
+from operations.infra.database import get_engine
+from operations.infra.redis_stream import InjectedPublishFault, StreamMessage, StreamPublisher
+from operations.products.outbox import publish_outbox
+from operations.products.reader import ProductRow
+from operations.products.store import (
+    DealerRow,
+    clear_products_data,
+    dealer_ids,
+    offers,
+    product_counts,
+    store_chunk,
+    upsert_dealers,
+)
+from operations.settings import PROJECT_ROOT
+
+
+@pytest.fixture
+def products_engine(database_url):
+    engine = get_engine(database_url)
+    clear_products_data(engine, dealers=True)
+    upsert_dealers(engine, [("D1", "Dealer one"), ("D2", "Dealer two")])
+    return engine
+
+
+@pytest.fixture
+def publisher(redis_client):
+    stream = f"test.products.{uuid.uuid4().hex[:8]}"
+    yield StreamPublisher(redis_client, stream)
+    redis_client.delete(stream)
+
+
+def _rows(engine, count: int, price_bump: dict[int, Decimal] | None = None, start_row: int = 2) -> list[DealerRow]:
+    ids = dealer_ids(engine)
+    rows = []
+    for i in range(count):
+        dealer = "D1" if i % 2 == 0 else "D2"
+        price = Decimal("10.00") + i + (price_bump or {}).get(i, Decimal(0))
+        rows.append(DealerRow(ids[dealer], ProductRow(start_row + i, dealer, f"SKU-{i // 2:05d}", f"Product {i // 2}",
+                                                      price, i, {"brand": "Acme"})))
+    return rows
+
+
+def _stream(publisher: StreamPublisher) -> list[dict]:
+    entries = publisher.client.xrange(publisher.stream)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+def test_a_chunk_stages_every_new_offer_and_publishes_each_message_once(products_engine, publisher):
+    outcome = store_chunk(products_engine, _rows(products_engine, 40), "run-1", publisher.stream)
+    assert (outcome.rows, outcome.created, outcome.updated, outcome.unchanged) == (40, 40, 0, 0)
+    assert not outcome.failures
+    counts = product_counts(products_engine)
+    assert counts["products"] == 20 and counts["offers"] == 40  # one product per SKU, one offer per dealer
+    assert counts["staged"] == counts["outbox"] == counts["unpublished"] == 40
+
+    published = publish_outbox(products_engine, publisher, outcome.outbox_ids)
+    assert (published.published, published.already_in_stream) == (40, 0)
+    again = publish_outbox(products_engine, publisher)
+    assert (again.published, again.already_in_stream) == (0, 0)
+    messages = _stream(publisher)
+    assert len(messages) == 40 and len({m["message_key"] for m in messages}) == 40
+    payload = json.loads(messages[0]["payload"])
+    assert payload["event"] == "product.created" and payload["dealer_code"] == "D1" and payload["price"] == "10.00"
+    assert product_counts(products_engine)["unpublished"] == 0
+
+
+def test_a_rerun_changes_nothing_and_a_changed_price_updates_and_publishes_just_that_offer(products_engine, publisher):
+    rows = _rows(products_engine, 10)
+    first = store_chunk(products_engine, rows, "run-1", publisher.stream)
+    publish_outbox(products_engine, publisher, first.outbox_ids)
+
+    again = store_chunk(products_engine, rows, "run-2", publisher.stream)
+    assert (again.created, again.updated, again.unchanged, again.outbox_ids) == (0, 0, 10, [])
+
+    changed = store_chunk(products_engine, _rows(products_engine, 10, {3: Decimal("1.50")}), "run-3", publisher.stream)
+    assert (changed.created, changed.updated, changed.unchanged) == (0, 1, 9)
+    publish_outbox(products_engine, publisher, changed.outbox_ids)
+    stored = offers(products_engine, [("D2", "SKU-00001")])[("D2", "SKU-00001")]
+    assert stored["price"] == Decimal("14.50") and stored["version"] == 2
+    messages = _stream(publisher)
+    assert len(messages) == 11
+    update = json.loads(messages[-1]["payload"])
+    assert (update["event"], update["sku"], update["price"], update["version"]) == (
+        "product.updated", "SKU-00001", "14.50", 2)
+
+
+def test_a_row_the_database_refuses_fails_alone_and_the_rest_commit(products_engine, publisher):
+    rows = _rows(products_engine, 6)
+    rows[2] = DealerRow(rows[2].dealer_id, replace(rows[2].row, price=Decimal("99999999999.00")))  # > NUMERIC(12,2)
+    rows[4] = DealerRow(999_999, rows[4].row)  # a dealer id that no longer exists
+    outcome = store_chunk(products_engine, rows, "run-1", publisher.stream)
+    assert (outcome.rows, outcome.created) == (6, 4)
+    by_row = {f.row_number: f for f in outcome.failures}
+    assert set(by_row) == {rows[2].row.row_number, rows[4].row.row_number}
+    assert by_row[rows[4].row.row_number].reason == "dealer removed"
+    assert by_row[rows[2].row.row_number].reason == "refused by the database"
+    assert "numeric" in by_row[rows[2].row.row_number].detail
+    assert product_counts(products_engine)["offers"] == 4
+
+
+_CRASH_AFTER_COMMIT = textwrap.dedent("""
+    import os, sys
+    from decimal import Decimal
+    from operations.infra.database import get_engine
+    from operations.products.reader import ProductRow
+    from operations.products.store import DealerRow, dealer_ids, store_chunk
+
+    url, stream = sys.argv[1], sys.argv[2]
+    engine = get_engine(url)
+    d1 = dealer_ids(engine)["D1"]
+    rows = [DealerRow(d1, ProductRow(2 + i, "D1", f"CRASH-{i}", "x", Decimal(i), i, {})) for i in range(25)]
+    outcome = store_chunk(engine, rows, "crashing-run", stream)
+    assert outcome.created == 25
+    os._exit(17)  # killed after the commit, before the publish
+""")
+
+
+def test_a_crash_between_commit_and_publish_is_published_exactly_once_by_the_next_run(
+    products_engine, publisher, database_url
+):
+    done = subprocess.run([sys.executable, "-c", _CRASH_AFTER_COMMIT, database_url, publisher.stream],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 17, done.stderr
+    assert product_counts(products_engine)["unpublished"] == 25 and publisher.length() == 0
+
+    # the re-run: its own chunk changes nothing, its final publish sends what the crashed run left
+    d1 = dealer_ids(products_engine)["D1"]
+    rows = [DealerRow(d1, ProductRow(2 + i, "D1", f"CRASH-{i}", "x", Decimal(i), i, {})) for i in range(25)]
+    rerun = store_chunk(products_engine, rows, "rerun", publisher.stream)
+    assert (rerun.unchanged, rerun.outbox_ids) == (25, [])
+    assert publish_outbox(products_engine, publisher).published == 25
+    assert publish_outbox(products_engine, publisher).published == 0
+    skus = sorted(json.loads(m["payload"])["sku"] for m in _stream(publisher))
+    assert skus == sorted(f"CRASH-{i}" for i in range(25))
+
+
+def test_a_crash_after_adding_to_the_stream_but_before_marking_the_outbox_adds_nothing_twice(
+    products_engine, publisher
+):
+    outcome = store_chunk(products_engine, _rows(products_engine, 12), "run-1", publisher.stream)
+    # the publisher got half of them into the stream, then died before the outbox rows were marked
+    with products_engine.connect() as conn:
+        keys = [k for (k,) in conn.exec_driver_sql("SELECT message_key FROM outbox_messages ORDER BY id LIMIT 6")]
+    publisher.publish([StreamMessage(k, {"message_key": k}) for k in keys])
+    assert publisher.length() == 6
+
+    counts = publish_outbox(products_engine, publisher, outcome.outbox_ids)
+    assert (counts.published, counts.already_in_stream) == (6, 6)
+    assert publisher.length() == 12
+    assert len({m["message_key"] for m in _stream(publisher)}) == 12
+
+
+def test_concurrent_publishers_and_injected_faults_never_duplicate_a_message(products_engine, publisher):
+    store_chunk(products_engine, _rows(products_engine, 300), "run-1", publisher.stream)
+    publisher.inject_faults(1)
+    with pytest.raises(InjectedPublishFault):
+        publish_outbox(products_engine, publisher)
+    assert publisher.length() == 0 and product_counts(products_engine)["unpublished"] == 300
+
+    errors = []
+
+    def publish():
+        try:
+            publish_outbox(products_engine, publisher, batch_size=7)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    messages = _stream(publisher)
+    assert len(messages) == 300 and len({m["message_key"] for m in messages}) == 300
+    assert product_counts(products_engine)["unpublished"] == 0
+
+
+def test_dealers_are_upserted_by_code(products_engine):
+    assert upsert_dealers(products_engine, [("D1", "Dealer one"), ("D2", "Renamed"), ("D3", "New")]) == (1, 1)
+    assert set(dealer_ids(products_engine)) == {"D1", "D2", "D3"}
+
+
+def test_the_dealers_command_loads_a_file_and_refuses_a_bad_one_before_writing(products_engine, tmp_path, capsys):
+    from deployments.dealers import main
+    from operations.products.sample import write_dealers_file
+
+    good = tmp_path / "dealers.csv"
+    codes = write_dealers_file(good, 5)
+    assert main(["load", str(good)]) == 0
+    assert "5 dealer(s)" in capsys.readouterr().out
+    assert set(codes) <= set(dealer_ids(products_engine))
+
+    bad = tmp_path / "dealers-bad.csv"
+    bad.write_text("codigo;nome\nX1;Loja X\nX2;Loja Y\nX1;Loja X de novo\n", encoding="utf-8")
+    assert main(["load", str(bad)]) == 2
+    assert "row 4" in capsys.readouterr().err and "X1" not in dealer_ids(products_engine)
+    headless = tmp_path / "dealers-no-code.csv"
+    headless.write_text("name\nLoja\n", encoding="utf-8")
+    assert main(["load", str(headless)]) == 2
+    assert "'code'" in capsys.readouterr().err
