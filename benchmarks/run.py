@@ -13,6 +13,8 @@
    and on Dask, against the floor and against one account after another. Target: <= 1.3 x the floor.
 4. Product files (benchmarks/products.py): a 200,000-row .xlsx (10% bad rows) through process-products on Dask
    and on threads, its reading alone, against row by row with one transaction per row. Target: >= 3 x.
+5. Turnstiles (benchmarks/turnstiles.py): 10,000 participants x 10 emulated turnstiles at 50 ms per request, on
+   threads and on Dask, against the floor and against the seed's one request per pair; then all cached.
 """
 
 from __future__ import annotations
@@ -238,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--products-bad-fraction", type=float, default=0.1)
     parser.add_argument("--products-baseline-rows", type=int, default=5_000,
                         help="rows the row-by-row baseline loads (its rows/s is compared)")
+    parser.add_argument("--skip-turnstiles", action="store_true")
+    parser.add_argument("--turnstile-participants", type=int, default=10_000)
+    parser.add_argument("--turnstile-devices", type=int, default=10)
+    parser.add_argument("--turnstile-latency-ms", type=float, default=50.0)
+    parser.add_argument("--turnstile-seed-participants", type=int, default=300,
+                        help="participants the seed's approach registers (its rate is compared)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
 
@@ -270,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.products import bench_products, print_products
 
         print_products(bench_products(args.products_rows, args.products_bad_fraction, args.products_baseline_rows))
+    if not args.skip_turnstiles:
+        from benchmarks.turnstiles import bench_turnstiles, print_turnstiles
+
+        print_turnstiles(bench_turnstiles(
+            args.turnstile_participants, args.turnstile_devices, args.turnstile_latency_ms,
+            args.turnstile_seed_participants,
+        ))
     return 0
 
 

@@ -1,6 +1,7 @@
 """`make demo`: start the local stack on embedded defaults and run every flow end to end: generate-games, then
 the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace), then a
-generated products file with some bad rows through process-products (dealers loaded from a file first).
+generated products file with some bad rows through process-products (dealers loaded from a file first), then a
+generated participants file registered on the emulated turnstiles through register-participants.
 
     python -m deployments.demo [--quantity 200000] [--run-key demo-...]
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sellers", type=int, default=3, help="emulated seller accounts to onboard (default 3)")
     parser.add_argument("--skip-marketplace", action="store_true", help="no marketplace sync")
     parser.add_argument("--products-rows", type=int, default=30_000, help="rows of the demo products file (30,000)")
+    parser.add_argument("--participants", type=int, default=500, help="participants to register (500)")
     args = parser.parse_args(argv)
 
     stack = start_local_stack()
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_marketplace and demo_marketplace(stack, args.sellers) != 0:
         return 1
     if args.products_rows and demo_products(stack, args.products_rows, run_key) != 0:
+        return 1
+    if args.participants and demo_turnstiles(stack, args.participants) != 0:
         return 1
     print("The local stack is still running for the UI; `make down` stops it.")
     return 0
@@ -119,6 +123,36 @@ def demo_products(stack, rows: int, run_key: str) -> int:
         f"{result['unchanged']:,} unchanged; {result['messages_published']:,} messages published)"
     )
     print(f"  failures spreadsheet: {result['failures_file']}")
+    print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
+    return 0
+
+
+def demo_turnstiles(stack, participants: int) -> int:
+    """Register a generated participants file on the emulated turnstiles; a second demo finds them cached."""
+    from flows.register_participants import register_participants
+    from operations.settings import get_settings
+    from operations.turnstiles.sample import write_participants_file
+
+    if not stack.emulated_turnstiles:
+        print("\nturnstiles: TURNSTILE_EMULATOR_DEVICES=0, so the demo registers no participants")
+        return 0
+    source = get_settings().data_dir / "demo-turnstiles" / "participants.xlsx"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    if not source.exists():
+        write_participants_file(source, participants)
+    print(f"\nregistering {source} on {', '.join(stack.emulated_turnstiles)} ...", flush=True)
+    state = register_participants(
+        participants_file=str(source), turnstiles=list(stack.emulated_turnstiles), return_state=True
+    )
+    if not state.is_completed():
+        print(f"register-participants ended {state.type.value}: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    print(
+        f"{result['participants']:,} participants x {result['turnstiles']} turnstiles = {result['operations']:,} "
+        f"operations in {result['seconds']:.1f} s: {result['successes']:,} successes, {result['cached']:,} skipped "
+        f"(cache), {result['errors']:,} errors"
+    )
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     return 0
 

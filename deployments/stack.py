@@ -35,6 +35,7 @@ from operations.infra.embedded_postgres import (
     running_embedded_postgres,
     stop_embedded_postgres,
 )
+from emulators import turnstiles as turnstile_emulator
 from emulators.marketplace import (
     EmulatorConfig,
     running_emulator_process,
@@ -47,6 +48,7 @@ from operations.settings import PROJECT_ROOT, Settings, get_settings
 
 # The emulated marketplace of the local stack and the demo: a few sellers, a little latency.
 DEMO_MARKETPLACE = EmulatorConfig(sellers=5, orders_per_seller=300, items_per_seller=80, latency_ms=10)
+EMULATED_TURNSTILE = "emulated-turnstile-{}"  # block names of the emulated turnstiles (1-based)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class LocalStack:
     database_url: str  # may hold a password: show it with redact_url
     marketplace_api_url: str = ""
     marketplace_emulated: bool = False  # the local emulator stands in for the marketplace API
+    emulated_turnstiles: tuple[str, ...] = ()  # TurnstileDevice blocks of the emulated turnstiles
 
     def __repr__(self) -> str:  # passwords redacted
         return (
@@ -89,6 +92,7 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     else:  # no marketplace configured: the local emulator (a real HTTP server) stands in for it
         marketplace_url = start_emulator_process(DEMO_MARKETPLACE, settings.marketplace_emulator_dir).base_url
     save_marketplace_app_block(settings, marketplace_url)
+    turnstiles = start_emulated_turnstiles(settings)
     return LocalStack(
         api_url=api_url,
         ui_url=ui_url,
@@ -97,6 +101,7 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
         database_url=database_url,
         marketplace_api_url=marketplace_url,
         marketplace_emulated=not settings.marketplace_api_url,
+        emulated_turnstiles=turnstiles,
     )
 
 
@@ -132,15 +137,37 @@ def save_marketplace_app_block(settings: Settings, api_url: str, emulator: Emula
 
 def register_blocks(settings: Settings, redis_url: str) -> None:
     """Register the project's Redis block types and save their default blocks, on the project's Redis: the
-    game counter and the products queue (idempotent)."""
+    game counter, the products queue and the turnstile cache (idempotent)."""
     from blocks.products_queue import ProductsQueue  # imports Prefect: only once the API URL is set
     from blocks.redis_game_counter import RedisGameCounter
+    from blocks.turnstile_device import TurnstileCache
 
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     for block_class, name in ((RedisGameCounter, settings.counter_block_name),
-                              (ProductsQueue, settings.products_queue_block)):
+                              (ProductsQueue, settings.products_queue_block),
+                              (TurnstileCache, settings.turnstile_cache_block)):
         block_class.register_type_and_schema()
         block_class.from_url(redis_url, password).save(name, overwrite=True)
+
+
+def start_emulated_turnstiles(settings: Settings) -> tuple[str, ...]:
+    """Start (or reuse) the turnstile emulator with TURNSTILE_EMULATOR_DEVICES devices and save a TurnstileDevice
+    block for each (`emulated-turnstile-N`); none when the setting is 0. Returns the block names."""
+    from pydantic import SecretStr
+
+    from blocks.turnstile_device import TurnstileDevice  # imports Prefect: only once the API URL is set
+
+    TurnstileDevice.register_type_and_schema()
+    if not settings.turnstile_emulator_devices:
+        return ()
+    config = turnstile_emulator.EmulatorConfig(devices=settings.turnstile_emulator_devices, latency_ms=5)
+    emulator = turnstile_emulator.start_emulator_process(config, settings.turnstile_emulator_dir)
+    names = []
+    for i, url in enumerate(emulator.base_urls, start=1):
+        names.append(EMULATED_TURNSTILE.format(i))
+        TurnstileDevice(base_url=url, login=emulator.config.login,
+                        password=SecretStr(emulator.config.password)).save(names[-1], overwrite=True)
+    return tuple(names)
 
 
 def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
@@ -185,6 +212,8 @@ def stop_local_stack(settings: Settings | None = None) -> list[str]:
         stopped.append("embedded postgres")
     if stop_emulator_process(settings.marketplace_emulator_dir):
         stopped.append("marketplace emulator")
+    if turnstile_emulator.stop_emulator_process(settings.turnstile_emulator_dir):
+        stopped.append("turnstile emulator")
     return stopped
 
 
@@ -203,6 +232,7 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
     redis_server = running_embedded_redis(settings.redis_dir)
     postgres = running_embedded_postgres(settings.postgres_dir)
     emulator = running_emulator_process(settings.marketplace_emulator_dir)
+    turnstiles = turnstile_emulator.running_emulator_process(settings.turnstile_emulator_dir)
     return {
         "prefect server": f"{server.ui_url} (pid {server.pid})" if server else "not running",
         "prefect worker": (
@@ -222,6 +252,12 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
             f"{settings.marketplace_api_url} (MARKETPLACE_API_URL)"
             if settings.marketplace_api_url
             else (f"emulator {emulator.base_url} (pid {emulator.pid})" if emulator else "emulator not running")
+        ),
+        "turnstiles": (
+            f"emulator of {len(turnstiles.base_urls)} device(s), ports {', '.join(map(str, turnstiles.ports))} "
+            f"(pid {turnstiles.pid})" if turnstiles
+            else ("no emulator (TURNSTILE_EMULATOR_DEVICES=0)" if not settings.turnstile_emulator_devices
+                  else "emulator not running")
         ),
     }
 
@@ -252,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Products queue: {get_settings().products_queue_block} (ProductsQueue, a Redis stream)")
     print(f"Marketplace:   {stack.marketplace_api_url}{' (emulator)' if stack.marketplace_emulated else ''}, "
           f"app block {get_settings().marketplace_app_block}")
+    if stack.emulated_turnstiles:
+        print(f"Turnstiles:    emulated: {', '.join(stack.emulated_turnstiles)} (TurnstileDevice blocks)")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_worker_dir / 'worker.log'}")
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):

@@ -27,13 +27,10 @@ import json
 import os
 import random
 import secrets
-import socket
 import subprocess
 import sys
 import threading
 import time
-import types
-import typing
 import unicodedata
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -51,6 +48,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from emulators.common import add_config_arguments, bind, dumps
 from operations.infra.processes import (
     folder_lock,
     free_port,
@@ -60,18 +58,6 @@ from operations.infra.processes import (
     wait_until_ready,
     write_state,
 )
-
-try:  # a dependency of Prefect: about 5x faster than json for the order pages
-    import orjson
-
-    def _dumps(content: Any) -> bytes:
-        return orjson.dumps(content)
-
-except ImportError:  # pragma: no cover - orjson ships with Prefect
-
-    def _dumps(content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":"), ensure_ascii=False).encode()
-
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "marketplace-emulator.json"
@@ -210,7 +196,7 @@ def _bad_request(message: str) -> _ApiError:
 
 
 def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_dumps(content), status_code=status, headers=headers, media_type="application/json")
+    return Response(dumps(content), status_code=status, headers=headers, media_type="application/json")
 
 
 def _fault_body(status: int) -> dict[str, Any]:
@@ -1073,20 +1059,6 @@ class RunningEmulator:
         self.stop()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    # proto given explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and without
-    # it every small answer waits ~40 ms for a delayed ACK (Nagle)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise RuntimeError(f"the emulator cannot listen on {host}:{port}: {exc}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
 def _uvicorn_server(app: Starlette) -> uvicorn.Server:
     return uvicorn.Server(
         uvicorn.Config(
@@ -1100,7 +1072,7 @@ def run_in_thread(config: EmulatorConfig | None = None, port: int = 0, start_tim
     """Serve the emulator from a daemon thread of this process on 127.0.0.1 (port 0: a free port)."""
     config = config or EmulatorConfig()
     app = create_app(config)
-    sock = _bind("127.0.0.1", port)  # bound here, so port 0 cannot race with another process
+    sock = bind("127.0.0.1", port)  # bound here, so port 0 cannot race with another process
     port = sock.getsockname()[1]
     server = _uvicorn_server(app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"emulator-{port}", daemon=True)
@@ -1312,33 +1284,13 @@ class EmulatorControl:
 
 
 # -- command line ----------------------------------------------------------------------------------------
-def _cli_type(annotation: Any) -> type | None:
-    """The argparse type of a config field, or None for fields given only through --config-json."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        annotation = args[0] if len(args) == 1 else None
-    if annotation is datetime:
-        return str
-    return annotation if annotation in (bool, int, float, str) else None
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m emulators.marketplace",
         description="Serve the marketplace API emulator on 127.0.0.1 until SIGTERM or Ctrl-C.",
     )
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
-    parser.add_argument("--config-json", help="an EmulatorConfig as JSON (full or partial); flags override it")
-    for name, info in EmulatorConfig.model_fields.items():
-        kind = _cli_type(info.annotation)
-        if kind is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        text = f"{info.description or name} (default {info.default})"
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+    add_config_arguments(parser, EmulatorConfig)
     return parser
 
 
@@ -1352,7 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
     app = create_app(config)
-    sock = _bind("127.0.0.1", port)
+    sock = bind("127.0.0.1", port)
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     emulator: MarketplaceEmulator = app.state.emulator
     print(f"marketplace emulator on {base_url} ({len(emulator.sellers)} sellers, seed {config.seed})", flush=True)

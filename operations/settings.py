@@ -157,6 +157,11 @@ class Settings(BaseSettings):
         default=None,
         description="Participants file the scheduled register-participants run reads when given no file.",
     )
+    turnstile_emulator_devices: int = Field(
+        default=3, ge=0, le=64,
+        description="Emulated turnstiles `make up` starts and saves as TurnstileDevice blocks (emulated-turnstile-N); "
+        "0 on a site with real devices.",
+    )
     turnstile_cache_block: str = Field(
         default="turnstile-cache", description="Name of the TurnstileCache block (Redis) register-participants loads."
     )
@@ -190,6 +195,10 @@ class Settings(BaseSettings):
     @property
     def marketplace_emulator_dir(self) -> Path:
         return self.data_dir / "marketplace-emulator"
+
+    @property
+    def turnstile_emulator_dir(self) -> Path:
+        return self.data_dir / "turnstile-emulator"
 
     @property
     def prefect_worker_dir(self) -> Path:

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from blocks.redis_game_counter import RedisGameCounter
+from blocks.turnstile_device import TurnstileDevice
+from emulators import turnstiles as turnstile_emulator
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
@@ -24,6 +27,7 @@ from operations.lottery.generation import chunk_path
 from operations.products.report import read_failures_workbook
 from operations.products.sample import SampleStats, dealer_codes, generate_products_file
 from operations.products.store import clear_products_data, upsert_dealers
+from operations.turnstiles.sample import write_participants_file
 from operations.settings import PROJECT_ROOT, Settings
 from run_checks import assert_operator_form, check_generated_run
 
@@ -40,6 +44,9 @@ SMALL_RUN_PARAMETERS = {
         "nickname": f"rest-{key}",
     },
     "process-products": lambda key, stack: {"file_path": str(stack.products_file), "run_key": key},
+    "register-participants": lambda key, stack: {
+        "participants_file": str(stack.participants_file), "turnstiles": list(stack.turnstiles),
+    },
 }
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -83,15 +90,23 @@ def operator_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     upsert_dealers(engine, [(code, code) for code in dealers])
     products_file = root / "products.csv"
     products_sample = generate_products_file(products_file, 800, dealers, bad_fraction=0.1, seed=2)
+    gates = turnstile_emulator.run_in_thread(turnstile_emulator.EmulatorConfig(devices=2, latency_ms=1))
+    turnstiles = [f"e2e-gate-{i}" for i in range(len(gates.base_urls))]
+    for name, url in zip(turnstiles, gates.base_urls):
+        TurnstileDevice(base_url=url, password=SecretStr(gates.config.password)).save(name, overwrite=True)
+    participants_file = root / "participants.csv"
+    write_participants_file(participants_file, 50)
     deploy_all(prefect_api_url)
     ensure_prefect_worker(
         root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
     )
     client = RetryingClient(base_url=prefect_api_url, timeout=30)
-    yield OperatorStack(client, settings, market, products_file, products_sample)
+    yield OperatorStack(client, settings, market, products_file, products_sample, gates, tuple(turnstiles),
+                        participants_file)
     client.close()
     stop_prefect_worker(root / "worker")
     emulator.stop()
+    gates.stop()
 
 
 @dataclass
@@ -101,6 +116,9 @@ class OperatorStack:
     market: Marketplace
     products_file: Path
     products_sample: SampleStats
+    gates: turnstile_emulator.RunningEmulator
+    turnstiles: tuple[str, ...]
+    participants_file: Path
 
     def __iter__(self):  # `client, settings = operator_stack`
         return iter((self.client, self.settings))
@@ -215,11 +233,21 @@ def _check_products_run(stack: OperatorStack, parameters: dict, artifacts: list[
     assert len(read_failures_workbook(failures)) == sample.rows - sample.good_rows
 
 
+def _check_registration_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
+    keys = {a["key"] for a in artifacts}
+    assert {"registration-report", "registration-turnstiles", "registration-failures"} <= keys, keys
+    [report] = [a for a in artifacts if a["key"] == "registration-report"]
+    assert "| Errors | 0 |" in report["data"] and "| Total operations | 100 |" in report["data"]
+    for device in range(len(stack.turnstiles)):
+        assert len(stack.gates.control.users(device)) == 50
+
+
 RUN_CHECKS = {
     "generate-games": _check_games_run,
     "sync-marketplace": _check_sync_run,
     "onboard-account": _check_onboarding_run,
     "process-products": _check_products_run,
+    "register-participants": _check_registration_run,
 }
 
 
@@ -267,6 +295,8 @@ def test_invalid_parameters_of_the_other_flows_are_refused_with_409_before_any_w
         ("process-products/on-demand", {}, "file_path"),
         ("process-products/on-demand", {"file_path": "/data/products.txt"}, "file_path"),
         ("process-products/on-demand", {"file_path": "/data/p.csv", "chunk_rows": -1}, "chunk_rows"),
+        ("register-participants/on-demand", {"participants_file": "people.txt"}, "participants_file"),
+        ("register-participants/on-demand", {"batch_size": 0}, "batch_size"),
     ]:
         deployment = _deployment(client, name)
         count = {"deployments": {"id": {"any_": [deployment["id"]]}}}

@@ -1,5 +1,6 @@
 """The operator's commands as they are typed: `python -m deployments.stack up` (twice), `status`, `down`
-on an empty data folder, and `python -m deployments.start_run` against the stack it started."""
+on an empty data folder, `python -m deployments.start_run` against the stack it started, and the account,
+dealer and turnstile commands."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -69,10 +71,12 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
     assert run["parameters"] == {"quantity": 3000, "run_key": "from-the-shell"}
 
     _marketplace_accounts_from_the_shell(operator_env, first.stdout, api)
+    _dealers_and_turnstiles_from_the_shell(operator_env, first.stdout, api)
 
     down = _command(operator_env, "deployments.stack", "down")
     assert down.returncode == 0, down.stdout
-    assert "prefect worker, prefect server, embedded redis, embedded postgres, marketplace emulator" in down.stdout
+    assert ("prefect worker, prefect server, embedded redis, embedded postgres, marketplace emulator, "
+            "turnstile emulator") in down.stdout
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
     assert "not running" in _command(operator_env, "deployments.stack", "status").stdout
@@ -130,3 +134,31 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
     assert run["state_type"] == "COMPLETED", run["state"]
     listing = _command(env, "deployments.marketplace_accounts", "list").stdout
     assert re.search(rf"{first}\s+shop-one\s+active\s+\S+ \S+ UTC\s+synced", listing), listing
+
+
+def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) -> None:
+    """Dealers loaded from a file, the emulated turnstiles `up` saved listed, a bad devices file refused, and a
+    registration started from the shell on the emulated turnstiles."""
+    from operations.products.sample import write_dealers_file
+    from operations.turnstiles.sample import write_participants_file
+
+    folder = Path(env["DATA_DIR"]) / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_dealers_file(folder / "dealers.csv", 3)
+    loaded = _command(env, "deployments.dealers", "load", str(folder / "dealers.csv"))
+    assert loaded.returncode == 0 and "3 dealer(s)" in loaded.stdout, loaded.stderr
+    assert "D0003" in _command(env, "deployments.dealers", "list").stdout
+
+    assert "emulated-turnstile-1" in up_output
+    listing = _command(env, "deployments.turnstiles", "list")
+    assert listing.returncode == 0 and "emulated-turnstile-3" in listing.stdout, listing.stderr
+    (folder / "devices.csv").write_text("name,base_url,password\nGate One,http://10.0.0.1,x\n", encoding="utf-8")
+    refused = _command(env, "deployments.turnstiles", "load", str(folder / "devices.csv"))
+    assert refused.returncode == 2 and "row 2, column name" in refused.stderr, refused.stderr
+
+    write_participants_file(folder / "participants.csv", 40)
+    started = _command(env, "deployments.start_run", "register-participants/on-demand",
+                       f"participants_file={folder / 'participants.csv'}")
+    assert started.returncode == 0, started.stderr
+    run = _wait_run(api, re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1))
+    assert run["state_type"] == "COMPLETED", run["state"]

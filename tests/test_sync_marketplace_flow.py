@@ -18,6 +18,7 @@ from blocks.marketplace_app import MarketplaceApp
 from operations.marketplace.models import MarketplaceAccount, MarketplaceOrder
 from operations.marketplace.store import count_rows
 from operations.settings import PROJECT_ROOT
+from run_checks import run_texts
 
 pytestmark = pytest.mark.slow
 
@@ -52,30 +53,6 @@ def _tokens(engine) -> list[str]:
     return [t for row in rows for t in row if t]
 
 
-def _run_texts(flow_run_id) -> list[str]:
-    """Every log line and artifact of the flow run and its subflows."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=10)
-    with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        ids = [flow_run_id, *[c.id for c in children]]
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200)
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
-    return [log.message for log in logs] + [str(a.data) for a in artifacts] + [str(a.description) for a in artifacts]
-
-
 def test_accounts_sync_in_parallel_a_failing_one_does_not_stop_the_others_and_no_token_is_logged(market, pg_engine):
     from flows.sync_marketplace import sync_marketplace
 
@@ -89,7 +66,7 @@ def test_accounts_sync_in_parallel_a_failing_one_does_not_stop_the_others_and_no
     assert f"-{c}" in state.message and "1 of 3" in state.message, state.message
     for seller in (a, b):
         assert count_rows(pg_engine, seller)["orders"] == 150 and count_rows(pg_engine, seller)["items"] == 30
-    texts = _run_texts(state.state_details.flow_run_id)
+    texts = run_texts(state.state_details.flow_run_id)
     table = [t for t in texts if "marketplace" in t.lower() or "seller" in t.lower()]
     assert table, "no artifacts or logs were written"
     tokens = _tokens(pg_engine)
@@ -137,7 +114,7 @@ def test_onboarding_flow_adds_an_account_without_returning_its_tokens(market, pg
     state = onboard_account(authorization_code=market.control.authorize(seller), nickname="shop", return_state=True)
     assert state.is_completed(), state.message
     assert state.result() == {"seller_id": seller, "nickname": "shop", "status": "active"}
-    texts = _run_texts(state.state_details.flow_run_id)
+    texts = run_texts(state.state_details.flow_run_id)
     assert not [t for t in _tokens(pg_engine) if any(t in text for text in texts)]
     used = onboard_account(authorization_code="not-a-live-code", return_state=True)
     assert used.is_failed() and "invalid_grant" in used.message

@@ -9,30 +9,28 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from itertools import chain, islice, repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import openpyxl
-from openpyxl.cell import WriteOnlyCell
-from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-from openpyxl.styles import Font
 
+from operations.infra.tabular import (
+    EXCEL_MAX_DATA_ROWS,
+    add_counts_sheet,
+    add_table_sheet,
+    atomic_workbook_save,
+    text_cell,
+)
 from operations.products.reader import RowFailure
-
-if TYPE_CHECKING:
-    from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
 FAILURE_COLUMNS = ("Row", "Dealer", "SKU", "Column", "Reason", "Detail")
 FAILURE_SHEET = "Failures"
 REASONS_SHEET = "Reasons"
-EXCEL_MAX_DATA_ROWS = 1_048_575  # a sheet's 1,048,576 rows, less the header
-_COLUMN_WIDTHS = {"A": 9, "B": 14, "C": 24, "D": 13, "E": 30, "F": 60}
-_BOLD = Font(bold=True)
+_COLUMN_WIDTHS = (9, 14, 24, 13, 30, 60)
 _FIELDS = tuple(field.name for field in fields(RowFailure))
 
 
@@ -50,23 +48,20 @@ def write_failures_workbook(
     path = Path(path)
     workbook = openpyxl.Workbook(write_only=True)
     counts: Counter[str] = Counter()
-    sheet, rows_in_sheet = _add_failure_sheet(workbook, FAILURE_SHEET), 0
+    sheet, rows_in_sheet = add_table_sheet(workbook, FAILURE_SHEET, FAILURE_COLUMNS, _COLUMN_WIDTHS), 0
     for failure in failures:
         if rows_in_sheet == rows_per_sheet:
-            sheet, rows_in_sheet = _add_failure_sheet(workbook, f"{FAILURE_SHEET} {len(workbook.worksheets) + 1}"), 0
+            sheet = add_table_sheet(
+                workbook, f"{FAILURE_SHEET} {len(workbook.worksheets) + 1}", FAILURE_COLUMNS, _COLUMN_WIDTHS
+            )
+            rows_in_sheet = 0
         texts = (failure.dealer_code, failure.sku, failure.column, failure.reason, failure.detail)
-        sheet.append([failure.row_number, *(_text_cell(sheet, text) if text else None for text in texts)])
+        sheet.append([failure.row_number, *(text_cell(sheet, text) if text else None for text in texts)])
         rows_in_sheet += 1
         counts[failure.reason] += 1
     by_count = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
-    _add_reasons_sheet(workbook, title, by_count)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
-    try:
-        workbook.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    add_counts_sheet(workbook, REASONS_SHEET, title, list(by_count.items()), "failed rows", ("Reason", "Rows"))
+    atomic_workbook_save(workbook, path)
     return by_count
 
 
@@ -85,44 +80,6 @@ def read_failures_workbook(path: Path) -> list[RowFailure]:
     finally:
         workbook.close()
     return failures
-
-
-def _add_failure_sheet(workbook: openpyxl.Workbook, name: str) -> WriteOnlyWorksheet:
-    sheet = workbook.create_sheet(name)
-    sheet.freeze_panes = "A2"
-    for letter, width in _COLUMN_WIDTHS.items():
-        sheet.column_dimensions[letter].width = width
-    sheet.append([_bold(sheet, heading) for heading in FAILURE_COLUMNS])
-    return sheet
-
-
-def _add_reasons_sheet(workbook: openpyxl.Workbook, title: str, counts: dict[str, int]) -> None:
-    sheet = workbook.create_sheet(REASONS_SHEET)
-    sheet.column_dimensions["A"].width = 40
-    sheet.column_dimensions["B"].width = 12
-    sheet.append([_bold(sheet, title)])
-    if not counts:
-        sheet.append(["No failures"])
-        return
-    sheet.append([f"{sum(counts.values()):,} failed rows"])
-    sheet.append([])
-    sheet.append([_bold(sheet, "Reason"), _bold(sheet, "Rows")])
-    for reason, count in counts.items():
-        sheet.append([_text_cell(sheet, reason), count])
-
-
-def _bold(sheet: WriteOnlyWorksheet, text: str) -> WriteOnlyCell:
-    cell = _text_cell(sheet, text)
-    cell.font = _BOLD
-    return cell
-
-
-def _text_cell(sheet: WriteOnlyWorksheet, text: str) -> WriteOnlyCell:
-    """Text, from the products file or about it, as a cell that stays text: a leading '=' does not make it a
-    formula, and the control characters Excel refuses become U+FFFD."""
-    cell = WriteOnlyCell(sheet, value=ILLEGAL_CHARACTERS_RE.sub("\ufffd", text))
-    cell.data_type = "s"
-    return cell
 
 
 class FailureLog:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import csv
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-import openpyxl
-
+from operations.infra.tabular import open_row_writer
 from operations.products.reader import REQUIRED_COLUMNS, Reason
 
 UNKNOWN_DEALER_CODE = "ZZ-UNKNOWN"
@@ -99,7 +97,7 @@ def generate_products_file(
     rng = random.Random(seed)
     bad_by_reason: Counter[str] = Counter()
     latest_good = ("", "")
-    with _row_writer(path) as append:
+    with open_row_writer(path, "Products") as append:
         append([*REQUIRED_COLUMNS, *(EXTRA_COLUMNS if extra_columns else ())])
         for i in range(rows):
             # Every row draws the same values, so the files of one seed differ only where asked.
@@ -132,19 +130,3 @@ def generate_products_file(
 def _money(cents: int, *, as_text: bool) -> float | str:
     """A price in cents as an xlsx number (12.34) or as CSV text ('12.34')."""
     return str(Decimal(cents).scaleb(-2)) if as_text else cents / 100
-
-
-@contextmanager
-def _row_writer(path: Path) -> Iterator[Callable[[list[object]], object]]:
-    """An `append(row)` for a new .csv file or for the "Products" sheet of a new write-only workbook."""
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".xlsx"):
-        raise ValueError(f"{path.name}: write .xlsx or .csv, not {path.suffix!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        with path.open("w", encoding="utf-8", newline="") as file:
-            yield csv.writer(file).writerow
-    else:
-        workbook = openpyxl.Workbook(write_only=True)
-        yield workbook.create_sheet("Products").append
-        workbook.save(path)

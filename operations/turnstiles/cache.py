@@ -1,0 +1,82 @@
+"""What the turnstiles hold, remembered in Redis, and the device user id of each participant.
+
+Keys under prefix P:
+
+    P:device:<device>:registered  hash  registration -> "<device user id>:<fingerprint>" of what was last
+                                        confirmed written on that device (a changed name, card, group or
+                                        validity has another fingerprint, so it is written again)
+    P:user-ids                    hash  registration -> device user id, the same on every device
+    P:user-id-seq                 string  the last id handed out (ids start above USER_ID_BASE)
+
+Ids handed out here start high (USER_ID_BASE) so they do not meet the small ids a device's own software gives;
+a user the device already has under its registration keeps the device's id.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import redis
+
+USER_ID_BASE = 100_000_000
+_BATCH = 1_000
+
+# KEYS[1] ids hash, KEYS[2] sequence; ARGV: registrations. Returns their ids, handing out new ones atomically.
+_USER_IDS = """
+local ids, seq, base = KEYS[1], KEYS[2], tonumber(ARGV[1])
+if redis.call('EXISTS', seq) == 0 then redis.call('SET', seq, base) end
+local out = {}
+for i = 2, #ARGV do
+  local id = redis.call('HGET', ids, ARGV[i])
+  if not id then
+    id = redis.call('INCR', seq)
+    redis.call('HSET', ids, ARGV[i], id)
+  end
+  out[#out + 1] = tonumber(id)
+end
+return out
+"""
+
+
+class RegistrationCache:
+    """The cache of one prefix (config-only callers build it per process from the block's client)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "turnstiles"):
+        self.client = client
+        self.prefix = prefix
+        self._user_ids = client.register_script(_USER_IDS)
+
+    def _device_key(self, device: str) -> str:
+        return f"{self.prefix}:device:{device}:registered"
+
+    def confirmed(self, device: str, registrations: list[str]) -> dict[str, tuple[int, str]]:
+        """registration -> (device user id, fingerprint) of those confirmed on the device."""
+        found: dict[str, tuple[int, str]] = {}
+        key = self._device_key(device)
+        for start in range(0, len(registrations), _BATCH):
+            part = registrations[start:start + _BATCH]
+            for registration, value in zip(part, self.client.hmget(key, part)):
+                if value is not None:
+                    user_id, _, fingerprint = value.decode().partition(":")
+                    found[registration] = (int(user_id), fingerprint)
+        return found
+
+    def confirm(self, device: str, entries: Iterable[tuple[str, int, str]]) -> None:
+        """Remember (registration, device user id, fingerprint) as written on the device."""
+        mapping = {registration: f"{user_id}:{fingerprint}" for registration, user_id, fingerprint in entries}
+        items = list(mapping.items())
+        key = self._device_key(device)
+        for start in range(0, len(items), _BATCH):
+            self.client.hset(key, mapping=dict(items[start:start + _BATCH]))
+
+    def forget_device(self, device: str) -> None:
+        self.client.delete(self._device_key(device))
+
+    def user_ids(self, registrations: list[str]) -> dict[str, int]:
+        """The device user id of each registration, the same on every device; new ones handed out atomically."""
+        ids: dict[str, int] = {}
+        keys = [f"{self.prefix}:user-ids", f"{self.prefix}:user-id-seq"]
+        for start in range(0, len(registrations), _BATCH):
+            part = registrations[start:start + _BATCH]
+            ids.update(zip(part, self._user_ids(keys=keys, args=[USER_ID_BASE, *part])))
+        return ids

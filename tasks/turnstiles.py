@@ -1,0 +1,123 @@
+"""Tasks of the turnstile registration: one per device, holding the device's slots of its global concurrency
+limit for the whole of its work, so the load on a turnstile stays bounded across every flow run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from uuid import UUID
+
+from prefect import Task, get_run_logger, task
+from prefect.artifacts import update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.concurrency.sync import concurrency
+from prefect.states import State
+
+from blocks.turnstile_device import TurnstileCache, TurnstileDevice
+from operations.infra.http import RequestPacer
+from operations.turnstiles.participants import Participant
+from operations.turnstiles.registration import DeviceFailed, RegistrationOptions, register_on_device
+
+PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pace
+
+
+def device_limit_name(device: str) -> str:
+    """The Prefect global concurrency limit of a device (created from its block by the flow)."""
+    return f"turnstile:{device}"
+
+
+def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry a device that was unreachable or kept answering 5xx past its request retries; never one that
+    refused the login (a wrong password does not heal)."""
+    try:
+        state.result()
+    except DeviceFailed as exc:
+        return exc.transient
+    except Exception:  # noqa: BLE001 - anything unforeseen (a worker lost mid-call) is worth one more try
+        return True
+    return False
+
+
+class Participants:
+    """The run's participants as one opaque task parameter: Prefect walks lists, dataclasses and models given to
+    a task looking for futures, which for 10,000 participants costs ~0.8 s per task; it does not look inside a
+    plain object."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Participant]):
+        self.items = items
+
+    def __getstate__(self) -> list[Participant]:
+        return self.items
+
+    def __setstate__(self, items: list[Participant]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a device task adds what it settled: a Redis counter shared by the run's tasks, and the run's
+    progress artifact (updated from the counter, so every task shows the whole run)."""
+
+    artifact_id: UUID | None
+    counter_key: str
+    total: int
+
+
+class _Reporter:
+    def __init__(self, device: str, participants: int, progress: RunProgress, cache_block: TurnstileCache):
+        self.device, self.participants, self.progress = device, participants, progress
+        self.redis = cache_block.get_client()
+        self.settled, self.last = 0, 0.0
+
+    def __call__(self, delta: int) -> None:
+        self.settled += delta
+        run_settled = self.redis.incrby(self.progress.counter_key, delta)
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_SECONDS or self.settled >= self.participants:
+            self.last = now
+            get_run_logger().info(
+                "%s: %d/%d (%.1f%%)", self.device, self.settled, self.participants,
+                100.0 * self.settled / max(1, self.participants),
+            )
+            if self.progress.artifact_id is not None:
+                update_progress_artifact(self.progress.artifact_id, 100.0 * run_settled / max(1, self.progress.total))
+
+
+# Re-running a device is harmless by design (it reads the device and writes only what differs; creates never
+# overwrite), so a retried or recomputed task changes nothing twice: no cache needed.
+@task(
+    name="register-on-turnstile",
+    task_run_name="turnstile-{device_name}",
+    retries=2,
+    retry_delay_seconds=[5, 20],
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_if_transient,
+    cache_policy=NO_CACHE,
+    tags=["turnstiles", "http"],
+)
+def register_on_turnstile(
+    device_name: str,
+    device: TurnstileDevice,
+    participants: Participants,
+    cache_block: TurnstileCache,
+    options: RegistrationOptions,
+    progress: RunProgress,
+) -> dict:
+    """Register the participants on one device, within the device's limits (its slots of the global
+    concurrency limit for the whole of the device work; requests paced to its share of the device's requests
+    per second). Participants the cache holds cost neither a device call nor a slot."""
+    slots = max(1, min(options.concurrency, device.max_concurrent_requests))
+    pacer = RequestPacer(device.requests_per_second * slots / device.max_concurrent_requests, slots)
+    client = device.client(device_name, limiter=pacer.slot)
+    report = register_on_device(
+        client, device_name, participants.items, cache_block.cache(), replace(options, concurrency=slots),
+        progress=_Reporter(device_name, len(participants), progress, cache_block),
+        device_slot=lambda: concurrency(device_limit_name(device_name), occupy=slots, strict=True),
+    )
+    return report.to_json()

@@ -1,0 +1,147 @@
+"""The `register-participants` flow on the session's real Prefect server, emulated turnstiles over HTTP and the
+real Redis: the report's figures, the cache on a second run, no device password in any log or artifact, a
+malformed file refused before any device call, an unreachable turnstile on Dask, and two flow runs at once
+never putting more requests on a turnstile than its limit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from pydantic import SecretStr
+
+from blocks.turnstile_device import TurnstileCache, TurnstileDevice
+from emulators.turnstiles import DeviceSpec, EmulatorConfig, run_in_thread
+from operations.settings import PROJECT_ROOT, get_settings
+from operations.turnstiles.report import read_registration_failures
+from operations.turnstiles.sample import write_participants_file
+from run_checks import run_artifacts, run_texts
+
+pytestmark = pytest.mark.slow
+PASSWORDS = ["gate-pw-9f3K2x", "gate-pw-7Hq1Zt", "gate-pw-4Lm8Wv"]
+
+
+@pytest.fixture
+def gates(settings, redis_url):
+    """Three emulated turnstiles (each with its own password) saved as TurnstileDevice blocks, and a cache
+    block of this test's own; yields (emulator, block names, cache block name)."""
+    config = EmulatorConfig(devices=3, latency_ms=2, device_overrides={
+        i: DeviceSpec(password=password) for i, password in enumerate(PASSWORDS)})
+    tag = uuid.uuid4().hex[:6]
+    with run_in_thread(config) as emulator:
+        names = []
+        for i, (url, password) in enumerate(zip(emulator.base_urls, PASSWORDS)):
+            name = f"test-gate-{tag}-{i}"
+            TurnstileDevice(base_url=url, password=SecretStr(password), max_attempts=2, backoff_base_seconds=0.05,
+                            connect_timeout_seconds=1, read_timeout_seconds=5).save(name, overwrite=True)
+            names.append(name)
+        cache = f"test-cache-{tag}"
+        TurnstileCache.from_url(redis_url, key_prefix=f"test-turnstiles-{tag}").save(cache, overwrite=True)
+        yield emulator, names, cache
+
+
+def _run(**parameters):
+    from flows.register_participants import register_participants
+
+    state = register_participants(**parameters, return_state=True)
+    return state, (state.result() if state.is_completed() else None)
+
+
+def test_everyone_is_registered_on_every_turnstile_with_a_report_and_the_second_run_is_all_cached(gates, tmp_path):
+    emulator, names, cache = gates
+    source = tmp_path / "participants.xlsx"
+    people = write_participants_file(source, 120)
+    state, result = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
+    assert state.is_completed(), state.message
+    assert (result["participants"], result["turnstiles"], result["operations"]) == (120, 3, 360)
+    assert (result["successes"], result["cached"], result["errors"]) == (360, 0, 0)
+    for device in range(3):
+        held = {u["registration"]: u for u in emulator.control.users(device)}
+        assert set(held) == {p.registration for p in people}
+
+    artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
+    assert {"registration-report", "registration-turnstiles", "registration-failures",
+            "registration-progress"} <= set(artifacts)
+    report = artifacts["registration-report"].data
+    assert "| Total operations | 360 |" in report and "| Successes | 360 |" in report and "| Errors | 0 |" in report
+    table = artifacts["registration-turnstiles"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert sorted(row["turnstile"] for row in table) == sorted(names)
+    assert all(row["created"] == 120 and row["failed"] == 0 for row in table)
+    assert artifacts["registration-progress"].data == 100.0
+    texts = run_texts(state.state_details.flow_run_id)
+    assert not [t for t in texts if any(password in t for password in PASSWORDS)], "a device password leaked"
+
+    emulator.control.reset_stats()
+    state, again = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
+    assert state.is_completed(), state.message
+    assert (again["cached"], again["successes"]) == (360, 360)
+    assert sum(emulator.control.stats(d)["total"] for d in range(3)) == 0, "cached pairs cost no device call"
+
+
+def test_a_malformed_file_is_refused_naming_row_and_column_before_any_device_call(gates, tmp_path):
+    emulator, names, cache = gates
+    bad = tmp_path / "participants.csv"
+    bad.write_text("registration,name,card\nR1,Ana,100\nR2,Bruno,12a\n", encoding="utf-8")
+    state, _ = _run(participants_file=str(bad), turnstiles=names, cache_block=cache)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "row 3, card" in message and "not a whole number" in message
+    assert sum(emulator.control.stats(d)["total"] for d in range(3)) == 0
+
+
+def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_reported(
+    gates, tmp_path, monkeypatch
+):
+    emulator, names, cache = gates
+    monkeypatch.setenv("TURNSTILES_TASK_RUNNER", "dask")
+    monkeypatch.setenv("TURNSTILE_TASK_RETRIES", "0")
+    get_settings.cache_clear()
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 30)
+    with source.open("a", encoding="utf-8") as handle:  # a registration repeated: a failure of that row
+        handle.write("R000001,Repeated Row,,,,\n")
+    emulator.control.set_down(2)
+    state, _ = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
+    assert state.is_failed()
+    assert "31 record(s) failed and 1 turnstile(s)" in str(state.result(raise_on_failure=False))
+    for device in (0, 1):
+        assert len(emulator.control.users(device)) == 30
+    [link] = [a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "registration-failures"]
+    uri = link.data.split("](", 1)[1].rstrip(")") if "](" in link.data else link.data
+    failures = read_registration_failures(Path(unquote(urlsplit(uri).path)))
+    assert len(failures) == 31
+    assert sum(1 for f in failures if f[1] == names[2]) == 30
+    assert [f[2] for f in failures if f[1] == "(file)"] == ["32"]
+
+
+_RUN_ONE = """
+import sys
+from flows.register_participants import register_participants
+state = register_participants(participants_file=sys.argv[1], turnstiles=sys.argv[2].split(","),
+                              cache_block=sys.argv[3], skip_cache=True, batch_size=10, concurrency_per_device=4,
+                              return_state=True)
+sys.exit(0 if state.is_completed() else 1)
+"""
+
+
+def test_two_flow_runs_at_once_never_exceed_a_turnstiles_limit(gates, tmp_path):
+    emulator, names, cache = gates
+    emulator.control.configure(latency_ms=10, max_concurrent_requests=4)  # the device could take 4 at once
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 100)
+    runs = [subprocess.Popen([sys.executable, "-c", _RUN_ONE, str(source), ",".join(names), cache],
+                             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0].decode(errors="replace") for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    for device in range(3):
+        stats = emulator.control.stats(device)
+        # the blocks say 1 request at a time: the two runs' tasks took turns on each device
+        assert stats["peak_in_flight"] == 1, stats
+        assert len(emulator.control.users(device)) == 100

@@ -1,0 +1,156 @@
+"""Registering participants on one turnstile, against the emulator over real HTTP and the real Redis: batches,
+the cache, changed data, a bad card isolated, an expired session, a lost answer retried, an unreachable device,
+a dry run, and the per-device request budget."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from pydantic import SecretStr
+
+from emulators.turnstiles import EmulatorConfig, run_in_thread
+from operations.infra.http import HttpSettings, RequestPacer, RetryPolicy
+from operations.turnstiles.cache import RegistrationCache
+from operations.turnstiles.client import ControlIdClient
+from operations.turnstiles.participants import read_participants
+from operations.turnstiles.registration import DeviceFailed, RegistrationOptions, register_on_device
+from operations.turnstiles.sample import write_participants_file
+
+QUICK_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
+
+
+@pytest.fixture
+def emulator():
+    with run_in_thread(EmulatorConfig(devices=2, latency_ms=0)) as running:
+        yield running
+
+
+@pytest.fixture
+def cache(redis_client):
+    prefix = f"test-turnstiles-{uuid.uuid4().hex[:8]}"
+    yield RegistrationCache(redis_client, prefix)
+    for key in redis_client.scan_iter(f"{prefix}:*"):
+        redis_client.delete(key)
+
+
+def _client(emulator, device: int = 0, **kwargs) -> ControlIdClient:
+    return ControlIdClient(emulator.base_urls[device], "admin", SecretStr("admin"), name=f"device-{device}",
+                           http=HttpSettings(connect_timeout=1, read_timeout=2), retry=QUICK_RETRY, **kwargs)
+
+
+def _participants(tmp_path, count: int = 300, **kwargs):
+    path = tmp_path / f"participants-{uuid.uuid4().hex[:6]}.csv"
+    write_participants_file(path, count, **kwargs)
+    return read_participants(path).participants
+
+
+def _on_device(emulator, device: int = 0) -> dict[str, dict]:
+    users = emulator.control.users(device)
+    registrations = [u["registration"] for u in users]
+    assert len(registrations) == len(set(registrations)), "a registration is on the device twice"
+    return {u["registration"]: u for u in users}
+
+
+def test_everyone_is_registered_in_batches_and_then_the_cache_skips_them(emulator, cache, tmp_path):
+    people = _participants(tmp_path)
+    client = _client(emulator)
+    report = register_on_device(client, "device-0", people, cache, RegistrationOptions())
+    assert (report.created, report.cached, report.unchanged, report.failures) == (300, 0, 0, [])
+    assert report.cards == sum(p.card is not None for p in people) and report.groups == sum(p.group is not None
+                                                                                           for p in people)
+    held = _on_device(emulator)
+    for p in people:
+        user = held[p.registration]
+        assert user["name"] == p.name and user.get("begin_time", 0) == (p.begin or 0)
+        assert user["cards"] == ([p.card] if p.card else [])
+    assert report.writes == 2 * 3  # 300 users, cards and links in batches of 250
+
+    again = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
+    assert (again.cached, again.created, again.requests) == (300, 0, 0), "cached pairs cost no device call"
+
+    checked = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions(skip_cache=True))
+    assert (checked.cached, checked.unchanged, checked.writes) == (0, 300, 0)
+    assert checked.requests > 0
+
+
+def test_changed_names_are_written_again_and_only_they(emulator, cache, tmp_path):
+    path = tmp_path / "people.csv"
+    write_participants_file(path, 100)
+    register_on_device(_client(emulator), "device-0", read_participants(path).participants, cache,
+                       RegistrationOptions())
+    write_participants_file(path, 100, rename_every=10)
+    renamed = read_participants(path).participants
+    report = register_on_device(_client(emulator), "device-0", renamed, cache, RegistrationOptions())
+    assert (report.cached, report.updated, report.created) == (90, 10, 0)
+    held = _on_device(emulator)
+    assert all(held[p.registration]["name"] == p.name for p in renamed)
+
+
+def test_a_card_another_user_holds_fails_alone_and_the_rest_of_its_batch_is_registered(emulator, cache, tmp_path):
+    people = _participants(tmp_path, 40)
+    victim = people[7]
+    squatter = _client(emulator)
+    squatter.write("users", [{"id": 5, "registration": "SQUATTER", "name": "Someone else"}])
+    squatter.write("cards", [{"value": victim.card, "user_id": 5}], create_only=True)
+
+    report = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
+    assert [(registration, row) for registration, row, _ in report.failures] == [
+        (victim.registration, victim.row_number)]
+    error = report.failures[0][2]
+    assert "UNIQUE constraint failed: cards.value" in error and "belongs to user 5" in error
+    held = _on_device(emulator)
+    assert len(held) == 41 and all(held[p.registration]["cards"] for p in people if p is not victim)
+    assert victim.registration not in cache.confirmed("device-0", [victim.registration])
+
+
+def test_an_expired_session_is_renewed_once_and_the_run_goes_on(emulator, cache, tmp_path):
+    client = _client(emulator)
+    client.login()
+    emulator.control.expire_sessions()
+    report = register_on_device(client, "device-0", _participants(tmp_path, 20), cache, RegistrationOptions())
+    assert report.created == 20 and report.logins == 2 and not report.failures
+
+
+def test_a_write_whose_answer_was_lost_is_retried_without_failing_or_duplicating(emulator, cache, tmp_path):
+    emulator.control.add_fault(path="/create_objects.fcgi", kind="drop_after_commit", times=2)
+    people = _participants(tmp_path, 60)
+    report = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
+    assert report.failures == [] and report.created == 60 and report.retries >= 2
+    held = _on_device(emulator)
+    assert len(held) == 60 and all(len(held[p.registration]["cards"]) == 1 for p in people if p.card)
+
+
+def test_5xx_answers_are_retried(emulator, cache, tmp_path):
+    emulator.control.configure(error_rate_5xx=0.3)
+    report = register_on_device(_client(emulator), "device-0", _participants(tmp_path, 50), cache,
+                                RegistrationOptions(batch_size=10))
+    assert report.failures == [] and report.created == 50 and report.retries > 0
+
+
+def test_an_unreachable_turnstile_fails_after_its_retries(emulator, cache, tmp_path):
+    emulator.control.set_down(1)
+    with pytest.raises(DeviceFailed) as failed:
+        register_on_device(_client(emulator, 1), "device-1", _participants(tmp_path, 5), cache, RegistrationOptions())
+    assert failed.value.transient and failed.value.report.status == "failed"
+    assert "admin" not in str(failed.value)
+
+
+def test_a_dry_run_reports_the_plan_and_writes_nothing(emulator, cache, tmp_path):
+    people = _participants(tmp_path, 30)
+    register_on_device(_client(emulator), "device-0", people[:10], cache, RegistrationOptions())
+    emulator.control.reset_stats()
+    plan = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions(dry_run=True))
+    assert (plan.status, plan.cached, plan.created, plan.writes) == ("dry-run", 10, 20, 0)
+    assert len(_on_device(emulator)) == 10
+
+
+def test_requests_in_flight_never_exceed_the_device_budget(emulator, cache, tmp_path):
+    emulator.control.configure(latency_ms=5, max_concurrent_requests=4)
+    pacer = RequestPacer(per_second=1000, in_flight=2)
+    client = _client(emulator, limiter=pacer.slot)
+    report = register_on_device(client, "device-0", _participants(tmp_path, 400), cache,
+                                RegistrationOptions(batch_size=20, concurrency=6))
+    assert report.created == 400
+    stats = emulator.control.stats(0)
+    assert 1 <= stats["peak_in_flight"] <= 2, stats
