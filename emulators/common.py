@@ -1,15 +1,29 @@
-"""What every emulator shares: its listening sockets, its JSON encoder and its command line's field types."""
+"""What every emulator shares: its listening sockets, its JSON encoder, its command line's field types, its
+detached process, the handle of a running emulator and the base of its control client."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
+import sys
 import types
 import typing
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
+import httpx
 import orjson  # a dependency of Prefect: about 5x faster than json for large pages
+from pydantic import BaseModel
+
+from operations.infra.processes import wait_until_ready
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+_Handle = TypeVar("_Handle", bound="StoppableEmulator")
+_Client = TypeVar("_Client", bound="ControlClient")
 
 
 def dumps(content: Any) -> bytes:
@@ -56,3 +70,87 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+
+
+# -- detached process ----------------------------------------------------------------------------------------
+def health(port: int, service: str) -> dict[str, Any] | None:
+    """The health answer of the emulator `service` on 127.0.0.1:port, or None if none answers there."""
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/_emulator/health", timeout=2)
+        data = response.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return data if response.status_code == 200 and data.get("service") == service else None
+
+
+def start_detached(
+    module: str,
+    arguments: list[str],
+    config: BaseModel,
+    log: Path,
+    ready: Callable[[], bool],
+    start_timeout: float,
+    failure: str,
+) -> subprocess.Popen[bytes]:
+    """Start `python -m <module> <arguments> --config-json <config>` from the project root in a new session (it
+    outlives the caller), its output appended to `log`, and wait until `ready()` (else RuntimeError `failure`)."""
+    python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path}
+    with open(log, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *arguments, "--config-json", config.model_dump_json()],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_until_ready(process, ready, start_timeout, log, failure)
+    return process
+
+
+# -- running handle and control client -----------------------------------------------------------------------
+class StoppableEmulator:
+    """Mixin of a running emulator's handle (a dataclass with a `_stop` field): `stop()`, or leaving the
+    `with` block, stops it."""
+
+    _stop: Callable[[], None]
+
+    def stop(self) -> None:
+        """Stop the emulator, whoever started it."""
+        self._stop()
+
+    def __enter__(self: _Handle) -> _Handle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class ControlClient:
+    """Base of an emulator's control API client (`/_emulator/...`): one httpx client, a context manager that
+    closes it, and `_call`, which sends through `_send` (override it to choose the URL) and checks the answer."""
+
+    def __init__(self, timeout: float, base_url: str = ""):
+        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the httpx client."""
+        self.http.close()
+
+    def __enter__(self: _Client) -> _Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None, query: dict[str, Any]) -> httpx.Response:
+        """One request to the control path `path` (below `/_emulator/`) of the client's base URL."""
+        return self.http.request(method, f"/_emulator/{path}", json=body, params=query)
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
+        response = self._send(method, path, body, {k: v for k, v in params.items() if v is not None})
+        if response.status_code >= 400:
+            raise RuntimeError(f"emulator control {method} {path}: {response.status_code} {response.text}")
+        return response.json()

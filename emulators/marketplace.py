@@ -27,7 +27,6 @@ import json
 import os
 import random
 import secrets
-import subprocess
 import sys
 import threading
 import time
@@ -48,14 +47,21 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from emulators.common import add_config_arguments, bind, dumps
+from emulators.common import (
+    ControlClient,
+    StoppableEmulator,
+    add_config_arguments,
+    bind,
+    dumps,
+    health,
+    start_detached,
+)
 from operations.infra.processes import (
     folder_lock,
     free_port,
     pid_alive,
     read_state,
     stop_detached_service,
-    wait_until_ready,
     write_state,
 )
 
@@ -1035,7 +1041,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 
 
 @dataclass
-class RunningEmulator:
+class RunningEmulator(StoppableEmulator):
     """A live emulator. `stop()` (or leaving the `with` block) stops it, whoever started it."""
 
     base_url: str
@@ -1048,15 +1054,6 @@ class RunningEmulator:
     @property
     def control(self) -> EmulatorControl:
         return EmulatorControl(self.base_url)
-
-    def stop(self) -> None:
-        self._stop()
-
-    def __enter__(self) -> RunningEmulator:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def _uvicorn_server(app: Starlette) -> uvicorn.Server:
@@ -1094,12 +1091,7 @@ def run_in_thread(config: EmulatorConfig | None = None, port: int = 0, start_tim
 
 
 def _health(port: int) -> dict[str, Any] | None:
-    try:
-        response = httpx.get(f"http://127.0.0.1:{port}/_emulator/health", timeout=2)
-        data = response.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    return data if response.status_code == 200 and data.get("service") == SERVICE_NAME else None
+    return health(port, SERVICE_NAME)
 
 
 def _remote_config(base_url: str) -> EmulatorConfig:
@@ -1133,22 +1125,9 @@ def start_emulator_process(
         if running is not None:
             return running
         port = free_port()
-        log = state_dir / "emulator.log"
-        python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": python_path}
-        with open(log, "ab") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "emulators.marketplace", "--port", str(port),
-                 "--config-json", config.model_dump_json()],
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_until_ready(
-            process, lambda: _health(port) is not None, start_timeout, log,
+        process = start_detached(
+            "emulators.marketplace", ["--port", str(port)], config, state_dir / "emulator.log",
+            lambda: _health(port) is not None, start_timeout,
             f"the marketplace emulator did not start on 127.0.0.1:{port}",
         )
         write_state(state_dir / STATE_FILE, {"port": port, "pid": process.pid})
@@ -1164,29 +1143,12 @@ def stop_emulator_process(state_dir: Path, timeout: float = 10.0) -> bool:
 
 
 # -- control client --------------------------------------------------------------------------------------
-class EmulatorControl:
+class EmulatorControl(ControlClient):
     """The control API (`/_emulator/...`) over httpx, for tests, the demo and the benchmark."""
 
     def __init__(self, base_url: str, timeout: float = 30.0):
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> EmulatorControl:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
-        response = self.http.request(
-            method, f"/_emulator/{path}", json=body, params={k: v for k, v in params.items() if v is not None}
-        )
-        if response.status_code >= 400:
-            raise RuntimeError(f"emulator control {method} {path}: {response.status_code} {response.text}")
-        return response.json()
+        super().__init__(timeout, self.base_url)
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "health")

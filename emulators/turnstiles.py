@@ -38,7 +38,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -57,14 +56,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from emulators.common import add_config_arguments, bind, dumps
+from emulators.common import (
+    ControlClient,
+    StoppableEmulator,
+    add_config_arguments,
+    bind,
+    dumps,
+    health,
+    start_detached,
+)
 from operations.infra.processes import (
     folder_lock,
     free_port,
     pid_alive,
     read_state,
     stop_detached_service,
-    wait_until_ready,
     write_state,
 )
 
@@ -1124,7 +1130,7 @@ def create_app(emulator: TurnstileEmulator, device: int) -> Starlette:
 
 
 @dataclass
-class RunningEmulator:
+class RunningEmulator(StoppableEmulator):
     """A live emulator. `stop()` (or leaving the `with` block) stops it, whoever started it."""
 
     base_urls: list[str]  # one per device, in index order
@@ -1137,15 +1143,6 @@ class RunningEmulator:
     @property
     def control(self) -> EmulatorControl:
         return EmulatorControl(self.base_urls)
-
-    def stop(self) -> None:
-        self._stop()
-
-    def __enter__(self) -> RunningEmulator:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 def _bind_all(ports: Sequence[int]) -> list[socket.socket]:
@@ -1196,12 +1193,7 @@ def run_in_thread(
 
 
 def _health(port: int) -> dict[str, Any] | None:
-    try:
-        response = httpx.get(f"http://127.0.0.1:{port}/_emulator/health", timeout=2)
-        data = response.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    return data if response.status_code == 200 and data.get("service") == SERVICE_NAME else None
+    return health(port, SERVICE_NAME)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -1247,22 +1239,9 @@ def start_emulator_process(
         ports = _ports_for(config, ports)
         if 0 in ports:
             ports = _free_ports(config.devices)
-        log = state_dir / "emulator.log"
-        python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "PYTHONPATH": python_path}
-        with open(log, "ab") as log_file:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "emulators.turnstiles", "--ports", ",".join(map(str, ports)),
-                 "--config-json", config.model_dump_json()],
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_until_ready(
-            process, lambda: all(_health(port) is not None for port in ports), start_timeout, log,
+        process = start_detached(
+            "emulators.turnstiles", ["--ports", ",".join(map(str, ports))], config, state_dir / "emulator.log",
+            lambda: all(_health(port) is not None for port in ports), start_timeout,
             f"the turnstile emulator did not start on 127.0.0.1 ports {ports}",
         )
         write_state(state_dir / STATE_FILE, {"ports": ports, "pid": process.pid})
@@ -1280,7 +1259,7 @@ def stop_emulator_process(state_dir: Path, timeout: float = 10.0) -> bool:
 
 
 # -- control client ------------------------------------------------------------------------------------------
-class EmulatorControl:
+class EmulatorControl(ControlClient):
     """The control API (`/_emulator/...`) over httpx, for tests, the demo and the benchmark.
 
     Any device's base URL reaches the control API of all devices; given several, a call moves on to the next
@@ -1291,19 +1270,10 @@ class EmulatorControl:
         if not urls:
             raise ValueError("at least one base URL is needed")
         self.base_urls = [url.rstrip("/") for url in urls]
-        self.http = httpx.Client(timeout=timeout)
+        super().__init__(timeout)
 
-    def close(self) -> None:
-        self.http.close()
-
-    def __enter__(self) -> EmulatorControl:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
-        query = {k: v for k, v in params.items() if v is not None}
+    def _send(self, method: str, path: str, body: dict[str, Any] | None, query: dict[str, Any]) -> httpx.Response:
+        """One request to the first base URL that accepts the connection (then tried first next time)."""
         for attempt, base_url in enumerate(self.base_urls):
             try:
                 response = self.http.request(method, f"{base_url}/_emulator/{path}", json=body, params=query)
@@ -1314,9 +1284,7 @@ class EmulatorControl:
         if self.base_urls[0] != base_url:  # start with a device that answers next time
             self.base_urls.remove(base_url)
             self.base_urls.insert(0, base_url)
-        if response.status_code >= 400:
-            raise RuntimeError(f"emulator control {method} {path}: {response.status_code} {response.text}")
-        return response.json()
+        return response
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "health")

@@ -129,7 +129,7 @@ def register_participants(
     concurrency = max(1, min(settings.turnstiles_concurrency, len(devices)))
     runner = io_task_runner(settings, concurrency, settings.turnstiles_task_runner)
     try:
-        reports = _register.with_options(task_runner=runner)(
+        reports = register_on_turnstiles.with_options(task_runner=runner)(
             list(devices), list(devices.values()), source, settings.turnstiles_timezone, cache, options, progress,
             settings.turnstile_task_retries,
         )
@@ -145,7 +145,7 @@ def register_participants(
 
 
 @flow(name="register-on-turnstiles", log_prints=False)
-def _register(
+def register_on_turnstiles(
     names: list[str], devices: list[TurnstileDevice], source: Path, timezone: str, cache: TurnstileCache,
     options: RegistrationOptions, progress: RunProgress, retries: int,
 ) -> list[dict]:
