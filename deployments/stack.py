@@ -1,13 +1,15 @@
 """The local stack: a real Prefect server (SQLite under DATA_DIR), the embedded Redis, the project database
-(the embedded PostgreSQL, migrated to head), the blocks, the process work pool with the deployments of
-prefect.yaml, and a worker.
+(the embedded PostgreSQL, migrated to head), the emulators of the outside systems (the marketplace API, the
+turnstiles), the blocks, the process work pool with the deployments of prefect.yaml, and a worker.
 
     python -m deployments.stack up      # start (or reuse) everything, deploy, print the UI address
-    python -m deployments.stack down    # stop what `up` started (worker, server, embedded Redis and PostgreSQL)
+    python -m deployments.stack down    # stop what `up` started (worker, server, embedded Redis and PostgreSQL,
+                                        # emulators)
     python -m deployments.stack status  # what is running, without starting anything
 
-Services configured by environment (PREFECT_API_URL, REDIS_URL, DATABASE_URL) are used as they are and never
-started (DATABASE_URL's database is still migrated).
+Services configured by environment (PREFECT_API_URL, REDIS_URL, DATABASE_URL, MARKETPLACE_API_URL) are used as
+they are and never started (DATABASE_URL's database is still migrated); TURNSTILE_EMULATOR_DEVICES=0 starts no
+emulated turnstiles.
 Prefect is imported only after PREFECT_API_URL is set, so this process and the Dask workers it spawns all
 talk to the same server.
 """
