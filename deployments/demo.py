@@ -18,6 +18,14 @@ import time
 from deployments.stack import start_local_stack
 
 
+def _result(flow_name: str, state) -> dict | None:
+    """The finished run's result, or None after saying how it ended."""
+    if state.is_completed():
+        return state.result()
+    print(f"{flow_name} ended {state.type.value}: {state.message}", file=sys.stderr)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantity", type=int, default=200_000, help="games to generate (default 200,000)")
@@ -34,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     run_key = args.run_key or time.strftime("demo-%Y%m%d-%H%M%S")
     print(f"Prefect UI {stack.ui_url}; generating {args.quantity:,} games as run {run_key} ...", flush=True)
     state = generate_games(quantity=args.quantity, run_key=run_key, return_state=True)
-    if not state.is_completed():
-        print(f"generate-games ended {state.type.value}: {state.message}", file=sys.stderr)
+    result = _result("generate-games", state)
+    if result is None:
         return 1
-    result = state.result()
     print(f"\n{result['games']:,} games in {result['seconds']:.1f} s")
     for path in result["spreadsheets"]:
         print(f"  spreadsheet: {path}")
@@ -74,16 +81,14 @@ def demo_marketplace(stack, sellers: int) -> int:
                 authorization_code=control.authorize(seller["seller_id"]), nickname=seller["nickname"],
                 return_state=True,
             )
-            if not state.is_completed():
-                print(f"onboard-account ended {state.type.value}: {state.message}", file=sys.stderr)
+            if _result("onboard-account", state) is None:
                 return 1
         control.mutate(orders_updated=20, orders_new=10, items_updated=5)  # the next sync has news to fetch
     print(f"\nsyncing the marketplace accounts from {stack.marketplace_api_url} ...", flush=True)
     state = sync_marketplace(return_state=True)
-    if not state.is_completed():
-        print(f"sync-marketplace ended {state.type.value}: {state.message}", file=sys.stderr)
+    result = _result("sync-marketplace", state)
+    if result is None:
         return 1
-    result = state.result()
     print(
         f"{result['accounts']} account(s) in {result['seconds']:.1f} s: orders {result['orders_new']:,} new / "
         f"{result['orders_updated']:,} updated, items {result['items_new']:,} new / {result['items_updated']:,} "
@@ -113,10 +118,9 @@ def demo_products(stack, rows: int, run_key: str) -> int:
         generate_products_file(products_file, rows, codes, bad_fraction=0.1, seed=2026)
     print(f"\n{len(codes)} dealers from {dealers_file} ({inserted} new); processing {products_file} ...", flush=True)
     state = process_products(file_path=str(products_file), run_key=f"{run_key}-products", return_state=True)
-    if not state.is_completed():
-        print(f"process-products ended {state.type.value}: {state.message}", file=sys.stderr)
+    result = _result("process-products", state)
+    if result is None:
         return 1
-    result = state.result()
     print(
         f"{result['rows']:,} rows processed - Successes: {result['successes']:,}, Failures: {result['failures']:,} "
         f"in {result['seconds']:.1f} s ({result['created']:,} created, {result['updated']:,} updated, "
@@ -144,10 +148,9 @@ def demo_turnstiles(stack, participants: int) -> int:
     state = register_participants(
         participants_file=str(source), turnstiles=list(stack.emulated_turnstiles), return_state=True
     )
-    if not state.is_completed():
-        print(f"register-participants ended {state.type.value}: {state.message}", file=sys.stderr)
+    result = _result("register-participants", state)
+    if result is None:
         return 1
-    result = state.result()
     print(
         f"{result['participants']:,} participants x {result['turnstiles']} turnstiles = {result['operations']:,} "
         f"operations in {result['seconds']:.1f} s: {result['successes']:,} successes, {result['cached']:,} skipped "

@@ -2,8 +2,9 @@
 parallel chunks, every row a success or a reported failure, one message per staged change published to a
 Redis stream exactly once.
 
-Stages: check the request (the file, its header, the database, the queue, the dealers and the connection
-budget fail here, before any row is written); read the file once, cutting it into chunk files that are
+Stages: check the request (the file, the database, the queue, the dealers and the connection budget fail
+here); read the file once (a bad header fails the run as it is opened, before any row is written; an .xlsx
+is opened only once, since openpyxl may scan a whole sheet to open it), cutting it into chunk files that are
 mapped to chunk tasks as soon as each is complete (Dask process workers for large files, the flow's thread
 pool for small ones); publish whatever the chunks left in the outbox; then write the failures spreadsheet
 and the artifacts. The run ends Completed when every row is accounted for, even with failures, and Failed
@@ -45,7 +46,6 @@ from operations.infra.database import project_engine
 from operations.infra.links import output_link
 from operations.products.chunks import FileSplitter, SplitStats, estimate_rows
 from operations.products.outbox import PublishCounts
-from operations.products.reader import open_product_rows
 from operations.products.report import FailureLog, iter_failures, write_failures_workbook
 from operations.products.store import dealer_ids
 from operations.settings import Settings, get_settings
@@ -177,8 +177,6 @@ def process_products(
     source = Path(file_path).expanduser()
     if not source.is_file():
         raise FileNotFoundError(f"products file {source} does not exist (or is not a file) on this machine")
-    with open_product_rows(source):
-        pass  # HeaderError names the missing or misnamed column, before anything is started
     database_url, engine = project_engine(settings)
     queue = ProductsQueue.load_or_create_default(
         queue_block or settings.products_queue_block, settings.products_queue_block, settings

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import Task, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
 
 from blocks.redis_game_counter import RedisGameCounter
 from operations.lottery.counter import RunKeyConflict, SupersededAttempt
@@ -19,19 +17,9 @@ from operations.lottery.generation import (
 )
 from operations.lottery.plan import GenerationPlan, InfeasibleRequest
 from operations.lottery.spreadsheet import WorkbookSummary, WrittenWorkbook, write_games_workbook
+from tasks.retries import retry_transient
 
 PERMANENT_ERRORS = (InfeasibleRequest, GenerationStalled, RunKeyConflict, SupersededAttempt, ValueError)
-
-
-def retry_unless_permanent(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry transient faults (Redis/network/worker hiccups, injected faults); never bad input or stalls."""
-    try:
-        state.result()
-    except PERMANENT_ERRORS:
-        return False
-    except Exception:
-        return True
-    return False
 
 
 # Side effects are guarded by the counter itself (a committed chunk returns its saved result, a new attempt
@@ -43,7 +31,7 @@ def retry_unless_permanent(task: Task, task_run: TaskRun, state: State) -> bool:
     retries=3,
     retry_delay_seconds=[1, 4, 10],
     retry_jitter_factor=0.5,
-    retry_condition_fn=retry_unless_permanent,
+    retry_condition_fn=retry_transient(PERMANENT_ERRORS),
     cache_policy=NO_CACHE,
     tags=["redis", "lottery"],
 )

@@ -4,27 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from prefect import Task, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
 
 from blocks.marketplace_app import MarketplaceApp
 from operations.infra.database import get_engine
 from operations.marketplace.store import AccountView
-from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources, sync_account
-
-
-def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry an account whose sync hit 429/5xx/network/database faults past the client's own retries; never
-    one with a dead refresh token, a refused request or a timeout (the next run resumes from its checkpoint)."""
-    try:
-        state.result()
-    except AccountSyncFailed as exc:
-        return exc.transient
-    except Exception:  # noqa: BLE001 - anything unforeseen (a worker lost mid-call) is worth one more try
-        return True
-    return False
+from operations.marketplace.sync import SyncOptions, SyncResources, sync_account
+from tasks.retries import retry_transient
 
 
 # Re-running an account is harmless by design (upserts keyed by the API's ids, checkpoints after commits), so
@@ -35,7 +22,7 @@ def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     retries=2,
     retry_delay_seconds=[5, 20],
     retry_jitter_factor=0.5,
-    retry_condition_fn=retry_if_transient,
+    retry_condition_fn=retry_transient(),  # AccountSyncFailed says whether a retry helps
     cache_policy=NO_CACHE,
     tags=["marketplace", "http"],
 )

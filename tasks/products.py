@@ -4,34 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prefect import Task, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.logging import get_run_logger
-from prefect.states import State
 
 from blocks.products_queue import ProductsQueue
 from operations.infra.database import get_engine
 from operations.products.chunks import ChunkFile, read_chunk
 from operations.products.outbox import PublishCounts, publish_outbox
 from operations.products.reader import RowFailure
-from operations.products.store import ChunkFailed, store_chunk
+from operations.products.store import store_chunk
+from tasks.retries import retry_transient
 
 CHUNK_ENGINE = "products"  # the chunk tasks' engine: a pool of its own, sized by the flow
-
-
-def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry a chunk whose transaction failed on a connection, deadlock or timeout (nothing of it committed);
-    never one the database refused as such, nor a chunk file that cannot be read."""
-    try:
-        state.result()
-    except ChunkFailed as exc:
-        return exc.transient
-    except (OSError, ValueError):
-        return False
-    except Exception:  # noqa: BLE001 - anything unforeseen (a worker lost mid-call) is worth one more try
-        return True
-    return False
 
 
 @dataclass
@@ -59,7 +44,7 @@ class ChunkReport:
     retries=3,
     retry_delay_seconds=[2, 10, 30],
     retry_jitter_factor=0.5,
-    retry_condition_fn=retry_if_transient,
+    retry_condition_fn=retry_transient(permanent=(OSError, ValueError)),  # ChunkFailed says
     cache_policy=NO_CACHE,
     tags=["products", "database"],
 )

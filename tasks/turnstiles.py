@@ -7,17 +7,16 @@ import time
 from dataclasses import dataclass, replace
 from uuid import UUID
 
-from prefect import Task, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.concurrency.sync import concurrency
-from prefect.states import State
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
 from operations.infra.http import RequestPacer
 from operations.turnstiles.participants import Participant
-from operations.turnstiles.registration import DeviceFailed, RegistrationOptions, register_on_device
+from operations.turnstiles.registration import RegistrationOptions, register_on_device
+from tasks.retries import retry_transient
 
 PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pace
 
@@ -25,18 +24,6 @@ PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pac
 def device_limit_name(device: str) -> str:
     """The Prefect global concurrency limit of a device (created from its block by the flow)."""
     return f"turnstile:{device}"
-
-
-def retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
-    """Retry a device that was unreachable or kept answering 5xx past its request retries; never one that
-    refused the login (a wrong password does not heal)."""
-    try:
-        state.result()
-    except DeviceFailed as exc:
-        return exc.transient
-    except Exception:  # noqa: BLE001 - anything unforeseen (a worker lost mid-call) is worth one more try
-        return True
-    return False
 
 
 class Participants:
@@ -97,7 +84,7 @@ class _Reporter:
     retries=2,
     retry_delay_seconds=[5, 20],
     retry_jitter_factor=0.5,
-    retry_condition_fn=retry_if_transient,
+    retry_condition_fn=retry_transient(),  # DeviceFailed says; a refused login never heals
     cache_policy=NO_CACHE,
     tags=["turnstiles", "http"],
 )

@@ -8,6 +8,7 @@ import dataclasses
 import pickle
 from datetime import date, datetime
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -28,20 +29,11 @@ from operations.turnstiles.sample import write_participants_file
 SAO_PAULO = ZoneInfo("America/Sao_Paulo")
 HEADER = "registration,name,card,group,begin,end"
 
-
-def _csv(tmp_path: Path, *lines: str, name: str = "participants.csv") -> Path:
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+from files import write_csv, write_xlsx
 
 
-def _xlsx(tmp_path: Path, *rows: list[object], name: str = "participants.xlsx") -> Path:
-    workbook = openpyxl.Workbook()
-    for row in rows:
-        workbook.active.append(row)
-    path = tmp_path / name
-    workbook.save(path)
-    return path
+_csv = partial(write_csv, name="participants.csv")
+_xlsx = partial(write_xlsx, name="participants.xlsx")
 
 
 def _seconds(*moment: int, zone: ZoneInfo = SAO_PAULO) -> int:

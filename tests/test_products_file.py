@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 from collections import Counter
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 
 import openpyxl
@@ -26,6 +27,8 @@ from operations.products.sample import (
     write_dealers_file,
 )
 
+from files import write_csv, write_xlsx
+
 HEADER = "dealer_code,sku,name,price,stock"
 CELL_REASONS = {  # the reasons the reader finds by itself; the others need the rows around
     Reason.NEGATIVE_PRICE,
@@ -34,19 +37,8 @@ CELL_REASONS = {  # the reasons the reader finds by itself; the others need the 
 }
 
 
-def _csv(tmp_path: Path, *lines: str, name: str = "products.csv") -> Path:
-    path = tmp_path / name
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def _xlsx(tmp_path: Path, *rows: list[object], name: str = "products.xlsx") -> Path:
-    workbook = openpyxl.Workbook()
-    for row in rows:
-        workbook.active.append(row)
-    path = tmp_path / name
-    workbook.save(path)
-    return path
+_csv = partial(write_csv, name="products.csv")
+_xlsx = partial(write_xlsx, name="products.xlsx")
 
 
 def _read(path: Path) -> list[ProductRow | RowFailure]:
@@ -335,7 +327,8 @@ def test_failures_workbook_without_failures(tmp_path):
 def test_failure_log_round_trip_reopening_and_pickling(tmp_path):
     path = tmp_path / "logs" / "failures.jsonl"
     with FailureLog(path) as log:
-        log.extend(FAILURES[:10])
+        for failure in FAILURES[:10]:
+            log.add(failure)
         copy = pickle.loads(pickle.dumps(log))
         log.add(FAILURES[10])
     assert list(iter_failures(path)) == FAILURES[:11]
@@ -347,6 +340,7 @@ def test_failure_log_round_trip_reopening_and_pickling(tmp_path):
     assert list(iter_failures(path)) == FAILURES[:11]
     with FailureLog(path) as reopened:
         assert reopened.total == 11
-        reopened.extend(FAILURES[11:])
+        for failure in FAILURES[11:]:
+            reopened.add(failure)
     assert list(iter_failures(path)) == FAILURES
     assert reopened.counts == dict(Counter(f.reason for f in FAILURES))

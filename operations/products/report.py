@@ -113,10 +113,6 @@ class FailureLog:
         self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
         self._counts[failure.reason] += 1
 
-    def extend(self, failures: Iterable[RowFailure]) -> None:
-        for failure in failures:
-            self.add(failure)
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -62,10 +62,6 @@ class ChunkOutcome:
     outbox_ids: list[int] = field(default_factory=list)
     failures: list[RowFailure] = field(default_factory=list)
 
-    @property
-    def succeeded(self) -> int:
-        return self.created + self.updated + self.unchanged
-
     def add(self, other: ChunkOutcome) -> None:
         self.rows += other.rows
         self.created += other.created
@@ -205,13 +201,16 @@ def _write(conn: Connection, rows: list[DealerRow], run_key: str, stream: str) -
     )
 
 
+_DEALER_FOREIGN_KEY = next(iter(ProductDealer.__table__.c.dealer_id.foreign_keys)).constraint.name
+
+
 def _row_failure(row: ProductRow, exc: DBAPIError) -> RowFailure:
     """A row the database refused: the constraint or value it broke, without the statement's parameters."""
     orig = exc.orig
     diag = getattr(orig, "diag", None)
     column = getattr(diag, "column_name", None) or ""
     message = (getattr(diag, "message_primary", None) or str(orig).splitlines()[0])[:300]
-    if isinstance(exc, IntegrityError) and "foreign key" in message.lower() and "dealer" in message.lower():
+    if getattr(diag, "constraint_name", None) == _DEALER_FOREIGN_KEY:
         return RowFailure(row.row_number, row.dealer_code, row.sku, "dealer_code", "dealer removed", message)
     return RowFailure(row.row_number, row.dealer_code, row.sku, column, "refused by the database", message)
 

@@ -69,9 +69,6 @@ class RegistrationCache:
         for start in range(0, len(items), _BATCH):
             self.client.hset(key, mapping=dict(items[start:start + _BATCH]))
 
-    def forget_device(self, device: str) -> None:
-        self.client.delete(self._device_key(device))
-
     def user_ids(self, registrations: list[str]) -> dict[str, int]:
         """The device user id of each registration, the same on every device; new ones handed out atomically."""
         ids: dict[str, int] = {}

@@ -59,13 +59,8 @@ class DeviceReport:
     writes: int = 0
     seconds: float = 0.0
 
-    @property
-    def registered(self) -> int:
-        """Participants the device holds as the file says (whatever it took)."""
-        return self.participants - len(self.failures)
-
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "registered": self.registered}
+        return asdict(self)
 
 
 class DeviceFailed(Exception):
@@ -148,7 +143,7 @@ def _device_work(
     report.unchanged = sum(1 for t in targets if not t.needs_write)
     if options.dry_run:
         report.status = "dry-run"
-        _count_plan(report, targets)
+        _count_writes(report, targets)
         if progress:
             progress(len(targets))
         return targets
@@ -167,11 +162,14 @@ def _finish(report: DeviceReport, client: ControlIdClient, started: float) -> De
     return report
 
 
-def _count_plan(report: DeviceReport, targets: list[_Target]) -> None:
-    report.created = sum(t.new_user for t in targets)
-    report.updated = sum(t.user_changed for t in targets)
-    report.cards = sum(t.card_create or t.card_modify_id is not None for t in targets)
-    report.groups = sum(t.group_link for t in targets)
+def _count_writes(report: DeviceReport, targets: list[_Target]) -> None:
+    """Users created and updated, cards and group links written (or, on a dry run, to write), of the targets
+    that did not fail."""
+    done = [t for t in targets if not t.failed]
+    report.created = sum(t.new_user for t in done)
+    report.updated = sum(t.user_changed for t in done)
+    report.cards = sum(t.card_create or t.card_modify_id is not None for t in done)
+    report.groups = sum(t.group_link for t in done)
 
 
 def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Participant]) -> list[_Target]:
@@ -255,11 +253,7 @@ def _write(
                                                      "where": {"cards": {"id": t.card_modify_id}}})
             except DeviceRefused as exc:
                 t.failed = f"cards: {exc.error}"
-    written = [t for t in targets if not t.failed]
-    report.created += sum(t.new_user for t in written)
-    report.updated += sum(t.user_changed for t in written)
-    report.cards += sum(t.card_create or t.card_modify_id is not None for t in written)
-    report.groups += sum(t.group_link for t in written)
+    _count_writes(report, targets)
     if progress:  # the participants without a user write are settled now
         progress(sum(not (t.new_user or t.user_changed) for t in targets))
 
