@@ -36,15 +36,18 @@ REGION_CAPS = [700_000, 250_000, 50_000, 1_000, 100]
 
 
 def _rss_of_tree(pids: set[int]) -> int:
-    """Resident memory (bytes) of the given processes and all their descendants."""
+    """Resident memory (bytes) of the given processes and all their descendants, except detached services
+    (session leaders such as the Prefect server, Redis, PostgreSQL and the emulators the local stack starts
+    from this process on first use: they are not the run's memory)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
+                ppid, _, session = fh.read().rsplit(")", 1)[1].split()[1:4]
+            if int(session) != int(entry):
+                children.setdefault(int(ppid), []).append(int(entry))
         except (OSError, IndexError, ValueError):
             continue
     total, todo, seen = 0, list(pids), set()
