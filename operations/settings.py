@@ -180,6 +180,50 @@ class Settings(BaseSettings):
         description="Time zone of validity dates written without one in participants files.",
     )
 
+    # -- the local stack (issue 10) -----------------------------------------------------------------------
+    stack_host: str = Field(
+        default="127.0.0.1",
+        description="Address the local Prefect server and file server listen on. Anything but a loopback address "
+        "needs STACK_AUTH_STRING: the stack refuses to start open to the network.",
+    )
+    stack_auth_string: SecretStr | None = Field(
+        default=None,
+        description="'user:password' of HTTP basic auth for the local Prefect server "
+        "(PREFECT_SERVER_API_AUTH_STRING; clients get PREFECT_API_AUTH_STRING) and the file server.",
+    )
+    stack_prefect_database: Literal["postgresql", "sqlite"] = Field(
+        default="postgresql",
+        description="Database of the local Prefect server: its own database 'prefect' on the project's embedded "
+        "PostgreSQL, or SQLite under DATA_DIR/prefect (fails under concurrent REST load).",
+    )
+    file_server_port: int = Field(
+        default=4280, ge=1, le=65_535,
+        description="Port of the local file server serving OUTPUT_DIR (another free port if it is taken).",
+    )
+    output_base_url: str | None = Field(
+        default=None,
+        description="URL under which OUTPUT_DIR is served; links in artifacts are this + the file's path under "
+        "OUTPUT_DIR. Unset: the local file server's URL. Several machines: the server of the shared storage.",
+    )
+    games_concurrency_limit: int = Field(
+        default=1, ge=1, le=64,
+        description="Generation runs at once on this stack, whatever deployment started them (the Prefect global "
+        "concurrency limit 'generate-games' `make up` creates); raise it on a machine with cores to spare.",
+    )
+    run_retention_days: float = Field(
+        default=30.0, gt=0, le=3650,
+        description="Completed generation runs older than this lose their folder and Redis keys to the scheduled "
+        "cleanup-runs flow.",
+    )
+    keep_chunk_files: bool = Field(
+        default=False,
+        description="Keep a completed generation run's chunk files beside its spreadsheets (removed by default).",
+    )
+    redis_start_timeout_seconds: float = Field(
+        default=300.0, gt=0, le=3600,
+        description="Longest wait for the embedded Redis to load its append-only file and answer.",
+    )
+
     @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
@@ -199,6 +243,10 @@ class Settings(BaseSettings):
     @property
     def turnstile_emulator_dir(self) -> Path:
         return self.data_dir / "turnstile-emulator"
+
+    @property
+    def file_server_dir(self) -> Path:
+        return self.data_dir / "file-server"
 
     @property
     def prefect_worker_dir(self) -> Path:
