@@ -125,3 +125,28 @@ def wait_until_ready(
             stop_process_group(process.pid, 5)
             raise RuntimeError(f"{what}:\n{tail(log)}")
         time.sleep(poll)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) only reaches this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+
+
+class ExposedWithoutAuth(RuntimeError):
+    """A service would listen beyond this machine with no authentication."""
+
+
+def require_auth_off_loopback(service: str, host: str, auth_configured: bool) -> None:
+    """Refuse to expose `service` on a non-loopback address without authentication (STACK_AUTH_STRING)."""
+    if not is_loopback(host) and not auth_configured:
+        raise ExposedWithoutAuth(
+            f"{service} would listen on {host}, reachable from other machines, with no authentication: "
+            "set STACK_AUTH_STRING (user:password) or keep STACK_HOST=127.0.0.1 behind a reverse proxy with auth"
+        )
