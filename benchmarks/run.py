@@ -15,6 +15,9 @@
    and on threads, its reading alone, against row by row with one transaction per row. Target: >= 3 x.
 5. Turnstiles (benchmarks/turnstiles.py): 10,000 participants x 10 emulated turnstiles at 50 ms per request, on
    threads and on Dask, against the floor and against the seed's one request per pair; then all cached.
+6. Prefect API (benchmarks/prefect_api.py): 1, 5 and 20 client threads creating flow runs through the REST API
+   for --prefect-api-seconds, on a fresh server per database: PostgreSQL (the default) against SQLite.
+   Target: no failure at 20 clients on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -249,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turnstile-latency-ms", type=float, default=50.0)
     parser.add_argument("--turnstile-seed-participants", type=int, default=300,
                         help="participants the seed's approach registers (its rate is compared)")
+    parser.add_argument("--skip-prefect-api", action="store_true")
+    parser.add_argument("--prefect-api-seconds", type=float, default=15.0,
+                        help="how long each number of REST clients creates flow runs, per database")
     args = parser.parse_args(argv)
     os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
 
@@ -288,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             args.turnstile_participants, args.turnstile_devices, args.turnstile_latency_ms,
             args.turnstile_seed_participants,
         ))
+    if not args.skip_prefect_api:
+        from benchmarks.prefect_api import bench_prefect_api, print_prefect_api
+
+        print_prefect_api(bench_prefect_api(args.prefect_api_seconds))
     return 0
 
 

@@ -1,10 +1,25 @@
-"""A real local `prefect server` (SQLite under its folder, analytics off), started detached and reused.
+"""A real local `prefect server` (analytics off), started detached and reused, on its own database: by default
+database "prefect" on the project's embedded PostgreSQL, or SQLite under its folder (STACK_PREFECT_DATABASE).
 
 Prefect's ephemeral in-process API cannot serve Dask process workers, so every local run talks to this one.
+SQLite serialises every write: under a few concurrent REST clients the server answers 503 ("database is
+locked"), which is why PostgreSQL is the default (benchmarks/prefect_api.py measures both).
+
+Which database, in order: PREFECT_API_DATABASE_CONNECTION_URL (or PREFECT_SERVER_DATABASE_CONNECTION_URL) when
+set in the environment, as is: Prefect's own setting, an operator who wrote it means it. Else
+STACK_PREFECT_DATABASE=sqlite: `prefect.db` in the server's folder. Else database "prefect" on the embedded
+PostgreSQL, also when DATABASE_URL names an external server: DATABASE_URL is where the project's data lives, and
+its role may not create databases; the local server's state stays with the local server, as it did on SQLite.
+Putting the Prefect server's database on a shared PostgreSQL is PREFECT_API_DATABASE_CONNECTION_URL's job.
+
+Access: the server listens on STACK_HOST (127.0.0.1 by default). Any other address needs STACK_AUTH_STRING
+(HTTP basic auth, `user:password`): the server gets PREFECT_SERVER_API_AUTH_STRING, every client the stack
+starts PREFECT_API_AUTH_STRING (through this process's environment), and the health checks here send it.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -12,20 +27,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
+from sqlalchemy.engine import make_url
 
+from operations.infra.database import redact_url
+from operations.infra.embedded_postgres import EmbeddedPostgres, ensure_database, ensure_embedded_postgres
 from operations.infra.processes import (
     folder_lock,
     free_port,
     pid_alive,
     port_free,
     read_state,
+    require_auth_off_loopback,
     stop_detached_service,
     wait_until_ready,
     write_state,
 )
+from operations.settings import Settings
 
 STATE_FILE = "prefect-server.json"
 DEFAULT_PORT = 4200
+PREFECT_DATABASE = "prefect"  # the server's own database on the embedded PostgreSQL
+# Prefect's names of its database URL; it reads the first one when both are set.
+DATABASE_URL_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+AUTH_VARIABLES = ("PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING")
+
+
+@dataclass(frozen=True)
+class ServerDatabase:
+    url: str  # may hold a password: never shown, the label is
+    backend: str  # "postgresql" or "sqlite"
+    label: str  # what `make status` shows: backend, where, and why
 
 
 @dataclass(frozen=True)
@@ -35,15 +67,67 @@ class PrefectServer:
     port: int
     pid: int
     started: bool
+    database: str = "sqlite"  # the ServerDatabase label recorded when it started
+    host: str = "127.0.0.1"  # the address it listens on
+    auth: bool = False  # whether it asks for basic auth
 
 
-def prefect_server_env(prefect_dir: Path) -> dict[str, str]:
-    """Environment of the server process: its own home and SQLite database, no analytics."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILES_PATH")}
+class PrefectServerMismatch(RuntimeError):
+    """The folder's running server was started with another database, address or auth than asked now."""
+
+
+def basic_auth_headers(auth_string: str | None) -> dict[str, str]:
+    """The Authorization header Prefect's clients send for `user:password` (none without a string)."""
+    if not auth_string:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
+
+
+def _secret(value: SecretStr | str | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def sqlite_database(prefect_dir: Path) -> ServerDatabase:
+    path = Path(prefect_dir).resolve() / "prefect.db"
+    return ServerDatabase(f"sqlite+aiosqlite:///{path}", "sqlite", f"sqlite {path}")
+
+
+def embedded_prefect_database(postgres: EmbeddedPostgres) -> ServerDatabase:
+    """Database "prefect" (created if missing) on this embedded PostgreSQL, with Prefect's async driver."""
+    url = make_url(ensure_database(postgres, PREFECT_DATABASE)).set(drivername="postgresql+asyncpg")
+    return ServerDatabase(
+        url.render_as_string(hide_password=False), "postgresql",
+        f"postgresql, database {PREFECT_DATABASE!r} on the embedded PostgreSQL (socket {postgres.socket_dir})",
+    )
+
+
+def resolve_server_database(settings: Settings) -> ServerDatabase:
+    """The local server's database (module docstring); starts the embedded PostgreSQL when it is the one."""
+    for variable in DATABASE_URL_VARIABLES:
+        if os.environ.get(variable):
+            url = os.environ[variable]
+            backend = "sqlite" if make_url(url).get_backend_name() == "sqlite" else "postgresql"
+            return ServerDatabase(url, backend, f"{backend} {redact_url(url)} ({variable})")
+    if settings.stack_prefect_database == "sqlite":
+        return sqlite_database(settings.prefect_dir)
+    return embedded_prefect_database(ensure_embedded_postgres(settings.postgres_dir))
+
+
+def client_host(bind_host: str) -> str:
+    """The address clients on this machine use for a server listening on `bind_host` (in URL form)."""
+    if bind_host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{bind_host}]" if ":" in bind_host else bind_host
+
+
+def prefect_server_env(prefect_dir: Path, database_url: str, auth_string: str | None = None) -> dict[str, str]:
+    """Environment of the server process: its own home and database, no analytics, basic auth when given."""
+    inherited = ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", *DATABASE_URL_VARIABLES, *AUTH_VARIABLES)
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update(
         {
             "PREFECT_HOME": str(prefect_dir),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_dir / 'prefect.db'}",
+            "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
             # The UI calls the API of the server that served it (the default is port 4200 whatever --port
@@ -51,12 +135,23 @@ def prefect_server_env(prefect_dir: Path) -> dict[str, str]:
             "PREFECT_UI_API_URL": "/api",
         }
     )
+    if auth_string:
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     return env
 
 
-def _healthy(api_url: str) -> bool:
+def _healthy(api_url: str, headers: dict[str, str] | None = None) -> bool:
+    """GET /health (Prefect lets it through without auth, a reverse proxy may not: the header is sent)."""
     try:
-        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        return httpx.get(f"{api_url}/health", headers=headers, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _accepts(api_url: str, headers: dict[str, str]) -> bool:
+    """Whether an authenticated-only route answers with these headers (a 401 means another auth string)."""
+    try:
+        return httpx.get(f"{api_url}/admin/version", headers=headers, timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -66,38 +161,94 @@ def running_prefect_server(prefect_dir: Path) -> PrefectServer | None:
     state = read_state(Path(prefect_dir).resolve() / STATE_FILE)
     if not state or not pid_alive(state["pid"]):
         return None
-    p = state["port"]
-    if not _healthy(f"http://127.0.0.1:{p}/api"):
+    p, host = state["port"], state.get("host", "127.0.0.1")
+    base = f"http://{client_host(host)}:{p}"
+    if not _healthy(f"{base}/api"):
         return None
-    return PrefectServer(f"http://127.0.0.1:{p}/api", f"http://127.0.0.1:{p}", p, state["pid"], False)
+    # a state file without a database was written before the server had a choice: SQLite
+    database = state.get("database", f"sqlite {Path(prefect_dir).resolve() / 'prefect.db'}")
+    return PrefectServer(f"{base}/api", base, p, state["pid"], False, database, host, state.get("auth", False))
 
 
-def ensure_prefect_server(prefect_dir: Path, port: int | None = None, timeout: float = 120.0) -> PrefectServer:
-    """Reuse this folder's running server or start one (port 4200 if free, else any free port)."""
+def _check_reusable(running: PrefectServer, database: ServerDatabase, host: str, auth_string: str | None) -> None:
+    """Refuse to reuse a server started with other choices: restarting it under running flows is the operator's
+    call, and a silent switch of database would hide every earlier run."""
+    wanted = {"database": database.label, "address": host, "basic auth": bool(auth_string)}
+    found = {"database": running.database, "address": running.host, "basic auth": running.auth}
+    differ = [f"{what} {found[what]!r} (asked: {wanted[what]!r})" for what in wanted if wanted[what] != found[what]]
+    if not differ and auth_string and not _accepts(running.api_url, basic_auth_headers(auth_string)):
+        differ = ["basic auth: it refuses STACK_AUTH_STRING (changed since it started?)"]
+    if differ:
+        raise PrefectServerMismatch(
+            f"the Prefect server running at {running.ui_url} (pid {running.pid}) was started with "
+            + "; ".join(differ)
+            + ": stop it (`make down`) and start again to switch, or change the settings back"
+        )
+
+
+def ensure_prefect_server(
+    prefect_dir: Path,
+    port: int | None = None,
+    timeout: float = 120.0,
+    *,
+    database: ServerDatabase | None = None,
+    host: str = "127.0.0.1",
+    auth_string: SecretStr | str | None = None,
+) -> PrefectServer:
+    """Reuse this folder's running server or start one (port 4200 if free, else any free port), on `database`
+    (SQLite in the folder by default), listening on `host`, asking for basic auth when `auth_string` is given.
+    A running server started with other choices is refused (PrefectServerMismatch), not restarted."""
     prefect_dir = Path(prefect_dir).resolve()
+    database = database or sqlite_database(prefect_dir)
+    auth = _secret(auth_string)
+    require_auth_off_loopback("the Prefect server", host, bool(auth))
     with folder_lock(prefect_dir):
         running = running_prefect_server(prefect_dir)
         if running is not None:
+            _check_reusable(running, database, host, auth)
             return running
         if port is None:
             port = DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port()
         log = prefect_dir / "server.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=prefect_server_env(prefect_dir),
+                [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+                env=prefect_server_env(prefect_dir, database.url, auth),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        api_url = f"http://127.0.0.1:{port}/api"
+        base = f"http://{client_host(host)}:{port}"
+        headers = basic_auth_headers(auth)
         wait_until_ready(
-            process, lambda: _healthy(api_url), timeout, log, f"prefect server did not become healthy on {api_url}",
-            poll=0.5,
+            process, lambda: _healthy(f"{base}/api", headers) and _accepts(f"{base}/api", headers), timeout, log,
+            f"prefect server did not become healthy on {base}/api ({database.label})", poll=0.5,
         )
-        write_state(prefect_dir / STATE_FILE, {"port": port, "pid": process.pid})
-        return PrefectServer(api_url, f"http://127.0.0.1:{port}", port, process.pid, True)
+        write_state(
+            prefect_dir / STATE_FILE,
+            {"port": port, "pid": process.pid, "host": host, "backend": database.backend,
+             "database": database.label, "auth": bool(auth)},
+        )
+        return PrefectServer(f"{base}/api", base, port, process.pid, True, database.label, host, bool(auth))
+
+
+def ensure_local_prefect_server(settings: Settings, port: int | None = None) -> PrefectServer:
+    """The stack's server from settings: STACK_HOST, STACK_AUTH_STRING, its database (module docstring).
+    An exposed address without auth is refused before anything starts."""
+    auth = _secret(settings.stack_auth_string)
+    require_auth_off_loopback("the Prefect server", settings.stack_host, bool(auth))
+    return ensure_prefect_server(
+        settings.prefect_dir, port, database=resolve_server_database(settings), host=settings.stack_host,
+        auth_string=auth,
+    )
+
+
+def use_prefect_server(api_url: str, auth_string: SecretStr | str | None) -> None:
+    """Point this process, and every process it starts (worker, flow runs, Dask workers), at the server."""
+    os.environ["PREFECT_API_URL"] = api_url
+    if _secret(auth_string):
+        os.environ["PREFECT_API_AUTH_STRING"] = _secret(auth_string)
 
 
 def stop_prefect_server(prefect_dir: Path, timeout: float = 20.0) -> bool:

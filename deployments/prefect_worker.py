@@ -11,11 +11,21 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from operations.infra.processes import folder_lock, pid_alive, read_state, stop_detached_service, stop_process_group, wait_until_ready, write_state
+from deployments.prefect_server import basic_auth_headers
+from operations.infra.processes import (
+    folder_lock,
+    pid_alive,
+    read_state,
+    stop_detached_service,
+    stop_process_group,
+    wait_until_ready,
+    write_state,
+)
 
 STATE_FILE = "prefect-worker.json"
 LOCAL_WORK_POOL = "operations-local"
@@ -53,14 +63,37 @@ def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> None:
                 pass
 
 
-def _worker_online(api_url: str, pool: str, name: str) -> bool:
+def _workers(api_url: str, pool: str, headers: dict[str, str]) -> list[dict] | None:
+    """The pool's worker rows (None when the server cannot say)."""
     try:
-        response = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5)
+        response = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, headers=headers, timeout=5)
     except httpx.HTTPError:
-        return False
-    if response.status_code != 200:
-        return False
-    return any(w["name"] == name and w.get("status") == "ONLINE" for w in response.json())
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def last_heartbeat(api_url: str, pool: str, name: str, headers: dict[str, str] | None = None) -> str | None:
+    """The server's time of the last heartbeat of worker `name` on `pool` (ISO text), None if it never had one."""
+    rows = _workers(api_url, pool, headers or {}) or []
+    return next((w.get("last_heartbeat_time") for w in rows if w["name"] == name), None)
+
+
+def worker_heartbeat_since(
+    api_url: str, pool: str, name: str, since: str | None, headers: dict[str, str] | None = None
+) -> bool:
+    """Whether worker `name` is ONLINE with a heartbeat later than `since` (a last_heartbeat before it started).
+
+    A row left ONLINE by an earlier worker of the same name (killed, or stopped before the server marked it
+    offline) says nothing about the new process: only a newer heartbeat does. Both times are the server's
+    clock, so a client clock off the server's cannot fool it."""
+    for w in _workers(api_url, pool, headers or {}) or []:
+        if w["name"] == name and w.get("status") == "ONLINE" and w.get("last_heartbeat_time"):
+            return since is None or _instant(w["last_heartbeat_time"]) > _instant(since)
+    return False
+
+
+def _instant(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
 
 
 def running_prefect_worker(worker_dir: Path) -> dict | None:
@@ -85,7 +118,8 @@ def ensure_prefect_worker(
     """Reuse this folder's running worker, or start one polling `pool` every `query_seconds`.
 
     Flow runs inherit the worker's environment (plus `extra_env`): settings such as OUTPUT_DIR or REDIS_URL
-    given here apply to every run it starts."""
+    given here apply to every run it starts, and PREFECT_API_AUTH_STRING, which the readiness check sends too.
+    Ready means a heartbeat of the new process: newer than the one the server held for this name before."""
     worker_dir = Path(worker_dir).resolve()
     name = worker_name(pool)
     with folder_lock(worker_dir):
@@ -104,6 +138,8 @@ def ensure_prefect_worker(
                 **(extra_env or {}),
             }
         )
+        headers = basic_auth_headers(env.get("PREFECT_API_AUTH_STRING"))
+        since = last_heartbeat(api_url, pool, name, headers)
         log = worker_dir / "worker.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(
@@ -117,8 +153,8 @@ def ensure_prefect_worker(
                 start_new_session=True,
             )
         wait_until_ready(
-            process, lambda: _worker_online(api_url, pool, name), timeout, log,
-            f"prefect worker did not come online on pool {pool!r}", poll=0.5,
+            process, lambda: worker_heartbeat_since(api_url, pool, name, since, headers), timeout, log,
+            f"prefect worker did not come online on pool {pool!r} (no heartbeat of its own)", poll=0.5,
         )
         write_state(worker_dir / STATE_FILE, {"pid": process.pid, "pool": pool, "api_url": api_url, "name": name})
         return PrefectWorker(name, pool, process.pid, True)

@@ -1,6 +1,7 @@
-"""The local stack: a real Prefect server (SQLite under DATA_DIR), the embedded Redis, the project database
-(the embedded PostgreSQL, migrated to head), the emulators of the outside systems (the marketplace API, the
-turnstiles), the blocks, the process work pool with the deployments of prefect.yaml, and a worker.
+"""The local stack: the project database (the embedded PostgreSQL, migrated to head), a real Prefect server (its
+own database "prefect" on that PostgreSQL, or SQLite: STACK_PREFECT_DATABASE), the embedded Redis, the
+emulators of the outside systems (the marketplace API, the turnstiles), the blocks, the process work pool with
+the deployments of prefect.yaml, and a worker.
 
     python -m deployments.stack up      # start (or reuse) everything, deploy, print the UI address
     python -m deployments.stack down    # stop what `up` started (worker, server, embedded Redis and PostgreSQL,
@@ -23,7 +24,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.prefect_server import ensure_prefect_server, running_prefect_server, stop_prefect_server
+from deployments.prefect_server import (
+    ensure_local_prefect_server,
+    running_prefect_server,
+    stop_prefect_server,
+    use_prefect_server,
+)
 from deployments.prefect_worker import (
     LOCAL_WORK_POOL,
     ensure_prefect_worker,
@@ -75,18 +81,19 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     """Start or reuse the Prefect server and Redis, point this process at them, register and save blocks."""
     settings = settings or get_settings()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # PostgreSQL first: the local Prefect server's database is on it (deployments/prefect_server.py)
+    database_url = resolve_database_url(settings)  # the embedded PostgreSQL when DATABASE_URL is unset
     api_url = os.environ.get("PREFECT_API_URL")
     if api_url:
         ui_url = api_url.removesuffix("/api")
     else:
-        server = ensure_prefect_server(settings.prefect_dir)
+        server = ensure_local_prefect_server(settings)
         api_url, ui_url = server.api_url, server.ui_url
-        os.environ["PREFECT_API_URL"] = api_url
+        use_prefect_server(api_url, settings.stack_auth_string)  # with PREFECT_API_AUTH_STRING for every client
     if settings.redis_url:
         redis_url = settings.redis_url.get_secret_value()
     else:
         redis_url = ensure_embedded_redis(settings.redis_dir).url
-    database_url = resolve_database_url(settings)  # the embedded PostgreSQL when DATABASE_URL is unset
     migrate_to_head(database_url)
     register_blocks(settings, redis_url)
     if settings.marketplace_api_url:
@@ -220,11 +227,16 @@ def stop_local_stack(settings: Settings | None = None) -> list[str]:
 
 
 def local_api_url(settings: Settings | None = None) -> str | None:
-    """PREFECT_API_URL when set, else the API of the running local server (None if there is none)."""
+    """PREFECT_API_URL when set, else the API of the running local server (None if there is none); for the
+    local server, this process's clients also get its auth string (PREFECT_API_AUTH_STRING)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    server = running_prefect_server((settings or get_settings()).prefect_dir)
-    return server.api_url if server else None
+    settings = settings or get_settings()
+    server = running_prefect_server(settings.prefect_dir)
+    if server is None:
+        return None
+    use_prefect_server(server.api_url, settings.stack_auth_string)
+    return server.api_url
 
 
 def stack_status(settings: Settings | None = None) -> dict[str, str]:
@@ -236,7 +248,10 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
     emulator = running_emulator_process(settings.marketplace_emulator_dir)
     turnstiles = turnstile_emulator.running_emulator_process(settings.turnstile_emulator_dir)
     return {
-        "prefect server": f"{server.ui_url} (pid {server.pid})" if server else "not running",
+        "prefect server": (
+            f"{server.ui_url} (pid {server.pid}), {server.database}{', basic auth' if server.auth else ''}"
+            if server else "not running"
+        ),
         "prefect worker": (
             f"{worker['name']} on pool {worker['pool']} (pid {worker['pid']})" if worker else "not running"
         ),
@@ -247,6 +262,7 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
         ),
         "embedded postgres": (
             f"socket {postgres.socket_dir} (pid {postgres.pid})"
+            + (" for the Prefect server only: DATABASE_URL is set" if settings.database_url else "")
             if postgres
             else ("not used: DATABASE_URL is set" if settings.database_url else "not running")
         ),

@@ -1,5 +1,6 @@
-"""Session fixtures: one real Prefect server (SQLite, in a temp folder), one real embedded redis-server and
-one real embedded PostgreSQL (database "operations_test", migrated to head, exported as DATABASE_URL).
+"""Session fixtures: one real embedded PostgreSQL (database "operations_test", migrated to head, exported as
+DATABASE_URL), one real Prefect server on it (its own database "prefect", the stack's default), in a temp folder,
+and one real embedded redis-server.
 
 The server is started in `pytest_configure`, before any test module imports Prefect, so that both this
 process and the Dask worker processes it spawns point at it through PREFECT_API_URL.
@@ -35,24 +36,28 @@ def pytest_configure(config: pytest.Config) -> None:
             "OUTPUT_DIR": str(root / "data" / "output"),
         }
     )
-    for var in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "PREFECT_PROFILES_PATH", "DATABASE_URL"):
+    for var in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "PREFECT_PROFILES_PATH", "DATABASE_URL",
+                "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                "PREFECT_API_AUTH_STRING"):
         os.environ.pop(var, None)
-    from deployments.prefect_server import ensure_prefect_server
+    from deployments.prefect_server import embedded_prefect_database, ensure_prefect_server
+    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
     from operations.infra.embedded_redis import ensure_embedded_redis
     from operations.infra.processes import free_port
 
-    server = ensure_prefect_server(root / "prefect-server", port=free_port())  # 4200 stays the operator's
+    postgres = ensure_embedded_postgres(root / "postgres")  # first: the server's database "prefect" is on it
+    _STATE["postgres"] = postgres
+    server = ensure_prefect_server(  # 4200 stays the operator's
+        root / "prefect-server", port=free_port(), database=embedded_prefect_database(postgres)
+    )
     os.environ["PREFECT_API_URL"] = server.api_url
     redis_server = ensure_embedded_redis(root / "redis")
     os.environ["REDIS_URL"] = redis_server.url
     _STATE["server"], _STATE["redis"] = server, redis_server
 
     from operations.infra.database import migrate_to_head
-    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
     from operations.settings import get_settings
 
-    postgres = ensure_embedded_postgres(root / "postgres")
-    _STATE["postgres"] = postgres
     database_url = ensure_database(postgres, "operations_test")
     migrate_to_head(database_url)
     os.environ["DATABASE_URL"] = database_url  # child processes (Prefect and Dask workers) inherit it
