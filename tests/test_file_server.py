@@ -222,6 +222,11 @@ def test_a_generation_runs_links_open_over_http_with_the_same_rows(settings, tmp
     assert sorted(listed) == sorted(link_url(a.data) for a in links)
     for url in listed:
         assert fetch_link(url, tmp_path / "summary").stat().st_size > 0
+    [snapshot] = [line.split("](", 1)[1].rstrip(")") for line in summary.splitlines()
+                  if line.startswith("- counter snapshot: [")]
+    response = httpx.get(snapshot)
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["total_generated"] == 2_500
 
 
 @pytest.mark.slow
