@@ -75,18 +75,13 @@ def build_app(root: Path, auth_string: str | None = None):
     from starlette.staticfiles import StaticFiles
 
     class OutputFiles(StaticFiles):
-        """StaticFiles (which keeps requests inside its folder, resolving symlinks) without hidden files, and
-        with 404 for an unreadable file: StaticFiles answers 401, which would ask the browser for a password."""
+        """StaticFiles (which keeps requests inside its folder, resolving symlinks) without hidden files: nothing
+        of `..`, and no dotfile an editor or a tool leaves beside the run files."""
 
         async def get_response(self, path: str, scope):
             if any(part.startswith(".") for part in Path(path).parts):
                 raise HTTPException(status_code=404)
-            try:
-                return await super().get_response(path, scope)
-            except HTTPException as exc:
-                if exc.status_code == 401:
-                    raise HTTPException(status_code=404) from None
-                raise
+            return await super().get_response(path, scope)
 
     async def health(request):
         return PlainTextResponse("ok")
