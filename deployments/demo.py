@@ -5,7 +5,8 @@ generated participants file registered on the emulated turnstiles through regist
 
     python -m deployments.demo [--quantity 200000] [--run-key demo-...]
 
-Prints where the spreadsheets, the counter snapshot and the run in the UI are; exits 0 on success.
+Prints the links of the spreadsheets (served by the local file server), where the counter snapshot is and the runs
+in the UI; exits 0 on success.
 The stack is left running so the run can be looked at in the UI (`make down` stops it).
 """
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from deployments.stack import start_local_stack
+from operations.infra.links import output_link
 
 
 def _result(flow_name: str, state) -> dict | None:
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\n{result['games']:,} games in {result['seconds']:.1f} s")
     for path in result["spreadsheets"]:
-        print(f"  spreadsheet: {path}")
+        print(f"  spreadsheet: {output_link(Path(path))}")
     print(f"  counter snapshot: {result['counter_snapshot']}")
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     if not args.skip_marketplace and demo_marketplace(stack, args.sellers) != 0:
@@ -126,7 +129,7 @@ def demo_products(stack, rows: int, run_key: str) -> int:
         f"in {result['seconds']:.1f} s ({result['created']:,} created, {result['updated']:,} updated, "
         f"{result['unchanged']:,} unchanged; {result['messages_published']:,} messages published)"
     )
-    print(f"  failures spreadsheet: {result['failures_file']}")
+    print(f"  failures spreadsheet: {output_link(Path(result['failures_file']))}")
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     return 0
 
@@ -156,6 +159,7 @@ def demo_turnstiles(stack, participants: int) -> int:
         f"operations in {result['seconds']:.1f} s: {result['successes']:,} successes, {result['cached']:,} skipped "
         f"(cache), {result['errors']:,} errors"
     )
+    print(f"  failures spreadsheet: {output_link(Path(result['failures_file']))}")
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     return 0
 

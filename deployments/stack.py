@@ -51,6 +51,8 @@ from emulators.marketplace import (
     stop_emulator_process,
 )
 from operations.infra.embedded_redis import ensure_embedded_redis, running_embedded_redis, stop_embedded_redis
+from operations.infra.file_server import ensure_file_server, running_file_server, stop_file_server
+from operations.infra.links import output_base_url
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
 
@@ -69,6 +71,7 @@ class LocalStack:
     marketplace_api_url: str = ""
     marketplace_emulated: bool = False  # the local emulator stands in for the marketplace API
     emulated_turnstiles: tuple[str, ...] = ()  # TurnstileDevice blocks of the emulated turnstiles
+    output_url: str = ""  # where OUTPUT_DIR is served: OUTPUT_BASE_URL or the local file server
 
     def __repr__(self) -> str:  # passwords redacted
         return (
@@ -102,6 +105,7 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
         marketplace_url = start_emulator_process(DEMO_MARKETPLACE, settings.marketplace_emulator_dir).base_url
     save_marketplace_app_block(settings, marketplace_url)
     turnstiles = start_emulated_turnstiles(settings)
+    output_url = start_file_server(settings)
     return LocalStack(
         api_url=api_url,
         ui_url=ui_url,
@@ -111,7 +115,14 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
         marketplace_api_url=marketplace_url,
         marketplace_emulated=not settings.marketplace_api_url,
         emulated_turnstiles=turnstiles,
+        output_url=output_url,
     )
+
+
+def start_file_server(settings: Settings) -> str:
+    """Where artifacts link OUTPUT_DIR: OUTPUT_BASE_URL as it is, else the local file server, started or reused
+    (refused beyond loopback without STACK_AUTH_STRING: `make up` fails rather than link files it cannot serve)."""
+    return output_base_url(settings) if settings.output_base_url else ensure_file_server(settings).url
 
 
 def save_marketplace_app_block(settings: Settings, api_url: str, emulator: EmulatorConfig | None = None) -> None:
@@ -223,6 +234,8 @@ def stop_local_stack(settings: Settings | None = None) -> list[str]:
         stopped.append("marketplace emulator")
     if turnstile_emulator.stop_emulator_process(settings.turnstile_emulator_dir):
         stopped.append("turnstile emulator")
+    if stop_file_server(settings.file_server_dir):
+        stopped.append("file server")
     return stopped
 
 
@@ -247,6 +260,7 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
     postgres = running_embedded_postgres(settings.postgres_dir)
     emulator = running_emulator_process(settings.marketplace_emulator_dir)
     turnstiles = turnstile_emulator.running_emulator_process(settings.turnstile_emulator_dir)
+    file_server = running_file_server(settings.file_server_dir)
     return {
         "prefect server": (
             f"{server.ui_url} (pid {server.pid}), {server.database}{', basic auth' if server.auth else ''}"
@@ -276,6 +290,12 @@ def stack_status(settings: Settings | None = None) -> dict[str, str]:
             f"(pid {turnstiles.pid})" if turnstiles
             else ("no emulator (TURNSTILE_EMULATOR_DEVICES=0)" if not settings.turnstile_emulator_devices
                   else "emulator not running")
+        ),
+        "file server": (
+            f"{file_server.url} serving {file_server.root}{' (basic auth)' if file_server.auth else ''} "
+            f"(pid {file_server.pid})" if file_server
+            else (f"not used: OUTPUT_BASE_URL is {redact_url(settings.output_base_url)}" if settings.output_base_url
+                  else "not running")
         ),
     }
 
@@ -308,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
           f"app block {get_settings().marketplace_app_block}")
     if stack.emulated_turnstiles:
         print(f"Turnstiles:    emulated: {', '.join(stack.emulated_turnstiles)} (TurnstileDevice blocks)")
+    print(f"Output files:  {stack.output_url}/ (OUTPUT_DIR {get_settings().output_dir})")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_worker_dir / 'worker.log'}")
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):

@@ -341,7 +341,7 @@ Feasible games under the rules: {plan.feasibility.total:,.0f} ({'exact count' if
 
 ## Files
 {files}
-- counter snapshot: `{snapshot_path}`
+- counter snapshot: [{snapshot_path.name}]({output_link(snapshot_path)})
 """,
         description=f"Run {run_key}: summary",
     )

@@ -86,6 +86,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
         dispose_engines()
         stop_embedded_postgres(root / "postgres")
+    # -- the file server (issue 10): no fixture starts it; the first link a flow makes does (links.output_link),
+    # serving the OUTPUT_DIR of the flow's settings
+    from operations.infra.file_server import stop_file_server
+    from operations.settings import Settings
+
+    stop_file_server(Settings().file_server_dir)
+    # -- end of the file server
     shutil.rmtree(root, ignore_errors=True)
 
 

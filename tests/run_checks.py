@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
+import httpx
 import numpy as np
 
 from operations.lottery.engine import games_to_masks
@@ -95,3 +97,21 @@ def run_texts(flow_run_id) -> list[str]:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200)
     artifacts = run_artifacts(flow_run_id)
     return [log.message for log in logs] + [str(a.data) for a in artifacts] + [str(a.description) for a in artifacts]
+
+
+def link_url(data: str) -> str:
+    """The URL of a link artifact's data: a markdown link `[text](url)` or the bare URL."""
+    return data.split("](", 1)[1].rsplit(")", 1)[0] if "](" in data else data
+
+
+def fetch_link(data: str, folder: Path, **get_options) -> Path:
+    """Download the file a link artifact points at over HTTP, as a person clicking it would, into `folder`
+    (under the link's file name); fails unless the server answers 200."""
+    url = link_url(data)
+    assert urlsplit(url).scheme in ("http", "https"), f"not a link a browser opens from the UI: {url}"
+    response = httpx.get(url, timeout=30, **get_options)
+    assert response.status_code == 200, f"{url}: {response.status_code} {response.text[:200]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    target.write_bytes(response.content)
+    return target

@@ -1,11 +1,15 @@
-"""The operator's path in the real Prefect UI, with Debian's headless Chromium: deployments list ->
-generate-games/on-demand -> Run -> Custom run, whose form must show every parameter's title."""
+"""The operator's paths in the real Prefect UI, with Debian's headless Chromium: deployments list ->
+generate-games/on-demand -> Run -> Custom run, whose form must show every parameter's title; and a finished
+run's page -> Artifacts -> a spreadsheet link, which must download the .xlsx from the file server."""
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
+
 import pytest
 
-from deployments.browser_check import browser_missing, check_custom_run_form
+from deployments.browser_check import browser_missing, check_custom_run_form, check_link_artifact
 from deployments.stack import deploy_all
 
 pytestmark = [
@@ -22,3 +26,19 @@ def test_custom_run_form_shows_parameter_titles(prefect_api_url, tmp_path):
     )
     assert {"Games", "Numbers per game", "Highest number", "Rules", "Seed", "Run key"} <= set(found), found
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_spreadsheet_link_in_the_artifacts_tab_downloads_the_file(prefect_api_url, settings, tmp_path):
+    from flows.generate_games import generate_games
+
+    state = generate_games(quantity=2_000, run_key=f"browser-{uuid.uuid4().hex[:6]}", return_state=True)
+    assert state.is_completed(), state.message
+    [spreadsheet] = state.result()["spreadsheets"]
+    followed = check_link_artifact(
+        prefect_api_url.removesuffix("/api"), prefect_api_url, str(state.state_details.flow_run_id),
+        "games-spreadsheet-1", download_dir=tmp_path / "downloads", screenshot=tmp_path / "artifact.png",
+    )
+    assert followed.status == 200
+    assert followed.content_type == "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    assert followed.url.startswith("http://127.0.0.1:") and followed.url.endswith("/" + Path(spreadsheet).name)
+    assert followed.downloaded.read_bytes() == Path(spreadsheet).read_bytes()

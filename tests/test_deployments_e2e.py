@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from operations.products.sample import SampleStats, dealer_codes, generate_produ
 from operations.products.store import clear_products_data, upsert_dealers
 from operations.turnstiles.sample import write_participants_file
 from operations.settings import PROJECT_ROOT, Settings
-from run_checks import assert_operator_form, check_generated_run
+from run_checks import assert_operator_form, check_generated_run, fetch_link
 
 pytestmark = pytest.mark.slow
 
@@ -157,16 +156,11 @@ def _artifacts(client: httpx.Client, flow_run_id: str) -> list[dict]:
     return response.json()
 
 
-def _spreadsheets_from_links(artifacts: list[dict]) -> list[str]:
+def _spreadsheets_from_links(artifacts: list[dict], folder: Path) -> list[str]:
+    """The run's spreadsheets as its link artifacts serve them over HTTP (downloaded into `folder`)."""
     links = [a for a in artifacts if (a["key"] or "").startswith("games-spreadsheet")]
     assert links, f"no spreadsheet link among {[a['key'] for a in artifacts]}"
-    paths = []
-    for artifact in links:
-        data = artifact["data"]
-        uri = data.split("](", 1)[1].split(")", 1)[0] if "](" in data else data
-        assert uri.startswith("file://"), uri
-        paths.append(unquote(urlsplit(uri).path))
-    return sorted(paths)
+    return sorted(str(fetch_link(artifact["data"], folder)) for artifact in links)
 
 
 def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack):
@@ -202,7 +196,7 @@ def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack
 
 def _check_games_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
     assert {"table", "markdown", "progress"} <= {a["type"] for a in artifacts}  # links are stored as markdown
-    spreadsheets = _spreadsheets_from_links(artifacts)
+    spreadsheets = _spreadsheets_from_links(artifacts, stack.settings.output_dir.parent / f"downloads-{run_key}")
     assert spreadsheets and all(Path(p).is_file() for p in spreadsheets)
     snapshot = stack.settings.output_dir / run_key / f"counter-{run_key}.json"
     check_generated_run(spreadsheets, str(snapshot), parameters["quantity"])
@@ -351,7 +345,8 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     done = _wait(client, rerun["id"])
     assert done["state_type"] == "COMPLETED", done["state"]
     assert {i: chunk_path(run_dir, i).stat().st_mtime_ns for i in committed} == mtimes, "finished chunks redone"
-    spreadsheets = _spreadsheets_from_links(_artifacts(client, rerun["id"]))
+    downloads = settings.output_dir.parent / f"downloads-{run_key}"
+    spreadsheets = _spreadsheets_from_links(_artifacts(client, rerun["id"]), downloads)
     check_generated_run(spreadsheets, str(run_dir / f"counter-{run_key}.json"), quantity)
     assert counter.seen_count() == quantity
     counter.delete_run()

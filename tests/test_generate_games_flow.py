@@ -22,7 +22,7 @@ from blocks.redis_game_counter import RedisGameCounter
 from flows.generate_games import generate_games
 from operations.lottery.engine import games_to_masks
 from operations.settings import get_settings
-from run_checks import check_generated_run, run_artifacts
+from run_checks import check_generated_run, fetch_link, run_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _check_run(result: dict, quantity: int, k: int = 6) -> np.ndarray:
     return check_generated_run(result["spreadsheets"], result["counter_snapshot"], quantity, k)
 
 
-def test_small_run_in_process_with_artifacts(settings):
+def test_small_run_in_process_with_artifacts(settings, tmp_path):
     state = generate_games(quantity=3_000, run_key=f"small-{uuid.uuid4().hex[:6]}", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -58,9 +58,8 @@ def test_small_run_in_process_with_artifacts(settings):
         a.data for a in artifacts if a.key and a.key.startswith("games-spreadsheet")
     ]
     assert links, f"no link artifact among {[a.key for a in artifacts]}"
-    for link in links:
-        target = link.split("(", 1)[1].split(")", 1)[0] if "(" in link else link
-        assert Path(target.removeprefix("file://")).exists()
+    for link in links:  # served over HTTP: the bytes are the file's
+        assert fetch_link(link, tmp_path / "downloads").read_bytes() == Path(result["spreadsheets"][0]).read_bytes()
     table = next(a for a in artifacts if a.key == "games-first-number-distribution")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert sum(r["generated"] for r in rows) == 3_000

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from operations.settings import PROJECT_ROOT
+from run_checks import link_url
 
 pytestmark = pytest.mark.slow
 
@@ -69,6 +70,12 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
         time.sleep(0.5)
     assert run["state_type"] == "COMPLETED", run["state"]
     assert run["parameters"] == {"quantity": 3000, "run_key": "from-the-shell"}
+    # the worker's flow run linked its spreadsheet on the file server `up` started, and the link opens
+    files = re.search(r"Output files:\s+(\S+)", first.stdout).group(1)
+    [artifact] = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {
+        "flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["games-spreadsheet-1"]}}}, timeout=30).json()
+    link = link_url(artifact["data"])
+    assert link.startswith(files) and httpx.get(link, timeout=30).status_code == 200, (files, link)
 
     _marketplace_accounts_from_the_shell(operator_env, first.stdout, api)
     _dealers_and_turnstiles_from_the_shell(operator_env, first.stdout, api)
@@ -76,7 +83,7 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
     down = _command(operator_env, "deployments.stack", "down")
     assert down.returncode == 0, down.stdout
     assert ("prefect worker, prefect server, embedded redis, embedded postgres, marketplace emulator, "
-            "turnstile emulator") in down.stdout
+            "turnstile emulator") in down.stdout and "file server" in down.stdout
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
     assert "not running" in _command(operator_env, "deployments.stack", "status").stdout

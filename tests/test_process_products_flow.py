@@ -8,7 +8,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 from sqlalchemy import text
@@ -19,7 +18,7 @@ from operations.products.report import read_failures_workbook
 from operations.products.sample import dealer_codes, generate_products_file
 from operations.products.store import clear_products_data, offers, product_counts, upsert_dealers
 from operations.settings import get_settings
-from run_checks import run_artifacts
+from run_checks import fetch_link, run_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -68,9 +67,8 @@ def test_a_mixed_file_is_accounted_for_row_by_row_and_reruns_change_only_what_ch
     # the failures spreadsheet, as the link artifact points at it, read back
     artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
     assert {"products-failures", "products-failure-reasons", "products-summary", "products-progress"} <= set(artifacts)
-    link = artifacts["products-failures"].data
-    path = Path(unquote(urlsplit(link.split("](", 1)[1].rstrip(")") if "](" in link else link).path))
-    assert path == Path(result["failures_file"])
+    path = fetch_link(artifacts["products-failures"].data, tmp_path / "downloads")  # over HTTP, as clicked
+    assert path.read_bytes() == Path(result["failures_file"]).read_bytes()
     failures = read_failures_workbook(path)
     assert len(failures) == result["failures"]
     assert [f.row_number for f in failures] == sorted(f.row_number for f in failures)

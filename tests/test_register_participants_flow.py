@@ -9,8 +9,6 @@ import json
 import subprocess
 import sys
 import uuid
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 from pydantic import SecretStr
@@ -20,7 +18,7 @@ from emulators.turnstiles import DeviceSpec, EmulatorConfig, run_in_thread
 from operations.settings import PROJECT_ROOT, get_settings
 from operations.turnstiles.report import read_registration_failures
 from operations.turnstiles.sample import write_participants_file
-from run_checks import run_artifacts, run_texts
+from run_checks import fetch_link, run_artifacts, run_texts
 
 pytestmark = pytest.mark.slow
 PASSWORDS = ["gate-pw-9f3K2x", "gate-pw-7Hq1Zt", "gate-pw-4Lm8Wv"]
@@ -113,8 +111,7 @@ def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_repor
     for device in (0, 1):
         assert len(emulator.control.users(device)) == 30
     [link] = [a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "registration-failures"]
-    uri = link.data.split("](", 1)[1].rstrip(")") if "](" in link.data else link.data
-    failures = read_registration_failures(Path(unquote(urlsplit(uri).path)))
+    failures = read_registration_failures(fetch_link(link.data, tmp_path / "downloads"))  # over HTTP, as clicked
     assert len(failures) == 31
     assert sum(1 for f in failures if f[1] == names[2]) == 30
     assert [f[2] for f in failures if f[1] == "(file)"] == ["32"]

@@ -1,0 +1,271 @@
+"""The local file server: OUTPUT_DIR over HTTP, so the spreadsheet links of artifacts open from the Prefect UI.
+
+A Starlette app with `StaticFiles` under uvicorn, started detached like the other embedded services (a state file
+in DATA_DIR/file-server, a folder lock, reused by later processes, stopped by `make down`). It only reads: GET
+and HEAD of regular files under OUTPUT_DIR; no directory listing, no hidden files, nothing outside OUTPUT_DIR
+(`../`, its percent-encoded forms and symlinks that lead out all answer 404). With STACK_AUTH_STRING set every
+request needs HTTP basic auth; without it the server refuses to listen beyond loopback.
+
+    python -m operations.infra.file_server --root DIR --host 127.0.0.1 --port 4280   # what ensure_file_server runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import http.client
+import mimetypes
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from operations.infra.processes import (
+    folder_lock,
+    free_port,
+    pid_alive,
+    port_free,
+    read_state,
+    require_auth_off_loopback,
+    stop_detached_service,
+    stop_process_group,
+    wait_until_ready,
+    write_state,
+)
+from operations.settings import Settings
+
+STATE_FILE = "file-server.json"
+HEALTH_PATH = "/-/health"  # "-" is no run key's folder name, so the path never hides a file
+AUTH_ENV = "FILE_SERVER_AUTH_STRING"  # how the server process gets its credentials: never on its command line
+REALM = "operations files"
+
+# The types the flows' files must be served with, whatever /etc/mime.types the machine has (or lacks).
+CONTENT_TYPES = {
+    ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    ".csv": "text/csv",
+    ".json": "application/json",
+}
+for _suffix, _type in CONTENT_TYPES.items():
+    mimetypes.add_type(_type, _suffix)
+
+
+@dataclass(frozen=True)
+class FileServer:
+    url: str  # base URL of OUTPUT_DIR, no trailing slash
+    root: str
+    host: str
+    port: int
+    pid: int
+    auth: bool
+    started: bool  # False when an already-running server was reused
+
+
+# -- the app (runs in the server process) ------------------------------------------------------------------------
+
+def build_app(root: Path, auth_string: str | None = None):
+    """The ASGI app serving `root` read-only; every request behind basic auth when `auth_string` is given."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    class OutputFiles(StaticFiles):
+        """StaticFiles (which keeps requests inside its folder, resolving symlinks) without hidden files: nothing
+        of `..`, and no dotfile an editor or a tool leaves beside the run files."""
+
+        async def get_response(self, path: str, scope):
+            if any(part.startswith(".") for part in Path(path).parts):
+                raise HTTPException(status_code=404)
+            return await super().get_response(path, scope)
+
+    async def health(request):
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[
+        Route(HEALTH_PATH, health, methods=["GET", "HEAD"]),
+        Mount("/", app=OutputFiles(directory=root, follow_symlink=False)),
+    ])
+    return _SecurityHeaders(_BasicAuth(app, auth_string) if auth_string else app)
+
+
+class _SecurityHeaders:
+    """Headers on every answer: a served file never acts as a page of this origin (nosniff, a sandbox), and
+    browsers revalidate (a re-run rewrites files under the same path)."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"content-security-policy", b"sandbox"),
+        (b"cache-control", b"no-cache"),
+    ]
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class _BasicAuth:
+    """HTTP basic auth in front of the whole app: the 'user:password' is compared in constant time (digests of
+    equal length, so not even its length leaks), a failure answers 401 with the challenge browsers prompt for."""
+
+    def __init__(self, app, auth_string: str):
+        self.app = app
+        self.expected = hashlib.sha256(auth_string.encode()).digest()
+
+    def authorized(self, header: bytes) -> bool:
+        scheme, _, value = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            return False
+        return hmac.compare_digest(hashlib.sha256(given).digest(), self.expected)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            if not self.authorized(header):
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"www-authenticate", f'Basic realm="{REALM}", charset="UTF-8"'.encode()),
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                ]})
+                await send({"type": "http.response.body", "body": b"authentication required"})
+                return
+        await self.app(scope, receive, send)
+
+
+def serve(root: Path, host: str, port: int) -> None:
+    """Run the server in this process (the detached child of ensure_file_server) until SIGTERM."""
+    import uvicorn
+
+    app = build_app(root, os.environ.pop(AUTH_ENV, None) or None)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False,
+                proxy_headers=False, lifespan="off")
+
+
+# -- starting, finding and stopping it ---------------------------------------------------------------------------
+
+def _url_host(host: str) -> str:
+    """The host name links carry: the machine's name for a wildcard address, IPv6 literals in brackets."""
+    if host in ("0.0.0.0", "::"):
+        return socket.getfqdn()
+    return f"[{host}]" if ":" in host else host
+
+
+def _probe_host(host: str) -> str:
+    """Where this machine reaches the server (a wildcard address is reached through loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _health_status(host: str, port: int, auth: tuple[str, str] | None = None) -> int | None:
+    """The status the health endpoint answers (401: behind other credentials), None if nothing answers.
+    http.client, not httpx: output_link asks on every link, and an httpx client costs ~20 ms to build."""
+    headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
+    connection = http.client.HTTPConnection(_probe_host(host), port, timeout=2)
+    try:
+        connection.request("GET", HEALTH_PATH, headers=headers)
+        return connection.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+
+
+def _credentials(settings: Settings) -> tuple[str, str] | None:
+    if settings.stack_auth_string is None:
+        return None
+    user, sep, password = settings.stack_auth_string.get_secret_value().partition(":")
+    if not sep or not user or not password:
+        raise ValueError("STACK_AUTH_STRING must be 'user:password' with neither part empty")
+    return user, password
+
+
+def _server(state: dict, started: bool) -> FileServer:
+    return FileServer(state["url"], state["root"], state["host"], state["port"], state["pid"], state["auth"], started)
+
+
+def running_file_server(file_server_dir: Path) -> FileServer | None:
+    """This folder's file server if it is running and answers (behind auth or not), without starting one."""
+    state = read_state(Path(file_server_dir).resolve() / STATE_FILE)
+    if not state or not pid_alive(state["pid"]) or _health_status(state["host"], state["port"]) not in (200, 401):
+        return None
+    return _server(state, False)
+
+
+def ensure_file_server(settings: Settings, timeout: float = 30.0) -> FileServer:
+    """Reuse the running file server of settings.file_server_dir, or start one serving settings.output_dir on
+    settings.stack_host, port settings.file_server_port (another free port if it is taken).
+
+    A running server is reused only if it serves this OUTPUT_DIR on this host and accepts these credentials (or
+    none, as configured); otherwise it is replaced, so a changed STACK_AUTH_STRING never leaves the old one
+    working. Raises ExposedWithoutAuth for a non-loopback host without STACK_AUTH_STRING, before starting
+    anything, and RuntimeError with the end of its log if it does not start."""
+    host = settings.stack_host
+    credentials = _credentials(settings)
+    require_auth_off_loopback("the file server", host, credentials is not None)
+    folder = Path(settings.file_server_dir).resolve()
+    root = Path(settings.output_dir).resolve()
+    with folder_lock(folder):
+        state = read_state(folder / STATE_FILE)
+        if state and pid_alive(state["pid"]):
+            wanted = (str(root), host, credentials is not None)
+            if (state["root"], state["host"], state["auth"]) == wanted and _health_status(
+                host, state["port"], credentials
+            ) == 200:
+                return _server(state, False)
+            stop_process_group(state["pid"], 10)
+        (folder / STATE_FILE).unlink(missing_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        port = settings.file_server_port if port_free(settings.file_server_port) else free_port()
+        env = {k: v for k, v in os.environ.items() if k != AUTH_ENV}
+        if credentials:
+            env[AUTH_ENV] = ":".join(credentials)
+        log = folder / "file-server.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "operations.infra.file_server", "--root", str(root), "--host", host,
+                 "--port", str(port)],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_until_ready(
+            process, lambda: _health_status(host, port, credentials) == 200, timeout, log,
+            f"the file server did not start on {host}:{port}", poll=0.1,
+        )
+        state = {"url": f"http://{_url_host(host)}:{port}", "root": str(root), "host": host, "port": port,
+                 "pid": process.pid, "auth": credentials is not None}
+        write_state(folder / STATE_FILE, state)
+        return _server(state, True)
+
+
+def stop_file_server(file_server_dir: Path, timeout: float = 10.0) -> bool:
+    """Stop this folder's file server. True if one was running."""
+    return stop_detached_service(file_server_dir, STATE_FILE, timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, type=Path, help="folder to serve (OUTPUT_DIR)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.error(f"{args.root} is not a folder")
+    require_auth_off_loopback("the file server", args.host, bool(os.environ.get(AUTH_ENV)))
+    serve(args.root.resolve(), args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
