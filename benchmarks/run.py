@@ -15,6 +15,8 @@
    and on threads, its reading alone, against row by row with one transaction per row. Target: >= 3 x.
 5. Turnstiles (benchmarks/turnstiles.py): 10,000 participants x 10 emulated turnstiles at 50 ms per request, on
    threads and on Dask, against the floor and against the seed's one request per pair; then all cached.
+6. Retention (benchmarks/retention.py): Redis memory (used_memory, the runs' keys) and its append-only file
+   after 5 consecutive 200,000-game runs, against each run's own peak while it generated.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def bench_end_to_end(quantity: int, warm: bool) -> dict:
     from operations.infra.embedded_redis import ensure_embedded_redis
     from operations.settings import get_settings
 
+    os.environ["KEEP_CHUNK_FILES"] = "true"  # the baseline below writes the run's games from its chunk files
+    get_settings.cache_clear()
     settings = get_settings()
     stack = start_local_stack(settings)
     redis_pid = ensure_embedded_redis(settings.redis_dir).pid if not settings.redis_url else None
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turnstile-latency-ms", type=float, default=50.0)
     parser.add_argument("--turnstile-seed-participants", type=int, default=300,
                         help="participants the seed's approach registers (its rate is compared)")
+    parser.add_argument("--skip-retention", action="store_true")
+    parser.add_argument("--retention-runs", type=int, default=5)
+    parser.add_argument("--retention-quantity", type=int, default=200_000)
     args = parser.parse_args(argv)
     os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
 
@@ -288,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             args.turnstile_participants, args.turnstile_devices, args.turnstile_latency_ms,
             args.turnstile_seed_participants,
         ))
+    if not args.skip_retention:
+        from benchmarks.retention import bench_retention, print_retention
+
+        print_retention(bench_retention(args.retention_runs, args.retention_quantity))
     return 0
 
 
