@@ -70,7 +70,9 @@ def _publish_report(report: CleanupReport, aof: AofCheck, days: float, dry_run: 
         f"{r.redis_bytes:,} |"
         for r in report.removed
     )
-    skipped = f"\nSkipped (a flow run started on them meanwhile): {', '.join(report.skipped)}\n" if report.skipped else ""
+    skipped = ""
+    if report.skipped:
+        skipped = f"\nSkipped (a flow run started on them meanwhile): {', '.join(report.skipped)}\n"
     create_markdown_artifact(
         key="cleanup-runs-report",
         markdown=f"""# Generation runs older than {days:g} days{' (dry run: nothing removed)' if dry_run else ''}
