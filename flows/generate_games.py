@@ -48,7 +48,7 @@ from operations.lottery.draws import SAMPLE_RESULTS, load_past_draws
 from operations.lottery.generation import ChunkResult, chunk_path
 from operations.lottery.parameters import DEFAULT_REGIONS, FirstNumberRegion, GameRules, GenerationRequest
 from operations.lottery.plan import GenerationPlan, build_plan
-from operations.lottery.retention import RunOutputs, completed_outputs, finish_run
+from operations.lottery.retention import RunOutputs, completed_outputs, finish_run, remove_chunk_files
 from operations.lottery.spreadsheet import RegionRow, WorkbookSummary
 from operations.settings import Settings, get_settings
 from tasks.lottery import generate_games_chunk, write_games_spreadsheet
@@ -291,6 +291,8 @@ def _serve_completed_run(
     plan = _plan(request, run_key, past_draws_file, settings, settings.dask_n_workers)
     counter.initialise(plan.fingerprint, request.quantity, [r.cap for r in plan.regions])
     outputs = completed_outputs(counter)
+    if not settings.keep_chunk_files:  # left behind by a run stopped between finishing and removing them
+        remove_chunk_files(settings.output_dir / run_key)
     plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
     completed = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(outputs.completed_at))
     get_run_logger().info(

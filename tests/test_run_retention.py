@@ -21,6 +21,7 @@ from flows.generate_games import generate_games
 from operations.infra import embedded_redis
 from operations.infra.embedded_redis import ensure_embedded_redis, stop_embedded_redis
 from operations.infra.processes import free_port
+from operations.lottery.counter import RunFinished
 from operations.lottery.retention import DAY_SECONDS, compact_aof
 from operations.settings import get_settings
 from run_checks import check_generated_run, run_artifacts
@@ -113,6 +114,40 @@ def test_a_completed_run_keeps_a_few_kb_and_a_rerun_is_served_from_its_outputs(s
     gone = _run(name, run_key, quantity=15_000)
     assert gone.is_failed()
     assert "files are gone" in gone.message and "another run_key" in gone.message, gone.message
+
+
+def test_a_run_stopped_around_its_finish_resumes_or_is_served(settings, counter_block, monkeypatch):
+    """Stopped just before the finishing script: the re-run generates nothing, rewrites the spreadsheets and
+    finishes. Stopped between the script and the chunk files' removal: the re-run is served and removes them."""
+    name, block = counter_block
+    from flows import generate_games as flow_module
+    from operations.lottery import retention
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("stopped here")
+
+    before, between = f"before-{uuid.uuid4().hex[:6]}", f"between-{uuid.uuid4().hex[:6]}"
+    with monkeypatch.context() as patched:
+        patched.setattr(flow_module, "finish_run", crash)
+        assert _run(name, before, quantity=12_000).is_failed()
+    assert block.counter(before).outputs() is None and block.counter(before).seen_count() == 12_000
+    resumed = _run(name, before, quantity=12_000)
+    assert resumed.is_completed(), resumed.message
+    assert resumed.result()["chunks_generated"] == 0
+    check_generated_run(resumed.result()["spreadsheets"], resumed.result()["counter_snapshot"], 12_000)
+    assert {k.rsplit(":", 1)[-1] for k in block.counter(before).run_keys()} == KEPT_KEYS
+
+    with monkeypatch.context() as patched:
+        patched.setattr(retention, "remove_chunk_files", crash)
+        assert _run(name, between, quantity=12_000).is_failed()
+    assert block.counter(between).outputs() is not None
+    assert (settings.output_dir / between / "chunks").is_dir()
+    served = _run(name, between, quantity=12_000)
+    assert served.is_completed() and served.result()["chunks_generated"] == 0, served.message
+    assert not (settings.output_dir / between / "chunks").exists()
+    with pytest.raises(RunFinished):  # a stray chunk attempt (a Dask recompute) cannot claim again
+        block.counter(between).begin_chunk(0, "late", 5)
+    assert block.counter(between).finish_run({"again": True}, 3) == 0  # nothing left to drop
 
 
 def test_chunk_files_are_kept_with_the_setting(settings, counter_block, monkeypatch):
