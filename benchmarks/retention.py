@@ -101,21 +101,21 @@ def bench_retention(runs: int, quantity: int) -> dict:
 def print_retention(result: dict) -> None:
     mb = 2**20
     print(f"retention: {len(result['runs'])} consecutive runs of {result['quantity']:,} games "
-          f"(Redis used_memory {result['start_memory'] / mb:.1f} MB and append-only file "
-          f"{result['start_aof'] / mb:.1f} MB before them)")
+          f"(Redis used_memory {result['start_memory'] / mb:.1f} MiB and append-only file "
+          f"{result['start_aof'] / mb:.1f} MiB before them)")
     for row in result["runs"]:
         print(f"  run {row['run']}: {row['seconds']:.1f} s; while generating (baseline: what it would keep "
-              f"without retention) used_memory peak {row['peak_used_memory'] / mb:.1f} MB, its seen set "
-              f"{row['peak_seen_bytes'] / mb:.1f} MB; after: used_memory {row['used_memory'] / mb:.1f} MB, its "
-              f"{row['run_keys']} keys {row['run_key_bytes']:,} bytes, its folder {row['folder_bytes'] / mb:.1f} MB, "
-              f"append-only file {row['aof'] / mb:.1f} MB")
+              f"without retention) used_memory peak {row['peak_used_memory'] / mb:.1f} MiB, its seen set "
+              f"{row['peak_seen_bytes'] / mb:.1f} MiB; after: used_memory {row['used_memory'] / mb:.1f} MiB, its "
+              f"{row['run_keys']} keys {row['run_key_bytes']:,} bytes, its folder {row['folder_bytes'] / mb:.1f} MiB, "
+              f"append-only file {row['aof'] / mb:.1f} MiB")
     last = result["runs"][-1]
     seen_total = sum(r["peak_seen_bytes"] for r in result["runs"])
-    print(f"  after all: used_memory {last['used_memory'] / mb:.1f} MB "
-          f"(+{(last['used_memory'] - result['start_memory']) / mb:.1f} MB); the runs' keys "
-          f"{result['runs_key_bytes']:,} bytes against {seen_total / mb:.1f} MB of seen sets they held while "
+    print(f"  after all: used_memory {last['used_memory'] / mb:.1f} MiB "
+          f"(+{(last['used_memory'] - result['start_memory']) / mb:.1f} MiB); the runs' keys "
+          f"{result['runs_key_bytes']:,} bytes against {seen_total / mb:.1f} MiB of seen sets they held while "
           f"generating (target: a few KB per run)")
     rewrite, reason = result["aof_rule"]
-    print(f"  append-only file {last['aof'] / mb:.1f} MB (+{(last['aof'] - result['start_aof']) / mb:.1f} MB) for a "
-          f"{result['dataset'] / mb:.1f} MB dataset: cleanup-runs would {'rewrite it' if rewrite else 'leave it'} "
+    print(f"  append-only file {last['aof'] / mb:.1f} MiB (+{(last['aof'] - result['start_aof']) / mb:.1f} MiB) for a "
+          f"{result['dataset'] / mb:.1f} MiB dataset: cleanup-runs would {'rewrite it' if rewrite else 'leave it'} "
           f"({reason})")
