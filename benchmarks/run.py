@@ -18,6 +18,8 @@
 6. Prefect API (benchmarks/prefect_api.py): 1, 5 and 20 client threads creating flow runs through the REST API
    for --prefect-api-seconds, on a fresh server per database: PostgreSQL (the default) against SQLite.
    Target: no failure at 20 clients on PostgreSQL.
+7. Retention (benchmarks/retention.py): Redis memory (used_memory, the runs' keys) and its append-only file
+   after 5 consecutive 200,000-game runs, against each run's own peak while it generated.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def bench_end_to_end(quantity: int, warm: bool) -> dict:
     from operations.infra.embedded_redis import ensure_embedded_redis
     from operations.settings import get_settings
 
+    os.environ["KEEP_CHUNK_FILES"] = "true"  # the baseline below writes the run's games from its chunk files
+    get_settings.cache_clear()
     settings = get_settings()
     stack = start_local_stack(settings)
     redis_pid = ensure_embedded_redis(settings.redis_dir).pid if not settings.redis_url else None
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-prefect-api", action="store_true")
     parser.add_argument("--prefect-api-seconds", type=float, default=15.0,
                         help="how long each number of REST clients creates flow runs, per database")
+    parser.add_argument("--skip-retention", action="store_true")
+    parser.add_argument("--retention-runs", type=int, default=5)
+    parser.add_argument("--retention-quantity", type=int, default=200_000)
     args = parser.parse_args(argv)
     os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
 
@@ -298,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.prefect_api import bench_prefect_api, print_prefect_api
 
         print_prefect_api(bench_prefect_api(args.prefect_api_seconds))
+    if not args.skip_retention:
+        from benchmarks.retention import bench_retention, print_retention
+
+        print_retention(bench_retention(args.retention_runs, args.retention_quantity))
     return 0
 
 

@@ -1,7 +1,8 @@
 """`make demo`: start the local stack on embedded defaults and run every flow end to end: generate-games, then
 the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace), then a
 generated products file with some bad rows through process-products (dealers loaded from a file first), then a
-generated participants file registered on the emulated turnstiles through register-participants.
+generated participants file registered on the emulated turnstiles through register-participants, then a dry
+run of cleanup-runs (what the daily retention would remove).
 
     python -m deployments.demo [--quantity 200000] [--run-key demo-...]
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.products_rows and demo_products(stack, args.products_rows, run_key) != 0:
         return 1
     if args.participants and demo_turnstiles(stack, args.participants) != 0:
+        return 1
+    if demo_cleanup(stack) != 0:
         return 1
     print("The local stack is still running for the UI; `make down` stops it.")
     return 0
@@ -160,6 +163,23 @@ def demo_turnstiles(stack, participants: int) -> int:
         f"(cache), {result['errors']:,} errors"
     )
     print(f"  failures spreadsheet: {output_link(Path(result['failures_file']))}")
+    print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
+    return 0
+
+
+def demo_cleanup(stack) -> int:
+    """What the daily cleanup-runs deployment would remove now (a dry run: the demo's runs are recent)."""
+    from flows.cleanup_runs import cleanup_runs
+
+    print("\nlisting generation runs past RUN_RETENTION_DAYS (cleanup-runs, dry run) ...", flush=True)
+    state = cleanup_runs(dry_run=True, return_state=True)
+    result = _result("cleanup-runs", state)
+    if result is None:
+        return 1
+    print(
+        f"{len(result['removed'])} run(s) older than {result['retention_days']:g} days would be removed "
+        f"({result['folder_bytes']:,} bytes on disk, {result['redis_keys']} Redis keys), {result['kept']} kept"
+    )
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     return 0
 

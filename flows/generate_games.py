@@ -3,7 +3,9 @@ balanced by a Redis first-number counter shared live by every worker, written to
 
 Stages: check the request and plan (infeasible requests fail here, before any chunk), generate the pending
 chunks (a re-run with the same run_key resumes), rank the whole run by score, write the spreadsheets in
-parallel, then publish the counter snapshot and the artifacts.
+parallel, then publish the counter snapshot and the artifacts, and finish the run: Redis keeps only its
+counter and outputs record, its chunk files go (operations/lottery/retention.py). A re-run of a completed run
+key serves its outputs again without generating anything.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from operations.lottery.draws import SAMPLE_RESULTS, load_past_draws
 from operations.lottery.generation import ChunkResult, chunk_path
 from operations.lottery.parameters import DEFAULT_REGIONS, FirstNumberRegion, GameRules, GenerationRequest
 from operations.lottery.plan import GenerationPlan, build_plan
+from operations.lottery.retention import RunOutputs, completed_outputs, finish_run, remove_chunk_files
 from operations.lottery.spreadsheet import RegionRow, WorkbookSummary
 from operations.settings import Settings, get_settings
 from tasks.lottery import generate_games_chunk, write_games_spreadsheet
@@ -217,18 +220,20 @@ def generate_games(
         seed=seed,
     )
     run_key = run_key or str(flow_run.get_id() or "local")
+    block = RedisGameCounter.load_or_create_default(
+        counter_block or settings.counter_block_name, settings.counter_block_name, settings
+    )
+    block.ping()
+    counter = block.counter(run_key)
     on_dask = quantity >= settings.in_process_max_quantity
+    if counter.outputs() is not None:
+        return _serve_completed_run(request, run_key, past_draws_file, settings, counter, on_dask)
     if on_dask and settings.dask_scheduler_address:
         check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
     local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask_scheduler_address else None
     try:
         workers = worker_count(settings) if on_dask else settings.dask_n_workers
         plan = _plan(request, run_key, past_draws_file, settings, workers)
-        block = RedisGameCounter.load_or_create_default(
-            counter_block or settings.counter_block_name, settings.counter_block_name, settings
-        )
-        block.ping()
-        counter = block.counter(run_key)
         resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
         plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
         run_dir = settings.output_dir / run_key
@@ -266,22 +271,58 @@ def generate_games(
     snapshot_path = run_dir / f"counter-{run_key}.json"
     snapshot_path.write_text(json.dumps(snapshot, indent=2))
     elapsed = time.perf_counter() - started
+    outputs = RunOutputs(produced["workbooks"], str(snapshot_path), quantity, time.time(), round(elapsed, 2))
+    freed = finish_run(counter, run_dir, outputs, len(plan.chunk_quotas), settings.keep_chunk_files)
+    logger.info(
+        "run %s finished: Redis keeps its counter and outputs record only; %s",
+        run_key, "chunk files kept (KEEP_CHUNK_FILES)" if settings.keep_chunk_files else f"{freed:,} bytes of "
+        "chunk files removed",
+    )
     _publish_artifacts(plan, produced, counter, snapshot_path, elapsed, on_dask)
+    return _run_result(plan, outputs, len(produced["chunks"]))
+
+
+def _serve_completed_run(
+    request: GenerationRequest, run_key: str, past_draws_file: str, settings: Settings,
+    counter: FirstNumberCounter, on_dask: bool,
+) -> dict:
+    """A re-run of a completed run key: its outputs again, artifacts republished, nothing generated (its claims
+    were released when it finished). Other parameters still raise RunKeyConflict; gone files OutputsGone."""
+    plan = _plan(request, run_key, past_draws_file, settings, settings.dask_n_workers)
+    counter.initialise(plan.fingerprint, request.quantity, [r.cap for r in plan.regions])
+    outputs = completed_outputs(counter)
+    if not settings.keep_chunk_files:  # left behind by a run stopped between finishing and removing them
+        remove_chunk_files(settings.output_dir / run_key)
+    plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
+    completed = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(outputs.completed_at))
+    get_run_logger().info(
+        "run %s already completed at %s: serving its %d spreadsheet(s) and counter snapshot, nothing generated",
+        run_key, completed, len(outputs.spreadsheets),
+    )
+    produced = {"chunks": {}, "workbooks": outputs.spreadsheets}
+    _publish_artifacts(plan, produced, counter, Path(outputs.snapshot), outputs.seconds, on_dask, completed)
+    return _run_result(plan, outputs, 0)
+
+
+def _run_result(plan: GenerationPlan, outputs: RunOutputs, chunks_generated: int) -> dict:
     return {
-        "run_key": run_key,
-        "games": quantity,
+        "run_key": plan.run_key,
+        "games": outputs.games,
         "chunks": len(plan.chunk_quotas),
-        "chunks_generated": len(produced["chunks"]),
-        "spreadsheets": [w["path"] for w in produced["workbooks"]],
-        "counter_snapshot": str(snapshot_path),
-        "seconds": round(elapsed, 2),
+        "chunks_generated": chunks_generated,
+        "spreadsheets": [w["path"] for w in outputs.spreadsheets],
+        "counter_snapshot": outputs.snapshot,
+        "seconds": outputs.seconds,
+        "completed_at": outputs.completed_at,
     }
 
 
 def _publish_artifacts(
     plan: GenerationPlan, produced: dict, counter: FirstNumberCounter, snapshot_path: Path, elapsed: float,
-    on_dask: bool,
+    on_dask: bool, served_from: str | None = None,
 ) -> None:
+    """The run's links, distribution table and summary; `served_from` (the completion time) when a re-run
+    republishes a completed run's outputs."""
     run_key = plan.run_key
     for i, workbook in enumerate(produced["workbooks"], start=1):
         path = Path(workbook["path"])
@@ -319,13 +360,14 @@ def _publish_artifacts(
     rule_rows = "\n".join(f"| {rule} | {n:,} |" for rule, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
     files = "\n".join(f"- [{Path(w['path']).name}]({output_link(Path(w['path']))}) ({w['rows']:,} games)"
                       for w in produced["workbooks"])
+    served = f"\nServed from the run completed at {served_from}: nothing generated again.\n" if served_from else ""
     create_markdown_artifact(
         key="games-run-summary",
         markdown=f"""# Run `{run_key}`
 
 **{plan.request.quantity:,} games** of {plan.k} numbers in **{elapsed:.1f} s**
 ({'Dask' if on_dask else 'in-process'}, {len(plan.chunk_quotas)} chunks; {len(produced['chunks'])} generated by this flow run).
-
+{served}
 | rejected candidates (this flow run) | count |
 |---|---|
 | failed a rule (below) | {sum(rejected.values()):,} |

@@ -3,7 +3,8 @@
 Every worker of a run claims its candidates through one Lua script, so each sees every other worker's
 claims at once. Keys of run R under prefix P:
 
-    P:R:meta     hash   fingerprint, quantity, created
+    P:R:meta     hash   fingerprint, quantity, chunk_quotas, created and active_at (epoch seconds: the run's
+                        start and its last flow-run start or chunk commit, which date an unfinished run)
     P:R:caps     hash   region index -> cap
     P:R:regions  hash   region index -> games claimed
     P:R:counter  hash   first number -> games claimed (the seed's snapshot format)
@@ -12,15 +13,21 @@ claims at once. Keys of run R under prefix P:
     P:R:chunk:I:owner   string  token of chunk I's current attempt
     P:R:done     hash   chunk index -> JSON of its committed result
     P:R:faults   hash   chunk index -> failures to inject after claims (chaos drills and tests)
+    P:R:outputs  string JSON record of a completed run's outputs (spreadsheets with rows, snapshot, completed_at)
 
 A chunk attempt first *begins* (releasing whatever an earlier attempt of the same chunk claimed and taking
 ownership), then *claims* batches, then *commits*. A retried or re-run chunk therefore never counts its
 games twice nor leaves claims of games it threw away, and a committed chunk is never generated again.
+
+Once the run's snapshot and spreadsheets are written, `finish_run` keeps only what a re-run or an audit needs
+(meta, caps, regions, counter and the outputs record: a few KB) and drops the rest (seen, done, claims, owners,
+faults: ~60 MB per million games) in one script, so a crash leaves either the resumable run or the finished one.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +35,7 @@ import redis
 
 _BEGIN = """
 local prefix, chunk, token = KEYS[1], ARGV[1], ARGV[2]
+if redis.call('EXISTS', prefix .. ':outputs') == 1 then return {2, '', 0} end
 local done = redis.call('HGET', prefix .. ':done', chunk)
 if done then return {1, done, 0} end
 local claims_key = prefix .. ':chunk:' .. chunk .. ':claims'
@@ -92,12 +100,25 @@ return {1, table.concat(flags), table.concat(out, ',')}
 """
 
 _COMMIT = """
-local prefix, chunk, token, payload = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local prefix, chunk, token, payload, now = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local owner_key = prefix .. ':chunk:' .. chunk .. ':owner'
 if redis.call('GET', owner_key) ~= token then return 0 end
 redis.call('HSET', prefix .. ':done', chunk, payload)
+redis.call('HSET', prefix .. ':meta', 'active_at', now)
 redis.call('DEL', owner_key, prefix .. ':chunk:' .. chunk .. ':claims')
 return 1
+"""
+
+# ARGV: the outputs record (JSON), the number of chunks. UNLINK frees the big seen set off Redis's main thread.
+_FINISH = """
+local prefix, outputs, chunks = KEYS[1], ARGV[1], tonumber(ARGV[2])
+redis.call('SET', prefix .. ':outputs', outputs)
+local drop = {prefix .. ':seen', prefix .. ':done', prefix .. ':faults'}
+for i = 0, chunks - 1 do
+  drop[#drop + 1] = prefix .. ':chunk:' .. i .. ':claims'
+  drop[#drop + 1] = prefix .. ':chunk:' .. i .. ':owner'
+end
+return redis.call('UNLINK', unpack(drop))
 """
 
 _TAKE_FAULT = """
@@ -114,6 +135,12 @@ class SupersededAttempt(RuntimeError):
 
 class RunKeyConflict(ValueError):
     """The run key was already used by a run with other parameters."""
+
+
+class RunFinished(RuntimeError):
+    """The run has completed and released its claims: none of its chunks may be generated again."""
+
+    transient = False  # tasks' retry rule (tasks/retries.py): never retried
 
 
 @dataclass(frozen=True)
@@ -142,6 +169,7 @@ class FirstNumberCounter:
         self._begin = client.register_script(_BEGIN)
         self._claim = client.register_script(_CLAIM)
         self._commit = client.register_script(_COMMIT)
+        self._finish = client.register_script(_FINISH)
         self._take_fault = client.register_script(_TAKE_FAULT)
 
     def _key(self, name: str) -> str:
@@ -157,9 +185,11 @@ class FirstNumberCounter:
                 f"run key {self.prefix!r} was used by a run with other parameters; choose another run_key "
                 "or resume with the same parameters"
             )
+        now = int(time.time())
+        self.client.hset(meta, "active_at", now)
         if created:
             pipe = self.client.pipeline(transaction=True)
-            pipe.hset(meta, mapping={"quantity": quantity})
+            pipe.hset(meta, mapping={"quantity": quantity, "created": now})
             pipe.hset(self._key("caps"), mapping={str(i): c for i, c in enumerate(caps)})
             pipe.hset(self._key("regions"), mapping={str(i): 0 for i in range(len(caps))})
             pipe.execute()
@@ -179,6 +209,8 @@ class FirstNumberCounter:
     def begin_chunk(self, chunk: int, token: str, regions: int) -> ChunkStart:
         """Release an earlier attempt's claims and own the chunk, or return its committed result."""
         done, payload, released = self._begin(keys=[self.prefix], args=[chunk, token])
+        if done == 2:
+            raise RunFinished(f"{self.prefix} has completed; its chunks are not generated again")
         committed = json.loads(payload) if done == 1 else None
         return ChunkStart(committed=committed, released=int(released), region_counts=self.region_counts(regions))
 
@@ -214,7 +246,7 @@ class FirstNumberCounter:
         )
 
     def commit_chunk(self, chunk: int, token: str, result: dict) -> None:
-        if not self._commit(keys=[self.prefix], args=[chunk, token, json.dumps(result)]):
+        if not self._commit(keys=[self.prefix], args=[chunk, token, json.dumps(result), int(time.time())]):
             raise SupersededAttempt(f"chunk {chunk} of {self.prefix} was taken over before it committed")
 
     def committed_chunks(self) -> dict[int, dict]:
@@ -234,10 +266,28 @@ class FirstNumberCounter:
         ordered = dict(sorted(counter.items(), key=lambda kv: int(kv[0])))
         return {"counter": ordered, "total_generated": sum(ordered.values())}
 
+    def finish_run(self, outputs: dict, chunks: int) -> int:
+        """Record the completed run's outputs and drop what only generation needed, atomically (one script: a
+        crash leaves the run either resumable or finished) and idempotently. Returns the keys dropped."""
+        return int(self._finish(keys=[self.prefix], args=[json.dumps(outputs), chunks]))
+
+    def outputs(self) -> dict | None:
+        """The completed run's outputs record, or None while the run is unfinished."""
+        raw = self.client.get(self._key("outputs"))
+        return json.loads(raw) if raw is not None else None
+
+    def run_keys(self) -> list[str]:
+        """Every Redis key of the run."""
+        return [k.decode() for k in self.client.scan_iter(match=f"{self.prefix}:*", count=1000)]
+
+    def memory_usage(self) -> int:
+        """Bytes Redis uses for the run's keys (MEMORY USAGE summed over them)."""
+        return sum(int(self.client.memory_usage(k) or 0) for k in self.run_keys())
+
     def seen_count(self) -> int:
         return int(self.client.scard(self._key("seen")))
 
     def delete_run(self) -> int:
         """Remove every key of the run."""
-        keys = list(self.client.scan_iter(match=f"{self.prefix}:*", count=1000))
-        return int(self.client.delete(*keys)) if keys else 0
+        keys = self.run_keys()
+        return int(self.client.unlink(*keys)) if keys else 0

@@ -1,0 +1,31 @@
+"""Tasks of the cleanup-runs flow: thin wrappers that add retries and names to operations/lottery/retention.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.redis_game_counter import RedisGameCounter
+from operations.lottery.retention import AofCheck, CleanupReport, cleanup_expired_runs, compact_aof
+from tasks.retries import retry_transient
+
+# Both are safe to retry: removing a run twice removes nothing more, and BGREWRITEAOF is refused by the rule
+# while a rewrite is under way.
+_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5, retry_condition_fn=retry_transient())
+
+
+@task(name="remove-expired-runs", cache_policy=NO_CACHE, tags=["redis", "lottery"], **_RETRIES)
+def remove_expired_runs(
+    counter_block: RedisGameCounter, output_dir: Path, retention_days: float, dry_run: bool
+) -> CleanupReport:
+    """Remove (or list, in a dry run) the generation runs older than `retention_days`: folders and Redis keys."""
+    return cleanup_expired_runs(counter_block.get_client(), counter_block.key_prefix, output_dir, retention_days,
+                                dry_run)
+
+
+@task(name="compact-redis-aof", cache_policy=NO_CACHE, tags=["redis"], **_RETRIES)
+def compact_redis_aof(counter_block: RedisGameCounter, dry_run: bool) -> AofCheck:
+    """Ask Redis to rewrite its append-only file when it has outgrown the data."""
+    return compact_aof(counter_block.get_client(), dry_run)
