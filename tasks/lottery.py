@@ -47,14 +47,12 @@ def generate_games_chunk(
 
 
 # Both write their whole output atomically (temporary file, then replace): retries and re-runs are harmless.
-@task(
-    name="rank-games",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 5],
-    retry_condition_fn=retry_transient(PERMANENT_ERRORS),
-    tags=["lottery"],
+_WHOLE_FILE_WRITER = dict(
+    cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_transient(PERMANENT_ERRORS)
 )
+
+
+@task(name="rank-games", tags=["lottery"], **_WHOLE_FILE_WRITER)
 def rank_games_of_run(chunk_files: list[Path], run_dir: Path) -> Ranking:
     """Rank the whole run by score, once, into files the spreadsheet writers read their slices from."""
     return rank_run(chunk_files, run_dir)
@@ -63,11 +61,8 @@ def rank_games_of_run(chunk_files: list[Path], run_dir: Path) -> Ranking:
 @task(
     name="write-games-spreadsheet",
     task_run_name="spreadsheet-ranks-{start}-{stop}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 5],
-    retry_condition_fn=retry_transient(PERMANENT_ERRORS),
     tags=["spreadsheet"],
+    **_WHOLE_FILE_WRITER,
 )
 def write_games_spreadsheet(
     ranking: Ranking, start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int
