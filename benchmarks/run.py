@@ -156,9 +156,14 @@ def bench_end_to_end(quantity: int, warm: bool, baseline: bool = True) -> dict:
         del games, scores
     else:
         baseline_seconds = writer_seconds = None
+    import redis
+
     from blocks.redis_game_counter import RedisGameCounter
 
-    RedisGameCounter.load(settings.counter_block_name).counter(run_key).delete_run()  # Redis keeps no bench runs
+    try:  # Redis keeps no bench runs
+        RedisGameCounter.load(settings.counter_block_name).counter(run_key).delete_run()
+    except redis.RedisError as exc:  # a loaded machine can outlast the socket timeout deleting 10M members
+        print(f"the bench run's Redis keys ({run_key}) were not deleted: {exc!r}", flush=True)
     return {
         "ui": stack.ui_url,
         "run_key": run_key,
