@@ -54,9 +54,7 @@ def dask_task_runner(settings: Settings) -> DaskTaskRunner:
 
 
 class LocalClusterInBackground:
-    """A LocalCluster started in a thread, so its ~2-3 s start-up overlaps the flow's planning. Its workers
-    import Prefect's task engine as they start (`preload`): ~1.3 s of CPU each that the first task run would
-    otherwise spend after planning, on the run's critical path."""
+    """A LocalCluster started in a thread, so its ~2-3 s start-up overlaps the flow's planning."""
 
     def __init__(self, settings: Settings):
         self._settings = settings
@@ -74,7 +72,6 @@ class LocalClusterInBackground:
                 threads_per_worker=self._settings.dask_threads_per_worker,
                 processes=True,
                 dashboard_address=None,
-                preload=["prefect.task_engine"],
             )
         except BaseException as exc:  # re-raised in the flow's thread by task_runner()
             self._error = exc
