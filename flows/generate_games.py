@@ -51,7 +51,7 @@ from operations.lottery.plan import GenerationPlan, build_plan
 from operations.lottery.retention import RunOutputs, completed_outputs, finish_run, remove_chunk_files
 from operations.lottery.spreadsheet import RegionRow, WorkbookSummary
 from operations.settings import Settings, get_settings
-from tasks.lottery import generate_games_chunk, write_games_spreadsheet
+from tasks.lottery import generate_games_chunk, rank_games_of_run, write_games_spreadsheet
 
 PARALLEL_WRITE_MIN_ROWS = 50_000  # below this, one file: a second writer costs more than it saves
 
@@ -126,8 +126,8 @@ def produce_games(
     parts: list[tuple[int, int]],
     rows_per_sheet: int,
 ) -> dict:
-    """Generate the pending chunks, then rank the run and write its spreadsheets in parallel on this flow's
-    task runner (each writer ranks the whole run, a second of numpy, and writes its own slice)."""
+    """Generate the pending chunks, then rank the run once and write its spreadsheets in parallel on this flow's
+    task runner (each writer reads its own slice of the ranking)."""
     logger = get_run_logger()
     counter = counter_block.counter(plan.run_key)
     total_chunks = len(plan.chunk_quotas)
@@ -146,12 +146,13 @@ def produce_games(
         update_progress_artifact(progress_id, 100.0 * done_games / plan.request.quantity)
         logger.info(_chunk_line(result, total_chunks))
 
-    chunk_files = [chunk_path(run_dir, i) for i in range(total_chunks)]
+    ranked = rank_games_of_run.submit([chunk_path(run_dir, i) for i in range(total_chunks)], run_dir)
     summary = _workbook_summary(plan, counter.region_counts(len(plan.regions)))
+    ranking = ranked.result()
     width = len(str(plan.request.quantity))
     writes = [
         write_games_spreadsheet.submit(
-            chunk_files,
+            ranking,
             start,
             stop,
             run_dir / f"games-{plan.run_key}-ranks-{start + 1:0{width}d}-{stop:0{width}d}.xlsx",

@@ -12,14 +12,18 @@ from operations.lottery.counter import RunKeyConflict, SupersededAttempt
 from operations.lottery.generation import (
     ChunkResult,
     GenerationStalled,
+    Ranking,
+    RepeatedGames,
     generate_chunk,
-    rank_games,
+    rank_run,
 )
 from operations.lottery.plan import GenerationPlan, InfeasibleRequest
 from operations.lottery.spreadsheet import WorkbookSummary, WrittenWorkbook, write_games_workbook
 from tasks.retries import retry_transient
 
-PERMANENT_ERRORS = (InfeasibleRequest, GenerationStalled, RunKeyConflict, SupersededAttempt, ValueError)
+PERMANENT_ERRORS = (
+    InfeasibleRequest, GenerationStalled, RunKeyConflict, SupersededAttempt, RepeatedGames, ValueError
+)
 
 
 # Side effects are guarded by the counter itself (a committed chunk returns its saved result, a new attempt
@@ -42,17 +46,27 @@ def generate_games_chunk(
     return generate_chunk(plan, counter_block.counter(plan.run_key), chunk, run_dir)
 
 
+# Both write their whole output atomically (temporary file, then replace): retries and re-runs are harmless.
+_WHOLE_FILE_WRITER = dict(
+    cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_transient(PERMANENT_ERRORS)
+)
+
+
+@task(name="rank-games", tags=["lottery"], **_WHOLE_FILE_WRITER)
+def rank_games_of_run(chunk_files: list[Path], run_dir: Path) -> Ranking:
+    """Rank the whole run by score, once, into files the spreadsheet writers read their slices from."""
+    return rank_run(chunk_files, run_dir)
+
+
 @task(
     name="write-games-spreadsheet",
     task_run_name="spreadsheet-ranks-{start}-{stop}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 5],
     tags=["spreadsheet"],
+    **_WHOLE_FILE_WRITER,
 )
 def write_games_spreadsheet(
-    chunk_files: list[Path], start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int
+    ranking: Ranking, start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int
 ) -> WrittenWorkbook:
-    """Rank the whole run and write ranks start+1..stop to one .xlsx (atomically replaced: retries are safe)."""
-    games, scores = rank_games(chunk_files)
-    return write_games_workbook(path, games[start:stop], scores[start:stop], start + 1, summary, rows_per_sheet)
+    """Write ranks start+1..stop of the ranked run to one .xlsx."""
+    games, scores = ranking.slice(start, stop)
+    return write_games_workbook(path, games, scores, start + 1, summary, rows_per_sheet)

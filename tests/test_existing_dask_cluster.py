@@ -83,4 +83,4 @@ def test_the_flow_runs_its_tasks_on_the_configured_cluster(dask_cluster, setting
     assert len(result["spreadsheets"]) == 2, "one spreadsheet per worker of the cluster"
     done = {worker: after[worker] - before[worker] for worker in after}
     assert len(done) == 2 and all(n > 0 for n in done.values()), done
-    assert sum(done.values()) == result["chunks"] + len(result["spreadsheets"])
+    assert sum(done.values()) == result["chunks"] + 1 + len(result["spreadsheets"])  # chunks, ranking, files

@@ -113,3 +113,14 @@ def test_score_is_highest_for_the_most_common_profile_and_ranks_descending():
     order = rank_order(scores, games_to_masks(games))
     assert list(order)[0] == 1
     assert (np.diff(scores[order]) <= 0).all()
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e5, None])  # 6-decimal scores (two sorts), coarser, arbitrary (lexsort)
+def test_rank_order_is_score_descending_then_mask_ascending(scale):
+    rng = np.random.default_rng(7)
+    masks = rng.permutation(rng.integers(0, 2**60, 50_000, dtype=np.uint64))
+    raw = rng.random(50_000) * (1 if scale else 3) - (0 if scale else 1)
+    scores = np.round(np.round(raw * 40) / 40 * scale) / scale if scale else raw  # many ties when rounded
+    order = rank_order(scores, masks)
+    assert np.array_equal(order, np.lexsort((masks, -scores)))
+    assert sorted(order.tolist()) == list(range(50_000))

@@ -282,9 +282,23 @@ class Scorer:
         return np.round(parts / 4.0, 6)
 
 
+_PLACE_MASK = 2**24 - 1  # places in the mask order that rank_order's keys hold: 16.7M games (the flow's max 10M)
+
+
 def rank_order(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Indices ordering games by score descending, ties by mask ascending (deterministic)."""
-    return np.lexsort((masks, -scores))
+    """Indices ordering games by score descending, ties by mask ascending (deterministic).
+
+    The Scorer's scores (6 decimals in [0, 1]) take two plain sorts, ~2x faster than `np.lexsort` (seconds at
+    10M games): games by mask, then one 64-bit key per game, the score in millionths (descending) above the
+    game's place in the mask order, whose low bits then give the order. Other scores fall back to lexsort.
+    """
+    n = len(scores)
+    micro = np.rint(np.asarray(scores, np.float64) * 1e6)
+    if n == 0 or n > _PLACE_MASK or micro.min() < 0 or micro.max() > 1e6 or np.any(micro / 1e6 != scores):
+        return np.lexsort((masks, -scores))
+    by_mask = np.argsort(masks)
+    key = ((1_000_000 - micro[by_mask].astype(np.uint64)) << np.uint64(24)) | np.arange(n, dtype=np.uint64)
+    return by_mask[(np.sort(key) & np.uint64(_PLACE_MASK)).astype(np.intp)]
 
 
 # ---------------------------------------------------------------------------------------------- sampling

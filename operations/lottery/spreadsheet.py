@@ -1,14 +1,14 @@
-"""Ranked games to .xlsx with openpyxl's write-only mode: a Summary sheet (parameters, first-number
-distribution against the targets, bar chart) and game sheets of at most `rows_per_sheet` rows each."""
+"""Ranked games to .xlsx: a Summary sheet (parameters, first-number distribution against the targets, bar
+chart) and game sheets of at most `rows_per_sheet` rows each; openpyxl's write-only workbook, with the game
+rows written by `sheet_xml`."""
 
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 import uuid
-import zipfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -17,12 +17,12 @@ import openpyxl
 from openpyxl.cell import WriteOnlyCell
 from openpyxl.chart import BarChart, Reference
 from openpyxl.utils import get_column_letter
-from openpyxl.writer.excel import ExcelWriter
+
+from operations.lottery.sheet_xml import declare_dimension, game_rows, save_with_rows
 
 GAME_SHEET_PREFIX = "Games"
 SUMMARY_SHEET = "Summary"
 EXCEL_MAX_ROWS = 1_048_576
-ROWS_PER_BLOCK = 20_000
 
 
 @dataclass(frozen=True)
@@ -97,14 +97,6 @@ def _write_summary(wb: openpyxl.Workbook, summary: WorkbookSummary, first_rank: 
         ws.add_chart(chart, "G4")
 
 
-def _save_fast(wb: openpyxl.Workbook, path: Path) -> None:
-    """`Workbook.save` with the fastest deflate level: a 500,000-row sheet is ~185 MB of XML, which openpyxl's
-    default level compresses in ~3.4 s and level 1 in ~0.9 s, for a file ~30% larger (29 MB instead of 22)."""
-    wb.properties.modified = datetime.datetime.now(tz=datetime.timezone.utc).replace(tzinfo=None)
-    archive = zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, allowZip64=True, compresslevel=1)
-    ExcelWriter(wb, archive).save()  # closes the archive
-
-
 def write_games_workbook(
     path: Path,
     games: np.ndarray,
@@ -113,48 +105,47 @@ def write_games_workbook(
     summary: WorkbookSummary,
     rows_per_sheet: int = 1_000_000,
 ) -> WrittenWorkbook:
-    """Write ranked games (sorted numbers per row, scores in rank order) to `path`, atomically."""
+    """Write ranked games (sorted numbers per row, scores in rank order) to `path`, atomically.
+
+    openpyxl writes the workbook (Summary, chart, styles) and each game sheet's header, freeze pane, widths and
+    dimension; the game rows themselves come from `sheet_xml.game_rows`, ~20x faster than `append`. The zip
+    is deflated at level 1: a 500,000-row sheet is ~95 MB of XML, ~0.45 s at level 1 against ~3 s at
+    openpyxl's default, for a file ~30% larger.
+    """
     if games.ndim != 2 or len(games) != len(scores):
         raise ValueError(f"games {games.shape} and scores {scores.shape} do not describe the same rows")
     if not 1 <= rows_per_sheet < EXCEL_MAX_ROWS:
         raise ValueError(f"rows_per_sheet must be 1..{EXCEL_MAX_ROWS - 1} (one row is the header)")
     if first_rank < 1:
         raise ValueError("first_rank starts at 1")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite numbers")
     n, k = games.shape
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    g = games.astype(np.int64)
-    table = np.column_stack([np.arange(first_rank, first_rank + n), g, g.sum(axis=1), (g % 2 == 0).sum(axis=1)])
     rounded_scores = np.round(scores.astype(np.float64), 6)
     header = ["Rank", *[f"N{i}" for i in range(1, k + 1)], "Sum", "Evens", "Score"]
+    last_column = get_column_letter(len(header))
 
     wb = openpyxl.Workbook(write_only=True)
     _write_summary(wb, summary, first_rank, first_rank + n - 1)
     sheets: list[SheetRange] = []
+    rows = {}
     for start in range(0, max(n, 1), rows_per_sheet):
         stop = min(start + rows_per_sheet, n)
         name = f"{GAME_SHEET_PREFIX} {first_rank + start}-{first_rank + max(stop, start + 1) - 1}"[:31]
         ws = wb.create_sheet(name)
         ws.freeze_panes = "A2"
         ws.column_dimensions["A"].width = 10
-        ws.column_dimensions[get_column_letter(k + 4)].width = 10
+        ws.column_dimensions[last_column].width = 10
+        declare_dimension(ws, f"A1:{last_column}{1 + stop - start}")
         ws.append(header)
-        append = ws.append
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # the loop makes millions of short-lived, acyclic objects: collections only cost time
-        try:
-            for block in range(start, stop, ROWS_PER_BLOCK):  # Python lists of one block at a time: less memory
-                end = min(block + ROWS_PER_BLOCK, stop)
-                for row, score in zip(table[block:end].tolist(), rounded_scores[block:end].tolist()):
-                    row.append(score)
-                    append(row)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        rows[ws] = partial(game_rows, games[start:stop], rounded_scores[start:stop], first_rank + start, 2)
         sheets.append(SheetRange(name, first_rank + start, first_rank + stop - 1))
+    wb.properties.modified = datetime.datetime.now(tz=datetime.timezone.utc).replace(tzinfo=None)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
     try:
-        _save_fast(wb, tmp)
+        save_with_rows(wb, tmp, rows)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
