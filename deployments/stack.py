@@ -89,6 +89,7 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     database_url = resolve_database_url(settings)  # the embedded PostgreSQL when DATABASE_URL is unset
     migrate_to_head(database_url)
     register_blocks(settings, redis_url)
+    ensure_generation_limit(settings)
     if settings.marketplace_api_url:
         marketplace_url = settings.marketplace_api_url
     else:  # no marketplace configured: the local emulator (a real HTTP server) stands in for it
@@ -105,6 +106,14 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
         marketplace_emulated=not settings.marketplace_api_url,
         emulated_turnstiles=turnstiles,
     )
+
+
+def ensure_generation_limit(settings: Settings) -> None:
+    """The global concurrency limit 'generate-games' every generation run holds a slot of around its cluster
+    work, whatever deployment started it: created, or its slots set, from GAMES_CONCURRENCY_LIMIT."""
+    from flows.generation_limit import ensure_games_limit  # imports Prefect: only once the API URL is set
+
+    ensure_games_limit(settings.games_concurrency_limit, update=True)
 
 
 def save_marketplace_app_block(settings: Settings, api_url: str, emulator: EmulatorConfig | None = None) -> None:

@@ -105,8 +105,8 @@ def test_empty_rule_limits_are_minus_one_and_a_zero_is_a_real_limit():
     assert space.resolve(GameRules(evens_min=-1)).evens_range == (2, 4)  # -1: the historical default
     assert space.resolve(GameRules(evens_min=0)).evens_range == (0, 4)
     assert space.resolve(GameRules(historical_defaults=False, evens_max=0)).evens_range == (0, 0)  # all odd
-    plan = build_plan(GenerationRequest(quantity=1_000, rules=NO_RULES, regions=[
-        FirstNumberRegion(first=1, last=10, share=0.0), FirstNumberRegion(first=11, last=55, share=1.0)]), "p", NO_DRAWS)
+    regions = [FirstNumberRegion(first=1, last=10, share=0.0), FirstNumberRegion(first=11, last=55, share=1.0)]
+    plan = build_plan(GenerationRequest(quantity=1_000, rules=NO_RULES, regions=regions), "p", NO_DRAWS)
     assert [r.cap for r in plan.regions] == [0, 1_000]  # a share of 0 is a real share: no game starts at 1..10
 
 
