@@ -108,14 +108,6 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     )
 
 
-def ensure_generation_limit(settings: Settings) -> None:
-    """The global concurrency limit 'generate-games' every generation run holds a slot of around its cluster
-    work, whatever deployment started it: created, or its slots set, from GAMES_CONCURRENCY_LIMIT."""
-    from flows.generation_limit import ensure_games_limit  # imports Prefect: only once the API URL is set
-
-    ensure_games_limit(settings.games_concurrency_limit, update=True)
-
-
 def save_marketplace_app_block(settings: Settings, api_url: str, emulator: EmulatorConfig | None = None) -> None:
     """Register the MarketplaceApp block type and save the default block: from MARKETPLACE_* settings when they
     name the API and the app's credentials, for the emulator at `api_url` when MARKETPLACE_API_URL is unset.
@@ -159,6 +151,14 @@ def register_blocks(settings: Settings, redis_url: str) -> None:
                               (TurnstileCache, settings.turnstile_cache_block)):
         block_class.register_type_and_schema()
         block_class.from_url(redis_url, password).save(name, overwrite=True)
+
+
+def ensure_generation_limit(settings: Settings) -> None:
+    """The global concurrency limit 'generate-games' every generation run holds a slot of around its cluster
+    work, whatever deployment started it: created, or its slots set, from GAMES_CONCURRENCY_LIMIT."""
+    from flows.generation_limit import ensure_games_limit  # imports Prefect: only once the API URL is set
+
+    ensure_games_limit(settings.games_concurrency_limit, update=True)
 
 
 def start_emulated_turnstiles(settings: Settings) -> tuple[str, ...]:

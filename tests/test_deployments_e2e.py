@@ -20,6 +20,7 @@ from emulators import turnstiles as turnstile_emulator
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
+from flows.generation_limit import GAMES_LIMIT
 from marketplace_fixtures import Marketplace
 from operations.infra.database import get_engine
 from operations.marketplace.store import clear_marketplace_data, count_rows, get_account
@@ -29,7 +30,6 @@ from operations.products.sample import SampleStats, dealer_codes, generate_produ
 from operations.products.store import clear_products_data, upsert_dealers
 from operations.turnstiles.sample import write_participants_file
 from operations.settings import PROJECT_ROOT, Settings
-from flows.generation_limit import GAMES_LIMIT
 from run_checks import assert_operator_form, check_generated_run
 
 pytestmark = pytest.mark.slow
@@ -199,8 +199,6 @@ def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack
     assert schedule["schedule"]["timezone"] == "America/Sao_Paulo"
     assert scheduled["parameters"] == {"quantity": 1_000_000}
     assert scheduled["global_concurrency_limit"] is None
-    limit = client.get(f"/v2/concurrency_limits/{GAMES_LIMIT}").json()
-    assert (limit["limit"], limit["active"]) == (1, True), limit  # GAMES_CONCURRENCY_LIMIT, set like `make up`
 
 
 def _check_games_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
@@ -323,6 +321,8 @@ def test_a_scheduled_and_an_on_demand_generation_run_take_turns(operator_stack):
     waits (its summary says how long; the log line is tested in test_generation_limit.py, the worker here logs
     at WARNING) and generates only once the first has finished; both complete."""
     client, _ = operator_stack
+    limit = client.get(f"/v2/concurrency_limits/{GAMES_LIMIT}").json()
+    assert (limit["limit"], limit["active"]) == (1, True), limit  # GAMES_CONCURRENCY_LIMIT, set like `make up`
     scheduled = _deployment(client, "generate-games/draw-day-mornings")
     on_demand = _deployment(client, "generate-games/on-demand")
     runs = []
