@@ -99,6 +99,7 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
         redis_url = ensure_embedded_redis(settings.redis_dir).url
     migrate_to_head(database_url)
     register_blocks(settings, redis_url)
+    ensure_generation_limit(settings)
     if settings.marketplace_api_url:
         marketplace_url = settings.marketplace_api_url
     else:  # no marketplace configured: the local emulator (a real HTTP server) stands in for it
@@ -168,6 +169,14 @@ def register_blocks(settings: Settings, redis_url: str) -> None:
                               (TurnstileCache, settings.turnstile_cache_block)):
         block_class.register_type_and_schema()
         block_class.from_url(redis_url, password).save(name, overwrite=True)
+
+
+def ensure_generation_limit(settings: Settings) -> None:
+    """The global concurrency limit 'generate-games' every generation run holds a slot of around its cluster
+    work, whatever deployment started it: created, or its slots set, from GAMES_CONCURRENCY_LIMIT."""
+    from flows.generation_limit import ensure_games_limit  # imports Prefect: only once the API URL is set
+
+    ensure_games_limit(settings.games_concurrency_limit, update=True)
 
 
 def start_emulated_turnstiles(settings: Settings) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,8 @@ from typing_extensions import Annotated
 
 from blocks.redis_game_counter import RedisGameCounter
 from flows.forms import form_field
+from flows.generation_limit import generation_slot
 from flows.task_runners import (
-    LocalClusterInBackground,
     check_scheduler_reachable,
     dask_task_runner,
     in_process_task_runner,
@@ -231,8 +232,7 @@ def generate_games(
         return _serve_completed_run(request, run_key, past_draws_file, settings, counter, on_dask)
     if on_dask and settings.dask_scheduler_address:
         check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
-    local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask_scheduler_address else None
-    try:
+    with ExitStack() as held:  # the generation slot, once planned
         workers = worker_count(settings) if on_dask else settings.dask_n_workers
         plan = _plan(request, run_key, past_draws_file, settings, workers)
         resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
@@ -253,19 +253,16 @@ def generate_games(
             "exact" if plan.feasibility.exact else "estimate",
             time.perf_counter() - started,
         )
-        if local_cluster is not None:
-            runner = local_cluster.task_runner()
-        elif on_dask:
-            runner = dask_task_runner(settings)
-        else:
-            runner = in_process_task_runner(settings)
+        # One generation at a time per machine, whatever deployment started it: the cluster work, starting the
+        # LocalCluster included, holds a slot of the 'generate-games' limit. Planning stays outside: an
+        # infeasible request fails at once, not after the run ahead of it.
+        waited = held.enter_context(generation_slot(settings.games_concurrency_limit, logger))
+        runner = dask_task_runner(settings) if on_dask else in_process_task_runner(settings)
         parts = part_ranges(quantity, workers, settings.max_rows_per_file)
         produced = produce_games.with_options(task_runner=runner)(
             plan, block, run_dir, pending, parts, settings.rows_per_sheet
         )
-    finally:
-        if local_cluster is not None:
-            local_cluster.close()
+        produced["slot_wait_seconds"] = waited
     snapshot = counter.snapshot()
     if snapshot["total_generated"] != quantity:
         raise RuntimeError(f"counter holds {snapshot['total_generated']} games, expected {quantity}")
@@ -336,6 +333,10 @@ def _publish_artifacts(
         )
     counts = counter.region_counts(len(plan.regions))
     total = max(1, sum(counts))
+    slot_wait = produced.get("slot_wait_seconds")  # absent when the run generated nothing
+    waited = "" if slot_wait is None else (
+        f"\nWaited for a generation slot: {slot_wait:.1f} s (one generation at a time per machine).\n"
+    )
     create_table_artifact(
         key="games-first-number-distribution",
         table=[
@@ -381,7 +382,7 @@ def _publish_artifacts(
 {rule_rows or '| none | 0 |'}
 
 Feasible games under the rules: {plan.feasibility.total:,.0f} ({'exact count' if plan.feasibility.exact else 'estimate'}).
-
+{waited}
 ## Files
 {files}
 - counter snapshot: [{snapshot_path.name}]({output_link(snapshot_path)})

@@ -19,6 +19,25 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
+class _NoDashboardLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The Dask dashboard is available at")
+
+
+_NO_DASHBOARD_LINE = _NoDashboardLine()
+
+
+class LocalDaskTaskRunner(DaskTaskRunner):
+    """A DaskTaskRunner on a LocalCluster this project starts with `dashboard_address=None`. prefect-dask
+    still logs "The Dask dashboard is available at http://...:8787/status" for it (the scheduler keeps a bare
+    HTTP server for /health; bokeh, which serves the dashboard, is not installed), a link to nothing: this
+    runner's logger drops that line. Runners on DASK_SCHEDULER_ADDRESS keep it: that cluster may serve one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.logger.addFilter(_NO_DASHBOARD_LINE)  # the logger of this class; added once (addFilter skips it after)
+
+
 class DaskSchedulerUnreachable(RuntimeError):
     """DASK_SCHEDULER_ADDRESS does not answer."""
 
@@ -42,7 +61,7 @@ def dask_task_runner(settings: Settings) -> DaskTaskRunner:
     else a LocalCluster of process workers."""
     if settings.dask_scheduler_address:
         return DaskTaskRunner(address=settings.dask_scheduler_address)
-    return DaskTaskRunner(
+    return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
             "n_workers": settings.dask_n_workers,
@@ -80,7 +99,7 @@ class LocalClusterInBackground:
         self._thread.join()
         if self._error is not None:
             raise RuntimeError(f"the local Dask cluster did not start: {self._error}") from self._error
-        return DaskTaskRunner(address=self._cluster.scheduler_address)
+        return LocalDaskTaskRunner(address=self._cluster.scheduler_address)
 
     def close(self) -> None:
         self._thread.join()
@@ -124,7 +143,7 @@ def io_task_runner(settings: Settings, concurrency: int, kind: str) -> ThreadPoo
         check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
         return DaskTaskRunner(address=settings.dask_scheduler_address)
     workers = max(1, min(settings.dask_n_workers, concurrency))
-    return DaskTaskRunner(
+    return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
             "n_workers": workers,

@@ -51,7 +51,8 @@ def _schema_fields(schema: dict):
 
 def assert_operator_form(schema: dict) -> list[str]:
     """A flow's parameter schema renders as a usable UI form: every field (nested models included) has a
-    human title and a description, every number has bounds. Returns the top-level parameter names."""
+    human title and a description, every number has bounds and is a plain number field (not `int | None`, which
+    the UI shows as a type switch). Returns the top-level parameter names."""
     fields = list(_schema_fields(schema))
     for model, name, prop in fields:
         where = f"{model}.{name}" if model else name
@@ -59,6 +60,7 @@ def assert_operator_form(schema: dict) -> list[str]:
         assert prop.get("description"), f"{where} has no description"
         types = [prop.get("type")] + [alt.get("type") for alt in prop.get("anyOf", [])]
         if "integer" in types or "number" in types:
+            assert "anyOf" not in prop and "null" not in types, f"{where} shows a number/None switch: {prop}"
             bounded = [prop] + [alt for alt in prop.get("anyOf", []) if alt.get("type") in ("integer", "number")]
             assert any("minimum" in b and "maximum" in b for b in bounded), f"{where} has no bounds"
     return [name for model, name, _ in fields if not model]

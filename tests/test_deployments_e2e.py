@@ -18,8 +18,9 @@ from blocks.redis_game_counter import RedisGameCounter
 from blocks.turnstile_device import TurnstileDevice
 from emulators import turnstiles as turnstile_emulator
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
-from deployments.stack import deploy_all, register_blocks, save_marketplace_app_block
+from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
+from flows.generation_limit import GAMES_LIMIT
 from marketplace_fixtures import Marketplace
 from operations.infra.database import get_engine
 from operations.marketplace.store import clear_marketplace_data, count_rows, get_account
@@ -98,6 +99,7 @@ def operator_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     participants_file = root / "participants.csv"
     write_participants_file(participants_file, 50)
     deploy_all(prefect_api_url)
+    ensure_generation_limit(settings)
     ensure_prefect_worker(
         root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
     )
@@ -185,15 +187,14 @@ def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack
     assert every["schedule"]["cron"] == "*/15 * * * *"
 
     games = _deployment(client, "generate-games/on-demand")
-    assert games["global_concurrency_limit"]["limit"] == 1
-    assert games["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert games["global_concurrency_limit"] is None, "generation runs share the global limit, not one per deployment"
     assert games["schedules"] == []
     scheduled = _deployment(client, "generate-games/draw-day-mornings")
     [schedule] = scheduled["schedules"]
     assert schedule["schedule"]["cron"] == "0 7 * * 2,4,6"
     assert schedule["schedule"]["timezone"] == "America/Sao_Paulo"
     assert scheduled["parameters"] == {"quantity": 1_000_000}
-    assert scheduled["global_concurrency_limit"]["limit"] == 1
+    assert scheduled["global_concurrency_limit"] is None
     [daily] = _deployment(client, "cleanup-runs/daily")["schedules"]
     assert daily["schedule"]["cron"] == "30 3 * * *"
 
@@ -324,18 +325,40 @@ def test_invalid_parameters_of_the_other_flows_are_refused_with_409_before_any_w
     assert market.control.stats()["total"] == 0
 
 
-def test_a_second_generation_run_waits_for_the_first(operator_stack):
+def _generation(client: httpx.Client, flow_run_id: str) -> dict:
+    """The produce-games subflow run: the cluster work a generation slot covers."""
+    subflows = client.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
+    [produce] = subflows.json()
+    return produce
+
+
+def test_a_scheduled_and_an_on_demand_generation_run_take_turns(operator_stack):
+    """Runs of different deployments share the machine's one generation slot: started together, the second
+    waits (its summary says how long; the log line is tested in test_generation_limit.py, the worker here logs
+    at WARNING) and generates only once the first has finished; both complete."""
     client, _ = operator_stack
-    deployment = _deployment(client, "generate-games/on-demand")
-    first_key, second_key = f"first-{uuid.uuid4().hex[:6]}", f"second-{uuid.uuid4().hex[:6]}"
-    first = _start(client, deployment["id"], {"quantity": 60_000, "run_key": first_key}, first_key)
-    _wait(client, first["id"], states={"RUNNING"} | TERMINAL)
-    second = _start(client, deployment["id"], {"quantity": 5_000, "run_key": second_key}, second_key)
-    first_done, second_done = _wait(client, first["id"]), _wait(client, second["id"])
-    assert first_done["state_type"] == second_done["state_type"] == "COMPLETED"
-    history = [s["name"] for s in client.get("/flow_run_states/", params={"flow_run_id": second["id"]}).json()]
-    assert "AwaitingConcurrencySlot" in history, history
-    assert second_done["start_time"] >= first_done["end_time"], "the two runs overlapped"
+    limit = client.get(f"/v2/concurrency_limits/{GAMES_LIMIT}").json()
+    assert (limit["limit"], limit["active"]) == (1, True), limit  # GAMES_CONCURRENCY_LIMIT, set like `make up`
+    scheduled = _deployment(client, "generate-games/draw-day-mornings")
+    on_demand = _deployment(client, "generate-games/on-demand")
+    runs = []
+    for deployment in (scheduled, on_demand):
+        key = f"turns-{uuid.uuid4().hex[:6]}"
+        runs.append(_start(client, deployment["id"], {"quantity": 40_000, "run_key": key}, key))
+    done = [_wait(client, run["id"]) for run in runs]
+    assert [d["state_type"] for d in done] == ["COMPLETED", "COMPLETED"], [d["state"] for d in done]
+    assert {d["deployment_id"] for d in done} == {scheduled["id"], on_demand["id"]}
+
+    first, second = sorted(runs, key=lambda run: _generation(client, run["id"])["start_time"])
+    first_generation, second_generation = _generation(client, first["id"]), _generation(client, second["id"])
+    assert second_generation["start_time"] >= first_generation["end_time"], "the two generations overlapped"
+    waited = []
+    for run in (first, second):
+        [summary] = [a for a in _artifacts(client, run["id"]) if a["key"] == "games-run-summary"]
+        waited.append(float(summary["data"].split("Waited for a generation slot: ", 1)[1].split(" s ", 1)[0]))
+    assert waited[0] < 1 < waited[1], waited
+    limit = client.get(f"/v2/concurrency_limits/{GAMES_LIMIT}").json()
+    assert limit["active_slots"] == 0, limit
 
 
 def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
@@ -355,6 +378,8 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     )
     assert response.status_code in (200, 201), response.text
     assert _wait(client, run["id"], timeout=120)["state_type"] == "CANCELLED"
+    limit = client.get(f"/v2/concurrency_limits/{GAMES_LIMIT}").json()
+    assert limit["active_slots"] == 0, "the cancelled run kept its generation slot"  # not left to its lease
 
     run_dir = settings.output_dir / run_key
     committed = set(counter.committed_chunks())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from operations.lottery.engine import GameSpace
 from operations.lottery.parameters import FirstNumberRegion, GameRules, GenerationRequest
 from operations.lottery.plan import InfeasibleRequest, build_plan
 
@@ -68,6 +69,8 @@ def test_a_region_that_cannot_hold_its_cap_is_named():
         ({"rules": {"excluded_numbers": [61]}}, "less than or equal to 60"),
         ({"quantity": 0}, "greater than or equal to 1"),
         ({"numbers_per_game": 21}, "less than or equal to 20"),
+        ({"rules": {"max_consecutive": 0}}, "rule 'max_consecutive': 0 is below 1; -1 leaves the rule empty"),
+        ({"regions": [{"first": 1, "last": 55, "share": -0.5}]}, "neither a fraction 0..1 nor -1"),
     ],
 )
 def test_bad_parameters_fail_validation_with_a_message(kwargs, message):
@@ -80,3 +83,38 @@ def test_larger_games_are_estimated_by_sampling():
     assert not plan.feasibility.exact
     assert plan.feasibility.total > 1e8
     assert sum(r.cap for r in plan.regions) >= 100_000
+
+
+@pytest.mark.parametrize(("k", "n", "quantity", "exist"), [
+    (20, 20, 5_000, "only 1 distinct game exists with 20 numbers out of 1..20"),
+    (19, 20, 21, "only 20 distinct games exist with 19 numbers out of 1..20"),
+])
+def test_a_request_the_universe_cannot_satisfy_is_refused_for_the_universe(k, n, quantity, exist):
+    with pytest.raises(ValidationError, match=f"{exist}, fewer than the {quantity:,} games asked for") as refused:
+        GenerationRequest(quantity=quantity, numbers_per_game=k, highest_number=n)
+    assert "region" not in str(refused.value), "the default regions are not what is wrong"
+
+
+def test_the_whole_universe_is_not_refused_for_the_universe():
+    with pytest.raises(ValidationError, match="unknown region 11-20"):  # the regions are then what is wrong
+        GenerationRequest(quantity=1, numbers_per_game=20, highest_number=20)
+
+
+def test_empty_rule_limits_are_minus_one_and_a_zero_is_a_real_limit():
+    space = GameSpace.build(6, 60)
+    assert space.resolve(GameRules(evens_min=-1)).evens_range == (2, 4)  # -1: the historical default
+    assert space.resolve(GameRules(evens_min=0)).evens_range == (0, 4)
+    assert space.resolve(GameRules(historical_defaults=False, evens_max=0)).evens_range == (0, 0)  # all odd
+    regions = [FirstNumberRegion(first=1, last=10, share=0.0), FirstNumberRegion(first=11, last=55, share=1.0)]
+    plan = build_plan(GenerationRequest(quantity=1_000, rules=NO_RULES, regions=regions), "p", NO_DRAWS)
+    assert [r.cap for r in plan.regions] == [0, 1_000]  # a share of 0 is a real share: no game starts at 1..10
+
+
+def test_fingerprints_of_runs_started_when_empty_limits_were_null_are_kept():
+    """Pinned from the code before the limits became plain numbers: a run started then resumes after."""
+    default = build_plan(GenerationRequest(quantity=10_000), "p", NO_DRAWS)
+    assert default.fingerprint == "5e1205e859a00a0d"
+    regions = [FirstNumberRegion(first=1, last=10), FirstNumberRegion(first=11, last=55, share=1.0)]
+    rules = GameRules(sum_min=130, evens_max=4, historical_defaults=False)
+    request = GenerationRequest(quantity=5_000, rules=rules, regions=regions)
+    assert build_plan(request, "p", NO_DRAWS).fingerprint == "1316a02bf21bac5b"

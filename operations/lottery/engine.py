@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from operations.lottery.parameters import SLIP_COLUMNS, GameRules
+from operations.lottery.parameters import EMPTY, SLIP_COLUMNS, GameRules
 
 RULE_NAMES = ("sum", "evens", "consecutive", "per_row", "rows", "numbers", "past_draws")
 
@@ -95,7 +95,7 @@ class GameSpace:
         default_min_rows = int(max(r for r in range(7) if rows_sf[r] >= 0.95))
 
         def pick(value, default):
-            return value if value is not None else (default if d else None)
+            return value if value != EMPTY else (default if d else None)
 
         s_lo, s_hi = pick(rules.sum_min, default_sum[0]), pick(rules.sum_max, default_sum[1])
         sum_range = None if s_lo is None and s_hi is None else (s_lo or 0, s_hi if s_hi is not None else 10**6)

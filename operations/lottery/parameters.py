@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -9,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SLIP_COLUMNS = 10  # the Mega-Sena slip is 6 rows x 10 columns: a row is a decade (1-10, 11-20, ...)
 MAX_UNIVERSE = 60  # games are stored as 64-bit masks and drawn on the 6x10 slip
 SlipNumber = Annotated[int, Field(ge=1, le=MAX_UNIVERSE)]
+# A rule limit or region share left empty. Plain numbers rather than `int | None`: Prefect's form shows an
+# int/None type switch for optional fields, a plain number field for these.
+EMPTY = -1
 
 
 class FirstNumberRegion(BaseModel):
@@ -18,12 +23,12 @@ class FirstNumberRegion(BaseModel):
 
     first: int = Field(ge=1, le=MAX_UNIVERSE, title="From", description="Smallest first number in the region.")
     last: int = Field(ge=1, le=MAX_UNIVERSE, title="To", description="Largest first number in the region.")
-    share: float | None = Field(
-        default=None,
-        ge=0.0,
+    share: float = Field(
+        default=float(EMPTY),
+        ge=EMPTY,
         le=1.0,
         title="Target share",
-        description="Fraction of the games whose smallest number falls here. Empty: the exact probability "
+        description="Fraction (0 to 1) of the games whose smallest number falls here. -1: the exact probability "
         "of that among the games the rules allow.",
     )
 
@@ -31,6 +36,8 @@ class FirstNumberRegion(BaseModel):
     def _ordered(self) -> FirstNumberRegion:
         if self.first > self.last:
             raise ValueError(f"region {self.first}-{self.last}: 'first' must not be greater than 'last'")
+        if EMPTY < self.share < 0:
+            raise ValueError(f"region {self.label}: share {self.share} is neither a fraction 0..1 nor -1 (empty)")
         return self
 
     @property
@@ -47,7 +54,17 @@ DEFAULT_REGIONS: tuple[FirstNumberRegion, ...] = (
 )
 
 
-_NONE = "None: the historical default (switch above on) or no limit (off)."
+_EMPTY_RULE = "-1: the historical default (switch above on) or no limit (off)."
+
+
+# The lowest real value of each rule limit. The form's bounds start at -1 (empty); values between -1 and this
+# are refused by GameRules' validator.
+RULE_LIMITS = {"sum_min": 0, "sum_max": 0, "evens_min": 0, "evens_max": 0, "max_consecutive": 1, "max_per_row": 1,
+               "min_rows": 1}
+
+
+def _rule_limit(highest: int, title: str, description: str):
+    return Field(default=EMPTY, ge=EMPTY, le=highest, title=title, description=f"{description} {_EMPTY_RULE}")
 
 
 class GameRules(BaseModel):
@@ -62,38 +79,17 @@ class GameRules(BaseModel):
         "(for 6 numbers: sum 118-248, 2-4 even numbers, runs of at most 2, at most 3 per row, "
         "at least 3 rows). Off: rules left empty are not applied.",
     )
-    sum_min: int | None = Field(
-        default=None, ge=0, le=1300, title="Minimum sum", description=f"Smallest sum. {_NONE}"
+    sum_min: int = _rule_limit(1300, "Minimum sum", "Smallest sum.")
+    sum_max: int = _rule_limit(1300, "Maximum sum", "Largest sum.")
+    evens_min: int = _rule_limit(20, "Minimum even numbers", "Fewest even numbers in a game.")
+    evens_max: int = _rule_limit(20, "Maximum even numbers", "Most even numbers in a game.")
+    max_consecutive: int = _rule_limit(
+        20, "Longest run of consecutive numbers", "Longest allowed run such as 21-22-23 (a run of 3)."
     )
-    sum_max: int | None = Field(
-        default=None, ge=0, le=1300, title="Maximum sum", description=f"Largest sum. {_NONE}"
+    max_per_row: int = _rule_limit(
+        10, "Most numbers in one row", "Most numbers in one row (decade) of the 6x10 slip: 1-10, 11-20, ..."
     )
-    evens_min: int | None = Field(
-        default=None, ge=0, le=20, title="Minimum even numbers",
-        description=f"Fewest even numbers in a game. {_NONE}"
-    )
-    evens_max: int | None = Field(
-        default=None, ge=0, le=20, title="Maximum even numbers",
-        description=f"Most even numbers in a game. {_NONE}"
-    )
-    max_consecutive: int | None = Field(
-        default=None,
-        ge=1,
-        le=20,
-        title="Longest run of consecutive numbers",
-        description=f"Longest allowed run such as 21-22-23 (a run of 3). {_NONE}",
-    )
-    max_per_row: int | None = Field(
-        default=None,
-        ge=1,
-        le=10,
-        title="Most numbers in one row",
-        description=f"Most numbers in one row (decade) of the 6x10 slip: 1-10, 11-20, ... {_NONE}",
-    )
-    min_rows: int | None = Field(
-        default=None, ge=1, le=6, title="Fewest rows occupied",
-        description=f"Fewest rows of the slip occupied. {_NONE}"
-    )
+    min_rows: int = _rule_limit(6, "Fewest rows occupied", "Fewest rows of the slip occupied.")
     excluded_numbers: list[SlipNumber] = Field(
         default_factory=list,
         max_length=54,
@@ -114,11 +110,15 @@ class GameRules(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> GameRules:
+        for name, lowest in RULE_LIMITS.items():
+            value = getattr(self, name)
+            if EMPTY < value < lowest:
+                raise ValueError(f"rule '{name}': {value} is below {lowest}; -1 leaves the rule empty")
         for low, high, name in (
             (self.sum_min, self.sum_max, "sum"),
             (self.evens_min, self.evens_max, "even numbers"),
         ):
-            if low is not None and high is not None and low > high:
+            if low != EMPTY and high != EMPTY and low > high:
                 raise ValueError(f"rule '{name}': minimum {low} is greater than maximum {high}")
         for name, values in (("excluded_numbers", self.excluded_numbers), ("required_numbers", self.required_numbers)):
             if len(set(values)) != len(values):
@@ -160,6 +160,15 @@ class GenerationRequest(BaseModel):
         k, n = self.numbers_per_game, self.highest_number
         if k > n:
             raise ValueError(f"numbers_per_game {k} is larger than highest_number {n}")
+        # The universe before any rule or region: a request it cannot satisfy is refused for that reason, not
+        # for the regions or rules, which only look wrong because of it.
+        universe = math.comb(n, k)
+        if self.quantity > universe:
+            exist = "1 distinct game exists" if universe == 1 else f"{universe:,} distinct games exist"
+            raise ValueError(
+                f"only {exist} with {k} numbers out of 1..{n}, fewer than the {self.quantity:,} games asked for: "
+                "ask for fewer games, fewer numbers per game or a higher highest_number"
+            )
         spans = sorted((r.first, r.last) for r in self.regions)
         for (a_first, a_last), (b_first, b_last) in zip(spans, spans[1:]):
             if b_first <= a_last:
@@ -177,3 +186,16 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"rule 'required_numbers' names {len(self.rules.required_numbers)} numbers, "
                              f"more than the {k} of a game")
         return self
+
+    def fingerprint_json(self) -> str:
+        """The request as JSON, with empty rule limits and region shares (-1) written as null, as they were
+        when those fields were `int | None`: a run started before they became plain numbers keeps its
+        fingerprint, so resuming or re-running it is not refused as a run key conflict."""
+        data = self.model_dump(mode="json")
+        for name in RULE_LIMITS:
+            if data["rules"][name] == EMPTY:
+                data["rules"][name] = None
+        for region in data["regions"]:
+            if region["share"] == EMPTY:
+                region["share"] = None
+        return json.dumps(data, separators=(",", ":"))

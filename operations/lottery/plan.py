@@ -26,7 +26,7 @@ from operations.lottery.engine import (
     games_per_first_number,
     sample_games_by_first_number,
 )
-from operations.lottery.parameters import SLIP_COLUMNS, GenerationRequest
+from operations.lottery.parameters import EMPTY, SLIP_COLUMNS, GenerationRequest
 
 EXACT_COUNT_LIMIT = 60_000_000  # C(60,6) = 50,063,860 games are enumerated in a few seconds
 MAX_FEASIBLE_FRACTION = 0.8  # drawing more than this share of all feasible games without repeats stalls
@@ -349,7 +349,7 @@ def build_plan(
     for r in request.regions:
         span = slice(r.first, min(r.last, n) + 1)
         feasible = float(feas.by_first[span].sum())
-        share = r.share if r.share is not None else feasible / covered
+        share = r.share if r.share != EMPTY else feasible / covered
         regions.append(
             RegionPlan(
                 label=r.label,
@@ -376,7 +376,7 @@ def build_plan(
             "Lower those regions' shares or relax the rules."
         )
     fingerprint = hashlib.sha256(
-        (request.model_dump_json() + hashlib.sha256(draws.tobytes()).hexdigest()).encode()
+        (request.fingerprint_json() + hashlib.sha256(draws.tobytes()).hexdigest()).encode()
     ).hexdigest()[:16]
     return GenerationPlan(
         request=request,

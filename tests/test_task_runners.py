@@ -1,0 +1,80 @@
+"""Task runners built from settings, on real Dask clusters."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+from prefect import flow, task
+from prefect_dask import DaskTaskRunner
+
+from flows.task_runners import LocalClusterInBackground, LocalDaskTaskRunner, dask_task_runner
+from operations.settings import Settings
+
+DASHBOARD_LINE = "The Dask dashboard is available at "
+
+
+@task
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def _run_on(runner) -> int:
+    @flow(task_runner=runner)
+    def doubled() -> int:
+        return _double.submit(21).result()
+
+    return doubled()
+
+
+@pytest.fixture
+def task_runner_lines():
+    """INFO lines of prefect's task runner loggers (the suite runs with PREFECT_LOGGING_LEVEL=WARNING)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    parent = logging.getLogger("prefect.task_runner")
+    level = parent.level
+    parent.setLevel(logging.INFO)
+    parent.addHandler(handler)
+    yield records
+    parent.removeHandler(handler)
+    parent.setLevel(level)
+
+
+def test_no_dashboard_line_for_a_local_cluster_started_without_dashboard(task_runner_lines):
+    settings = Settings(dask_n_workers=1)
+    cluster = LocalClusterInBackground(settings)
+    try:
+        runner = cluster.task_runner()
+        assert isinstance(runner, LocalDaskTaskRunner)
+        assert _run_on(runner) == 42
+        assert _run_on(DaskTaskRunner(address=runner.address)) == 42  # the same cluster through prefect-dask's own
+    finally:
+        cluster.close()
+    lines = [r.getMessage() for r in task_runner_lines]
+    [baseline] = [line for line in lines if line.startswith(DASHBOARD_LINE)]  # only the plain runner's
+    link = baseline.removeprefix(DASHBOARD_LINE)
+    assert link.endswith("/status"), baseline
+    assert any("Connecting to an existing Dask cluster" in line for line in lines), lines  # our runner did log
+
+
+def test_the_dashboard_link_prefect_dask_prints_serves_no_dashboard():
+    """Why the line is dropped: with dashboard_address=None the scheduler answers /health but has no dashboard."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        link = cluster.dashboard_link
+        assert link.endswith("/status")
+        assert httpx.get(link, timeout=10).status_code == 404
+        assert httpx.get(link.replace("/status", "/health"), timeout=10).text == "ok"
+
+
+def test_the_local_runner_of_settings_drops_the_line_too(task_runner_lines):
+    runner = dask_task_runner(Settings(dask_n_workers=1))
+    assert isinstance(runner, LocalDaskTaskRunner)
+    assert _run_on(runner) == 42
+    lines = [r.getMessage() for r in task_runner_lines]
+    assert any("Creating a new Dask cluster" in line for line in lines), lines
+    assert not [line for line in lines if line.startswith(DASHBOARD_LINE)], lines
