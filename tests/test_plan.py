@@ -118,3 +118,11 @@ def test_fingerprints_of_runs_started_when_empty_limits_were_null_are_kept():
     rules = GameRules(sum_min=130, evens_max=4, historical_defaults=False)
     request = GenerationRequest(quantity=5_000, rules=rules, regions=regions)
     assert build_plan(request, "p", NO_DRAWS).fingerprint == "1316a02bf21bac5b"
+
+
+def test_null_limits_from_rest_callers_of_the_old_form_are_still_the_empty_value():
+    rules = GameRules.model_validate({"sum_min": None, "evens_max": 0, "historical_defaults": False})
+    assert (rules.sum_min, rules.evens_max) == (-1, 0)
+    assert FirstNumberRegion.model_validate({"first": 1, "last": 10, "share": None}).share == -1
+    with pytest.raises(ValueError, match="below 1"):
+        GameRules.model_validate({"max_consecutive": 0})

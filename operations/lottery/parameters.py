@@ -6,7 +6,7 @@ import json
 import math
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SLIP_COLUMNS = 10  # the Mega-Sena slip is 6 rows x 10 columns: a row is a decade (1-10, 11-20, ...)
 MAX_UNIVERSE = 60  # games are stored as 64-bit masks and drawn on the 6x10 slip
@@ -14,6 +14,11 @@ SlipNumber = Annotated[int, Field(ge=1, le=MAX_UNIVERSE)]
 # A rule limit or region share left empty. Plain numbers rather than `int | None`: Prefect's form shows an
 # int/None type switch for optional fields, a plain number field for these.
 EMPTY = -1
+
+
+def _empty_if_null(value):
+    """null (what REST callers sent before the plain fields, and still may) is the empty value."""
+    return EMPTY if value is None else value
 
 
 class FirstNumberRegion(BaseModel):
@@ -31,6 +36,11 @@ class FirstNumberRegion(BaseModel):
         description="Fraction (0 to 1) of the games whose smallest number falls here. -1: the exact probability "
         "of that among the games the rules allow.",
     )
+
+    @field_validator("share", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value):
+        return _empty_if_null(value)
 
     @model_validator(mode="after")
     def _ordered(self) -> FirstNumberRegion:
@@ -107,6 +117,11 @@ class GameRules(BaseModel):
         title="Exclude past draws",
         description="Drop games equal to (6 numbers) or containing (7-20 numbers) a past Mega-Sena draw.",
     )
+
+    @field_validator(*RULE_LIMITS, mode="before")
+    @classmethod
+    def _null_is_empty(cls, value):
+        return _empty_if_null(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> GameRules:
