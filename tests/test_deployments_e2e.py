@@ -367,6 +367,9 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     run_key = f"cancel-{uuid.uuid4().hex[:6]}"
     quantity, chunks = 200_000, 40
     counter = RedisGameCounter.load(settings.counter_block_name).counter(run_key)
+    for chunk in range(chunks - 10, chunks):  # the last chunks fail twice first (retried after 1 s and 4 s, with
+        counter.inject_faults(chunk, 2)  # jitter): the run cannot finish before the cancel lands, even on a busy
+        # machine where the first chunks commit late and the rest quickly
     run = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key}, run_key)
     deadline = time.monotonic() + 180
     while len(counter.committed_chunks()) < 2:
@@ -386,6 +389,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     time.sleep(3)  # nothing of the cancelled run may still be working
     assert set(counter.committed_chunks()) == committed
     assert 0 < len(committed) < chunks, f"cancelled too late to test a resume ({len(committed)} chunks)"
+    counter.clear_faults()  # the resume runs without injected faults
     assert all(chunk_path(run_dir, i).exists() for i in committed)  # a cancelled run keeps what a resume needs
 
     rerun = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key}, f"{run_key}-resume")

@@ -256,6 +256,10 @@ class FirstNumberCounter:
         """Make the next `failures` attempts of a chunk fail right after their claims (chaos drills)."""
         self.client.hset(self._key("faults"), str(chunk), failures)
 
+    def clear_faults(self) -> None:
+        """Forget the faults still to inject (a drill that is over)."""
+        self.client.delete(self._key("faults"))
+
     def take_fault(self, chunk: int) -> bool:
         return bool(self._take_fault(keys=[self._key("faults")], args=[chunk]))
 
