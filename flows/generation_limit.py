@@ -25,6 +25,8 @@ from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 
+from flows.concurrency_limits import upsert_concurrency_limit
+
 GAMES_LIMIT = "generate-games"
 # The server's shortest lease: a killed run's slot is back within ~75 s. Prefect renews it every 3/4 of it (45 s),
 # retrying a failed renewal, so a renewal has 15 s to get through.
@@ -36,7 +38,7 @@ def ensure_games_limit(slots: int, update: bool) -> None:
     """Create the limit with `slots` if it does not exist; with `update`, also set the slots of an existing one."""
     with get_client(sync_client=True) as client:
         if update:
-            client.upsert_global_concurrency_limit_by_name(GAMES_LIMIT, slots)
+            upsert_concurrency_limit(client, GAMES_LIMIT, slots)
             return
         try:
             client.read_global_concurrency_limit_by_name(GAMES_LIMIT)

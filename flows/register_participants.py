@@ -28,6 +28,7 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
+from flows.concurrency_limits import upsert_concurrency_limit
 from flows.forms import form_field
 from flows.task_runners import io_task_runner
 from operations.infra.links import output_link
@@ -60,7 +61,7 @@ def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
     """Each device's global concurrency limit, created or updated from its block (max concurrent requests)."""
     with get_client(sync_client=True) as client:
         for name, device in devices.items():
-            client.upsert_global_concurrency_limit_by_name(device_limit_name(name), device.max_concurrent_requests)
+            upsert_concurrency_limit(client, device_limit_name(name), device.max_concurrent_requests)
 
 
 @flow(name="register-participants", log_prints=False)
