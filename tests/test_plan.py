@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from operations.lottery.engine import GameSpace
-from operations.lottery.parameters import FirstNumberRegion, GameRules, GenerationRequest
+from operations.lottery.parameters import DEFAULT_REGIONS, FirstNumberRegion, GameRules, GenerationRequest
 from operations.lottery.plan import InfeasibleRequest, build_plan
 
 NO_DRAWS = np.zeros(0, dtype=np.uint64)
@@ -96,8 +96,21 @@ def test_a_request_the_universe_cannot_satisfy_is_refused_for_the_universe(k, n,
 
 
 def test_the_whole_universe_is_not_refused_for_the_universe():
-    with pytest.raises(ValidationError, match="unknown region 11-20"):  # the regions are then what is wrong
-        GenerationRequest(quantity=1, numbers_per_game=20, highest_number=20)
+    whole = GenerationRequest(quantity=1, numbers_per_game=20, highest_number=20)
+    assert [r.label for r in whole.regions] == ["1-10"]  # the default regions fitted: the one game starts at 1
+    with pytest.raises(ValidationError, match="unknown region 11-20"):  # regions an operator wrote are kept
+        GenerationRequest(quantity=1, numbers_per_game=20, highest_number=20,
+                          regions=[FirstNumberRegion(first=1, last=10), FirstNumberRegion(first=11, last=20)])
+
+
+def test_default_regions_fit_a_smaller_universe_and_its_plan_adds_up():
+    request = GenerationRequest(quantity=20_000, highest_number=45, rules=NO_RULES)
+    # 41-55 dropped: no game of 6 numbers out of 1..45 starts above 40
+    assert [r.label for r in request.regions] == ["1-10", "11-20", "21-30", "31-40"]
+    plan = build_plan(request, "small-universe", NO_DRAWS)
+    assert sum(r.cap for r in plan.regions) >= 20_000 and sum(plan.chunk_quotas) == 20_000
+    assert GenerationRequest().regions == list(DEFAULT_REGIONS)  # the slip's universe keeps all five
+    assert GenerationRequest(highest_number=50).regions == list(DEFAULT_REGIONS)  # 41-55 still holds 41..45
 
 
 def test_empty_rule_limits_are_minus_one_and_a_zero_is_a_real_limit():

@@ -170,6 +170,26 @@ class GenerationRequest(BaseModel):
         default=20_260_000, ge=0, le=2**63 - 1, title="Seed", description="Random seed (same seed, same candidates)."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_regions_fit_the_universe(cls, data):
+        """The default regions, left as they are, lose those no game can start in (41-55 with 6 numbers out of
+        1..45): the operator changed the universe, not the balance. Regions an operator wrote are checked as
+        written. Requests valid before keep their regions, so their runs keep their fingerprints."""
+        if not isinstance(data, dict):
+            return data
+        regions = data.get("regions")
+        if regions is not None:
+            regions = [FirstNumberRegion.model_validate(r) if isinstance(r, dict) else r for r in regions]
+        if regions is not None and regions != list(DEFAULT_REGIONS):
+            return data
+        highest = data.get("highest_number", cls.model_fields["highest_number"].default)
+        k = data.get("numbers_per_game", cls.model_fields["numbers_per_game"].default)
+        if not (isinstance(highest, int) and isinstance(k, int)):
+            return data  # the field validators report it
+        fitting = [r for r in DEFAULT_REGIONS if r.first <= highest - k + 1]
+        return {**data, "regions": fitting or list(DEFAULT_REGIONS[:1])}
+
     @model_validator(mode="after")
     def _consistent(self) -> GenerationRequest:
         k, n = self.numbers_per_game, self.highest_number
