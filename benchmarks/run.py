@@ -292,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention-runs", type=int, default=5)
     parser.add_argument("--retention-quantity", type=int, default=200_000)
     args = parser.parse_args(argv)
-    os.environ.setdefault("OUTPUT_DIR", tempfile.mkdtemp(prefix="games-bench-"))
+    if "OUTPUT_DIR" not in os.environ:  # the benchmark's files in a folder of their own, linked as file:// URIs:
+        # serving that folder would replace the file server `make up` started for the operator's OUTPUT_DIR
+        os.environ["OUTPUT_DIR"] = tempfile.mkdtemp(prefix="games-bench-")
+        os.environ.setdefault("OUTPUT_BASE_URL", Path(os.environ["OUTPUT_DIR"]).as_uri())
 
     print(f"machine: {os.cpu_count()} cores; DASK_N_WORKERS={os.environ.get('DASK_N_WORKERS', '2')}", flush=True)
     if not args.skip_counter:
