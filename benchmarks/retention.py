@@ -8,14 +8,24 @@ default settings (chunk files removed). Baseline, measured in the same runs: eac
 used_memory and its `seen` set while it generates: what every run would keep without retention). Figures after
 the runs: used_memory against the start, MEMORY USAGE summed over the runs' keys, the append-only file against
 the start and what the cleanup's rewrite rule says of it, and the run folders on disk.
+
+Then cleanup-runs on those runs (a retention short enough to expire them): a dry run (listing only), then the
+real run, each timed as a flow run; what they freed against what the runs held just before (the baseline, the
+same runs). The runs have a key prefix and an OUTPUT_DIR of their own, so the cleanup never sees the operator's
+runs.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
+
+BENCH_BLOCK = "retention-bench-counter"
+EXPIRE_EVERYTHING_DAYS = 1e-9  # ~0.1 ms: every run completed before the cleanup starts is past it
 
 
 class RedisPeak:
@@ -43,7 +53,9 @@ class RedisPeak:
 
 
 def bench_retention(runs: int, quantity: int) -> dict:
-    os.environ["KEEP_CHUNK_FILES"] = "false"  # the default, whatever the environment says
+    output_dir = tempfile.mkdtemp(prefix="retention-bench-")  # the cleanup below sees only these runs' folders
+    os.environ.update({"KEEP_CHUNK_FILES": "false",  # the default, whatever the environment says
+                       "OUTPUT_DIR": output_dir, "OUTPUT_BASE_URL": Path(output_dir).as_uri()})
     from deployments.stack import start_local_stack
     from operations.settings import get_settings
 
@@ -51,11 +63,14 @@ def bench_retention(runs: int, quantity: int) -> dict:
     settings = get_settings()
     start_local_stack(settings)
     from blocks.redis_game_counter import RedisGameCounter
+    from flows.cleanup_runs import cleanup_runs
     from flows.generate_games import generate_games
     from operations.lottery.retention import aof_rewrite_needed, folder_bytes
 
-    block = RedisGameCounter.load_or_create_default(settings.counter_block_name, settings.counter_block_name,
-                                                    settings)
+    default = RedisGameCounter.load_or_create_default(settings.counter_block_name, settings.counter_block_name,
+                                                      settings)
+    block = default.model_copy(update={"key_prefix": f"retention-bench-{uuid.uuid4().hex[:8]}"})
+    block.save(BENCH_BLOCK, overwrite=True)  # ... and only these runs' keys
     client = block.get_client()
     start_memory = int(client.info("memory")["used_memory"])
     start_aof = int(client.info("persistence")["aof_current_size"])
@@ -65,7 +80,8 @@ def bench_retention(runs: int, quantity: int) -> dict:
         counter = block.counter(run_key)
         with RedisPeak(client, f"{counter.prefix}:seen") as peak:
             started = time.perf_counter()
-            state = generate_games(quantity=quantity, run_key=run_key, return_state=True)
+            state = generate_games(quantity=quantity, run_key=run_key, counter_block=BENCH_BLOCK,
+                                   return_state=True)
             seconds = time.perf_counter() - started
         if not state.is_completed():
             raise SystemExit(f"generate-games failed: {state.message}")
@@ -90,11 +106,24 @@ def bench_retention(runs: int, quantity: int) -> dict:
         "start_memory": start_memory,
         "start_aof": start_aof,
         "runs_key_bytes": sum(c.memory_usage() for c in keys),
+        "runs_keys": sum(len(c.run_keys()) for c in keys),
+        "runs_folder_bytes": folder_bytes(Path(output_dir)),
         "dataset": dataset,
         "aof_rule": rule,
     }
-    for counter in keys:  # the bench leaves no runs behind
+    for dry_run in (True, False):
+        started = time.perf_counter()
+        state = cleanup_runs(retention_days=EXPIRE_EVERYTHING_DAYS, dry_run=dry_run, counter_block=BENCH_BLOCK,
+                             return_state=True)
+        seconds = time.perf_counter() - started
+        if not state.is_completed():
+            raise SystemExit(f"cleanup-runs failed: {state.message}")
+        result["cleanup_dry_run" if dry_run else "cleanup"] = {**state.result(), "seconds": seconds}
+    result["left_keys"] = sum(len(c.run_keys()) for c in keys)
+    result["left_folder_bytes"] = folder_bytes(Path(output_dir))
+    for counter in keys:  # the bench leaves no runs behind, whatever the cleanup did
         counter.delete_run()
+    RedisGameCounter.delete(BENCH_BLOCK)
     return result
 
 
@@ -119,3 +148,11 @@ def print_retention(result: dict) -> None:
     print(f"  append-only file {last['aof'] / mb:.1f} MiB (+{(last['aof'] - result['start_aof']) / mb:.1f} MiB) for a "
           f"{result['dataset'] / mb:.1f} MiB dataset: cleanup-runs would {'rewrite it' if rewrite else 'leave it'} "
           f"({reason})")
+    dry, real = result["cleanup_dry_run"], result["cleanup"]
+    print(f"  cleanup-runs on these {len(result['runs'])} runs: dry run {dry['seconds']:.1f} s (lists "
+          f"{len(dry['removed'])}, removes nothing); real run {real['seconds']:.1f} s: removed {len(real['removed'])} "
+          f"run(s), {real['folder_bytes'] / mb:.1f} MiB on disk, {real['redis_keys']} Redis keys, "
+          f"{real['redis_bytes']:,} bytes of Redis memory; baseline, what the runs held just before: "
+          f"{result['runs_folder_bytes'] / mb:.1f} MiB of folders, {result['runs_keys']} keys, "
+          f"{result['runs_key_bytes']:,} bytes; left after it: {result['left_folder_bytes']:,} bytes of folders, "
+          f"{result['left_keys']} keys")
