@@ -16,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from deployments.prefect_server import basic_auth_headers
 from operations.infra.processes import (
+    basic_auth_headers,
     folder_lock,
     pid_alive,
     read_state,

@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Literal
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -15,7 +15,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     """Where the services are and how big the work is cut. Unset services are started embedded."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # hide_input_in_errors: a malformed secret (STACK_AUTH_STRING, DATABASE_URL with a password) is never echoed
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     redis_url: SecretStr | None = Field(
         default=None,
@@ -223,6 +224,17 @@ class Settings(BaseSettings):
         default=300.0, gt=0, le=3600,
         description="Longest wait for the embedded Redis to load its append-only file and answer.",
     )
+
+    @field_validator("stack_auth_string")
+    @classmethod
+    def _user_and_password(cls, value: SecretStr | None) -> SecretStr | None:
+        """Both servers and every client read it as 'user:password': a malformed one is refused at start-up, before
+        either server starts (the message never shows the value)."""
+        if value is not None:
+            user, sep, password = value.get_secret_value().partition(":")
+            if not sep or not user or not password:
+                raise ValueError("STACK_AUTH_STRING must be 'user:password' with neither part empty")
+        return value
 
     @property
     def redis_dir(self) -> Path:

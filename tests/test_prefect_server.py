@@ -16,7 +16,6 @@ from deployments.prefect_server import (
     PREFECT_DATABASE,
     STATE_FILE,
     PrefectServerMismatch,
-    basic_auth_headers,
     ensure_local_prefect_server,
     resolve_server_database,
     stop_prefect_server,
@@ -31,7 +30,7 @@ from deployments.prefect_worker import (
 )
 from deployments.stack import stack_status
 from operations.infra.embedded_postgres import running_embedded_postgres, stop_embedded_postgres
-from operations.infra.processes import ExposedWithoutAuth, free_port, read_state
+from operations.infra.processes import ExposedWithoutAuth, basic_auth_headers, free_port, read_state
 from operations.settings import PROJECT_ROOT, Settings
 
 pytestmark = pytest.mark.slow
@@ -76,7 +75,7 @@ def test_sqlite_backend_still_starts_and_serves(tmp_path):
 def test_an_explicit_prefect_database_url_wins(tmp_path, monkeypatch):
     url = "postgresql+asyncpg://prefect:s3cret@db.internal:5432/prefect"
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", url)
-    database = resolve_server_database(Settings(data_dir=tmp_path / "data", stack_prefect_database="sqlite"))
+    database = resolve_server_database(Settings(data_dir=tmp_path / "data"))  # the default: PostgreSQL
     assert (database.url, database.backend) == (url, "postgresql")
     assert "s3cret" not in database.label and "PREFECT_API_DATABASE_CONNECTION_URL" in database.label
     assert not (tmp_path / "data" / "postgres").exists()  # nothing started for it
@@ -140,7 +139,7 @@ def test_basic_auth_refuses_strangers_and_serves_the_stack_clients(authenticated
     assert "basic auth" in status and "postgresql" in status
     logs = [settings.prefect_dir / "server.log", tmp_path / "worker" / "worker.log", settings.prefect_dir / STATE_FILE]
     shown = [status, *(path.read_text() for path in logs)]
-    assert not any(secret in text or secret.split(":")[1] in text for text in shown)
+    assert not any(secret.split(":")[1] in text for text in shown)  # the password, alone or in the string
 
 
 def test_a_stale_online_worker_row_does_not_make_a_new_worker_ready(prefect_api_url, tmp_path):
@@ -166,3 +165,10 @@ def test_a_stale_online_worker_row_does_not_make_a_new_worker_ready(prefect_api_
         assert worker.started and worker_heartbeat_since(prefect_api_url, pool, name, stale)
     finally:
         stop_prefect_worker(tmp_path / "worker")
+
+
+@pytest.mark.parametrize("value", ["ops", "ops:", ":pw"])
+def test_a_malformed_auth_string_is_refused_without_showing_it(tmp_path, value):
+    with pytest.raises(ValueError, match="'user:password'") as refused:
+        Settings(data_dir=tmp_path / "data", stack_auth_string=value)
+    assert value not in str(refused.value).replace("'user:password'", "")

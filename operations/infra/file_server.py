@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from operations.infra.processes import (
+    basic_auth_headers,
+    client_host,
     folder_lock,
     free_port,
     pid_alive,
@@ -164,18 +166,12 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _probe_host(host: str) -> str:
-    """Where this machine reaches the server (a wildcard address is reached through loopback)."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-def _health_status(host: str, port: int, auth: tuple[str, str] | None = None) -> int | None:
+def _health_status(host: str, port: int, auth_string: str | None = None) -> int | None:
     """The status the health endpoint answers (401: behind other credentials), None if nothing answers.
     http.client, not httpx: output_link asks on every link, and an httpx client costs ~20 ms to build."""
-    headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
-    connection = http.client.HTTPConnection(_probe_host(host), port, timeout=2)
+    connection = http.client.HTTPConnection(client_host(host), port, timeout=2)
     try:
-        connection.request("GET", HEALTH_PATH, headers=headers)
+        connection.request("GET", HEALTH_PATH, headers=basic_auth_headers(auth_string))
         return connection.getresponse().status
     except (OSError, http.client.HTTPException):
         return None
@@ -183,13 +179,9 @@ def _health_status(host: str, port: int, auth: tuple[str, str] | None = None) ->
         connection.close()
 
 
-def _credentials(settings: Settings) -> tuple[str, str] | None:
-    if settings.stack_auth_string is None:
-        return None
-    user, sep, password = settings.stack_auth_string.get_secret_value().partition(":")
-    if not sep or not user or not password:
-        raise ValueError("STACK_AUTH_STRING must be 'user:password' with neither part empty")
-    return user, password
+def _credentials(settings: Settings) -> str | None:
+    """STACK_AUTH_STRING ('user:password', checked by Settings) or None."""
+    return settings.stack_auth_string.get_secret_value() if settings.stack_auth_string else None
 
 
 def _server(state: dict, started: bool) -> FileServer:
@@ -231,7 +223,7 @@ def ensure_file_server(settings: Settings, timeout: float = 30.0) -> FileServer:
         port = settings.file_server_port if port_free(settings.file_server_port) else free_port()
         env = {k: v for k, v in os.environ.items() if k != AUTH_ENV}
         if credentials:
-            env[AUTH_ENV] = ":".join(credentials)
+            env[AUTH_ENV] = credentials
         log = folder / "file-server.log"
         with open(log, "ab") as out:
             process = subprocess.Popen(

@@ -3,6 +3,7 @@ folder locks and clean stops. Each service keeps a small JSON state file in its 
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -150,3 +151,17 @@ def require_auth_off_loopback(service: str, host: str, auth_configured: bool) ->
             f"{service} would listen on {host}, reachable from other machines, with no authentication: "
             "set STACK_AUTH_STRING (user:password) or keep STACK_HOST=127.0.0.1 behind a reverse proxy with auth"
         )
+
+
+def client_host(bind_host: str) -> str:
+    """The address clients on this machine use for a server listening on `bind_host` (in URL form)."""
+    if bind_host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{bind_host}]" if ":" in bind_host else bind_host
+
+
+def basic_auth_headers(auth_string: str | None) -> dict[str, str]:
+    """The Authorization header of HTTP basic auth for `user:password` (none without a string)."""
+    if not auth_string:
+        return {}
+    return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
