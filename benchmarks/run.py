@@ -134,7 +134,8 @@ def bench_end_to_end(quantity: int, warm: bool, baseline: bool = True) -> dict:
     from operations.infra.embedded_redis import ensure_embedded_redis
     from operations.settings import get_settings
 
-    os.environ["KEEP_CHUNK_FILES"] = "true"  # the baseline below writes the run's games from its chunk files
+    # the baseline below writes the run's games from its chunk files; without it, the default (removed)
+    os.environ["KEEP_CHUNK_FILES"] = "true" if baseline else "false"
     get_settings.cache_clear()
     settings = get_settings()
     stack = start_local_stack(settings)

@@ -15,7 +15,6 @@ import json
 import math
 import re
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -232,37 +231,36 @@ def generate_games(
         return _serve_completed_run(request, run_key, past_draws_file, settings, counter, on_dask)
     if on_dask and settings.dask_scheduler_address:
         check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
-    with ExitStack() as held:  # the generation slot, once planned
-        workers = worker_count(settings) if on_dask else settings.dask_n_workers
-        plan = _plan(request, run_key, past_draws_file, settings, workers)
-        resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
-        plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
-        run_dir = settings.output_dir / run_key
-        committed = counter.committed_chunks()
-        pending = [
-            i for i in range(len(plan.chunk_quotas)) if i not in committed or not chunk_path(run_dir, i).exists()
-        ]
-        logger.info(
-            "run %s: %s games in %d chunks (%d pending%s), %s feasible games (%s), planned in %.1f s",
-            run_key,
-            f"{quantity:,}",
-            len(plan.chunk_quotas),
-            len(pending),
-            ", resumed" if resumed else "",
-            f"{plan.feasibility.total:,.0f}",
-            "exact" if plan.feasibility.exact else "estimate",
-            time.perf_counter() - started,
-        )
-        # One generation at a time per machine, whatever deployment started it: the cluster work, starting the
-        # LocalCluster included, holds a slot of the 'generate-games' limit. Planning stays outside: an
-        # infeasible request fails at once, not after the run ahead of it.
-        waited = held.enter_context(generation_slot(settings.games_concurrency_limit, logger))
+    workers = worker_count(settings) if on_dask else settings.dask_n_workers
+    plan = _plan(request, run_key, past_draws_file, settings, workers)
+    resumed = counter.initialise(plan.fingerprint, quantity, [r.cap for r in plan.regions])
+    plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
+    run_dir = settings.output_dir / run_key
+    committed = counter.committed_chunks()
+    pending = [
+        i for i in range(len(plan.chunk_quotas)) if i not in committed or not chunk_path(run_dir, i).exists()
+    ]
+    logger.info(
+        "run %s: %s games in %d chunks (%d pending%s), %s feasible games (%s), planned in %.1f s",
+        run_key,
+        f"{quantity:,}",
+        len(plan.chunk_quotas),
+        len(pending),
+        ", resumed" if resumed else "",
+        f"{plan.feasibility.total:,.0f}",
+        "exact" if plan.feasibility.exact else "estimate",
+        time.perf_counter() - started,
+    )
+    # One generation at a time per machine, whatever deployment started it: the cluster work, starting the
+    # LocalCluster included, holds a slot of the 'generate-games' limit. Planning stays outside: an
+    # infeasible request fails at once, not after the run ahead of it.
+    with generation_slot(settings.games_concurrency_limit, logger) as waited:
         runner = dask_task_runner(settings) if on_dask else in_process_task_runner(settings)
         parts = part_ranges(quantity, workers, settings.max_rows_per_file)
         produced = produce_games.with_options(task_runner=runner)(
             plan, block, run_dir, pending, parts, settings.rows_per_sheet
         )
-        produced["slot_wait_seconds"] = waited
+    produced["slot_wait_seconds"] = waited
     snapshot = counter.snapshot()
     if snapshot["total_generated"] != quantity:
         raise RuntimeError(f"counter holds {snapshot['total_generated']} games, expected {quantity}")

@@ -22,7 +22,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
 from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 
 from flows.concurrency_limits import upsert_concurrency_limit
@@ -41,12 +41,9 @@ def ensure_games_limit(slots: int, update: bool) -> None:
             upsert_concurrency_limit(client, GAMES_LIMIT, slots)
             return
         try:
-            client.read_global_concurrency_limit_by_name(GAMES_LIMIT)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GAMES_LIMIT, limit=slots))
-            except ObjectAlreadyExists:  # another run created it meanwhile
-                pass
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GAMES_LIMIT, limit=slots))
+        except ObjectAlreadyExists:  # `make up` or another run made it: its slots stand
+            pass
 
 
 def _slot(max_retries: int | None = None, timeout_seconds: float | None = None):

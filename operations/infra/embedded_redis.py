@@ -176,4 +176,4 @@ def resolve_redis_url(settings: Settings) -> str:
     """REDIS_URL when set, else the URL of the (started or reused) embedded Redis."""
     if settings.redis_url:
         return settings.redis_url.get_secret_value()
-    return ensure_embedded_redis(settings.redis_dir).url
+    return ensure_embedded_redis(settings.redis_dir, settings.redis_start_timeout_seconds).url

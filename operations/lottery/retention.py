@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import redis
@@ -175,7 +175,8 @@ def _run_keys_in_redis(client: redis.Redis, key_prefix: str) -> dict[str, list[s
 def list_runs(
     client: redis.Redis, key_prefix: str, output_dir: Path, now: float, date_undated: bool
 ) -> list[StoredRun]:
-    """Every generation run with keys under `key_prefix` or a run folder under `output_dir`, dated.
+    """Every generation run with keys under `key_prefix` or a run folder under `output_dir`, dated; sizes are
+    measured later, for the runs that expire only (`_measured`): the daily listing costs no walk of kept runs.
 
     An unfinished run with no `active_at` (keys written before runs were dated) is dated `now`; with
     `date_undated` that date is stored, so it expires RUN_RETENTION_DAYS after the first cleanup saw it."""
@@ -197,20 +198,24 @@ def list_runs(
                 active_at = str(int(now)).encode()
         folder = output_dir / run_key
         has_folder = folder.is_dir() and folder.parent.resolve() == output_dir.resolve()
-        with client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.memory_usage(key)
-            redis_bytes = sum(int(b or 0) for b in pipe.execute())
         runs.append(StoredRun(
-            run_key, status, dated, tuple(keys), redis_bytes, active_at.decode() if active_at else "",
-            str(folder) if has_folder else None, folder_bytes(folder) if has_folder else 0,
+            run_key, status, dated, tuple(keys), active_at=active_at.decode() if active_at else "",
+            folder=str(folder) if has_folder else None,
         ))
     if output_dir.is_dir():
         for folder in sorted(output_dir.iterdir()):
             if folder.name not in in_redis and _is_run_folder(folder):
-                runs.append(StoredRun(folder.name, "folder only", _newest_mtime(folder), folder=str(folder),
-                                      folder_bytes=folder_bytes(folder)))
+                runs.append(StoredRun(folder.name, "folder only", _newest_mtime(folder), folder=str(folder)))
     return runs
+
+
+def _measured(client: redis.Redis, run: StoredRun) -> StoredRun:
+    """The run with its Redis memory (MEMORY USAGE of its keys, pipelined) and its folder's bytes."""
+    with client.pipeline(transaction=False) as pipe:
+        for key in run.keys:
+            pipe.memory_usage(key)
+        redis_bytes = sum(int(b or 0) for b in pipe.execute())
+    return replace(run, redis_bytes=redis_bytes, folder_bytes=folder_bytes(Path(run.folder)) if run.folder else 0)
 
 
 def remove_run(client: redis.Redis, key_prefix: str, run: StoredRun) -> bool:
@@ -235,7 +240,9 @@ def cleanup_expired_runs(
     for run in list_runs(client, key_prefix, output_dir, now, date_undated=not dry_run):
         if run.age_days(now) <= retention_days:
             report.kept += 1
-        elif dry_run or remove_run(client, key_prefix, run):
+            continue
+        run = _measured(client, run)  # before removal: what it frees
+        if dry_run or remove_run(client, key_prefix, run):
             report.removed.append(run)
         else:
             report.skipped.append(run.run_key)
