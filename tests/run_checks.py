@@ -66,36 +66,35 @@ def assert_operator_form(schema: dict) -> list[str]:
     return [name for model, name, _ in fields if not model]
 
 
+def run_and_subflow_ids(client, flow_run_id) -> list:
+    """The flow run's id and its subflow runs' ids."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+    )
+    return [flow_run_id, *[c.id for c in children]]
+
+
 def run_artifacts(flow_run_id) -> list:
     """The artifacts of a flow run and of its subflows."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-    )
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        ids = [flow_run_id, *[c.id for c in children]]
+        ids = run_and_subflow_ids(client, flow_run_id)
         return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
 
 
 def run_texts(flow_run_id) -> list[str]:
     """Every log line and artifact (data and description) of a flow run and of its subflows."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        ids = [flow_run_id, *[c.id for c in children]]
+        ids = run_and_subflow_ids(client, flow_run_id)
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)), limit=200)
     artifacts = run_artifacts(flow_run_id)
     return [log.message for log in logs] + [str(a.data) for a in artifacts] + [str(a.description) for a in artifacts]

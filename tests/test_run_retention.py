@@ -20,11 +20,11 @@ from flows.cleanup_runs import cleanup_runs
 from flows.generate_games import generate_games
 from operations.infra import embedded_redis
 from operations.infra.embedded_redis import ensure_embedded_redis, stop_embedded_redis
-from operations.infra.processes import free_port
+from operations.infra.processes import free_port, pid_alive
 from operations.lottery.counter import RunFinished
 from operations.lottery.retention import DAY_SECONDS, compact_aof
 from operations.settings import get_settings
-from run_checks import check_generated_run, run_artifacts
+from run_checks import check_generated_run, run_and_subflow_ids, run_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -56,13 +56,10 @@ def counter_block(redis_url) -> tuple[str, RedisGameCounter]:
 def _task_run_names(flow_run_id) -> list[str]:
     """Names of the task runs of a flow run and of its subflows."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        children = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
-        )
-        ids = [flow_run_id, *[c.id for c in children]]
+        ids = run_and_subflow_ids(client, flow_run_id)
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
         return [r.name for r in runs]
 
@@ -306,8 +303,9 @@ def _processes_using(folder: Path) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            alive = proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-            if alive and str(folder).encode() in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and pid_alive(int(proc.name)) and str(folder).encode() in (
+                proc / "cmdline"
+            ).read_bytes():
                 pids.append(int(proc.name))
         except OSError:
             continue
