@@ -21,7 +21,8 @@
    for --prefect-api-seconds, on a fresh server per database: PostgreSQL (the default) against SQLite.
    Target: no failure at 20 clients on PostgreSQL.
 7. Retention (benchmarks/retention.py): Redis memory (used_memory, the runs' keys) and its append-only file
-   after 5 consecutive 200,000-game runs, against each run's own peak while it generated.
+   after 5 consecutive 200,000-game runs, against each run's own peak while it generated; then cleanup-runs on
+   those runs (dry run, then real), timed, against what they held just before.
 """
 
 from __future__ import annotations
