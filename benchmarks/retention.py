@@ -52,6 +52,16 @@ class RedisPeak:
         self._thread.join()
 
 
+def _timed(flow, **parameters) -> tuple[dict, float]:
+    """A flow run's result and wall seconds; a run that did not complete ends the benchmark."""
+    started = time.perf_counter()
+    state = flow(**parameters, return_state=True)
+    seconds = time.perf_counter() - started
+    if not state.is_completed():
+        raise SystemExit(f"{flow.name} failed: {state.message}")
+    return state.result(), seconds
+
+
 def bench_retention(runs: int, quantity: int) -> dict:
     output_dir = tempfile.mkdtemp(prefix="retention-bench-")  # the cleanup below sees only these runs' folders
     os.environ.update({"KEEP_CHUNK_FILES": "false",  # the default, whatever the environment says
@@ -79,12 +89,7 @@ def bench_retention(runs: int, quantity: int) -> dict:
         run_key = f"retention-bench-{uuid.uuid4().hex[:8]}"
         counter = block.counter(run_key)
         with RedisPeak(client, f"{counter.prefix}:seen") as peak:
-            started = time.perf_counter()
-            state = generate_games(quantity=quantity, run_key=run_key, counter_block=BENCH_BLOCK,
-                                   return_state=True)
-            seconds = time.perf_counter() - started
-        if not state.is_completed():
-            raise SystemExit(f"generate-games failed: {state.message}")
+            _, seconds = _timed(generate_games, quantity=quantity, run_key=run_key, counter_block=BENCH_BLOCK)
         keys.append(counter)
         rows.append({
             "run": i + 1,
@@ -112,13 +117,9 @@ def bench_retention(runs: int, quantity: int) -> dict:
         "aof_rule": rule,
     }
     for dry_run in (True, False):
-        started = time.perf_counter()
-        state = cleanup_runs(retention_days=EXPIRE_EVERYTHING_DAYS, dry_run=dry_run, counter_block=BENCH_BLOCK,
-                             return_state=True)
-        seconds = time.perf_counter() - started
-        if not state.is_completed():
-            raise SystemExit(f"cleanup-runs failed: {state.message}")
-        result["cleanup_dry_run" if dry_run else "cleanup"] = {**state.result(), "seconds": seconds}
+        report, seconds = _timed(cleanup_runs, retention_days=EXPIRE_EVERYTHING_DAYS, dry_run=dry_run,
+                                 counter_block=BENCH_BLOCK)
+        result["cleanup_dry_run" if dry_run else "cleanup"] = {**report, "seconds": seconds}
     result["left_keys"] = sum(len(c.run_keys()) for c in keys)
     result["left_folder_bytes"] = folder_bytes(Path(output_dir))
     for counter in keys:  # the bench leaves no runs behind, whatever the cleanup did
