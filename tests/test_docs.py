@@ -59,6 +59,9 @@ AWAITED = {
     "configuration.md": "docs/configuration.md, generated from the settings, is merged separately",
     "operators-path.md": "docs/operators-path.md, a new user's path, is merged separately",
 }
+# Options put before `--help` of a module: pytest configures the session to print its help, which would start
+# the suite's services through tests/conftest.py.
+HELP_OPTIONS = {"pytest": ["--noconftest"]}
 PUNCTUATION = {"|", "||", "&&", ";", "&", "(", ")"}
 REDIRECTIONS = {"<", ">", ">>", "2>", "2>&1"}
 IDENTIFIER = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -252,7 +255,7 @@ def help_key(words: list[str]) -> tuple[str, ...]:
 @cache
 def help_text(key: tuple[str, ...]) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", *key, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", *key, *HELP_OPTIONS.get(key[0], []), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "COLUMNS": "200"},
     )
     assert result.returncode == 0, f"`python -m {' '.join(key)} --help` exited {result.returncode}: {result.stderr[-800:]}"
