@@ -2,14 +2,14 @@
 
 No service is needed. Each simple command of a fenced shell block (pipelines and `$(...)` split into their
 commands, continuation lines joined, comments dropped), and each inline code span that starts with `make ` or
-`python -m`, is checked by what it runs:
+`python`, is checked by what it runs:
 
 - `make X`: X is a target of the Makefile; `VAR=value` arguments are variables of the Makefile.
 - `make run DEPLOYMENT=flow/name PARAMS="k=v ..."` and `python -m deployments.start_run flow/name k=v ...`: the
   deployment is in prefect.yaml, and the parameters validate against that flow's parameter schema as the server
   validates them; a name the flow does not have fails.
-- `python -m pkg.mod [subcommand] --option ...`: `python -m pkg.mod [subcommand] --help` exits 0 and shows every
-  `--option` used; `python3 -c CODE` compiles; a `.py` argument exists.
+- `python -m pkg.mod [subcommand] --option ...` (or `python script.py ...`): the same with `--help` in place of
+  the rest exits 0 and shows every `--option` used; `python3 -c CODE` compiles; a `.py` argument exists.
 - `curl ... $API/path`: the path and method exist in the Prefect server's OpenAPI, and the JSON body validates
   against its request schema (the parameters of a `create_flow_run` against the deployment fetched before it).
 - `NAME=value cmd` and `export NAME=value`: NAME is read by the project's settings (or is a Prefect setting),
@@ -58,6 +58,7 @@ AWAITED = {
     "STACK_SCHEDULES": "the STACK_SCHEDULES setting (schedules paused locally) is merged separately",
     "configuration.md": "docs/configuration.md, generated from the settings, is merged separately",
     "operators-path.md": "docs/operators-path.md, a new user's path, is merged separately",
+    "tests/browser_check.py": "the browser check moves from deployments/ to tests/ separately",
 }
 # Options put before `--help` of a module: pytest configures the session to print its help, which would start
 # the suite's services through tests/conftest.py.
@@ -179,7 +180,7 @@ def inline_commands() -> list[Command]:
         text = prose(path)
         for match in re.finditer(r"`([^`]+)`", text):
             span = " ".join(match.group(1).split())
-            if re.match(r"^(make [a-z]|(\.venv/bin/)?python3? -m [a-z])", span):
+            if re.match(r"^(make [a-z]|(\.venv/bin/)?python3? (-m [a-z]|[\w/]+\.py))", span):
                 line = text.count("\n", 0, match.start()) + 1
                 for words in simple_commands(span):
                     found.append(Command(path, line, words, {}))
@@ -242,9 +243,10 @@ def openapi() -> dict:
 
 
 def help_key(words: list[str]) -> tuple[str, ...]:
-    """`python -m` and its arguments -> the module and its subcommand words, which `--help` is asked after."""
-    module_at = words.index("-m") + 1
-    key = [words[module_at]]
+    """`python -m module ...` or `python script.py ...` -> what `--help` is asked of: `-m` and the module, or the
+    script, then the subcommand words."""
+    module_at = words.index("-m") + 1 if "-m" in words else 1
+    key = ["-m", words[module_at]] if "-m" in words else [words[module_at]]
     for word in words[module_at + 1:]:
         if not IDENTIFIER.match(word):
             break
@@ -255,10 +257,10 @@ def help_key(words: list[str]) -> tuple[str, ...]:
 @cache
 def help_text(key: tuple[str, ...]) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", *key, *HELP_OPTIONS.get(key[0], []), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, *key, *HELP_OPTIONS.get(key[key[0] == "-m"], []), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "COLUMNS": "200"},
     )
-    assert result.returncode == 0, f"`python -m {' '.join(key)} --help` exited {result.returncode}: {result.stderr[-800:]}"
+    assert result.returncode == 0, f"`python {' '.join(key)} --help` exited {result.returncode}: {result.stderr[-800:]}"
     return result.stdout
 
 
@@ -289,7 +291,7 @@ def check_start_run(arguments: list[str], where: str) -> None:
     from deployments.start_run import parse_parameters
 
     positional, parameters_json, at = [], None, 0
-    options = help_text(("deployments.start_run",))
+    options = help_text(("-m", "deployments.start_run"))
     while at < len(arguments):
         word = arguments[at]
         if word.startswith("--"):
@@ -325,17 +327,19 @@ def check_python(command: Command) -> None:
     if "-c" in words:
         compile(words[words.index("-c") + 1], command.where, "exec")
         return
-    assert "-m" in words, f"{command.where}: run project code as `python -m pkg.module`"
+    if "-m" not in words:
+        assert len(words) > 1 and words[1].endswith(".py"), f"{command.where}: run `python -m module` or a script"
+        assert (ROOT / words[1]).is_file(), f"{command.where}: no script {words[1]}"
     key = help_key(words)
     text = help_text(key)
-    arguments = words[words.index("-m") + 2:]
+    arguments = words[words.index("-m") + 2:] if "-m" in words else words[2:]
     for word in arguments:
         if word.startswith("--"):
             option = word.partition("=")[0]
-            assert shows_option(text, option), f"{command.where}: `python -m {' '.join(key)} --help` shows no {option}"
+            assert shows_option(text, option), f"{command.where}: `python {' '.join(key)} --help` shows no {option}"
         elif word.endswith(".py"):
             assert (ROOT / word.split("::")[0]).exists(), f"{command.where}: no file {word}"
-    if key[0] == "deployments.start_run":
+    if key[:2] == ("-m", "deployments.start_run"):
         check_start_run(arguments, command.where)
 
 
@@ -464,8 +468,9 @@ BLOCKS = other_blocks()
 @pytest.fixture(scope="module", autouse=True)
 def _help_texts() -> None:
     """Every `--help` the commands need, asked in parallel (each is a Python start-up)."""
-    keys = {help_key(c.words) for c in SHELL + INLINE if c.words[0] in PYTHONS and "-m" in c.words}
-    keys.add(("deployments.start_run",))
+    keys = {help_key(c.words) for c in SHELL + INLINE if c.words[0] in PYTHONS and "-c" not in c.words}
+    keys = {key for key in keys if key[0] == "-m" or (ROOT / key[0]).is_file()}
+    keys.add(("-m", "deployments.start_run"))
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda key: _quietly(help_text, key), sorted(keys)))
 
@@ -565,6 +570,8 @@ STALE = [
     ("GAMES_CONCURRENCY_LIMIT=many make up", "refuse"),
     ("export PREFECT_API_URLS=http://127.0.0.1:4200/api", "no Prefect setting"),
     ("redis-cli XLEN products.staged", "no check for `redis-cli`"),
+    (".venv/bin/python tests/no_such_tool.py --check", "no script"),
+    (".venv/bin/python -m pytest tests/test_no_such_module.py -q", "no file"),
 ]
 
 
