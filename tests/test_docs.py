@@ -30,6 +30,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -402,26 +403,29 @@ def check_settings(assignments: dict[str, str], where: str, monkeypatch: pytest.
 
     from operations.settings import Settings
 
-    baseline = Settings(_env_file=None).model_dump()
-    for name in assignments:
-        if name.startswith("PREFECT_"):
-            assert hasattr(prefect.settings, name), f"{where}: {name} is no Prefect setting"
-            continue
+    with tempfile.TemporaryDirectory() as no_env_file:
+        monkeypatch.chdir(no_env_file)  # the settings read `.env` from the working directory: none here
+        baseline = Settings().model_dump()
+        for name in assignments:
+            if name.startswith("PREFECT_"):
+                assert hasattr(prefect.settings, name), f"{where}: {name} is no Prefect setting"
+                continue
+            with monkeypatch.context() as env:
+                env.setenv(name, "__docs_check__")
+                try:
+                    read = Settings().model_dump() != baseline
+                except ValidationError:
+                    read = True
+            assert read, f"{where}: the project's settings do not read {name}"
         with monkeypatch.context() as env:
-            env.setenv(name, "__docs_check__")
+            for name, value in assignments.items():
+                if not name.startswith("PREFECT_") and "..." not in value and "<" not in value:
+                    env.setenv(name, value)
             try:
-                read = Settings(_env_file=None).model_dump() != baseline
-            except ValidationError:
-                read = True
-        assert read, f"{where}: the project's settings do not read {name}"
-    with monkeypatch.context() as env:
-        for name, value in assignments.items():
-            if not name.startswith("PREFECT_") and "..." not in value and "<" not in value:
-                env.setenv(name, value)
-        try:
-            Settings(_env_file=None)
-        except ValidationError as exc:
-            pytest.fail(f"{where}: the settings refuse {assignments}: {exc}")
+                Settings()
+            except ValidationError as exc:
+                pytest.fail(f"{where}: the settings refuse {assignments}: {exc}")
+        monkeypatch.chdir(ROOT)
 
 
 def check_command(command: Command, monkeypatch: pytest.MonkeyPatch) -> None:
