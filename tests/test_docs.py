@@ -257,11 +257,14 @@ def help_key(words: list[str]) -> tuple[str, ...]:
 
 @cache
 def help_text(key: tuple[str, ...]) -> str:
+    extra = HELP_OPTIONS.get(key[key[0] == "-m"], [])
     result = subprocess.run(
-        [sys.executable, *key, *HELP_OPTIONS.get(key[key[0] == "-m"], []), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, *key, *extra, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "COLUMNS": "200"},
     )
-    assert result.returncode == 0, f"`python {' '.join(key)} --help` exited {result.returncode}: {result.stderr[-800:]}"
+    assert result.returncode == 0, (
+        f"`python {' '.join(key)} --help` exited {result.returncode}: {result.stderr[-800:]}"
+    )
     return result.stdout
 
 
@@ -275,7 +278,9 @@ def check_parameters(deployment: str, parameters: dict, where: str) -> None:
     from prefect.utilities.callables import parameter_schema
     from prefect.utilities.schema_tools.validation import ValidationError, validate
 
-    assert deployment in deployments(), f"{where}: no deployment {deployment!r} in prefect.yaml ({sorted(deployments())})"
+    assert deployment in deployments(), (
+        f"{where}: no deployment {deployment!r} in prefect.yaml ({', '.join(sorted(deployments()))})"
+    )
     the_flow = flow(deployments()[deployment])
     schema = parameter_schema(the_flow).model_dump_for_openapi()
     unknown = sorted(set(parameters) - set(schema["properties"]))
@@ -524,7 +529,9 @@ def test_link(link: tuple[Path, int, str]) -> None:
         assert anchor in slugs, f"{path.relative_to(ROOT)}:{line}: {destination.name} has no heading #{anchor}"
 
 
-@pytest.mark.parametrize("block", [_case(b.text, b, f"{b.path.relative_to(ROOT)}:{b.line} {b.language}") for b in BLOCKS])
+@pytest.mark.parametrize(
+    "block", [_case(b.text, b, f"{b.path.relative_to(ROOT)}:{b.line} {b.language}") for b in BLOCKS]
+)
 def test_block(block: Block) -> None:
     where = f"{block.path.relative_to(ROOT)}:{block.line}"
     if block.language in NOT_CHECKED_BLOCKS:
@@ -562,7 +569,8 @@ STALE = [
     ("make run DEPLOYMENT=generate-games/nightly", "no deployment"),
     ("make run DEPLOYMENT=sync-marketplace/on-demand PARAMS=\"resources=everything\"", "refuses"),
     ("make up FOO=1", "no variable"),
-    (".venv/bin/python -m deployments.start_run cleanup-runs/on-demand dry_run=true --idempotency k", "shows no --idempotency"),
+    (".venv/bin/python -m deployments.start_run cleanup-runs/on-demand dry_run=true --idempotency k",
+     "shows no --idempotency"),
     (".venv/bin/python -m benchmarks.run --skip-everything", "shows no --skip-everything"),
     (".venv/bin/python -m deployments.dealers load dealers.csv --replace", "shows no --replace"),
     ("curl -s -X DELETE $API/deployments/name/generate-games/on-demand", "has no DELETE"),
