@@ -33,12 +33,7 @@ from sqlalchemy.engine import make_url
 from operations.infra.database import redact_url
 from operations.infra.embedded_postgres import EmbeddedPostgres, ensure_database, ensure_embedded_postgres
 from operations.infra.processes import (
-    basic_auth_headers,
-    client_host,
-    free_port,
-    pid_alive,
-    port_free,
-    require_auth_off_loopback,
+    basic_auth_headers, client_host, free_port, pid_alive, port_free, require_auth_off_loopback,
 )
 from operations.infra.services import Service
 from operations.settings import Settings

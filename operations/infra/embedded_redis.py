@@ -22,7 +22,7 @@ from pathlib import Path
 import redis
 
 from operations.infra.processes import folder_lock, free_port, pid_alive, reap, stop_process_group, tail
-from operations.infra.services import Service, not_configured
+from operations.infra.services import Service, configured_or_running
 from operations.settings import Settings, get_settings
 
 STATE_FILE = "embedded-redis.json"
@@ -180,9 +180,7 @@ def stop_embedded_redis(redis_dir: Path, timeout: float = 10.0) -> bool:
 def resolve_redis_url(settings: Settings) -> str:
     """REDIS_URL when set, else the URL of the embedded Redis the local stack runs under DATA_DIR; never starts
     one: NotConfigured names REDIS_URL when neither is there."""
-    if settings.redis_url:
-        return settings.redis_url.get_secret_value()
-    running = running_embedded_redis(settings.redis_dir)
-    if running is None:
-        raise not_configured("REDIS_URL", "an embedded Redis", settings.data_dir)
-    return running.url
+    return configured_or_running(
+        settings.redis_url, "REDIS_URL", lambda: getattr(running_embedded_redis(settings.redis_dir), "url", None),
+        "an embedded Redis", settings.data_dir,
+    )

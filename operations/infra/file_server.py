@@ -1,10 +1,11 @@
 """The local file server: OUTPUT_DIR over HTTP, so the spreadsheet links of artifacts open from the Prefect UI.
 
 A Starlette app with `StaticFiles` under uvicorn, a service of the stack like the other embedded ones (a state file
-in DATA_DIR/file-server, a folder lock, started by `make up`, reused by later processes, stopped by `make down`). It only reads: GET
-and HEAD of regular files under OUTPUT_DIR; no directory listing, no hidden files, nothing outside OUTPUT_DIR
-(`../`, its percent-encoded forms and symlinks that lead out all answer 404). With STACK_AUTH_STRING set every
-request needs HTTP basic auth; without it the server refuses to listen beyond loopback.
+in DATA_DIR/file-server, a folder lock, started by `make up`, reused by later processes, stopped by `make down`).
+It only reads: GET and HEAD of regular files under OUTPUT_DIR; no directory listing, no hidden files, nothing
+outside OUTPUT_DIR (`../`, its percent-encoded forms and symlinks that lead out all answer 404). With
+STACK_AUTH_STRING set every request needs HTTP basic auth; without it the server refuses to listen beyond
+loopback.
 
     python -m operations.infra.file_server --root DIR --host 127.0.0.1 --port 4280   # what FileServerService runs
 """
@@ -24,12 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from operations.infra.processes import (
-    basic_auth_headers,
-    client_host,
-    free_port,
-    pid_alive,
-    port_free,
-    require_auth_off_loopback,
+    basic_auth_headers, client_host, free_port, pid_alive, port_free, require_auth_off_loopback,
 )
 from operations.infra.services import Service
 from operations.settings import Settings
@@ -220,7 +216,8 @@ class FileServerService(Service[FileServer]):
         ) == 200
 
     def ensure(self) -> FileServer:
-        require_auth_off_loopback("the file server", self.settings.stack_host, _credentials(self.settings) is not None)
+        auth = _credentials(self.settings) is not None
+        require_auth_off_loopback("the file server", self.settings.stack_host, auth)
         return super().ensure()
 
     def start(self) -> FileServer:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Generic, Mapping, TypeVar
 
+from pydantic import SecretStr
+
 from operations.infra.processes import (
     folder_lock,
     read_state,
@@ -37,6 +39,19 @@ def not_configured(setting: str, what: str, data_dir: Path) -> NotConfigured:
         f"{setting} is not set and no local stack runs {what} under DATA_DIR ({data_dir}): set {setting}, "
         "or start the local stack with `make up`"
     )
+
+
+def configured_or_running(
+    configured: SecretStr | str | None, setting: str, running: Callable[[], str | None], what: str, data_dir: Path
+) -> str:
+    """The address a setting gives (`configured`), else the one of the service the local stack runs here
+    (`running()`, a look-up that starts nothing), else NotConfigured naming the setting."""
+    if configured:
+        return configured.get_secret_value() if isinstance(configured, SecretStr) else configured
+    address = running()
+    if address is None:
+        raise not_configured(setting, what, data_dir)
+    return address
 
 
 @dataclass(frozen=True)
@@ -119,9 +134,8 @@ class Service(Generic[Handle]):
         running = self.find()
         if running is None:
             return ServiceStatus(self.name, False, None, "", self.log)
-        return ServiceStatus(
-            self.name, True, running.pid, self.address(running), self.log, self.note(running)  # type: ignore[attr-defined]
-        )
+        pid = running.pid  # type: ignore[attr-defined]
+        return ServiceStatus(self.name, True, pid, self.address(running), self.log, self.note(running))
 
     def spawn(
         self,
