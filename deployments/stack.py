@@ -24,14 +24,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from deployments import services as registry
 from deployments.prefect_server import running_prefect_server, use_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
 from deployments.services import DEMO_MARKETPLACE
 from emulators.marketplace import EmulatorConfig
 from operations.infra.database import migrate_to_head, redact_url
-from operations.infra.embedded_postgres import resolve_database_url
-from operations.infra.embedded_redis import resolve_redis_url
 from operations.infra.links import output_base_url
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -63,10 +63,10 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     settings = settings or get_settings()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     running = registry.up(registry.without(registry.stack_services(settings), "prefect worker"))
-    exported = get_settings()  # the settings as the worker's flow runs will see them
-    database_url = resolve_database_url(exported)
-    api_url = os.environ["PREFECT_API_URL"]  # the started server's, or the one configured
-    redis_url = resolve_redis_url(exported)
+    # each address as configured, else as the started service exported it (what the worker's flow runs get)
+    database_url = _secret(settings.database_url) or os.environ["DATABASE_URL"]
+    redis_url = _secret(settings.redis_url) or os.environ["REDIS_URL"]
+    api_url = os.environ["PREFECT_API_URL"]
     migrate_to_head(database_url)
     register_blocks(settings, redis_url)
     ensure_generation_limit(settings)
@@ -82,8 +82,12 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
         marketplace_api_url=marketplace.base_url if marketplace else settings.marketplace_api_url or "",
         marketplace_emulated=marketplace is not None,
         emulated_turnstiles=turnstiles,
-        output_url=output_base_url(exported),
+        output_url=output_base_url(settings) if settings.output_base_url else os.environ["OUTPUT_BASE_URL"],
     )
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
 
 
 def save_marketplace_app_block(settings: Settings, api_url: str, emulator: EmulatorConfig | None = None) -> None:
