@@ -3,7 +3,7 @@ the demo, the benchmarks and the test session) loop over.
 
 Order: the embedded PostgreSQL (the Prefect server's database is on it), the embedded Redis, the Prefect server,
 the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the worker. `up` starts them in this order,
-`down` stops them in reverse. A service configured by environment is not started (`replaced_by` names the setting):
+`down` stops them in reverse. A service configured by environment is not started (`replaced_by` says which setting):
 REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL, TURNSTILE_EMULATOR_DEVICES=0; DATABASE_URL replaces
 the embedded PostgreSQL unless the local Prefect server keeps its own database on it.
 
@@ -39,7 +39,7 @@ class Registered:
     """A service of the stack, and whether the stack runs it here."""
 
     service: Service
-    replaced_by: str | None = None  # the setting that names an outside service instead: not started
+    replaced_by: str | None = None  # why the stack does not start it: the setting that names an outside one
     exports: bool = True  # whether its addresses go to the processes the stack starts
 
     @property
@@ -56,7 +56,7 @@ def _postgres_replaced_by(settings: Settings) -> str | None:
         or settings.stack_prefect_database == "sqlite"
         or any(os.environ.get(variable) for variable in DATABASE_URL_VARIABLES)
     )
-    return "DATABASE_URL" if server_elsewhere else None
+    return "DATABASE_URL is set" if server_elsewhere else None
 
 
 def stack_services(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> list[Registered]:
@@ -67,11 +67,12 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
         Registered(PostgresService(settings.postgres_dir), _postgres_replaced_by(settings),
                    exports=not settings.database_url),
         Registered(RedisService(settings.redis_dir, settings.redis_start_timeout_seconds),
-                   "REDIS_URL" if settings.redis_url else None),
-        Registered(local_prefect_server(settings), "PREFECT_API_URL" if os.environ.get("PREFECT_API_URL") else None),
-        Registered(FileServerService(settings), "OUTPUT_BASE_URL" if settings.output_base_url else None),
+                   "REDIS_URL is set" if settings.redis_url else None),
+        Registered(local_prefect_server(settings),
+                   "PREFECT_API_URL is set" if os.environ.get("PREFECT_API_URL") else None),
+        Registered(FileServerService(settings), "OUTPUT_BASE_URL is set" if settings.output_base_url else None),
         Registered(marketplace_emulator.MarketplaceEmulatorService(settings.marketplace_emulator_dir, DEMO_MARKETPLACE),
-                   "MARKETPLACE_API_URL" if settings.marketplace_api_url else None),
+                   "MARKETPLACE_API_URL is set" if settings.marketplace_api_url else None),
         Registered(
             turnstile_emulator.TurnstileEmulatorService(
                 settings.turnstile_emulator_dir,
@@ -125,7 +126,6 @@ def status(services: list[Registered]) -> list[ServiceStatus]:
     for entry in services:
         state = entry.service.status()
         if entry.replaced_by and not state.running:
-            state = replace(state, note=f"not used: {entry.replaced_by} is set"
-                            if "=" not in entry.replaced_by else f"not used: {entry.replaced_by}")
+            state = replace(state, note=f"not used: {entry.replaced_by}")
         found.append(state)
     return found

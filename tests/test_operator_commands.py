@@ -36,8 +36,8 @@ def operator_env(tmp_path_factory):
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "DATABASE_URL",
-                     "MARKETPLACE_API_URL", "OUTPUT_BASE_URL")
+        if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "REDIS_URL", "DASK_SCHEDULER_ADDRESS",
+                     "DATABASE_URL", "MARKETPLACE_API_URL", "OUTPUT_BASE_URL")
     }
     env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output")})
     yield env

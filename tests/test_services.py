@@ -150,7 +150,7 @@ def test_the_registry_brings_services_up_shows_them_and_stops_them(tmp_path, mon
 def test_a_service_replaced_by_a_setting_is_not_started(tmp_path, monkeypatch):
     settings = _bare_settings(tmp_path, redis_url="redis://redis.internal:6379/0")
     [entry] = registry.only(registry.stack_services(settings), "embedded redis")
-    assert entry.replaced_by == "REDIS_URL"
+    assert entry.replaced_by == "REDIS_URL is set"
     assert registry.up([entry]) == {}
     [state] = registry.status([entry])
     assert not state.running and "not used: REDIS_URL is set" in state.line()

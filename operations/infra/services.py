@@ -19,8 +19,8 @@ from pydantic import SecretStr
 
 from operations.infra.processes import (
     folder_lock,
+    pid_alive,
     read_state,
-    stop_detached_service,
     stop_process_group,
     wait_until_ready,
     write_state,
@@ -95,12 +95,15 @@ class Service(Generic[Handle]):
         return read_state(self.folder / self.state_file)
 
     def find(self) -> Handle | None:
+        """The running one if it answers; starts nothing."""
         raise NotImplementedError
 
     def start(self) -> Handle:
+        """Start one (called by `ensure` under the folder's lock, none running)."""
         raise NotImplementedError
 
     def address(self, running: Handle) -> str:
+        """Where clients reach it, for `make status`."""
         raise NotImplementedError
 
     def reuse(self, running: Handle) -> bool:
@@ -112,6 +115,7 @@ class Service(Generic[Handle]):
         return {}
 
     def note(self, running: Handle) -> str:
+        """A detail `make status` shows beside the address."""
         return ""
 
     def ensure(self) -> Handle:
@@ -128,9 +132,16 @@ class Service(Generic[Handle]):
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop it (SIGTERM to its process group, SIGKILL after `timeout`). True if one was running."""
-        return stop_detached_service(self.folder, self.state_file, self.stop_timeout if timeout is None else timeout)
+        with folder_lock(self.folder):
+            state = self.state()
+            (self.folder / self.state_file).unlink(missing_ok=True)
+            if not state or not pid_alive(state["pid"]):
+                return False
+            stop_process_group(state["pid"], self.stop_timeout if timeout is None else timeout)
+            return True
 
     def status(self) -> ServiceStatus:
+        """Running or not, pid, address, log; starts nothing."""
         running = self.find()
         if running is None:
             return ServiceStatus(self.name, False, None, "", self.log)
