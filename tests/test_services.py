@@ -71,6 +71,19 @@ def test_a_second_machine_without_database_url_fails_at_once(tmp_path):
     assert not (tmp_path / "data" / "postgres").exists()
 
 
+def test_the_operators_commands_outside_a_stack_name_the_setting(tmp_path):
+    """The shell commands look the stack's services up; without one and without DATABASE_URL: one clear line."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "OUTPUT_BASE_URL")}
+    env["DATA_DIR"] = str(tmp_path / "data")
+    for command in (["deployments.dealers", "list"], ["deployments.marketplace_accounts", "list"],
+                    ["operations.infra.database", "current"]):
+        done = subprocess.run([sys.executable, "-m", *command], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode in (1, 2) and "Traceback" not in done.stderr, (command, done.stderr)
+        assert "error: DATABASE_URL is not set" in done.stderr and "make up" in done.stderr, (command, done.stderr)
+    assert not (tmp_path / "data" / "postgres").exists()
+
+
 def test_redis_is_never_started_by_block_code(tmp_path):
     from blocks.redis_game_counter import RedisGameCounter
 
