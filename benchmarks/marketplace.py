@@ -47,7 +47,7 @@ def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float,
     from deployments.stack import start_local_stack
     from emulators.marketplace import EmulatorConfig, start_emulator_process, stop_emulator_process
     from operations.infra.database import get_engine, migrate_to_head
-    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
+    from operations.infra.embedded_postgres import ensure_database, running_embedded_postgres
     from operations.marketplace.store import clear_marketplace_data
     from operations.settings import get_settings
 
@@ -56,7 +56,7 @@ def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float,
     if settings.database_url:
         url = settings.database_url.get_secret_value()
     else:
-        server = ensure_embedded_postgres(settings.postgres_dir)
+        server = running_embedded_postgres(settings.postgres_dir)  # started by the stack
         url = ensure_database(server, "marketplace_bench")
     migrate_to_head(url)
     os.environ["DATABASE_URL"] = url

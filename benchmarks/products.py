@@ -25,7 +25,7 @@ DEALERS = 50
 def bench_products(rows: int, bad_fraction: float, baseline_rows: int) -> dict:
     from deployments.stack import start_local_stack
     from operations.infra.database import get_engine, migrate_to_head
-    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
+    from operations.infra.embedded_postgres import ensure_database, running_embedded_postgres
     from operations.products.sample import dealer_codes, generate_products_file
     from operations.products.store import clear_products_data, upsert_dealers
     from operations.settings import get_settings
@@ -37,7 +37,7 @@ def bench_products(rows: int, bad_fraction: float, baseline_rows: int) -> dict:
     if settings.database_url:
         url = settings.database_url.get_secret_value()
     else:
-        url = ensure_database(ensure_embedded_postgres(settings.postgres_dir), "products_bench")
+        url = ensure_database(running_embedded_postgres(settings.postgres_dir), "products_bench")  # the stack's
     migrate_to_head(url)
     os.environ["DATABASE_URL"] = url
     engine = get_engine(url)

@@ -132,7 +132,7 @@ def write_with_project_writer(games: np.ndarray, scores: np.ndarray, path: Path)
 
 def bench_end_to_end(quantity: int, warm: bool, baseline: bool = True) -> dict:
     from deployments.stack import start_local_stack
-    from operations.infra.embedded_redis import ensure_embedded_redis
+    from operations.infra.embedded_redis import running_embedded_redis
     from operations.settings import get_settings
 
     # the baseline below writes the run's games from its chunk files; without it, the default (removed)
@@ -140,7 +140,7 @@ def bench_end_to_end(quantity: int, warm: bool, baseline: bool = True) -> dict:
     get_settings.cache_clear()
     settings = get_settings()
     stack = start_local_stack(settings)
-    redis_pid = ensure_embedded_redis(settings.redis_dir).pid if not settings.redis_url else None
+    redis_pid = running_embedded_redis(settings.redis_dir).pid if not settings.redis_url else None
     from flows.generate_games import generate_games
 
     run_key = f"bench-{uuid.uuid4().hex[:8]}"

@@ -2,8 +2,8 @@
 message to per staged product change (the old system's queue).
 
 Register the type with `prefect block register -m blocks.products_queue`; `make up` saves `products-queue`
-(the project's Redis: REDIS_URL, or the embedded one). Consumers read the stream with a consumer group
-(`XREADGROUP`), each message carrying `message_key`, `type`, `outbox_id` and the JSON `payload`.
+(the project's Redis: REDIS_URL, or the embedded one the stack runs). Consumers read the stream with a consumer
+group (`XREADGROUP`), each message carrying `message_key`, `type`, `outbox_id` and the JSON `payload`.
 """
 
 from __future__ import annotations

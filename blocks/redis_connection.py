@@ -89,7 +89,8 @@ RedisConnection.load("BLOCK_NAME").get_client().ping()
     @classmethod
     def load_or_create_default(cls, name: str, default_name: str, settings: Settings):
         """The saved block `name`. The default one (`default_name`) is created on first use for the project's
-        Redis (REDIS_URL, else the embedded one); any other missing name is an error saying so."""
+        Redis: REDIS_URL, else the embedded Redis the local stack runs (looked up, never started: without either,
+        NotConfigured names REDIS_URL); any other missing name is an error saying so."""
         try:
             return cls.load(name)
         except ValueError:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from operations.infra.database import SchemaNotCurrent, project_engine
+from operations.infra.services import NotConfigured
 from operations.products.dealers import read_dealers_file
 from operations.products.store import dealer_ids, upsert_dealers
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for code, id_ in sorted(dealer_ids(engine).items()):
                 print(f"{id_:>8}  {code}")
-    except (OSError, ValueError, SchemaNotCurrent) as exc:
+    except (OSError, ValueError, SchemaNotCurrent, NotConfigured) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

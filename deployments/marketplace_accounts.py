@@ -21,11 +21,15 @@ import sys
 from pydantic import SecretStr
 
 from operations.infra.database import project_engine
+from operations.infra.services import NotConfigured
 from operations.settings import get_settings
 
 
 def _engine():
-    return project_engine()[1]
+    try:
+        return project_engine()[1]
+    except NotConfigured as exc:  # no DATABASE_URL and no stack running here
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _app(name: str):

@@ -1,5 +1,6 @@
-"""A real local `prefect server` (analytics off), started detached and reused, on its own database: by default
-database "prefect" on the project's embedded PostgreSQL, or SQLite under its folder (STACK_PREFECT_DATABASE).
+"""A real local `prefect server` (analytics off), a service of the stack started detached and reused, on its own
+database: by default database "prefect" on the project's embedded PostgreSQL, or SQLite under its folder
+(STACK_PREFECT_DATABASE).
 
 Prefect's ephemeral in-process API cannot serve Dask process workers, so every local run talks to this one.
 SQLite serialises every write: under a few concurrent REST clients the server answers 503 ("database is
@@ -20,10 +21,10 @@ starts PREFECT_API_AUTH_STRING (through this process's environment), and the hea
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 from pydantic import SecretStr
@@ -32,18 +33,9 @@ from sqlalchemy.engine import make_url
 from operations.infra.database import redact_url
 from operations.infra.embedded_postgres import EmbeddedPostgres, ensure_database, ensure_embedded_postgres
 from operations.infra.processes import (
-    basic_auth_headers,
-    client_host,
-    folder_lock,
-    free_port,
-    pid_alive,
-    port_free,
-    read_state,
-    require_auth_off_loopback,
-    stop_detached_service,
-    wait_until_ready,
-    write_state,
+    basic_auth_headers, client_host, free_port, pid_alive, port_free, require_auth_off_loopback,
 )
+from operations.infra.services import Service
 from operations.settings import Settings
 
 STATE_FILE = "prefect-server.json"
@@ -143,20 +135,6 @@ def _accepts(api_url: str, headers: dict[str, str]) -> bool:
         return False
 
 
-def running_prefect_server(prefect_dir: Path) -> PrefectServer | None:
-    """This folder's server if it is running and healthy, without starting one."""
-    state = read_state(Path(prefect_dir).resolve() / STATE_FILE)
-    if not state or not pid_alive(state["pid"]):
-        return None
-    p, host = state["port"], state.get("host", "127.0.0.1")
-    base = f"http://{client_host(host)}:{p}"
-    if not _healthy(f"{base}/api"):
-        return None
-    # a state file without a database was written before the server had a choice: SQLite
-    database = state.get("database", f"sqlite {Path(prefect_dir).resolve() / 'prefect.db'}")
-    return PrefectServer(f"{base}/api", base, p, state["pid"], False, database, host, state.get("auth", False))
-
-
 def _check_reusable(running: PrefectServer, database: ServerDatabase, host: str, auth_string: str | None) -> None:
     """Refuse to reuse a server started with other choices: restarting it under running flows is the operator's
     call, and a silent switch of database would hide every earlier run."""
@@ -173,6 +151,101 @@ def _check_reusable(running: PrefectServer, database: ServerDatabase, host: str,
         )
 
 
+class PrefectServerService(Service[PrefectServer]):
+    """A `prefect server` in `folder` (port 4200 if free, else any free port, unless `port` is given), on
+    `database` (SQLite in the folder by default; a callable is resolved only when a server starts), listening on
+    `host`, asking for basic auth when `auth_string` is given. A running server started with other choices is
+    refused (PrefectServerMismatch), not restarted; an exposed host without auth is refused before anything
+    starts (ExposedWithoutAuth)."""
+
+    name = "prefect server"
+    state_file = STATE_FILE
+    log_file = "server.log"
+    stop_timeout = 20.0
+
+    def __init__(
+        self,
+        folder: Path,
+        port: int | None = None,
+        timeout: float = 120.0,
+        *,
+        database: ServerDatabase | Callable[[], ServerDatabase] | None = None,
+        host: str = "127.0.0.1",
+        auth_string: SecretStr | str | None = None,
+    ):
+        super().__init__(folder)
+        self.port, self.timeout, self.host, self.auth = port, timeout, host, _secret(auth_string)
+        self._database = database
+        self._resolved: ServerDatabase | None = None
+
+    @property
+    def database(self) -> ServerDatabase:
+        if self._resolved is None:
+            chosen = self._database() if callable(self._database) else self._database
+            self._resolved = chosen or sqlite_database(self.folder)
+        return self._resolved
+
+    def find(self) -> PrefectServer | None:
+        """The folder's server if it is running and healthy."""
+        state = self.state()
+        if not state or not pid_alive(state["pid"]):
+            return None
+        p, host = state["port"], state.get("host", "127.0.0.1")
+        base = f"http://{client_host(host)}:{p}"
+        if not _healthy(f"{base}/api"):
+            return None
+        # a state file without a database was written before the server had a choice: SQLite
+        database = state.get("database", f"sqlite {self.folder / 'prefect.db'}")
+        return PrefectServer(f"{base}/api", base, p, state["pid"], False, database, host, state.get("auth", False))
+
+    def ensure(self) -> PrefectServer:
+        require_auth_off_loopback("the Prefect server", self.host, bool(self.auth))
+        return super().ensure()
+
+    def reuse(self, running: PrefectServer) -> bool:
+        _check_reusable(running, self.database, self.host, self.auth)
+        return True
+
+    def start(self) -> PrefectServer:
+        database, host = self.database, self.host
+        port = self.port or (DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port())
+        base = f"http://{client_host(host)}:{port}"
+        headers = basic_auth_headers(self.auth)
+        process = self.spawn(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            lambda: _accepts(f"{base}/api", headers), self.timeout,  # a 200 there: up and serving us
+            {"port": port, "host": host, "backend": database.backend, "database": database.label,
+             "auth": bool(self.auth)},
+            env=prefect_server_env(self.folder, database.url, self.auth), poll=0.5,
+            failure=f"prefect server did not become healthy on {base}/api ({database.label})",
+        )
+        return PrefectServer(f"{base}/api", base, port, process.pid, True, database.label, host, bool(self.auth))
+
+    def address(self, running: PrefectServer) -> str:
+        return running.ui_url
+
+    def note(self, running: PrefectServer) -> str:
+        return running.database + (", basic auth" if running.auth else "")
+
+    def exports(self, running: PrefectServer) -> dict[str, str]:
+        """PREFECT_API_URL, and PREFECT_API_AUTH_STRING for a server behind basic auth."""
+        return {"PREFECT_API_URL": running.api_url, **({"PREFECT_API_AUTH_STRING": self.auth} if self.auth else {})}
+
+
+def local_prefect_server(settings: Settings, port: int | None = None) -> PrefectServerService:
+    """The stack's server from settings: DATA_DIR/prefect, STACK_HOST, STACK_AUTH_STRING, its database (module
+    docstring; the embedded PostgreSQL is started for it when it is the one)."""
+    return PrefectServerService(
+        settings.prefect_dir, port, database=lambda: resolve_server_database(settings), host=settings.stack_host,
+        auth_string=settings.stack_auth_string,
+    )
+
+
+def running_prefect_server(prefect_dir: Path) -> PrefectServer | None:
+    """This folder's server if it is running and healthy, without starting one."""
+    return PrefectServerService(prefect_dir).find()
+
+
 def ensure_prefect_server(
     prefect_dir: Path,
     port: int | None = None,
@@ -182,53 +255,15 @@ def ensure_prefect_server(
     host: str = "127.0.0.1",
     auth_string: SecretStr | str | None = None,
 ) -> PrefectServer:
-    """Reuse this folder's running server or start one (port 4200 if free, else any free port), on `database`
-    (SQLite in the folder by default), listening on `host`, asking for basic auth when `auth_string` is given.
-    A running server started with other choices is refused (PrefectServerMismatch), not restarted."""
-    prefect_dir = Path(prefect_dir).resolve()
-    database = database or sqlite_database(prefect_dir)
-    auth = _secret(auth_string)
-    require_auth_off_loopback("the Prefect server", host, bool(auth))
-    with folder_lock(prefect_dir):
-        running = running_prefect_server(prefect_dir)
-        if running is not None:
-            _check_reusable(running, database, host, auth)
-            return running
-        if port is None:
-            port = DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port()
-        log = prefect_dir / "server.log"
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-                env=prefect_server_env(prefect_dir, database.url, auth),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        base = f"http://{client_host(host)}:{port}"
-        headers = basic_auth_headers(auth)
-        wait_until_ready(
-            process, lambda: _accepts(f"{base}/api", headers), timeout, log,  # a 200 there: up and serving us
-            f"prefect server did not become healthy on {base}/api ({database.label})", poll=0.5,
-        )
-        write_state(
-            prefect_dir / STATE_FILE,
-            {"port": port, "pid": process.pid, "host": host, "backend": database.backend,
-             "database": database.label, "auth": bool(auth)},
-        )
-        return PrefectServer(f"{base}/api", base, port, process.pid, True, database.label, host, bool(auth))
+    """Reuse this folder's running server or start one (PrefectServerService)."""
+    return PrefectServerService(
+        prefect_dir, port, timeout, database=database, host=host, auth_string=auth_string
+    ).ensure()
 
 
 def ensure_local_prefect_server(settings: Settings, port: int | None = None) -> PrefectServer:
-    """The stack's server from settings: STACK_HOST, STACK_AUTH_STRING, its database (module docstring).
-    An exposed address without auth is refused before anything starts."""
-    auth = _secret(settings.stack_auth_string)
-    require_auth_off_loopback("the Prefect server", settings.stack_host, bool(auth))
-    return ensure_prefect_server(
-        settings.prefect_dir, port, database=resolve_server_database(settings), host=settings.stack_host,
-        auth_string=auth,
-    )
+    """The stack's server from settings, reused or started (`local_prefect_server`)."""
+    return local_prefect_server(settings, port).ensure()
 
 
 def use_prefect_server(api_url: str, auth_string: SecretStr | str | None) -> None:
@@ -240,4 +275,4 @@ def use_prefect_server(api_url: str, auth_string: SecretStr | str | None) -> Non
 
 def stop_prefect_server(prefect_dir: Path, timeout: float = 20.0) -> bool:
     """Stop this folder's server. True if one was running."""
-    return stop_detached_service(prefect_dir, STATE_FILE, timeout)
+    return PrefectServerService(prefect_dir).stop(timeout)

@@ -1,4 +1,5 @@
-"""The project's process work pool and a local `prefect worker` on it, started detached and reused.
+"""The project's process work pool and a local `prefect worker` on it: the last service of the stack, started
+detached and reused.
 
 The worker runs each flow run of the pool's deployments in its own process, from the project folder
 (the `set_working_directory` pull step of prefect.yaml), with the worker's environment.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,16 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from operations.infra.processes import (
-    basic_auth_headers,
-    folder_lock,
-    pid_alive,
-    read_state,
-    stop_detached_service,
-    stop_process_group,
-    wait_until_ready,
-    write_state,
-)
+from operations.infra.processes import basic_auth_headers, pid_alive
+from operations.infra.services import Service
 
 STATE_FILE = "prefect-worker.json"
 LOCAL_WORK_POOL = "operations-local"
@@ -37,6 +29,7 @@ class PrefectWorker:
     pool: str
     pid: int
     started: bool
+    api_url: str = ""
 
 
 def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> None:
@@ -96,14 +89,78 @@ def _instant(iso: str) -> datetime:
     return datetime.fromisoformat(iso.replace("Z", "+00:00"))
 
 
-def running_prefect_worker(worker_dir: Path) -> dict | None:
-    """The state (pid, pool, api_url, name) of this folder's worker if its process is alive."""
-    state = read_state(Path(worker_dir).resolve() / STATE_FILE)
-    return state if state and pid_alive(state["pid"]) else None
-
-
 def worker_name(pool: str) -> str:
     return f"{pool}@{socket.gethostname()}"
+
+
+class PrefectWorkerService(Service[PrefectWorker]):
+    """A `prefect worker` of the process pool `pool` on the server at `api_url` (by default this process's
+    PREFECT_API_URL when it starts), polling every `query_seconds`.
+
+    Flow runs inherit the worker's environment (this process's, plus `extra_env`): settings such as OUTPUT_DIR
+    or REDIS_URL given here apply to every run it starts, and PREFECT_API_AUTH_STRING, which the readiness check
+    sends too. Ready means a heartbeat of the new process: newer than the one the server held for this name
+    before. A running worker of another server or pool is replaced."""
+
+    name = "prefect worker"
+    state_file = STATE_FILE
+    log_file = "worker.log"
+    stop_timeout = 30.0  # it stops the flow runs it started too (its process group)
+
+    def __init__(
+        self,
+        folder: Path,
+        api_url: str | None = None,
+        project_dir: Path | None = None,
+        pool: str = LOCAL_WORK_POOL,
+        query_seconds: float = 5.0,
+        timeout: float = 90.0,
+        extra_env: dict[str, str] | None = None,
+    ):
+        super().__init__(folder)
+        self.api_url, self.project_dir, self.pool = api_url, project_dir, pool
+        self.query_seconds, self.timeout, self.extra_env = query_seconds, timeout, extra_env or {}
+
+    def find(self) -> PrefectWorker | None:
+        state = self.state()
+        if not state or not pid_alive(state["pid"]):
+            return None
+        return PrefectWorker(state["name"], state["pool"], state["pid"], False, state.get("api_url", ""))
+
+    def _api_url(self) -> str:
+        """The server it works for: `api_url`, else this process's PREFECT_API_URL (the stack sets it)."""
+        api_url = self.api_url or os.environ.get("PREFECT_API_URL")
+        if not api_url:
+            raise ValueError("a worker starts only for a Prefect API URL (PREFECT_API_URL)")
+        return api_url
+
+    def reuse(self, running: PrefectWorker) -> bool:
+        return running.api_url == self._api_url() and running.pool == self.pool
+
+    def start(self) -> PrefectWorker:
+        api_url, pool, name = self._api_url(), self.pool, worker_name(self.pool)
+        env = dict(os.environ)
+        env.update(
+            {
+                "PREFECT_API_URL": api_url,
+                "PREFECT_WORKER_QUERY_SECONDS": str(self.query_seconds),
+                "PREFECT_WORKER_PREFETCH_SECONDS": str(max(10.0, self.query_seconds)),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                **self.extra_env,
+            }
+        )
+        headers = basic_auth_headers(env.get("PREFECT_API_AUTH_STRING"))
+        since = last_heartbeat(api_url, pool, name, headers)
+        process = self.spawn(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", name],
+            lambda: worker_heartbeat_since(api_url, pool, name, since, headers), self.timeout,
+            {"pool": pool, "api_url": api_url, "name": name}, env=env, cwd=self.project_dir, poll=0.5,
+            failure=f"prefect worker did not come online on pool {pool!r} (no heartbeat of its own)",
+        )
+        return PrefectWorker(name, pool, process.pid, True, api_url)
+
+    def address(self, running: PrefectWorker) -> str:
+        return f"{running.name} on pool {running.pool}"
 
 
 def ensure_prefect_worker(
@@ -115,51 +172,10 @@ def ensure_prefect_worker(
     timeout: float = 90.0,
     extra_env: dict[str, str] | None = None,
 ) -> PrefectWorker:
-    """Reuse this folder's running worker, or start one polling `pool` every `query_seconds`.
-
-    Flow runs inherit the worker's environment (plus `extra_env`): settings such as OUTPUT_DIR or REDIS_URL
-    given here apply to every run it starts, and PREFECT_API_AUTH_STRING, which the readiness check sends too.
-    Ready means a heartbeat of the new process: newer than the one the server held for this name before."""
-    worker_dir = Path(worker_dir).resolve()
-    name = worker_name(pool)
-    with folder_lock(worker_dir):
-        state = running_prefect_worker(worker_dir)
-        if state and state.get("api_url") == api_url and state.get("pool") == pool:
-            return PrefectWorker(name, pool, state["pid"], False)
-        if state:  # a worker of another server or pool: replace it
-            stop_process_group(state["pid"], 30)
-        env = dict(os.environ)
-        env.update(
-            {
-                "PREFECT_API_URL": api_url,
-                "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
-                "PREFECT_WORKER_PREFETCH_SECONDS": str(max(10.0, query_seconds)),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                **(extra_env or {}),
-            }
-        )
-        headers = basic_auth_headers(env.get("PREFECT_API_AUTH_STRING"))
-        since = last_heartbeat(api_url, pool, name, headers)
-        log = worker_dir / "worker.log"
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-                 "--name", name],
-                cwd=project_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_until_ready(
-            process, lambda: worker_heartbeat_since(api_url, pool, name, since, headers), timeout, log,
-            f"prefect worker did not come online on pool {pool!r} (no heartbeat of its own)", poll=0.5,
-        )
-        write_state(worker_dir / STATE_FILE, {"pid": process.pid, "pool": pool, "api_url": api_url, "name": name})
-        return PrefectWorker(name, pool, process.pid, True)
+    """Reuse this folder's running worker, or start one (PrefectWorkerService)."""
+    return PrefectWorkerService(worker_dir, api_url, project_dir, pool, query_seconds, timeout, extra_env).ensure()
 
 
 def stop_prefect_worker(worker_dir: Path, timeout: float = 30.0) -> bool:
     """Stop this folder's worker and the flow runs it started (its process group). True if one was running."""
-    return stop_detached_service(worker_dir, STATE_FILE, timeout)
+    return PrefectWorkerService(worker_dir).stop(timeout)

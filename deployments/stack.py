@@ -1,16 +1,16 @@
-"""The local stack: the project database (the embedded PostgreSQL, migrated to head), a real Prefect server (its
-own database "prefect" on that PostgreSQL, or SQLite: STACK_PREFECT_DATABASE), the embedded Redis, the
-emulators of the outside systems (the marketplace API, the turnstiles), the blocks, the process work pool with
-the deployments of prefect.yaml, and a worker.
+"""The local stack: the services of the registry (deployments/services.py: the embedded PostgreSQL, the embedded
+Redis, a real Prefect server with its own database "prefect" on that PostgreSQL or SQLite, the file server of
+OUTPUT_DIR, the emulators of the outside systems, the worker), the project database migrated to head, the blocks,
+and the process work pool with the deployments of prefect.yaml.
 
-    python -m deployments.stack up      # start (or reuse) everything, deploy, print the UI address
-    python -m deployments.stack down    # stop what `up` started (worker, server, embedded Redis and PostgreSQL,
-                                        # emulators)
-    python -m deployments.stack status  # what is running, without starting anything
+    python -m deployments.stack up      # start (or reuse) every service in order, deploy, print the UI address
+    python -m deployments.stack down    # stop the services in reverse order
+    python -m deployments.stack status  # each service: running or not, pid, address, log; starts nothing
 
-Services configured by environment (PREFECT_API_URL, REDIS_URL, DATABASE_URL, MARKETPLACE_API_URL) are used as
-they are and never started (DATABASE_URL's database is still migrated); TURNSTILE_EMULATOR_DEVICES=0 starts no
-emulated turnstiles.
+Services configured by environment (DATABASE_URL, REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL)
+are used as they are and never started (DATABASE_URL's database is still migrated); TURNSTILE_EMULATOR_DEVICES=0
+starts no emulated turnstiles. The addresses of the started ones reach the worker, its flow runs and their Dask
+workers through the environment (DATABASE_URL, REDIS_URL, OUTPUT_BASE_URL, PREFECT_API_URL).
 Prefect is imported only after PREFECT_API_URL is set, so this process and the Dask workers it spawns all
 talk to the same server.
 """
@@ -24,40 +24,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deployments.prefect_server import (
-    ensure_local_prefect_server,
-    running_prefect_server,
-    stop_prefect_server,
-    use_prefect_server,
-)
-from deployments.prefect_worker import (
-    LOCAL_WORK_POOL,
-    ensure_prefect_worker,
-    ensure_work_pool,
-    running_prefect_worker,
-    stop_prefect_worker,
-)
+from pydantic import SecretStr
+
+from deployments import services as registry
+from deployments.prefect_server import running_prefect_server, use_prefect_server
+from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
+from deployments.services import DEMO_MARKETPLACE
+from emulators.marketplace import EmulatorConfig
 from operations.infra.database import migrate_to_head, redact_url
-from operations.infra.embedded_postgres import (
-    resolve_database_url,
-    running_embedded_postgres,
-    stop_embedded_postgres,
-)
-from emulators import turnstiles as turnstile_emulator
-from emulators.marketplace import (
-    EmulatorConfig,
-    running_emulator_process,
-    start_emulator_process,
-    stop_emulator_process,
-)
-from operations.infra.embedded_redis import ensure_embedded_redis, running_embedded_redis, stop_embedded_redis
-from operations.infra.file_server import ensure_file_server, running_file_server, stop_file_server
 from operations.infra.links import output_base_url
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
-
-# The emulated marketplace of the local stack and the demo: a few sellers, a little latency.
-DEMO_MARKETPLACE = EmulatorConfig(sellers=5, orders_per_seller=300, items_per_seller=80, latency_ms=10)
 EMULATED_TURNSTILE = "emulated-turnstile-{}"  # block names of the emulated turnstiles (1-based)
 
 
@@ -81,49 +58,36 @@ class LocalStack:
 
 
 def start_local_stack(settings: Settings | None = None) -> LocalStack:
-    """Start or reuse the Prefect server and Redis, point this process at them, register and save blocks."""
+    """Start or reuse every service of the registry but the worker (their addresses exported to this process),
+    migrate the project database, register and save the blocks."""
     settings = settings or get_settings()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # PostgreSQL first: the local Prefect server's database is on it (deployments/prefect_server.py)
-    database_url = resolve_database_url(settings)  # the embedded PostgreSQL when DATABASE_URL is unset
-    api_url = os.environ.get("PREFECT_API_URL")
-    if api_url:
-        ui_url = api_url.removesuffix("/api")
-    else:
-        server = ensure_local_prefect_server(settings)
-        api_url, ui_url = server.api_url, server.ui_url
-        use_prefect_server(api_url, settings.stack_auth_string)  # with PREFECT_API_AUTH_STRING for every client
-    if settings.redis_url:
-        redis_url = settings.redis_url.get_secret_value()
-    else:
-        redis_url = ensure_embedded_redis(settings.redis_dir).url
+    running = registry.up(registry.without(registry.stack_services(settings), "prefect worker"))
+    # each address as configured, else as the started service exported it (what the worker's flow runs get)
+    database_url = _secret(settings.database_url) or os.environ["DATABASE_URL"]
+    redis_url = _secret(settings.redis_url) or os.environ["REDIS_URL"]
+    api_url = os.environ["PREFECT_API_URL"]
     migrate_to_head(database_url)
     register_blocks(settings, redis_url)
     ensure_generation_limit(settings)
-    if settings.marketplace_api_url:
-        marketplace_url = settings.marketplace_api_url
-    else:  # no marketplace configured: the local emulator (a real HTTP server) stands in for it
-        marketplace_url = start_emulator_process(DEMO_MARKETPLACE, settings.marketplace_emulator_dir).base_url
-    save_marketplace_app_block(settings, marketplace_url)
-    turnstiles = start_emulated_turnstiles(settings)
-    output_url = start_file_server(settings)
+    marketplace = running.get("marketplace emulator")
+    save_marketplace_app_block(settings, marketplace.base_url if marketplace else settings.marketplace_api_url or "")
+    turnstiles = save_emulated_turnstiles(running.get("turnstile emulator"))
     return LocalStack(
         api_url=api_url,
-        ui_url=ui_url,
+        ui_url=api_url.removesuffix("/api"),
         redis_url=redis_url,
         counter_block=settings.counter_block_name,
         database_url=database_url,
-        marketplace_api_url=marketplace_url,
-        marketplace_emulated=not settings.marketplace_api_url,
+        marketplace_api_url=marketplace.base_url if marketplace else settings.marketplace_api_url or "",
+        marketplace_emulated=marketplace is not None,
         emulated_turnstiles=turnstiles,
-        output_url=output_url,
+        output_url=output_base_url(settings) if settings.output_base_url else os.environ["OUTPUT_BASE_URL"],
     )
 
 
-def start_file_server(settings: Settings) -> str:
-    """Where artifacts link OUTPUT_DIR: OUTPUT_BASE_URL as it is, else the local file server, started or reused
-    (refused beyond loopback without STACK_AUTH_STRING: `make up` fails rather than link files it cannot serve)."""
-    return output_base_url(settings) if settings.output_base_url else ensure_file_server(settings).url
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
 
 
 def save_marketplace_app_block(settings: Settings, api_url: str, emulator: EmulatorConfig | None = None) -> None:
@@ -179,18 +143,16 @@ def ensure_generation_limit(settings: Settings) -> None:
     ensure_games_limit(settings.games_concurrency_limit, update=True)
 
 
-def start_emulated_turnstiles(settings: Settings) -> tuple[str, ...]:
-    """Start (or reuse) the turnstile emulator with TURNSTILE_EMULATOR_DEVICES devices and save a TurnstileDevice
-    block for each (`emulated-turnstile-N`); none when the setting is 0. Returns the block names."""
+def save_emulated_turnstiles(emulator) -> tuple[str, ...]:
+    """Register the TurnstileDevice block type and save a block for each device of the running turnstile
+    emulator (`emulated-turnstile-N`); none without one (TURNSTILE_EMULATOR_DEVICES=0). Returns the names."""
     from pydantic import SecretStr
 
     from blocks.turnstile_device import TurnstileDevice  # imports Prefect: only once the API URL is set
 
     TurnstileDevice.register_type_and_schema()
-    if not settings.turnstile_emulator_devices:
+    if emulator is None:
         return ()
-    config = turnstile_emulator.EmulatorConfig(devices=settings.turnstile_emulator_devices, latency_ms=5)
-    emulator = turnstile_emulator.start_emulator_process(config, settings.turnstile_emulator_dir)
     names = []
     for i, url in enumerate(emulator.base_urls, start=1):
         names.append(EMULATED_TURNSTILE.format(i))
@@ -217,35 +179,18 @@ def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
 
 
 def start_operator_stack(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> LocalStack:
-    """Everything an operator needs: server, Redis, blocks, work pool, deployments and a worker."""
+    """Everything an operator needs: the services, blocks, work pool, deployments, then the worker (the last
+    service of the registry), whose environment carries the services' addresses to every flow run."""
     settings = settings or get_settings()
     stack = start_local_stack(settings)
     deploy_all(stack.api_url)
-    ensure_prefect_worker(
-        settings.prefect_worker_dir, stack.api_url, PROJECT_ROOT, LOCAL_WORK_POOL, worker_query_seconds
-    )
+    registry.up(registry.only(registry.stack_services(settings, worker_query_seconds), "prefect worker"))
     return stack
 
 
 def stop_local_stack(settings: Settings | None = None) -> list[str]:
-    """Stop the services this project started (worker first); configured external ones are left alone."""
-    settings = settings or get_settings()
-    stopped = []
-    if stop_prefect_worker(settings.prefect_worker_dir):
-        stopped.append("prefect worker")
-    if stop_prefect_server(settings.prefect_dir):
-        stopped.append("prefect server")
-    if stop_embedded_redis(settings.redis_dir):
-        stopped.append("embedded redis")
-    if stop_embedded_postgres(settings.postgres_dir):
-        stopped.append("embedded postgres")
-    if stop_emulator_process(settings.marketplace_emulator_dir):
-        stopped.append("marketplace emulator")
-    if turnstile_emulator.stop_emulator_process(settings.turnstile_emulator_dir):
-        stopped.append("turnstile emulator")
-    if stop_file_server(settings.file_server_dir):
-        stopped.append("file server")
-    return stopped
+    """Stop the services of the registry, in reverse order; configured outside ones are left alone."""
+    return registry.down(registry.stack_services(settings or get_settings()))
 
 
 def local_api_url(settings: Settings | None = None) -> str | None:
@@ -262,51 +207,8 @@ def local_api_url(settings: Settings | None = None) -> str | None:
 
 
 def stack_status(settings: Settings | None = None) -> dict[str, str]:
-    settings = settings or get_settings()
-    server = running_prefect_server(settings.prefect_dir)
-    worker = running_prefect_worker(settings.prefect_worker_dir)
-    redis_server = running_embedded_redis(settings.redis_dir)
-    postgres = running_embedded_postgres(settings.postgres_dir)
-    emulator = running_emulator_process(settings.marketplace_emulator_dir)
-    turnstiles = turnstile_emulator.running_emulator_process(settings.turnstile_emulator_dir)
-    file_server = running_file_server(settings.file_server_dir)
-    return {
-        "prefect server": (
-            f"{server.ui_url} (pid {server.pid}), {server.database}{', basic auth' if server.auth else ''}"
-            if server else "not running"
-        ),
-        "prefect worker": (
-            f"{worker['name']} on pool {worker['pool']} (pid {worker['pid']})" if worker else "not running"
-        ),
-        "embedded redis": (
-            f"127.0.0.1:{redis_server.port} (pid {redis_server.pid})"
-            if redis_server
-            else ("not used: REDIS_URL is set" if settings.redis_url else "not running")
-        ),
-        "embedded postgres": (
-            f"socket {postgres.socket_dir} (pid {postgres.pid})"
-            + (" for the Prefect server only: DATABASE_URL is set" if settings.database_url else "")
-            if postgres
-            else ("not used: DATABASE_URL is set" if settings.database_url else "not running")
-        ),
-        "marketplace": (
-            f"{settings.marketplace_api_url} (MARKETPLACE_API_URL)"
-            if settings.marketplace_api_url
-            else (f"emulator {emulator.base_url} (pid {emulator.pid})" if emulator else "emulator not running")
-        ),
-        "turnstiles": (
-            f"emulator of {len(turnstiles.base_urls)} device(s), ports {', '.join(map(str, turnstiles.ports))} "
-            f"(pid {turnstiles.pid})" if turnstiles
-            else ("no emulator (TURNSTILE_EMULATOR_DEVICES=0)" if not settings.turnstile_emulator_devices
-                  else "emulator not running")
-        ),
-        "file server": (
-            f"{file_server.url} serving {file_server.root}{' (basic auth)' if file_server.auth else ''} "
-            f"(pid {file_server.pid})" if file_server
-            else (f"not used: OUTPUT_BASE_URL is {redact_url(settings.output_base_url)}" if settings.output_base_url
-                  else "not running")
-        ),
-    }
+    """Each service's line of `make status`: running or not, pid, address, what it serves, its log."""
+    return {state.name: state.line() for state in registry.status(registry.stack_services(settings or get_settings()))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         for service, state in stack_status().items():
-            print(f"{service + ':':19}{state}")
+            print(f"{service + ':':22}{state}")
         return 0
     stack = start_operator_stack()
     from prefect.client.orchestration import get_client

@@ -12,17 +12,18 @@ import types
 import typing
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import httpx
 import orjson  # a dependency of Prefect: about 5x faster than json for large pages
 from pydantic import BaseModel
 
-from operations.infra.processes import wait_until_ready
+from operations.infra.services import Service
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 _Handle = TypeVar("_Handle", bound="StoppableEmulator")
+_Running = TypeVar("_Running")
 _Client = TypeVar("_Client", bound="ControlClient")
 
 
@@ -83,31 +84,27 @@ def health(port: int, service: str) -> dict[str, Any] | None:
     return data if response.status_code == 200 and data.get("service") == service else None
 
 
-def start_detached(
-    module: str,
-    arguments: list[str],
-    config: BaseModel,
-    log: Path,
-    ready: Callable[[], bool],
-    start_timeout: float,
-    failure: str,
-) -> subprocess.Popen[bytes]:
-    """Start `python -m <module> <arguments> --config-json <config>` from the project root in a new session (it
-    outlives the caller), its output appended to `log`, and wait until `ready()` (else RuntimeError `failure`)."""
-    python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": python_path}
-    with open(log, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module, *arguments, "--config-json", config.model_dump_json()],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+class EmulatorService(Service[_Running]):
+    """An emulator as a detached service of the stack: `python -m <module> <arguments> --config-json <config>`
+    from the project root, its log `emulator.log` in its folder. Subclasses set `name`, `state_file` and
+    `module` and implement `find`, `start` (through `spawn_emulator`) and `address`."""
+
+    module: ClassVar[str]
+    log_file = "emulator.log"
+
+    def __init__(self, folder: Path, config: BaseModel, start_timeout: float = 30.0):
+        super().__init__(folder)
+        self.config, self.start_timeout = config, start_timeout
+
+    def spawn_emulator(
+        self, arguments: list[str], ready: Callable[[], bool], state: dict[str, Any], failure: str
+    ) -> subprocess.Popen[bytes]:
+        python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+        return self.spawn(
+            [sys.executable, "-m", self.module, *arguments, "--config-json", self.config.model_dump_json()],
+            ready, self.start_timeout, state, env={**os.environ, "PYTHONPATH": python_path}, cwd=PROJECT_ROOT,
+            failure=failure,
         )
-    wait_until_ready(process, ready, start_timeout, log, failure)
-    return process
 
 
 # -- running handle and control client -----------------------------------------------------------------------

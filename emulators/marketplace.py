@@ -49,21 +49,14 @@ from starlette.routing import Route
 
 from emulators.common import (
     ControlClient,
+    EmulatorService,
     StoppableEmulator,
     add_config_arguments,
     bind,
     dumps,
     health,
-    start_detached,
 )
-from operations.infra.processes import (
-    folder_lock,
-    free_port,
-    pid_alive,
-    read_state,
-    stop_detached_service,
-    write_state,
-)
+from operations.infra.processes import free_port, pid_alive
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "marketplace-emulator.json"
@@ -1098,48 +1091,55 @@ def _remote_config(base_url: str) -> EmulatorConfig:
     return EmulatorConfig.model_validate(httpx.get(f"{base_url}/_emulator/config", timeout=5).json())
 
 
+class MarketplaceEmulatorService(EmulatorService[RunningEmulator]):
+    """The emulator as a detached service (the stack's, the demo's, the benchmark's): a free port on 127.0.0.1.
+    A reused process keeps the config it was started with (`RunningEmulator.config` tells which); stop it
+    first to change the data knobs, or use the control API for the runtime ones."""
+
+    name = "marketplace emulator"
+    state_file = STATE_FILE
+    module = "emulators.marketplace"
+
+    def __init__(self, folder: Path, config: EmulatorConfig | None = None, start_timeout: float = 30.0):
+        super().__init__(folder, config or EmulatorConfig(), start_timeout)
+
+    def _handle(self, port: int, pid: int, started: bool) -> RunningEmulator:
+        base_url = f"http://127.0.0.1:{port}"
+        return RunningEmulator(base_url, port, pid, started, _remote_config(base_url), self.stop)
+
+    def find(self) -> RunningEmulator | None:
+        state = self.state()
+        if not state or not pid_alive(state["pid"]) or _health(state["port"]) is None:
+            return None
+        return self._handle(state["port"], state["pid"], False)
+
+    def start(self) -> RunningEmulator:
+        port = free_port()
+        process = self.spawn_emulator(
+            ["--port", str(port)], lambda: _health(port) is not None, {"port": port},
+            f"the marketplace emulator did not start on 127.0.0.1:{port}",
+        )
+        return self._handle(port, process.pid, True)
+
+    def address(self, running: RunningEmulator) -> str:
+        return running.base_url
+
+
 def running_emulator_process(state_dir: Path) -> RunningEmulator | None:
     """This folder's emulator process if it is running and answers, without starting one."""
-    state_dir = Path(state_dir).resolve()
-    state = read_state(state_dir / STATE_FILE)
-    if not state or not pid_alive(state["pid"]) or _health(state["port"]) is None:
-        return None
-    base_url = f"http://127.0.0.1:{state['port']}"
-    return RunningEmulator(
-        base_url, state["port"], state["pid"], False, _remote_config(base_url),
-        lambda: stop_emulator_process(state_dir),
-    )
+    return MarketplaceEmulatorService(state_dir).find()
 
 
 def start_emulator_process(
     config: EmulatorConfig | None, state_dir: Path, start_timeout: float = 30.0
 ) -> RunningEmulator:
-    """Reuse this folder's running emulator process, or start a detached one that outlives the caller.
-
-    A reused process keeps the config it was started with (`RunningEmulator.config` tells which); stop it
-    first to change the data knobs, or use the control API for the runtime ones."""
-    state_dir = Path(state_dir).resolve()
-    config = config or EmulatorConfig()
-    with folder_lock(state_dir):
-        running = running_emulator_process(state_dir)
-        if running is not None:
-            return running
-        port = free_port()
-        process = start_detached(
-            "emulators.marketplace", ["--port", str(port)], config, state_dir / "emulator.log",
-            lambda: _health(port) is not None, start_timeout,
-            f"the marketplace emulator did not start on 127.0.0.1:{port}",
-        )
-        write_state(state_dir / STATE_FILE, {"port": port, "pid": process.pid})
-        base_url = f"http://127.0.0.1:{port}"
-        return RunningEmulator(
-            base_url, port, process.pid, True, _remote_config(base_url), lambda: stop_emulator_process(state_dir)
-        )
+    """Reuse this folder's running emulator process, or start a detached one that outlives the caller."""
+    return MarketplaceEmulatorService(state_dir, config, start_timeout).ensure()
 
 
 def stop_emulator_process(state_dir: Path, timeout: float = 10.0) -> bool:
     """Stop this folder's emulator process. True if one was running."""
-    return stop_detached_service(state_dir, STATE_FILE, timeout)
+    return MarketplaceEmulatorService(state_dir).stop(timeout)
 
 
 # -- control client --------------------------------------------------------------------------------------

@@ -58,21 +58,14 @@ from starlette.routing import Route
 
 from emulators.common import (
     ControlClient,
+    EmulatorService,
     StoppableEmulator,
     add_config_arguments,
     bind,
     dumps,
     health,
-    start_detached,
 )
-from operations.infra.processes import (
-    folder_lock,
-    free_port,
-    pid_alive,
-    read_state,
-    stop_detached_service,
-    write_state,
-)
+from operations.infra.processes import free_port, pid_alive
 
 try:  # a dependency of Prefect, several times faster than json on big batches
     from orjson import loads as _fast_loads
@@ -1205,19 +1198,52 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+class TurnstileEmulatorService(EmulatorService[RunningEmulator]):
+    """The emulated devices as a detached service (the stack's, the demo's, the benchmark's), one port each on
+    127.0.0.1 (`ports`, free ones by default). A reused process keeps its devices (`RunningEmulator.config`
+    tells how many); stop it first to change them, or use the control API for the runtime knobs."""
+
+    name = "turnstile emulator"
+    state_file = STATE_FILE
+    module = "emulators.turnstiles"
+
+    def __init__(
+        self, folder: Path, config: EmulatorConfig | None = None, ports: Sequence[int] | None = None,
+        start_timeout: float = 30.0,
+    ):
+        super().__init__(folder, config or EmulatorConfig(), start_timeout)
+        self.ports = ports
+
+    def _handle(self, ports: list[int], pid: int, started: bool) -> RunningEmulator:
+        base_urls = [f"http://127.0.0.1:{port}" for port in ports]
+        with EmulatorControl(base_urls) as control:
+            config = EmulatorConfig.model_validate(control.config())
+        return RunningEmulator(base_urls, ports, pid, started, config, self.stop)
+
+    def find(self) -> RunningEmulator | None:
+        """The folder's process if it is running and answers (on any device)."""
+        state = self.state()
+        if not state or not pid_alive(state["pid"]) or not any(_health(p) is not None for p in state["ports"]):
+            return None
+        return self._handle(state["ports"], state["pid"], False)
+
+    def start(self) -> RunningEmulator:
+        ports = _ports_for(self.config, self.ports)
+        if 0 in ports:
+            ports = _free_ports(self.config.devices)
+        process = self.spawn_emulator(
+            ["--ports", ",".join(map(str, ports))], lambda: all(_health(port) is not None for port in ports),
+            {"ports": ports}, f"the turnstile emulator did not start on 127.0.0.1 ports {ports}",
+        )
+        return self._handle(ports, process.pid, True)
+
+    def address(self, running: RunningEmulator) -> str:
+        return ", ".join(running.base_urls)
+
+
 def running_emulator_process(state_dir: Path) -> RunningEmulator | None:
     """This folder's emulator process if it is running and answers (on any device), without starting one."""
-    state_dir = Path(state_dir).resolve()
-    state = read_state(state_dir / STATE_FILE)
-    if not state or not pid_alive(state["pid"]):
-        return None
-    ports: list[int] = state["ports"]
-    if not any(_health(port) is not None for port in ports):
-        return None
-    base_urls = [f"http://127.0.0.1:{port}" for port in ports]
-    with EmulatorControl(base_urls) as control:
-        config = EmulatorConfig.model_validate(control.config())
-    return RunningEmulator(base_urls, ports, state["pid"], False, config, lambda: stop_emulator_process(state_dir))
+    return TurnstileEmulatorService(state_dir).find()
 
 
 def start_emulator_process(
@@ -1226,36 +1252,13 @@ def start_emulator_process(
     ports: Sequence[int] | None = None,
     start_timeout: float = 30.0,
 ) -> RunningEmulator:
-    """Reuse this folder's running emulator process, or start a detached one that outlives the caller.
-
-    A reused process keeps its devices (`RunningEmulator.config` tells how many); stop it first to change
-    them, or use the control API for the runtime knobs. `ports` default to free ones."""
-    state_dir = Path(state_dir).resolve()
-    config = config or EmulatorConfig()
-    with folder_lock(state_dir):
-        running = running_emulator_process(state_dir)
-        if running is not None:
-            return running
-        ports = _ports_for(config, ports)
-        if 0 in ports:
-            ports = _free_ports(config.devices)
-        process = start_detached(
-            "emulators.turnstiles", ["--ports", ",".join(map(str, ports))], config, state_dir / "emulator.log",
-            lambda: all(_health(port) is not None for port in ports), start_timeout,
-            f"the turnstile emulator did not start on 127.0.0.1 ports {ports}",
-        )
-        write_state(state_dir / STATE_FILE, {"ports": ports, "pid": process.pid})
-        base_urls = [f"http://127.0.0.1:{port}" for port in ports]
-        with EmulatorControl(base_urls) as control:
-            started_config = EmulatorConfig.model_validate(control.config())
-        return RunningEmulator(
-            base_urls, ports, process.pid, True, started_config, lambda: stop_emulator_process(state_dir)
-        )
+    """Reuse this folder's running emulator process, or start a detached one that outlives the caller."""
+    return TurnstileEmulatorService(state_dir, config, ports, start_timeout).ensure()
 
 
 def stop_emulator_process(state_dir: Path, timeout: float = 10.0) -> bool:
     """Stop this folder's emulator process. True if one was running."""
-    return stop_detached_service(state_dir, STATE_FILE, timeout)
+    return TurnstileEmulatorService(state_dir).stop(timeout)
 
 
 # -- control client ------------------------------------------------------------------------------------------

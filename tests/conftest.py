@@ -1,6 +1,8 @@
-"""Session fixtures: one real embedded PostgreSQL (database "operations_test", migrated to head, exported as
-DATABASE_URL), one real Prefect server on it (its own database "prefect", the stack's default), in a temp folder,
-and one real embedded redis-server.
+"""Session fixtures: the session's services started through the stack's registry and service classes in a temp
+DATA_DIR, exported as the stack exports them to its worker: one real embedded PostgreSQL (database
+"operations_test", migrated to head: DATABASE_URL), one real Prefect server on it (its own database "prefect", the
+stack's default: PREFECT_API_URL), one real embedded redis-server (REDIS_URL) and the file server of OUTPUT_DIR
+(OUTPUT_BASE_URL). `pytest_unconfigure` stops them in reverse order.
 
 The server is started in `pytest_configure`, before any test module imports Prefect, so that both this
 process and the Dask worker processes it spawns point at it through PREFECT_API_URL.
@@ -12,12 +14,35 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 pytest_plugins = ["marketplace_fixtures"]
 
 _STATE: dict = {}
+
+
+def session_services(settings) -> list:
+    """The session's services, through the stack's registry and service classes: PostgreSQL (database
+    "operations_test"), Redis, a Prefect server on a free port (4200 stays the operator's) with its database
+    "prefect" on that PostgreSQL, and the file server of OUTPUT_DIR (flows' links need one), on a free port."""
+    from deployments.prefect_server import PrefectServerService, embedded_prefect_database
+    from deployments.services import Registered
+    from operations.infra.embedded_postgres import PostgresService, running_embedded_postgres
+    from operations.infra.embedded_redis import RedisService
+    from operations.infra.file_server import FileServerService
+    from operations.infra.processes import free_port
+
+    return [
+        Registered(PostgresService(settings.postgres_dir, database="operations_test")),
+        Registered(RedisService(settings.redis_dir)),
+        Registered(PrefectServerService(
+            settings.prefect_dir, port=free_port(),
+            database=lambda: embedded_prefect_database(running_embedded_postgres(settings.postgres_dir)),
+        )),
+        Registered(FileServerService(settings.model_copy(update={"file_server_port": free_port()}))),
+    ]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,30 +63,22 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     for var in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "PREFECT_PROFILES_PATH", "DATABASE_URL",
                 "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL",
-                "PREFECT_API_AUTH_STRING"):
+                "PREFECT_API_AUTH_STRING", "OUTPUT_BASE_URL", "STACK_AUTH_STRING"):
         os.environ.pop(var, None)
-    from deployments.prefect_server import embedded_prefect_database, ensure_prefect_server
-    from operations.infra.embedded_postgres import ensure_database, ensure_embedded_postgres
-    from operations.infra.embedded_redis import ensure_embedded_redis
-    from operations.infra.processes import free_port
+    from deployments import services as registry
+    from operations.settings import Settings, get_settings
 
-    postgres = ensure_embedded_postgres(root / "postgres")  # first: the server's database "prefect" is on it
-    _STATE["postgres"] = postgres
-    server = ensure_prefect_server(  # 4200 stays the operator's
-        root / "prefect-server", port=free_port(), database=embedded_prefect_database(postgres)
-    )
-    os.environ["PREFECT_API_URL"] = server.api_url
-    redis_server = ensure_embedded_redis(root / "redis")
-    os.environ["REDIS_URL"] = redis_server.url
-    _STATE["server"], _STATE["redis"] = server, redis_server
+    _STATE["services"] = session_services(Settings())
+    # exports DATABASE_URL, REDIS_URL, PREFECT_API_URL and OUTPUT_BASE_URL, as the stack does for its worker:
+    # child processes (Prefect and Dask workers) inherit them
+    running = registry.up(_STATE["services"])
+    _STATE["server"], _STATE["redis"] = running["prefect server"], running["embedded redis"]
+    _STATE["file_server"] = running["file server"]
 
     from operations.infra.database import migrate_to_head
-    from operations.settings import get_settings
 
-    database_url = ensure_database(postgres, "operations_test")
-    migrate_to_head(database_url)
-    os.environ["DATABASE_URL"] = database_url  # child processes (Prefect and Dask workers) inherit it
-    _STATE["database_url"] = database_url
+    _STATE["database_url"] = os.environ["DATABASE_URL"]
+    migrate_to_head(_STATE["database_url"])
     get_settings.cache_clear()
 
 
@@ -69,8 +86,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     root = _STATE.get("root")
     if root is None:
         return
-    from deployments.prefect_server import stop_prefect_server
-    from operations.infra.embedded_redis import stop_embedded_redis
+    from deployments import services as registry
+    from operations.infra.database import dispose_engines
 
     try:  # send the last run logs before the server goes away
         from prefect.logging.handlers import APILogWorker
@@ -78,22 +95,24 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         APILogWorker.drain_all(timeout=10)
     except Exception:  # noqa: BLE001 - best effort at shutdown
         pass
-    stop_prefect_server(root / "prefect-server")
-    stop_embedded_redis(root / "redis")
-    if "postgres" in _STATE:
-        from operations.infra.database import dispose_engines
-        from operations.infra.embedded_postgres import stop_embedded_postgres
-
-        dispose_engines()
-        stop_embedded_postgres(root / "postgres")
-    # -- the file server (issue 10): no fixture starts it; the first link a flow makes does (links.output_link),
-    # serving the OUTPUT_DIR of the flow's settings
-    from operations.infra.file_server import stop_file_server
-    from operations.settings import Settings
-
-    stop_file_server(Settings().file_server_dir)
-    # -- end of the file server
+    dispose_engines()
+    registry.down(_STATE.get("services", []))
     shutil.rmtree(root, ignore_errors=True)
+
+
+def served_output(name: str) -> dict[str, str]:
+    """OUTPUT_DIR and OUTPUT_BASE_URL of a folder `name` of its own under the session's OUTPUT_DIR, which the
+    session's file server serves: what a test's flow runs (or a worker's) need for links that open."""
+    server = _STATE["file_server"]
+    folder = Path(server.root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"OUTPUT_DIR": str(folder), "OUTPUT_BASE_URL": f"{server.url}/{quote(name)}"}
+
+
+@pytest.fixture(scope="session")
+def output_env():
+    """`served_output`: a test's own OUTPUT_DIR served by the session's file server, as environment variables."""
+    return served_output
 
 
 @pytest.fixture(scope="session")
@@ -133,10 +152,11 @@ def redis_client(redis_url):
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    """Fresh settings with outputs in this test's folder."""
+    """Fresh settings with outputs in a folder of this test's own, served by the session's file server."""
     from operations import settings as settings_module
 
-    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "output"))
+    for name, value in served_output(f"{tmp_path.parent.name}-{tmp_path.name}").items():
+        monkeypatch.setenv(name, value)
     settings_module.get_settings.cache_clear()
     yield settings_module.get_settings()
     settings_module.get_settings.cache_clear()

@@ -67,12 +67,13 @@ class RetryingClient(httpx.Client):
 
 
 @pytest.fixture(scope="module")
-def operator_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
-    """The deployments of prefect.yaml and a worker whose flow runs write under a temporary folder and
-    cut their work in small chunks (so that a short run still has many chunks to cancel between)."""
+def operator_stack(prefect_api_url, redis_url, database_url, output_env, tmp_path_factory):
+    """The deployments of prefect.yaml and a worker whose flow runs write under a folder of their own (served by
+    the session's file server) and cut their work in small chunks (so that a short run still has many chunks to
+    cancel between)."""
     root = tmp_path_factory.mktemp("operator")
     worker_env = {
-        "OUTPUT_DIR": str(root / "output"),
+        **output_env(f"operator-{root.name}"),
         "REDIS_URL": redis_url,
         "IN_PROCESS_MAX_QUANTITY": "20000",
         "MIN_GAMES_PER_CHUNK": "1000",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import logging
 import uuid
 from pathlib import Path
 
@@ -15,9 +14,16 @@ import pytest
 from openpyxl import Workbook, load_workbook
 from pydantic import SecretStr
 
-from operations.infra.file_server import STATE_FILE, ensure_file_server, running_file_server, stop_file_server
+from operations.infra.file_server import (
+    STATE_FILE,
+    FileServerService,
+    ensure_file_server,
+    running_file_server,
+    stop_file_server,
+)
 from operations.infra.links import output_link
 from operations.infra.processes import ExposedWithoutAuth, free_port
+from operations.infra.services import NotConfigured
 from operations.settings import Settings, get_settings
 from run_checks import fetch_link, link_url, run_artifacts, run_texts
 
@@ -26,7 +32,10 @@ SECRET = "the-secret-outside-output-dir"
 
 
 def _settings(tmp: Path, **overrides) -> Settings:
-    return Settings(data_dir=tmp / "data", output_dir=tmp / "output", file_server_port=free_port(), **overrides)
+    """A file server's settings of its own (not the session's OUTPUT_BASE_URL)."""
+    fields = {"data_dir": tmp / "data", "output_dir": tmp / "output", "file_server_port": free_port(),
+              "output_base_url": None}
+    return Settings(**{**fields, **overrides})
 
 
 def _sheet_values(source) -> list[list[tuple]]:
@@ -139,7 +148,7 @@ def test_links_are_the_base_url_and_the_quoted_path_under_output_dir(tmp_path):
         output_link(target, _settings(tmp_path, output_base_url="https://ops:pw@files.example.com/"))
 
 
-def test_a_server_beyond_loopback_without_auth_is_refused(tmp_path, caplog):
+def test_a_server_beyond_loopback_without_auth_is_refused(tmp_path):
     for host in ("0.0.0.0", "192.0.2.10", "files.internal"):
         settings = _settings(tmp_path, stack_host=host)
         with pytest.raises(ExposedWithoutAuth, match="STACK_AUTH_STRING"):
@@ -148,10 +157,9 @@ def test_a_server_beyond_loopback_without_auth_is_refused(tmp_path, caplog):
         assert running_file_server(settings.file_server_dir) is None
     (settings.output_dir / "run").mkdir(parents=True)
     target = settings.output_dir / "run" / "games.xlsx"
-    with caplog.at_level(logging.WARNING, logger="operations.infra.links"):
-        link = output_link(target, settings)  # the run's files are written: its link falls back, it never fails
-    assert link == target.resolve().as_uri()
-    assert "STACK_AUTH_STRING" in caplog.text
+    with pytest.raises(NotConfigured, match="OUTPUT_BASE_URL"):  # no server, no link: a link never starts one
+        output_link(target, settings)
+    assert running_file_server(settings.file_server_dir) is None
 
 
 @pytest.fixture
@@ -231,23 +239,27 @@ def test_a_generation_runs_links_open_over_http_with_the_same_rows(settings, tmp
 
 @pytest.mark.slow
 def test_a_flow_behind_auth_links_without_the_password(settings, monkeypatch, tmp_path):
+    """The flow's links on a file server behind basic auth (one started for its OUTPUT_DIR, as `make up` with
+    STACK_AUTH_STRING does): they open with the credentials only, and no text of the run shows the password."""
     from flows.generate_games import generate_games
 
     password = f"pw-{uuid.uuid4().hex}"
-    monkeypatch.setenv("STACK_AUTH_STRING", f"ops:{password}")
+    files = FileServerService(_settings(tmp_path, output_dir=settings.output_dir,
+                                        stack_auth_string=SecretStr(f"ops:{password}")))
+    server = files.ensure()
+    monkeypatch.setenv("OUTPUT_BASE_URL", server.url)
     get_settings.cache_clear()
     try:
         state = generate_games(quantity=1_000, run_key=f"auth-{uuid.uuid4().hex[:6]}", return_state=True)
         assert state.is_completed(), state.message
         [link] = [a.data for a in run_artifacts(state.state_details.flow_run_id) if a.key == "games-spreadsheet-1"]
+        assert link_url(link).startswith(server.url + "/")
         assert httpx.get(link_url(link)).status_code == 401
         path = fetch_link(link, tmp_path, auth=("ops", password))
         assert _sheet_values(path) == _sheet_values(state.result()["spreadsheets"][0])
         texts = run_texts(state.state_details.flow_run_id)
         assert texts and not [t for t in texts if password in t]
-        log = get_settings().file_server_dir / "file-server.log"
-        assert password not in log.read_text(errors="replace")
+        assert password not in files.log.read_text(errors="replace")
     finally:
-        monkeypatch.delenv("STACK_AUTH_STRING")
         get_settings.cache_clear()
-        stop_file_server(get_settings().file_server_dir)  # the next link restarts it without auth anyway
+        files.stop()

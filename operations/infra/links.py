@@ -1,40 +1,38 @@
 """Links to the files flows write for people (spreadsheets, reports): one helper, so every artifact and
 summary links them the same way, with a URL a browser showing the Prefect UI opens.
 
-A link is OUTPUT_BASE_URL + the file's path under OUTPUT_DIR. Unset OUTPUT_BASE_URL means the local file
-server (operations/infra/file_server.py): the running one is found through its state file (so a flow-run
-process of the worker finds the one `make up` started), and started on first use like the embedded Redis, so
-a flow run outside `make up` still gets links that open. Should it not start (STACK_HOST beyond loopback without
-STACK_AUTH_STRING, a broken install), the link falls back to the file's file:// URI with a warning: the run's
-files are written by then, and a link never fails a run.
+A link is OUTPUT_BASE_URL + the file's path under OUTPUT_DIR. The stack hands OUTPUT_BASE_URL (its file server's
+URL) to the worker it starts, so flow runs of the worker use it as is. Unset, the file server the local stack runs
+for this OUTPUT_DIR is found through its state file under DATA_DIR (a flow run from a shell beside `make up`);
+without either, making a link fails with NotConfigured naming OUTPUT_BASE_URL: a link is never left pointing
+at a server nobody runs, and no server is started from a flow.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from operations.infra.services import not_configured
 from operations.settings import Settings, get_settings
-
-logger = logging.getLogger(__name__)
 
 
 def output_base_url(settings: Settings | None = None) -> str:
-    """The URL OUTPUT_DIR is served under (no trailing slash): OUTPUT_BASE_URL, else the local file server's."""
+    """The URL OUTPUT_DIR is served under (no trailing slash): OUTPUT_BASE_URL, else the URL of the file server
+    the local stack runs for this OUTPUT_DIR. Raises NotConfigured naming OUTPUT_BASE_URL when there is neither:
+    links are looked up, never a server started."""
     settings = settings or get_settings()
     if settings.output_base_url:
         if urlsplit(settings.output_base_url).password is not None:
             raise ValueError("OUTPUT_BASE_URL must not hold a password: every artifact would show it")
         return settings.output_base_url.rstrip("/")
-    from operations.infra.file_server import ensure_file_server
+    from operations.infra.file_server import running_file_server
 
-    try:
-        return ensure_file_server(settings).url
-    except (RuntimeError, ValueError) as exc:  # refused, not started, or a malformed STACK_AUTH_STRING
-        logger.warning("no file server for OUTPUT_DIR, so links are file:// URIs a browser will not open "
-                       "from the Prefect UI: %s", exc)
-        return Path(settings.output_dir).resolve().as_uri()
+    server = running_file_server(settings.file_server_dir)
+    if server is None or Path(server.root) != Path(settings.output_dir).resolve():
+        raise not_configured("OUTPUT_BASE_URL", f"a file server of OUTPUT_DIR ({settings.output_dir})",
+                             settings.data_dir)
+    return server.url
 
 
 def output_link(path: Path, settings: Settings | None = None) -> str:

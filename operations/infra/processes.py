@@ -1,5 +1,5 @@
-"""Detached local services (redis-server, prefect server, prefect worker): ports, pid checks, state files,
-folder locks and clean stops. Each service keeps a small JSON state file in its own folder."""
+"""The process helpers of the detached local services (operations/infra/services.py): ports, pid checks, state
+files, folder locks, readiness waits and clean stops, and the address and auth checks of those that listen."""
 
 from __future__ import annotations
 
@@ -100,19 +100,6 @@ def stop_process_group(pid: int, timeout: float) -> None:
         except ProcessLookupError:
             pass
     reap(pid)
-
-
-def stop_detached_service(folder: Path, state_file: str, timeout: float) -> bool:
-    """Stop the detached service whose state file (with its `pid`) is in `folder`: its process group gets
-    SIGTERM, then SIGKILL after `timeout` seconds. True if one was running."""
-    folder = Path(folder).resolve()
-    with folder_lock(folder):
-        state = read_state(folder / state_file)
-        (folder / state_file).unlink(missing_ok=True)
-        if not state or not pid_alive(state["pid"]):
-            return False
-        stop_process_group(state["pid"], timeout)
-        return True
 
 
 def wait_until_ready(

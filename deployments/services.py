@@ -1,0 +1,131 @@
+"""The registry of the local stack's services: the one ordered list `make up`, `make down` and `make status` (and
+the demo, the benchmarks and the test session) loop over.
+
+Order: the embedded PostgreSQL (the Prefect server's database is on it), the embedded Redis, the Prefect server,
+the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the worker. `up` starts them in this order,
+`down` stops them in reverse. A service configured by environment is not started (`replaced_by` says which setting):
+REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL, TURNSTILE_EMULATOR_DEVICES=0; DATABASE_URL replaces
+the embedded PostgreSQL unless the local Prefect server keeps its own database on it.
+
+What started services export (DATABASE_URL, REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL) goes into this
+process's environment, so the worker the stack starts, its flow runs and their Dask workers all inherit the
+addresses: flow code never looks for, let alone starts, a service of its own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from deployments.prefect_server import DATABASE_URL_VARIABLES, local_prefect_server
+from deployments.prefect_worker import LOCAL_WORK_POOL, PrefectWorkerService
+from emulators import marketplace as marketplace_emulator
+from emulators import turnstiles as turnstile_emulator
+from operations.infra.embedded_postgres import PostgresService
+from operations.infra.embedded_redis import RedisService
+from operations.infra.file_server import FileServerService
+from operations.infra.services import Service, ServiceStatus
+from operations.settings import PROJECT_ROOT, Settings, get_settings
+
+# The emulated marketplace of the local stack and the demo: a few sellers, a little latency.
+DEMO_MARKETPLACE = marketplace_emulator.EmulatorConfig(
+    sellers=5, orders_per_seller=300, items_per_seller=80, latency_ms=10
+)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A service of the stack, and whether the stack runs it here."""
+
+    service: Service
+    replaced_by: str | None = None  # why the stack does not start it: the setting that names an outside one
+    exports: bool = True  # whether its addresses go to the processes the stack starts
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+
+def _postgres_replaced_by(settings: Settings) -> str | None:
+    """DATABASE_URL, unless the local Prefect server keeps its database on the embedded PostgreSQL anyway."""
+    if not settings.database_url:
+        return None
+    server_elsewhere = (
+        os.environ.get("PREFECT_API_URL")
+        or settings.stack_prefect_database == "sqlite"
+        or any(os.environ.get(variable) for variable in DATABASE_URL_VARIABLES)
+    )
+    return "DATABASE_URL is set" if server_elsewhere else None
+
+
+def stack_services(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> list[Registered]:
+    """The stack's services in start order (module docstring)."""
+    settings = settings or get_settings()
+    devices = settings.turnstile_emulator_devices
+    return [
+        Registered(PostgresService(settings.postgres_dir), _postgres_replaced_by(settings),
+                   exports=not settings.database_url),
+        Registered(RedisService(settings.redis_dir, settings.redis_start_timeout_seconds),
+                   "REDIS_URL is set" if settings.redis_url else None),
+        Registered(local_prefect_server(settings),
+                   "PREFECT_API_URL is set" if os.environ.get("PREFECT_API_URL") else None),
+        Registered(FileServerService(settings), "OUTPUT_BASE_URL is set" if settings.output_base_url else None),
+        Registered(marketplace_emulator.MarketplaceEmulatorService(settings.marketplace_emulator_dir, DEMO_MARKETPLACE),
+                   "MARKETPLACE_API_URL is set" if settings.marketplace_api_url else None),
+        Registered(
+            turnstile_emulator.TurnstileEmulatorService(
+                settings.turnstile_emulator_dir,
+                turnstile_emulator.EmulatorConfig(devices=max(devices, 1), latency_ms=5),
+            ),
+            None if devices else "TURNSTILE_EMULATOR_DEVICES=0",
+        ),
+        Registered(PrefectWorkerService(settings.prefect_worker_dir, project_dir=PROJECT_ROOT, pool=LOCAL_WORK_POOL,
+                                        query_seconds=worker_query_seconds)),
+    ]
+
+
+def only(services: list[Registered], *names: str) -> list[Registered]:
+    """The registered services of these names, in registry order; the others left out (not started, not stopped)."""
+    unknown = set(names) - {entry.name for entry in services}
+    if unknown:
+        raise ValueError(f"no service named {sorted(unknown)} in the registry")
+    return [entry for entry in services if entry.name in names]
+
+
+def without(services: list[Registered], *names: str) -> list[Registered]:
+    """The registered services but these."""
+    return [entry for entry in services if entry.name not in names]
+
+
+def up(services: list[Registered]) -> dict[str, Any]:
+    """Start (or reuse) each service not replaced by a setting, in order, and put what it exports into this
+    process's environment (so later services and every process started from here find it). Returns the
+    running handles by service name."""
+    running: dict[str, Any] = {}
+    for entry in services:
+        if entry.replaced_by:
+            continue
+        handle = entry.service.ensure()
+        running[entry.name] = handle
+        if entry.exports:
+            os.environ.update(entry.service.exports(handle))
+    get_settings.cache_clear()  # this process's settings now see the exported addresses
+    return running
+
+
+def down(services: list[Registered]) -> list[str]:
+    """Stop the services in reverse order (also those replaced by a setting now, if one still runs from
+    before). Returns the names of those that were running."""
+    return [entry.name for entry in reversed(services) if entry.service.stop()]
+
+
+def status(services: list[Registered]) -> list[ServiceStatus]:
+    """Each service's state, without starting anything."""
+    found = []
+    for entry in services:
+        state = entry.service.status()
+        if entry.replaced_by and not state.running:
+            state = replace(state, note=f"not used: {entry.replaced_by}")
+        found.append(state)
+    return found
