@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.after_deploy import apply_after_deploy, describe_schedules
 from deployments.prefect_server import (
     ensure_local_prefect_server,
     running_prefect_server,
@@ -214,6 +215,7 @@ def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    apply_after_deploy()  # unknown parameters refused; schedules paused unless STACK_SCHEDULES=on
 
 
 def start_operator_stack(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> LocalStack:
@@ -320,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         for service, state in stack_status().items():
             print(f"{service + ':':19}{state}")
+        print(f"{'schedules:':19}{describe_schedules(local_api_url())}")
         return 0
     stack = start_operator_stack()
     from prefect.client.orchestration import get_client
@@ -342,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")
-    print("Start a run: python -m deployments.start_run generate-games/on-demand quantity=100000")
+    print(f"Schedules:     {describe_schedules(stack.api_url)}")
+    print('Start a run:   make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=100000"')
+    print("Sample files:  make samples (the files and the run command of each flow)")
     return 0
 
 
