@@ -7,12 +7,14 @@
   link artifact's card -> the link, clicked; the browser must download the file with status 200 and the
   content type its extension calls for (the status and type read from Chromium's own network log).
 
-    python -m deployments.browser_check [--ui-url URL] [--api-url URL] [--deployment FLOW/DEPLOYMENT]
-                                        [--follow-link FLOW_RUN_ID [--artifact-key KEY]]
-                                        [--screenshot PATH] [--timeout SECONDS]
+    .venv/bin/python tests/browser_check.py [--api-url URL] [--ui-url URL] [--deployment FLOW/DEPLOYMENT]
+                                            [--follow-link FLOW_RUN_ID [--artifact-key KEY]]
+                                            [--screenshot PATH] [--timeout SECONDS]
 
-Exit 0 when the check passes, 1 naming what is missing, 2 when Chromium, chromedriver or selenium is not
-installed. Needs no Prefect import.
+The server checked is the one its caller names: `--api-url` (or `--ui-url`), else PREFECT_API_URL; there is no
+default address, so the check never looks at another stack than the caller's. A test tool
+(tests/test_browser_ui.py imports it). Exit 0 when the check passes, 1 naming what is missing, 2 when Chromium,
+chromedriver or selenium is not installed or no server is named. Needs no Prefect import.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from operations.infra.file_server import CONTENT_TYPES
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-DEFAULT_UI_URL = "http://127.0.0.1:4200"
 DEFAULT_DEPLOYMENT = "generate-games/on-demand"
 DEFAULT_LINK_ARTIFACT = "games-spreadsheet-1"  # the first spreadsheet link of a generate-games run
 INSTALL_HINT = "apt-get install chromium chromium-driver (Debian's browser) and pip install selenium"
@@ -72,12 +73,18 @@ def browser_missing() -> str | None:
 
 
 def default_urls(ui_url: str | None = None, api_url: str | None = None) -> tuple[str, str]:
-    """(ui_url, api_url): given ones, else from PREFECT_API_URL (the UI is the API without /api), else :4200."""
+    """(ui_url, api_url) of the server the caller names: given ones, else PREFECT_API_URL (the UI is the API
+    without /api); ValueError when none is named."""
     if ui_url and not api_url:
         api_url = ui_url.rstrip("/") + "/api"
-    api_url = (api_url or os.environ.get("PREFECT_API_URL") or DEFAULT_UI_URL + "/api").rstrip("/")
+    api_url = api_url or os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        raise ValueError("no Prefect server named: give --api-url (or --ui-url) or set PREFECT_API_URL")
+    api_url = api_url.rstrip("/")
     if not ui_url:
-        ui_url = api_url.removesuffix("/api") if api_url.endswith("/api") else DEFAULT_UI_URL
+        if not api_url.endswith("/api"):
+            raise ValueError(f"cannot tell the UI of the API {api_url} (no /api at its end): give --ui-url")
+        ui_url = api_url.removesuffix("/api")
     return ui_url.rstrip("/"), api_url
 
 
@@ -371,11 +378,11 @@ def check_link_artifact(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deployments.browser_check",
+        prog="tests/browser_check.py",
         description="Check a deployment's 'Custom run' form, or a run's spreadsheet link, in the Prefect UI with "
         "headless Chromium.",
     )
-    parser.add_argument("--ui-url", help=f"Prefect UI (default: PREFECT_API_URL without /api, else {DEFAULT_UI_URL})")
+    parser.add_argument("--ui-url", help="Prefect UI (default: the API URL without /api)")
     parser.add_argument("--api-url", help="Prefect API (default: the UI's /api if --ui-url, else PREFECT_API_URL)")
     parser.add_argument("--deployment", default=DEFAULT_DEPLOYMENT, help="FLOW/DEPLOYMENT (default: %(default)s)")
     parser.add_argument("--follow-link", metavar="FLOW_RUN_ID",
@@ -391,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"browser check: cannot run: {why}", file=sys.stderr)
         return 2
-    ui_url, api_url = default_urls(args.ui_url, args.api_url)
+    try:
+        ui_url, api_url = default_urls(args.ui_url, args.api_url)
+    except ValueError as exc:
+        print(f"browser check: {exc}", file=sys.stderr)
+        return 2
     if args.follow_link:
         default_png = f"/tmp/prefect-link-{args.artifact_key}.png"
         print(f"browser check: {ui_url}/runs/flow-run/{args.follow_link} -> Artifacts -> {args.artifact_key} -> "
