@@ -48,6 +48,7 @@ ROW_FLOW_NAME = ".flow-popover__link-name"
 RUN_BUTTON = "button.run-menu__run-button"
 CUSTOM_RUN_ITEM = "//button[contains(@class, 'p-overflow-menu-item')][normalize-space(.)='Custom run']"
 RUN_FORM = "form.flow-run-create-form-v2"
+SUBMIT_BUTTON = "//button[normalize-space(.)='Submit']"
 FIELD_LABELS = "form.flow-run-create-form-v2 .schema-form-property__label"
 OPTIONAL_SUFFIX = " (Optional)"  # the UI appends it to the title of a parameter that has a default
 RUN_TAB = "//li[contains(@class, 'p-tab')][normalize-space(.)='{}']"
@@ -102,6 +103,14 @@ def read_deployment(api_url: str, deployment: str, timeout: float = 30) -> dict:
         raise BrowserCheckError(f"no deployment {deployment!r} in the Prefect API at {api_url}")
     response.raise_for_status()
     return response.json()
+
+
+def _flow_run_ids(api_url: str, deployment_id: str, timeout: float = 30) -> list[str]:
+    """The ids of the deployment's flow runs, through the REST API."""
+    response = httpx.post(f"{api_url}/flow_runs/filter", timeout=timeout,
+                          json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
+    response.raise_for_status()
+    return [run["id"] for run in response.json()]
 
 
 def expected_titles(parameter_schema: dict | None) -> list[str]:
@@ -216,11 +225,14 @@ def check_custom_run_form(
     deployment: str,
     screenshot: str | Path | None = None,
     timeout: float = 60,
+    submitted: list[str] | None = None,
 ) -> list[str]:
     """Open the UI, go deployments list -> `deployment` -> Run -> Custom run, and check that the form shows
     every parameter title of the deployment's schema. Returns the titles found (schema order); raises
     BrowserCheckError naming what was missing, BrowserUnavailable without Chromium/chromedriver/selenium.
-    `timeout` bounds each wait; `screenshot` (a PNG path) is saved on success and on failure."""
+    With a `submitted` list, the form is then submitted as it is (its defaults) and the id of the flow run it
+    creates is appended to the list: the server accepted what the UI sends. `timeout` bounds each wait;
+    `screenshot` (a PNG path) is saved on success and on failure."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -274,6 +286,12 @@ def check_custom_run_form(
                     f"the custom-run form of {deployment!r} ({driver.current_url}) does not show the parameter "
                     f"title(s) {missing}; it shows {list(dict.fromkeys(shown))}"
                 ) from None
+            if submitted is not None:
+                before = set(_flow_run_ids(api_url, record["id"]))
+                _click(driver, wait, lambda d: d.find_element(By.XPATH, SUBMIT_BUTTON), 'the "Submit" button')
+                step = "waiting for the flow run the form creates (did the server refuse it? see the screenshot)"
+                created = wait.until(lambda d: set(_flow_run_ids(api_url, record["id"])) - before)
+                submitted.extend(sorted(created))
             return [t for t in titles if t in shown]
         except TimeoutException:
             raise BrowserCheckError(f"timed out after {timeout:g} s {step} ({driver.current_url})") from None

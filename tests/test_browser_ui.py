@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from browser_check import browser_missing, check_custom_run_form, check_link_artifact, default_urls
@@ -32,11 +33,18 @@ def test_the_checked_server_is_the_one_the_caller_names(monkeypatch):
 def test_custom_run_form_shows_parameter_titles(prefect_api_url, tmp_path):
     deploy_all(prefect_api_url)  # the work pool and deployments of prefect.yaml, as `make up` makes them
     screenshot = tmp_path / "custom-run.png"
+    submitted: list[str] = []
     found = check_custom_run_form(
-        prefect_api_url.removesuffix("/api"), prefect_api_url, "generate-games/on-demand", screenshot=screenshot
+        prefect_api_url.removesuffix("/api"), prefect_api_url, "generate-games/on-demand", screenshot=screenshot,
+        submitted=submitted,
     )
     assert {"Games", "Numbers per game", "Highest number", "Rules", "Seed", "Run key"} <= set(found), found
     assert screenshot.stat().st_size > 10_000
+    # the form as the UI submits it passes the deployment's strict schema (no parameter it does not name)
+    [flow_run_id] = submitted
+    run = httpx.get(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+    assert run["parameters"]["quantity"] == 10_000, run["parameters"]
+    assert httpx.delete(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).status_code == 204  # not run
 
 
 @pytest.mark.slow
