@@ -105,7 +105,9 @@ def describe_schedules(api_url: str | None) -> str:
             active, total = schedule_counts(client)
     except Exception as exc:  # noqa: BLE001 - a status line never fails the status command
         return f"unknown ({type(exc).__name__}: {exc})"
-    state = "on" if active == total and total else ("paused" if not active else "partly on")
+    if not total:
+        return f"none deployed ({setting})"
+    state = "on" if active == total else ("paused" if not active else "partly on")
     return f"{state}: {active} of {total} active ({setting})"
 
 

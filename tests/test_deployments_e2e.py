@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from blocks.redis_game_counter import RedisGameCounter
 from blocks.turnstile_device import TurnstileDevice
 from emulators import turnstiles as turnstile_emulator
+from deployments.after_deploy import apply_after_deploy
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
@@ -339,6 +340,9 @@ def test_unknown_parameters_are_refused_with_409_naming_them_on_every_deployment
     deployments = client.post("/deployments/filter", json={}).json()
     flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).json()}
     assert len(deployments) >= 10, [d["name"] for d in deployments]
+    again = apply_after_deploy()  # what deploy_all did: nothing left to change, schedules paused (STACK_SCHEDULES)
+    assert (again.strict_schemas, again.schedules_switched, again.schedules_active) == (0, 0, False), again
+    assert all(not s["active"] for d in deployments for s in d["schedules"])
     for deployment in deployments:
         flow_name = flows[deployment["flow_id"]]
         where = f"{flow_name}/{deployment['name']}"
