@@ -41,7 +41,8 @@ def operator_env(tmp_path_factory):
         for k, v in os.environ.items()
         if k not in ("PREFECT_API_URL", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "DATABASE_URL", "MARKETPLACE_API_URL")
     }
-    env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output")})
+    env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output"),
+                "STACK_SCHEDULES": "off"})  # the default, whatever a developer's .env says
     yield env
     _command(env, "deployments.stack", "down")
 
