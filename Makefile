@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench up down status run clean
+.PHONY: demo test bench up down status run samples onboard clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ status: $(STAMP)
 DEPLOYMENT ?= generate-games/on-demand
 run: $(STAMP)
 	$(BIN)/python -m deployments.start_run $(DEPLOYMENT) $(PARAMS)
+
+# The sample files of every flow under DATA_DIR/samples, and the command that runs each flow on them.
+samples: $(STAMP)
+	$(BIN)/python -m deployments.samples
+
+# A seller of the stack's marketplace emulator onboarded (a code from its consent page, exchanged).
+onboard: $(STAMP)
+	$(BIN)/python -m deployments.marketplace_accounts emulated
 
 clean: down
 	rm -rf data/

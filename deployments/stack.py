@@ -27,6 +27,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from deployments import services as registry
+from deployments.after_deploy import apply_after_deploy, describe_schedules
 from deployments.prefect_server import running_prefect_server, use_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
 from deployments.services import DEMO_MARKETPLACE
@@ -176,6 +177,7 @@ def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    apply_after_deploy()  # unknown parameters refused; schedules paused unless STACK_SCHEDULES=on
 
 
 def start_operator_stack(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> LocalStack:
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         for service, state in stack_status().items():
             print(f"{service + ':':22}{state}")
+        print(f"{'schedules:':22}{describe_schedules(local_api_url())}")
         return 0
     stack = start_operator_stack()
     from prefect.client.orchestration import get_client
@@ -244,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")
-    print("Start a run: python -m deployments.start_run generate-games/on-demand quantity=100000")
+    print(f"Schedules:     {describe_schedules(stack.api_url)}")
+    print('Start a run:   make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=100000"')
+    print("Sample files:  make samples (the files and the run command of each flow)")
     return 0
 
 

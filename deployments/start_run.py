@@ -1,12 +1,14 @@
-"""Start a run of any deployment and return at once (the old systems' "sync in background").
+"""Start a run of any deployment and return at once (a "sync in background" for other systems).
 
+    make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=200000 run_key=morning-batch"
     python -m deployments.start_run generate-games/on-demand quantity=200000 run_key=morning-batch
     python -m deployments.start_run generate-games/on-demand --parameters '{"rules": {"sum_min": 130}}'
     python -m deployments.start_run generate-games/on-demand quantity=50000 --idempotency-key order-8812
 
 KEY=VALUE values are read as JSON when they parse (numbers, true, lists, objects), else as text. Prints the
 flow run id and its UI link. The server validates the parameters against the deployment's schema
-(enforce_parameter_schema): invalid ones are refused and no run is created (exit code 2).
+(enforce_parameter_schema, and no parameter the schema does not name): invalid or unknown ones are refused
+with the server's message and no run is created (exit code 2).
 Uses PREFECT_API_URL, else the local server started by `make up`.
 """
 

@@ -206,6 +206,11 @@ class Settings(BaseSettings):
         description="URL under which OUTPUT_DIR is served; links in artifacts are this + the file's path under "
         "OUTPUT_DIR. Unset: the local file server's URL. Several machines: the server of the shared storage.",
     )
+    stack_schedules: bool = Field(
+        default=False,
+        description="Keep the schedules of prefect.yaml's deployments active after `make up` deploys them (on, "
+        "as production does). Off: `make up` pauses every schedule, so a laptop runs only what is started by hand.",
+    )
     games_concurrency_limit: int = Field(
         default=1, ge=1, le=64,
         description="Generation runs at once on this stack, whatever deployment started them (the Prefect global "

@@ -7,27 +7,48 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
-from deployments.browser_check import browser_missing, check_custom_run_form, check_link_artifact
+from browser_check import browser_missing, check_custom_run_form, check_link_artifact, default_urls
 from deployments.stack import deploy_all
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(browser_missing()), reason=f"browser check: {browser_missing()}"),
-]
+needs_browser = pytest.mark.skipif(bool(browser_missing()), reason=f"browser check: {browser_missing()}")
 
 
+def test_the_checked_server_is_the_one_the_caller_names(monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(ValueError, match="no Prefect server named"):
+        default_urls()  # no default address: never someone else's stack on a well-known port
+    assert default_urls(api_url="http://127.0.0.1:4321/api/") == ("http://127.0.0.1:4321", "http://127.0.0.1:4321/api")
+    assert default_urls(ui_url="http://10.0.0.5:8080/") == ("http://10.0.0.5:8080", "http://10.0.0.5:8080/api")
+    with pytest.raises(ValueError, match="give --ui-url"):
+        default_urls(api_url="http://127.0.0.1:4321/prefect")
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:5555/api")
+    assert default_urls() == ("http://127.0.0.1:5555", "http://127.0.0.1:5555/api")
+
+
+@pytest.mark.slow
+@needs_browser
 def test_custom_run_form_shows_parameter_titles(prefect_api_url, tmp_path):
     deploy_all(prefect_api_url)  # the work pool and deployments of prefect.yaml, as `make up` makes them
     screenshot = tmp_path / "custom-run.png"
+    submitted: list[str] = []
     found = check_custom_run_form(
-        prefect_api_url.removesuffix("/api"), prefect_api_url, "generate-games/on-demand", screenshot=screenshot
+        prefect_api_url.removesuffix("/api"), prefect_api_url, "generate-games/on-demand", screenshot=screenshot,
+        submitted=submitted,
     )
     assert {"Games", "Numbers per game", "Highest number", "Rules", "Seed", "Run key"} <= set(found), found
     assert screenshot.stat().st_size > 10_000
+    # the form as the UI submits it passes the deployment's strict schema (no parameter it does not name)
+    [flow_run_id] = submitted
+    run = httpx.get(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+    assert run["parameters"]["quantity"] == 10_000, run["parameters"]
+    assert httpx.delete(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).status_code == 204  # not run
 
 
+@pytest.mark.slow
+@needs_browser
 def test_a_spreadsheet_link_in_the_artifacts_tab_downloads_the_file(prefect_api_url, settings, tmp_path):
     from flows.generate_games import generate_games
 

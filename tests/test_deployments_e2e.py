@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from blocks.redis_game_counter import RedisGameCounter
 from blocks.turnstile_device import TurnstileDevice
 from emulators import turnstiles as turnstile_emulator
+from deployments.after_deploy import apply_after_deploy
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
@@ -29,7 +30,7 @@ from operations.products.report import read_failures_workbook
 from operations.products.sample import SampleStats, dealer_codes, generate_products_file
 from operations.products.store import clear_products_data, upsert_dealers
 from operations.turnstiles.sample import write_participants_file
-from operations.settings import PROJECT_ROOT, Settings
+from operations.settings import PROJECT_ROOT, Settings, get_settings
 from run_checks import assert_operator_form, check_generated_run, fetch_link
 
 pytestmark = pytest.mark.slow
@@ -324,6 +325,46 @@ def test_invalid_parameters_of_the_other_flows_are_refused_with_409_before_any_w
         assert "Validation failed" in response.text and field in response.text, response.text
         assert client.post("/flow_runs/count", json=count).json() == before
     assert market.control.stats()["total"] == 0
+
+
+# Valid values of each flow's required parameters, so that an unknown parameter is the only thing wrong.
+REQUIRED_PARAMETERS = {
+    "onboard-account": {"authorization_code": "TG-valid-looking-code"},
+    "process-products": {"file_path": "/data/products.csv"},
+}
+
+
+def test_unknown_parameters_are_refused_with_409_naming_them_on_every_deployment(operator_stack):
+    """The server refuses a misspelt parameter on every deployment (strict schemas after the deploy), naming
+    it, and creates no run; a valid run of the same deployment is still created (201)."""
+    client, _ = operator_stack
+    deployments = client.post("/deployments/filter", json={}).json()
+    flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).json()}
+    assert len(deployments) >= 10, [d["name"] for d in deployments]
+    again = apply_after_deploy()  # what deploy_all did: nothing left to change, schedules as STACK_SCHEDULES says
+    keep = get_settings().stack_schedules
+    assert (again.strict_schemas, again.schedules_switched, again.schedules_active) == (0, 0, keep), again
+    assert all(s["active"] == keep for d in deployments for s in d["schedules"])
+    for deployment in deployments:
+        flow_name = flows[deployment["flow_id"]]
+        where = f"{flow_name}/{deployment['name']}"
+        assert deployment["parameter_openapi_schema"]["additionalProperties"] is False, where
+        required = REQUIRED_PARAMETERS.get(flow_name, {})
+        assert set(deployment["parameter_openapi_schema"].get("required", [])) <= set(required), where
+        bogus = "quantiy" if flow_name == "generate-games" else "no_such_parameter"
+        count = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+        before = client.post("/flow_runs/count", json=count).json()
+        response = client.post(f"/deployments/{deployment['id']}/create_flow_run",
+                               json={"parameters": {**required, bogus: 100}})
+        assert response.status_code == 409, (where, response.text)
+        assert "Validation failed" in response.text and f"'{bogus}' was unexpected" in response.text, response.text
+        assert client.post("/flow_runs/count", json=count).json() == before, where
+
+        later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
+        valid = client.post(f"/deployments/{deployment['id']}/create_flow_run",
+                            json={"parameters": required, "state": later})
+        assert valid.status_code == 201, (where, valid.text)
+        assert client.delete(f"/flow_runs/{valid.json()['id']}").status_code == 204  # never run by the worker
 
 
 def _generation(client: httpx.Client, flow_run_id: str) -> dict:

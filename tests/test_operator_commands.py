@@ -1,6 +1,6 @@
 """The operator's commands as they are typed: `python -m deployments.stack up` (twice), `status`, `down`
-on an empty data folder, `python -m deployments.start_run` against the stack it started, and the account,
-dealer and turnstile commands."""
+on an empty data folder, `python -m deployments.start_run` against the stack it started, the account,
+dealer and turnstile commands, and `make samples`, `make onboard` and the `make run` commands they print."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def _command(env: dict, *args: str, timeout: float = 300) -> subprocess.Complete
     )
 
 
+def _shell(env: dict, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A command line as an operator pastes it into a shell in the project folder (`make ...`)."""
+    return subprocess.run(command, shell=True, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def operator_env(tmp_path_factory):
     """The environment of an operator's shell: nothing configured, all state under a fresh DATA_DIR."""
@@ -39,7 +45,8 @@ def operator_env(tmp_path_factory):
         if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "REDIS_URL", "DASK_SCHEDULER_ADDRESS",
                      "DATABASE_URL", "MARKETPLACE_API_URL", "OUTPUT_BASE_URL")
     }
-    env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output")})
+    env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output"),
+                "STACK_SCHEDULES": "off"})  # the default, whatever a developer's .env says
     yield env
     _command(env, "deployments.stack", "down")
 
@@ -50,7 +57,10 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
     ui = re.search(r"Prefect UI:\s+(\S+)", first.stdout).group(1)
     api = f"{ui}/api"
     assert "generate-games/on-demand" in first.stdout and "generate-games/draw-day-mornings" in first.stdout
+    assert 'Start a run:   make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=100000"' in first.stdout
     pids = _command(operator_env, "deployments.stack", "status").stdout
+    # a laptop's stack runs nothing by itself: every schedule of prefect.yaml is paused (STACK_SCHEDULES unset)
+    assert re.search(r"schedules:\s+paused: 0 of 4 active \(STACK_SCHEDULES off\)", pids), pids
 
     second = _command(operator_env, "deployments.stack", "up")  # harmless: reuses everything
     assert second.returncode == 0, second.stderr
@@ -62,6 +72,9 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
 
     refused = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0")
     assert refused.returncode == 2 and "Validation failed for field 'quantity'" in refused.stderr, refused.stderr
+    misspelt = _shell(operator_env, 'make -s run DEPLOYMENT=generate-games/on-demand PARAMS="quantiy=100"')
+    assert misspelt.returncode != 0 and "refused by the server (409)" in misspelt.stderr, misspelt.stderr
+    assert "'quantiy' was unexpected" in misspelt.stderr, misspelt.stderr
 
     started = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=3000",
                        "run_key=from-the-shell")
@@ -133,6 +146,11 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
     assert imported.returncode == 0 and f"seller {second} (shop-two) is active" in imported.stdout, imported.stderr
     assert grant["refresh_token"] not in imported.stdout + imported.stderr
 
+    onboarded = _shell(env, "make -s onboard")  # the next emulated seller, through the emulator's consent page
+    third = control.sellers()[2]
+    assert onboarded.returncode == 0, onboarded.stderr
+    assert f"seller {third['seller_id']} ({third['nickname']}) is active" in onboarded.stdout, onboarded.stdout
+
     deactivated = _command(env, "deployments.marketplace_accounts", "deactivate", str(second))
     assert deactivated.returncode == 0, deactivated.stderr
     listing = _command(env, "deployments.marketplace_accounts", "list").stdout
@@ -149,28 +167,32 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
 
 
 def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) -> None:
-    """Dealers loaded from a file, the emulated turnstiles `up` saved listed, a bad devices file refused, and a
-    registration started from the shell on the emulated turnstiles."""
-    from operations.products.sample import write_dealers_file
-    from operations.turnstiles.sample import write_participants_file
-
-    folder = Path(env["DATA_DIR"]) / "files"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_dealers_file(folder / "dealers.csv", 3)
-    loaded = _command(env, "deployments.dealers", "load", str(folder / "dealers.csv"))
-    assert loaded.returncode == 0 and "3 dealer(s)" in loaded.stdout, loaded.stderr
-    assert "D0003" in _command(env, "deployments.dealers", "list").stdout
+    """`make samples` on the running stack (dealers loaded, the emulated turnstiles' devices file), dealers
+    listed, the emulated turnstiles `up` saved listed and loaded again from the devices file, a bad devices file
+    refused, and the products and participants samples run with the `make run` commands `make samples`
+    printed."""
+    samples = _shell(env, "make -s samples")
+    assert samples.returncode == 0, samples.stderr
+    assert "dealers loaded into the project database: 20 in the file, 20 new" in samples.stdout, samples.stdout
+    assert "D0020" in _command(env, "deployments.dealers", "list").stdout
+    again = _shell(env, "make -s samples")  # idempotent: the same files, the dealers already there
+    assert again.returncode == 0 and "20 in the file, 0 new" in again.stdout, again.stdout
 
     assert "emulated-turnstile-1" in up_output
     listing = _command(env, "deployments.turnstiles", "list")
     assert listing.returncode == 0 and "emulated-turnstile-3" in listing.stdout, listing.stderr
+    load = re.search(r"(\.venv/bin/python -m deployments\.turnstiles load \S+)", samples.stdout).group(1)
+    loaded = _shell(env, load)
+    assert loaded.returncode == 0 and "3 turnstile(s) saved" in loaded.stdout, loaded.stderr
+    folder = Path(env["DATA_DIR"]) / "files"
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "devices.csv").write_text("name,base_url,password\nGate One,http://10.0.0.1,x\n", encoding="utf-8")
     refused = _command(env, "deployments.turnstiles", "load", str(folder / "devices.csv"))
     assert refused.returncode == 2 and "row 2, column name" in refused.stderr, refused.stderr
 
-    write_participants_file(folder / "participants.csv", 40)
-    started = _command(env, "deployments.start_run", "register-participants/on-demand",
-                       f"participants_file={folder / 'participants.csv'}")
-    assert started.returncode == 0, started.stderr
-    run = _wait_run(api, re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1))
-    assert run["state_type"] == "COMPLETED", run["state"]
+    for flow in ("process-products", "register-participants"):
+        command = re.search(rf"  {flow}:\n    (make run .+)\n", samples.stdout).group(1)
+        started = _shell(env, command)
+        assert started.returncode == 0, (command, started.stderr)
+        run = _wait_run(api, re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1))
+        assert run["state_type"] == "COMPLETED", (flow, run["state"])

@@ -7,12 +7,14 @@
   link artifact's card -> the link, clicked; the browser must download the file with status 200 and the
   content type its extension calls for (the status and type read from Chromium's own network log).
 
-    python -m deployments.browser_check [--ui-url URL] [--api-url URL] [--deployment FLOW/DEPLOYMENT]
-                                        [--follow-link FLOW_RUN_ID [--artifact-key KEY]]
-                                        [--screenshot PATH] [--timeout SECONDS]
+    .venv/bin/python tests/browser_check.py [--api-url URL] [--ui-url URL] [--deployment FLOW/DEPLOYMENT]
+                                            [--follow-link FLOW_RUN_ID [--artifact-key KEY]]
+                                            [--screenshot PATH] [--timeout SECONDS]
 
-Exit 0 when the check passes, 1 naming what is missing, 2 when Chromium, chromedriver or selenium is not
-installed. Needs no Prefect import.
+The server checked is the one its caller names: `--api-url` (or `--ui-url`), else PREFECT_API_URL; there is no
+default address, so the check never looks at another stack than the caller's. A test tool
+(tests/test_browser_ui.py imports it). Exit 0 when the check passes, 1 naming what is missing, 2 when Chromium,
+chromedriver or selenium is not installed or no server is named. Needs no Prefect import.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from operations.infra.file_server import CONTENT_TYPES
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-DEFAULT_UI_URL = "http://127.0.0.1:4200"
 DEFAULT_DEPLOYMENT = "generate-games/on-demand"
 DEFAULT_LINK_ARTIFACT = "games-spreadsheet-1"  # the first spreadsheet link of a generate-games run
 INSTALL_HINT = "apt-get install chromium chromium-driver (Debian's browser) and pip install selenium"
@@ -47,6 +48,7 @@ ROW_FLOW_NAME = ".flow-popover__link-name"
 RUN_BUTTON = "button.run-menu__run-button"
 CUSTOM_RUN_ITEM = "//button[contains(@class, 'p-overflow-menu-item')][normalize-space(.)='Custom run']"
 RUN_FORM = "form.flow-run-create-form-v2"
+SUBMIT_BUTTON = "//button[normalize-space(.)='Submit']"
 FIELD_LABELS = "form.flow-run-create-form-v2 .schema-form-property__label"
 OPTIONAL_SUFFIX = " (Optional)"  # the UI appends it to the title of a parameter that has a default
 RUN_TAB = "//li[contains(@class, 'p-tab')][normalize-space(.)='{}']"
@@ -72,12 +74,18 @@ def browser_missing() -> str | None:
 
 
 def default_urls(ui_url: str | None = None, api_url: str | None = None) -> tuple[str, str]:
-    """(ui_url, api_url): given ones, else from PREFECT_API_URL (the UI is the API without /api), else :4200."""
+    """(ui_url, api_url) of the server the caller names: given ones, else PREFECT_API_URL (the UI is the API
+    without /api); ValueError when none is named."""
     if ui_url and not api_url:
         api_url = ui_url.rstrip("/") + "/api"
-    api_url = (api_url or os.environ.get("PREFECT_API_URL") or DEFAULT_UI_URL + "/api").rstrip("/")
+    api_url = api_url or os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        raise ValueError("no Prefect server named: give --api-url (or --ui-url) or set PREFECT_API_URL")
+    api_url = api_url.rstrip("/")
     if not ui_url:
-        ui_url = api_url.removesuffix("/api") if api_url.endswith("/api") else DEFAULT_UI_URL
+        if not api_url.endswith("/api"):
+            raise ValueError(f"cannot tell the UI of the API {api_url} (no /api at its end): give --ui-url")
+        ui_url = api_url.removesuffix("/api")
     return ui_url.rstrip("/"), api_url
 
 
@@ -95,6 +103,14 @@ def read_deployment(api_url: str, deployment: str, timeout: float = 30) -> dict:
         raise BrowserCheckError(f"no deployment {deployment!r} in the Prefect API at {api_url}")
     response.raise_for_status()
     return response.json()
+
+
+def _flow_run_ids(api_url: str, deployment_id: str, timeout: float = 30) -> list[str]:
+    """The ids of the deployment's flow runs, through the REST API."""
+    response = httpx.post(f"{api_url}/flow_runs/filter", timeout=timeout,
+                          json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
+    response.raise_for_status()
+    return [run["id"] for run in response.json()]
 
 
 def expected_titles(parameter_schema: dict | None) -> list[str]:
@@ -209,11 +225,14 @@ def check_custom_run_form(
     deployment: str,
     screenshot: str | Path | None = None,
     timeout: float = 60,
+    submitted: list[str] | None = None,
 ) -> list[str]:
     """Open the UI, go deployments list -> `deployment` -> Run -> Custom run, and check that the form shows
     every parameter title of the deployment's schema. Returns the titles found (schema order); raises
     BrowserCheckError naming what was missing, BrowserUnavailable without Chromium/chromedriver/selenium.
-    `timeout` bounds each wait; `screenshot` (a PNG path) is saved on success and on failure."""
+    With a `submitted` list, the form is then submitted as it is (its defaults) and the id of the flow run it
+    creates is appended to the list: the server accepted what the UI sends. `timeout` bounds each wait;
+    `screenshot` (a PNG path) is saved on success and on failure."""
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -267,6 +286,12 @@ def check_custom_run_form(
                     f"the custom-run form of {deployment!r} ({driver.current_url}) does not show the parameter "
                     f"title(s) {missing}; it shows {list(dict.fromkeys(shown))}"
                 ) from None
+            if submitted is not None:
+                before = set(_flow_run_ids(api_url, record["id"]))
+                _click(driver, wait, lambda d: d.find_element(By.XPATH, SUBMIT_BUTTON), 'the "Submit" button')
+                step = "waiting for the flow run the form creates (did the server refuse it? see the screenshot)"
+                created = wait.until(lambda d: set(_flow_run_ids(api_url, record["id"])) - before)
+                submitted.extend(sorted(created))
             return [t for t in titles if t in shown]
         except TimeoutException:
             raise BrowserCheckError(f"timed out after {timeout:g} s {step} ({driver.current_url})") from None
@@ -371,11 +396,11 @@ def check_link_artifact(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deployments.browser_check",
+        prog="tests/browser_check.py",
         description="Check a deployment's 'Custom run' form, or a run's spreadsheet link, in the Prefect UI with "
         "headless Chromium.",
     )
-    parser.add_argument("--ui-url", help=f"Prefect UI (default: PREFECT_API_URL without /api, else {DEFAULT_UI_URL})")
+    parser.add_argument("--ui-url", help="Prefect UI (default: the API URL without /api)")
     parser.add_argument("--api-url", help="Prefect API (default: the UI's /api if --ui-url, else PREFECT_API_URL)")
     parser.add_argument("--deployment", default=DEFAULT_DEPLOYMENT, help="FLOW/DEPLOYMENT (default: %(default)s)")
     parser.add_argument("--follow-link", metavar="FLOW_RUN_ID",
@@ -391,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"browser check: cannot run: {why}", file=sys.stderr)
         return 2
-    ui_url, api_url = default_urls(args.ui_url, args.api_url)
+    try:
+        ui_url, api_url = default_urls(args.ui_url, args.api_url)
+    except ValueError as exc:
+        print(f"browser check: {exc}", file=sys.stderr)
+        return 2
     if args.follow_link:
         default_png = f"/tmp/prefect-link-{args.artifact_key}.png"
         print(f"browser check: {ui_url}/runs/flow-run/{args.follow_link} -> Artifacts -> {args.artifact_key} -> "
