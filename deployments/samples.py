@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.stack import EMULATED_TURNSTILE
 from operations.infra.tabular import open_row_writer
 from operations.products.dealers import read_dealers_file
 from operations.products.sample import generate_products_file, write_dealers_file
@@ -35,7 +36,6 @@ from operations.turnstiles.sample import write_participants_file
 
 SAMPLES_FOLDER = "samples"  # under DATA_DIR
 PRODUCTS_SEED = 2026
-from deployments.stack import EMULATED_TURNSTILE  # the names `make up` saves the emulated turnstiles under
 
 
 @dataclass(frozen=True)
