@@ -26,6 +26,7 @@ from flows.task_runners import io_task_runner, map_and_wait
 from operations.errors import UserError
 from operations.infra.database import project_engine
 from operations.marketplace.report import (
+    AccountsFailed,
     account_line,
     account_rows,
     failed_report,
@@ -136,4 +137,4 @@ def sync_marketplace(
         markdown=summary_markdown(reports, resources.value, settings.marketplace_task_runner, elapsed),
     )
     failed = failure_message(reports)
-    return Failed(message=failed) if failed else sync_summary(reports, elapsed)
+    return Failed(message=failed, data=AccountsFailed(failed)) if failed else sync_summary(reports, elapsed)

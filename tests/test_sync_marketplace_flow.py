@@ -66,6 +66,7 @@ def test_accounts_sync_in_parallel_a_failing_one_does_not_stop_the_others_and_no
     state = sync_marketplace(return_state=True)
     assert state.is_failed()
     assert f"-{c}" in state.message and "1 of 3" in state.message, state.message
+    assert "1 of 3" in str(state.result(raise_on_failure=False))
     for seller in (a, b):
         assert count_rows(pg_engine, seller)["orders"] == 150 and count_rows(pg_engine, seller)["items"] == 30
     texts = run_texts(state.state_details.flow_run_id)

@@ -14,6 +14,10 @@ TOTALS = ("orders_new", "orders_updated", "items_new", "items_updated", "request
 MAX_MISMATCHES_SHOWN = 50
 
 
+class AccountsFailed(RuntimeError):
+    """Some accounts of a run failed or need re-authorization (the others were synced): the run's outcome."""
+
+
 def failed_report(account: AccountView, error: str) -> dict:
     """The report of an account whose task ended without one of its own (the worker died, a bug)."""
     return {"seller_id": account.seller_id, "nickname": account.nickname, "status": "failed", "error": error}
