@@ -162,7 +162,8 @@ def demo_turnstiles(stack, participants: int) -> int:
         f"operations in {result['seconds']:.1f} s: {result['successes']:,} successes, {result['cached']:,} skipped "
         f"(cache), {result['errors']:,} errors"
     )
-    print(f"  failures spreadsheet: {output_link(Path(result['failures_file']))}")
+    if result["failures_file"]:  # written only when a record failed
+        print(f"  failures spreadsheet: {output_link(Path(result['failures_file']))}")
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     return 0
 

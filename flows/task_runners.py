@@ -6,8 +6,11 @@ import logging
 import os
 import socket
 import threading
+from typing import Any
 from urllib.parse import urlparse
 
+from prefect import Task
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
@@ -152,3 +155,15 @@ def io_task_runner(settings: Settings, concurrency: int, kind: str) -> ThreadPoo
             "dashboard_address": None,
         },
     )
+
+
+def map_and_wait(runner: ThreadPoolTaskRunner | DaskTaskRunner, task: Task, parameters: dict[str, Any]) -> list[Any]:
+    """Run `task` mapped over `parameters` (iterables, and `unmapped(...)` values) on `runner`, started here and
+    closed on return, and wait for every run: each one's return value, or the exception it ended with, in order.
+
+    Called in a flow, the task runs belong to that flow run on threads as on Dask (prefect-dask sends the flow
+    run's context with each task), so a flow picks a runner per task and needs no subflow to do so."""
+    with runner:
+        futures = runner.map(task, parameters)
+        wait(futures)
+        return [future.result(raise_on_failure=False) for future in futures]

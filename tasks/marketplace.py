@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.marketplace_app import MarketplaceApp
 from operations.infra.database import get_engine
 from operations.marketplace.store import AccountView
-from operations.marketplace.sync import SyncOptions, SyncResources, sync_account
+from operations.marketplace.sync import SyncRun, sync_account
 from tasks.retries import retry_transient
 
 
@@ -26,16 +24,9 @@ from tasks.retries import retry_transient
     cache_policy=NO_CACHE,
     tags=["marketplace", "http"],
 )
-def sync_marketplace_account(
-    account: AccountView,
-    app: MarketplaceApp,
-    database_url: str,
-    resources: SyncResources,
-    options: SyncOptions,
-    full_resync_from: datetime | None,
-) -> dict:
-    """Sync one seller account (orders and/or items) into the project database; returns its report."""
-    result = sync_account(
-        get_engine(database_url), app.client(), account, resources, options, full_resync_from=full_resync_from
-    )
+def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: SyncRun) -> dict:
+    """Sync one seller account (orders and/or items, as `run` says) into the project database; returns its
+    report."""
+    result = sync_account(get_engine(run.database_url), app.client(), account, run.resources, run.options,
+                          full_resync_from=run.full_resync_from)
     return result.to_json()

@@ -1,6 +1,9 @@
-"""The generate-games parameter form: every field has a title, a description and, for numbers, bounds."""
+"""The parameter forms: every field has a title, a description and, for numbers, bounds; no field shows a
+type switch."""
 
 from __future__ import annotations
+
+import re
 
 from prefect.utilities.callables import parameter_schema
 
@@ -24,6 +27,10 @@ def test_marketplace_forms_have_titles_descriptions_bounds_and_a_choice_of_resou
     assert set(assert_operator_form(schema)) == {"accounts", "resources", "full_resync_from", "app_block"}
     assert schema["definitions"]["SyncResources"]["enum"] == ["orders", "items", "both"]
     assert schema["properties"]["accounts"]["items"]["minimum"] == 1
+    resync = schema["properties"]["full_resync_from"]  # a plain text field: no date/None type switch
+    assert (resync["type"], resync["default"], "anyOf" in resync) == ("string", "", False), resync
+    pattern = re.compile(resync["pattern"])
+    assert pattern.fullmatch("") and pattern.fullmatch("2026-10-01") and not pattern.fullmatch("yesterday")
     onboarding = parameter_schema(onboard_account).model_dump()
     assert_operator_form(onboarding)
     assert onboarding["required"] == ["authorization_code"]

@@ -15,7 +15,10 @@ from marketplace_fixtures import OPTIONS, FAST_RETRY
 from operations.infra.http import RetryPolicy
 from operations.marketplace.client import MarketplaceClient
 from operations.marketplace.models import AccountStatus, MarketplaceItem, MarketplaceOrder
+from operations.errors import UserError
+from operations.marketplace.onboarding import AuthorizationRefused, onboard_from_code
 from operations.marketplace.store import (
+    UnknownAccount,
     count_rows,
     get_account,
     get_checkpoint,
@@ -246,6 +249,19 @@ def test_a_dead_refresh_token_parks_the_account_and_later_runs_skip_it(any_datab
     assert [(a.seller_id, "re-authorization" in why) for a, why in skipped] == [(seller, True)]
     # the owner authorizes again: the same account is active with its data kept
     assert market.onboard(seller).status == AccountStatus.active.value
+
+
+def test_a_used_authorization_code_is_a_user_error_and_unknown_ids_are_refused(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine)
+    seller = market.seller_ids()[0]
+    code = market.control.authorize(seller)
+    onboard_from_code(pg_engine, market.client(), code)
+    with pytest.raises(AuthorizationRefused, match="invalid_grant") as refused:
+        onboard_from_code(pg_engine, market.client(), code)  # single use
+    assert isinstance(refused.value, UserError) and code not in str(refused.value)
+    with pytest.raises(UnknownAccount, match="424242"):
+        select_accounts(pg_engine, [seller, 424242])
+    assert issubclass(UnknownAccount, UserError)
 
 
 def test_two_accounts_overlap_in_time_and_the_same_account_never(pg_engine, emulator_factory):

@@ -1,7 +1,8 @@
 """The `register-participants` flow on the session's real Prefect server, emulated turnstiles over HTTP and the
 real Redis: the report's figures, the cache on a second run, no device password in any log or artifact, a
-malformed file refused before any device call, an unreachable turnstile on Dask, and two flow runs at once
-never putting more requests on a turnstile than its limit."""
+dry run's work reported as planned, a malformed or missing file and an unknown turnstile refused before any
+device call in one log line, an unreachable turnstile on Dask (task runs of the flow run itself), and two
+flow runs at once never putting more requests on a turnstile than its limit."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from emulators.turnstiles import DeviceSpec, EmulatorConfig, run_in_thread
 from operations.settings import PROJECT_ROOT, get_settings
 from operations.turnstiles.report import read_registration_failures
 from operations.turnstiles.sample import write_participants_file
+from flow_run_checks import assert_failed_in_one_line, task_runs_of_flow_run
 from run_checks import fetch_link, run_artifacts, run_texts
 
 pytestmark = pytest.mark.slow
@@ -63,10 +65,11 @@ def test_everyone_is_registered_on_every_turnstile_with_a_report_and_the_second_
         assert set(held) == {p.registration for p in people}
 
     artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
-    assert {"registration-report", "registration-turnstiles", "registration-failures",
-            "registration-progress"} <= set(artifacts)
+    assert {"registration-report", "registration-turnstiles", "registration-progress"} <= set(artifacts)
+    assert "registration-failures" not in artifacts and result["failures_file"] == "", "no link to 0 failures"
     report = artifacts["registration-report"].data
     assert "| Total operations | 360 |" in report and "| Successes | 360 |" in report and "| Errors | 0 |" in report
+    assert "Failed records: none." in report
     table = artifacts["registration-turnstiles"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert sorted(row["turnstile"] for row in table) == sorted(names)
@@ -87,10 +90,31 @@ def test_a_malformed_file_is_refused_naming_row_and_column_before_any_device_cal
     bad = tmp_path / "participants.csv"
     bad.write_text("registration,name,card\nR1,Ana,100\nR2,Bruno,12a\n", encoding="utf-8")
     state, _ = _run(participants_file=str(bad), turnstiles=names, cache_block=cache)
-    assert state.is_failed()
-    message = str(state.result(raise_on_failure=False))
-    assert "row 3, card" in message and "not a whole number" in message
+    assert_failed_in_one_line(state, "row 3, card", "not a whole number")
+    assert "row 3, card" in str(state.result(raise_on_failure=False))
+    state, _ = _run(participants_file=str(tmp_path / "absent.csv"), turnstiles=names, cache_block=cache)
+    assert_failed_in_one_line(state, "absent.csv", "does not exist")
+    good = tmp_path / "good.csv"
+    good.write_text("registration,name\nR1,Ana\n", encoding="utf-8")
+    state, _ = _run(participants_file=str(good), turnstiles=[names[0], "no-such-gate"], cache_block=cache)
+    assert_failed_in_one_line(state, "no TurnstileDevice block named no-such-gate")
     assert sum(emulator.control.stats(d)["total"] for d in range(3)) == 0
+
+
+def test_a_dry_run_reports_its_work_as_planned_and_writes_nothing(gates, tmp_path):
+    emulator, names, cache = gates
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 20)
+    state, result = _run(participants_file=str(source), turnstiles=names[:2], cache_block=cache, dry_run=True)
+    assert state.is_completed(), state.message
+    assert (result["planned"], result["errors"]) == (40, 0) and "successes" not in result
+    artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
+    report = artifacts["registration-report"].data
+    assert "(dry run)" in report and "| Planned | 40 |" in report and "Successes" not in report
+    table = artifacts["registration-turnstiles"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [(row["status"], row["to create"]) for row in table] == [("dry-run", 20)] * 2
+    assert all(not emulator.control.users(device) for device in range(2))
 
 
 def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_reported(
@@ -108,6 +132,10 @@ def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_repor
     state, _ = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
     assert state.is_failed()
     assert "31 record(s) failed and 1 turnstile(s)" in str(state.result(raise_on_failure=False))
+    flow_run_id = state.state_details.flow_run_id
+    runs, subflows = task_runs_of_flow_run(flow_run_id)
+    assert sorted(r.name for r in runs) == sorted(f"turnstile-{name}" for name in names)
+    assert {r.flow_run_id for r in runs} == {flow_run_id} and subflows == [], "the Dask tasks are the run's own"
     for device in (0, 1):
         assert len(emulator.control.users(device)) == 30
     [link] = [a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "registration-failures"]

@@ -1,6 +1,7 @@
 """The `sync-marketplace` and `onboard-account` flows on the session's real Prefect server: parallel accounts
-on threads and on Dask, a failing account that does not stop the others, refusal before any request, a killed
-flow run re-run cleanly, and no token text in any log line or artifact."""
+on threads and on Dask (task runs of the flow run itself), a failing account that does not stop the others,
+refusal before any request with one log line and no traceback, a killed flow run re-run cleanly, and no token
+text in any log line or artifact."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from sqlalchemy import select
 
 from blocks.marketplace_app import MarketplaceApp
 from operations.marketplace.models import MarketplaceAccount, MarketplaceOrder
-from operations.marketplace.store import count_rows
+from operations.marketplace.store import count_rows, list_accounts
 from operations.settings import PROJECT_ROOT
+from flow_run_checks import assert_failed_in_one_line, task_runs_of_flow_run
 from run_checks import run_texts
 
 pytestmark = pytest.mark.slow
@@ -64,6 +66,7 @@ def test_accounts_sync_in_parallel_a_failing_one_does_not_stop_the_others_and_no
     state = sync_marketplace(return_state=True)
     assert state.is_failed()
     assert f"-{c}" in state.message and "1 of 3" in state.message, state.message
+    assert "1 of 3" in str(state.result(raise_on_failure=False))
     for seller in (a, b):
         assert count_rows(pg_engine, seller)["orders"] == 150 and count_rows(pg_engine, seller)["items"] == 30
     texts = run_texts(state.state_details.flow_run_id)
@@ -75,17 +78,17 @@ def test_accounts_sync_in_parallel_a_failing_one_does_not_stop_the_others_and_no
     assert not leaked, "a token appeared in a log line or artifact"
 
 
-def test_unknown_accounts_and_future_dates_are_refused_before_any_request(market):
+def test_unknown_accounts_and_bad_dates_are_refused_before_any_request_in_one_line(market):
     from datetime import date, timedelta
 
     from flows.sync_marketplace import sync_marketplace
 
     market.onboard(market.seller_ids()[0])
     market.control.reset_stats()
-    state = sync_marketplace(accounts=[424242], return_state=True)
-    assert state.is_failed() and "424242" in state.message
-    state = sync_marketplace(full_resync_from=date.today() + timedelta(days=2), return_state=True)
-    assert state.is_failed() and "future" in state.message
+    assert_failed_in_one_line(sync_marketplace(accounts=[424242], return_state=True), "424242", "onboard")
+    future = (date.today() + timedelta(days=2)).isoformat()
+    assert_failed_in_one_line(sync_marketplace(full_resync_from=future, return_state=True), future, "future")
+    assert_failed_in_one_line(sync_marketplace(full_resync_from="2026-13-45", return_state=True), "not a date")
     assert market.control.stats()["total"] == 0
 
 
@@ -100,11 +103,16 @@ def test_the_flow_runs_its_account_tasks_on_dask(market, pg_engine, monkeypatch)
     sellers = market.seller_ids()
     for seller in sellers:
         market.onboard(seller)
-    state = sync_marketplace(accounts=sellers[:2], return_state=True)
+    state = sync_marketplace(accounts=sellers[:2], full_resync_from="", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["by_status"] == {"synced": 2} and result["orders_new"] == 300
     assert count_rows(pg_engine, sellers[2])["orders"] == 0
+    flow_run_id = state.state_details.flow_run_id
+    runs, subflows = task_runs_of_flow_run(flow_run_id)
+    assert sorted(r.name for r in runs) == sorted(f"sync-{a.label}" for a in list_accounts(pg_engine)
+                                                  if a.seller_id in sellers[:2])
+    assert {r.flow_run_id for r in runs} == {flow_run_id} and subflows == [], "the Dask tasks are the run's own"
 
 
 def test_onboarding_flow_adds_an_account_without_returning_its_tokens(market, pg_engine):
@@ -117,7 +125,7 @@ def test_onboarding_flow_adds_an_account_without_returning_its_tokens(market, pg
     texts = run_texts(state.state_details.flow_run_id)
     assert not [t for t in _tokens(pg_engine) if any(t in text for text in texts)]
     used = onboard_account(authorization_code="not-a-live-code", return_state=True)
-    assert used.is_failed() and "invalid_grant" in used.message
+    assert_failed_in_one_line(used, "invalid_grant", "authorize the app again")
 
 
 KILLABLE_RUN = """

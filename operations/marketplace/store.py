@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, delete, func, select, text, update
 from sqlalchemy.pool import NullPool
 
+from operations.errors import UserError
 from operations.infra.database import upsert_rows, upsert_statement
 from operations.marketplace.client import InvalidGrant, TokenGrant, parse_time
 from operations.marketplace.models import (
@@ -48,7 +49,7 @@ class AccountNeedsReauthorization(Exception):
     """The account's refresh token was refused (invalid_grant): its owner must authorize the app again."""
 
 
-class UnknownAccount(ValueError):
+class UnknownAccount(UserError, ValueError):
     """A seller id that is not in the accounts table."""
 
 

@@ -14,12 +14,13 @@ import enum
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, time as clock_time, timedelta, timezone
 from typing import Any, Callable, TypeVar
 
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
+from operations.errors import UserError
 from operations.marketplace.client import (
     ITEMS_DETAIL_BATCH,
     ITEMS_OFFSET_CAP,
@@ -75,6 +76,35 @@ class SyncOptions:
     token_margin: timedelta = timedelta(minutes=5)
     window_rereads: int = 3  # re-reads of a window whose total moved while it was paged
     scan_restarts: int = 3  # items scans restarted after an expired scroll_id
+
+
+@dataclass(frozen=True)
+class SyncRun:
+    """What every account of one run is synced with: the one object a run hands each account's sync."""
+
+    database_url: str = field(repr=False)  # may carry a password
+    resources: SyncResources = SyncResources.both
+    options: SyncOptions = SyncOptions()
+    full_resync_from: datetime | None = None  # re-read orders updated since then, ignoring the checkpoints
+
+
+class BadResyncDate(UserError, ValueError):
+    """A full-resync day that is not a date, or is in the future."""
+
+
+def resync_start(day: str | date | None, now: datetime) -> datetime | None:
+    """The first moment (UTC) of `day` (YYYY-MM-DD) for a full resync; None for an empty day (incremental).
+    Raises BadResyncDate for a day that is not a date or is after `now`."""
+    if not day:
+        return None
+    try:
+        parsed = day if isinstance(day, date) else date.fromisoformat(day)
+    except ValueError:
+        raise BadResyncDate(f"full_resync_from {day!r} is not a date (YYYY-MM-DD)") from None
+    start = datetime.combine(parsed, clock_time.min, tzinfo=timezone.utc)
+    if start > now:
+        raise BadResyncDate(f"full_resync_from {parsed} is in the future")
+    return start
 
 
 class SyncTimeout(MarketplaceError):

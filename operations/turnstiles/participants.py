@@ -19,6 +19,7 @@ from datetime import date, datetime, time
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from operations.errors import UserError
 from operations.infra.tabular import cell_text, is_blank, open_records, parse_whole, read_header
 
 DEFAULT_TIMEZONE = "America/Sao_Paulo"
@@ -83,7 +84,7 @@ class RowProblem:
         return f"row {self.row_number}, {self.column}: {self.reason}{shown}"
 
 
-class ParticipantsFileError(ValueError):
+class ParticipantsFileError(UserError, ValueError):
     """The file is refused as a whole before any device is called; `problems` holds every bad cell, and the
     message the first `MAX_PROBLEMS_SHOWN` of them with their count."""
 
@@ -108,6 +109,21 @@ class ParticipantsFile:
     participants: list[Participant]
     duplicates: list[RowProblem]
     rows: int
+
+
+class NoParticipantsFile(UserError, FileNotFoundError):
+    """No participants file was given (nor PARTICIPANTS_FILE set), or the one named is not a file here."""
+
+
+def participants_path(given: str, default: Path | None) -> Path:
+    """The participants file to read: `given`, else `default` (PARTICIPANTS_FILE); raises NoParticipantsFile
+    when neither is set or the file is not on this machine."""
+    if not given and default is None:
+        raise NoParticipantsFile("no participants file: give one, or set PARTICIPANTS_FILE for scheduled runs")
+    path = Path(given or default)
+    if not path.is_file():
+        raise NoParticipantsFile(f"participants file {path} does not exist (or is not a file) on this machine")
+    return path
 
 
 def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE) -> ParticipantsFile:

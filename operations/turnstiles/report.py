@@ -1,4 +1,6 @@
-"""The failures spreadsheet of `register-participants`: which participant could not be written on which turnstile.
+"""What `register-participants` reports: the run's figures, the turnstiles table and the summary in markdown
+(plain data, no Prefect, no service), and the failures spreadsheet: which participant could not be written on
+which turnstile. A dry run's work is labelled planned: nothing was written.
 
 Every failure is one (registration, turnstile, row, error) line of the "Failures" sheet (continued on
 "Failures 2", ... past a sheet's row limit), and the "Summary" sheet counts them by turnstile, so an operator
@@ -24,6 +26,7 @@ from operations.infra.tabular import (
     atomic_workbook_save,
     text_cell,
 )
+from operations.turnstiles.participants import ParticipantsFile
 
 if TYPE_CHECKING:
     from openpyxl.cell import WriteOnlyCell
@@ -35,6 +38,85 @@ SUMMARY_SHEET = "Summary"
 NO_TURNSTILE = "(no turnstile)"  # the Summary's name for failures not tied to one, such as a repeated registration
 _COLUMN_WIDTHS = (20, 28, 9, 80)
 _ROW_NUMBER = re.compile(r"[1-9]\d*")
+
+
+Failure = tuple[str, str, str, str]  # (registration, turnstile, row, error)
+
+
+class RegistrationIncomplete(RuntimeError):
+    """Records of a run failed or turnstiles could not be worked on (the rest was registered): the run's outcome."""
+
+
+def registration_failures(people: ParticipantsFile, reports: list[dict]) -> list[Failure]:
+    """Every failure of a run: the file's repeated rows, each record a turnstile refused, and every participant
+    on a turnstile whose work did not complete (none of its records is known to be registered)."""
+    failures = [(problem.registration, "(file)", str(problem.row_number), str(problem)) for problem in people.duplicates]
+    for r in reports:
+        if r["status"] == "failed":
+            failures += [(p.registration, r["device"], str(p.row_number), f"turnstile not worked on: {r['error']}")
+                         for p in people.participants]
+        else:
+            failures += [(registration, r["device"], str(row), error) for registration, row, error in r["failures"]]
+    return failures
+
+
+def registration_summary(
+    people: ParticipantsFile, reports: list[dict], errors: int, *, dry_run: bool, seconds: float,
+    failures_file: str = "",
+) -> dict:
+    """The run's figures: operations (participants x turnstiles), those done ("planned" in a dry run, which
+    writes nothing; "successes" otherwise), cached, failed records (`errors`), the turnstiles not worked on."""
+    operations = len(people.participants) * len(reports)
+    done = operations - (errors - len(people.duplicates))
+    return {"participants": len(people.participants), "repeated_rows": len(people.duplicates),
+            "turnstiles": len(reports), "operations": operations, ("planned" if dry_run else "successes"): done,
+            "cached": sum(r["cached"] for r in reports), "errors": errors,
+            "turnstiles_failed": sum(1 for r in reports if r["status"] == "failed"), "dry_run": dry_run,
+            "failures_file": failures_file, "reports": reports, "seconds": round(seconds, 2)}
+
+
+def turnstile_rows(reports: list[dict], dry_run: bool) -> list[dict]:
+    """The turnstiles table: one row per turnstile; a dry run's writes are headed as planned."""
+    created, updated, cards, groups = (("to create", "to update", "cards to write", "group links to add")
+                                       if dry_run else ("created", "updated", "cards", "group links"))
+    return [{"turnstile": r["device"], "status": r["status"], "participants": r["participants"],
+             "cached": r["cached"], "unchanged": r["unchanged"], created: r["created"], updated: r["updated"],
+             cards: r["cards"], groups: r["groups"], "failed": len(r["failures"]), "requests": r["requests"],
+             "retries": r["retries"], "logins": r["logins"], "seconds": round(r["seconds"], 2), "error": r["error"]}
+            for r in reports]
+
+
+def registration_markdown(file_name: str, summary: dict, failures_link: str = "") -> str:
+    """The run's report: its figures, the turnstiles not worked on and, when any record failed, the link to
+    the failures spreadsheet."""
+    dry_run = summary["dry_run"]
+    failed = [r["device"] for r in summary["reports"] if r["status"] == "failed"]
+    done = (f"| Planned | {summary['planned']:,} |" if dry_run
+            else f"| Successes | {summary['successes']:,} |")
+    failures = (f"[{Path(summary['failures_file']).name}]({failures_link})" if summary["errors"] and failures_link
+                else "none")
+    return f"""# Registration of `{file_name}`{' (dry run)' if dry_run else ''}
+
+| | |
+|---|---|
+| Participants | {summary['participants']:,} (+{summary['repeated_rows']:,} repeated rows of the file) |
+| Turnstiles | {summary['turnstiles']} |
+| Total operations | {summary['operations']:,} |
+{done}
+| Skipped (cache) | {summary['cached']:,} |
+| Errors | {summary['errors']:,} |
+
+{len(failed)} turnstile(s) not worked on{': ' + ', '.join(failed) if failed else ''}.
+Time: {summary['seconds']:.1f} s. Failed records: {failures}.
+"""
+
+
+def registration_failure_message(summary: dict) -> str | None:
+    """The run's failure in one line (failed records, turnstiles not worked on); None when nothing failed."""
+    if not (summary["errors"] or summary["turnstiles_failed"]):
+        return None
+    return (f"{summary['errors']:,} record(s) failed and {summary['turnstiles_failed']} turnstile(s) could not be "
+            f"worked on: see the registration-failures spreadsheet ({summary['failures_file']})")
 
 
 def write_registration_failures(

@@ -1,0 +1,135 @@
+"""What a `sync-marketplace` run reports: one line per account, the accounts table, the summary in markdown and
+the run's figures, all built from the accounts' reports (`AccountSyncResult.to_json()` dicts). Plain data in,
+plain data out: no Prefect, no service.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from operations.marketplace.store import AccountView, account_label
+
+NOT_SYNCED = ("failed", "needs_reauthorization")  # the statuses that fail the run
+TOTALS = ("orders_new", "orders_updated", "items_new", "items_updated", "requests", "retries")
+MAX_MISMATCHES_SHOWN = 50
+
+
+class AccountsFailed(RuntimeError):
+    """Some accounts of a run failed or need re-authorization (the others were synced): the run's outcome."""
+
+
+def failed_report(account: AccountView, error: str) -> dict:
+    """The report of an account whose task ended without one of its own (the worker died, a bug)."""
+    return {"seller_id": account.seller_id, "nickname": account.nickname, "status": "failed", "error": error}
+
+
+def skipped_reports(skipped: list[tuple[AccountView, str]]) -> list[dict]:
+    """The reports of the accounts left out of the run, with why."""
+    return [{"seller_id": a.seller_id, "nickname": a.nickname, "status": "skipped", "error": why} for a, why in skipped]
+
+
+def _label(report: dict) -> str:
+    return account_label(report.get("nickname"), report["seller_id"])
+
+
+def account_line(report: dict) -> str:
+    """One log line for an account: its counts, or its status and error."""
+    if report["status"] != "synced":
+        return f"{_label(report)}: {report['status']}: {report.get('error', '')}"
+    o, i = report["orders"], report["items"]
+    return (
+        f"{_label(report)}: orders {o['new']} new / {o['updated']} updated, items {i['new']} new / "
+        f"{i['updated']} updated, {report['requests']} requests ({report['retries']} retries) "
+        f"in {report['seconds']:.1f} s"
+    )
+
+
+def _mismatches(report: dict) -> list[dict]:
+    return [w for w in report.get("windows") or [] if w["api_total"] != w["rows_read"]]
+
+
+def account_rows(reports: list[dict]) -> list[dict]:
+    """The accounts table: one row per account."""
+    rows = []
+    for r in reports:
+        o, i = r.get("orders") or {}, r.get("items") or {}
+        rows.append({
+            "account": _label(r), "status": r["status"], "orders new": o.get("new", 0),
+            "orders updated": o.get("updated", 0), "items new": i.get("new", 0), "items updated": i.get("updated", 0),
+            "pages": r.get("order_pages", 0) + r.get("item_pages", 0), "requests": r.get("requests", 0),
+            "retries": r.get("retries", 0), "429s": r.get("throttled", 0), "token refreshes": r.get("refreshes", 0),
+            "windows total != read": len(_mismatches(r)), "seconds": round(r.get("seconds", 0.0), 2),
+            "error": r.get("error", ""),
+        })
+    return rows
+
+
+def sync_totals(reports: list[dict]) -> dict[str, int]:
+    """Orders and items new and updated, requests and retries, summed over the accounts."""
+    totals = dict.fromkeys(TOTALS, 0)
+    for r in reports:
+        for resource in ("orders", "items"):
+            counts = r.get(resource) or {}
+            totals[f"{resource}_new"] += counts.get("new", 0)
+            totals[f"{resource}_updated"] += counts.get("updated", 0)
+        totals["requests"] += r.get("requests", 0)
+        totals["retries"] += r.get("retries", 0)
+    return totals
+
+
+def by_status(reports: list[dict]) -> dict[str, int]:
+    """How many accounts ended in each status, by status name."""
+    return dict(sorted(Counter(r["status"] for r in reports).items()))
+
+
+def sync_summary(reports: list[dict], seconds: float) -> dict:
+    """The run's result: accounts, accounts by status, the totals and the time."""
+    return {"accounts": len(reports), "by_status": by_status(reports), **sync_totals(reports),
+            "seconds": round(seconds, 2)}
+
+
+def summary_markdown(reports: list[dict], resources: str, runner: str, seconds: float) -> str:
+    """The run's summary: counts by status, new and updated records, requests, the accounts not synced and
+    the date windows where the API's total differed from the orders read."""
+    totals, statuses = sync_totals(reports), by_status(reports)
+    problems = "\n".join(f"- **{_label(r)}** {r['status']}: {r.get('error', '')}"
+                         for r in reports if r["status"] != "synced")
+    mismatches = [(_label(r), w) for r in reports for w in _mismatches(r)]
+    mismatch_lines = "\n".join(
+        f"- {label}: {w['start']} .. {w['end']}: API total {w['api_total']:,}, rows read {w['rows_read']:,}"
+        for label, w in mismatches[:MAX_MISMATCHES_SHOWN]
+    )
+    return f"""# Marketplace sync ({resources})
+
+{len(reports)} account(s) in {seconds:.1f} s on the {runner} task runner:
+{', '.join(f'{n} {s}' for s, n in statuses.items()) or 'none'}.
+
+| | new | updated |
+|---|---|---|
+| orders | {totals['orders_new']:,} | {totals['orders_updated']:,} |
+| items | {totals['items_new']:,} | {totals['items_updated']:,} |
+
+API requests: {totals['requests']:,} ({totals['retries']:,} retried).
+
+## Accounts not synced
+{problems or 'none'}
+
+## Windows where the API's total differs from the orders read
+{mismatch_lines or 'none'}
+"""
+
+
+def failure_message(reports: list[dict]) -> str | None:
+    """The run's failure in one line, naming each failed account and its error; None when none failed."""
+    failed = [r for r in reports if r["status"] in NOT_SYNCED]
+    if not failed:
+        return None
+    return f"{len(failed)} of {len(reports)} account(s) failed: " + "; ".join(
+        f"{_label(r)}: {r.get('error', '')}" for r in failed
+    )
+
+
+def onboarded_markdown(account: AccountView) -> str:
+    """What `onboard-account` reports of the account it added (never a token)."""
+    return (f"# Seller {account.seller_id} onboarded\n\nNickname: `{account.nickname or '-'}`; "
+            f"status: **{account.status}**. The next `sync-marketplace` run syncs it.")

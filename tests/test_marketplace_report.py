@@ -1,0 +1,101 @@
+"""What a `sync-marketplace` run reports, and the full-resync day it accepts: pure functions, no service."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from operations.errors import UserError
+from operations.marketplace.report import (
+    account_line,
+    account_rows,
+    failed_report,
+    failure_message,
+    onboarded_markdown,
+    skipped_reports,
+    summary_markdown,
+    sync_summary,
+)
+from operations.marketplace.store import AccountView
+from operations.marketplace.sync import resync_start
+
+NOW = datetime(2026, 12, 5, 10, 0, tzinfo=timezone.utc)
+
+
+def _account(seller_id: int, nickname: str = "shop", status: str = "active") -> AccountView:
+    return AccountView(seller_id, nickname, status, "", None, None, "", "")
+
+
+def _synced(seller_id: int, orders=(10, 2), items=(3, 1), windows=()) -> dict:
+    return {"seller_id": seller_id, "nickname": "shop", "status": "synced",
+            "orders": {"new": orders[0], "updated": orders[1]}, "items": {"new": items[0], "updated": items[1]},
+            "order_pages": 2, "item_pages": 1, "requests": 7, "retries": 1, "throttled": 1, "refreshes": 0,
+            "windows": list(windows), "seconds": 1.234, "error": ""}
+
+
+def test_totals_statuses_and_rows_add_up_over_synced_failed_and_skipped_accounts():
+    window = {"start": "2026-12-01T00:00:00+00:00", "end": "2026-12-02T00:00:00+00:00", "api_total": 12,
+              "rows_read": 10}
+    reports = [_synced(1), _synced(2, orders=(5, 0), windows=[window]),
+               failed_report(_account(3), "RuntimeError: worker lost"),
+               *skipped_reports([(_account(4, status="inactive"), "deactivated")])]
+    summary = sync_summary(reports, 3.14159)
+    assert summary == {"accounts": 4, "by_status": {"failed": 1, "skipped": 1, "synced": 2}, "orders_new": 15,
+                       "orders_updated": 2, "items_new": 6, "items_updated": 2, "requests": 14, "retries": 2,
+                       "seconds": 3.14}
+    rows = account_rows(reports)
+    assert [r["account"] for r in rows] == ["shop-1", "shop-2", "shop-3", "shop-4"]
+    assert rows[1]["windows total != read"] == 1 and rows[1]["pages"] == 3 and rows[1]["seconds"] == 1.23
+    assert rows[2] == {**rows[2], "status": "failed", "orders new": 0, "error": "RuntimeError: worker lost"}
+
+    markdown = summary_markdown(reports, "both", "threads", 3.14159)
+    assert "4 account(s) in 3.1 s on the threads task runner:\n1 failed, 1 skipped, 2 synced." in markdown
+    assert "| orders | 15 | 2 |" in markdown and "API requests: 14 (2 retried)." in markdown
+    assert "- **shop-3** failed: RuntimeError: worker lost" in markdown
+    assert "- **shop-4** skipped: deactivated" in markdown
+    assert "- shop-2: 2026-12-01T00:00:00+00:00 .. 2026-12-02T00:00:00+00:00: API total 12, rows read 10" in markdown
+
+
+def test_an_empty_run_reports_none_and_does_not_fail():
+    assert "0 account(s)" in summary_markdown([], "orders", "dask", 0.0)
+    assert "## Accounts not synced\nnone" in summary_markdown([], "orders", "dask", 0.0)
+    assert failure_message([]) is None and sync_summary([], 0.0)["by_status"] == {}
+
+
+def test_only_failed_and_parked_accounts_fail_the_run_each_named_with_its_error():
+    parked = {"seller_id": 5, "nickname": "", "status": "needs_reauthorization", "error": "invalid_grant"}
+    reports = [_synced(1), parked, failed_report(_account(3), "boom"),
+               *skipped_reports([(_account(4), "deactivated")])]
+    assert failure_message(reports) == "2 of 4 account(s) failed: seller-5: invalid_grant; shop-3: boom"
+    assert failure_message([_synced(1), *skipped_reports([(_account(4), "deactivated")])]) is None
+
+
+def test_account_lines_give_counts_or_the_error():
+    assert account_line(_synced(1)) == (
+        "shop-1: orders 10 new / 2 updated, items 3 new / 1 updated, 7 requests (1 retries) in 1.2 s"
+    )
+    assert account_line(failed_report(_account(3), "boom")) == "shop-3: failed: boom"
+
+
+def test_the_onboarded_account_is_named_without_tokens():
+    text = onboarded_markdown(_account(9, nickname=""))
+    assert text.startswith("# Seller 9 onboarded") and "`-`" in text and "**active**" in text
+
+
+@pytest.mark.parametrize("day", ["", None])
+def test_no_resync_day_means_incremental(day):
+    assert resync_start(day, NOW) is None
+
+
+def test_a_resync_day_starts_at_midnight_utc_and_today_is_accepted():
+    assert resync_start("2026-10-01", NOW) == datetime(2026, 10, 1, tzinfo=timezone.utc)
+    assert resync_start("2026-12-05", NOW) == datetime(2026, 12, 5, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("day, words", [("2026-12-06", "in the future"), ("2026-13-45", "not a date"),
+                                        ("yesterday", "not a date")])
+def test_a_bad_or_future_resync_day_is_a_user_error_naming_it(day, words):
+    with pytest.raises(UserError, match=words) as refused:
+        resync_start(day, NOW)
+    assert day in str(refused.value)
