@@ -35,7 +35,7 @@ from typing_extensions import Annotated
 
 from blocks.redis_game_counter import RedisGameCounter
 from flows.forms import form_field
-from flows.generation_limit import generation_slot
+from flows.concurrency import generation_slot
 from flows.task_runners import (
     check_scheduler_reachable,
     dask_task_runner,

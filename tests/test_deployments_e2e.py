@@ -20,7 +20,7 @@ from emulators import turnstiles as turnstile_emulator
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
-from flows.generation_limit import GAMES_LIMIT
+from flows.concurrency import GAMES_LIMIT
 from marketplace_fixtures import Marketplace
 from operations.infra.database import get_engine
 from operations.marketplace.store import clear_marketplace_data, count_rows, get_account
