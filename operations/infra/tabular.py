@@ -33,6 +33,8 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.styles import Font
 from openpyxl.utils.exceptions import InvalidFileException
 
+from operations.errors import UserError
+
 if TYPE_CHECKING:
     from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
@@ -42,7 +44,7 @@ _CSV_DELIMITERS = (",", ";", "\t")
 _BOLD = Font(bold=True)
 
 
-class UnreadableFile(ValueError):
+class UnreadableFile(UserError, ValueError):
     """The file as a whole cannot be read: unsupported type, not a workbook, not UTF-8 text, empty. The message
     names the file and is meant for the operator."""
 
