@@ -55,7 +55,9 @@ def rank_games_of_run(chunk_files: list[Path], run_dir: Path) -> Ranking:
     return rank_run(chunk_files, run_dir)
 
 
-@_whole_file_writer(name="write-games-spreadsheet", task_run_name="spreadsheet-ranks-{start}-{stop}", tags=["spreadsheet"])
+@_whole_file_writer(
+    name="write-games-spreadsheet", task_run_name="spreadsheet-ranks-{start}-{stop}", tags=["spreadsheet"]
+)
 def write_games_spreadsheet(
     ranking: Ranking, start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int
 ) -> WrittenWorkbook:

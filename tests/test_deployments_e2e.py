@@ -326,10 +326,11 @@ def test_invalid_parameters_of_the_other_flows_are_refused_with_409_before_any_w
 
 
 def _generation(client: httpx.Client, flow_run_id: str) -> dict:
-    """The produce-games subflow run: the cluster work a generation slot covers."""
-    subflows = client.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
-    [produce] = subflows.json()
-    return produce
+    """When the run's cluster work (the span of its task runs, which a generation slot covers) started and ended."""
+    tasks = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
+    assert tasks, f"flow run {flow_run_id} has no task runs"
+    return {"start_time": min(t["start_time"] for t in tasks if t["start_time"]),
+            "end_time": max(t["end_time"] for t in tasks if t["end_time"])}
 
 
 def test_a_scheduled_and_an_on_demand_generation_run_take_turns(operator_stack):
