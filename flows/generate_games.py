@@ -130,7 +130,7 @@ def generate_games(
     # infeasible request fails at once, not after the run ahead of it.
     with generation_slot(settings.games_concurrency_limit, get_run_logger()) as waited:
         with dask_task_runner(settings) if on_dask else in_process_task_runner(settings) as runner:
-            chunks = _generate_chunks(runner, plan, block, run_dir, pending, workers, settings)
+            chunks = _produce(runner, plan, block, run_dir, pending, workers, settings)
     outputs = _finish(plan, counter, run_dir, chunks.workbooks, settings, started)
     report = RunReport(plan, outputs, counter.region_counts(len(plan.regions)), on_dask,
                        [r.to_json() for r in chunks.results], waited)
@@ -174,7 +174,7 @@ class _Generated:
     workbooks: list[dict]
 
 
-def _generate_chunks(
+def _produce(
     runner: TaskRunner, plan: GenerationPlan, block: RedisGameCounter, run_dir: Path, pending: list[int],
     workers: int, settings: Settings,
 ) -> _Generated:

@@ -1,1 +1,2 @@
-from flows.concurrency import GAMES_LIMIT, ensure_games_limit, generation_slot  # noqa: F401  (old path, removed when the branches merge)
+from flows.concurrency import GAMES_LIMIT, ensure_games_limit, generation_slot  # noqa: F401  (import path kept for
+# branches not merged yet; the lead deletes this file: import flows.concurrency)
