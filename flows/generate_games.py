@@ -130,10 +130,10 @@ def generate_games(
     # infeasible request fails at once, not after the run ahead of it.
     with generation_slot(settings.games_concurrency_limit, get_run_logger()) as waited:
         with dask_task_runner(settings) if on_dask else in_process_task_runner(settings) as runner:
-            chunks = _produce(runner, plan, block, run_dir, pending, workers, settings)
-    outputs = _finish(plan, counter, run_dir, chunks.workbooks, settings, started)
+            produced = _produce(runner, plan, block, run_dir, pending, workers, settings)
+    outputs = _finish(plan, counter, run_dir, produced.workbooks, settings, started)
     report = RunReport(plan, outputs, counter.region_counts(len(plan.regions)), on_dask,
-                       [r.to_json() for r in chunks.results], waited)
+                       [r.to_json() for r in produced.results], waited)
     _publish_artifacts(report)
     return run_result(report)
 
