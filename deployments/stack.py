@@ -139,7 +139,7 @@ def register_blocks(settings: Settings, redis_url: str) -> None:
 def ensure_generation_limit(settings: Settings) -> None:
     """The global concurrency limit 'generate-games' every generation run holds a slot of around its cluster
     work, whatever deployment started it: created, or its slots set, from GAMES_CONCURRENCY_LIMIT."""
-    from flows.generation_limit import ensure_games_limit  # imports Prefect: only once the API URL is set
+    from flows.concurrency import ensure_games_limit  # imports Prefect: only once the API URL is set
 
     ensure_games_limit(settings.games_concurrency_limit, update=True)
 

@@ -29,7 +29,7 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
-from flows.concurrency_limits import upsert_concurrency_limit
+from flows.concurrency import upsert_concurrency_limit
 from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import io_task_runner, map_and_wait

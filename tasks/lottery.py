@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.redis_game_counter import RedisGameCounter
@@ -19,7 +19,7 @@ from operations.lottery.generation import (
 )
 from operations.lottery.plan import GenerationPlan, InfeasibleRequest
 from operations.lottery.spreadsheet import WorkbookSummary, WrittenWorkbook, write_games_workbook
-from tasks.retries import retry_transient
+from tasks.retries import retrying_task
 
 PERMANENT_ERRORS = (
     InfeasibleRequest, GenerationStalled, RunKeyConflict, SupersededAttempt, RepeatedGames, ValueError
@@ -29,13 +29,12 @@ PERMANENT_ERRORS = (
 # Side effects are guarded by the counter itself (a committed chunk returns its saved result, a new attempt
 # releases the previous one's claims), so Dask recomputing a finished chunk is harmless: no cache needed,
 # and NO_CACHE avoids hashing the plan on every call.
-@task(
+@retrying_task(
     name="generate-games-chunk",
     task_run_name="chunk-{chunk}",
     retries=3,
-    retry_delay_seconds=[1, 4, 10],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient(PERMANENT_ERRORS),
+    delays=[1, 4, 10],
+    permanent=PERMANENT_ERRORS,
     cache_policy=NO_CACHE,
     tags=["redis", "lottery"],
 )
@@ -47,22 +46,17 @@ def generate_games_chunk(
 
 
 # Both write their whole output atomically (temporary file, then replace): retries and re-runs are harmless.
-_WHOLE_FILE_WRITER = dict(
-    cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_transient(PERMANENT_ERRORS)
-)
+_whole_file_writer = partial(retrying_task, retries=2, delays=[2, 5], permanent=PERMANENT_ERRORS, cache_policy=NO_CACHE)
 
 
-@task(name="rank-games", tags=["lottery"], **_WHOLE_FILE_WRITER)
+@_whole_file_writer(name="rank-games", tags=["lottery"])
 def rank_games_of_run(chunk_files: list[Path], run_dir: Path) -> Ranking:
     """Rank the whole run by score, once, into files the spreadsheet writers read their slices from."""
     return rank_run(chunk_files, run_dir)
 
 
-@task(
-    name="write-games-spreadsheet",
-    task_run_name="spreadsheet-ranks-{start}-{stop}",
-    tags=["spreadsheet"],
-    **_WHOLE_FILE_WRITER,
+@_whole_file_writer(
+    name="write-games-spreadsheet", task_run_name="spreadsheet-ranks-{start}-{stop}", tags=["spreadsheet"]
 )
 def write_games_spreadsheet(
     ranking: Ranking, start: int, stop: int, path: Path, summary: WorkbookSummary, rows_per_sheet: int

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
@@ -12,39 +9,22 @@ from blocks.products_queue import ProductsQueue
 from operations.infra.database import get_engine
 from operations.products.chunks import ChunkFile, read_chunk
 from operations.products.outbox import PublishCounts, publish_outbox
-from operations.products.reader import RowFailure
 from operations.products.store import store_chunk
-from tasks.retries import retry_transient
+from operations.products.summary import ChunkReport
+from tasks.retries import retrying_task
 
 CHUNK_ENGINE = "products"  # the chunk tasks' engine: a pool of its own, sized by the flow
 
 
-@dataclass
-class ChunkReport:
-    """What one chunk did, as the flow reports it."""
-
-    index: int
-    first_row: int
-    last_row: int
-    rows: int
-    created: int
-    updated: int
-    unchanged: int
-    published: int
-    publish_deferred: int                  # committed messages left to the flow's final publish
-    failures: list[RowFailure] = field(default_factory=list)
-    publish_error: str = ""
-
-
 # The chunk's writes are upserts keyed by natural keys and its messages are published exactly once, so a
 # retried or recomputed chunk (Dask after a lost worker) changes nothing twice: no cache needed.
-@task(
+# Retries: PRODUCTS_TASK_RETRIES, set by the flow (tasks.retries.with_retries); bad input (ValueError) never.
+@retrying_task(
     name="load-products-chunk",
     task_run_name="rows-{chunk.first_row}-{chunk.last_row}",
     retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient(permanent=(OSError, ValueError)),  # ChunkFailed says
+    delays=[2, 10, 30],
+    permanent=(ValueError,),  # ChunkFailed says; an OSError only when it may heal (tasks/retries.py)
     cache_policy=NO_CACHE,
     tags=["products", "database"],
 )
@@ -71,11 +51,11 @@ def load_products_chunk(
     )
 
 
-@task(
+# Publishing is exactly-once (the outbox marks what the stream holds): a retry publishes nothing twice.
+@retrying_task(
     name="publish-pending-messages",
     retries=3,
-    retry_delay_seconds=[2, 10, 30],
-    retry_jitter_factor=0.5,
+    delays=[2, 10, 30],
     cache_policy=NO_CACHE,
     tags=["products", "redis"],
 )

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.redis_game_counter import RedisGameCounter
 from operations.lottery.retention import AofCheck, CleanupReport, cleanup_expired_runs, compact_aof
-from tasks.retries import retry_transient
+from tasks.retries import retrying_task
 
 # Both are safe to retry: removing a run twice removes nothing more, and BGREWRITEAOF is refused by the rule
 # while a rewrite is under way.
-_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_jitter_factor=0.5, retry_condition_fn=retry_transient())
+_redis_task = partial(retrying_task, retries=2, delays=[2, 10], cache_policy=NO_CACHE)
 
 
-@task(name="remove-expired-runs", cache_policy=NO_CACHE, tags=["redis", "lottery"], **_RETRIES)
+@_redis_task(name="remove-expired-runs", tags=["redis", "lottery"])
 def remove_expired_runs(
     counter_block: RedisGameCounter, output_dir: Path, retention_days: float, dry_run: bool
 ) -> CleanupReport:
@@ -25,7 +25,7 @@ def remove_expired_runs(
                                 dry_run)
 
 
-@task(name="compact-redis-aof", cache_policy=NO_CACHE, tags=["redis"], **_RETRIES)
+@_redis_task(name="compact-redis-aof", tags=["redis"])
 def compact_redis_aof(counter_block: RedisGameCounter, dry_run: bool) -> AofCheck:
     """Ask Redis to rewrite its append-only file when it has outgrown the data."""
     return compact_aof(counter_block.get_client(), dry_run)

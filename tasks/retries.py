@@ -1,28 +1,69 @@
-"""The one retry rule of every task: retry what may heal, never what cannot."""
+"""The one retry mechanism of the tasks: retry what may heal, never what cannot.
+
+`retrying_task(retries=..., delays=..., permanent=...)` is `@task` with the retry rule (`retry_transient`), the
+delays and their jitter; `with_retries(task, n)` is the same task with `n` retries (a count from settings,
+chosen by the flow that runs it), its delays kept.
+"""
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Sequence
 from typing import Callable
 
-from prefect import Task
+from prefect import Task, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 RetryCondition = Callable[[Task, TaskRun, State], bool]
+JITTER = 0.5  # each delay varies by up to half of it, so retries of many tasks do not arrive together
+# OS errors that may heal on their own (a busy or interrupted call, a network hiccup); any other (no such file,
+# no permission, disk full, read-only) fails the same way on every attempt.
+TRANSIENT_ERRNOS = frozenset({
+    errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+    errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ESTALE,
+})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may help: an error that says (a `transient` attribute, as the domains' failures and
+    UserError do) is taken at its word; an OSError heals only when it is a connection or timeout error or its
+    errno is in TRANSIENT_ERRNOS; anything else unforeseen (a worker lost mid-call) is worth one more try."""
+    said = getattr(exc, "transient", None)
+    if said is not None:
+        return bool(said)
+    if isinstance(exc, OSError):
+        return isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno in TRANSIENT_ERRNOS
+    return True
 
 
 def retry_transient(permanent: tuple[type[BaseException], ...] = ()) -> RetryCondition:
-    """A `retry_condition_fn`: never retry the `permanent` errors; an error that says whether it is transient
-    (a `transient` attribute, as the domains' failures do) is retried when it is; anything else unforeseen (a
-    worker lost mid-call, a network hiccup) is worth one more try."""
-
+    """A `retry_condition_fn`: never retry the `permanent` errors; otherwise retry what `is_transient`."""
     def condition(task: Task, task_run: TaskRun, state: State) -> bool:
         try:
             state.result()
         except permanent:
             return False
         except Exception as exc:  # noqa: BLE001 - classified below
-            return bool(getattr(exc, "transient", True))
+            return is_transient(exc)
         return False
-
     return condition
+
+
+def retrying_task(
+    *, retries: int, delays: Sequence[float], permanent: tuple[type[BaseException], ...] = (), **task_options
+) -> Callable[[Callable], Task]:
+    """`@task(**task_options)` that retries transient failures `retries` times after `delays` seconds (the last
+    one repeated), with jitter, and never the `permanent` errors."""
+    return task(
+        retries=retries,
+        retry_delay_seconds=list(delays),
+        retry_jitter_factor=JITTER,
+        retry_condition_fn=retry_transient(permanent),
+        **task_options,
+    )
+
+
+def with_retries(task_: Task, retries: int) -> Task:
+    """`task_` with `retries` retries (a count from settings); its delays, jitter and retry rule are kept."""
+    return task_ if retries == task_.retries else task_.with_options(retries=retries)

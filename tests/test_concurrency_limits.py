@@ -7,7 +7,7 @@ import uuid
 
 from prefect.client.orchestration import get_client
 
-from flows.concurrency_limits import upsert_concurrency_limit
+from flows.concurrency import upsert_concurrency_limit
 
 
 def _race(names: list[str], slots: int) -> list[BaseException]:

@@ -21,7 +21,7 @@ from deployments.after_deploy import apply_after_deploy
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block
 from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
-from flows.generation_limit import GAMES_LIMIT
+from flows.concurrency import GAMES_LIMIT
 from marketplace_fixtures import Marketplace
 from operations.infra.database import get_engine
 from operations.marketplace.store import clear_marketplace_data, count_rows, get_account
@@ -369,10 +369,11 @@ def test_unknown_parameters_are_refused_with_409_naming_them_on_every_deployment
 
 
 def _generation(client: httpx.Client, flow_run_id: str) -> dict:
-    """The produce-games subflow run: the cluster work a generation slot covers."""
-    subflows = client.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
-    [produce] = subflows.json()
-    return produce
+    """When the run's cluster work (the span of its task runs, which a generation slot covers) started and ended."""
+    tasks = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
+    assert tasks, f"flow run {flow_run_id} has no task runs"
+    return {"start_time": min(t["start_time"] for t in tasks if t["start_time"]),
+            "end_time": max(t["end_time"] for t in tasks if t["end_time"])}
 
 
 def test_a_scheduled_and_an_on_demand_generation_run_take_turns(operator_stack):

@@ -22,7 +22,7 @@ from blocks.redis_game_counter import RedisGameCounter
 from flows.generate_games import generate_games
 from operations.lottery.engine import games_to_masks
 from operations.settings import get_settings
-from run_checks import check_generated_run, fetch_link, run_artifacts
+from run_checks import check_generated_run, fetch_link, run_and_subflow_ids, run_artifacts, run_texts
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,13 @@ def test_small_run_in_process_with_artifacts(settings, tmp_path):
     table = next(a for a in artifacts if a.key == "games-first-number-distribution")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert sum(r["generated"] for r in rows) == 3_000
-    assert any(a.type == "progress" for a in artifacts)
+    [progress] = [a for a in artifacts if a.type == "progress"]
+    assert progress.data == 100.0 and progress.flow_run_id == state.state_details.flow_run_id
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the chunks and writers ran in this flow run: no subflow
+        run_id = state.state_details.flow_run_id
+        assert run_and_subflow_ids(client, run_id) == [run_id]
     summary = next(a for a in artifacts if a.key == "games-run-summary")
     assert "3,000 games" in summary.data
     assert len(games) == 3_000
@@ -128,6 +134,25 @@ def test_infeasible_parameters_fail_before_any_chunk(settings, redis_client):
     assert "sum 21..30" in state.message
     assert not list(redis_client.scan_iter(match=f"*{run_key}*"))
     assert not (settings.output_dir / run_key).exists()
+    _assert_one_clear_line(state, "sum 21..30")
+
+
+def _assert_one_clear_line(state, message: str) -> None:
+    """An expected user error: the run's log holds its message, and no traceback."""
+    texts = run_texts(state.state_details.flow_run_id)
+    assert any(message in t for t in texts), texts
+    assert not [t for t in texts if "Traceback" in t], texts
+
+
+def test_user_errors_end_the_run_with_one_clear_line(settings, tmp_path):
+    missing = tmp_path / "no-draws.xlsx"
+    state = generate_games(quantity=1_000, past_draws_file=str(missing), run_key=f"nodraws-{uuid.uuid4().hex[:6]}",
+                           return_state=True)
+    assert state.is_failed() and f"past draws file {missing} does not exist" in state.message
+    _assert_one_clear_line(state, "does not exist")
+    state = generate_games(quantity=5, numbers_per_game=20, highest_number=20, return_state=True)
+    assert state.is_failed() and "only 1 distinct game exists" in state.message
+    _assert_one_clear_line(state, "only 1 distinct game exists")
 
 
 def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url):

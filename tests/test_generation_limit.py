@@ -11,7 +11,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
-from flows.generation_limit import GAMES_LIMIT, ensure_games_limit, generation_slot
+from flows.concurrency import GAMES_LIMIT, ensure_games_limit, generation_slot
 
 
 def _limit():

@@ -18,7 +18,7 @@ from operations.products.report import read_failures_workbook
 from operations.products.sample import dealer_codes, generate_products_file
 from operations.products.store import clear_products_data, offers, product_counts, upsert_dealers
 from operations.settings import get_settings
-from run_checks import fetch_link, run_artifacts
+from run_checks import fetch_link, run_artifacts, run_texts
 
 pytestmark = pytest.mark.slow
 
@@ -111,9 +111,31 @@ def test_a_bad_header_or_a_missing_file_fails_the_run_before_anything_is_written
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "'price'" in message and "preço unitário errado" in message
+    _assert_one_clear_line(state, "preço unitário errado")
     state, _ = _run(file_path=str(tmp_path / "missing.csv"), queue_block=block)
     assert state.is_failed() and "does not exist" in str(state.result(raise_on_failure=False))
+    _assert_one_clear_line(state, "does not exist")
     assert product_counts(engine)["offers"] == 0
+
+
+def _assert_one_clear_line(state, message: str) -> None:
+    """An expected user error: the run's log holds its message, and no traceback."""
+    texts = run_texts(state.state_details.flow_run_id)
+    assert any(message in t for t in texts), texts
+    assert not [t for t in texts if "Traceback" in t], texts
+
+
+def test_a_file_without_failures_links_no_failures_file(products, tmp_path):
+    _, _, block = products
+    source = tmp_path / "clean.csv"
+    sample = generate_products_file(source, 300, DEALERS, bad_fraction=0.0, seed=5)
+    state, result = _run(file_path=str(source), queue_block=block)
+    assert state.is_completed(), state.message
+    assert (result["successes"], result["failures"]) == (sample.rows, 0)
+    artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
+    assert "products-failures" not in artifacts
+    assert "No row failed." in artifacts["products-summary"].data
+    assert "failures.xlsx" not in artifacts["products-summary"].data
 
 
 def test_on_dask_publish_faults_still_publish_each_message_once_within_the_connection_budget(

@@ -24,7 +24,7 @@ from operations.infra.processes import free_port, pid_alive
 from operations.lottery.counter import RunFinished
 from operations.lottery.retention import DAY_SECONDS, compact_aof
 from operations.settings import get_settings
-from run_checks import check_generated_run, run_and_subflow_ids, run_artifacts
+from run_checks import check_generated_run, run_and_subflow_ids, run_artifacts, run_texts
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +106,8 @@ def test_a_completed_run_keeps_a_few_kb_and_a_rerun_is_served_from_its_outputs(s
 
     other = _run(name, run_key, quantity=15_000, seed=1)
     assert other.is_failed() and "other parameters" in other.message
+    logs = run_texts(other.state_details.flow_run_id)  # a user error: one clear line, no traceback
+    assert any("other parameters" in t for t in logs) and not [t for t in logs if "Traceback" in t], logs
 
     Path(result["spreadsheets"][0]).unlink()
     gone = _run(name, run_key, quantity=15_000)

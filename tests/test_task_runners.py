@@ -9,7 +9,7 @@ import pytest
 from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
-from flows.task_runners import LocalClusterInBackground, LocalDaskTaskRunner, dask_task_runner
+from flows.task_runners import LocalClusterInBackground, LocalDaskTaskRunner, dask_task_runner, in_process_task_runner
 from operations.settings import Settings
 
 DASHBOARD_LINE = "The Dask dashboard is available at "
@@ -78,3 +78,40 @@ def test_the_local_runner_of_settings_drops_the_line_too(task_runner_lines):
     lines = [r.getMessage() for r in task_runner_lines]
     assert any("Creating a new Dask cluster" in line for line in lines), lines
     assert not [line for line in lines if line.startswith(DASHBOARD_LINE)], lines
+
+
+@task
+def _add(x: int, y: int) -> int:
+    return x + y
+
+
+@pytest.mark.parametrize("kind", ["threads", "dask"])
+def test_a_runner_used_inside_a_flow_run_runs_its_tasks_as_the_flow_runs_own(kind):
+    """A runner chosen per task inside the flow (no subflow): its task runs belong to the calling flow run,
+    on a thread pool as on Dask process workers (prefect-dask's client carries the flow-run context)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.futures import as_completed
+    from prefect.runtime import flow_run
+    from prefect.utilities.annotations import unmapped
+
+    settings = Settings(dask_n_workers=1)
+
+    @flow
+    def parent() -> tuple[list[int], int, str]:
+        runner = in_process_task_runner(settings) if kind == "threads" else dask_task_runner(settings)
+        with runner:
+            mapped = runner.map(_add, {"x": [1, 2, 3], "y": unmapped(10)})
+            sums = sorted(f.result() for f in as_completed(mapped))
+            single = runner.submit(_add, {"x": 20, "y": 22}).result()
+        return sums, single, str(flow_run.get_id())
+
+    state = parent(return_state=True)
+    sums, single, run_id = state.result()
+    assert (sums, single) == ([11, 12, 13], 42)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [run_id]}))
+        assert not runs, "a subflow run was created"
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    assert len(task_runs) == 4 and {str(t.flow_run_id) for t in task_runs} == {run_id}
+    assert all(t.state.is_completed() for t in task_runs)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from operations.errors import UserError
+
 _BEGIN = """
 local prefix, chunk, token = KEYS[1], ARGV[1], ARGV[2]
 if redis.call('EXISTS', prefix .. ':outputs') == 1 then return {2, '', 0} end
@@ -133,7 +135,7 @@ class SupersededAttempt(RuntimeError):
     """Another attempt of the same chunk has begun since this one; this one must stop."""
 
 
-class RunKeyConflict(ValueError):
+class RunKeyConflict(UserError, ValueError):
     """The run key was already used by a run with other parameters."""
 
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import openpyxl
 
+from operations.errors import UserError
 from operations.lottery.engine import games_to_masks
 
 SAMPLE_RESULTS = Path(__file__).parent / "data" / "mega_sena_results_sample.xlsx"
 BALL_COLUMNS = tuple(f"Bola{i}" for i in range(1, 7))
 
 
-class DrawsFileError(ValueError):
+class DrawsFileError(UserError, ValueError):
     """The results file is missing or not in Caixa's format."""
 
 

@@ -53,6 +53,12 @@ def chunk_path(run_dir: Path, chunk: int) -> Path:
     return run_dir / "chunks" / f"chunk-{chunk:05d}.npz"
 
 
+def pending_chunks(chunks: int, committed: set[int] | list[int], run_dir: Path) -> list[int]:
+    """The chunks a run still has to generate: those not committed, or whose file is gone."""
+    done = set(committed)
+    return [i for i in range(chunks) if i not in done or not chunk_path(run_dir, i).exists()]
+
+
 def _save_atomically(path: Path, save: Callable[[BinaryIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")

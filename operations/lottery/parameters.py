@@ -1,4 +1,8 @@
-"""Parameters of a game-generation run: pydantic models the Prefect UI renders as forms."""
+"""Parameters of a game-generation run: pydantic models the Prefect UI renders as forms.
+
+The request's fields are typed once here (`Quantity`, `NumbersPerGame`, ... with their bounds, titles and
+descriptions): `GenerationRequest` and the generate-games flow's signature both use these types, so the form
+and the request cannot disagree."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import json
 import math
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from operations.errors import UserError
 
 SLIP_COLUMNS = 10  # the Mega-Sena slip is 6 rows x 10 columns: a row is a decade (1-10, 11-20, ...)
 MAX_UNIVERSE = 60  # games are stored as 64-bit masks and drawn on the 6x10 slip
@@ -14,6 +20,13 @@ SlipNumber = Annotated[int, Field(ge=1, le=MAX_UNIVERSE)]
 # A rule limit or region share left empty. Plain numbers rather than `int | None`: Prefect's form shows an
 # int/None type switch for optional fields, a plain number field for these.
 EMPTY = -1
+
+
+def form_order(schema: dict) -> None:
+    """Number a model's form fields in declaration order: the Prefect UI orders a form by each field's
+    `position` (the server stores schemas as JSONB, which reorders keys, shortest first)."""
+    for position, field_schema in enumerate(schema.get("properties", {}).values()):
+        field_schema.setdefault("position", position)
 
 
 def _empty_if_null(value):
@@ -24,7 +37,7 @@ def _empty_if_null(value):
 class FirstNumberRegion(BaseModel):
     """A range of values of a game's smallest number, with the share of games it may take."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=form_order)
 
     first: int = Field(ge=1, le=MAX_UNIVERSE, title="From", description="Smallest first number in the region.")
     last: int = Field(ge=1, le=MAX_UNIVERSE, title="To", description="Largest first number in the region.")
@@ -64,7 +77,7 @@ DEFAULT_REGIONS: tuple[FirstNumberRegion, ...] = (
 )
 
 
-_EMPTY_RULE = "-1: the historical default (switch above on) or no limit (off)."
+_EMPTY_RULE = "-1: the historical default if 'Fill empty rules with historical defaults' is on, else no limit."
 
 
 # The lowest real value of each rule limit. The form's bounds start at -1 (empty); values between -1 and this
@@ -80,7 +93,7 @@ def _rule_limit(highest: int, title: str, description: str):
 class GameRules(BaseModel):
     """Filters every game must pass. Empty fields take the historical default for the game size."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=form_order)
 
     historical_defaults: bool = Field(
         default=True,
@@ -144,31 +157,40 @@ class GameRules(BaseModel):
         return self
 
 
+# The request's fields, typed once: GenerationRequest and the generate-games flow's parameters use these.
+Quantity = Annotated[int, Field(
+    ge=1, le=10_000_000, title="Games", description="How many distinct games to generate (1 to 10,000,000).",
+)]
+NumbersPerGame = Annotated[int, Field(
+    ge=6, le=20, title="Numbers per game", description="6 to 20, as on the Mega-Sena slip.",
+)]
+HighestNumber = Annotated[int, Field(
+    ge=20, le=MAX_UNIVERSE, title="Highest number",
+    description="Games use the numbers 1..this (60 on the Mega-Sena slip).",
+)]
+Rules = Annotated[GameRules, Field(
+    title="Rules", description="Filters every game passes; empty rules take historical defaults.",
+)]
+Regions = Annotated[list[FirstNumberRegion], Field(
+    min_length=1, max_length=60, title="First-number regions",
+    description="Balance of the games' smallest number: no region ever exceeds ceil(share x games).",
+)]
+Seed = Annotated[int, Field(
+    ge=0, le=2**63 - 1, title="Seed", description="Random seed: the same seed draws the same candidates.",
+)]
+
+
 class GenerationRequest(BaseModel):
     """What an operator asks for: how many games, of which size, under which rules and balance."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    quantity: int = Field(
-        default=10_000, ge=1, le=10_000_000, title="Games", description="How many distinct games to generate."
-    )
-    numbers_per_game: int = Field(
-        default=6, ge=6, le=20, title="Numbers per game", description="6 to 20, as on the Mega-Sena slip."
-    )
-    highest_number: int = Field(
-        default=60, ge=20, le=MAX_UNIVERSE, title="Highest number", description="Games use numbers 1..this."
-    )
-    rules: GameRules = Field(default_factory=GameRules, title="Rules", description="Filters every game passes.")
-    regions: list[FirstNumberRegion] = Field(
-        default_factory=lambda: list(DEFAULT_REGIONS),
-        min_length=1,
-        max_length=60,
-        title="First-number regions",
-        description="Balance of the games' smallest number: no region ever exceeds ceil(share x games).",
-    )
-    seed: int = Field(
-        default=20_260_000, ge=0, le=2**63 - 1, title="Seed", description="Random seed (same seed, same candidates)."
-    )
+    quantity: Quantity = 10_000
+    numbers_per_game: NumbersPerGame = 6
+    highest_number: HighestNumber = MAX_UNIVERSE
+    rules: Rules = Field(default_factory=GameRules)
+    regions: Regions = Field(default_factory=lambda: list(DEFAULT_REGIONS))
+    seed: Seed = 20_260_000
 
     @model_validator(mode="before")
     @classmethod
@@ -234,3 +256,19 @@ class GenerationRequest(BaseModel):
             if region["share"] == EMPTY:
                 region["share"] = None
         return json.dumps(data, separators=(",", ":"))
+
+
+class InvalidRequest(UserError, ValueError):
+    """The request's fields contradict each other (each is within its bounds); the message says how."""
+
+
+def generation_request(**fields) -> GenerationRequest:
+    """A checked GenerationRequest; raises InvalidRequest with every problem the model found."""
+    try:
+        return GenerationRequest(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        raise InvalidRequest(f"invalid generation request: {problems}") from None

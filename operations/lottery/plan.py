@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from operations.errors import UserError
 from operations.lottery.engine import (
     GameSpace,
     _longest_run,
@@ -26,14 +27,16 @@ from operations.lottery.engine import (
     games_per_first_number,
     sample_games_by_first_number,
 )
+from operations.lottery.draws import load_past_draws
 from operations.lottery.parameters import EMPTY, SLIP_COLUMNS, GenerationRequest
 
 EXACT_COUNT_LIMIT = 60_000_000  # C(60,6) = 50,063,860 games are enumerated in a few seconds
 MAX_FEASIBLE_FRACTION = 0.8  # drawing more than this share of all feasible games without repeats stalls
 SAMPLES_PER_FIRST_NUMBER = 4_000
+PARALLEL_WRITE_MIN_ROWS = 50_000  # below this, one file: a second writer costs more than it saves
 
 
-class InfeasibleRequest(ValueError):
+class InfeasibleRequest(UserError, ValueError):
     """The request cannot be met; the message names the rule or region responsible."""
 
 
@@ -389,3 +392,28 @@ def build_plan(
         chunk_quotas=_chunk_quotas(q, workers, min_chunk, max_chunk),
         fingerprint=fingerprint,
     )
+
+
+def plan_run(
+    request: GenerationRequest,
+    run_key: str,
+    draws_file: Path,
+    workers: int,
+    min_chunk: int,
+    max_chunk: int,
+    cache_dir: Path | None = None,
+) -> GenerationPlan:
+    """`build_plan` with the past draws of `draws_file` (read only when the rules exclude past draws); raises
+    DrawsFileError for a missing or malformed file, InfeasibleRequest naming the rule or region."""
+    draws = load_past_draws(draws_file) if request.rules.exclude_past_draws else np.zeros(0, np.uint64)
+    return build_plan(request, run_key, draws, workers=workers, min_chunk=min_chunk, max_chunk=max_chunk,
+                      cache_dir=cache_dir)
+
+
+def part_ranges(quantity: int, workers: int, max_rows_per_file: int) -> list[tuple[int, int]]:
+    """Rank ranges of the spreadsheet files: enough files for every worker to write one at a time."""
+    files = math.ceil(quantity / max_rows_per_file)
+    if quantity >= PARALLEL_WRITE_MIN_ROWS:
+        files = max(files, workers)
+    size = math.ceil(quantity / files)
+    return [(start, min(start + size, quantity)) for start in range(0, quantity, size)]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import redis
 
+from operations.errors import UserError
 from operations.lottery.counter import FirstNumberCounter
 
 DAY_SECONDS = 86_400
@@ -45,7 +46,7 @@ return removed
 """
 
 
-class OutputsGone(RuntimeError):
+class OutputsGone(UserError, RuntimeError):
     """A completed run's files were removed: its games cannot be served nor made again under its run key."""
 
     transient = False  # tasks' retry rule (tasks/retries.py): never retried

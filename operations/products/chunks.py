@@ -11,6 +11,7 @@ ever in memory (plus one small key per row to find repeats).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -20,11 +21,47 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
+from operations.errors import UserError
 from operations.products.reader import ProductRow, Reason, RowFailure, open_product_rows
 from operations.products.report import FailureLog
 from operations.products.store import DealerRow
 
 _XLSX_SAMPLE_BYTES = 256 * 1024
+CHUNKS_PER_SLOT = 4  # chunks per task slot: enough to balance the workers, few enough to keep overhead low
+
+
+class ProductsFileMissing(UserError, FileNotFoundError):
+    """The products file named by the run is not a file on the machine that runs the flow."""
+
+
+class ConnectionBudgetTooSmall(UserError, ValueError):
+    """DATABASE_POOL_SIZE cannot give the flow and every chunk process a connection."""
+
+
+def products_file(path: str) -> Path:
+    """The products file at `path` (`~` expanded); raises ProductsFileMissing when it is not a file here."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise ProductsFileMissing(f"products file {source} does not exist (or is not a file) on this machine")
+    return source
+
+
+def chunk_size(estimated_rows: int, slots: int, min_rows: int, max_rows: int) -> int:
+    """Rows per chunk: CHUNKS_PER_SLOT chunks per task slot, within `min_rows`..`max_rows`."""
+    wanted = math.ceil(max(1, estimated_rows) / (max(1, slots) * CHUNKS_PER_SLOT))
+    return max(min_rows, min(max_rows, wanted))
+
+
+def chunk_pool_size(pool_size: int, processes: int) -> int:
+    """Connections of each chunk process's pool, so that they and the flow's one connection stay within
+    DATABASE_POOL_SIZE together; raises ConnectionBudgetTooSmall when they cannot."""
+    per_process = (pool_size - 1) // processes
+    if per_process < 1:
+        raise ConnectionBudgetTooSmall(
+            f"DATABASE_POOL_SIZE={pool_size} cannot hold the flow's connection and one per chunk process "
+            f"({processes}): set it to at least {processes + 1}, or use fewer Dask workers (DASK_N_WORKERS)"
+        )
+    return per_process
 
 
 @dataclass(frozen=True, slots=True)

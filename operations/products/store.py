@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, delete, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, DataError, InterfaceError, OperationalError
 
+from operations.errors import UserError
 from operations.products.models import (
     Dealer,
     OutboxMessage,
@@ -271,6 +272,18 @@ def upsert_dealers(engine: Engine, dealers: Iterable[tuple[str, str]]) -> tuple[
             conn.execute(statement, rows)
     inserted = sum(1 for r in rows if r["code"] not in current)
     return inserted, len(rows) - inserted
+
+
+class NoDealers(UserError, ValueError):
+    """The database holds no dealer: no row of a products file can be loaded."""
+
+
+def known_dealers(engine: Engine) -> dict[str, int]:
+    """Every dealer code -> its id; raises NoDealers when there is none."""
+    dealers = dealer_ids(engine)
+    if not dealers:
+        raise NoDealers("no dealers in the database: load them first (python -m deployments.dealers load FILE)")
+    return dealers
 
 
 def dealer_ids(engine: Engine) -> dict[str, int]:

@@ -1,9 +1,11 @@
-"""One generation at a time per machine, whatever deployment starts it: the Prefect global concurrency limit
-`generate-games`, of GAMES_CONCURRENCY_LIMIT slots, a generation run holds one slot of around its cluster work.
+"""Prefect global concurrency limits of the flows: created or updated safely when runs do it at once
+(`upsert_concurrency_limit`), and the `generate-games` limit that lets one generation at a time run per
+machine, whatever deployment starts it (`ensure_games_limit`, `generation_slot`).
 
-`make up` creates the limit or sets its slots from the setting (deployments/stack.py); a run that finds no limit
-(a server the stack did not set up) creates it from the setting, and never changes the slots of one that exists
-(`prefect gcl update generate-games --limit N` holds until the next `make up`).
+The `generate-games` limit has GAMES_CONCURRENCY_LIMIT slots; a generation run holds one around its cluster
+work. `make up` creates the limit or sets its slots from the setting (deployments/stack.py); a run that finds no
+limit (a server the stack did not set up) creates it from the setting, and never changes the slots of one that
+exists (`prefect gcl update generate-games --limit N` holds until the next `make up`).
 
 A slot is a lease the run renews while it works: a run that fails or is cancelled releases it on the way out,
 and the slot of a run whose process was killed returns when its lease runs out (LEASE_SECONDS, plus up to the
@@ -17,7 +19,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
@@ -25,13 +27,22 @@ from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 
-from flows.concurrency_limits import upsert_concurrency_limit
-
 GAMES_LIMIT = "generate-games"
 # The server's shortest lease: a killed run's slot is back within ~75 s. Prefect renews it every 3/4 of it (45 s),
 # retrying a failed renewal, so a renewal has 15 s to get through.
 LEASE_SECONDS = 60
 WAIT_LOG_SECONDS = 60  # while waiting, a line this often
+
+
+def upsert_concurrency_limit(client: SyncPrefectClient, name: str, slots: int) -> None:
+    """Create the global concurrency limit `name` with `slots`, or set the slots of the existing one.
+
+    Prefect's upsert reads, then creates: two runs starting together both find no limit and one create is
+    refused with 409 (seen on the PostgreSQL-backed server). The loser updates the limit the other created."""
+    try:
+        client.upsert_global_concurrency_limit_by_name(name, slots)
+    except ObjectAlreadyExists:
+        client.upsert_global_concurrency_limit_by_name(name, slots)  # it exists now: an update
 
 
 def ensure_games_limit(slots: int, update: bool) -> None:

@@ -1,0 +1,60 @@
+"""The one retry mechanism of the tasks: what is retried, and counts from settings."""
+
+from __future__ import annotations
+
+import errno
+
+from prefect import flow
+
+from operations.errors import UserError
+from operations.settings import Settings
+from tasks.lottery import generate_games_chunk, rank_games_of_run
+from tasks.products import load_products_chunk, publish_pending_messages
+from tasks.retention import remove_expired_runs
+from tasks.retries import is_transient, retrying_task, with_retries
+
+
+class _Healing(Exception):
+    transient = True
+
+
+def test_what_may_heal_is_retried_and_what_cannot_is_not():
+    assert is_transient(ConnectionResetError()) and is_transient(TimeoutError())
+    assert is_transient(OSError(errno.EAGAIN, "busy")) and is_transient(RuntimeError("worker lost"))
+    assert is_transient(_Healing())
+    for permanent in (FileNotFoundError(errno.ENOENT, "gone"), PermissionError(errno.EACCES, "no"),
+                      OSError(errno.ENOSPC, "disk full"), OSError("no errno"), UserError("bad input")):
+        assert not is_transient(permanent), permanent
+
+
+def test_every_task_of_the_generation_products_and_cleanup_flows_uses_the_one_rule():
+    for task_ in (generate_games_chunk, rank_games_of_run, load_products_chunk, publish_pending_messages,
+                  remove_expired_runs):
+        assert task_.retries >= 1 and task_.retry_jitter_factor == 0.5 and task_.retry_condition_fn is not None
+
+
+def test_the_products_chunk_retries_come_from_the_setting():
+    retries = Settings(products_task_retries=5).products_task_retries
+    chunk = with_retries(load_products_chunk, retries)
+    assert chunk.retries == 5 and chunk.retry_delay_seconds == load_products_chunk.retry_delay_seconds
+    assert chunk.retry_condition_fn is load_products_chunk.retry_condition_fn
+    assert with_retries(load_products_chunk, load_products_chunk.retries) is load_products_chunk
+
+
+def test_a_permanent_os_error_runs_once_and_a_transient_one_is_retried():
+    calls: list[str] = []
+
+    @retrying_task(retries=2, delays=[0])
+    def fails(kind: str) -> None:
+        calls.append(kind)
+        if kind == "reset" and calls.count(kind) < 3:
+            raise ConnectionResetError("reset by peer")
+        if kind == "missing":
+            raise FileNotFoundError(errno.ENOENT, "no such file", "chunk-00001.npz")
+
+    @flow
+    def probe(kind: str) -> str:
+        return fails(kind, return_state=True).type.value
+
+    assert probe("missing") == "FAILED" and calls.count("missing") == 1
+    assert probe("reset") == "COMPLETED" and calls.count("reset") == 3
