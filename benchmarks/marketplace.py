@@ -53,10 +53,10 @@ def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float,
 
     settings = get_settings()
     start_local_stack(settings)  # the Prefect server; the sync gets a database of its own below
-    if settings.database_url:
-        url = settings.database_url.get_secret_value()
+    if settings.database.url:
+        url = settings.database.url.get_secret_value()
     else:
-        server = running_embedded_postgres(settings.postgres_dir)  # started by the stack
+        server = running_embedded_postgres(settings.stack.postgres_dir)  # started by the stack
         url = ensure_database(server, "marketplace_bench")
     migrate_to_head(url)
     os.environ["DATABASE_URL"] = url

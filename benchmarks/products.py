@@ -34,10 +34,10 @@ def bench_products(rows: int, bad_fraction: float, baseline_rows: int) -> dict:
     stack = start_local_stack(settings)  # the Prefect server and Redis; the bench gets a database of its own
     from blocks.products_queue import ProductsQueue  # imports Prefect: only once the API URL is set
 
-    if settings.database_url:
-        url = settings.database_url.get_secret_value()
+    if settings.database.url:
+        url = settings.database.url.get_secret_value()
     else:
-        url = ensure_database(running_embedded_postgres(settings.postgres_dir), "products_bench")  # the stack's
+        url = ensure_database(running_embedded_postgres(settings.stack.postgres_dir), "products_bench")  # the stack's
     migrate_to_head(url)
     os.environ["DATABASE_URL"] = url
     engine = get_engine(url)

@@ -77,7 +77,7 @@ def bench_retention(runs: int, quantity: int) -> dict:
     from flows.generate_games import generate_games
     from operations.lottery.retention import aof_rewrite_needed, folder_bytes
 
-    default = RedisGameCounter.load_or_create_default(settings.counter_block_name, settings.counter_block_name,
+    default = RedisGameCounter.load_or_create_default(settings.lottery.counter_block_name, settings.lottery.counter_block_name,
                                                       settings)
     block = default.model_copy(update={"key_prefix": f"retention-bench-{uuid.uuid4().hex[:8]}"})
     block.save(BENCH_BLOCK, overwrite=True)  # ... and only these runs' keys
@@ -99,7 +99,7 @@ def bench_retention(runs: int, quantity: int) -> dict:
             "used_memory": int(client.info("memory")["used_memory"]),
             "run_key_bytes": counter.memory_usage(),
             "run_keys": len(counter.run_keys()),
-            "folder_bytes": folder_bytes(settings.output_dir / run_key),
+            "folder_bytes": folder_bytes(settings.stack.output_dir / run_key),
             "aof": int(client.info("persistence")["aof_current_size"]),
         })
     persistence = client.info("persistence")

@@ -140,13 +140,13 @@ def bench_end_to_end(quantity: int, warm: bool, baseline: bool = True) -> dict:
     get_settings.cache_clear()
     settings = get_settings()
     stack = start_local_stack(settings)
-    redis_pid = running_embedded_redis(settings.redis_dir).pid if not settings.redis_url else None
+    redis_pid = running_embedded_redis(settings.stack.redis_dir).pid if not settings.redis.url else None
     from flows.generate_games import generate_games
 
     run_key = f"bench-{uuid.uuid4().hex[:8]}"
     if not warm:  # the first run of these rules: their exact feasibility count is not cached yet (the
         # rule-independent table of 5-number tails it is counted from is built once per machine and kept)
-        for cached in (settings.data_dir / "cache").glob("feasibility-*.json"):
+        for cached in (settings.stack.data_dir / "cache").glob("feasibility-*.json"):
             cached.unlink()
     with PeakMemory({os.getpid()}, {redis_pid} if redis_pid else set()) as memory:
         started = time.perf_counter()
@@ -157,7 +157,7 @@ def bench_end_to_end(quantity: int, warm: bool, baseline: bool = True) -> dict:
     result = state.result()
     from operations.lottery.generation import rank_games
 
-    run_dir = settings.output_dir / run_key
+    run_dir = settings.stack.output_dir / run_key
     if baseline:
         games, scores = rank_games(sorted((run_dir / "chunks").glob("chunk-*.npz")))
         baseline_seconds = write_baseline(games, scores, run_dir / "baseline.xlsx")
@@ -170,7 +170,7 @@ def bench_end_to_end(quantity: int, warm: bool, baseline: bool = True) -> dict:
     from blocks.redis_game_counter import RedisGameCounter
 
     try:  # Redis keeps no bench runs
-        RedisGameCounter.load(settings.counter_block_name).counter(run_key).delete_run()
+        RedisGameCounter.load(settings.lottery.counter_block_name).counter(run_key).delete_run()
     except redis.RedisError as exc:  # a loaded machine can outlast the socket timeout deleting 10M members
         print(f"the bench run's Redis keys ({run_key}) were not deleted: {exc!r}", flush=True)
     return {

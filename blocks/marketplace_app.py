@@ -1,5 +1,5 @@
 """`MarketplaceApp`: a config-only Prefect block with the marketplace application's OAuth credentials and the
-API's address, timeouts and retry budget. Tokens of the seller accounts are never here: they live in the
+API's address, timeouts and retry budget (the last two shared with every `HttpEndpoint`). Tokens of the seller accounts are never here: they live in the
 project database.
 
 Register the type with `prefect block register -m blocks.marketplace_app`; `make up` saves `marketplace-app`
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, SecretStr, field_validator
-from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
 
-from operations.infra.http import HttpSettings, RetryPolicy, shared_http_client
+from blocks.http_endpoint import HttpEndpoint
+from operations.infra.http import shared_http_client
 from operations.marketplace.client import AppCredentials, MarketplaceClient, RequestStats
 
 
-class MarketplaceApp(Block):
+class MarketplaceApp(HttpEndpoint):
     """The marketplace application: where its API is and how the app authenticates.
 
     Configuration only: each process builds its `httpx.Client` on demand (one per process and base URL), so
@@ -30,6 +30,7 @@ class MarketplaceApp(Block):
         "OAuth application credentials and API address used by the sync-marketplace and onboard-account flows."
     )
     _documentation_url: ClassVar[str] = "https://developers.mercadolivre.com.br/en_us/authentication-and-authorization"
+    url_field: ClassVar[str] = "api_base_url"
     _code_example: ClassVar[str] = """
 ```python
 from blocks.marketplace_app import MarketplaceApp
@@ -48,41 +49,16 @@ client = app.client()  # a MarketplaceClient over this process's shared httpx.Cl
     redirect_uri: str = Field(
         default="", max_length=2000, description="Redirect URI registered for the app (used to exchange codes)."
     )
-    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120, description="TCP/TLS connect timeout.")
-    read_timeout_seconds: float = Field(default=30.0, gt=0, le=600, description="Seconds to wait for an answer.")
     max_connections: int = Field(
         default=20, ge=1, le=500, description="Connections of the process-wide HTTP pool to this API."
     )
-    max_attempts: int = Field(
-        default=5, ge=1, le=20, description="Attempts per call for 429, 5xx and network faults (backoff with jitter)."
-    )
-    backoff_base_seconds: float = Field(
-        default=0.25, ge=0, le=60, description="First backoff ceiling; doubles per attempt (full jitter)."
-    )
-    backoff_max_seconds: float = Field(default=10.0, ge=0, le=600, description="Largest backoff between attempts.")
+    # connect_timeout_seconds, read_timeout_seconds, max_attempts, backoff_*: HttpEndpoint's
 
-    @field_validator("api_base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("api_base_url must start with http:// or https://")
-        return value.rstrip("/")
+    def connection_limit(self) -> int:
+        return self.max_connections
 
     def credentials(self) -> AppCredentials:
         return AppCredentials(self.client_id, self.client_secret, self.redirect_uri)
-
-    def http_settings(self) -> HttpSettings:
-        return HttpSettings(
-            connect_timeout=self.connect_timeout_seconds,
-            read_timeout=self.read_timeout_seconds,
-            max_connections=self.max_connections,
-            max_keepalive_connections=self.max_connections,
-        )
-
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy(
-            attempts=self.max_attempts, base_delay=self.backoff_base_seconds, max_delay=self.backoff_max_seconds
-        )
 
     def client(self, stats: RequestStats | None = None) -> MarketplaceClient:
         """A client (cheap; counters of its own) over this process's shared HTTP pool for the API."""

@@ -100,7 +100,7 @@ RedisConnection.load("BLOCK_NAME").get_client().ping()
                 ) from None
         from operations.infra.embedded_redis import resolve_redis_url
 
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        password = settings.redis.password.get_secret_value() if settings.redis.password else None
         block = cls.from_url(resolve_redis_url(settings), password)
         block.save(name, overwrite=True)
         return block

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, ContextManager
 
-from pydantic import Field, SecretStr, field_validator
-from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
 
+from blocks.http_endpoint import HttpEndpoint, attempts_field, backoff_base_field
 from blocks.redis_connection import RedisConnection
-from operations.infra.http import HttpSettings, RetryPolicy
 from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient, RequestStats
 
 
-class TurnstileDevice(Block):
+class TurnstileDevice(HttpEndpoint):
     """One turnstile: where its API is, how to log in, and how much load it takes."""
 
     _block_type_name: ClassVar[str] = "Turnstile Device"
@@ -50,24 +49,12 @@ client = device.client()  # a ControlIdClient over this process's shared httpx.C
     requests_per_second: float = Field(
         default=20.0, gt=0, le=1000, description="Requests per second to this device, across every flow run."
     )
-    connect_timeout_seconds: float = Field(default=5.0, gt=0, le=120, description="TCP connect timeout.")
-    read_timeout_seconds: float = Field(
-        default=30.0, gt=0, le=600, description="Seconds to wait for the device's answer to one request."
-    )
-    max_attempts: int = Field(
-        default=4, ge=1, le=20, description="Attempts per request for refused connections, timeouts and 5xx."
-    )
-    backoff_base_seconds: float = Field(
-        default=0.5, ge=0, le=60, description="First backoff ceiling; doubles per attempt (full jitter)."
-    )
-    backoff_max_seconds: float = Field(default=10.0, ge=0, le=600, description="Largest backoff between attempts.")
+    # connect_timeout_seconds, read_timeout_seconds, backoff_max_seconds: HttpEndpoint's; a device's own defaults:
+    max_attempts: int = attempts_field(4, "Attempts per request for refused connections, timeouts and 5xx.")
+    backoff_base_seconds: float = backoff_base_field(0.5)
 
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("base_url must start with http:// or https://")
-        return value.rstrip("/")
+    def connection_limit(self) -> int:
+        return self.max_concurrent_requests
 
     def client(
         self, name: str = "", limiter: Callable[[], ContextManager[Any]] | None = None,
@@ -76,16 +63,9 @@ client = device.client()  # a ControlIdClient over this process's shared httpx.C
         """A client over this process's shared HTTP pool for the device (cheap; counters of its own)."""
         if not self.password.get_secret_value():
             raise ValueError(f"the TurnstileDevice block {name or self.base_url} has no password: fill it in")
-        http = HttpSettings(
-            connect_timeout=self.connect_timeout_seconds, read_timeout=self.read_timeout_seconds,
-            max_connections=self.max_concurrent_requests, max_keepalive_connections=self.max_concurrent_requests,
-        )
-        retry = RetryPolicy(
-            attempts=self.max_attempts, base_delay=self.backoff_base_seconds, max_delay=self.backoff_max_seconds
-        )
         kwargs = {"limiter": limiter} if limiter is not None else {}
-        return ControlIdClient(self.base_url, self.login, self.password, name=name, http=http, retry=retry,
-                               stats=stats, **kwargs)
+        return ControlIdClient(self.base_url, self.login, self.password, name=name, http=self.http_settings(),
+                               retry=self.retry_policy(), stats=stats, **kwargs)
 
 
 class TurnstileCache(RedisConnection):

@@ -84,7 +84,7 @@ def apply_after_deploy(schedules_active: bool | None = None) -> AfterDeploy:
     given), on the Prefect server this process points at (PREFECT_API_URL)."""
     from prefect.client.orchestration import get_client  # imports Prefect: only once the API URL is set
 
-    active = get_settings().stack_schedules if schedules_active is None else schedules_active
+    active = get_settings().stack.schedules if schedules_active is None else schedules_active
     with get_client(sync_client=True) as client:
         strict = refuse_unknown_parameters(client)
         switched = set_schedules_active(client, active)
@@ -93,7 +93,7 @@ def apply_after_deploy(schedules_active: bool | None = None) -> AfterDeploy:
 
 def describe_schedules(api_url: str | None) -> str:
     """One line for `make status`: how many schedules are active on the server, and the setting."""
-    keep = get_settings().stack_schedules
+    keep = get_settings().stack.schedules
     setting = "STACK_SCHEDULES=on" if keep else "STACK_SCHEDULES off"
     if not api_url:
         return f"no Prefect server ({setting}: `make up` {'keeps' if keep else 'pauses'} them)"

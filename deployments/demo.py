@@ -115,7 +115,7 @@ def demo_products(stack, rows: int, run_key: str) -> int:
     from operations.products.store import upsert_dealers
     from operations.settings import get_settings
 
-    folder = get_settings().data_dir / "demo-products"
+    folder = get_settings().stack.data_dir / "demo-products"
     folder.mkdir(parents=True, exist_ok=True)
     dealers_file, products_file = folder / "dealers.csv", folder / "products.xlsx"
     codes = write_dealers_file(dealers_file, 20)
@@ -146,7 +146,7 @@ def demo_turnstiles(stack, participants: int) -> int:
     if not stack.emulated_turnstiles:
         print("\nturnstiles: TURNSTILE_EMULATOR_DEVICES=0, so the demo registers no participants")
         return 0
-    source = get_settings().data_dir / "demo-turnstiles" / "participants.xlsx"
+    source = get_settings().stack.data_dir / "demo-turnstiles" / "participants.xlsx"
     source.parent.mkdir(parents=True, exist_ok=True)
     if not source.exists():
         write_participants_file(source, participants)

@@ -151,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("deactivate", "activate"):
         sub.add_parser(name).add_argument("seller_id", type=int)
     args = parser.parse_args(argv)
-    block = args.app_block or get_settings().marketplace_app_block
+    block = args.app_block or get_settings().marketplace.app_block
     engine = _engine()
     try:
         if args.command == "list":
             _print_accounts(list_accounts(engine))
         elif args.command == "emulated":
-            if get_settings().marketplace_api_url:
+            if get_settings().marketplace.api_url:
                 print("MARKETPLACE_API_URL is set: `emulated` is for the local emulator; onboard a real seller "
                       "with `add --code` (see `emulated --help` for how a seller gets a code)", file=sys.stderr)
                 return 2

@@ -94,9 +94,9 @@ def resolve_server_database(settings: Settings) -> ServerDatabase:
             url = os.environ[variable]
             backend = "sqlite" if make_url(url).get_backend_name() == "sqlite" else "postgresql"
             return ServerDatabase(url, backend, f"{backend} {redact_url(url)} ({variable})")
-    if settings.stack_prefect_database == "sqlite":
-        return sqlite_database(settings.prefect_dir)
-    return embedded_prefect_database(ensure_embedded_postgres(settings.postgres_dir))
+    if settings.stack.prefect_database == "sqlite":
+        return sqlite_database(settings.stack.prefect_dir)
+    return embedded_prefect_database(ensure_embedded_postgres(settings.stack.postgres_dir))
 
 
 def prefect_server_env(prefect_dir: Path, database_url: str, auth_string: str | None = None) -> dict[str, str]:
@@ -236,8 +236,8 @@ def local_prefect_server(settings: Settings, port: int | None = None) -> Prefect
     """The stack's server from settings: DATA_DIR/prefect, STACK_HOST, STACK_AUTH_STRING, its database (module
     docstring; the embedded PostgreSQL is started for it when it is the one)."""
     return PrefectServerService(
-        settings.prefect_dir, port, database=lambda: resolve_server_database(settings), host=settings.stack_host,
-        auth_string=settings.stack_auth_string,
+        settings.stack.prefect_dir, port, database=lambda: resolve_server_database(settings), host=settings.stack.host,
+        auth_string=settings.stack.auth_string,
     )
 
 

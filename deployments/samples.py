@@ -119,7 +119,7 @@ def emulated_devices(settings: Settings, path: Path) -> str:
     """Write the devices file of the running turnstile emulator; says what it did."""
     from emulators.turnstiles import running_emulator_process
 
-    emulator = running_emulator_process(settings.turnstile_emulator_dir)
+    emulator = running_emulator_process(settings.stack.turnstile_emulator_dir)
     if emulator is None:
         path.unlink(missing_ok=True)  # a file of a stopped emulator names ports nobody answers on
         return f"{path}: not written: no turnstile emulator runs (`make up` starts it; then `make samples` again)"
@@ -134,7 +134,7 @@ def load_dealers(settings: Settings, path: Path) -> str:
     from operations.infra.embedded_postgres import running_embedded_postgres
 
     how = f".venv/bin/python -m deployments.dealers load {shlex.quote(str(path))}"
-    if not settings.database_url and running_embedded_postgres(settings.postgres_dir) is None:
+    if not settings.database.url and running_embedded_postgres(settings.stack.postgres_dir) is None:
         return f"dealers not loaded: the project database is not running (`make up`, then `make samples` again or {how})"
     from operations.infra.database import project_engine
     from operations.products.store import upsert_dealers
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     try:
-        files, lines = write_sample_files(settings.data_dir / SAMPLES_FOLDER, dealers=args.dealers,
+        files, lines = write_sample_files(settings.stack.data_dir / SAMPLES_FOLDER, dealers=args.dealers,
                                           products_rows=args.products_rows, participants=args.participants)
         lines.append(emulated_devices(settings, files.devices))
         lines.append(load_dealers(settings, files.dealers))

@@ -49,11 +49,11 @@ class Registered:
 
 def _postgres_replaced_by(settings: Settings) -> str | None:
     """DATABASE_URL, unless the local Prefect server keeps its database on the embedded PostgreSQL anyway."""
-    if not settings.database_url:
+    if not settings.database.url:
         return None
     server_elsewhere = (
         os.environ.get("PREFECT_API_URL")
-        or settings.stack_prefect_database == "sqlite"
+        or settings.stack.prefect_database == "sqlite"
         or any(os.environ.get(variable) for variable in DATABASE_URL_VARIABLES)
     )
     return "DATABASE_URL is set" if server_elsewhere else None
@@ -62,25 +62,25 @@ def _postgres_replaced_by(settings: Settings) -> str | None:
 def stack_services(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> list[Registered]:
     """The stack's services in start order (module docstring)."""
     settings = settings or get_settings()
-    devices = settings.turnstile_emulator_devices
+    devices = settings.turnstiles.emulator_devices
     return [
-        Registered(PostgresService(settings.postgres_dir), _postgres_replaced_by(settings),
-                   exports=not settings.database_url),
-        Registered(RedisService(settings.redis_dir, settings.redis_start_timeout_seconds),
-                   "REDIS_URL is set" if settings.redis_url else None),
+        Registered(PostgresService(settings.stack.postgres_dir), _postgres_replaced_by(settings),
+                   exports=not settings.database.url),
+        Registered(RedisService(settings.stack.redis_dir, settings.redis.start_timeout_seconds),
+                   "REDIS_URL is set" if settings.redis.url else None),
         Registered(local_prefect_server(settings),
                    "PREFECT_API_URL is set" if os.environ.get("PREFECT_API_URL") else None),
-        Registered(FileServerService(settings), "OUTPUT_BASE_URL is set" if settings.output_base_url else None),
-        Registered(marketplace_emulator.MarketplaceEmulatorService(settings.marketplace_emulator_dir, DEMO_MARKETPLACE),
-                   "MARKETPLACE_API_URL is set" if settings.marketplace_api_url else None),
+        Registered(FileServerService(settings), "OUTPUT_BASE_URL is set" if settings.stack.output_base_url else None),
+        Registered(marketplace_emulator.MarketplaceEmulatorService(settings.stack.marketplace_emulator_dir, DEMO_MARKETPLACE),
+                   "MARKETPLACE_API_URL is set" if settings.marketplace.api_url else None),
         Registered(
             turnstile_emulator.TurnstileEmulatorService(
-                settings.turnstile_emulator_dir,
+                settings.stack.turnstile_emulator_dir,
                 turnstile_emulator.EmulatorConfig(devices=max(devices, 1), latency_ms=5),
             ),
             None if devices else "TURNSTILE_EMULATOR_DEVICES=0",
         ),
-        Registered(PrefectWorkerService(settings.prefect_worker_dir, project_dir=PROJECT_ROOT, pool=LOCAL_WORK_POOL,
+        Registered(PrefectWorkerService(settings.stack.prefect_worker_dir, project_dir=PROJECT_ROOT, pool=LOCAL_WORK_POOL,
                                         query_seconds=worker_query_seconds)),
     ]
 

@@ -65,25 +65,25 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     running = registry.up(registry.without(registry.stack_services(settings), "prefect worker"))
     # each address as configured, else as the started service exported it (what the worker's flow runs get)
-    database_url = _secret(settings.database_url) or os.environ["DATABASE_URL"]
-    redis_url = _secret(settings.redis_url) or os.environ["REDIS_URL"]
+    database_url = _secret(settings.database.url) or os.environ["DATABASE_URL"]
+    redis_url = _secret(settings.redis.url) or os.environ["REDIS_URL"]
     api_url = os.environ["PREFECT_API_URL"]
     migrate_to_head(database_url)
     register_blocks(settings, redis_url)
     ensure_generation_limit(settings)
     marketplace = running.get("marketplace emulator")
-    save_marketplace_app_block(settings, marketplace.base_url if marketplace else settings.marketplace_api_url or "")
+    save_marketplace_app_block(settings, marketplace.base_url if marketplace else settings.marketplace.api_url or "")
     turnstiles = save_emulated_turnstiles(running.get("turnstile emulator"))
     return LocalStack(
         api_url=api_url,
         ui_url=api_url.removesuffix("/api"),
         redis_url=redis_url,
-        counter_block=settings.counter_block_name,
+        counter_block=settings.lottery.counter_block_name,
         database_url=database_url,
-        marketplace_api_url=marketplace.base_url if marketplace else settings.marketplace_api_url or "",
+        marketplace_api_url=marketplace.base_url if marketplace else settings.marketplace.api_url or "",
         marketplace_emulated=marketplace is not None,
         emulated_turnstiles=turnstiles,
-        output_url=output_base_url(settings) if settings.output_base_url else os.environ["OUTPUT_BASE_URL"],
+        output_url=output_base_url(settings) if settings.stack.output_base_url else os.environ["OUTPUT_BASE_URL"],
     )
 
 
@@ -100,24 +100,24 @@ def save_marketplace_app_block(settings: Settings, api_url: str, emulator: Emula
     from blocks.marketplace_app import MarketplaceApp  # imports Prefect: only once the API URL is set
 
     MarketplaceApp.register_type_and_schema()
-    name = settings.marketplace_app_block
-    if not settings.marketplace_api_url:
+    name = settings.marketplace.app_block
+    if not settings.marketplace.api_url:
         config = emulator or DEMO_MARKETPLACE
         block = MarketplaceApp(
             api_base_url=api_url, client_id=config.client_id, client_secret=SecretStr(config.client_secret),
             redirect_uri=config.redirect_uri,
         )
-    elif settings.marketplace_client_id and settings.marketplace_client_secret:
+    elif settings.marketplace.client_id and settings.marketplace.client_secret:
         block = MarketplaceApp(
-            api_base_url=settings.marketplace_api_url, client_id=settings.marketplace_client_id,
-            client_secret=settings.marketplace_client_secret, redirect_uri=settings.marketplace_redirect_uri or "",
+            api_base_url=settings.marketplace.api_url, client_id=settings.marketplace.client_id,
+            client_secret=settings.marketplace.client_secret, redirect_uri=settings.marketplace.redirect_uri or "",
         )
     else:
         try:
             MarketplaceApp.load(name)
             return
         except ValueError:
-            block = MarketplaceApp(api_base_url=settings.marketplace_api_url)  # credentials to be filled in the UI
+            block = MarketplaceApp(api_base_url=settings.marketplace.api_url)  # credentials to be filled in the UI
     block.save(name, overwrite=True)
 
 
@@ -128,10 +128,10 @@ def register_blocks(settings: Settings, redis_url: str) -> None:
     from blocks.redis_game_counter import RedisGameCounter
     from blocks.turnstile_device import TurnstileCache
 
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    for block_class, name in ((RedisGameCounter, settings.counter_block_name),
-                              (ProductsQueue, settings.products_queue_block),
-                              (TurnstileCache, settings.turnstile_cache_block)):
+    password = settings.redis.password.get_secret_value() if settings.redis.password else None
+    for block_class, name in ((RedisGameCounter, settings.lottery.counter_block_name),
+                              (ProductsQueue, settings.products.queue_block),
+                              (TurnstileCache, settings.turnstiles.cache_block)):
         block_class.register_type_and_schema()
         block_class.from_url(redis_url, password).save(name, overwrite=True)
 
@@ -141,7 +141,7 @@ def ensure_generation_limit(settings: Settings) -> None:
     work, whatever deployment started it: created, or its slots set, from GAMES_CONCURRENCY_LIMIT."""
     from flows.concurrency import ensure_games_limit  # imports Prefect: only once the API URL is set
 
-    ensure_games_limit(settings.games_concurrency_limit, update=True)
+    ensure_games_limit(settings.lottery.games_concurrency_limit, update=True)
 
 
 def save_emulated_turnstiles(emulator) -> tuple[str, ...]:
@@ -201,10 +201,10 @@ def local_api_url(settings: Settings | None = None) -> str | None:
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     settings = settings or get_settings()
-    server = running_prefect_server(settings.prefect_dir)
+    server = running_prefect_server(settings.stack.prefect_dir)
     if server is None:
         return None
-    use_prefect_server(server.api_url, settings.stack_auth_string)
+    use_prefect_server(server.api_url, settings.stack.auth_string)
     return server.api_url
 
 
@@ -237,13 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Redis:         {redact_url(stack.redis_url)}")
     print(f"Database:      {redact_url(stack.database_url)}")
     print(f"Counter block: {stack.counter_block} (RedisGameCounter)")
-    print(f"Products queue: {get_settings().products_queue_block} (ProductsQueue, a Redis stream)")
+    print(f"Products queue: {get_settings().products.queue_block} (ProductsQueue, a Redis stream)")
     print(f"Marketplace:   {stack.marketplace_api_url}{' (emulator)' if stack.marketplace_emulated else ''}, "
-          f"app block {get_settings().marketplace_app_block}")
+          f"app block {get_settings().marketplace.app_block}")
     if stack.emulated_turnstiles:
         print(f"Turnstiles:    emulated: {', '.join(stack.emulated_turnstiles)} (TurnstileDevice blocks)")
-    print(f"Output files:  {stack.output_url}/ (OUTPUT_DIR {get_settings().output_dir})")
-    print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().prefect_worker_dir / 'worker.log'}")
+    print(f"Output files:  {stack.output_url}/ (OUTPUT_DIR {get_settings().stack.output_dir})")
+    print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().stack.prefect_worker_dir / 'worker.log'}")
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")

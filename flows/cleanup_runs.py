@@ -37,11 +37,11 @@ def cleanup_runs(
 ) -> dict:
     """Remove generation runs older than the retention (folders and Redis keys), then compact Redis's file."""
     settings = get_settings()
-    days = retention_days or settings.run_retention_days
+    days = retention_days or settings.retention.days
     block = RedisGameCounter.load_or_create_default(
-        counter_block or settings.counter_block_name, settings.counter_block_name, settings
+        counter_block or settings.lottery.counter_block_name, settings.lottery.counter_block_name, settings
     )
-    report = remove_expired_runs(block, settings.output_dir, days, dry_run)
+    report = remove_expired_runs(block, settings.stack.output_dir, days, dry_run)
     aof = compact_redis_aof(block, dry_run)
     get_run_logger().info("%s", cleanup_line(report, aof, days, dry_run))
     create_markdown_artifact(

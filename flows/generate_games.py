@@ -117,18 +117,18 @@ def generate_games(
                                  highest_number=highest_number, rules=rules, regions=regions, seed=seed)
     run_key = run_key or str(flow_run.get_id() or "local")
     block = _counter_block(counter_block, settings)
-    counter, on_dask = block.counter(run_key), quantity >= settings.in_process_max_quantity
+    counter, on_dask = block.counter(run_key), quantity >= settings.lottery.in_process_max_quantity
     if counter.outputs() is not None:
         return _serve_completed_run(request, run_key, past_draws_file, settings, counter, on_dask)
-    if on_dask and settings.dask_scheduler_address:
-        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
-    workers = worker_count(settings) if on_dask else settings.dask_n_workers
+    if on_dask and settings.dask.scheduler_address:
+        check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
+    workers = worker_count(settings) if on_dask else settings.dask.n_workers
     plan, pending = _plan_run(request, run_key, past_draws_file, settings, counter, workers, started)
-    run_dir = settings.output_dir / run_key
+    run_dir = settings.stack.output_dir / run_key
     # One generation at a time per machine, whatever deployment started it: the cluster work, starting the
     # LocalCluster included, holds a slot of the 'generate-games' limit. Planning stays outside: an
     # infeasible request fails at once, not after the run ahead of it.
-    with generation_slot(settings.games_concurrency_limit, get_run_logger()) as waited:
+    with generation_slot(settings.lottery.games_concurrency_limit, get_run_logger()) as waited:
         with dask_task_runner(settings) if on_dask else in_process_task_runner(settings) as runner:
             produced = _produce(runner, plan, block, run_dir, pending, workers, settings)
     outputs = _finish(plan, counter, run_dir, produced.workbooks, settings, started)
@@ -140,7 +140,7 @@ def generate_games(
 
 def _counter_block(name: str, settings: Settings) -> RedisGameCounter:
     block = RedisGameCounter.load_or_create_default(
-        name or settings.counter_block_name, settings.counter_block_name, settings
+        name or settings.lottery.counter_block_name, settings.lottery.counter_block_name, settings
     )
     block.ping()
     return block
@@ -149,9 +149,9 @@ def _counter_block(name: str, settings: Settings) -> RedisGameCounter:
 def _plan(request: GenerationRequest, run_key: str, past_draws_file: str, settings: Settings,
           workers: int) -> GenerationPlan:
     """The checked plan (raises InfeasibleRequest naming the rule or region, DrawsFileError for a bad file)."""
-    draws_file = Path(past_draws_file or settings.past_draws_file or SAMPLE_RESULTS)
-    return plan_run(request, run_key, draws_file, workers, settings.min_games_per_chunk,
-                    settings.max_games_per_chunk, settings.data_dir / "cache")
+    draws_file = Path(past_draws_file or settings.lottery.past_draws_file or SAMPLE_RESULTS)
+    return plan_run(request, run_key, draws_file, workers, settings.lottery.min_games_per_chunk,
+                    settings.lottery.max_games_per_chunk, settings.stack.data_dir / "cache")
 
 
 def _plan_run(
@@ -163,7 +163,7 @@ def _plan_run(
     plan = _plan(request, run_key, past_draws_file, settings, workers)
     resumed = counter.initialise(plan.fingerprint, request.quantity, [r.cap for r in plan.regions])
     plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
-    pending = pending_chunks(len(plan.chunk_quotas), counter.committed_chunks(), settings.output_dir / run_key)
+    pending = pending_chunks(len(plan.chunk_quotas), counter.committed_chunks(), settings.stack.output_dir / run_key)
     get_run_logger().info("%s", planned_line(plan, len(pending), resumed, time.perf_counter() - started))
     return plan, pending
 
@@ -181,7 +181,7 @@ def _produce(
     """Generate the pending chunks on `runner`, then rank the run once and write its spreadsheets in parallel
     (each writer reads its own slice of the ranking); the run's progress artifact follows all three."""
     logger, quotas, quantity = get_run_logger(), plan.chunk_quotas, plan.request.quantity
-    parts = part_ranges(quantity, workers, settings.max_rows_per_file)
+    parts = part_ranges(quantity, workers, settings.lottery.max_rows_per_file)
     progress = GenerationProgress(quantity, len(parts), games=sum(quotas) - sum(quotas[i] for i in pending))
     progress_id = create_progress_artifact(progress.percent, key=artifact_key("games-progress", plan.run_key),
                                            description=f"Games generated and written in run {plan.run_key}")
@@ -199,7 +199,7 @@ def _produce(
     ranking, progress.ranked = ranked.result(), True
     update_progress_artifact(progress_id, progress.percent)
     writes = [runner.submit(write_games_spreadsheet, {
-        "ranking": ranking, "start": start, "stop": stop, "summary": summary, "rows_per_sheet": settings.rows_per_sheet,
+        "ranking": ranking, "start": start, "stop": stop, "summary": summary, "rows_per_sheet": settings.lottery.rows_per_sheet,
         "path": run_dir / spreadsheet_name(plan.run_key, quantity, start, stop)}) for start, stop in parts]
     workbooks = []
     for future in as_completed(writes):
@@ -221,10 +221,10 @@ def _finish(plan: GenerationPlan, counter: FirstNumberCounter, run_dir: Path, wo
     snapshot_path.write_text(json.dumps(snapshot, indent=2))
     elapsed = round(time.perf_counter() - started, 2)
     outputs = RunOutputs(workbooks, str(snapshot_path), quantity, time.time(), elapsed)
-    freed = finish_run(counter, run_dir, outputs, len(plan.chunk_quotas), settings.keep_chunk_files)
+    freed = finish_run(counter, run_dir, outputs, len(plan.chunk_quotas), settings.retention.keep_chunk_files)
     get_run_logger().info(
         "run %s finished: Redis keeps its counter and outputs record only; %s", run_key,
-        "chunk files kept (KEEP_CHUNK_FILES)" if settings.keep_chunk_files else f"{freed:,} bytes of chunk files "
+        "chunk files kept (KEEP_CHUNK_FILES)" if settings.retention.keep_chunk_files else f"{freed:,} bytes of chunk files "
         "removed",
     )
     return outputs
@@ -236,11 +236,11 @@ def _serve_completed_run(
 ) -> dict:
     """A re-run of a completed run key: its outputs again, artifacts republished, nothing generated (its claims
     were released when it finished). Other parameters still raise RunKeyConflict; gone files OutputsGone."""
-    plan = _plan(request, run_key, past_draws_file, settings, settings.dask_n_workers)
+    plan = _plan(request, run_key, past_draws_file, settings, settings.dask.n_workers)
     counter.initialise(plan.fingerprint, request.quantity, [r.cap for r in plan.regions])
     outputs = completed_outputs(counter)
-    if not settings.keep_chunk_files:  # left behind by a run stopped between finishing and removing them
-        remove_chunk_files(settings.output_dir / run_key)
+    if not settings.retention.keep_chunk_files:  # left behind by a run stopped between finishing and removing them
+        remove_chunk_files(settings.stack.output_dir / run_key)
     plan = dataclasses.replace(plan, chunk_quotas=counter.pin_chunk_quotas(plan.chunk_quotas))
     completed = completed_at_text(outputs)
     get_run_logger().info(

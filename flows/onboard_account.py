@@ -47,7 +47,7 @@ def onboard_account(
     """Exchange the authorization code and store the seller account (active) with its tokens."""
     settings = get_settings()
     _, engine = project_engine(settings)
-    app = checked_app(app_block or settings.marketplace_app_block)
+    app = checked_app(app_block or settings.marketplace.app_block)
     account = onboard_from_code(engine, app.client(), authorization_code, nickname, redirect_uri or None)
     get_run_logger().info("seller %s (%s) onboarded: %s", account.seller_id, account.nickname or "no nickname",
                           account.status)

@@ -113,7 +113,7 @@ def process_products(
     load = _plan_load(source, database_url, dealers, run_key, queue, chunk_rows, settings)
     try:
         with _chunk_task_runner(settings, load.on_dask) as runner:
-            result = _load(runner, load, with_retries(load_products_chunk, settings.products_task_retries))
+            result = _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries))
     finally:
         shutil.rmtree(load.run_dir / "chunks", ignore_errors=True)
     summary = _publish_report(load, result, time.perf_counter() - started)
@@ -131,7 +131,7 @@ def process_products(
 
 def _queue(name: str, settings: Settings) -> ProductsQueue:
     queue = ProductsQueue.load_or_create_default(
-        name or settings.products_queue_block, settings.products_queue_block, settings
+        name or settings.products.queue_block, settings.products.queue_block, settings
     )
     queue.ping()
     return queue
@@ -159,14 +159,14 @@ def _plan_load(
     """Pick the runner, the chunk size and each chunk process's connections (ConnectionBudgetTooSmall when
     DATABASE_POOL_SIZE cannot hold them)."""
     estimated = estimate_rows(source)
-    on_dask = estimated >= settings.products_in_process_max_rows
-    if on_dask and settings.dask_scheduler_address:
-        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
-    processes, slots = cluster_shape(settings) if on_dask else (1, settings.dask_n_workers)
+    on_dask = estimated >= settings.products.in_process_max_rows
+    if on_dask and settings.dask.scheduler_address:
+        check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
+    processes, slots = cluster_shape(settings) if on_dask else (1, settings.dask.n_workers)
     load = _Load(
-        source, settings.output_dir / "products" / run_key, run_key, dealers, database_url, queue,
-        chunk_rows or chunk_size(estimated, slots, settings.products_min_chunk_rows, settings.products_max_chunk_rows),
-        chunk_pool_size(settings.database_pool_size, processes), on_dask,
+        source, settings.stack.output_dir / "products" / run_key, run_key, dealers, database_url, queue,
+        chunk_rows or chunk_size(estimated, slots, settings.products.min_chunk_rows, settings.products.max_chunk_rows),
+        chunk_pool_size(settings.database.pool_size, processes), on_dask,
     )
     get_run_logger().info(
         "run %s: %s (~%s rows), %d dealer(s), chunks of %s rows on %s, %d connection(s) per chunk process",
@@ -180,7 +180,7 @@ def _plan_load(
 def _chunk_task_runner(settings: Settings, on_dask: bool) -> Iterator[TaskRunner]:
     """The started runner of the chunk tasks: a LocalCluster started in the background, the cluster at
     DASK_SCHEDULER_ADDRESS, or the in-process thread pool."""
-    local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask_scheduler_address else None
+    local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask.scheduler_address else None
     try:
         if local_cluster is not None:
             runner = local_cluster.task_runner()

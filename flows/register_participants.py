@@ -83,7 +83,7 @@ def checked_cache(name: str, settings: Settings) -> TurnstileCache:
     """The cache block `name` (empty: TURNSTILE_CACHE_BLOCK), answering; a missing block is the user's to fix."""
     try:
         cache = TurnstileCache.load_or_create_default(
-            name or settings.turnstile_cache_block, settings.turnstile_cache_block, settings
+            name or settings.turnstiles.cache_block, settings.turnstiles.cache_block, settings
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -104,9 +104,9 @@ def register_everywhere(
 ) -> list[dict]:
     """One task per turnstile on TURNSTILES_TASK_RUNNER, waiting for every one; each turnstile's report, a
     failed one's saying why. The participants travel as one opaque object, read once by the flow."""
-    task = register_on_turnstile.with_options(retries=settings.turnstile_task_retries)
-    runner = io_task_runner(settings, max(1, min(settings.turnstiles_concurrency, len(devices))),
-                            settings.turnstiles_task_runner)
+    task = register_on_turnstile.with_options(retries=settings.turnstiles.task_retries)
+    runner = io_task_runner(settings, max(1, min(settings.turnstiles.concurrency, len(devices))),
+                            settings.turnstiles.task_runner)
     outcomes = map_and_wait(runner, task, {
         "device_name": list(devices), "device": list(devices.values()),
         "participants": unmapped(Participants(people.participants)), "cache_block": unmapped(cache),
@@ -184,8 +184,8 @@ def register_participants(
     """Register every participant of the file on every chosen turnstile."""
     started = time.perf_counter()
     settings = get_settings()
-    source = participants_path(participants_file, settings.participants_file)
-    people = read_participants(source, settings.turnstiles_timezone)  # refuses a malformed file, naming row/column
+    source = participants_path(participants_file, settings.turnstiles.participants_file)
+    people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
     devices = load_turnstiles(turnstiles)
     cache = checked_cache(cache_block, settings)
     ensure_device_limits(devices)
@@ -202,7 +202,7 @@ def register_participants(
         reports = register_everywhere(devices, people, cache, options, progress, settings)
     finally:
         cache.get_client().delete(progress.counter_key)
-    workbook = settings.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
+    workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
     summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
     failed = registration_failure_message(summary)
     return Failed(message=failed, data=RegistrationIncomplete(failed)) if failed else summary

@@ -43,11 +43,11 @@ from tasks.marketplace import sync_marketplace_account
 
 def sync_options(settings: Settings) -> SyncOptions:
     return SyncOptions(
-        lookback=timedelta(hours=settings.marketplace_lookback_hours),
-        initial_history=timedelta(days=settings.marketplace_initial_history_days),
-        max_window=timedelta(days=settings.marketplace_max_window_days),
-        timeout_seconds=settings.marketplace_account_timeout_seconds,
-        lock_wait_seconds=settings.marketplace_lock_wait_seconds,
+        lookback=timedelta(hours=settings.marketplace.lookback_hours),
+        initial_history=timedelta(days=settings.marketplace.initial_history_days),
+        max_window=timedelta(days=settings.marketplace.max_window_days),
+        timeout_seconds=settings.marketplace.account_timeout_seconds,
+        lock_wait_seconds=settings.marketplace.lock_wait_seconds,
     )
 
 
@@ -70,14 +70,14 @@ def checked_app(name: str) -> MarketplaceApp:
 def sync_accounts(accounts: list[AccountView], app: MarketplaceApp, run: SyncRun, settings: Settings) -> list[dict]:
     """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY at a time; every account's
     report, a failed account's being its partial report with the error."""
-    concurrency = max(1, min(settings.marketplace_concurrency, len(accounts)))
+    concurrency = max(1, min(settings.marketplace.concurrency, len(accounts)))
     get_run_logger().info("syncing %d account(s) (%s) on %s, %d at a time", len(accounts), run.resources.value,
-                          settings.marketplace_task_runner, concurrency)
+                          settings.marketplace.task_runner, concurrency)
     # No Prefect timeout_seconds: it cannot interrupt a blocking call in a worker thread. The domain stops
     # the account itself at options.timeout_seconds, and every HTTP/database call has its own timeout.
-    task = sync_marketplace_account.with_options(retries=settings.marketplace_task_retries,
-                                                 retry_delay_seconds=settings.marketplace_retry_delay_seconds)
-    runner = io_task_runner(settings, concurrency, settings.marketplace_task_runner)
+    task = sync_marketplace_account.with_options(retries=settings.marketplace.task_retries,
+                                                 retry_delay_seconds=settings.marketplace.retry_delay_seconds)
+    runner = io_task_runner(settings, concurrency, settings.marketplace.task_runner)
     outcomes = map_and_wait(runner, task, {"account": accounts, "app": unmapped(app), "run": unmapped(run)})
     return [
         outcome if isinstance(outcome, dict)
@@ -122,7 +122,7 @@ def sync_marketplace(
     reports = []
     if to_sync:
         run = SyncRun(database_url, resources, sync_options(settings), resync_from)
-        app = checked_app(app_block or settings.marketplace_app_block)
+        app = checked_app(app_block or settings.marketplace.app_block)
         reports = sync_accounts(to_sync, app, run, settings)
     else:
         logger.info("no active account to sync")
@@ -134,7 +134,7 @@ def sync_marketplace(
                           description="Accounts of this sync")
     create_markdown_artifact(
         key="marketplace-sync-summary", description="Summary of this marketplace sync",
-        markdown=summary_markdown(reports, resources.value, settings.marketplace_task_runner, elapsed),
+        markdown=summary_markdown(reports, resources.value, settings.marketplace.task_runner, elapsed),
     )
     failed = failure_message(reports)
     return Failed(message=failed, data=AccountsFailed(failed)) if failed else sync_summary(reports, elapsed)

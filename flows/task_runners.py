@@ -62,13 +62,13 @@ def check_scheduler_reachable(address: str, timeout: float) -> None:
 def dask_task_runner(settings: Settings) -> DaskTaskRunner:
     """The configured Dask cluster: DASK_SCHEDULER_ADDRESS if set (the flow has checked it is reachable),
     else a LocalCluster of process workers."""
-    if settings.dask_scheduler_address:
-        return DaskTaskRunner(address=settings.dask_scheduler_address)
+    if settings.dask.scheduler_address:
+        return DaskTaskRunner(address=settings.dask.scheduler_address)
     return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
-            "n_workers": settings.dask_n_workers,
-            "threads_per_worker": settings.dask_threads_per_worker,
+            "n_workers": settings.dask.n_workers,
+            "threads_per_worker": settings.dask.threads_per_worker,
             "processes": True,
             "dashboard_address": None,
         },
@@ -90,8 +90,8 @@ class LocalClusterInBackground:
 
         try:
             self._cluster = LocalCluster(
-                n_workers=self._settings.dask_n_workers,
-                threads_per_worker=self._settings.dask_threads_per_worker,
+                n_workers=self._settings.dask.n_workers,
+                threads_per_worker=self._settings.dask.threads_per_worker,
                 processes=True,
                 dashboard_address=None,
             )
@@ -111,20 +111,20 @@ class LocalClusterInBackground:
 
 
 def in_process_task_runner(settings: Settings) -> ThreadPoolTaskRunner:
-    return ThreadPoolTaskRunner(max_workers=settings.dask_n_workers)
+    return ThreadPoolTaskRunner(max_workers=settings.dask.n_workers)
 
 
 def cluster_shape(settings: Settings) -> tuple[int, int]:
     """(worker processes, task slots) of the cluster that will run the work: the existing cluster at
     DASK_SCHEDULER_ADDRESS (asked), else the LocalCluster's workers and workers x threads."""
-    if settings.dask_scheduler_address:
+    if settings.dask.scheduler_address:
         from distributed import Client
 
-        with Client(settings.dask_scheduler_address, timeout=settings.dask_connect_timeout_seconds) as client:
+        with Client(settings.dask.scheduler_address, timeout=settings.dask.connect_timeout_seconds) as client:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             threads = sum(w["nthreads"] for w in workers)
         return max(1, len(workers)), max(1, threads)
-    return settings.dask_n_workers, settings.dask_n_workers * settings.dask_threads_per_worker
+    return settings.dask.n_workers, settings.dask.n_workers * settings.dask.threads_per_worker
 
 
 def worker_count(settings: Settings) -> int:
@@ -142,10 +142,10 @@ def io_task_runner(settings: Settings, concurrency: int, kind: str) -> ThreadPoo
         return ThreadPoolTaskRunner(max_workers=concurrency)
     if kind != "dask":
         raise ValueError(f"unknown task runner {kind!r}: use 'threads' or 'dask'")
-    if settings.dask_scheduler_address:
-        check_scheduler_reachable(settings.dask_scheduler_address, settings.dask_connect_timeout_seconds)
-        return DaskTaskRunner(address=settings.dask_scheduler_address)
-    workers = max(1, min(settings.dask_n_workers, concurrency))
+    if settings.dask.scheduler_address:
+        check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
+        return DaskTaskRunner(address=settings.dask.scheduler_address)
+    workers = max(1, min(settings.dask.n_workers, concurrency))
     return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={

@@ -35,13 +35,13 @@ def session_services(settings) -> list:
     from operations.infra.processes import free_port
 
     return [
-        Registered(PostgresService(settings.postgres_dir, database="operations_test")),
-        Registered(RedisService(settings.redis_dir)),
+        Registered(PostgresService(settings.stack.postgres_dir, database="operations_test")),
+        Registered(RedisService(settings.stack.redis_dir)),
         Registered(PrefectServerService(
-            settings.prefect_dir, port=free_port(),
-            database=lambda: embedded_prefect_database(running_embedded_postgres(settings.postgres_dir)),
+            settings.stack.prefect_dir, port=free_port(),
+            database=lambda: embedded_prefect_database(running_embedded_postgres(settings.stack.postgres_dir)),
         )),
-        Registered(FileServerService(settings.model_copy(update={"file_server_port": free_port()}))),
+        Registered(FileServerService(settings.replace(stack={"file_server_port": free_port()}))),
     ]
 
 

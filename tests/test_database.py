@@ -36,7 +36,7 @@ from operations.infra.embedded_postgres import (
     server_url,
     stop_embedded_postgres,
 )
-from operations.settings import PROJECT_ROOT, Settings
+from operations.settings import PROJECT_ROOT, DatabaseSettings, Settings
 
 # A table of this module only: its own MetaData, so it never reaches Base.metadata and the migrations.
 TEST_METADATA = MetaData()
@@ -234,8 +234,7 @@ def test_each_process_gets_its_own_engine_and_leaves_the_parents_connections_alo
 
 def test_pool_size_and_statement_timeout_come_from_settings(database_url):
     url = make_url(database_url).update_query_dict({"application_name": "pool-test"}).render_as_string(False)
-    engine = get_engine(url, Settings(database_pool_size=2, database_max_overflow=0,
-                                      database_pool_timeout_seconds=0.3, database_statement_timeout_seconds=0.5))
+    engine = get_engine(url, Settings(database=DatabaseSettings(pool_size=2, max_overflow=0, pool_timeout_seconds=0.3, statement_timeout_seconds=0.5)))
     first, second = engine.connect(), engine.connect()
     try:
         started = time.perf_counter()

@@ -80,7 +80,7 @@ def operator_stack(prefect_api_url, redis_url, database_url, output_env, tmp_pat
         "MIN_GAMES_PER_CHUNK": "1000",
         "MAX_GAMES_PER_CHUNK": "5000",
     }
-    settings = Settings(**{k.lower(): v for k, v in worker_env.items()})
+    settings = Settings.from_env(worker_env)
     register_blocks(settings, redis_url)
     emulator = run_in_thread(EmulatorConfig(sellers=3, orders_per_seller=100, items_per_seller=20))
     engine = get_engine(database_url)
@@ -203,9 +203,9 @@ def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack
 
 def _check_games_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
     assert {"table", "markdown", "progress"} <= {a["type"] for a in artifacts}  # links are stored as markdown
-    spreadsheets = _spreadsheets_from_links(artifacts, stack.settings.output_dir.parent / f"downloads-{run_key}")
+    spreadsheets = _spreadsheets_from_links(artifacts, stack.settings.stack.output_dir.parent / f"downloads-{run_key}")
     assert spreadsheets and all(Path(p).is_file() for p in spreadsheets)
-    snapshot = stack.settings.output_dir / run_key / f"counter-{run_key}.json"
+    snapshot = stack.settings.stack.output_dir / run_key / f"counter-{run_key}.json"
     check_generated_run(spreadsheets, str(snapshot), parameters["quantity"])
 
 
@@ -230,7 +230,7 @@ def _check_products_run(stack: OperatorStack, parameters: dict, artifacts: list[
     [summary] = [a for a in artifacts if a["key"] == "products-summary"]
     sample = stack.products_sample
     assert f"Successes: {sample.good_rows:,}, Failures: {sample.rows - sample.good_rows:,}" in summary["data"]
-    failures = stack.settings.output_dir / "products" / run_key / f"{stack.products_file.stem}-failures.xlsx"
+    failures = stack.settings.stack.output_dir / "products" / run_key / f"{stack.products_file.stem}-failures.xlsx"
     assert len(read_failures_workbook(failures)) == sample.rows - sample.good_rows
 
 
@@ -246,7 +246,7 @@ def _check_registration_run(stack: OperatorStack, parameters: dict, artifacts: l
 
 def _plant_expired_run(stack: OperatorStack, run_key: str) -> dict:
     """A generation run folder 40 days old (its Redis keys gone) for the cleanup run to remove."""
-    folder = stack.settings.output_dir / f"expired-{run_key}"
+    folder = stack.settings.stack.output_dir / f"expired-{run_key}"
     (folder / "chunks").mkdir(parents=True)
     (folder / "chunks" / "chunk-00000.npz").write_bytes(b"x" * 100)
     old = time.time() - 40 * 86_400
@@ -258,7 +258,7 @@ def _plant_expired_run(stack: OperatorStack, run_key: str) -> dict:
 def _check_cleanup_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
     [report] = [a for a in artifacts if a["key"] == "cleanup-runs-report"]
     assert f"expired-{run_key}" in report["data"], report["data"]
-    assert not (stack.settings.output_dir / f"expired-{run_key}").exists()
+    assert not (stack.settings.stack.output_dir / f"expired-{run_key}").exists()
 
 
 RUN_CHECKS = {
@@ -343,7 +343,7 @@ def test_unknown_parameters_are_refused_with_409_naming_them_on_every_deployment
     flows = {f["id"]: f["name"] for f in client.post("/flows/filter", json={}).json()}
     assert len(deployments) >= 10, [d["name"] for d in deployments]
     again = apply_after_deploy()  # what deploy_all did: nothing left to change, schedules as STACK_SCHEDULES says
-    keep = get_settings().stack_schedules
+    keep = get_settings().stack.schedules
     assert (again.strict_schemas, again.schedules_switched, again.schedules_active) == (0, 0, keep), again
     assert all(s["active"] == keep for d in deployments for s in d["schedules"])
     for deployment in deployments:
@@ -410,7 +410,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     deployment = _deployment(client, "generate-games/on-demand")
     run_key = f"cancel-{uuid.uuid4().hex[:6]}"
     quantity, chunks = 200_000, 40
-    counter = RedisGameCounter.load(settings.counter_block_name).counter(run_key)
+    counter = RedisGameCounter.load(settings.lottery.counter_block_name).counter(run_key)
     for chunk in range(chunks - 10, chunks):  # the last chunks fail twice first (retried after 1 s and 4 s, with
         counter.inject_faults(chunk, 2)  # jitter): the run cannot finish before the cancel lands, even on a busy
         # machine where the first chunks commit late and the rest quickly
@@ -428,7 +428,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     limit = client.get(f"/v2/concurrency_limits/{GAMES_LIMIT}").json()
     assert limit["active_slots"] == 0, "the cancelled run kept its generation slot"  # not left to its lease
 
-    run_dir = settings.output_dir / run_key
+    run_dir = settings.stack.output_dir / run_key
     committed = set(counter.committed_chunks())
     time.sleep(3)  # nothing of the cancelled run may still be working
     assert set(counter.committed_chunks()) == committed
@@ -442,7 +442,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     artifacts = _artifacts(client, rerun["id"])
     [summary] = [a for a in artifacts if a["key"] == "games-run-summary"]
     assert f"{chunks - len(committed)} generated by this flow run" in summary["data"], "finished chunks redone"
-    downloads = settings.output_dir.parent / f"downloads-{run_key}"
+    downloads = settings.stack.output_dir.parent / f"downloads-{run_key}"
     spreadsheets = _spreadsheets_from_links(artifacts, downloads)
     check_generated_run(spreadsheets, str(run_dir / f"counter-{run_key}.json"), quantity)
     assert not (run_dir / "chunks").exists()  # completed: chunk files removed, claims dropped

@@ -63,25 +63,25 @@ def served(tmp_path_factory):
     """A file server over a folder of run files, beside a secret outside it and symlinks that lead there."""
     tmp = tmp_path_factory.mktemp("served")
     settings = _settings(tmp)
-    run = settings.output_dir / "run 1"
+    run = settings.stack.output_dir / "run 1"
     run.mkdir(parents=True)
     workbook = Workbook()
     workbook.active.append(["rank", "game"])
     workbook.active.append([1, "01 02 03 04 05 06"])
     workbook.save(run / "games.xlsx")
     (run / "counter.json").write_text('{"total_generated": 1}')
-    (settings.output_dir / "report.csv").write_text("row,reason\n2,bad price\n")
-    (settings.output_dir / ".hidden").write_text(SECRET)
+    (settings.stack.output_dir / "report.csv").write_text("row,reason\n2,bad price\n")
+    (settings.stack.output_dir / ".hidden").write_text(SECRET)
     outside = tmp / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_text(SECRET)
     (tmp / "secret.txt").write_text(SECRET)
-    (settings.output_dir / "escape.txt").symlink_to(outside / "secret.txt")
-    (settings.output_dir / "out-link").symlink_to(outside, target_is_directory=True)
-    (settings.output_dir / "alias.json").symlink_to(run / "counter.json")  # a symlink that stays inside
+    (settings.stack.output_dir / "escape.txt").symlink_to(outside / "secret.txt")
+    (settings.stack.output_dir / "out-link").symlink_to(outside, target_is_directory=True)
+    (settings.stack.output_dir / "alias.json").symlink_to(run / "counter.json")  # a symlink that stays inside
     server = ensure_file_server(settings)
     yield settings, server
-    stop_file_server(settings.file_server_dir)
+    stop_file_server(settings.stack.file_server_dir)
 
 
 def test_files_are_served_read_only_with_their_types(served):
@@ -89,16 +89,16 @@ def test_files_are_served_read_only_with_their_types(served):
     assert server.started and server.url == f"http://127.0.0.1:{server.port}"
     for name, content_type in (("run 1/games.xlsx", XLSX), ("run 1/counter.json", "application/json"),
                                ("report.csv", "text/csv"), ("alias.json", "application/json")):
-        response = httpx.get(output_link(settings.output_dir / name, settings))
+        response = httpx.get(output_link(settings.stack.output_dir / name, settings))
         assert response.status_code == 200, name
         assert response.headers["content-type"].split(";")[0] == content_type, name
         assert response.headers["x-content-type-options"] == "nosniff"
-        assert response.content == (settings.output_dir / name).read_bytes()
+        assert response.content == (settings.stack.output_dir / name).read_bytes()
     assert _sheet_values(httpx.get(f"{server.url}/run%201/games.xlsx").content)[0][1] == (1, "01 02 03 04 05 06")
-    before = (settings.output_dir / "report.csv").read_bytes()
+    before = (settings.stack.output_dir / "report.csv").read_bytes()
     for method in ("POST", "PUT", "DELETE", "PATCH"):
         assert httpx.request(method, f"{server.url}/report.csv", content=b"x").status_code == 405, method
-    assert (settings.output_dir / "report.csv").read_bytes() == before
+    assert (settings.stack.output_dir / "report.csv").read_bytes() == before
     assert httpx.head(f"{server.url}/report.csv").status_code == 200
 
 
@@ -109,7 +109,7 @@ def test_files_are_served_read_only_with_their_types(served):
 ])
 def test_nothing_outside_output_dir_or_hidden_is_served(served, path):
     settings, server = served
-    assert (settings.output_dir.parent / "secret.txt").read_text() == SECRET  # there to be leaked, were it not refused
+    assert (settings.stack.output_dir.parent / "secret.txt").read_text() == SECRET  # there to be leaked, were it not refused
     status, body = _raw_get(server, path)
     assert status == 404 and SECRET.encode() not in body, (path, status, body[:200])
 
@@ -126,22 +126,22 @@ def test_the_running_server_is_reused_and_stopped(served, tmp_path):
     settings, server = served
     again = ensure_file_server(settings)
     assert (again.pid, again.url, again.started) == (server.pid, server.url, False)
-    assert running_file_server(settings.file_server_dir).pid == server.pid
+    assert running_file_server(settings.stack.file_server_dir).pid == server.pid
     other = _settings(tmp_path)
-    assert running_file_server(other.file_server_dir) is None
+    assert running_file_server(other.stack.file_server_dir) is None
     started = ensure_file_server(other)
-    assert stop_file_server(other.file_server_dir) and not stop_file_server(other.file_server_dir)
-    assert running_file_server(other.file_server_dir) is None
+    assert stop_file_server(other.stack.file_server_dir) and not stop_file_server(other.stack.file_server_dir)
+    assert running_file_server(other.stack.file_server_dir) is None
     with pytest.raises(httpx.ConnectError):
         httpx.get(started.url + "/-/health")
 
 
 def test_links_are_the_base_url_and_the_quoted_path_under_output_dir(tmp_path):
     settings = _settings(tmp_path, output_base_url="https://files.example.com/ops/")
-    target = settings.output_dir / "run é 1" / "games #1.xlsx"
+    target = settings.stack.output_dir / "run é 1" / "games #1.xlsx"
     assert output_link(target, settings) == "https://files.example.com/ops/run%20%C3%A9%201/games%20%231.xlsx"
-    assert not (settings.file_server_dir / STATE_FILE).exists(), "OUTPUT_BASE_URL set: no file server"
-    for outside in (tmp_path / "elsewhere.xlsx", settings.output_dir / ".." / "output-other" / "x.xlsx"):
+    assert not (settings.stack.file_server_dir / STATE_FILE).exists(), "OUTPUT_BASE_URL set: no file server"
+    for outside in (tmp_path / "elsewhere.xlsx", settings.stack.output_dir / ".." / "output-other" / "x.xlsx"):
         with pytest.raises(ValueError, match="not under OUTPUT_DIR"):
             output_link(outside, settings)
     with pytest.raises(ValueError, match="must not hold a password"):
@@ -150,32 +150,32 @@ def test_links_are_the_base_url_and_the_quoted_path_under_output_dir(tmp_path):
 
 def test_a_server_beyond_loopback_without_auth_is_refused(tmp_path):
     for host in ("0.0.0.0", "192.0.2.10", "files.internal"):
-        settings = _settings(tmp_path, stack_host=host)
+        settings = _settings(tmp_path, host=host)
         with pytest.raises(ExposedWithoutAuth, match="STACK_AUTH_STRING"):
             ensure_file_server(settings)
-        assert not (settings.file_server_dir / STATE_FILE).exists()
-        assert running_file_server(settings.file_server_dir) is None
-    (settings.output_dir / "run").mkdir(parents=True)
-    target = settings.output_dir / "run" / "games.xlsx"
+        assert not (settings.stack.file_server_dir / STATE_FILE).exists()
+        assert running_file_server(settings.stack.file_server_dir) is None
+    (settings.stack.output_dir / "run").mkdir(parents=True)
+    target = settings.stack.output_dir / "run" / "games.xlsx"
     with pytest.raises(NotConfigured, match="OUTPUT_BASE_URL"):  # no server, no link: a link never starts one
         output_link(target, settings)
-    assert running_file_server(settings.file_server_dir) is None
+    assert running_file_server(settings.stack.file_server_dir) is None
 
 
 @pytest.fixture
 def with_auth(tmp_path):
     password = f"pw-{uuid.uuid4().hex}"
-    settings = _settings(tmp_path, stack_auth_string=SecretStr(f"ops:{password}"))
-    (settings.output_dir / "run").mkdir(parents=True)
-    (settings.output_dir / "run" / "report.csv").write_text("a,b\n")
+    settings = _settings(tmp_path, auth_string=SecretStr(f"ops:{password}"))
+    (settings.stack.output_dir / "run").mkdir(parents=True)
+    (settings.stack.output_dir / "run" / "report.csv").write_text("a,b\n")
     server = ensure_file_server(settings)
     yield settings, server, password
-    stop_file_server(settings.file_server_dir)
+    stop_file_server(settings.stack.file_server_dir)
 
 
 def test_basic_auth_is_required_and_the_password_shows_nowhere(with_auth):
     settings, server, password = with_auth
-    link = output_link(settings.output_dir / "run" / "report.csv", settings)
+    link = output_link(settings.stack.output_dir / "run" / "report.csv", settings)
     assert link == f"{server.url}/run/report.csv" and password not in link
     for auth in (None, ("ops", "wrong"), ("other", password), ("ops", password + "x"), ("ops", "")):
         response = httpx.get(link, auth=auth)
@@ -186,22 +186,22 @@ def test_basic_auth_is_required_and_the_password_shows_nowhere(with_auth):
     assert _raw_get(server, "/../secret.txt", {"Authorization": "Basic x"})[0] == 401  # auth comes first
     response = httpx.get(link, auth=("ops", password))
     assert response.status_code == 200 and response.content == b"a,b\n"
-    assert running_file_server(settings.file_server_dir).auth  # seen as running (401) without credentials
+    assert running_file_server(settings.stack.file_server_dir).auth  # seen as running (401) without credentials
     with open(f"/proc/{server.pid}/cmdline", "rb") as fh:
         assert password.encode() not in fh.read()
-    for path in settings.file_server_dir.iterdir():
+    for path in settings.stack.file_server_dir.iterdir():
         assert password not in path.read_text(errors="replace"), path
 
 
 def test_a_changed_password_replaces_the_running_server(with_auth):
     settings, server, password = with_auth
-    changed = settings.model_copy(update={"stack_auth_string": SecretStr("ops:another-password")})
+    changed = settings.replace(stack={"auth_string": SecretStr("ops:another-password")})
     replaced = ensure_file_server(changed)
     assert replaced.started and replaced.pid != server.pid
     url = f"{replaced.url}/run/report.csv"
     assert httpx.get(url, auth=("ops", password)).status_code == 401
     assert httpx.get(url, auth=("ops", "another-password")).status_code == 200
-    opened = ensure_file_server(settings.model_copy(update={"stack_auth_string": None}))  # auth off: replaced too
+    opened = ensure_file_server(settings.replace(stack={"auth_string": None}))  # auth off: replaced too
     assert opened.started and not opened.auth
     assert httpx.get(f"{opened.url}/run/report.csv").status_code == 200
 
@@ -220,7 +220,7 @@ def test_a_generation_runs_links_open_over_http_with_the_same_rows(settings, tmp
     assert len(links) == len(result["spreadsheets"]) >= 1
     for artifact, path in zip(links, sorted(result["spreadsheets"])):
         url = link_url(artifact.data)
-        assert url.startswith(running_file_server(settings.file_server_dir).url + "/"), url
+        assert url.startswith(running_file_server(settings.stack.file_server_dir).url + "/"), url
         response = httpx.get(url)
         assert response.status_code == 200 and response.headers["content-type"] == XLSX
         assert _sheet_values(response.content) == _sheet_values(path)
@@ -244,8 +244,8 @@ def test_a_flow_behind_auth_links_without_the_password(settings, monkeypatch, tm
     from flows.generate_games import generate_games
 
     password = f"pw-{uuid.uuid4().hex}"
-    files = FileServerService(_settings(tmp_path, output_dir=settings.output_dir,
-                                        stack_auth_string=SecretStr(f"ops:{password}")))
+    files = FileServerService(_settings(tmp_path, output_dir=settings.stack.output_dir,
+                                        auth_string=SecretStr(f"ops:{password}")))
     server = files.ensure()
     monkeypatch.setenv("OUTPUT_BASE_URL", server.url)
     get_settings.cache_clear()

@@ -133,7 +133,7 @@ def test_infeasible_parameters_fail_before_any_chunk(settings, redis_client):
     assert state.is_failed()
     assert "sum 21..30" in state.message
     assert not list(redis_client.scan_iter(match=f"*{run_key}*"))
-    assert not (settings.output_dir / run_key).exists()
+    assert not (settings.stack.output_dir / run_key).exists()
     _assert_one_clear_line(state, "sum 21..30")
 
 

@@ -31,7 +31,7 @@ from deployments.prefect_worker import (
 from deployments.stack import stack_status
 from operations.infra.embedded_postgres import running_embedded_postgres, stop_embedded_postgres
 from operations.infra.processes import ExposedWithoutAuth, basic_auth_headers, free_port, read_state
-from operations.settings import PROJECT_ROOT, Settings
+from operations.settings import PROJECT_ROOT, Settings, StackSettings
 
 pytestmark = pytest.mark.slow
 
@@ -58,46 +58,46 @@ def test_session_server_keeps_its_flow_runs_in_the_prefect_database(prefect_api_
 
 
 def test_sqlite_backend_still_starts_and_serves(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", stack_prefect_database="sqlite")
+    settings = Settings(stack=StackSettings(data_dir=tmp_path / "data", prefect_database="sqlite"))
     server = ensure_local_prefect_server(settings, port=free_port())
     try:
         with httpx.Client(base_url=server.api_url, timeout=30) as client:
             run_id = _create_flow_run(client)
-        assert read_state(settings.prefect_dir / STATE_FILE)["backend"] == "sqlite"
-        with sqlite3.connect(settings.prefect_dir / "prefect.db") as conn:
+        assert read_state(settings.stack.prefect_dir / STATE_FILE)["backend"] == "sqlite"
+        with sqlite3.connect(settings.stack.prefect_dir / "prefect.db") as conn:
             assert conn.execute("SELECT count(*) FROM flow_run WHERE id = ?", (run_id,)).fetchone() == (1,)
-        assert running_embedded_postgres(settings.postgres_dir) is None  # SQLite needs no PostgreSQL
+        assert running_embedded_postgres(settings.stack.postgres_dir) is None  # SQLite needs no PostgreSQL
         assert "sqlite" in stack_status(settings)["prefect server"]
     finally:
-        stop_prefect_server(settings.prefect_dir)
+        stop_prefect_server(settings.stack.prefect_dir)
 
 
 def test_an_explicit_prefect_database_url_wins(tmp_path, monkeypatch):
     url = "postgresql+asyncpg://prefect:s3cret@db.internal:5432/prefect"
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", url)
-    database = resolve_server_database(Settings(data_dir=tmp_path / "data"))  # the default: PostgreSQL
+    database = resolve_server_database(Settings(stack=StackSettings(data_dir=tmp_path / "data")))  # the default: PostgreSQL
     assert (database.url, database.backend) == (url, "postgresql")
     assert "s3cret" not in database.label and "PREFECT_API_DATABASE_CONNECTION_URL" in database.label
     assert not (tmp_path / "data" / "postgres").exists()  # nothing started for it
 
 
 def test_an_exposed_address_without_auth_is_refused_before_anything_starts(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data", stack_host="0.0.0.0")
+    settings = Settings(stack=StackSettings(data_dir=tmp_path / "data", host="0.0.0.0"))
     with pytest.raises(ExposedWithoutAuth, match="STACK_AUTH_STRING"):
         ensure_local_prefect_server(settings)
-    assert not settings.postgres_dir.exists() and not settings.prefect_dir.exists()
+    assert not settings.stack.postgres_dir.exists() and not settings.stack.prefect_dir.exists()
 
 
 @pytest.fixture
 def authenticated_stack(tmp_path):
     """The stack's own server from default settings but for an open address with basic auth: PostgreSQL."""
     secret = f"ops:{uuid.uuid4().hex}"
-    settings = Settings(data_dir=tmp_path / "data", stack_host="0.0.0.0", stack_auth_string=secret)
+    settings = Settings(stack=StackSettings(data_dir=tmp_path / "data", host="0.0.0.0", auth_string=secret))
     server = ensure_local_prefect_server(settings, port=free_port())
     yield settings, server, secret
     stop_prefect_worker(tmp_path / "worker")
-    stop_prefect_server(settings.prefect_dir)
-    stop_embedded_postgres(settings.postgres_dir)
+    stop_prefect_server(settings.stack.prefect_dir)
+    stop_embedded_postgres(settings.stack.postgres_dir)
 
 
 def test_basic_auth_refuses_strangers_and_serves_the_stack_clients(authenticated_stack, tmp_path):
@@ -106,7 +106,7 @@ def test_basic_auth_refuses_strangers_and_serves_the_stack_clients(authenticated
 
     settings, server, secret = authenticated_stack
     assert server.auth and server.api_url.startswith("http://127.0.0.1:")  # 0.0.0.0 reached over loopback
-    state = read_state(settings.prefect_dir / STATE_FILE)
+    state = read_state(settings.stack.prefect_dir / STATE_FILE)
     assert state["backend"] == "postgresql" and state["auth"] is True  # the default backend
 
     stranger = httpx.post(f"{server.api_url}/flows/filter", json={}, timeout=10)
@@ -131,13 +131,13 @@ def test_basic_auth_refuses_strangers_and_serves_the_stack_clients(authenticated
     # a second `up` reuses it; one with another string or database is refused, not restarted
     assert ensure_local_prefect_server(settings).pid == server.pid
     with pytest.raises(PrefectServerMismatch, match="refuses STACK_AUTH_STRING"):
-        ensure_local_prefect_server(settings.model_copy(update={"stack_auth_string": "ops:other"}))
+        ensure_local_prefect_server(settings.replace(stack={"auth_string": "ops:other"}))
     with pytest.raises(PrefectServerMismatch, match="database"):
-        ensure_local_prefect_server(settings.model_copy(update={"stack_prefect_database": "sqlite"}))
+        ensure_local_prefect_server(settings.replace(stack={"prefect_database": "sqlite"}))
 
     status = "\n".join(stack_status(settings).values())
     assert "basic auth" in status and "postgresql" in status
-    logs = [settings.prefect_dir / "server.log", tmp_path / "worker" / "worker.log", settings.prefect_dir / STATE_FILE]
+    logs = [settings.stack.prefect_dir / "server.log", tmp_path / "worker" / "worker.log", settings.stack.prefect_dir / STATE_FILE]
     shown = [status, *(path.read_text() for path in logs)]
     assert not any(secret.split(":")[1] in text for text in shown)  # the password, alone or in the string
 
@@ -170,5 +170,5 @@ def test_a_stale_online_worker_row_does_not_make_a_new_worker_ready(prefect_api_
 @pytest.mark.parametrize("value", ["ops", "ops:", ":pw"])
 def test_a_malformed_auth_string_is_refused_without_showing_it(tmp_path, value):
     with pytest.raises(ValueError, match="'user:password'") as refused:
-        Settings(data_dir=tmp_path / "data", stack_auth_string=value)
+        Settings(stack=StackSettings(data_dir=tmp_path / "data", auth_string=value))
     assert value not in str(refused.value).replace("'user:password'", "")

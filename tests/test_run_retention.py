@@ -84,7 +84,7 @@ def test_a_completed_run_keeps_a_few_kb_and_a_rerun_is_served_from_its_outputs(s
     assert memory < 8_192, f"{memory} bytes in Redis after the run"  # the seen set alone was ~1 MB
     assert counter.snapshot()["total_generated"] == 15_000  # the counter stays for audits
     assert counter.outputs()["spreadsheets"][0]["path"] == result["spreadsheets"][0]
-    run_dir = settings.output_dir / run_key
+    run_dir = settings.stack.output_dir / run_key
     assert not (run_dir / "chunks").exists()
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         [Path(p).name for p in result["spreadsheets"]] + [f"counter-{run_key}.json"]
@@ -140,10 +140,10 @@ def test_a_run_stopped_around_its_finish_resumes_or_is_served(settings, counter_
         patched.setattr(retention, "remove_chunk_files", crash)
         assert _run(name, between, quantity=12_000).is_failed()
     assert block.counter(between).outputs() is not None
-    assert (settings.output_dir / between / "chunks").is_dir()
+    assert (settings.stack.output_dir / between / "chunks").is_dir()
     served = _run(name, between, quantity=12_000)
     assert served.is_completed() and served.result()["chunks_generated"] == 0, served.message
-    assert not (settings.output_dir / between / "chunks").exists()
+    assert not (settings.stack.output_dir / between / "chunks").exists()
     with pytest.raises(RunFinished):  # a stray chunk attempt (a Dask recompute) cannot claim again
         block.counter(between).begin_chunk(0, "late", 5)
     assert block.counter(between).finish_run({"again": True}, 3) == 0  # nothing left to drop
@@ -156,7 +156,7 @@ def test_chunk_files_are_kept_with_the_setting(settings, counter_block, monkeypa
     run_key = f"kept-{uuid.uuid4().hex[:6]}"
     state = _run(name, run_key, quantity=15_000)
     assert state.is_completed(), state.message
-    chunks = sorted((settings.output_dir / run_key / "chunks").glob("chunk-*.npz"))
+    chunks = sorted((settings.stack.output_dir / run_key / "chunks").glob("chunk-*.npz"))
     assert len(chunks) == state.result()["chunks"] > 1
     assert {k.rsplit(":", 1)[-1] for k in block.counter(run_key).run_keys()} == KEPT_KEYS
 
@@ -176,7 +176,7 @@ def test_cleanup_removes_old_runs_and_keeps_recent_ones(settings, counter_block)
     record = json.loads(client.get(outputs_key))
     client.set(outputs_key, json.dumps({**record, "completed_at": forty_days_ago}))
     client.hset(f"{name}:{old_failed}:meta", "active_at", int(forty_days_ago))
-    output = settings.output_dir
+    output = settings.stack.output_dir
     orphan = output / "orphan-run"  # a run folder whose Redis keys are gone
     (orphan / "chunks").mkdir(parents=True)
     (orphan / "chunks" / "chunk-00000.npz").write_bytes(b"x" * 1000)

@@ -23,7 +23,7 @@ from operations.products.dealers import read_dealers_file
 from operations.products.reader import ProductRow, Reason, RowFailure, open_product_rows
 from operations.products.sample import UNKNOWN_DEALER_CODE
 from operations.products.store import clear_products_data, dealer_ids
-from operations.settings import Settings
+from operations.settings import DatabaseSettings, Settings, StackSettings
 from operations.turnstiles.devices import read_devices_file
 from operations.turnstiles.participants import read_participants
 
@@ -58,12 +58,12 @@ def test_sample_files_are_read_back_by_the_flows_readers_and_kept_on_a_second_ru
 
 
 def test_devices_file_of_the_running_turnstile_emulator_reads_as_the_stacks_blocks(tmp_path):
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(stack=StackSettings(data_dir=tmp_path / "data"))
     path = tmp_path / "devices.csv"
     assert "not written" in emulated_devices(settings, path) and not path.exists()  # no emulator: nothing stale
 
     config = turnstile_emulator.EmulatorConfig(devices=2, password="gate-secret")
-    emulator = turnstile_emulator.start_emulator_process(config, settings.turnstile_emulator_dir)
+    emulator = turnstile_emulator.start_emulator_process(config, settings.stack.turnstile_emulator_dir)
     try:
         said = emulated_devices(settings, path)
         specs = read_devices_file(path)
@@ -80,14 +80,14 @@ def test_dealers_are_loaded_into_the_project_database_only_when_it_runs(tmp_path
     clear_products_data(engine, dealers=True)
     files, _ = write_sample_files(tmp_path, dealers=3, products_rows=10, participants=1)
     try:
-        said = load_dealers(Settings(database_url=database_url), files.dealers)
+        said = load_dealers(Settings(database=DatabaseSettings(url=database_url)), files.dealers)
         assert "3 in the file, 3 new" in said, said
         assert set(dealer_ids(engine)) == {"D0001", "D0002", "D0003"}
-        assert "0 new" in load_dealers(Settings(database_url=database_url), files.dealers)  # idempotent
+        assert "0 new" in load_dealers(Settings(database=DatabaseSettings(url=database_url)), files.dealers)  # idempotent
     finally:
         clear_products_data(engine, dealers=True)
     # no DATABASE_URL and no embedded PostgreSQL under DATA_DIR: nothing is started, the command says how
-    said = load_dealers(Settings(data_dir=tmp_path / "empty", database_url=None), files.dealers)
+    said = load_dealers(Settings(stack=StackSettings(data_dir=tmp_path / "empty"), database=DatabaseSettings(url=None)), files.dealers)
     assert said.startswith("dealers not loaded") and "deployments.dealers load" in said, said
     assert not (tmp_path / "empty" / "postgres").exists()
 

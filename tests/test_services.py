@@ -53,10 +53,10 @@ def test_the_project_database_is_never_started_by_flow_code(tmp_path):
     with pytest.raises(NotConfigured, match="DATABASE_URL is not set") as refused:
         project_engine(settings)
     assert time.monotonic() - started < 5  # at once, not after a start attempt
-    assert "make up" in str(refused.value) and str(settings.data_dir) in str(refused.value)
+    assert "make up" in str(refused.value) and str(settings.stack.data_dir) in str(refused.value)
     with pytest.raises(NotConfigured, match="DATABASE_URL"):
         resolve_database_url(settings)
-    assert not settings.postgres_dir.exists() and _processes_under(tmp_path) == []
+    assert not settings.stack.postgres_dir.exists() and _processes_under(tmp_path) == []
 
 
 def test_a_second_machine_without_database_url_fails_at_once(tmp_path):
@@ -95,21 +95,21 @@ def test_redis_is_never_started_by_block_code(tmp_path):
         RedisGameCounter.load_or_create_default(name, name, settings)
     with pytest.raises(ValueError, match=name):
         RedisGameCounter.load(name)  # nothing saved either
-    assert not settings.redis_dir.exists() and _processes_under(tmp_path) == []
+    assert not settings.stack.redis_dir.exists() and _processes_under(tmp_path) == []
 
 
 def test_links_are_never_served_by_a_server_started_from_flow_code(tmp_path):
     settings = _bare_settings(tmp_path)
-    target = settings.output_dir / "run" / "games.xlsx"
+    target = settings.stack.output_dir / "run" / "games.xlsx"
     with pytest.raises(NotConfigured, match="OUTPUT_BASE_URL is not set.*make up"):
         output_link(target, settings)
-    assert not settings.file_server_dir.exists() and _processes_under(tmp_path) == []
+    assert not settings.stack.file_server_dir.exists() and _processes_under(tmp_path) == []
 
 
 def test_the_running_stacks_services_are_found_read_only(tmp_path):
     """Beside `make up` (a state file under DATA_DIR), an unset setting resolves to the running service."""
     settings = _bare_settings(tmp_path)
-    service = RedisService(settings.redis_dir)
+    service = RedisService(settings.stack.redis_dir)
     running = service.ensure()
     try:
         assert resolve_redis_url(settings) == running.url
@@ -121,11 +121,11 @@ def test_the_running_stacks_services_are_found_read_only(tmp_path):
     files = FileServerService(settings)
     server = files.ensure()
     try:
-        link = output_link(settings.output_dir / "a b.csv", settings)
+        link = output_link(settings.stack.output_dir / "a b.csv", settings)
         assert link == f"{server.url}/a%20b.csv"
-        other = settings.model_copy(update={"output_dir": tmp_path / "elsewhere"})
+        other = settings.replace(stack={"output_dir": tmp_path / "elsewhere"})
         with pytest.raises(NotConfigured, match="OUTPUT_BASE_URL"):  # it serves another OUTPUT_DIR
-            output_link(other.output_dir / "x.csv", other)
+            output_link(other.stack.output_dir / "x.csv", other)
     finally:
         files.stop()
 
@@ -134,7 +134,7 @@ def test_the_registry_brings_services_up_shows_them_and_stops_them(tmp_path, mon
     settings = _bare_settings(tmp_path)
     for variable in ("REDIS_URL", "OUTPUT_BASE_URL"):  # up exports them here: restored afterwards
         monkeypatch.setenv(variable, os.environ.get(variable, ""))
-    services = [Registered(RedisService(settings.redis_dir)), Registered(FileServerService(settings))]
+    services = [Registered(RedisService(settings.stack.redis_dir)), Registered(FileServerService(settings))]
     before = {state.name: state for state in registry.status(services)}
     assert [state.running for state in before.values()] == [False, False]
 
@@ -145,7 +145,7 @@ def test_the_registry_brings_services_up_shows_them_and_stops_them(tmp_path, mon
         states = {state.name: state for state in registry.status(services)}
         assert states["embedded redis"].pid == redis_server.pid and states["embedded redis"].address == redis_server.url
         assert states["file server"].pid == file_server.pid and states["file server"].address == file_server.url
-        assert states["file server"].log == settings.file_server_dir / "file-server.log"
+        assert states["file server"].log == settings.stack.file_server_dir / "file-server.log"
         line = states["file server"].line()
         assert line.startswith(f"running, pid {file_server.pid}, {file_server.url}") and "file-server.log" in line
         assert httpx.get(f"{file_server.url}/-/health").status_code == 200
@@ -167,7 +167,7 @@ def test_a_service_replaced_by_a_setting_is_not_started(tmp_path, monkeypatch):
     assert registry.up([entry]) == {}
     [state] = registry.status([entry])
     assert not state.running and "not used: REDIS_URL is set" in state.line()
-    assert not settings.redis_dir.exists()
+    assert not settings.stack.redis_dir.exists()
 
 
 def test_the_registry_order_is_the_stacks():

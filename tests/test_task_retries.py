@@ -7,7 +7,7 @@ import errno
 from prefect import flow
 
 from operations.errors import UserError
-from operations.settings import Settings
+from operations.settings import ProductsSettings, Settings
 from tasks.lottery import generate_games_chunk, rank_games_of_run
 from tasks.products import load_products_chunk, publish_pending_messages
 from tasks.retention import remove_expired_runs
@@ -34,7 +34,7 @@ def test_every_task_of_the_generation_products_and_cleanup_flows_uses_the_one_ru
 
 
 def test_the_products_chunk_retries_come_from_the_setting():
-    retries = Settings(products_task_retries=5).products_task_retries
+    retries = Settings(products=ProductsSettings(task_retries=5)).products.task_retries
     chunk = with_retries(load_products_chunk, retries)
     assert chunk.retries == 5 and chunk.retry_delay_seconds == load_products_chunk.retry_delay_seconds
     assert chunk.retry_condition_fn is load_products_chunk.retry_condition_fn

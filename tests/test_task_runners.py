@@ -10,7 +10,7 @@ from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
 from flows.task_runners import LocalClusterInBackground, LocalDaskTaskRunner, dask_task_runner, in_process_task_runner
-from operations.settings import Settings
+from operations.settings import DaskSettings, Settings
 
 DASHBOARD_LINE = "The Dask dashboard is available at "
 
@@ -44,7 +44,7 @@ def task_runner_lines():
 
 
 def test_no_dashboard_line_for_a_local_cluster_started_without_dashboard(task_runner_lines):
-    settings = Settings(dask_n_workers=1)
+    settings = Settings(dask=DaskSettings(n_workers=1))
     cluster = LocalClusterInBackground(settings)
     try:
         runner = cluster.task_runner()
@@ -72,7 +72,7 @@ def test_the_dashboard_link_prefect_dask_prints_serves_no_dashboard():
 
 
 def test_the_local_runner_of_settings_drops_the_line_too(task_runner_lines):
-    runner = dask_task_runner(Settings(dask_n_workers=1))
+    runner = dask_task_runner(Settings(dask=DaskSettings(n_workers=1)))
     assert isinstance(runner, LocalDaskTaskRunner)
     assert _run_on(runner) == 42
     lines = [r.getMessage() for r in task_runner_lines]
@@ -95,7 +95,7 @@ def test_a_runner_used_inside_a_flow_run_runs_its_tasks_as_the_flow_runs_own(kin
     from prefect.runtime import flow_run
     from prefect.utilities.annotations import unmapped
 
-    settings = Settings(dask_n_workers=1)
+    settings = Settings(dask=DaskSettings(n_workers=1))
 
     @flow
     def parent() -> tuple[list[int], int, str]:

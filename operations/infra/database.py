@@ -132,7 +132,7 @@ def _new_engine(
         kwargs["poolclass"] = NullPool
     if backend == "postgresql":
         connect_args: dict[str, Any] = {"connect_timeout": 10, "application_name": application_name}
-        timeout_ms = 0 if settings is None else int(settings.database_statement_timeout_seconds * 1000)
+        timeout_ms = 0 if settings is None else int(settings.database.statement_timeout_seconds * 1000)
         if timeout_ms and not migrations:
             options = parsed.query.get("options")
             connect_args["options"] = " ".join(filter(None, [options, f"-c statement_timeout={timeout_ms}"]))
@@ -142,9 +142,9 @@ def _new_engine(
         pooled = pooled and _sqlite_file(parsed) is not None  # in-memory databases use a single-connection pool
     if pooled and settings is not None:
         kwargs.update(
-            pool_size=pool_size or settings.database_pool_size,
-            max_overflow=settings.database_max_overflow,
-            pool_timeout=settings.database_pool_timeout_seconds,
+            pool_size=pool_size or settings.database.pool_size,
+            max_overflow=settings.database.max_overflow,
+            pool_timeout=settings.database.pool_timeout_seconds,
         )
     try:
         engine = create_engine(parsed, **kwargs)

@@ -400,7 +400,7 @@ def resolve_database_url(settings: Settings) -> str:
     DATA_DIR; never starts one: NotConfigured names DATABASE_URL when neither is there (a worker on a second
     machine must not write to an empty database of its own)."""
     return configured_or_running(
-        settings.database_url, "DATABASE_URL",
-        lambda: getattr(running_embedded_postgres(settings.postgres_dir), "url", None),
-        "an embedded PostgreSQL", settings.data_dir,
+        settings.database.url, "DATABASE_URL",
+        lambda: getattr(running_embedded_postgres(settings.stack.postgres_dir), "url", None),
+        "an embedded PostgreSQL", settings.stack.data_dir,
     )

@@ -105,7 +105,7 @@ class RedisService(Service[EmbeddedRedis]):
 
     def __init__(self, folder: Path, start_timeout: float | None = None):
         super().__init__(folder)
-        self.start_timeout = get_settings().redis_start_timeout_seconds if start_timeout is None else start_timeout
+        self.start_timeout = get_settings().redis.start_timeout_seconds if start_timeout is None else start_timeout
 
     def find(self) -> EmbeddedRedis | None:
         state = self.state()
@@ -181,6 +181,6 @@ def resolve_redis_url(settings: Settings) -> str:
     """REDIS_URL when set, else the URL of the embedded Redis the local stack runs under DATA_DIR; never starts
     one: NotConfigured names REDIS_URL when neither is there."""
     return configured_or_running(
-        settings.redis_url, "REDIS_URL", lambda: getattr(running_embedded_redis(settings.redis_dir), "url", None),
-        "an embedded Redis", settings.data_dir,
+        settings.redis.url, "REDIS_URL", lambda: getattr(running_embedded_redis(settings.stack.redis_dir), "url", None),
+        "an embedded Redis", settings.stack.data_dir,
     )

@@ -171,7 +171,7 @@ def _health_status(host: str, port: int, auth_string: str | None = None) -> int 
 
 def _credentials(settings: Settings) -> str | None:
     """STACK_AUTH_STRING ('user:password', checked by Settings) or None."""
-    return settings.stack_auth_string.get_secret_value() if settings.stack_auth_string else None
+    return settings.stack.auth_string.get_secret_value() if settings.stack.auth_string else None
 
 
 def _server(state: dict, started: bool) -> FileServer:
@@ -179,7 +179,7 @@ def _server(state: dict, started: bool) -> FileServer:
 
 
 class FileServerService(Service[FileServer]):
-    """The file server of settings.output_dir on settings.stack_host, port settings.file_server_port (another free
+    """The file server of settings.stack.output_dir on settings.stack.host, port settings.stack.file_server_port (another free
     port if it is taken), behind basic auth with STACK_AUTH_STRING.
 
     A running server is reused only if it serves this OUTPUT_DIR on this host and accepts these credentials (or
@@ -192,9 +192,9 @@ class FileServerService(Service[FileServer]):
     log_file = "file-server.log"
 
     def __init__(self, settings: Settings, start_timeout: float = 30.0, folder: Path | None = None):
-        super().__init__(settings.file_server_dir if folder is None else folder)
+        super().__init__(settings.stack.file_server_dir if folder is None else folder)
         self.settings, self.start_timeout = settings, start_timeout
-        self.root = Path(settings.output_dir).resolve()
+        self.root = Path(settings.stack.output_dir).resolve()
 
     @classmethod
     def of_folder(cls, folder: Path) -> FileServerService:
@@ -210,20 +210,20 @@ class FileServerService(Service[FileServer]):
 
     def reuse(self, running: FileServer) -> bool:
         credentials = _credentials(self.settings)
-        wanted = (str(self.root), self.settings.stack_host, credentials is not None)
+        wanted = (str(self.root), self.settings.stack.host, credentials is not None)
         return (running.root, running.host, running.auth) == wanted and _health_status(
             running.host, running.port, credentials
         ) == 200
 
     def ensure(self) -> FileServer:
         auth = _credentials(self.settings) is not None
-        require_auth_off_loopback("the file server", self.settings.stack_host, auth)
+        require_auth_off_loopback("the file server", self.settings.stack.host, auth)
         return super().ensure()
 
     def start(self) -> FileServer:
-        host, credentials = self.settings.stack_host, _credentials(self.settings)
+        host, credentials = self.settings.stack.host, _credentials(self.settings)
         self.root.mkdir(parents=True, exist_ok=True)
-        port = self.settings.file_server_port if port_free(self.settings.file_server_port) else free_port()
+        port = self.settings.stack.file_server_port if port_free(self.settings.stack.file_server_port) else free_port()
         env = {k: v for k, v in os.environ.items() if k != AUTH_ENV}
         if credentials:
             env[AUTH_ENV] = credentials

@@ -22,16 +22,16 @@ def output_base_url(settings: Settings | None = None) -> str:
     the local stack runs for this OUTPUT_DIR. Raises NotConfigured naming OUTPUT_BASE_URL when there is neither:
     links are looked up, never a server started."""
     settings = settings or get_settings()
-    if settings.output_base_url:
-        if urlsplit(settings.output_base_url).password is not None:
+    if settings.stack.output_base_url:
+        if urlsplit(settings.stack.output_base_url).password is not None:
             raise ValueError("OUTPUT_BASE_URL must not hold a password: every artifact would show it")
-        return settings.output_base_url.rstrip("/")
+        return settings.stack.output_base_url.rstrip("/")
     from operations.infra.file_server import running_file_server
 
-    server = running_file_server(settings.file_server_dir)
-    if server is None or Path(server.root) != Path(settings.output_dir).resolve():
-        raise not_configured("OUTPUT_BASE_URL", f"a file server of OUTPUT_DIR ({settings.output_dir})",
-                             settings.data_dir)
+    server = running_file_server(settings.stack.file_server_dir)
+    if server is None or Path(server.root) != Path(settings.stack.output_dir).resolve():
+        raise not_configured("OUTPUT_BASE_URL", f"a file server of OUTPUT_DIR ({settings.stack.output_dir})",
+                             settings.stack.data_dir)
     return server.url
 
 
@@ -39,7 +39,7 @@ def output_link(path: Path, settings: Settings | None = None) -> str:
     """The URL an artifact shows for a file under OUTPUT_DIR. Raises ValueError for a path outside OUTPUT_DIR,
     which no server of it could serve."""
     settings = settings or get_settings()
-    root = Path(settings.output_dir).resolve()
+    root = Path(settings.stack.output_dir).resolve()
     target = Path(path).resolve()
     if not target.is_relative_to(root):
         raise ValueError(f"{path} is not under OUTPUT_DIR ({root}): only files under OUTPUT_DIR can be linked")
