@@ -53,14 +53,6 @@ NOT_CHECKED_BLOCKS = {
 NOT_CHECKED_PROGRAMS: dict[str, str] = {}
 # Names the docs use ahead of the changes that add them, merged separately: each case naming one is an expected
 # failure (strict: as soon as the name exists the case passes, fails the suite, and its entry must go).
-AWAITED = {
-    "make samples": "the `samples` target (sample files and their run commands) is merged separately",
-    "make onboard": "the `onboard` target (an emulated seller onboarded) is merged separately",
-    "STACK_SCHEDULES": "the STACK_SCHEDULES setting (schedules paused locally) is merged separately",
-    "configuration.md": "docs/configuration.md, generated from the settings, is merged separately",
-    "operators-path.md": "docs/operators-path.md, a new user's path, is merged separately",
-    "tests/browser_check.py": "the browser check moves from deployments/ to tests/ separately",
-}
 # Options put before `--help` of a module: pytest configures the session to print its help, which would start
 # the suite's services through tests/conftest.py.
 HELP_OPTIONS = {"pytest": ["--noconftest"]}
@@ -463,9 +455,7 @@ def check_command(command: Command, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _case(subject: str, value, id_: str):
-    reasons = [reason for name, reason in AWAITED.items() if name in subject]
-    marks = [pytest.mark.xfail(reason=reasons[0], strict=True)] if reasons else []
-    return pytest.param(value, id=id_, marks=marks)
+    return pytest.param(value, id=id_)
 
 
 SHELL = shell_commands()

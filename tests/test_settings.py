@@ -29,6 +29,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "STACK_PREFECT_DATABASE": ("stack.prefect_database", "sqlite", "sqlite"),
     "FILE_SERVER_PORT": ("stack.file_server_port", "4999", 4999),
     "OUTPUT_BASE_URL": ("stack.output_base_url", "https://files.example.com/ops", "https://files.example.com/ops"),
+    "STACK_SCHEDULES": ("stack.schedules", "on", True),
     "DATABASE_URL": ("database.url", "sqlite:///x.db", SecretStr("sqlite:///x.db")),
     "DATABASE_POOL_SIZE": ("database.pool_size", "7", 7),
     "DATABASE_MAX_OVERFLOW": ("database.max_overflow", "3", 3),
