@@ -24,7 +24,7 @@ from operations.infra.file_server import (
 from operations.infra.links import output_link
 from operations.infra.processes import ExposedWithoutAuth, free_port
 from operations.infra.services import NotConfigured
-from operations.settings import Settings, get_settings
+from operations.settings import Settings, StackSettings, get_settings
 from run_checks import fetch_link, link_url, run_artifacts, run_texts
 
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
@@ -35,7 +35,7 @@ def _settings(tmp: Path, **overrides) -> Settings:
     """A file server's settings of its own (not the session's OUTPUT_BASE_URL)."""
     fields = {"data_dir": tmp / "data", "output_dir": tmp / "output", "file_server_port": free_port(),
               "output_base_url": None}
-    return Settings(**{**fields, **overrides})
+    return Settings(stack=StackSettings(**{**fields, **overrides}))
 
 
 def _sheet_values(source) -> list[list[tuple]]:

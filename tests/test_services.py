@@ -24,14 +24,15 @@ from operations.infra.file_server import FileServerService
 from operations.infra.links import output_link
 from operations.infra.processes import free_port, pid_alive
 from operations.infra.services import NotConfigured
-from operations.settings import PROJECT_ROOT, Settings
+from operations.settings import PROJECT_ROOT, DatabaseSettings, RedisSettings, Settings, StackSettings
 
 
-def _bare_settings(tmp_path: Path, **overrides) -> Settings:
+def _bare_settings(tmp_path: Path, redis_url: str | None = None) -> Settings:
     """Settings of a machine that runs no stack: nothing configured, an empty DATA_DIR."""
-    fields = {"data_dir": tmp_path / "data", "output_dir": tmp_path / "data" / "output", "database_url": None,
-              "redis_url": None, "output_base_url": None, "file_server_port": free_port()}
-    return Settings(**{**fields, **overrides})
+    stack = {"data_dir": tmp_path / "data", "output_dir": tmp_path / "data" / "output", "output_base_url": None,
+             "file_server_port": free_port()}
+    return Settings(stack=StackSettings(**stack), database=DatabaseSettings(url=None),
+                    redis=RedisSettings(url=redis_url))
 
 
 def _processes_under(folder: Path) -> list[int]:
