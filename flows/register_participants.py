@@ -47,6 +47,7 @@ from operations.turnstiles.report import (
     turnstile_rows,
     write_registration_failures,
 )
+from tasks.retries import with_retries
 from tasks.turnstiles import Participants, RunProgress, device_limit_name, register_on_turnstile
 
 FILE_PATTERN = r"^$|^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # empty: PARTICIPANTS_FILE
@@ -104,7 +105,7 @@ def register_everywhere(
 ) -> list[dict]:
     """One task per turnstile on TURNSTILES_TASK_RUNNER, waiting for every one; each turnstile's report, a
     failed one's saying why. The participants travel as one opaque object, read once by the flow."""
-    task = register_on_turnstile.with_options(retries=settings.turnstiles.task_retries)
+    task = with_retries(register_on_turnstile, settings.turnstiles.task_retries)
     runner = io_task_runner(settings, max(1, min(settings.turnstiles.concurrency, len(devices))),
                             settings.turnstiles.task_runner)
     outcomes = map_and_wait(runner, task, {

@@ -39,6 +39,7 @@ from operations.marketplace.store import AccountView, now_utc, select_accounts
 from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources, SyncRun, resync_start
 from operations.settings import Settings, get_settings
 from tasks.marketplace import sync_marketplace_account
+from tasks.retries import with_retries
 
 
 def sync_options(settings: Settings) -> SyncOptions:
@@ -75,8 +76,8 @@ def sync_accounts(accounts: list[AccountView], app: MarketplaceApp, run: SyncRun
                           settings.marketplace.task_runner, concurrency)
     # No Prefect timeout_seconds: it cannot interrupt a blocking call in a worker thread. The domain stops
     # the account itself at options.timeout_seconds, and every HTTP/database call has its own timeout.
-    task = sync_marketplace_account.with_options(retries=settings.marketplace.task_retries,
-                                                 retry_delay_seconds=settings.marketplace.retry_delay_seconds)
+    task = with_retries(sync_marketplace_account, settings.marketplace.task_retries,
+                        [settings.marketplace.retry_delay_seconds])
     runner = io_task_runner(settings, concurrency, settings.marketplace.task_runner)
     outcomes = map_and_wait(runner, task, {"account": accounts, "app": unmapped(app), "run": unmapped(run)})
     return [

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.marketplace_app import MarketplaceApp
 from operations.infra.database import get_engine
 from operations.marketplace.store import AccountView
 from operations.marketplace.sync import SyncRun, sync_account
-from tasks.retries import retry_transient
+from tasks.retries import retrying_task
 
 
 # Re-running an account is harmless by design (upserts keyed by the API's ids, checkpoints after commits), so
 # Dask recomputing a finished task needs no cache; NO_CACHE also keeps the block out of cache keys.
-@task(
+@retrying_task(
     name="sync-account",
     task_run_name="sync-{account.label}",
     retries=2,
-    retry_delay_seconds=[5, 20],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient(),  # AccountSyncFailed says whether a retry helps
+    delays=[5, 20],  # AccountSyncFailed says whether a retry helps
     cache_policy=NO_CACHE,
     tags=["marketplace", "http"],
 )

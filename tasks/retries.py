@@ -64,6 +64,10 @@ def retrying_task(
     )
 
 
-def with_retries(task_: Task, retries: int) -> Task:
-    """`task_` with `retries` retries (a count from settings); its delays, jitter and retry rule are kept."""
-    return task_ if retries == task_.retries else task_.with_options(retries=retries)
+def with_retries(task_: Task, retries: int, delays: Sequence[float] | None = None) -> Task:
+    """`task_` with `retries` retries (a count from settings) and, when given, those `delays`; its jitter and
+    retry rule are kept."""
+    options: dict = {} if retries == task_.retries else {"retries": retries}
+    if delays is not None:
+        options["retry_delay_seconds"] = list(delays)
+    return task_.with_options(**options) if options else task_

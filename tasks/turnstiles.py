@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, replace
 from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
@@ -16,7 +16,7 @@ from blocks.turnstile_device import TurnstileCache, TurnstileDevice
 from operations.infra.http import RequestPacer
 from operations.turnstiles.participants import Participant
 from operations.turnstiles.registration import RegistrationOptions, register_on_device
-from tasks.retries import retry_transient
+from tasks.retries import retrying_task
 
 PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pace
 
@@ -78,13 +78,11 @@ class _Reporter:
 
 # Re-running a device is harmless by design (it reads the device and writes only what differs; creates never
 # overwrite), so a retried or recomputed task changes nothing twice: no cache needed.
-@task(
+@retrying_task(
     name="register-on-turnstile",
     task_run_name="turnstile-{device_name}",
     retries=2,
-    retry_delay_seconds=[5, 20],
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_transient(),  # DeviceFailed says; a refused login never heals
+    delays=[5, 20],  # DeviceFailed says; a refused login never heals
     cache_policy=NO_CACHE,
     tags=["turnstiles", "http"],
 )

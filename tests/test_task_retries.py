@@ -9,9 +9,11 @@ from prefect import flow
 from operations.errors import UserError
 from operations.settings import ProductsSettings, Settings
 from tasks.lottery import generate_games_chunk, rank_games_of_run
+from tasks.marketplace import sync_marketplace_account
 from tasks.products import load_products_chunk, publish_pending_messages
 from tasks.retention import remove_expired_runs
 from tasks.retries import is_transient, retrying_task, with_retries
+from tasks.turnstiles import register_on_turnstile
 
 
 class _Healing(Exception):
@@ -27,9 +29,9 @@ def test_what_may_heal_is_retried_and_what_cannot_is_not():
         assert not is_transient(permanent), permanent
 
 
-def test_every_task_of_the_generation_products_and_cleanup_flows_uses_the_one_rule():
+def test_every_task_of_every_flow_uses_the_one_rule():
     for task_ in (generate_games_chunk, rank_games_of_run, load_products_chunk, publish_pending_messages,
-                  remove_expired_runs):
+                  remove_expired_runs, sync_marketplace_account, register_on_turnstile):
         assert task_.retries >= 1 and task_.retry_jitter_factor == 0.5 and task_.retry_condition_fn is not None
 
 
@@ -58,3 +60,10 @@ def test_a_permanent_os_error_runs_once_and_a_transient_one_is_retried():
 
     assert probe("missing") == "FAILED" and calls.count("missing") == 1
     assert probe("reset") == "COMPLETED" and calls.count("reset") == 3
+
+
+def test_delays_from_settings_replace_the_declared_ones_and_keep_the_rule():
+    task_ = with_retries(sync_marketplace_account, 4, [10.0])
+    assert (task_.retries, task_.retry_delay_seconds) == (4, [10.0])
+    assert task_.retry_condition_fn is sync_marketplace_account.retry_condition_fn
+    assert with_retries(sync_marketplace_account, sync_marketplace_account.retries) is sync_marketplace_account
