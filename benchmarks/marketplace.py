@@ -17,6 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.memory import PeakMemory
+
 
 
 def _task_overheads(flow_run_id, reports: list[dict]) -> float:
@@ -77,7 +79,6 @@ def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float,
 def _measure(base_url, config, engine, latency_ms, concurrency, settings) -> dict:
     from pydantic import SecretStr
 
-    from benchmarks.run import PeakMemory
     from blocks.marketplace_app import MarketplaceApp
     from emulators.marketplace import EmulatorControl
     from flows.sync_marketplace import sync_options

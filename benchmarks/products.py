@@ -18,6 +18,8 @@ import time
 from itertools import islice
 from pathlib import Path
 
+from benchmarks.memory import PeakMemory
+
 BENCH_QUEUE_BLOCK = "products-bench"
 DEALERS = 50
 
@@ -89,7 +91,6 @@ def _read_only(source: Path) -> dict:
 
 
 def _flow(source: Path, runner: str, rows: int) -> dict:
-    from benchmarks.run import PeakMemory
     from flows.process_products import process_products
     from operations import settings as settings_module
 

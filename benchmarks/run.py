@@ -15,7 +15,7 @@
    and on Dask, against the floor and against one account after another. Target: <= 1.3 x the floor.
 4. Product files (benchmarks/products.py): a 200,000-row .xlsx (10% bad rows) through process-products on Dask
    and on threads, its reading alone, against row by row with one transaction per row. Target: >= 3 x.
-5. Turnstiles (benchmarks/turnstiles.py): 10,000 participants x 10 emulated turnstiles at 50 ms per request, on
+5. Turnstiles (benchmarks/registration.py): 10,000 participants x 10 emulated turnstiles at 50 ms per request, on
    threads and on Dask, against the floor and against the seed's one request per pair; then all cached.
 6. Prefect API (benchmarks/prefect_api.py): 1, 5 and 20 client threads creating flow runs through the REST API
    for --prefect-api-seconds, on a fresh server per database: PostgreSQL (the default) against SQLite.
@@ -33,71 +33,15 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
 
+from benchmarks.memory import PeakMemory
+
 import numpy as np
 
 REGION_CAPS = [700_000, 250_000, 50_000, 1_000, 100]
-
-
-def _rss_of_tree(pids: set[int]) -> int:
-    """Resident memory (bytes) of the given processes and all their descendants, except detached services
-    (session leaders such as the Prefect server, Redis, PostgreSQL and the emulators the local stack starts
-    from this process on first use: they are not the run's memory)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid, _, session = fh.read().rsplit(")", 1)[1].split()[1:4]
-            if int(session) != int(entry):
-                children.setdefault(int(ppid), []).append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    total, todo, seen = 0, list(pids), set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        todo.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/statm") as fh:
-                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-    return total
-
-
-class PeakMemory:
-    """Samples every second the summed RSS of the run's process trees (`own`), plus what `shared` processes
-    (a Redis server that also holds other runs' keys) grew by since the start."""
-
-    def __init__(self, own: set[int], shared: set[int] = frozenset()):
-        self.own, self.shared, self.peak, self._stop = own, set(shared), 0, threading.Event()
-        self.peak_own = self.peak_shared = 0  # the two parts' own peaks (not necessarily at the same moment)
-        self._shared_start = _rss_of_tree(self.shared) if self.shared else 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            shared = max(0, _rss_of_tree(self.shared) - self._shared_start) if self.shared else 0
-            own = _rss_of_tree(self.own)
-            self.peak = max(self.peak, own + shared)
-            self.peak_own, self.peak_shared = max(self.peak_own, own), max(self.peak_shared, shared)
-            self._stop.wait(1.0)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def write_baseline(games: np.ndarray, scores: np.ndarray, path: Path) -> float:
@@ -334,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print_products(bench_products(args.products_rows, args.products_bad_fraction, args.products_baseline_rows))
     if not args.skip_turnstiles:
-        from benchmarks.turnstiles import bench_turnstiles, print_turnstiles
+        from benchmarks.registration import bench_turnstiles, print_turnstiles
 
         print_turnstiles(bench_turnstiles(
             args.turnstile_participants, args.turnstile_devices, args.turnstile_latency_ms,

@@ -2,7 +2,7 @@
 `TurnstileCache`: the Redis of what the devices hold.
 
 Operators add and edit devices in the UI (Blocks -> Turnstile Device) or load many from a file
-(`python -m deployments.turnstiles load FILE`); `register-participants` works on every saved device by default.
+(`python -m deployments.turnstile_devices load FILE`); `register-participants` works on every saved device by default.
 The password is a `SecretStr`: never in a log line, an artifact, a parameter or an exception message.
 """
 

@@ -11,7 +11,7 @@ Writes, when missing (the files are the same on every run, so a second run keeps
   `process-products`;
 - `participants.xlsx`: participants with cards, groups and validity dates, for `register-participants`;
 - `devices.csv`: the stack's emulated turnstiles as a devices file (name, base_url, login, password), the format
-  `python -m deployments.turnstiles load` reads for real devices; rewritten on every run (the emulator's ports
+  `python -m deployments.turnstile_devices load` reads for real devices; rewritten on every run (the emulator's ports
   change when the stack restarts), skipped when no turnstile emulator runs.
 
 Then prints the `make run` command and the UI form values of each of the six flows. Exit codes: 0 done,
@@ -117,7 +117,7 @@ def write_devices_file(path: Path, base_urls: list[str], login: str, password: s
 
 def emulated_devices(settings: Settings, path: Path) -> str:
     """Write the devices file of the running turnstile emulator; says what it did."""
-    from emulators.turnstiles import running_emulator_process
+    from emulators.controlid import running_emulator_process
 
     emulator = running_emulator_process(settings.stack.turnstile_emulator_dir)
     if emulator is None:
@@ -125,7 +125,7 @@ def emulated_devices(settings: Settings, path: Path) -> str:
         return f"{path}: not written: no turnstile emulator runs (`make up` starts it; then `make samples` again)"
     write_devices_file(path, emulator.base_urls, emulator.config.login, emulator.config.password)
     return (f"{path}: the {len(emulator.base_urls)} emulated turnstiles (`make up` already saved them as blocks; "
-            f"loading the file saves the same): .venv/bin/python -m deployments.turnstiles load {shlex.quote(str(path))}")
+            f"loading the file saves the same): .venv/bin/python -m deployments.turnstile_devices load {shlex.quote(str(path))}")
 
 
 def load_dealers(settings: Settings, path: Path) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from deployments.prefect_server import DATABASE_URL_VARIABLES, local_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, PrefectWorkerService
 from emulators import marketplace as marketplace_emulator
-from emulators import turnstiles as turnstile_emulator
+from emulators import controlid as turnstile_emulator
 from operations.infra.embedded_postgres import PostgresService
 from operations.infra.embedded_redis import RedisService
 from operations.infra.file_server import FileServerService

@@ -48,7 +48,7 @@ from operations.turnstiles.report import (
     write_registration_failures,
 )
 from tasks.retries import with_retries
-from tasks.turnstiles import Participants, RunProgress, device_limit_name, register_on_turnstile
+from tasks.registration import Participants, RunProgress, device_limit_name, register_on_turnstile
 
 FILE_PATTERN = r"^$|^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # empty: PARTICIPANTS_FILE
 
@@ -69,7 +69,7 @@ def load_turnstiles(names: list[str]) -> dict[str, TurnstileDevice]:
     chosen = list(dict.fromkeys(names)) or saved
     if not chosen:
         raise UnknownTurnstile("no turnstile is configured: save TurnstileDevice blocks (UI, or "
-                               "python -m deployments.turnstiles load FILE)")
+                               "python -m deployments.turnstile_devices load FILE)")
     return {name: TurnstileDevice.load(name) for name in chosen}
 
 

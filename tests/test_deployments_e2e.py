@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from blocks.redis_game_counter import RedisGameCounter
 from blocks.turnstile_device import TurnstileDevice
-from emulators import turnstiles as turnstile_emulator
+from emulators import controlid as turnstile_emulator
 from deployments.after_deploy import apply_after_deploy
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
 from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block

@@ -179,7 +179,7 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     assert again.returncode == 0 and "20 in the file, 0 new" in again.stdout, again.stdout
 
     assert "emulated-turnstile-1" in up_output
-    listing = _command(env, "deployments.turnstiles", "list")
+    listing = _command(env, "deployments.turnstile_devices", "list")
     assert listing.returncode == 0 and "emulated-turnstile-3" in listing.stdout, listing.stderr
     load = re.search(r"(\.venv/bin/python -m deployments\.turnstiles load \S+)", samples.stdout).group(1)
     loaded = _shell(env, load)
@@ -187,7 +187,7 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     folder = Path(env["DATA_DIR"]) / "files"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "devices.csv").write_text("name,base_url,password\nGate One,http://10.0.0.1,x\n", encoding="utf-8")
-    refused = _command(env, "deployments.turnstiles", "load", str(folder / "devices.csv"))
+    refused = _command(env, "deployments.turnstile_devices", "load", str(folder / "devices.csv"))
     assert refused.returncode == 2 and "row 2, column name" in refused.stderr, refused.stderr
 
     for flow in ("process-products", "register-participants"):

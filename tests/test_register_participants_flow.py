@@ -15,7 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
-from emulators.turnstiles import DeviceSpec, EmulatorConfig, run_in_thread
+from emulators.controlid import DeviceSpec, EmulatorConfig, run_in_thread
 from operations.settings import PROJECT_ROOT, get_settings
 from operations.turnstiles.report import read_registration_failures
 from operations.turnstiles.sample import write_participants_file

@@ -17,7 +17,7 @@ from deployments.samples import (
     write_sample_files,
 )
 from deployments.start_run import parse_parameters
-from emulators import turnstiles as turnstile_emulator
+from emulators import controlid as turnstile_emulator
 from operations.infra.database import get_engine
 from operations.products.dealers import read_dealers_file
 from operations.products.reader import ProductRow, Reason, RowFailure, open_product_rows
@@ -69,7 +69,7 @@ def test_devices_file_of_the_running_turnstile_emulator_reads_as_the_stacks_bloc
         specs = read_devices_file(path)
     finally:
         emulator.stop()
-    assert "deployments.turnstiles load" in said, said
+    assert "deployments.turnstile_devices load" in said, said
     assert [s.name for s in specs] == ["emulated-turnstile-1", "emulated-turnstile-2"]
     assert [s.base_url for s in specs] == emulator.base_urls
     assert {(s.login, s.password.get_secret_value()) for s in specs} == {("admin", "gate-secret")}

@@ -13,7 +13,7 @@ from tasks.marketplace import sync_marketplace_account
 from tasks.products import load_products_chunk, publish_pending_messages
 from tasks.retention import remove_expired_runs
 from tasks.retries import is_transient, retrying_task, with_retries
-from tasks.turnstiles import register_on_turnstile
+from tasks.registration import register_on_turnstile
 
 
 class _Healing(Exception):

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from emulators.turnstiles import (
+from emulators.controlid import (
     RUNTIME_KNOBS,
     EmulatorConfig,
     EmulatorControl,

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from pydantic import SecretStr
 
-from emulators.turnstiles import EmulatorConfig, run_in_thread
+from emulators.controlid import EmulatorConfig, run_in_thread
 from operations.infra.http import HttpSettings, RequestPacer, RetryPolicy
 from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient

@@ -1,5 +1,5 @@
 """Client of a Control iD access-control device (a turnstile): the `.fcgi` JSON API. Written for the real
-devices; the emulator in `emulators/turnstiles.py` follows the same contract.
+devices; the emulator in `emulators/controlid.py` follows the same contract.
 
 - Every call is a POST with a JSON body; the session token travels in the `session` query parameter,
   URL-encoded (tokens contain `/` and `+`). A 401 means the session expired: log in again once and repeat.

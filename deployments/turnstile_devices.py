@@ -1,8 +1,8 @@
 """Turnstiles (TurnstileDevice blocks) from the shell.
 
-    python -m deployments.turnstiles load FILE   # .csv/.xlsx: name, base_url, login, password
+    python -m deployments.turnstile_devices load FILE   # .csv/.xlsx: name, base_url, login, password
                                                  # [, max_concurrent_requests, requests_per_second]
-    python -m deployments.turnstiles list
+    python -m deployments.turnstile_devices list
 
 Saves the blocks on the Prefect server of PREFECT_API_URL (or the local stack's); an existing block of the same
 name is replaced. The file holds passwords: keep it where only operators read it. Exit codes: 0 done, 2 refused

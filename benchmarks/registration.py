@@ -19,10 +19,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.memory import PeakMemory
+
 
 def bench_turnstiles(participants: int, devices: int, latency_ms: float, seed_participants: int) -> dict:
     from deployments.stack import start_local_stack
-    from emulators import turnstiles as emulator_module
+    from emulators import controlid as emulator_module
     from operations.settings import get_settings
 
     settings = get_settings()
@@ -73,7 +75,6 @@ def _forget(cache) -> None:
 
 
 def _flow(source: Path, names: list[str], cache_name: str, runner: str, emulator, latency_ms: float) -> dict:
-    from benchmarks.run import PeakMemory
     from flows.register_participants import register_participants
     from operations import settings as settings_module
 

@@ -24,7 +24,7 @@ loaded object's own fields (no joins).
 The control API under `/_emulator/...` is served on every device port (any device reaches all of them), needs
 no session and gets no latency or faults; `EmulatorControl` wraps it. Run it in a thread (`run_in_thread`,
 tests), as a detached process reused by later callers (`start_emulator_process`, demo and benchmark) or from
-the shell (`python -m emulators.turnstiles --help`).
+the shell (`python -m emulators.controlid --help`).
 """
 
 from __future__ import annotations
@@ -1205,7 +1205,7 @@ class TurnstileEmulatorService(EmulatorService[RunningEmulator]):
 
     name = "turnstile emulator"
     state_file = STATE_FILE
-    module = "emulators.turnstiles"
+    module = "emulators.controlid"
 
     def __init__(
         self, folder: Path, config: EmulatorConfig | None = None, ports: Sequence[int] | None = None,
@@ -1347,7 +1347,7 @@ class EmulatorControl(ControlClient):
 # -- command line --------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m emulators.turnstiles",
+        prog="python -m emulators.controlid",
         description="Serve emulated Control iD turnstiles (one port per device) on 127.0.0.1 until SIGTERM or Ctrl-C.",
     )
     parser.add_argument("--port", type=int, default=8801, help="port of device 0, the next ones follow (0: free ports)")
