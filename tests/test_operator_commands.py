@@ -181,7 +181,7 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     assert "emulated-turnstile-1" in up_output
     listing = _command(env, "deployments.turnstile_devices", "list")
     assert listing.returncode == 0 and "emulated-turnstile-3" in listing.stdout, listing.stderr
-    load = re.search(r"(\.venv/bin/python -m deployments\.turnstiles load \S+)", samples.stdout).group(1)
+    load = re.search(r"(\.venv/bin/python -m deployments\.turnstile_devices load \S+)", samples.stdout).group(1)
     loaded = _shell(env, load)
     assert loaded.returncode == 0 and "3 turnstile(s) saved" in loaded.stdout, loaded.stderr
     folder = Path(env["DATA_DIR"]) / "files"
