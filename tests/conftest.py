@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -129,6 +132,65 @@ def redis_url() -> str:
 def database_url() -> str:
     """The session's PostgreSQL database ("operations_test" on the embedded server), migrated to head."""
     return _STATE["database_url"]
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(prefect_api_url, tmp_path_factory):
+    """The session's Dask cluster: a `dask scheduler` and two single-thread `dask worker` processes (the shape of
+    the default LocalCluster), started on first use. The workers reach the Prefect API, PostgreSQL and Redis of
+    the session through the environment they start with, as remote workers would through theirs: a test whose
+    tasks need other settings on the workers, or that kills or cancels its run, starts a cluster of its own."""
+    from distributed import Client
+
+    from operations.infra.processes import free_port, stop_process_group
+    from operations.settings import PROJECT_ROOT
+
+    logs = tmp_path_factory.mktemp("dask")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = dict(os.environ, DASK_LOGGING__DISTRIBUTED="warning")
+    commands = [
+        ["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+        *[["worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"remote-{i}"] for i in range(2)],
+    ]
+    processes = []
+    for i, args in enumerate(commands):
+        with open(logs / f"dask-{i}.log", "wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "dask", *args],
+                    cwd=PROJECT_ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    if len(client.scheduler_info(n_workers=-1)["workers"]) == 2:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the dask cluster did not come up"
+            time.sleep(0.5)
+        yield address
+    finally:
+        for process in reversed(processes):
+            stop_process_group(process.pid, 10)
+
+
+@pytest.fixture
+def on_session_cluster(dask_cluster, monkeypatch):
+    """Flows of this test run their Dask work on the session's cluster (DASK_SCHEDULER_ADDRESS)."""
+    from operations.settings import get_settings
+
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster)
+    get_settings.cache_clear()
+    yield dask_cluster
+    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -1,64 +1,18 @@
-"""DASK_SCHEDULER_ADDRESS: the flow runs on an existing Dask cluster (a `dask scheduler` and two
-`dask worker` processes started here, as on other machines) instead of starting a LocalCluster."""
+"""DASK_SCHEDULER_ADDRESS: the flow runs on an existing Dask cluster (the session's `dask scheduler` and two
+`dask worker` processes, as on other machines: tests/conftest.py) instead of starting a LocalCluster."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import uuid
 
 import pytest
 from distributed import Client
 
 from flows.generate_games import generate_games
-from operations.infra.processes import free_port, stop_process_group
-from operations.settings import PROJECT_ROOT, get_settings
+from operations.settings import get_settings
 from run_checks import check_generated_run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def dask_cluster(prefect_api_url, tmp_path_factory):
-    """A scheduler and two single-thread workers; the workers reach the Prefect API and Redis of the tests
-    through their environment, as remote workers would through theirs."""
-    logs = tmp_path_factory.mktemp("dask")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    env = dict(os.environ, DASK_LOGGING__DISTRIBUTED="warning")
-    commands = [
-        ["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-        *[["worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"remote-{i}"] for i in range(2)],
-    ]
-    processes = []
-    for i, args in enumerate(commands):
-        with open(logs / f"dask-{i}.log", "wb") as log:
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "dask", *args],
-                    cwd=PROJECT_ROOT,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with Client(address, timeout=5) as client:
-                    if len(client.scheduler_info(n_workers=-1)["workers"]) == 2:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the dask cluster did not come up"
-            time.sleep(0.5)
-        yield address
-    finally:
-        for process in reversed(processes):
-            stop_process_group(process.pid, 10)
 
 
 def test_the_flow_runs_its_tasks_on_the_configured_cluster(dask_cluster, settings, monkeypatch):

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prefect import flow, task
+from prefect.client.orchestration import get_client
 from prefect_dask import DaskTaskRunner
 
 from blocks.redis_game_counter import RedisGameCounter
+from flows.concurrency import GAMES_LIMIT
 from flows.generate_games import generate_games
 from operations.lottery.engine import games_to_masks
 from operations.settings import get_settings
@@ -29,7 +31,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def dask_settings(settings, monkeypatch):
-    """Settings that send even small runs to a 2-worker LocalCluster in small chunks."""
+    """Settings that send even small runs to Dask in small chunks: a 2-worker LocalCluster of the run's own, or
+    the session's cluster with `on_session_cluster`."""
     monkeypatch.setenv("IN_PROCESS_MAX_QUANTITY", "0")
     monkeypatch.setenv("MIN_GAMES_PER_CHUNK", "1000")
     monkeypatch.setenv("MAX_GAMES_PER_CHUNK", "5000")
@@ -75,7 +78,7 @@ def test_small_run_in_process_with_artifacts(settings, tmp_path):
     assert len(games) == 3_000
 
 
-def test_dask_run_with_a_retried_chunk_respects_caps_and_never_repeats(dask_settings):
+def test_dask_run_with_a_retried_chunk_respects_caps_and_never_repeats(dask_settings, on_session_cluster):
     run_key = f"dask-{uuid.uuid4().hex[:6]}"
     block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
     block.save("flowtest-counter", overwrite=True)
@@ -100,7 +103,7 @@ def test_dask_run_with_a_retried_chunk_respects_caps_and_never_repeats(dask_sett
     counter.delete_run()
 
 
-def test_resume_after_a_failed_run_generates_only_the_missing_chunks(dask_settings, monkeypatch):
+def test_resume_after_a_failed_run_generates_only_the_missing_chunks(dask_settings, on_session_cluster, monkeypatch):
     """The re-run generates only the missing chunks, with the first run's chunking even though the chunk
     settings changed in between (as when resuming on a cluster of another size)."""
     run_key = f"resume-{uuid.uuid4().hex[:6]}"
@@ -204,6 +207,11 @@ def test_resume_after_the_flow_process_is_killed(dask_settings):
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     committed = set(counter.committed_chunks())
+    # The killed run still holds its generation slot: the server gives it back when its lease runs out
+    # (LEASE_SECONDS, ~75 s). Resuming is what this test checks, so the limit is made anew without the dead holder.
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(GAMES_LIMIT).active_slots == 1
+        client.delete_global_concurrency_limit_by_name(GAMES_LIMIT)
     state = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()

@@ -118,7 +118,7 @@ def test_a_dry_run_reports_its_work_as_planned_and_writes_nothing(gates, tmp_pat
 
 
 def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_reported(
-    gates, tmp_path, monkeypatch
+    gates, tmp_path, on_session_cluster, monkeypatch
 ):
     emulator, names, cache = gates
     monkeypatch.setenv("TURNSTILES_TASK_RUNNER", "dask")

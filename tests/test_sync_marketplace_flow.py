@@ -92,7 +92,7 @@ def test_unknown_accounts_and_bad_dates_are_refused_before_any_request_in_one_li
     assert market.control.stats()["total"] == 0
 
 
-def test_the_flow_runs_its_account_tasks_on_dask(market, pg_engine, monkeypatch):
+def test_the_flow_runs_its_account_tasks_on_dask(market, pg_engine, on_session_cluster, monkeypatch):
     from operations import settings as settings_module
 
     monkeypatch.setenv("MARKETPLACE_TASK_RUNNER", "dask")
