@@ -95,7 +95,7 @@ def worker_name(pool: str) -> str:
 
 class PrefectWorkerService(Service[PrefectWorker]):
     """A `prefect worker` of the process pool `pool` on the server at `api_url` (by default this process's
-    PREFECT_API_URL when it starts), polling every `query_seconds`.
+    PREFECT_API_URL when it starts), polling every `query_seconds` (PREFECT_WORKER_QUERY_SECONDS when set).
 
     Flow runs inherit the worker's environment (this process's, plus `extra_env`): settings such as OUTPUT_DIR
     or REDIS_URL given here apply to every run it starts, and PREFECT_API_AUTH_STRING, which the readiness check
@@ -139,12 +139,14 @@ class PrefectWorkerService(Service[PrefectWorker]):
 
     def start(self) -> PrefectWorker:
         api_url, pool, name = self._api_url(), self.pool, worker_name(self.pool)
+        # PREFECT_WORKER_QUERY_SECONDS of this process (the shell of `make up`) wins over `query_seconds`
+        query_seconds = float(os.environ.get("PREFECT_WORKER_QUERY_SECONDS") or self.query_seconds)
         env = dict(os.environ)
         env.update(
             {
                 "PREFECT_API_URL": api_url,
-                "PREFECT_WORKER_QUERY_SECONDS": str(self.query_seconds),
-                "PREFECT_WORKER_PREFETCH_SECONDS": str(max(10.0, self.query_seconds)),
+                "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
+                "PREFECT_WORKER_PREFETCH_SECONDS": str(max(10.0, query_seconds)),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 **self.extra_env,
             }

@@ -4,6 +4,9 @@ DATA_DIR, exported as the stack exports them to its worker: one real embedded Po
 stack's default: PREFECT_API_URL), one real embedded redis-server (REDIS_URL) and the file server of OUTPUT_DIR
 (OUTPUT_BASE_URL). `pytest_unconfigure` stops them in reverse order.
 
+`deployed_stack`: the operator's `python -m deployments.stack up`, run once for the modules that need deployments,
+a worker and the emulators, on those services; `down` at the end of the session.
+
 The server is started in `pytest_configure`, before any test module imports Prefect, so that both this
 process and the Dask worker processes it spawns point at it through PREFECT_API_URL.
 """
@@ -11,11 +14,13 @@ process and the Dask worker processes it spawns point at it through PREFECT_API_
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -116,6 +121,74 @@ def served_output(name: str) -> dict[str, str]:
 def output_env():
     """`served_output`: a test's own OUTPUT_DIR served by the session's file server, as environment variables."""
     return served_output
+
+
+# What the worker of `deployed_stack` runs its flow runs with, beyond the session's services: small chunks, so that
+# a short generation run still has many to cancel between; the schedules paused, as on a laptop.
+STACK_WORKER_SETTINGS = {
+    "IN_PROCESS_MAX_QUANTITY": "20000",
+    "MIN_GAMES_PER_CHUNK": "1000",
+    "MAX_GAMES_PER_CHUNK": "5000",
+    "STACK_SCHEDULES": "off",
+}
+# Started by `stack up` on the session's services; the others show "not used: <setting> is set".
+STACK_STARTED = ("marketplace emulator", "turnstile emulator", "prefect worker")
+STACK_CONFIGURED = {"embedded postgres": "DATABASE_URL", "embedded redis": "REDIS_URL",
+                    "prefect server": "PREFECT_API_URL", "file server": "OUTPUT_BASE_URL"}
+
+
+def stack_command(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m deployments.stack <args>` from the project folder, as the operator types it."""
+    from operations.settings import PROJECT_ROOT
+
+    return subprocess.run([sys.executable, "-m", "deployments.stack", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class DeployedStack:
+    """The session's deployed stack: what `python -m deployments.stack up` printed and the shell it ran in."""
+
+    env: dict[str, str]  # the operator's shell: the session's services configured, a DATA_DIR of its own
+    up_output: str
+    api_url: str
+    settings: object  # operations.settings.Settings of the worker's flow runs (OUTPUT_DIR, chunk sizes, blocks)
+    started: tuple[str, ...] = STACK_STARTED  # the services `up` started, in the registry's order
+    configured: dict[str, str] = field(default_factory=lambda: dict(STACK_CONFIGURED))  # the others: the setting
+    # that names each one
+
+
+@pytest.fixture(scope="session")
+def deployed_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
+    """`python -m deployments.stack up` once, in a shell whose DATABASE_URL, REDIS_URL, PREFECT_API_URL and
+    OUTPUT_BASE_URL name the session's services: it starts the marketplace and turnstile emulators and the worker,
+    migrates the database, saves the blocks and deploys prefect.yaml. The worker's flow runs write under a folder
+    of their own, served by the session's file server. `down` at the end stops what `up` started, in reverse
+    order, and nothing of the session's."""
+    from operations.settings import Settings
+
+    root = tmp_path_factory.mktemp("stack")
+    settings_env = {**served_output(f"stack-{root.name}"), "DATA_DIR": str(root / "data"), "REDIS_URL": redis_url,
+                    "DATABASE_URL": database_url, **STACK_WORKER_SETTINGS}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DASK_SCHEDULER_ADDRESS", "MARKETPLACE_API_URL", "TURNSTILE_EMULATOR_DEVICES")}
+    env.update(settings_env, PREFECT_API_URL=prefect_api_url, PREFECT_WORKER_QUERY_SECONDS="1")
+    up = stack_command(env, "up")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield DeployedStack(env, up.stdout, prefect_api_url, Settings.from_env(settings_env))
+    finally:
+        down = stack_command(env, "down")
+        status = stack_command(env, "status").stdout
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped: " + ", ".join(reversed(STACK_STARTED)) in down.stdout, down.stdout  # the registry, reversed
+    for service in STACK_STARTED:
+        assert re.search(rf"^{service}:\s+not running; log ", status, re.M), status
+    for service, variable in STACK_CONFIGURED.items():
+        assert re.search(rf"^{service}:\s+not running \(not used: {variable} is set\)", status, re.M), status
+    import httpx
+
+    assert httpx.get(f"{prefect_api_url}/health", timeout=10).status_code == 200  # the session's, left running
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from browser_check import browser_missing, check_custom_run_form, check_link_artifact, default_urls
-from deployments.stack import deploy_all
+from deployments.prefect_worker import LOCAL_WORK_POOL
 
 needs_browser = pytest.mark.skipif(bool(browser_missing()), reason=f"browser check: {browser_missing()}")
 
@@ -30,21 +30,28 @@ def test_the_checked_server_is_the_one_the_caller_names(monkeypatch):
 
 @pytest.mark.slow
 @needs_browser
-def test_custom_run_form_shows_parameter_titles(prefect_api_url, tmp_path):
-    deploy_all(prefect_api_url)  # the work pool and deployments of prefect.yaml, as `make up` makes them
+def test_custom_run_form_shows_parameter_titles(deployed_stack, tmp_path):
+    """The deployments of prefect.yaml as `make up` makes them (the session's deployed stack)."""
+    api_url = deployed_stack.api_url
     screenshot = tmp_path / "custom-run.png"
     submitted: list[str] = []
-    found = check_custom_run_form(
-        prefect_api_url.removesuffix("/api"), prefect_api_url, "generate-games/on-demand", screenshot=screenshot,
-        submitted=submitted,
-    )
-    assert {"Games", "Numbers per game", "Highest number", "Rules", "Seed", "Run key"} <= set(found), found
-    assert screenshot.stat().st_size > 10_000
-    # the form as the UI submits it passes the deployment's strict schema (no parameter it does not name)
-    [flow_run_id] = submitted
-    run = httpx.get(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).json()
-    assert run["parameters"]["quantity"] == 10_000, run["parameters"]
-    assert httpx.delete(f"{prefect_api_url}/flow_runs/{flow_run_id}", timeout=30).status_code == 204  # not run
+    pool = f"{api_url}/work_pools/{LOCAL_WORK_POOL}"
+    assert httpx.patch(pool, json={"is_paused": True}, timeout=30).status_code == 204  # the stack's worker takes
+    try:  # no run of a paused pool: the submitted run stays scheduled until deleted
+        found = check_custom_run_form(
+            api_url.removesuffix("/api"), api_url, "generate-games/on-demand", screenshot=screenshot,
+            submitted=submitted,
+        )
+        assert {"Games", "Numbers per game", "Highest number", "Rules", "Seed", "Run key"} <= set(found), found
+        assert screenshot.stat().st_size > 10_000
+        # the form as the UI submits it passes the deployment's strict schema (no parameter it does not name)
+        [flow_run_id] = submitted
+        run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=30).json()
+        assert run["parameters"]["quantity"] == 10_000, run["parameters"]
+        assert run["state_type"] == "SCHEDULED", run["state"]
+        assert httpx.delete(f"{api_url}/flow_runs/{flow_run_id}", timeout=30).status_code == 204  # not run
+    finally:
+        assert httpx.patch(pool, json={"is_paused": False}, timeout=30).status_code == 204
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The operator's day end to end: deployments made by `prefect deploy --all` from prefect.yaml, a real
-process worker, runs started and cancelled through the Prefect REST API, as other applications do."""
+process worker, runs started and cancelled through the Prefect REST API, as other applications do; all of it
+the session's stack, started by the operator's `python -m deployments.stack up` (`deployed_stack`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
+from blocks.marketplace_app import MarketplaceApp
 from blocks.redis_game_counter import RedisGameCounter
 from blocks.turnstile_device import TurnstileDevice
 from emulators import controlid as turnstile_emulator
 from deployments.after_deploy import apply_after_deploy
-from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_prefect_worker, stop_prefect_worker
-from deployments.stack import deploy_all, ensure_generation_limit, register_blocks, save_marketplace_app_block
-from emulators.marketplace import EmulatorConfig, EmulatorControl, run_in_thread
+from deployments.prefect_worker import LOCAL_WORK_POOL
+from deployments.services import DEMO_MARKETPLACE
+from deployments.stack import EMULATED_TURNSTILE, ensure_generation_limit
+from emulators.marketplace import EmulatorControl
 from flows.concurrency import GAMES_LIMIT
 from marketplace_fixtures import Marketplace
 from operations.infra.database import get_engine
@@ -68,25 +70,18 @@ class RetryingClient(httpx.Client):
 
 
 @pytest.fixture(scope="module")
-def operator_stack(prefect_api_url, redis_url, database_url, output_env, tmp_path_factory):
-    """The deployments of prefect.yaml and a worker whose flow runs write under a folder of their own (served by
-    the session's file server) and cut their work in small chunks (so that a short run still has many chunks to
-    cancel between)."""
+def operator_stack(deployed_stack, database_url, tmp_path_factory):
+    """The session's deployed stack (`deployed_stack`: the deployments of prefect.yaml, a worker whose flow runs
+    write under a folder of their own and cut their work in small chunks, so that a short run still has many
+    chunks to cancel between), with the data of a small run of each flow: two sellers of the stack's marketplace
+    emulator onboarded, dealers and a products file, a participants file and the stack's emulated turnstiles."""
     root = tmp_path_factory.mktemp("operator")
-    worker_env = {
-        **output_env(f"operator-{root.name}"),
-        "REDIS_URL": redis_url,
-        "IN_PROCESS_MAX_QUANTITY": "20000",
-        "MIN_GAMES_PER_CHUNK": "1000",
-        "MAX_GAMES_PER_CHUNK": "5000",
-    }
-    settings = Settings.from_env(worker_env)
-    register_blocks(settings, redis_url)
-    emulator = run_in_thread(EmulatorConfig(sellers=3, orders_per_seller=100, items_per_seller=20))
+    settings = deployed_stack.settings
+    ensure_generation_limit(settings)  # as `up` left it, whatever the modules before changed
     engine = get_engine(database_url)
     clear_marketplace_data(engine, accounts=True)
-    market = Marketplace(emulator.base_url, EmulatorControl(emulator.base_url), EmulatorConfig(), engine)
-    save_marketplace_app_block(settings, emulator.base_url, market.config)
+    market_url = MarketplaceApp.load(settings.marketplace.app_block).api_base_url  # the stack's emulator
+    market = Marketplace(market_url, EmulatorControl(market_url), DEMO_MARKETPLACE, engine)
     for seller in market.seller_ids()[:2]:
         market.onboard(seller)
     clear_products_data(engine, dealers=True)
@@ -94,24 +89,17 @@ def operator_stack(prefect_api_url, redis_url, database_url, output_env, tmp_pat
     upsert_dealers(engine, [(code, code) for code in dealers])
     products_file = root / "products.csv"
     products_sample = generate_products_file(products_file, 800, dealers, bad_fraction=0.1, seed=2)
-    gates = turnstile_emulator.run_in_thread(turnstile_emulator.EmulatorConfig(devices=2, latency_ms=1))
-    turnstiles = [f"e2e-gate-{i}" for i in range(len(gates.base_urls))]
-    for name, url in zip(turnstiles, gates.base_urls):
-        TurnstileDevice(base_url=url, password=SecretStr(gates.config.password)).save(name, overwrite=True)
+    turnstiles = [EMULATED_TURNSTILE.format(i) for i in (1, 2)]  # two of the stack's emulated turnstiles
+    gates = turnstile_emulator.EmulatorControl([TurnstileDevice.load(name).base_url for name in turnstiles])
+    for device in range(len(turnstiles)):
+        gates.wipe(device)  # no users left from earlier registrations
     participants_file = root / "participants.csv"
     write_participants_file(participants_file, 50)
-    deploy_all(prefect_api_url)
-    ensure_generation_limit(settings)
-    ensure_prefect_worker(
-        root / "worker", prefect_api_url, PROJECT_ROOT, LOCAL_WORK_POOL, query_seconds=1, extra_env=worker_env
-    )
-    client = RetryingClient(base_url=prefect_api_url, timeout=30)
+    client = RetryingClient(base_url=deployed_stack.api_url, timeout=30)
     yield OperatorStack(client, settings, market, products_file, products_sample, gates, tuple(turnstiles),
                         participants_file)
     client.close()
-    stop_prefect_worker(root / "worker")
-    emulator.stop()
-    gates.stop()
+    gates.close()
 
 
 @dataclass
@@ -121,7 +109,7 @@ class OperatorStack:
     market: Marketplace
     products_file: Path
     products_sample: SampleStats
-    gates: turnstile_emulator.RunningEmulator
+    gates: turnstile_emulator.EmulatorControl  # the control API of the stack's turnstile emulator
     turnstiles: tuple[str, ...]
     participants_file: Path
 
@@ -241,7 +229,7 @@ def _check_registration_run(stack: OperatorStack, parameters: dict, artifacts: l
     [report] = [a for a in artifacts if a["key"] == "registration-report"]
     assert "| Errors | 0 |" in report["data"] and "| Total operations | 100 |" in report["data"]
     for device in range(len(stack.turnstiles)):
-        assert len(stack.gates.control.users(device)) == 50
+        assert len(stack.gates.users(device)) == 50
 
 
 def _plant_expired_run(stack: OperatorStack, run_key: str) -> dict:

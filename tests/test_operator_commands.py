@@ -1,6 +1,7 @@
-"""The operator's commands as they are typed: `python -m deployments.stack up` (twice), `status`, `down`
-on an empty data folder, `python -m deployments.start_run` against the stack it started, the account,
-dealer and turnstile commands, and `make samples`, `make onboard` and the `make run` commands they print."""
+"""The operator's commands as they are typed: `python -m deployments.stack up` (the session's `deployed_stack`,
+then once more here), `status` (and on an empty data folder), `python -m deployments.start_run` against the
+stack, the account, dealer and turnstile commands, and `make samples`, `make onboard` and the `make run`
+commands they print. The session's `down` of that stack is checked in conftest.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from operations.infra.database import get_engine
+from operations.marketplace.store import clear_marketplace_data
+from operations.products.store import clear_products_data
 from operations.settings import PROJECT_ROOT
 from run_checks import link_url
 
@@ -21,6 +25,9 @@ pytestmark = pytest.mark.slow
 
 SERVICES = ("embedded postgres", "embedded redis", "prefect server", "file server", "marketplace emulator",
             "turnstile emulator", "prefect worker")  # the registry's order
+# What an operator's shell has not configured on a fresh machine.
+UNSET = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "DATABASE_URL",
+         "MARKETPLACE_API_URL", "OUTPUT_BASE_URL")
 
 
 def _command(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -36,28 +43,38 @@ def _shell(env: dict, command: str, timeout: float = 300) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def operator_env(tmp_path_factory):
-    """The environment of an operator's shell: nothing configured, all state under a fresh DATA_DIR."""
-    root = tmp_path_factory.mktemp("operator-commands")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "REDIS_URL", "DASK_SCHEDULER_ADDRESS",
-                     "DATABASE_URL", "MARKETPLACE_API_URL", "OUTPUT_BASE_URL")
-    }
-    env.update({"DATA_DIR": str(root / "data"), "OUTPUT_DIR": str(root / "data" / "output"),
-                "STACK_SCHEDULES": "off"})  # the default, whatever a developer's .env says
-    yield env
-    _command(env, "deployments.stack", "down")
+def operator_env(deployed_stack, database_url):
+    """The shell `python -m deployments.stack up` ran in for the session's deployed stack (DATABASE_URL,
+    REDIS_URL, PREFECT_API_URL and OUTPUT_BASE_URL name the session's services, a DATA_DIR of its own), its
+    project database emptied of the accounts and dealers the commands below add."""
+    engine = get_engine(database_url)
+    clear_marketplace_data(engine, accounts=True)
+    clear_products_data(engine, dealers=True)
+    return deployed_stack.env
 
 
-def test_stack_up_twice_status_start_run_and_down(operator_env):
-    first = _command(operator_env, "deployments.stack", "up")
-    assert first.returncode == 0, first.stderr
-    ui = re.search(r"Prefect UI:\s+(\S+)", first.stdout).group(1)
+def test_a_fresh_machine_would_start_every_service_and_runs_none_yet(tmp_path):
+    """`status` on an empty DATA_DIR with nothing configured: every service of the registry, in its order, not
+    running and none replaced by a setting, so `up` starts them all (the registry's up/status/down of real
+    services: tests/test_services.py; the default server on its embedded PostgreSQL: tests/test_prefect_server.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in UNSET}
+    env.update({"DATA_DIR": str(tmp_path / "data"), "OUTPUT_DIR": str(tmp_path / "data" / "output")})
+    status = _command(env, "deployments.stack", "status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert [line.split(":", 1)[0] for line in lines[:len(SERVICES)]] == list(SERVICES), status.stdout
+    for service in SERVICES:
+        assert re.search(rf"^{service}:\s+not running; log /\S+\.log$", status.stdout, re.M), status.stdout
+    assert re.search(r"^schedules:\s+no Prefect server", status.stdout, re.M), status.stdout
+
+
+def test_stack_up_twice_status_start_run_and_commands(deployed_stack, operator_env):
+    first = deployed_stack.up_output  # the session's `up` (conftest.py: its `down` is checked at the session's end)
+    ui = re.search(r"Prefect UI:\s+(\S+)", first).group(1)
     api = f"{ui}/api"
-    assert "generate-games/on-demand" in first.stdout and "generate-games/draw-day-mornings" in first.stdout
-    assert 'Start a run:   make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=100000"' in first.stdout
+    assert api == deployed_stack.api_url
+    assert "generate-games/on-demand" in first and "generate-games/draw-day-mornings" in first
+    assert 'Start a run:   make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=100000"' in first
     pids = _command(operator_env, "deployments.stack", "status").stdout
     # a laptop's stack runs nothing by itself: every schedule of prefect.yaml is paused (STACK_SCHEDULES unset)
     assert re.search(r"schedules:\s+paused: 0 of 4 active \(STACK_SCHEDULES off\)", pids), pids
@@ -66,9 +83,12 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
     assert second.returncode == 0, second.stderr
     assert re.search(r"Prefect UI:\s+(\S+)", second.stdout).group(1) == ui
     status = _command(operator_env, "deployments.stack", "status").stdout
-    assert status == pids and "not running" not in status, status
-    for service in SERVICES:  # one line each: running, its pid, its address, its log
+    assert status == pids, status
+    for service in deployed_stack.started:  # one line each: running, its pid, its address, its log
         assert re.search(rf"^{service}:\s+running, pid \d+, \S.*; log /\S+\.log$", status, re.M), status
+    for service, variable in deployed_stack.configured.items():  # configured by environment: used as they are
+        assert re.search(rf"^{service}:\s+not running \(not used: {variable} is set\); log /\S+\.log$",
+                         status, re.M), status
 
     refused = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0")
     assert refused.returncode == 2 and "Validation failed for field 'quantity'" in refused.stderr, refused.stderr
@@ -81,30 +101,19 @@ def test_stack_up_twice_status_start_run_and_down(operator_env):
     assert started.returncode == 0, started.stderr
     flow_run_id = re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1)
     assert f"{ui}/runs/flow-run/{flow_run_id}" in started.stdout
-    deadline = time.monotonic() + 180
-    while (run := httpx.get(f"{api}/flow_runs/{flow_run_id}").json())["state_type"] not in (
-        "COMPLETED", "FAILED", "CRASHED", "CANCELLED"
-    ):
-        assert time.monotonic() < deadline, run["state_name"]
-        time.sleep(0.5)
+    run = _wait_run(api, flow_run_id)
     assert run["state_type"] == "COMPLETED", run["state"]
     assert run["parameters"] == {"quantity": 3000, "run_key": "from-the-shell"}
-    # the worker's flow run linked its spreadsheet on the file server `up` started, and the link opens
-    files = re.search(r"Output files:\s+(\S+)", first.stdout).group(1)
+    # the worker's flow run linked its spreadsheet on the file server of OUTPUT_BASE_URL, and the link opens
+    files = re.search(r"Output files:\s+(\S+)", first).group(1)
+    assert files.rstrip("/") == operator_env["OUTPUT_BASE_URL"], files
     [artifact] = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {
         "flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["games-spreadsheet-1"]}}}, timeout=30).json()
     link = link_url(artifact["data"])
-    assert link.startswith(files) and httpx.get(link, timeout=30).status_code == 200, (files, link)
+    assert link.startswith(files.rstrip("/")) and httpx.get(link, timeout=30).status_code == 200, (files, link)
 
-    _marketplace_accounts_from_the_shell(operator_env, first.stdout, api)
-    _dealers_and_turnstiles_from_the_shell(operator_env, first.stdout, api)
-
-    down = _command(operator_env, "deployments.stack", "down")
-    assert down.returncode == 0, down.stdout
-    assert "stopped: " + ", ".join(reversed(SERVICES)) in down.stdout, down.stdout  # the registry, in reverse
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{api}/health", timeout=2)
-    assert "not running" in _command(operator_env, "deployments.stack", "status").stdout
+    _marketplace_accounts_from_the_shell(operator_env, first, api)
+    _dealers_and_turnstiles_from_the_shell(operator_env, first, api)
 
 
 def _wait_run(api: str, flow_run_id: str) -> dict:
