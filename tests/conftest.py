@@ -124,7 +124,8 @@ def output_env():
 
 
 # What the worker of `deployed_stack` runs its flow runs with, beyond the session's services: small chunks, so that
-# a short generation run still has many to cancel between; the schedules paused, as on a laptop.
+# a short generation run still has many to cancel between; the schedules paused, the default, whatever a
+# developer's .env says.
 STACK_WORKER_SETTINGS = {
     "IN_PROCESS_MAX_QUANTITY": "20000",
     "MIN_GAMES_PER_CHUNK": "1000",

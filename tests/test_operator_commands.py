@@ -76,7 +76,7 @@ def test_stack_up_twice_status_start_run_and_commands(deployed_stack, operator_e
     assert "generate-games/on-demand" in first and "generate-games/draw-day-mornings" in first
     assert 'Start a run:   make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=100000"' in first
     pids = _command(operator_env, "deployments.stack", "status").stdout
-    # a laptop's stack runs nothing by itself: every schedule of prefect.yaml is paused (STACK_SCHEDULES unset)
+    # a laptop's stack runs nothing by itself: every schedule of prefect.yaml is paused (STACK_SCHEDULES off)
     assert re.search(r"schedules:\s+paused: 0 of 4 active \(STACK_SCHEDULES off\)", pids), pids
 
     second = _command(operator_env, "deployments.stack", "up")  # harmless: reuses everything
