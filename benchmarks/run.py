@@ -18,8 +18,8 @@
 5. Turnstiles (benchmarks/registration.py): 10,000 participants x 10 emulated turnstiles at 50 ms per request, on
    threads and on Dask, against the floor and against the seed's one request per pair; then all cached.
 6. Prefect API (benchmarks/prefect_api.py): 1, 5 and 20 client threads creating flow runs through the REST API
-   for --prefect-api-seconds, on a fresh server per database: PostgreSQL (the default) against SQLite.
-   Target: no failure at 20 clients on PostgreSQL.
+   for --prefect-api-seconds, on the stack's server beside a plain `prefect server start` (same PostgreSQL,
+   alternating rounds), then on SQLite. Targets: no failure at 20 clients on PostgreSQL; >= 0.8 x the plain rate.
 7. Retention (benchmarks/retention.py): Redis memory (used_memory, the runs' keys) and its append-only file
    after 5 consecutive 200,000-game runs, against each run's own peak while it generated; then cleanup-runs on
    those runs (dry run, then real), timed, against what they held just before.

@@ -99,21 +99,25 @@ def resolve_server_database(settings: Settings) -> ServerDatabase:
     return embedded_prefect_database(ensure_embedded_postgres(settings.stack.postgres_dir))
 
 
+# The server's own settings, over whatever the caller's environment says. benchmarks/prefect_api.py measures the
+# server so started beside a plain `prefect server start` (log at WARNING, UI off) in the same run: neither these
+# nor the UI cost a measurable share of its REST rate.
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Errors and warnings only: at INFO uvicorn's access log would also write a line per request.
+    "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+    # The UI calls the API of the server that served it (the default is port 4200 whatever --port says, so a
+    # second server's UI would show the first one's runs).
+    "PREFECT_UI_API_URL": "/api",
+}
+
+
 def prefect_server_env(prefect_dir: Path, database_url: str, auth_string: str | None = None) -> dict[str, str]:
-    """Environment of the server process: its own home and database, no analytics, basic auth when given."""
+    """Environment of the server process: its own home and database, SERVER_SETTINGS, basic auth when given."""
     inherited = ("PREFECT_API_URL", "PREFECT_PROFILES_PATH", *DATABASE_URL_VARIABLES, *AUTH_VARIABLES)
     env = {k: v for k, v in os.environ.items() if k not in inherited}
-    env.update(
-        {
-            "PREFECT_HOME": str(prefect_dir),
-            "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-            # The UI calls the API of the server that served it (the default is port 4200 whatever --port
-            # says, so a second server's UI would show the first one's runs).
-            "PREFECT_UI_API_URL": "/api",
-        }
-    )
+    env.update({"PREFECT_HOME": str(prefect_dir), "PREFECT_API_DATABASE_CONNECTION_URL": database_url})
+    env.update(SERVER_SETTINGS)
     if auth_string:
         env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     return env
