@@ -92,21 +92,26 @@ class Rounds:
         return statistics.median(load.rate for load in self.loads) if self.loads else 0.0
 
     @property
+    def merged(self) -> Load:
+        """Every round's creates and failures as one load (its rate is not the median's)."""
+        return Load(self.clients, latencies=[s for load in self.loads for s in load.latencies],
+                    failures=sum((load.failures for load in self.loads), Counter()))
+
+    @property
     def failures(self) -> Counter:
-        return sum((load.failures for load in self.loads), Counter())
+        return self.merged.failures
 
     @property
     def created(self) -> int:
-        return sum(load.created for load in self.loads)
+        return self.merged.created
 
     @property
     def failed_share(self) -> float:
-        attempts = self.created + sum(self.failures.values())
-        return sum(self.failures.values()) / attempts if attempts else 0.0
+        return self.merged.failed_share
 
     @property
     def p95_ms(self) -> float:
-        return Load(self.clients, latencies=[s for load in self.loads for s in load.latencies]).p95_ms
+        return self.merged.p95_ms
 
 
 @dataclass(frozen=True)
