@@ -71,6 +71,7 @@ from operations.lottery.report import (
 from operations.lottery.retention import RunOutputs, completed_outputs, finish_run, remove_chunk_files
 from operations.settings import Settings, get_settings
 from tasks.lottery import generate_games_chunk, rank_games_of_run, write_games_spreadsheet
+from tasks.retries import with_retries
 
 
 
@@ -185,7 +186,8 @@ def _produce(
     progress = GenerationProgress(quantity, len(parts), games=sum(quotas) - sum(quotas[i] for i in pending))
     progress_id = create_progress_artifact(progress.percent, key=artifact_key("games-progress", plan.run_key),
                                            description=f"Games generated and written in run {plan.run_key}")
-    futures = runner.map(generate_games_chunk, {
+    chunk_task = with_retries(generate_games_chunk, settings.lottery.task_retries)
+    futures = runner.map(chunk_task, {
         "plan": unmapped(plan), "counter_block": unmapped(block), "chunk": pending, "run_dir": unmapped(run_dir)})
     results = []
     for future in as_completed(futures):

@@ -253,6 +253,10 @@ class LotterySettings(SettingsGroup):
         description="Generation runs at once on this stack, whatever deployment started them (the Prefect global "
         "concurrency limit 'generate-games' `make up` creates); raise it on a machine with cores to spare.",
     )
+    task_retries: int = Field(
+        default=3, ge=0, le=10, validation_alias="GAMES_TASK_RETRIES",
+        description="Retries of a chunk after a transient Redis or file fault (the counter keeps what committed).",
+    )
 
 
 class RetentionSettings(SettingsGroup):

@@ -29,6 +29,7 @@ PERMANENT_ERRORS = (
 # Side effects are guarded by the counter itself (a committed chunk returns its saved result, a new attempt
 # releases the previous one's claims), so Dask recomputing a finished chunk is harmless: no cache needed,
 # and NO_CACHE avoids hashing the plan on every call.
+# Retries: GAMES_TASK_RETRIES, set by the flow (tasks.retries.with_retries).
 @retrying_task(
     name="generate-games-chunk",
     task_run_name="chunk-{chunk}",

@@ -110,6 +110,8 @@ def test_resume_after_a_failed_run_generates_only_the_missing_chunks(dask_settin
     block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
     block.save("flowtest-counter", overwrite=True)
     counter = block.counter(run_key)
+    monkeypatch.setenv("GAMES_TASK_RETRIES", "1")  # one retry (after ~1 s) shows a retried chunk still fails
+    get_settings.cache_clear()
     counter.inject_faults(3, failures=10)  # more than the task's retries: the first run fails
     quantity = 20_000
     first = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)

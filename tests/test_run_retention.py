@@ -161,14 +161,18 @@ def test_chunk_files_are_kept_with_the_setting(settings, counter_block, monkeypa
     assert {k.rsplit(":", 1)[-1] for k in block.counter(run_key).run_keys()} == KEPT_KEYS
 
 
-def test_cleanup_removes_old_runs_and_keeps_recent_ones(settings, counter_block):
+def test_cleanup_removes_old_runs_and_keeps_recent_ones(settings, counter_block, monkeypatch):
     name, block = counter_block
     client = block.get_client()
     old_done, recent_done, old_failed = (f"{k}-{uuid.uuid4().hex[:6]}" for k in ("old", "recent", "failed"))
     for run_key in (old_done, recent_done):
         assert _run(name, run_key).is_completed()
     block.counter(old_failed).inject_faults(0, failures=10)  # more than the task's retries: the run fails
-    assert _run(name, old_failed).is_failed()
+    with monkeypatch.context() as patched:
+        patched.setenv("GAMES_TASK_RETRIES", "1")  # one retry, ~1 s: the run still fails after its retries
+        get_settings.cache_clear()
+        assert _run(name, old_failed).is_failed()
+    get_settings.cache_clear()
     failed_keys = block.counter(old_failed).run_keys()
     assert f"{name}:{old_failed}:seen" in failed_keys  # a failed run keeps what a resume needs
     forty_days_ago = time.time() - 40 * DAY_SECONDS

@@ -50,6 +50,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "PAST_DRAWS_FILE": ("lottery.past_draws_file", "/srv/draws.xlsx", Path("/srv/draws.xlsx")),
     "COUNTER_BLOCK_NAME": ("lottery.counter_block_name", "other-counter", "other-counter"),
     "GAMES_CONCURRENCY_LIMIT": ("lottery.games_concurrency_limit", "4", 4),
+    "GAMES_TASK_RETRIES": ("lottery.task_retries", "1", 1),
     "RUN_RETENTION_DAYS": ("retention.days", "7.5", 7.5),
     "KEEP_CHUNK_FILES": ("retention.keep_chunk_files", "true", True),
     "MARKETPLACE_APP_BLOCK": ("marketplace.app_block", "other-app", "other-app"),
