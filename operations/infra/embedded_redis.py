@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from operations.infra.processes import folder_lock, free_port, pid_alive, reap, stop_process_group, tail
 from operations.infra.services import Service, configured_or_running
@@ -149,7 +151,9 @@ class RedisService(Service[EmbeddedRedis]):
             if not state or not pid_alive(state["pid"]):
                 return False
             try:
-                redis.Redis(host="127.0.0.1", port=state["port"], socket_timeout=5).shutdown()
+                # No retries: SHUTDOWN closes the connection, which redis-py would otherwise retry with backoff.
+                no_retry = Retry(NoBackoff(), 0)
+                redis.Redis(host="127.0.0.1", port=state["port"], socket_timeout=5, retry=no_retry).shutdown()
             except redis.RedisError:
                 pass  # SHUTDOWN closes the connection; a refusal falls back to SIGKILL below
             deadline = time.monotonic() + timeout
