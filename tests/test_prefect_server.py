@@ -159,8 +159,9 @@ def test_a_stale_online_worker_row_does_not_make_a_new_worker_ready(prefect_api_
     assert not worker_heartbeat_since(prefect_api_url, pool, name, stale)
 
     unreachable = f"http://127.0.0.1:{free_port()}/api"  # this process can never heartbeat
+    # The stale row is ONLINE from the first readiness poll (every 0.5 s): a few seconds show it is not taken.
     with pytest.raises(RuntimeError, match="did not come online"):
-        ensure_prefect_worker(tmp_path / "mute", prefect_api_url, PROJECT_ROOT, pool, query_seconds=1, timeout=15,
+        ensure_prefect_worker(tmp_path / "mute", prefect_api_url, PROJECT_ROOT, pool, query_seconds=1, timeout=5,
                               extra_env={"PREFECT_API_URL": unreachable})
 
     try:
