@@ -41,7 +41,9 @@ pytestmark = pytest.mark.slow
 # must show. A flow that adds an on-demand deployment to prefect.yaml adds its entries here (the first test
 # fails until it does). `stack` is the operator_stack fixture's OperatorStack.
 SMALL_RUN_PARAMETERS = {
-    "generate-games": lambda key, stack: {"quantity": 30_000, "run_key": key},
+    # in the worker's flow run itself (below IN_PROCESS_MAX_QUANTITY); its runs on a LocalCluster: the take-turns
+    # and cancel tests below
+    "generate-games": lambda key, stack: {"quantity": 5_000, "run_key": key},
     "sync-marketplace": lambda key, stack: {"accounts": stack.market.seller_ids()[:2], "resources": "both"},
     "onboard-account": lambda key, stack: {
         "authorization_code": stack.market.control.authorize(stack.market.seller_ids()[2]),
@@ -376,7 +378,8 @@ def test_a_scheduled_and_an_on_demand_generation_run_take_turns(operator_stack):
     runs = []
     for deployment in (scheduled, on_demand):
         key = f"turns-{uuid.uuid4().hex[:6]}"
-        runs.append(_start(client, deployment["id"], {"quantity": 40_000, "run_key": key}, key))
+        # the smallest run on a LocalCluster (IN_PROCESS_MAX_QUANTITY), whose start-up the slot covers too
+        runs.append(_start(client, deployment["id"], {"quantity": 20_000, "run_key": key}, key))
     done = [_wait(client, run["id"]) for run in runs]
     assert [d["state_type"] for d in done] == ["COMPLETED", "COMPLETED"], [d["state"] for d in done]
     assert {d["deployment_id"] for d in done} == {scheduled["id"], on_demand["id"]}
@@ -397,7 +400,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     client, settings = operator_stack
     deployment = _deployment(client, "generate-games/on-demand")
     run_key = f"cancel-{uuid.uuid4().hex[:6]}"
-    quantity, chunks = 200_000, 40
+    quantity, chunks = 80_000, 16  # chunks of MAX_GAMES_PER_CHUNK, two spreadsheet files
     counter = RedisGameCounter.load(settings.lottery.counter_block_name).counter(run_key)
     for chunk in range(chunks - 10, chunks):  # the last chunks fail twice first (retried after 1 s and 4 s, with
         counter.inject_faults(chunk, 2)  # jitter): the run cannot finish before the cancel lands, even on a busy
