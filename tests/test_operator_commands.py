@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,13 @@ def _shell(env: dict, command: str, timeout: float = 300) -> subprocess.Complete
     """A command line as an operator pastes it into a shell in the project folder (`make ...`)."""
     return subprocess.run(command, shell=True, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _together(*calls):
+    """The results of commands that do not depend on one another, run side by side (two operators' shells):
+    each one starts Python and imports Prefect, seconds of CPU that a second core halves."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +98,21 @@ def test_stack_up_twice_status_start_run_and_commands(deployed_stack, operator_e
         assert re.search(rf"^{service}:\s+not running \(not used: {variable} is set\); log /\S+\.log$",
                          status, re.M), status
 
-    refused = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0")
+    refused, misspelt, started = _together(
+        lambda: _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0"),
+        lambda: _shell(operator_env, 'make -s run DEPLOYMENT=generate-games/on-demand PARAMS="quantiy=100"'),
+        lambda: _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=3000",
+                         "run_key=from-the-shell"),
+    )
     assert refused.returncode == 2 and "Validation failed for field 'quantity'" in refused.stderr, refused.stderr
-    misspelt = _shell(operator_env, 'make -s run DEPLOYMENT=generate-games/on-demand PARAMS="quantiy=100"')
     assert misspelt.returncode != 0 and "refused by the server (409)" in misspelt.stderr, misspelt.stderr
     assert "'quantiy' was unexpected" in misspelt.stderr, misspelt.stderr
-
-    started = _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=3000",
-                       "run_key=from-the-shell")
     assert started.returncode == 0, started.stderr
     flow_run_id = re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1)
     assert f"{ui}/runs/flow-run/{flow_run_id}" in started.stdout
+    # the worker runs it while the accounts are added from the shell; the sync run they start, while the
+    # dealers and turnstiles are
+    first_seller, sync_run_id = _marketplace_accounts_from_the_shell(operator_env, first, api)
     run = _wait_run(api, flow_run_id)
     assert run["state_type"] == "COMPLETED", run["state"]
     assert run["parameters"] == {"quantity": 3000, "run_key": "from-the-shell"}
@@ -112,8 +124,11 @@ def test_stack_up_twice_status_start_run_and_commands(deployed_stack, operator_e
     link = link_url(artifact["data"])
     assert link.startswith(files.rstrip("/")) and httpx.get(link, timeout=30).status_code == 200, (files, link)
 
-    _marketplace_accounts_from_the_shell(operator_env, first, api)
     _dealers_and_turnstiles_from_the_shell(operator_env, first, api)
+    run = _wait_run(api, sync_run_id)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    listing = _command(operator_env, "deployments.marketplace_accounts", "list").stdout
+    assert re.search(rf"{first_seller}\s+shop-one\s+active\s+\S+ \S+ UTC\s+synced", listing), listing
 
 
 def _wait_run(api: str, flow_run_id: str) -> dict:
@@ -126,9 +141,10 @@ def _wait_run(api: str, flow_run_id: str) -> dict:
     return run
 
 
-def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) -> None:
+def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) -> tuple[int, str]:
     """The stack's own emulator and embedded PostgreSQL: add, import, list, deactivate accounts, then a sync of
-    one account started from the shell."""
+    one account started from the shell. Returns that account and the sync's flow run id (the caller waits for
+    it and lists the account as synced)."""
     from emulators.marketplace import EmulatorControl
 
     url = re.search(r"Marketplace:\s+(\S+?),? \(emulator\)", up_output).group(1)
@@ -137,8 +153,6 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
     added = _command(env, "deployments.marketplace_accounts", "add", "--code", control.authorize(first),
                      "--nickname", "shop-one")
     assert added.returncode == 0 and f"seller {first} (shop-one) is active" in added.stdout, added.stderr
-    reused = _command(env, "deployments.marketplace_accounts", "add", "--code", "spent-code")
-    assert reused.returncode == 2 and "invalid_grant" in reused.stderr, reused.stderr
 
     # adopt an account whose refresh token "the old system" holds: read from stdin, rotated at once
     code = control.authorize(second)
@@ -148,10 +162,15 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
         "grant_type": "authorization_code", "client_id": "emulated-app", "client_secret": "emulated-secret",
         "code": code, "redirect_uri": control.config()["redirect_uri"],
     }).json()
-    imported = subprocess.run(
-        [sys.executable, "-m", "deployments.marketplace_accounts", "import", "--nickname", "shop-two"],
-        cwd=PROJECT_ROOT, env=env, input=grant["refresh_token"] + "\n", capture_output=True, text=True, timeout=120,
+    reused, imported = _together(  # a spent code refused, beside the import
+        lambda: _command(env, "deployments.marketplace_accounts", "add", "--code", "spent-code"),
+        lambda: subprocess.run(
+            [sys.executable, "-m", "deployments.marketplace_accounts", "import", "--nickname", "shop-two"],
+            cwd=PROJECT_ROOT, env=env, input=grant["refresh_token"] + "\n", capture_output=True, text=True,
+            timeout=120,
+        ),
     )
+    assert reused.returncode == 2 and "invalid_grant" in reused.stderr, reused.stderr
     assert imported.returncode == 0 and f"seller {second} (shop-two) is active" in imported.stdout, imported.stderr
     assert grant["refresh_token"] not in imported.stdout + imported.stderr
 
@@ -168,11 +187,7 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
     started = _command(env, "deployments.start_run", "sync-marketplace/on-demand",
                        "--parameters", f'{{"accounts": [{first}], "resources": "orders"}}')
     assert started.returncode == 0, started.stderr
-    flow_run_id = re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1)
-    run = _wait_run(api, flow_run_id)
-    assert run["state_type"] == "COMPLETED", run["state"]
-    listing = _command(env, "deployments.marketplace_accounts", "list").stdout
-    assert re.search(rf"{first}\s+shop-one\s+active\s+\S+ \S+ UTC\s+synced", listing), listing
+    return first, re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1)
 
 
 def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) -> None:
@@ -183,25 +198,32 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     samples = _shell(env, "make -s samples")
     assert samples.returncode == 0, samples.stderr
     assert "dealers loaded into the project database: 20 in the file, 20 new" in samples.stdout, samples.stdout
-    assert "D0020" in _command(env, "deployments.dealers", "list").stdout
+    dealers, listing = _together(  # read-only, side by side
+        lambda: _command(env, "deployments.dealers", "list"),
+        lambda: _command(env, "deployments.turnstile_devices", "list"),
+    )
+    assert "D0020" in dealers.stdout
+    assert "emulated-turnstile-1" in up_output
+    assert listing.returncode == 0 and "emulated-turnstile-3" in listing.stdout, listing.stderr
     again = _shell(env, "make -s samples")  # idempotent: the same files, the dealers already there
     assert again.returncode == 0 and "20 in the file, 0 new" in again.stdout, again.stdout
 
-    assert "emulated-turnstile-1" in up_output
-    listing = _command(env, "deployments.turnstile_devices", "list")
-    assert listing.returncode == 0 and "emulated-turnstile-3" in listing.stdout, listing.stderr
     load = re.search(r"(\.venv/bin/python -m deployments\.turnstile_devices load \S+)", samples.stdout).group(1)
-    loaded = _shell(env, load)
-    assert loaded.returncode == 0 and "3 turnstile(s) saved" in loaded.stdout, loaded.stderr
-    folder = Path(env["DATA_DIR"]) / "files"
+    folder = Path(env["DATA_DIR"]) / "files"  # not the samples' folder the good file is loaded from
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "devices.csv").write_text("name,base_url,password\nGate One,http://10.0.0.1,x\n", encoding="utf-8")
-    refused = _command(env, "deployments.turnstile_devices", "load", str(folder / "devices.csv"))
+    loaded, refused = _together(
+        lambda: _shell(env, load),
+        lambda: _command(env, "deployments.turnstile_devices", "load", str(folder / "devices.csv")),
+    )
+    assert loaded.returncode == 0 and "3 turnstile(s) saved" in loaded.stdout, loaded.stderr
     assert refused.returncode == 2 and "row 2, column name" in refused.stderr, refused.stderr
 
-    for flow in ("process-products", "register-participants"):
-        command = re.search(rf"  {flow}:\n    (make run .+)\n", samples.stdout).group(1)
-        started = _shell(env, command)
-        assert started.returncode == 0, (command, started.stderr)
-        run = _wait_run(api, re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1))
+    flows = ("process-products", "register-participants")
+    commands = [re.search(rf"  {flow}:\n    (make run .+)\n", samples.stdout).group(1) for flow in flows]
+    started = _together(*[lambda command=command: _shell(env, command) for command in commands])
+    for flow, command, shell in zip(flows, commands, started):  # the two runs side by side on the worker
+        assert shell.returncode == 0, (command, shell.stderr)
+    for flow, shell in zip(flows, started):
+        run = _wait_run(api, re.search(r"\(([0-9a-f-]{36})\)", shell.stdout).group(1))
         assert run["state_type"] == "COMPLETED", (flow, run["state"])
