@@ -100,7 +100,7 @@ def test_expired_access_token_is_refreshed_once_and_the_call_retried(pg_engine, 
     assert set(_stored_orders(pg_engine, seller)) == _truth_order_ids(market, seller)
 
 
-def _race_refresh(base_url: str, database_url: str, seller_id: int, seen_version: int, start_at: float, out) -> None:
+def _race_refresh(base_url: str, database_url: str, seller_id: int, seen_version: int, start, out) -> None:
     from pydantic import SecretStr
 
     from emulators.marketplace import EmulatorConfig
@@ -112,7 +112,7 @@ def _race_refresh(base_url: str, database_url: str, seller_id: int, seen_version
     client = MarketplaceClient(
         shared_http_client(base_url), AppCredentials(cfg.client_id, SecretStr(cfg.client_secret)), FAST_RETRY
     )
-    time.sleep(max(0.0, start_at - time.time()))
+    start.wait()  # every racer imported and ready: they refresh together
     try:
         state = refresh_tokens(get_engine(database_url), seller_id, seen_version, client.refresh)
         out.put(("ok", state.version, client.stats.refreshes))
@@ -128,16 +128,16 @@ def test_concurrent_refreshes_from_threads_and_processes_never_lose_the_account(
     market.control.reset_stats()
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    start_at = time.time() + 3  # spawned interpreters need a moment to import
-    procs = [ctx.Process(target=_race_refresh, args=(market.base_url, database_url, seller, seen, start_at, out))
+    start = ctx.Barrier(3 + 3, timeout=60)  # 3 processes, 3 threads: released once the last one is ready
+    procs = [ctx.Process(target=_race_refresh, args=(market.base_url, database_url, seller, seen, start, out))
              for _ in range(3)]
     for p in procs:
         p.start()
     thread_results = []
 
     def in_thread():
-        time.sleep(max(0.0, start_at - time.time()))
         client = market.client()
+        start.wait()
         state = refresh_tokens(pg_engine, seller, seen, client.refresh)
         thread_results.append((state.version, client.stats.refreshes))
 
