@@ -212,16 +212,15 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     folder = Path(env["DATA_DIR"]) / "files"  # not the samples' folder the good file is loaded from
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "devices.csv").write_text("name,base_url,password\nGate One,http://10.0.0.1,x\n", encoding="utf-8")
-    loaded, refused = _together(
+    flows = ("process-products", "register-participants")
+    commands = [re.search(rf"  {flow}:\n    (make run .+)\n", samples.stdout).group(1) for flow in flows]
+    loaded, refused, *started = _together(  # the loads save the blocks `up` saved, with the same values
         lambda: _shell(env, load),
         lambda: _command(env, "deployments.turnstile_devices", "load", str(folder / "devices.csv")),
+        *[lambda command=command: _shell(env, command) for command in commands],
     )
     assert loaded.returncode == 0 and "3 turnstile(s) saved" in loaded.stdout, loaded.stderr
     assert refused.returncode == 2 and "row 2, column name" in refused.stderr, refused.stderr
-
-    flows = ("process-products", "register-participants")
-    commands = [re.search(rf"  {flow}:\n    (make run .+)\n", samples.stdout).group(1) for flow in flows]
-    started = _together(*[lambda command=command: _shell(env, command) for command in commands])
     for flow, command, shell in zip(flows, commands, started):  # the two runs side by side on the worker
         assert shell.returncode == 0, (command, shell.stderr)
     for flow, shell in zip(flows, started):
