@@ -191,7 +191,7 @@ def test_resume_after_the_flow_process_is_killed(dask_settings):
     block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
     block.save("flowtest-counter", overwrite=True)
     counter = block.counter(run_key)
-    quantity = 100_000
+    quantity = 50_000  # 10 chunks of 5,000: killed after 2 have committed, 8 are left to resume
     script = (
         "from flows.generate_games import generate_games\n"
         f"generate_games(quantity={quantity}, run_key={run_key!r}, counter_block='flowtest-counter')\n"
@@ -217,7 +217,7 @@ def test_resume_after_the_flow_process_is_killed(dask_settings):
     state = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["chunks"] == 20 and result["chunks_generated"] == 20 - len(committed) < 20
+    assert result["chunks"] == 10 and result["chunks_generated"] == 10 - len(committed) < 10
     _check_run(result, quantity)
     assert counter.outputs()["games"] == quantity and counter.seen_count() == 0  # claims dropped once done
     counter.delete_run()
