@@ -44,13 +44,13 @@ def strict_parameter_schema(schema: dict[str, Any] | None) -> dict[str, Any]:
     return strict
 
 
-def refuse_unknown_parameters(client: Any) -> int:
-    """Make every deployment's parameter schema refuse unknown names (the server checks it on each run
-    created, with `enforce_parameter_schema`); returns how many schemas changed (0 when all already were)."""
+def refuse_unknown_parameters(client: Any, deployments: list) -> int:
+    """Make each deployment's parameter schema refuse unknown names (the server checks it on each run created,
+    with `enforce_parameter_schema`); returns how many schemas changed (0 when all already were)."""
     from prefect.client.schemas.actions import DeploymentUpdate
 
     changed = 0
-    for deployment in client.read_deployments():
+    for deployment in deployments:
         schema = deployment.parameter_openapi_schema or {}
         if schema.get("additionalProperties") is False:
             continue
@@ -61,11 +61,11 @@ def refuse_unknown_parameters(client: Any) -> int:
     return changed
 
 
-def set_schedules_active(client: Any, active: bool) -> int:
-    """Activate or pause every schedule of every deployment; returns how many were switched. Pausing a schedule
+def set_schedules_active(client: Any, deployments: list, active: bool) -> int:
+    """Activate or pause every schedule of the deployments; returns how many were switched. Pausing a schedule
     also deletes the future runs the scheduler had already planned for it (the server does it)."""
     switched = 0
-    for deployment in client.read_deployments():
+    for deployment in deployments:
         for schedule in deployment.schedules:
             if schedule.active != active:
                 client.update_deployment_schedule(deployment.id, schedule.id, active=active)
@@ -86,8 +86,9 @@ def apply_after_deploy(schedules_active: bool | None = None) -> AfterDeploy:
 
     active = get_settings().stack.schedules if schedules_active is None else schedules_active
     with get_client(sync_client=True) as client:
-        strict = refuse_unknown_parameters(client)
-        switched = set_schedules_active(client, active)
+        deployments = client.read_deployments()
+        strict = refuse_unknown_parameters(client, deployments)
+        switched = set_schedules_active(client, deployments, active)
     return AfterDeploy(strict, switched, active)
 
 
