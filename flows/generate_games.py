@@ -39,7 +39,7 @@ from flows.concurrency import generation_slot
 from flows.forms import form_field, model_form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import check_scheduler_reachable, dask_task_runner, in_process_task_runner, worker_count
-from operations.infra.links import output_link
+from operations.infra.links import output_base_url, output_link
 from operations.lottery.counter import FirstNumberCounter
 from operations.lottery.draws import SAMPLE_RESULTS
 from operations.lottery.generation import ChunkResult, chunk_path, pending_chunks
@@ -114,6 +114,7 @@ def generate_games(
 ) -> dict:
     """Generate `quantity` distinct, rule-abiding, scored Mega-Sena games into ranked spreadsheets."""
     started, settings = time.perf_counter(), get_settings()
+    output_base_url(settings)  # where the links will point: a missing OUTPUT_BASE_URL fails now, not after the work
     request = generation_request(quantity=quantity, numbers_per_game=numbers_per_game,
                                  highest_number=highest_number, rules=rules, regions=regions, seed=seed)
     run_key = run_key or str(flow_run.get_id() or "local")

@@ -47,7 +47,7 @@ from flows.task_runners import (
     in_process_task_runner,
 )
 from operations.infra.database import project_engine
-from operations.infra.links import output_link
+from operations.infra.links import output_base_url, output_link
 from operations.products.chunks import FileSplitter, chunk_pool_size, chunk_size, estimate_rows, products_file
 from operations.products.outbox import PublishCounts
 from operations.products.report import FailureLog, write_failures_workbook
@@ -105,6 +105,7 @@ def process_products(
 ) -> dict:
     """Load a dealers' products file into the project database and publish one message per change."""
     started, logger, settings = time.perf_counter(), get_run_logger(), get_settings()
+    output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any row
     source = products_file(file_path)
     database_url, engine = project_engine(settings)
     queue = _queue(queue_block, settings)

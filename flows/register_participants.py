@@ -34,7 +34,7 @@ from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import io_task_runner, map_and_wait
 from operations.errors import UserError
-from operations.infra.links import output_link
+from operations.infra.links import output_base_url, output_link
 from operations.settings import Settings, get_settings
 from operations.turnstiles.participants import ParticipantsFile, participants_path, read_participants
 from operations.turnstiles.registration import DeviceFailed, DeviceReport, RegistrationOptions
@@ -183,8 +183,8 @@ def register_participants(
     concurrency_per_device: RequestsAtOnce = CONCURRENCY_PER_DEVICE, cache_block: BlockName = CACHE_BLOCK,
 ) -> dict:
     """Register every participant of the file on every chosen turnstile."""
-    started = time.perf_counter()
-    settings = get_settings()
+    started, settings = time.perf_counter(), get_settings()
+    output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
     source = participants_path(participants_file, settings.turnstiles.participants_file)
     people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
     devices = load_turnstiles(turnstiles)

@@ -160,6 +160,20 @@ def test_user_errors_end_the_run_with_one_clear_line(settings, tmp_path):
     _assert_one_clear_line(state, "only 1 distinct game exists")
 
 
+def test_a_run_without_a_link_base_fails_before_any_work_naming_the_setting(settings, monkeypatch, tmp_path):
+    """Neither OUTPUT_BASE_URL nor a file server of this OUTPUT_DIR: the links could not be made, so the run
+    stops at its start, in one line, instead of after generating and writing everything."""
+    monkeypatch.delenv("OUTPUT_BASE_URL")
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "served-by-nobody"))
+    get_settings.cache_clear()
+    run_key = f"nolinks-{uuid.uuid4().hex[:6]}"
+    state = generate_games(quantity=1_000, run_key=run_key, return_state=True)
+    assert state.is_failed() and "OUTPUT_BASE_URL is not set" in state.message, state.message
+    _assert_one_clear_line(state, "OUTPUT_BASE_URL is not set")
+    assert not (tmp_path / "served-by-nobody" / run_key).exists()  # nothing generated or written
+    get_settings.cache_clear()
+
+
 def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url):
     RedisGameCounter.from_url(redis_url, key_prefix="blocktest").save("blocktest-counter", overwrite=True)
     run_key = f"block-{uuid.uuid4().hex[:6]}"

@@ -17,6 +17,8 @@ from typing import Callable, ClassVar, Generic, Mapping, TypeVar
 
 from pydantic import SecretStr
 
+from operations.errors import UserError
+
 from operations.infra.processes import (
     folder_lock,
     pid_alive,
@@ -29,8 +31,9 @@ from operations.infra.processes import (
 Handle = TypeVar("Handle")
 
 
-class NotConfigured(RuntimeError):
-    """A setting that names a service is unset and no local stack runs that service on this machine."""
+class NotConfigured(UserError, RuntimeError):
+    """A setting that names a service is unset and no local stack runs that service on this machine: the
+    operator sets it or starts the stack (a user error: one line, never retried)."""
 
 
 def not_configured(setting: str, what: str, data_dir: Path) -> NotConfigured:
