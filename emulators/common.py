@@ -4,6 +4,7 @@ detached process, the handle of a running emulator and the base of its control c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -71,6 +72,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
+
+
+def config_from_arguments(args: dict[str, Any], config_class: type):
+    """The config of `add_config_arguments`' flags: --config-json first, the flags given over it (both popped
+    from `args`). Raises ValueError (bad JSON) or pydantic's ValidationError."""
+    raw = args.pop("config_json", None)
+    return config_class.model_validate({**(json.loads(raw) if raw else {}), **args})
 
 
 # -- detached process ----------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from emulators.common import (
     StoppableEmulator,
     add_config_arguments,
     bind,
+    config_from_arguments,
     dumps,
     health,
 )
@@ -1359,9 +1360,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     first_port, listed = args.pop("port"), args.pop("ports", None)
-    raw = args.pop("config_json", None)
     try:
-        config = EmulatorConfig.model_validate({**(json.loads(raw) if raw else {}), **args})
+        config = config_from_arguments(args, EmulatorConfig)
         if listed:
             ports = _ports_for(config, [int(part) for part in listed.split(",")])
         else:

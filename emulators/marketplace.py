@@ -53,6 +53,7 @@ from emulators.common import (
     StoppableEmulator,
     add_config_arguments,
     bind,
+    config_from_arguments,
     dumps,
     health,
 )
@@ -1259,9 +1260,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     port = args.pop("port")
-    raw = args.pop("config_json", None)
     try:
-        config = EmulatorConfig.model_validate({**(json.loads(raw) if raw else {}), **args})
+        config = config_from_arguments(args, EmulatorConfig)
     except (ValueError, ValidationError) as exc:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
