@@ -1,10 +1,16 @@
 """Flow `sync-marketplace`: every seller account's orders and items synced incrementally into the project
 database, one mapped task per account, in parallel, on a schedule or on demand through the Prefect API.
 
-Stages: check the request and pick the accounts (unknown ids, a bad or future resync date, a missing app block
-or an unmigrated database fail here, before any API request); sync the accounts on the configured task runner
-(threads or Dask), each under its own lock and timeout, one account's failure never stopping the others;
-then publish a table of accounts and a summary, and end Failed naming the failed accounts, if any.
+Stages: release the accounts a crashed or killed sync left `running` (shown as interrupted, resumed here); check
+the request and pick the accounts (unknown ids, a bad or future resync date, a missing app block or an unmigrated
+database fail here, before any API request); sync the accounts on the configured task runner (threads or Dask),
+each under its own lock and timeout, one account's failure never stopping the others; tell someone about parked
+accounts (event `project.marketplace.account.parked`); then publish a table of accounts and a summary, and end
+Failed naming the failed accounts, if any.
+
+Cancel: every account's task stops before its next page once the run is CANCELLING (or this process got the
+worker's SIGTERM), so no new page, batch or account starts seconds after the cancel; the run then writes its
+table and summary (what was committed before the cancel, which accounts were interrupted) and ends Cancelled.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ from __future__ import annotations
 import time
 from datetime import date, timedelta
 
+from dataclasses import asdict
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.states import Failed
+from prefect.exceptions import TerminationSignal
+from prefect.futures import wait
+from prefect.states import Cancelled, Completed, Failed
 from prefect.utilities.annotations import unmapped
 from pydantic import BeforeValidator, Field
 from typing_extensions import Annotated
@@ -22,7 +32,7 @@ from typing_extensions import Annotated
 from blocks.marketplace_app import MarketplaceApp, load_marketplace_app
 from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
-from flows.task_runners import io_task_runner, map_and_wait
+from flows.task_runners import io_task_runner
 from operations.errors import UserError
 from operations.infra.database import project_engine
 from operations.marketplace.report import (
@@ -31,6 +41,7 @@ from operations.marketplace.report import (
     account_rows,
     failed_report,
     failure_message,
+    parked_labels,
     skipped_reports,
     summary_markdown,
     sync_summary,
@@ -38,8 +49,13 @@ from operations.marketplace.report import (
 from operations.marketplace.store import AccountView, now_utc, select_accounts
 from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources, SyncRun, resync_start
 from operations.settings import Settings, get_settings
-from tasks.marketplace import sync_marketplace_account
+from tasks.cancellation import run_stop_check, watch_termination
+from tasks.marketplace import release_interrupted, sync_marketplace_account, tell_parked
 from tasks.retries import with_retries
+
+# After the worker's SIGTERM (it kills the process 30 s later), how long the run waits for its accounts to stop
+# at their next page before writing what they did.
+STOP_GRACE_SECONDS = 15.0
 
 
 def sync_options(settings: Settings) -> SyncOptions:
@@ -68,9 +84,12 @@ def checked_app(name: str) -> MarketplaceApp:
     return app
 
 
-def sync_accounts(accounts: list[AccountView], app: MarketplaceApp, run: SyncRun, settings: Settings) -> list[dict]:
-    """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY at a time; every account's
-    report, a failed account's being its partial report with the error."""
+def sync_accounts(
+    accounts: list[AccountView], app: MarketplaceApp, run: SyncRun, settings: Settings
+) -> tuple[list[dict], TerminationSignal | None]:
+    """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY at a time: every account's
+    report (a failed account's is its partial report with the error), and the worker's termination signal if it
+    arrived meanwhile (the caller reports, then re-raises it)."""
     concurrency = max(1, min(settings.marketplace.concurrency, len(accounts)))
     get_run_logger().info("syncing %d account(s) (%s) on %s, %d at a time", len(accounts), run.resources.value,
                           settings.marketplace.task_runner, concurrency)
@@ -79,13 +98,24 @@ def sync_accounts(accounts: list[AccountView], app: MarketplaceApp, run: SyncRun
     task = with_retries(sync_marketplace_account, settings.marketplace.task_retries,
                         [settings.marketplace.retry_delay_seconds])
     runner = io_task_runner(settings, concurrency, settings.marketplace.task_runner)
-    outcomes = map_and_wait(runner, task, {"account": accounts, "app": unmapped(app), "run": unmapped(run)})
+    signal = None
+    with runner:
+        futures = runner.map(task, {"account": accounts, "app": unmapped(app), "run": unmapped(run)})
+        try:
+            wait(futures)
+        except TerminationSignal as exc:  # the accounts stop at their next page: wait for what they did
+            signal = exc
+            get_run_logger().warning("termination signal: waiting up to %.0f s for the accounts to stop",
+                                     STOP_GRACE_SECONDS)
+            wait(futures, timeout=STOP_GRACE_SECONDS)
+        outcomes = [future.result(raise_on_failure=False) if future.state.is_final()
+                    else RuntimeError("still running when the run was terminated") for future in futures]
     return [
         outcome if isinstance(outcome, dict)
         else dict(outcome.result) if isinstance(outcome, AccountSyncFailed)
         else failed_report(account, f"{type(outcome).__name__}: {outcome}")
         for account, outcome in zip(accounts, outcomes)
-    ]
+    ], signal
 
 
 SellerIds = Annotated[list[Annotated[int, Field(ge=1, le=2**63 - 1)]], Field(max_length=10_000)]
@@ -112,30 +142,57 @@ def sync_marketplace(
     app_block: BlockName = APP_BLOCK,
 ) -> dict:
     """Sync the orders and items of the chosen seller accounts into the project database."""
+    watch_termination()
     started = time.perf_counter()
     logger = get_run_logger()
     settings = get_settings()
     resync_from = resync_start(full_resync_from, now_utc())
     database_url, engine = project_engine(settings)
+    released = release_interrupted(engine)
+    for account in released:
+        logger.warning("%s was left running by flow run %s, which is gone: interrupted, resumed by this sync",
+                       account.label, account.last_sync_run_id or "(unknown)")
     to_sync, skipped = select_accounts(engine, accounts or None)
     for account, why in skipped:
         logger.warning("%s skipped: %s", account.label, why)
-    reports = []
+    reports, signal = [], None
     if to_sync:
         run = SyncRun(database_url, resources, sync_options(settings), resync_from)
         app = checked_app(app_block or settings.marketplace.app_block)
-        reports = sync_accounts(to_sync, app, run, settings)
+        reports, signal = sync_accounts(to_sync, app, run, settings)
     else:
         logger.info("no active account to sync")
     for report in reports:
         logger.info("%s", account_line(report))
     reports += skipped_reports(skipped)
+    told = tell_parked(engine, settings.marketplace.parked_reminder_hours, [r["seller_id"] for r in reports])
+    if told:
+        logger.warning("told the owners' contact about %d parked account(s): %s", len(told),
+                       ", ".join(a.label for a in told))
     elapsed = time.perf_counter() - started
     create_table_artifact(key="marketplace-sync-accounts", table=account_rows(reports),
                           description="Accounts of this sync")
     create_markdown_artifact(
         key="marketplace-sync-summary", description="Summary of this marketplace sync",
-        markdown=summary_markdown(reports, resources.value, settings.marketplace.task_runner, elapsed),
+        markdown=summary_markdown(reports, resources.value, settings.marketplace.task_runner, elapsed,
+                                  [asdict(a) for a in released]),
     )
+    if signal is not None:
+        raise signal  # the engine ends the run Cancelled (the worker's cancel) or Crashed
+    summary = sync_summary(reports, elapsed)
+    if any(r["status"] == "cancelled" for r in reports) or run_stop_check()():
+        return Cancelled(message=cancelled_message(reports), data=summary)
     failed = failure_message(reports)
-    return Failed(message=failed, data=AccountsFailed(failed)) if failed else sync_summary(reports, elapsed)
+    if failed:
+        return Failed(message=failed, data=AccountsFailed(failed))
+    parked = parked_labels(reports)
+    if parked:
+        return Completed(message=f"{len(parked)} account(s) need reauthorization: {', '.join(parked)}", data=summary)
+    return summary
+
+
+def cancelled_message(reports: list[dict]) -> str:
+    """The cancelled run's state message: how many accounts were interrupted, and where the figures are."""
+    cancelled = [r for r in reports if r["status"] == "cancelled"]
+    return (f"cancelled: {len(cancelled)} account(s) interrupted, {len(reports) - len(cancelled)} finished before "
+            "the cancel; the summary artifact says what was committed")

@@ -333,6 +333,12 @@ class MarketplaceSettings(SettingsGroup):
         default=10.0, ge=0, le=3600, validation_alias="MARKETPLACE_RETRY_DELAY_SECONDS",
         description="Delay before an account task's retry (with jitter).",
     )
+    parked_reminder_hours: float = Field(
+        default=24.0, gt=0, le=24 * 365, validation_alias="MARKETPLACE_PARKED_REMINDER_HOURS",
+        description="A parked account (needs_reauthorization) is announced (event project.marketplace.account.parked, "
+        "which an automation turns into a notification) when a sync first finds it parked, then again every this many "
+        "hours while it stays parked.",
+    )
 
 
 class ProductsSettings(SettingsGroup):

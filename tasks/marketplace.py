@@ -1,14 +1,31 @@
-"""Tasks of the marketplace flows: thin wrappers that add retries, names and tags to domain code."""
+"""Tasks of the marketplace flows: thin wrappers that add retries, names and tags to domain code, the run's stop
+check and figures across attempts, and the events that tell someone an account needs its owner."""
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
+from uuid import UUID
+
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.context import TaskRunContext
+from sqlalchemy import Engine
 
 from blocks.marketplace_app import MarketplaceApp
+from operations.events import ACCOUNT_PARKED
 from operations.infra.database import get_engine
-from operations.marketplace.store import AccountView
-from operations.marketplace.sync import SyncRun, sync_account
+from operations.marketplace.store import AccountView, claim_parked_notices, now_utc, release_interrupted_syncs
+from operations.marketplace.sync import AccountSyncFailed, AccountSyncResult, SyncRun, sync_account
+from tasks.attempts import attempt_tally, release_tally
+from tasks.cancellation import current_flow_run_id, run_stop_check
+from tasks.events import emit
 from tasks.retries import retrying_task
+
+logger = logging.getLogger(__name__)
+# The states of a flow run that may still be syncing an account (a run waiting to be cancelled still is).
+HOLDING_STATES = frozenset({StateType.RUNNING, StateType.CANCELLING, StateType.PENDING})
 
 
 # Re-running an account is harmless by design (upserts keyed by the API's ids, checkpoints after commits), so
@@ -23,7 +40,53 @@ from tasks.retries import retrying_task
 )
 def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: SyncRun) -> dict:
     """Sync one seller account (orders and/or items, as `run` says) into the project database; returns its
-    report."""
-    result = sync_account(get_engine(run.database_url), app.client(), account, run.resources, run.options,
-                          full_resync_from=run.full_resync_from)
+    report, which counts what every attempt of this task committed. Stops between two pages once the run is
+    cancelled (its report then says `cancelled`)."""
+    tally = attempt_tally(lambda: AccountSyncResult(account.seller_id, account.nickname))
+    flow_run_id = current_flow_run_id()
+    try:
+        result = sync_account(get_engine(run.database_url), app.client(), account, run.resources, run.options,
+                              full_resync_from=run.full_resync_from, should_stop=run_stop_check(flow_run_id),
+                              result=tally, run_id=str(flow_run_id) if flow_run_id else None)
+    except AccountSyncFailed as exc:
+        if not exc.transient or _last_attempt():
+            release_tally()  # no retry follows
+        raise
+    release_tally()
     return result.to_json()
+
+
+def _last_attempt() -> bool:
+    context = TaskRunContext.get()
+    return context is None or context.task_run.run_count > context.task.retries
+
+
+def holder_running(flow_run_id: str) -> bool:
+    """Whether the flow run that holds an account's sync may still be syncing it (Running, Pending or
+    Cancelling). An id the API does not know is gone; an unreachable API answers True (an outage is no crash)."""
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except ValueError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        if getattr(getattr(exc, "response", None), "status_code", None) == 404:
+            return False
+        logger.warning("could not read flow run %s: %s", flow_run_id, exc)
+        return True
+    return state is not None and state.type in HOLDING_STATES
+
+
+def release_interrupted(engine: Engine) -> list[AccountView]:
+    """The accounts left `running` by a crashed or killed sync, now marked `interrupted` (the run resumes them)."""
+    return release_interrupted_syncs(engine, holder_running)
+
+
+def tell_parked(engine: Engine, reminder_hours: float, seller_ids: list[int] | None = None) -> list[AccountView]:
+    """Emit `project.marketplace.account.parked` for each parked account whose owner is due to be told: once
+    when it is parked, then every `reminder_hours` while it stays parked. Returns the accounts told."""
+    told = claim_parked_notices(engine, now_utc(), timedelta(hours=reminder_hours), seller_ids)
+    for account in told:
+        emit(ACCOUNT_PARKED, str(account.seller_id), name=account.nickname or str(account.seller_id),
+             payload={"seller_id": account.seller_id, "nickname": account.nickname, "reason": account.status_reason})
+    return told

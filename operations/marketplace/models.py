@@ -43,6 +43,11 @@ class MarketplaceAccount(Base):
     last_sync_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_sync_status: Mapped[str] = mapped_column(String(32), default="")
     last_sync_error: Mapped[str] = mapped_column(Text, default="")
+    # The flow run that holds (or last held) the account's sync: a `running` account whose holder is gone
+    # (crashed, killed) is shown as `interrupted` and resumed by the next sync.
+    last_sync_run_id: Mapped[str | None] = mapped_column(String(64))
+    # When the owner was last told the account needs re-authorization (cleared when it is authorized again).
+    parked_notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A lease on the account's sync, for databases without advisory locks (SQLite, a single process).
     sync_lease_owner: Mapped[str | None] = mapped_column(String(64))
     sync_lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

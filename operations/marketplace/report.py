@@ -9,7 +9,13 @@ from collections import Counter
 
 from operations.marketplace.store import AccountView, account_label
 
-NOT_SYNCED = ("failed", "needs_reauthorization")  # the statuses that fail the run
+NOT_SYNCED = ("failed", "needs_reauthorization")  # the statuses that fail the run (unless skipped, see below)
+PARKED = "needs_reauthorization"
+CANCELLED = "cancelled"
+# What the owner of a parked account and the operator do about it.
+REAUTHORIZE = ("have the seller authorize the app again, then run the onboard-account deployment with the new "
+               "code (or `python -m deployments.marketplace_accounts add --code CODE`; `make onboard` for the "
+               "local emulator)")
 TOTALS = ("orders_new", "orders_updated", "items_new", "items_updated", "requests", "retries")
 MAX_MISMATCHES_SHOWN = 50
 
@@ -24,8 +30,11 @@ def failed_report(account: AccountView, error: str) -> dict:
 
 
 def skipped_reports(skipped: list[tuple[AccountView, str]]) -> list[dict]:
-    """The reports of the accounts left out of the run, with why."""
-    return [{"seller_id": a.seller_id, "nickname": a.nickname, "status": "skipped", "error": why} for a, why in skipped]
+    """The reports of the accounts left out of the run, with why. A parked account keeps its status
+    (needs_reauthorization) so that no run looks all-green while one waits for its owner; being skipped, it does
+    not fail the run (the run that parked it did, and the parked event tells someone)."""
+    return [{"seller_id": a.seller_id, "nickname": a.nickname, "status": PARKED if a.status == PARKED else "skipped",
+             "error": why, "skipped": True} for a, why in skipped]
 
 
 def _label(report: dict) -> str:
@@ -58,7 +67,8 @@ def account_rows(reports: list[dict]) -> list[dict]:
             "orders updated": o.get("updated", 0), "items new": i.get("new", 0), "items updated": i.get("updated", 0),
             "pages": r.get("order_pages", 0) + r.get("item_pages", 0), "requests": r.get("requests", 0),
             "retries": r.get("retries", 0), "429s": r.get("throttled", 0), "token refreshes": r.get("refreshes", 0),
-            "windows total != read": len(_mismatches(r)), "seconds": round(r.get("seconds", 0.0), 2),
+            "windows total != read": len(_mismatches(r)), "attempts": r.get("attempts", 0),
+            "seconds": round(r.get("seconds", 0.0), 2),
             "error": r.get("error", ""),
         })
     return rows
@@ -88,10 +98,43 @@ def sync_summary(reports: list[dict], seconds: float) -> dict:
             "seconds": round(seconds, 2)}
 
 
-def summary_markdown(reports: list[dict], resources: str, runner: str, seconds: float) -> str:
-    """The run's summary: counts by status, new and updated records, requests, the accounts not synced and
-    the date windows where the API's total differed from the orders read."""
+def parked_labels(reports: list[dict]) -> list[str]:
+    """The accounts of the run that need re-authorization by their owner."""
+    return [_label(r) for r in reports if r["status"] == PARKED]
+
+
+def attention_lines(reports: list[dict], released: list[dict] = ()) -> str:
+    """What the operator must know before the figures: a cancel (what it interrupted), parked accounts (and
+    what to do), accounts a crashed sync had left `running`."""
+    lines = []
+    cancelled = [r for r in reports if r["status"] == CANCELLED]
+    if cancelled:
+        started = [_label(r) for r in cancelled if "before its sync started" not in r.get("error", "")]
+        waiting = [_label(r) for r in cancelled if _label(r) not in started]
+        lines.append(
+            f"**Cancelled.** The figures below are what was committed before the cancel. Interrupted: "
+            f"{', '.join(started) or 'none'}; not started: {', '.join(waiting) or 'none'}. Their checkpoints keep "
+            "only what was stored: the next sync resumes them."
+        )
+    parked = parked_labels(reports)
+    if parked:
+        lines.append(f"**{len(parked)} account(s) need reauthorization:** {', '.join(parked)}. To resume them, "
+                     f"{REAUTHORIZE}.")
+    if released:
+        held = "; ".join(f"{account_label(a.get('nickname'), a['seller_id'])} (run {a.get('last_sync_run_id') or '?'})"
+                         for a in released)
+        lines.append(f"**Interrupted syncs found:** {held} had been left `running` by a sync that crashed or was "
+                     "killed; shown as interrupted and resumed by this run.")
+    return "\n\n".join(lines)
+
+
+def summary_markdown(reports: list[dict], resources: str, runner: str, seconds: float,
+                     released: list[dict] = ()) -> str:
+    """The run's summary: what needs attention (a cancel, parked accounts, interrupted syncs), counts by status,
+    new and updated records (every attempt's), requests, the accounts not synced and the date windows where the
+    API's total differed from the orders read. `released`: the accounts a crashed sync had left `running`."""
     totals, statuses = sync_totals(reports), by_status(reports)
+    attention = attention_lines(reports, released)
     problems = "\n".join(f"- **{_label(r)}** {r['status']}: {r.get('error', '')}"
                          for r in reports if r["status"] != "synced")
     mismatches = [(_label(r), w) for r in reports for w in _mismatches(r)]
@@ -101,7 +144,7 @@ def summary_markdown(reports: list[dict], resources: str, runner: str, seconds: 
     )
     return f"""# Marketplace sync ({resources})
 
-{len(reports)} account(s) in {seconds:.1f} s on the {runner} task runner:
+{attention + chr(10) + chr(10) if attention else ''}{len(reports)} account(s) in {seconds:.1f} s on the {runner} task runner:
 {', '.join(f'{n} {s}' for s, n in statuses.items()) or 'none'}.
 
 | | new | updated |
@@ -121,7 +164,7 @@ API requests: {totals['requests']:,} ({totals['retries']:,} retried).
 
 def failure_message(reports: list[dict]) -> str | None:
     """The run's failure in one line, naming each failed account and its error; None when none failed."""
-    failed = [r for r in reports if r["status"] in NOT_SYNCED]
+    failed = [r for r in reports if r["status"] in NOT_SYNCED and not r.get("skipped")]
     if not failed:
         return None
     return f"{len(failed)} of {len(reports)} account(s) failed: " + "; ".join(

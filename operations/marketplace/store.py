@@ -86,6 +86,7 @@ class AccountView:
     last_sync_finished_at: datetime | None
     last_sync_status: str
     last_sync_error: str
+    last_sync_run_id: str = ""  # the flow run that holds (or last held) the account's sync
 
     @property
     def label(self) -> str:
@@ -116,13 +117,14 @@ def _view(row: Any) -> AccountView:
         last_sync_finished_at=utc(row.last_sync_finished_at),
         last_sync_status=row.last_sync_status or "",
         last_sync_error=row.last_sync_error or "",
+        last_sync_run_id=row.last_sync_run_id or "",
     )
 
 
 _VIEW_COLUMNS = [
     ACCOUNTS.c.seller_id, ACCOUNTS.c.nickname, ACCOUNTS.c.status, ACCOUNTS.c.status_reason,
     ACCOUNTS.c.last_sync_started_at, ACCOUNTS.c.last_sync_finished_at, ACCOUNTS.c.last_sync_status,
-    ACCOUNTS.c.last_sync_error,
+    ACCOUNTS.c.last_sync_error, ACCOUNTS.c.last_sync_run_id,
 ]
 
 
@@ -141,6 +143,7 @@ def save_account(engine: Engine, grant: TokenGrant, nickname: str = "", issued_a
         "token_version": 1,
         "scope": grant.scope,
         "updated_at": issued_at,
+        "parked_notified_at": None,  # authorized again: a later parking is news
     }
     update_columns = [c for c in row if c not in ("seller_id", "token_version")]
     if not nickname:
@@ -208,19 +211,76 @@ def select_accounts(
 
 
 def record_sync(
-    engine: Engine, seller_id: int, *, started: datetime, finished: datetime | None, status: str, error: str = ""
+    engine: Engine, seller_id: int, *, started: datetime, finished: datetime | None, status: str, error: str = "",
+    run_id: str | None = None,
 ) -> None:
+    """The account's last sync: when, how it ended, and (when given) the flow run that holds it."""
+    values = {"last_sync_started_at": started, "last_sync_finished_at": finished, "last_sync_status": status,
+              "last_sync_error": error[:2000]}
+    if run_id is not None:
+        values["last_sync_run_id"] = run_id
     with engine.begin() as conn:
-        conn.execute(
-            update(ACCOUNTS)
-            .where(ACCOUNTS.c.seller_id == seller_id)
-            .values(
-                last_sync_started_at=started,
-                last_sync_finished_at=finished,
-                last_sync_status=status,
-                last_sync_error=error[:2000],
-            )
-        )
+        conn.execute(update(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id).values(**values))
+
+
+def release_interrupted_syncs(engine: Engine, holder_running: Callable[[str], bool]) -> list[AccountView]:
+    """Mark `interrupted` (and return) the accounts left `running` by a sync that is gone: a crashed or killed
+    run never wrote how its sync ended. A sync is gone when nobody holds the account's sync lock (PostgreSQL: the
+    holder's connection ended with its process; SQLite: no live lease) or, where the lock cannot tell (SQLite),
+    when `holder_running(flow run id)` says its flow run is no longer Running. The next sync resumes such an
+    account from its checkpoint. Each update is conditional on the row read, so a sync that ends or starts
+    meanwhile keeps its own status."""
+    released = []
+    for account in list_accounts(engine):
+        if account.last_sync_status != "running":
+            continue
+        lock_free = _sync_lock_free(engine, account.seller_id)
+        holder = account.last_sync_run_id
+        if engine.dialect.name == "postgresql":
+            gone = lock_free
+        else:
+            gone = lock_free or bool(holder) and not holder_running(holder)
+        if not gone:
+            continue
+        error = (f"the sync of flow run {holder or '(unknown)'} ended without finishing (crashed or killed); "
+                 "the next sync resumes it from its checkpoint")
+        with engine.begin() as conn:
+            done = conn.execute(
+                update(ACCOUNTS)
+                .where(ACCOUNTS.c.seller_id == account.seller_id, ACCOUNTS.c.last_sync_status == "running",
+                       func.coalesce(ACCOUNTS.c.last_sync_run_id, "") == holder)
+                .values(last_sync_status="interrupted", last_sync_error=error)
+            ).rowcount
+        if done:
+            released.append(get_account(engine, account.seller_id))
+    return released
+
+
+def claim_parked_notices(
+    engine: Engine, now: datetime, reminder: timedelta, seller_ids: list[int] | None = None
+) -> list[AccountView]:
+    """The parked accounts (needs_reauthorization) whose owner is due to be told: never told since it was parked,
+    or last told more than `reminder` ago. Each is claimed (its notice time set to `now`) by a conditional update,
+    so two overlapping syncs tell it once."""
+    due = []
+    for account in list_accounts(engine):
+        if account.status != AccountStatus.needs_reauthorization.value:
+            continue
+        if seller_ids is not None and account.seller_id not in seller_ids:
+            continue
+        with engine.begin() as conn:
+            done = conn.execute(
+                update(ACCOUNTS)
+                .where(
+                    ACCOUNTS.c.seller_id == account.seller_id,
+                    ACCOUNTS.c.status == AccountStatus.needs_reauthorization,
+                    ACCOUNTS.c.parked_notified_at.is_(None) | (ACCOUNTS.c.parked_notified_at <= now - reminder),
+                )
+                .values(parked_notified_at=now)
+            ).rowcount
+        if done:
+            due.append(account)
+    return due
 
 
 # -- tokens ------------------------------------------------------------------------------------------------
@@ -370,6 +430,21 @@ def account_sync_lock(
                 .where(ACCOUNTS.c.seller_id == seller_id, ACCOUNTS.c.sync_lease_owner == owner)
                 .values(sync_lease_owner=None, sync_lease_until=None)
             )
+
+
+def _sync_lock_free(engine: Engine, seller_id: int) -> bool:
+    """Whether nobody holds the account's sync lock right now (taken and given back at once if free)."""
+    if engine.dialect.name == "postgresql":
+        name = f"marketplace-sync:{seller_id}"
+        with _lock_engine(engine).connect() as conn:
+            free = bool(conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))"), {"k": name}).scalar())
+            if free:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), {"k": name})
+            conn.commit()
+        return free
+    with engine.connect() as conn:
+        until = conn.execute(select(ACCOUNTS.c.sync_lease_until).where(ACCOUNTS.c.seller_id == seller_id)).scalar()
+    return until is None or utc(until) < now_utc()
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------

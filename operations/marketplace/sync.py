@@ -1,6 +1,13 @@
 """One seller account's incremental sync: orders by date windows, items by a full id scan, each page upserted
 and committed, each checkpoint advanced only after the rows it covers are stored. No Prefect import.
 
+Cancel: every API request goes through `AccountSession.call`, which asks the run's `should_stop` first, so a
+cancelled run starts no new page or batch; the sync ends `cancelled` with what it committed counted and its
+checkpoints where the stored rows put them (a window cut short never moves the checkpoint).
+
+Figures across retries: the caller may hand the same `AccountSyncResult` to every attempt of an account's task;
+each committed page and batch is added to it as it is stored, so its counts are what all attempts did.
+
 Unit of work and why a repeat is harmless: a page of orders (or a batch of item details) is one transaction
 of upserts keyed by the API's ids and guarded by the records' own update times; the checkpoint of a resource
 moves after a whole date window is stored. A crash between the two re-reads the window (upserts make that a
@@ -20,6 +27,7 @@ from typing import Any, Callable, TypeVar
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
+from operations.cancellation import Cancelled, StopCheck, never, raise_if_stopped
 from operations.errors import UserError
 from operations.marketplace.client import (
     ITEMS_DETAIL_BATCH,
@@ -40,6 +48,7 @@ from operations.marketplace.store import (
     account_label,
     account_sync_lock,
     advance_checkpoint,
+    get_account,
     get_checkpoint,
     now_utc,
     read_tokens,
@@ -158,7 +167,7 @@ class WindowReport:
 class AccountSyncResult:
     seller_id: int
     nickname: str
-    status: str = "running"  # synced | failed | skipped | needs_reauthorization
+    status: str = "running"  # synced | failed | skipped | needs_reauthorization | cancelled
     orders: UpsertCounts = field(default_factory=UpsertCounts)
     items: UpsertCounts = field(default_factory=UpsertCounts)
     items_missing: int = 0
@@ -174,6 +183,8 @@ class AccountSyncResult:
     orders_checkpoint: datetime | None = None
     seconds: float = 0.0
     error: str = ""
+    attempts: int = 0  # attempts of the account's task that reached its sync (the figures count them all)
+    resumed_from: str = ""  # the flow run whose sync of this account was interrupted (crashed, killed), if any
 
     @property
     def label(self) -> str:
@@ -209,9 +220,12 @@ class AccountSession:
     """The account's API calls with a valid access token: refreshed ahead of expiry (serialized in the
     database), and once more on a 401 before the call is retried once."""
 
-    def __init__(self, engine: Engine, client: MarketplaceClient, seller_id: int, options: SyncOptions, deadline: float):
+    def __init__(
+        self, engine: Engine, client: MarketplaceClient, seller_id: int, options: SyncOptions, deadline: float,
+        should_stop: StopCheck = never,
+    ):
         self.engine, self.client, self.seller_id = engine, client, seller_id
-        self.options, self.deadline = options, deadline
+        self.options, self.deadline, self.should_stop = options, deadline, should_stop
         self.tokens: TokenState = read_tokens(engine, seller_id)
 
     def _check_time(self) -> None:
@@ -229,7 +243,10 @@ class AccountSession:
             self._refresh()
         return self.tokens.access_token
 
-    def call(self, fn: Callable[[SecretStr], T]) -> T:
+    def call(self, fn: Callable[[SecretStr], T], unit: str = "the next request") -> T:
+        """`fn(access token)`, unless the run was cancelled (raises Cancelled naming `unit`) or the account's
+        time is up."""
+        raise_if_stopped(self.should_stop, unit)
         self._check_time()
         try:
             return fn(self.token())
@@ -246,7 +263,7 @@ def _page_window(
     client, seller, cap = session.client, session.seller_id, session.client.orders_offset_cap
     offset, seen, totals, pages = 0, set(), set(), 0
     while offset + ORDERS_PAGE_LIMIT <= cap:
-        page = session.call(lambda t: client.search_orders(t, seller, start, stop, offset))
+        page = session.call(lambda t: client.search_orders(t, seller, start, stop, offset), "the next page of orders")
         result.order_pages += 1
         pages += 1
         total = int((page.get("paging") or {}).get("total") or 0)
@@ -314,7 +331,7 @@ def _item_ids(session: AccountSession, result: AccountSyncResult) -> list[str]:
     ids: dict[str, None] = {}
     offset = 0
     while offset + ITEMS_PAGE_LIMIT <= ITEMS_OFFSET_CAP:
-        page = session.call(lambda t: client.search_item_ids(t, seller, offset))
+        page = session.call(lambda t: client.search_item_ids(t, seller, offset), "the next page of item ids")
         result.item_pages += 1
         batch = page.get("results") or []
         ids.update(dict.fromkeys(map(str, batch)))
@@ -326,7 +343,7 @@ def _item_ids(session: AccountSession, result: AccountSyncResult) -> list[str]:
         scroll_id = None
         try:
             while True:
-                page = session.call(lambda t: client.scan_item_ids(t, seller, scroll_id))
+                page = session.call(lambda t: client.scan_item_ids(t, seller, scroll_id), "the next page of item ids")
                 result.item_pages += 1
                 batch = page.get("results") or []
                 if not batch:
@@ -345,14 +362,18 @@ def _sync_items(session: AccountSession, result: AccountSyncResult) -> None:
     client, seller, engine = session.client, session.seller_id, session.engine
     ids = _item_ids(session, result)
     buffer: list[dict[str, Any]] = []
-    for i in range(0, len(ids), ITEMS_DETAIL_BATCH):
-        batch = ids[i : i + ITEMS_DETAIL_BATCH]
-        found, missing = session.call(lambda t: client.get_items(t, batch))
-        result.items_missing += len(missing)
-        buffer.extend(found)
-        if len(buffer) >= 100:
-            result.items.add(upsert_items(engine, seller, buffer))
-            buffer = []
+    try:
+        for i in range(0, len(ids), ITEMS_DETAIL_BATCH):
+            batch = ids[i : i + ITEMS_DETAIL_BATCH]
+            found, missing = session.call(lambda t: client.get_items(t, batch), "the next batch of item details")
+            result.items_missing += len(missing)
+            buffer.extend(found)
+            if len(buffer) >= 100:
+                result.items.add(upsert_items(engine, seller, buffer))
+                buffer = []
+    except Cancelled:
+        result.items.add(upsert_items(engine, seller, buffer))  # details already read are kept
+        raise
     result.items.add(upsert_items(engine, seller, buffer))
     advance_checkpoint(engine, seller, "items", started)
 
@@ -365,20 +386,34 @@ def sync_account(
     options: SyncOptions,
     full_resync_from: datetime | None = None,
     now: datetime | None = None,
+    should_stop: StopCheck = never,
+    result: AccountSyncResult | None = None,
+    run_id: str | None = None,
 ) -> AccountSyncResult:
-    """Sync one account under its lock. Returns the result; raises AccountSyncFailed (with the partial
-    result) when it fails, with `transient` telling whether a retry may help."""
+    """Sync one account under its lock. Returns the result (status `cancelled` when `should_stop()` stopped it
+    between two pages); raises AccountSyncFailed (with the partial result) when it fails, with `transient`
+    telling whether a retry may help.
+
+    `result`: the figures of the account's earlier attempts in this run, added to (see the module's note).
+    `run_id`: the flow run holding the sync, recorded in the account so that a sync it leaves `running` (its
+    process killed) is recognized as interrupted."""
     started_clock, started = time.monotonic(), now_utc()
     now = now or started
-    result = AccountSyncResult(account.seller_id, account.nickname)
+    result = result or AccountSyncResult(account.seller_id, account.nickname)
+    result.attempts += 1
     deadline = started_clock + options.timeout_seconds
+    counters = ("requests", "retries", "throttled", "server_errors", "refreshes")
+    base = {name: getattr(result, name) - getattr(client.stats, name) for name in counters}
 
     def finish(status: str, error: str = "") -> None:
-        stats = client.stats
         result.status, result.error = status, error
-        result.requests, result.retries, result.throttled = stats.requests, stats.retries, stats.throttled
-        result.server_errors, result.refreshes = stats.server_errors, stats.refreshes
-        result.seconds = time.monotonic() - started_clock
+        for name in counters:  # this attempt's requests on top of the earlier attempts'
+            setattr(result, name, base[name] + getattr(client.stats, name))
+        result.seconds += time.monotonic() - started_clock
+
+    if should_stop():
+        finish("cancelled", "cancelled before its sync started")
+        return result
 
     with account_sync_lock(
         engine, account.seller_id, options.lock_wait_seconds, lease_seconds=options.timeout_seconds + 60
@@ -386,9 +421,12 @@ def sync_account(
         if not acquired:
             finish("skipped", f"another run has been syncing this account for over {options.lock_wait_seconds:.0f} s")
             return result
-        record_sync(engine, account.seller_id, started=started, finished=None, status="running")
+        previous = get_account(engine, account.seller_id)
+        if previous.last_sync_status in ("running", "interrupted") and previous.last_sync_run_id != (run_id or ""):
+            result.resumed_from = previous.last_sync_run_id or "(unknown run)"
+        record_sync(engine, account.seller_id, started=started, finished=None, status="running", run_id=run_id)
         try:
-            session = AccountSession(engine, client, account.seller_id, options, deadline)
+            session = AccountSession(engine, client, account.seller_id, options, deadline, should_stop)
             if resources.includes("orders"):
                 checkpoint = get_checkpoint(engine, account.seller_id, "orders")
                 if full_resync_from is not None:
@@ -400,6 +438,11 @@ def sync_account(
                 _sync_orders(session, result, since, now, options)
             if resources.includes("items"):
                 _sync_items(session, result)
+        except Cancelled as exc:
+            finish("cancelled", f"{exc}; what it committed is kept and the next sync resumes from its checkpoint")
+            record_sync(engine, account.seller_id, started=started, finished=now_utc(), status="cancelled",
+                        error=result.error)
+            return result
         except AccountNeedsReauthorization as exc:
             finish("needs_reauthorization", str(exc))
             record_sync(engine, account.seller_id, started=started, finished=now_utc(), status=result.status,
