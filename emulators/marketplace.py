@@ -419,6 +419,7 @@ class _Stats:
     invalid_grants: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
+    last_request_at: float | None = None  # epoch seconds when the latest API request arrived
 
     def record(self, route: str, status: int) -> None:
         self.total += 1
@@ -441,6 +442,7 @@ class _Stats:
             "invalid_grants": self.invalid_grants,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "last_request_at": self.last_request_at,
         }
 
 
@@ -500,6 +502,7 @@ class MarketplaceEmulator:
 
         async def endpoint(request: Request) -> Response:
             stats = self.stats
+            stats.last_request_at = time.time()
             stats.in_flight += 1
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             status = 500

@@ -34,6 +34,7 @@ from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import io_task_runner
 from operations.errors import UserError
+from operations.events import ACCOUNT_PARKED
 from operations.infra.database import project_engine
 from operations.marketplace.report import (
     AccountsFailed,
@@ -167,7 +168,7 @@ def sync_marketplace(
     reports += skipped_reports(skipped)
     told = tell_parked(engine, settings.marketplace.parked_reminder_hours, [r["seller_id"] for r in reports])
     if told:
-        logger.warning("told the owners' contact about %d parked account(s): %s", len(told),
+        logger.warning("announced %d parked account(s) (event %s): %s", len(told), ACCOUNT_PARKED,
                        ", ".join(a.label for a in told))
     elapsed = time.perf_counter() - started
     create_table_artifact(key="marketplace-sync-accounts", table=account_rows(reports),

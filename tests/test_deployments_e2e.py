@@ -4,6 +4,7 @@ the session's stack, started by the operator's `python -m deployments.stack up` 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -439,3 +440,49 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     assert not (run_dir / "chunks").exists()  # completed: chunk files removed, claims dropped
     assert counter.outputs()["games"] == quantity and counter.seen_count() == 0
     counter.delete_run()
+
+
+def test_a_cancelled_sync_through_its_deployment_stops_within_seconds_and_reports_what_it_did(operator_stack):
+    """The worker's cancel (control intent, then SIGTERM): no request reaches the marketplace seconds after it, the
+    run ends Cancelled with its table and summary of what was committed, and the accounts resume later."""
+    client, _ = operator_stack
+    market = operator_stack.market
+    sellers = market.seller_ids()[3:5]
+    for seller in sellers:
+        market.onboard(seller)
+        market.control.mutate(seller_id=seller, orders_new=600)
+    market.control.configure(latency_ms=150)
+    try:
+        deployment = _deployment(client, "sync-marketplace/on-demand")
+        run = _start(client, deployment["id"], {"accounts": sellers, "resources": "both"})
+        deadline = time.monotonic() + 180
+        while sum(count_rows(market.engine, s)["orders"] for s in sellers) < 100:
+            assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
+            assert time.monotonic() < deadline, "no order stored in time"
+            time.sleep(0.05)
+        response = client.post(
+            f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}
+        )
+        assert response.status_code in (200, 201), response.text
+        cancelled_at = time.time()
+        assert _wait(client, run["id"], timeout=120)["state_type"] == "CANCELLED"
+        time.sleep(2)  # nothing of the cancelled run may still be working
+        lag = market.control.stats()["last_request_at"] - cancelled_at
+        print(f"\nworker cancel: last request at the emulator {lag:.2f} s after the cancel")
+        assert lag < 5, f"requests went on {lag:.1f} s after the cancel"
+    finally:
+        market.control.configure(latency_ms=DEMO_MARKETPLACE.latency_ms)
+    stored = {s: count_rows(market.engine, s)["orders"] for s in sellers}
+    assert all(n < len(market.control.orders(s)) for s, n in stored.items()), f"synced to the end: {stored}"
+    artifacts = {a["key"]: a for a in _artifacts(client, run["id"])}
+    assert {"marketplace-sync-accounts", "marketplace-sync-summary"} <= set(artifacts), set(artifacts)
+    summary = artifacts["marketplace-sync-summary"]["data"]
+    assert "**Cancelled.**" in summary, summary
+    rows = json.loads(artifacts["marketplace-sync-accounts"]["data"])
+    assert sorted(r["status"] for r in rows) == ["cancelled", "cancelled"], rows
+    assert sum(r["orders new"] for r in rows) == sum(stored.values()), "the table must count what was committed"
+
+    rerun = _start(client, deployment["id"], {"accounts": sellers, "resources": "orders"})
+    assert _wait(client, rerun["id"])["state_type"] == "COMPLETED"
+    for seller in sellers:
+        assert count_rows(market.engine, seller)["orders"] == len(market.control.orders(seller))

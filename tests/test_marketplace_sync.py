@@ -17,16 +17,22 @@ from operations.marketplace.client import MarketplaceClient
 from operations.marketplace.models import AccountStatus, MarketplaceItem, MarketplaceOrder
 from operations.errors import UserError
 from operations.marketplace.onboarding import AuthorizationRefused, onboard_from_code
+from operations.cancellation import after
 from operations.marketplace.store import (
     UnknownAccount,
+    account_sync_lock,
+    claim_parked_notices,
     count_rows,
     get_account,
     get_checkpoint,
+    now_utc,
     read_tokens,
+    record_sync,
     refresh_tokens,
+    release_interrupted_syncs,
     select_accounts,
 )
-from operations.marketplace.sync import AccountSyncFailed, SyncResources, sync_account
+from operations.marketplace.sync import AccountSyncFailed, AccountSyncResult, SyncResources, sync_account
 
 
 
@@ -289,3 +295,110 @@ def test_two_accounts_overlap_in_time_and_the_same_account_never(pg_engine, emul
     assert spans["a1"][0] < spans["b"][1] and spans["b"][0] < spans["a1"][1], "different accounts did not overlap"
     assert spans["a2"][2] == "skipped", "the same account was synced twice at once"
     assert spans["a2"][1] < spans["a1"][1]
+
+
+def _truth_updated(market, seller_id: int) -> dict[int, datetime]:
+    from operations.marketplace.client import parse_time
+
+    return {int(o["id"]): parse_time(o["date_last_updated"]) for o in market.control.orders(seller_id)}
+
+
+def test_a_cancelled_sync_stops_before_its_next_page_and_its_checkpoint_covers_only_stored_orders(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=400)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    options = OPTIONS.__class__(**{**OPTIONS.__dict__, "max_window": timedelta(days=7)})  # ~14 windows
+    market.control.reset_stats()
+    # asked once as the sync starts, then before each request: 9 requests, then the run is cancelled
+    result = sync_account(pg_engine, market.client(), account, SyncResources.both, options, should_stop=after(10))
+    assert result.status == "cancelled" and "before the next page of orders" in result.error
+    assert market.control.stats()["total"] == result.requests == 9, "a request was made after the cancel"
+    stored = _stored_orders(pg_engine, seller)
+    assert result.orders.new == len(stored) > 0, "the report must count what was committed before the cancel"
+    checkpoint = get_checkpoint(pg_engine, seller, "orders")
+    truth = _truth_updated(market, seller)
+    assert checkpoint is not None and checkpoint < max(truth.values())
+    assert {i for i, updated in truth.items() if updated < checkpoint} <= set(stored), "checkpoint past stored rows"
+    assert get_account(pg_engine, seller).last_sync_status == "cancelled"
+
+    resumed = sync_account(pg_engine, market.client(), account, SyncResources.both, options)
+    assert resumed.status == "synced" and set(_stored_orders(pg_engine, seller)) == set(truth)
+    assert resumed.orders.new == len(truth) - len(stored)
+
+
+def test_a_cancelled_item_sync_keeps_the_details_it_read_and_starts_no_request_before_its_turn(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=5, items_per_seller=200)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    market.control.reset_stats()
+    not_started = sync_account(pg_engine, market.client(), account, SyncResources.items, OPTIONS, should_stop=lambda: True)
+    assert not_started.status == "cancelled" and "before its sync started" in not_started.error
+    assert market.control.stats()["total"] == 0
+    # 3 pages of ids (200 ids, then an empty page), then 4 batches of 20 details: the 5th batch is not asked
+    result = sync_account(pg_engine, market.client(), account, SyncResources.items, OPTIONS, should_stop=after(8))
+    assert result.status == "cancelled" and "item details" in result.error
+    assert result.items.new == 80 == len(_stored_item_ids(pg_engine, seller)), "read details were dropped"
+    assert get_checkpoint(pg_engine, seller, "items") is None
+
+
+def test_one_result_handed_to_every_attempt_counts_what_all_of_them_committed(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=400)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    market.control.reset_stats()
+    market.control.add_fault(path_prefix="/orders/search", seller_id=seller, skip=2, times=2, status=503)
+    options = OPTIONS.__class__(**{**OPTIONS.__dict__, "max_window": timedelta(days=365)})
+    tally = AccountSyncResult(seller, account.nickname)
+    with pytest.raises(AccountSyncFailed) as failed:
+        sync_account(pg_engine, market.client(RetryPolicy(attempts=2, base_delay=0.01)), account,
+                     SyncResources.orders, options, result=tally)
+    assert failed.value.transient and failed.value.result["orders"]["new"] == 100
+    result = sync_account(pg_engine, market.client(), account, SyncResources.orders, options, result=tally)
+    assert result is tally and result.status == "synced" and result.attempts == 2
+    assert (result.orders.new, result.orders.unchanged) == (400, 100), "the first attempt's orders were lost"
+    assert result.requests == market.control.stats()["total"] and result.server_errors == 2
+
+
+def test_a_sync_left_running_by_a_dead_holder_is_released_as_interrupted_and_resumed(any_database, emulator_factory):
+    market = emulator_factory(any_database)
+    seller, other = market.seller_ids()[:2]
+    account = market.onboard(seller)
+    market.onboard(other)
+    dead_run, live_run = "7a1e0f3c-0000-4000-8000-00000000dead", "7a1e0f3c-0000-4000-8000-0000000a11e0"
+    # what a killed sync leaves behind: `running`, with its flow run, and no lock held by anyone
+    record_sync(any_database, seller, started=now_utc(), finished=None, status="running", run_id=dead_run)
+    record_sync(any_database, other, started=now_utc(), finished=None, status="running", run_id=live_run)
+    alive = {live_run}
+    with account_sync_lock(any_database, other, 1, lease_seconds=60) as held:  # `other` is really being synced
+        assert held
+        released = release_interrupted_syncs(any_database, lambda run_id: run_id in alive)
+    assert [(a.seller_id, a.last_sync_status, a.last_sync_run_id) for a in released] == [
+        (seller, "interrupted", dead_run)]
+    assert get_account(any_database, other).last_sync_status == "running"
+    assert "crashed or killed" in get_account(any_database, seller).last_sync_error
+
+    result = sync_account(any_database, market.client(), account, SyncResources.orders, OPTIONS, run_id="next-run")
+    assert result.status == "synced" and result.resumed_from == dead_run
+    after_sync = get_account(any_database, seller)
+    assert (after_sync.last_sync_status, after_sync.last_sync_run_id) == ("synced", "next-run")
+
+
+def test_a_parked_account_is_announced_once_then_after_the_reminder_interval(pg_engine, emulator_factory):
+    market = emulator_factory(pg_engine)
+    seller, other = market.seller_ids()[:2]
+    market.onboard(seller)
+    market.onboard(other)
+    market.control.revoke(seller)
+    market.control.expire_tokens(seller_id=seller)
+    with pytest.raises(AccountSyncFailed):
+        sync_account(pg_engine, market.client(), get_account(pg_engine, seller), SyncResources.orders, OPTIONS)
+    now, day = now_utc(), timedelta(hours=24)
+    assert [a.seller_id for a in claim_parked_notices(pg_engine, now, day)] == [seller]
+    assert claim_parked_notices(pg_engine, now + timedelta(hours=23), day) == [], "told again before the reminder"
+    assert [a.seller_id for a in claim_parked_notices(pg_engine, now + day, day)] == [seller]
+    market.onboard(seller)  # authorized again, then parked again later: news at once
+    market.control.revoke(seller)
+    market.control.expire_tokens(seller_id=seller)
+    with pytest.raises(AccountSyncFailed):
+        sync_account(pg_engine, market.client(), get_account(pg_engine, seller), SyncResources.orders, OPTIONS)
+    assert [a.seller_id for a in claim_parked_notices(pg_engine, now + day, day, [seller, other])] == [seller]

@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from uuid import UUID
 
 import pytest
 from pydantic import SecretStr
@@ -17,10 +19,11 @@ from sqlalchemy import select
 
 from blocks.marketplace_app import MarketplaceApp
 from operations.marketplace.models import MarketplaceAccount, MarketplaceOrder
-from operations.marketplace.store import count_rows, list_accounts
+from operations.marketplace.client import parse_time
+from operations.marketplace.store import count_rows, get_account, get_checkpoint, list_accounts
 from operations.settings import PROJECT_ROOT
 from flow_run_checks import assert_failed_in_one_line, task_runs_of_flow_run
-from run_checks import run_texts
+from run_checks import run_artifacts, run_texts
 
 pytestmark = pytest.mark.slow
 
@@ -153,11 +156,150 @@ def test_a_killed_flow_run_is_rerun_cleanly(market, pg_engine):
     process.wait()
     partial = count_rows(pg_engine, seller)["orders"]
     assert 0 < partial < 750
+    killed = get_account(pg_engine, seller)
+    assert killed.last_sync_status == "running" and killed.last_sync_run_id, "the killed sync left no trace"
 
     market.control.configure(latency_ms=0)
     state = sync_marketplace(accounts=[seller], return_state=True)  # the killed run's lock died with it
     assert state.is_completed(), state.message
     assert state.result()["by_status"] == {"synced": 1}
+    summary = _artifact(state, "marketplace-sync-summary")
+    assert "Interrupted syncs found" in summary and killed.last_sync_run_id in summary, summary
+    assert get_account(pg_engine, seller).last_sync_status == "synced"
     with pg_engine.connect() as conn:
         ids = conn.scalars(select(MarketplaceOrder.id).where(MarketplaceOrder.seller_id == seller)).all()
     assert len(ids) == len(set(ids)) == len(market.control.orders(seller)) == 750
+
+
+def _artifact(state, key: str) -> str:
+    [artifact] = [a for a in run_artifacts(state.state_details.flow_run_id) if a.key == key]
+    return str(artifact.data)
+
+
+def _rows(state) -> list[dict]:
+    import json
+
+    return json.loads(_artifact(state, "marketplace-sync-accounts"))
+
+
+def _stored_order_ids(engine, seller: int) -> set[int]:
+    with engine.connect() as conn:
+        return set(conn.scalars(select(MarketplaceOrder.id).where(MarketplaceOrder.seller_id == seller)))
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_a_cancelled_sync_makes_no_request_seconds_after_the_cancel_and_reports_what_it_did(
+    runner, market, pg_engine, request, monkeypatch
+):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from operations import settings as settings_module
+
+    if runner == "dask":
+        request.getfixturevalue("on_session_cluster")  # 2 single-thread workers: 2 accounts at a time
+    monkeypatch.setenv("MARKETPLACE_TASK_RUNNER", runner)
+    monkeypatch.setenv("MARKETPLACE_CONCURRENCY", "2")
+    settings_module.get_settings.cache_clear()
+    from flows.sync_marketplace import sync_marketplace
+
+    sellers = market.seller_ids()
+    for seller in sellers:
+        market.onboard(seller)
+        market.control.mutate(seller_id=seller, orders_new=450)  # 600 orders each: ~20 pages at 150 ms
+    market.control.configure(latency_ms=150)
+    cancelled: dict = {}
+
+    def cancel_once_orders_are_stored() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            holders = {a.last_sync_run_id for a in list_accounts(pg_engine) if a.last_sync_status == "running"}
+            if holders and count_rows(pg_engine)["orders"] >= 100:
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(UUID(holders.pop()), Cancelling(), force=True)
+                cancelled["at"] = time.time()
+                return
+            time.sleep(0.05)
+
+    canceller = threading.Thread(target=cancel_once_orders_are_stored, daemon=True)
+    canceller.start()
+    began = time.monotonic()
+    state = sync_marketplace(return_state=True)
+    ended = time.monotonic()
+    canceller.join()
+    last_request = market.control.stats()["last_request_at"]
+    assert "at" in cancelled, "the sync never stored 100 orders"
+    print(f"\n{runner}: last request at the emulator {last_request - cancelled['at']:.2f} s after the cancel; "
+          f"run {ended - began:.1f} s, ended {time.time() - (time.monotonic() - ended) - cancelled['at']:.1f} s after it")
+    assert last_request - cancelled["at"] < 3.0, "requests went on after the cancel"
+    assert state.is_cancelled(), (state.type, state.message)
+    assert "interrupted" in state.message
+
+    rows = {r["account"]: r for r in _rows(state)}
+    assert sorted(r["status"] for r in rows.values()) == ["cancelled"] * 3, rows
+    summary = _artifact(state, "marketplace-sync-summary")
+    assert "**Cancelled.**" in summary and "not started: " in summary, summary
+    for account in list_accounts(pg_engine):
+        stored = _stored_order_ids(pg_engine, account.seller_id)
+        assert rows[account.label]["orders new"] == len(stored), "the table must count what was committed"
+        checkpoint = get_checkpoint(pg_engine, account.seller_id, "orders")
+        truth = {int(o["id"]): parse_time(o["date_last_updated"]) for o in market.control.orders(account.seller_id)}
+        if checkpoint is not None:
+            assert {i for i, updated in truth.items() if updated < checkpoint} <= stored, "checkpoint past stored rows"
+        assert len(stored) < len(truth), f"{account.label} was synced to the end despite the cancel"
+    assert sum(r["orders new"] for r in rows.values()) == count_rows(pg_engine)["orders"] > 0
+    assert any("before its sync started" in r["error"] for r in rows.values()), "the third account started"
+
+
+def test_the_table_counts_the_orders_of_every_attempt_of_an_account(market, pg_engine):
+    from flows.sync_marketplace import sync_marketplace
+
+    seller = market.seller_ids()[0]
+    market.onboard(seller)
+    # the 3rd order request and its 2 in-client retries fail (max_attempts=3): the first attempt commits the
+    # first window's orders and fails transiently; the task's retry (MARKETPLACE_TASK_RETRIES=1) does the rest
+    market.control.add_fault(path_prefix="/orders/search", seller_id=seller, skip=2, times=3, status=503)
+    state = sync_marketplace(accounts=[seller], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["orders_new"] == 150 == count_rows(pg_engine, seller)["orders"], result
+    [row] = _rows(state)
+    assert (row["status"], row["attempts"], row["orders new"]) == ("synced", 2, 150), row
+    assert market.control.stats()["faults_injected"] == 3
+
+
+def _parked_events(seller: int) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    with get_client(sync_client=True) as client:
+        page = client.read_events(filter=EventFilter(
+            event=EventNameFilter(name=["project.marketplace.account.parked"]),
+            resource=EventResourceFilter(id=[f"project.marketplace.account.{seller}"]),
+        ), limit=50)
+    return page.events
+
+
+def test_a_parked_account_is_announced_by_an_event_and_no_later_run_looks_all_green(market, pg_engine):
+    from flows.sync_marketplace import sync_marketplace
+
+    seller, other = market.seller_ids()[:2]
+    market.onboard(seller)
+    market.onboard(other)
+    market.control.revoke(seller)
+    market.control.expire_tokens(seller_id=seller)
+    parking = sync_marketplace(accounts=[seller, other], resources="orders", return_state=True)
+    assert parking.is_failed() and f"-{seller}" in parking.message, parking.message
+    later = sync_marketplace(accounts=[seller, other], resources="orders", return_state=True)
+    assert later.is_completed() and "1 account(s) need reauthorization" in later.message, later.message
+    summary = _artifact(later, "marketplace-sync-summary")
+    assert "**1 account(s) need reauthorization:**" in summary and "onboard-account" in summary, summary
+
+    deadline = time.monotonic() + 30
+    while not (events := _parked_events(seller)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(events) == 1, "the parked account must be announced once (then after the reminder interval)"
+    [event] = events
+    nickname = get_account(pg_engine, seller).nickname
+    assert event.resource.get("prefect.resource.name") == nickname and event.payload["seller_id"] == seller
+    assert f"prefect.flow-run.{parking.state_details.flow_run_id}" in [r.id for r in event.related]
