@@ -13,6 +13,7 @@ from operations.marketplace.report import (
     failed_report,
     failure_message,
     onboarded_markdown,
+    parked_labels,
     skipped_reports,
     summary_markdown,
     sync_summary,
@@ -81,6 +82,40 @@ def test_account_lines_give_counts_or_the_error():
 def test_the_onboarded_account_is_named_without_tokens():
     text = onboarded_markdown(_account(9, nickname=""))
     assert text.startswith("# Seller 9 onboarded") and "`-`" in text and "**active**" in text
+
+
+def test_a_parked_account_found_at_the_start_shows_in_every_run_without_failing_it():
+    reports = [_synced(1), *skipped_reports([(_account(5, status="needs_reauthorization"), "needs re-authorization"),
+                                             (_account(4, status="inactive"), "deactivated")])]
+    assert [r["status"] for r in reports] == ["synced", "needs_reauthorization", "skipped"]
+    assert failure_message(reports) is None, "a parked account fails the run that parks it, not every later one"
+    assert parked_labels(reports) == ["shop-5"]
+    markdown = summary_markdown(reports, "both", "threads", 1.0)
+    assert "**1 account(s) need reauthorization:** shop-5." in markdown
+    assert "onboard-account deployment" in markdown and "make onboard" in markdown
+    assert markdown.index("need reauthorization") < markdown.index("| orders |"), "the warning comes first"
+
+
+def test_a_cancelled_run_says_what_was_committed_which_accounts_were_interrupted_and_which_never_started():
+    interrupted = {**_synced(1, orders=(120, 0)), "status": "cancelled", "attempts": 1,
+                   "error": "cancelled before the next page of orders; what it committed is kept"}
+    waiting = {**_synced(2, orders=(0, 0), items=(0, 0)), "status": "cancelled", "attempts": 1,
+               "error": "cancelled before its sync started"}
+    reports = [_synced(3), interrupted, waiting]
+    markdown = summary_markdown(reports, "both", "dask", 2.0)
+    assert "**Cancelled.**" in markdown and "Interrupted: shop-1; not started: shop-2." in markdown
+    assert "| orders | 130 | 2 |" in markdown, "what the interrupted account committed counts"
+    assert failure_message(reports) is None
+    rows = account_rows(reports)
+    assert [(r["status"], r["orders new"], r["attempts"]) for r in rows] == [
+        ("synced", 10, 0), ("cancelled", 120, 1), ("cancelled", 0, 1)]
+
+
+def test_accounts_a_crashed_sync_left_running_are_named_with_their_run():
+    released = [{"seller_id": 7, "nickname": "shop", "last_sync_run_id": "3f2a"}]
+    markdown = summary_markdown([_synced(7)], "orders", "threads", 1.0, released)
+    assert "**Interrupted syncs found:** shop-7 (run 3f2a) had been left `running`" in markdown
+    assert "Interrupted syncs found" not in summary_markdown([_synced(7)], "orders", "threads", 1.0)
 
 
 @pytest.mark.parametrize("day", ["", None])
