@@ -50,7 +50,7 @@ from operations.marketplace.report import (
 from operations.marketplace.store import AccountView, now_utc, select_accounts
 from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources, SyncRun, resync_start
 from operations.settings import Settings, get_settings
-from tasks.cancellation import run_stop_check, watch_termination
+from tasks.cancellation import note_termination, run_stop_check, watch_termination
 from tasks.marketplace import release_interrupted, sync_marketplace_account, tell_parked
 from tasks.retries import with_retries
 
@@ -106,6 +106,7 @@ def sync_accounts(
             wait(futures)
         except TerminationSignal as exc:  # the accounts stop at their next page: wait for what they did
             signal = exc
+            note_termination()
             get_run_logger().warning("termination signal: waiting up to %.0f s for the accounts to stop",
                                      STOP_GRACE_SECONDS)
             wait(futures, timeout=STOP_GRACE_SECONDS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from uuid import UUID
@@ -21,6 +22,7 @@ from uuid import UUID
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import TerminationSignal
 
 from operations.cancellation import StopCheck, never
 
@@ -33,10 +35,20 @@ _pollers_lock = threading.Lock()
 
 
 def watch_termination() -> None:
-    """Note a SIGTERM in this process before handing it to the handler in place (Prefect's, which raises
-    `TerminationSignal`). Call it in the flow's body; only the main thread can install a handler, elsewhere
-    this does nothing."""
+    """Note a SIGTERM in this process even when the exception it raises is lost. Call it in the flow's body.
+
+    Under Prefect's engine its own SIGTERM bridge stays in place: the worker's control channel acknowledges a
+    cancel only while that exact handler is installed (`prefect.utilities.engine.can_ack_control_intent`), and
+    without the acknowledgement the worker's cancel ends the run Crashed instead of Cancelled. There the cancel
+    intent (committed before the SIGTERM) is the sign, and a `TerminationSignal` swallowed as "Exception
+    ignored" (a library's GC callback) is noted through `sys.unraisablehook`. Outside the engine's bridge (only
+    the main thread can install a handler) the handler in place is wrapped to note the signal first."""
+    _note_lost_termination()
     if threading.current_thread() is not threading.main_thread():
+        return
+    from prefect.utilities.engine import is_prefect_sigterm_handler_installed
+
+    if is_prefect_sigterm_handler_installed():
         return
     previous = signal.getsignal(signal.SIGTERM)
     if getattr(previous, "notes_termination", False):
@@ -51,6 +63,28 @@ def watch_termination() -> None:
 
     note_then_forward.notes_termination = True  # type: ignore[attr-defined]
     signal.signal(signal.SIGTERM, note_then_forward)
+
+
+def note_termination() -> None:
+    """Mark this process as terminating (a flow that caught the `TerminationSignal` to report before ending):
+    its tasks' stop checks answer True from now on."""
+    _terminating.set()
+
+
+def _note_lost_termination() -> None:
+    """Wrap `sys.unraisablehook` (once) so that a `TerminationSignal` Python could only report, not raise,
+    still marks this process as terminating."""
+    previous = sys.unraisablehook
+    if getattr(previous, "notes_termination", False):
+        return
+
+    def note_then_report(unraisable) -> None:
+        if isinstance(unraisable.exc_value, TerminationSignal):
+            _terminating.set()
+        previous(unraisable)
+
+    note_then_report.notes_termination = True  # type: ignore[attr-defined]
+    sys.unraisablehook = note_then_report
 
 
 def _cancel_intent() -> bool:

@@ -8,7 +8,7 @@ from prefect.states import Cancelling, Running
 
 from operations.cancellation import Cancelled, after, never, raise_if_stopped
 from tasks.attempts import attempt_tally
-from tasks.cancellation import current_flow_run_id, run_stop_check
+from tasks.cancellation import current_flow_run_id, run_stop_check, watch_termination
 
 
 def test_a_loop_stops_between_units_once_asked():
@@ -57,3 +57,31 @@ def test_a_tasks_figures_count_every_attempt(prefect_api_url):
         return commits_then_fails_twice(5)
 
     assert probe() == 15
+
+
+def test_watching_for_sigterm_keeps_prefects_bridge_and_notes_a_signal_lost_in_a_callback(prefect_api_url):
+    import gc
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.utilities.engine import is_prefect_sigterm_handler_installed
+
+    import tasks.cancellation as cancellation
+
+    class RaisesWhenCollected:
+        def __del__(self):
+            raise TerminationSignal(15)  # as Prefect's handler does when the signal lands in a finalizer
+
+    @flow
+    def watching() -> tuple[bool, bool, bool]:
+        watch_termination()
+        bridge_kept = is_prefect_sigterm_handler_installed()  # the worker's cancel is acknowledged only then
+        should_stop = run_stop_check(interval=3600)
+        before = should_stop()
+        RaisesWhenCollected()
+        gc.collect()
+        return bridge_kept, before, should_stop()
+
+    try:
+        assert watching() == (True, False, True)
+    finally:
+        cancellation._terminating.clear()
