@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.context import TaskRunContext
+from prefect.exceptions import ObjectNotFound
 from sqlalchemy import Engine
 
 from blocks.marketplace_app import MarketplaceApp
@@ -67,11 +68,9 @@ def holder_running(flow_run_id: str) -> bool:
     try:
         with get_client(sync_client=True) as client:
             state = client.read_flow_run(UUID(flow_run_id)).state
-    except ValueError:
+    except (ValueError, ObjectNotFound):  # not a flow run id, or a run the API does not know
         return False
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        if getattr(getattr(exc, "response", None), "status_code", None) == 404:
-            return False
         logger.warning("could not read flow run %s: %s", flow_run_id, exc)
         return True
     return state is not None and state.type in HOLDING_STATES

@@ -303,3 +303,25 @@ def test_a_parked_account_is_announced_by_an_event_and_no_later_run_looks_all_gr
     nickname = get_account(pg_engine, seller).nickname
     assert event.resource.get("prefect.resource.name") == nickname and event.payload["seller_id"] == seller
     assert f"prefect.flow-run.{parking.state_details.flow_run_id}" in [r.id for r in event.related]
+
+
+def test_a_holder_run_counts_as_syncing_only_while_running_pending_or_cancelling(prefect_api_url):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling, Crashed, Running
+
+    from tasks.marketplace import holder_running
+
+    @flow
+    def holder() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        client.create_flow(holder)
+        run = client.create_flow_run(holder, state=Running())
+        assert holder_running(str(run.id))
+        client.set_flow_run_state(run.id, Cancelling(), force=True)
+        assert holder_running(str(run.id))
+        client.set_flow_run_state(run.id, Crashed(), force=True)
+        assert not holder_running(str(run.id))
+    assert not holder_running("00000000-0000-4000-8000-000000000000") and not holder_running("not-a-run")
