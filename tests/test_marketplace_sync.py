@@ -341,6 +341,20 @@ def test_a_cancelled_item_sync_keeps_the_details_it_read_and_starts_no_request_b
     assert get_checkpoint(pg_engine, seller, "items") is None
 
 
+def test_a_cancelled_sync_waiting_for_another_runs_lock_stops_waiting(any_database, emulator_factory):
+    market = emulator_factory(any_database)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    options = OPTIONS.__class__(**{**OPTIONS.__dict__, "lock_wait_seconds": 30})
+    with account_sync_lock(any_database, seller, 1, lease_seconds=60) as held:  # another run syncs it
+        assert held
+        started = time.monotonic()
+        result = sync_account(any_database, market.client(), account, SyncResources.orders, options,
+                              should_stop=after(3))
+    assert result.status == "cancelled" and "another run was syncing" in result.error
+    assert time.monotonic() - started < 5, "the cancelled sync waited out the lock"
+
+
 def test_one_result_handed_to_every_attempt_counts_what_all_of_them_committed(pg_engine, emulator_factory):
     market = emulator_factory(pg_engine, sellers=1, orders_per_seller=400)
     seller = market.seller_ids()[0]

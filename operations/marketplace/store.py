@@ -377,10 +377,11 @@ def _lock_engine(engine: Engine) -> Engine:
 
 @contextmanager
 def account_sync_lock(
-    engine: Engine, seller_id: int, wait_seconds: float, lease_seconds: float
+    engine: Engine, seller_id: int, wait_seconds: float, lease_seconds: float,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[bool]:
     """Hold the account's sync lock while the block runs; yields False if another run still held it after
-    `wait_seconds`. PostgreSQL: a session advisory lock (released when the holder's connection ends, even if
+    `wait_seconds`, or once `should_stop()` while waiting (a cancelled run waits no longer). PostgreSQL: a session advisory lock (released when the holder's connection ends, even if
     its process is killed). SQLite: a lease in the account row that expires after `lease_seconds`."""
     deadline = time.monotonic() + wait_seconds
     if engine.dialect.name == "postgresql":
@@ -390,7 +391,7 @@ def account_sync_lock(
             name = f"marketplace-sync:{seller_id}"
             while not conn.execute(key, {"k": name}).scalar():
                 conn.rollback()
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or should_stop():
                     yield False
                     return
                 time.sleep(0.25)
@@ -417,7 +418,7 @@ def account_sync_lock(
             ).rowcount
         if taken:
             break
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or should_stop():
             yield False
             return
         time.sleep(0.25)

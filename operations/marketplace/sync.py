@@ -416,8 +416,12 @@ def sync_account(
         return result
 
     with account_sync_lock(
-        engine, account.seller_id, options.lock_wait_seconds, lease_seconds=options.timeout_seconds + 60
+        engine, account.seller_id, options.lock_wait_seconds, lease_seconds=options.timeout_seconds + 60,
+        should_stop=should_stop,
     ) as acquired:
+        if not acquired and should_stop():
+            finish("cancelled", "cancelled while another run was syncing this account")
+            return result
         if not acquired:
             finish("skipped", f"another run has been syncing this account for over {options.lock_wait_seconds:.0f} s")
             return result
