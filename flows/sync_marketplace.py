@@ -16,9 +16,8 @@ table and summary (what was committed before the cancel, which accounts were int
 from __future__ import annotations
 
 import time
-from datetime import date, timedelta
-
 from dataclasses import asdict
+from datetime import date, timedelta
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
