@@ -109,14 +109,23 @@ def sync_accounts(
             get_run_logger().warning("termination signal: waiting up to %.0f s for the accounts to stop",
                                      STOP_GRACE_SECONDS)
             wait(futures, timeout=STOP_GRACE_SECONDS)
-        outcomes = [future.result(raise_on_failure=False) if future.state.is_final()
-                    else RuntimeError("still running when the run was terminated") for future in futures]
+        outcomes = [_outcome(future, None if signal is None else 1.0) for future in futures]
     return [
         outcome if isinstance(outcome, dict)
         else dict(outcome.result) if isinstance(outcome, AccountSyncFailed)
         else failed_report(account, f"{type(outcome).__name__}: {outcome}")
         for account, outcome in zip(accounts, outcomes)
     ], signal
+
+
+def _outcome(future, timeout: float | None) -> object:
+    """The task's return value or the exception it ended with; after a termination signal, an account still
+    running once the grace is over is reported as such. (The future, not the task run's state through the API:
+    task run states reach the API asynchronously.)"""
+    try:
+        return future.result(timeout=timeout, raise_on_failure=False)
+    except TimeoutError:
+        return RuntimeError("still running when the run was terminated")
 
 
 SellerIds = Annotated[list[Annotated[int, Field(ge=1, le=2**63 - 1)]], Field(max_length=10_000)]
