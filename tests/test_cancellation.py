@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.states import Cancelling, Running
@@ -59,6 +60,7 @@ def test_a_tasks_figures_count_every_attempt(prefect_api_url):
     assert probe() == 15
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost signal, on purpose
 def test_watching_for_sigterm_keeps_prefects_bridge_and_notes_a_signal_lost_in_a_callback(prefect_api_url):
     import gc
 
