@@ -17,8 +17,10 @@ from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.sync_marketplace import checked_app
 from operations.infra.database import project_engine
+from operations.marketplace.models import AccountStatus
 from operations.marketplace.onboarding import onboard_from_code
 from operations.marketplace.report import onboarded_markdown
+from operations.marketplace.store import list_accounts
 from operations.settings import get_settings
 
 
@@ -48,9 +50,12 @@ def onboard_account(
     settings = get_settings()
     _, engine = project_engine(settings)
     app = checked_app(app_block or settings.marketplace.app_block)
+    parked = {a.seller_id: a.status_reason for a in list_accounts(engine)
+              if a.status == AccountStatus.needs_reauthorization.value}
     account = onboard_from_code(engine, app.client(), authorization_code, nickname, redirect_uri or None)
-    get_run_logger().info("seller %s (%s) onboarded: %s", account.seller_id, account.nickname or "no nickname",
-                          account.status)
-    create_markdown_artifact(key="marketplace-onboarded-account", markdown=onboarded_markdown(account),
+    get_run_logger().info("seller %s (%s) onboarded: %s%s", account.seller_id, account.nickname or "no nickname",
+                          account.status, " (it was parked: re-authorized)" if account.seller_id in parked else "")
+    create_markdown_artifact(key="marketplace-onboarded-account",
+                             markdown=onboarded_markdown(account, parked.get(account.seller_id)),
                              description="Onboarded seller account")
     return {"seller_id": account.seller_id, "nickname": account.nickname, "status": account.status}

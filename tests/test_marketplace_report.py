@@ -82,6 +82,9 @@ def test_account_lines_give_counts_or_the_error():
 def test_the_onboarded_account_is_named_without_tokens():
     text = onboarded_markdown(_account(9, nickname=""))
     assert text.startswith("# Seller 9 onboarded") and "`-`" in text and "**active**" in text
+    assert "was parked" not in text
+    revived = onboarded_markdown(_account(9), "refresh token refused (invalid_grant)")
+    assert "It was parked (needs re-authorization: refresh token refused (invalid_grant))" in revived
 
 
 def test_a_parked_account_found_at_the_start_shows_in_every_run_without_failing_it():

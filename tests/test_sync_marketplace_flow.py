@@ -304,6 +304,12 @@ def test_a_parked_account_is_announced_by_an_event_and_no_later_run_looks_all_gr
     assert event.resource.get("prefect.resource.name") == nickname and event.payload["seller_id"] == seller
     assert f"prefect.flow-run.{parking.state_details.flow_run_id}" in [r.id for r in event.related]
 
+    from flows.onboard_account import onboard_account
+
+    revived = onboard_account(authorization_code=market.control.authorize(seller), return_state=True)
+    assert revived.is_completed() and get_account(pg_engine, seller).status == "active"
+    assert "It was parked" in _artifact(revived, "marketplace-onboarded-account")
+
 
 def test_a_holder_run_counts_as_syncing_only_while_running_pending_or_cancelling(prefect_api_url):
     from prefect import flow

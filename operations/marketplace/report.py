@@ -172,7 +172,10 @@ def failure_message(reports: list[dict]) -> str | None:
     )
 
 
-def onboarded_markdown(account: AccountView) -> str:
-    """What `onboard-account` reports of the account it added (never a token)."""
+def onboarded_markdown(account: AccountView, was_parked: str | None = None) -> str:
+    """What `onboard-account` reports of the account it added (never a token). `was_parked`: why the account
+    was parked before this authorization, if it was."""
+    revived = (f"\n\nIt was parked (needs re-authorization: {was_parked}); its data and checkpoints are kept and "
+               "the next sync resumes from them." if was_parked is not None else "")
     return (f"# Seller {account.seller_id} onboarded\n\nNickname: `{account.nickname or '-'}`; "
-            f"status: **{account.status}**. The next `sync-marketplace` run syncs it.")
+            f"status: **{account.status}**. The next `sync-marketplace` run syncs it.{revived}")
