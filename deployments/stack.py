@@ -28,6 +28,7 @@ from pydantic import SecretStr
 
 from deployments import services as registry
 from deployments.after_deploy import apply_after_deploy, describe_schedules
+from deployments.automations import apply_automations, notifications_at
 from deployments.prefect_server import running_prefect_server, use_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
 from deployments.services import DEMO_MARKETPLACE
@@ -186,6 +187,7 @@ def start_operator_stack(settings: Settings | None = None, worker_query_seconds:
     settings = settings or get_settings()
     stack = start_local_stack(settings)
     deploy_all(stack.api_url)
+    apply_automations(settings, stack.api_url)  # notifications and zombie runs (deployments/automations.py)
     registry.up(registry.only(registry.stack_services(settings, worker_query_seconds), "prefect worker"))
     return stack
 
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         for service, state in stack_status().items():
-            print(f"{service + ':':22}{state}")
-        print(f"{'schedules:':22}{describe_schedules(local_api_url())}")
+            print(f"{service + ':':23}{state}")
+        print(f"{'schedules:':23}{describe_schedules(local_api_url())}")
         return 0
     stack = start_operator_stack()
     from prefect.client.orchestration import get_client
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Turnstiles:    emulated: {', '.join(stack.emulated_turnstiles)} (TurnstileDevice blocks)")
     print(f"Output files:  {stack.output_url}/ (OUTPUT_DIR {get_settings().stack.output_dir})")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().stack.prefect_worker_dir / 'worker.log'}")
+    print(f"Notifications: {notifications_at(get_settings())}")
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")
