@@ -19,6 +19,7 @@ stack's notification receiver (deployments/notification_receiver.py).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -245,6 +246,8 @@ def apply_automations(settings: Settings | None = None, api_url: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
     from deployments.stack import local_api_url
 
     if local_api_url() is None:
