@@ -1,7 +1,8 @@
 """The local stack: the services of the registry (deployments/services.py: the embedded PostgreSQL, the embedded
 Redis, a real Prefect server with its own database "prefect" on that PostgreSQL or SQLite, the file server of
-OUTPUT_DIR, the emulators of the outside systems, the worker), the project database migrated to head, the blocks,
-and the process work pool with the deployments of prefect.yaml.
+OUTPUT_DIR, the emulators of the outside systems, the notification receiver, the worker), the project database
+migrated to head, the blocks, the process work pool with the deployments of prefect.yaml, and the project's
+automations (deployments/automations.py: notifications, zombie runs Crashed).
 
     python -m deployments.stack up      # start (or reuse) every service in order, deploy, print the UI address
     python -m deployments.stack down    # stop the services in reverse order
