@@ -41,7 +41,8 @@ ZOMBIE_MESSAGE = "Marked Crashed: no heartbeat for {seconds} s (its process is g
 _FINAL_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
                  "prefect.flow-run.Crashed"}
 # A line naming the flow run an event concerns (related to it), with its link; nothing when there is none.
-_RUN_LINE = "{{% if flow_run %}}\nFlow run: {{{{ flow_run.name }}}} {ui}/runs/flow-run/{{{{ flow_run.id }}}}{{% endif %}}"
+_RUN_LINE = ("{{% if flow_run %}}\nFlow run: {{{{ flow_run.name }}}} {ui}/runs/flow-run/{{{{ flow_run.id }}}}"
+             "{{% endif %}}")
 
 # The project's events: automation name, subject and body (Jinja over Prefect's template context: `event`,
 # `flow_run` when the event is related to one).
@@ -62,8 +63,9 @@ EVENT_NOTIFICATIONS: dict[str, tuple[str, str, str]] = {
         "outbox messages unpublished",
         "Outbox {{ event.resource.id | replace('project.outbox.', '') }}: {{ event.payload.unpublished }} "
         "messages unpublished",
-        "{{ event.payload.unpublished }} messages of the outbox {{ event.resource.id | replace('project.outbox.', '') }}"
-        " are unpublished, the oldest for {{ event.payload.oldest_minutes }} minutes.",
+        "{{ event.payload.unpublished }} messages of the outbox "
+        "{{ event.resource.id | replace('project.outbox.', '') }} are unpublished, the oldest for "
+        "{{ event.payload.oldest_minutes }} minutes.",
     ),
     events.SERVICE_RESTARTED: (
         "service restarted",

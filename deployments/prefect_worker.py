@@ -101,8 +101,9 @@ class PrefectWorkerService(Service[PrefectWorker]):
     Flow runs inherit the worker's environment (this process's, plus `extra_env`): settings such as OUTPUT_DIR
     or REDIS_URL given here apply to every run it starts, and PREFECT_API_AUTH_STRING, which the readiness check
     sends too. Each flow run sends a heartbeat event every `heartbeat_seconds` (PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    FLOW_HEARTBEAT_SECONDS): the zombie automation (deployments/automations.py) marks a run Crashed when they stop. Ready means a heartbeat of the new process: newer than the one the server held for this name
-    before. A running worker of another server or pool is replaced."""
+    FLOW_HEARTBEAT_SECONDS): the zombie automation (deployments/automations.py) marks a run Crashed when they
+    stop. Ready means a heartbeat of the new process: newer than the one the server held for this name before. A
+    running worker of another server, pool or heartbeat frequency is replaced."""
 
     name = "prefect worker"
     state_file = STATE_FILE

@@ -139,16 +139,42 @@ def test_a_failing_deployment_run_is_told_with_its_name_message_and_link(deploye
 
 
 @pytest.mark.slow
-def test_a_turnstile_unreachable_event_is_told(deployed_stack, stack_notifications):
+def test_each_project_event_is_told_naming_what_and_the_run_it_concerns(deployed_stack, stack_notifications):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
 
-    block = f"gate-{uuid.uuid4().hex[:8]}"
-    emit_event(events.TURNSTILE_UNREACHABLE, resource={"prefect.resource.id": f"project.turnstile.{block}"})
+    @flow(name="reporting-flow")
+    def reporting_flow():
+        pass
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(reporting_flow)
+    tag = uuid.uuid4().hex[:8]
+    related = [{"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.role": "flow-run"}]
+    emit_event(events.TURNSTILE_UNREACHABLE, resource={"prefect.resource.id": f"project.turnstile.gate-{tag}"},
+               related=related)
+    emit_event(events.ACCOUNT_PARKED, resource={"prefect.resource.id": f"project.marketplace.account.{tag}",
+                                                "prefect.resource.name": f"shop-{tag}"})
+    emit_event(events.OUTBOX_STALE, resource={"prefect.resource.id": f"project.outbox.stream-{tag}"},
+               payload={"unpublished": 2000, "oldest_minutes": 12})
+    emit_event(events.SERVICE_RESTARTED, resource={"prefect.resource.id": f"project.service.redis-{tag}"},
+               payload={"restarts": 3})
     EventsWorker.drain_all(timeout=10)
-    told = _wait(lambda: _notification(stack_notifications, block), 60, f"notification of {block}")
-    assert told["subject"] == f"Turnstile {block} unreachable"
-    assert f"Turnstile block: {block}" in told["body"] and "Flow run:" not in told["body"]
+    subjects = {
+        f"Turnstile gate-{tag} unreachable": f"Flow run: {run.name} ",
+        f"Seller account shop-{tag} needs reauthorization": f"Account: project.marketplace.account.{tag}",
+        f"Outbox stream-{tag}: 2000 messages unpublished": "the oldest for 12 minutes",
+        f"Service redis-{tag} restarted": "(3 restarts so far)",
+    }
+    told = _wait(lambda: (found := {n["subject"]: n["body"] for n in read_notifications(stack_notifications.file)
+                                    if tag in n["subject"]}) and len(found) == 4 and found, 60, "4 notifications")
+    assert sorted(told) == sorted(subjects)
+    for subject, text in subjects.items():
+        assert text in told[subject], told[subject]
+    assert told[f"Turnstile gate-{tag} unreachable"].endswith(f"/runs/flow-run/{run.id}")
+    assert "Flow run:" not in told[f"Service redis-{tag} restarted"]  # related to no run
 
 
 @pytest.mark.slow
