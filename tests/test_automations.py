@@ -99,6 +99,27 @@ def _notification(service: NotificationReceiverService, text: str) -> dict | Non
     return next((n for n in read_notifications(service.file) if text in n["subject"] + n["body"]), None)
 
 
+def test_notify_block_names_the_operators_block_instead_of_the_receiver(prefect_api_url, tmp_path):
+    """NOTIFY_BLOCK: the automations send through that saved block, and the stack starts no receiver."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from deployments import services as registry
+    from deployments.automations import notification_block_id, notifications_at
+    from operations.settings import Settings
+
+    name = f"ops-{uuid.uuid4().hex[:8]}"
+    saved = CustomWebhookNotificationBlock(name="ops", url="https://alerts.example.com/hook").save(name)
+    settings = Settings.from_env({"NOTIFY_BLOCK": f"custom-webhook/{name}", "DATA_DIR": str(tmp_path)})
+    assert notification_block_id(settings) == saved
+    assert notifications_at(settings) == f"block custom-webhook/{name} (NOTIFY_BLOCK)"
+    [receiver] = registry.only(registry.stack_services(settings), "notification receiver")
+    assert receiver.replaced_by == "NOTIFY_BLOCK is set"
+    with pytest.raises(ValueError, match="NOTIFY_BLOCK names no saved block"):
+        notification_block_id(Settings.from_env({"NOTIFY_BLOCK": "slack-webhook/nobody", "DATA_DIR": str(tmp_path)}))
+    with pytest.raises(ValueError, match="must be '<block-type-slug>/<block-name>'"):
+        notification_block_id(Settings.from_env({"NOTIFY_BLOCK": name, "DATA_DIR": str(tmp_path)}))
+
+
 @pytest.mark.slow
 def test_applied_twice_the_automations_stay_one_each(deployed_stack, stack_notifications):
     """`make up` made them; applying them again changes nothing and adds none."""
