@@ -65,6 +65,9 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     migrate the project database, register and save the blocks."""
     settings = settings or get_settings()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # flow runs of this process (the demo's, the benchmarks') beat as often as the worker's: the zombie automation
+    # judges every run of the server (Prefect's own default, 180 s, is longer than its window)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(settings.alerts.heartbeat_seconds))
     running = registry.up(registry.without(registry.stack_services(settings), "prefect worker"))
     # each address as configured, else as the started service exported it (what the worker's flow runs get)
     database_url = _secret(settings.database.url) or os.environ["DATABASE_URL"]
