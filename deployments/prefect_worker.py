@@ -30,6 +30,7 @@ class PrefectWorker:
     pid: int
     started: bool
     api_url: str = ""
+    heartbeat_seconds: int | None = None  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of its flow runs
 
 
 def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> None:
@@ -99,8 +100,10 @@ class PrefectWorkerService(Service[PrefectWorker]):
 
     Flow runs inherit the worker's environment (this process's, plus `extra_env`): settings such as OUTPUT_DIR
     or REDIS_URL given here apply to every run it starts, and PREFECT_API_AUTH_STRING, which the readiness check
-    sends too. Ready means a heartbeat of the new process: newer than the one the server held for this name
-    before. A running worker of another server or pool is replaced."""
+    sends too. Each flow run sends a heartbeat event every `heartbeat_seconds` (PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    FLOW_HEARTBEAT_SECONDS): the zombie automation (deployments/automations.py) marks a run Crashed when they
+    stop. Ready means a heartbeat of the new process: newer than the one the server held for this name before. A
+    running worker of another server, pool or heartbeat frequency is replaced."""
 
     name = "prefect worker"
     state_file = STATE_FILE
@@ -116,16 +119,19 @@ class PrefectWorkerService(Service[PrefectWorker]):
         query_seconds: float = 5.0,
         timeout: float = 90.0,
         extra_env: dict[str, str] | None = None,
+        heartbeat_seconds: int = 30,
     ):
         super().__init__(folder)
         self.api_url, self.project_dir, self.pool = api_url, project_dir, pool
+        self.heartbeat_seconds = heartbeat_seconds
         self.query_seconds, self.timeout, self.extra_env = query_seconds, timeout, extra_env or {}
 
     def find(self) -> PrefectWorker | None:
         state = self.state()
         if not state or not pid_alive(state["pid"]):
             return None
-        return PrefectWorker(state["name"], state["pool"], state["pid"], False, state.get("api_url", ""))
+        return PrefectWorker(state["name"], state["pool"], state["pid"], False, state.get("api_url", ""),
+                             state.get("heartbeat_seconds"))
 
     def _api_url(self) -> str:
         """The server it works for: `api_url`, else this process's PREFECT_API_URL (the stack sets it)."""
@@ -135,7 +141,8 @@ class PrefectWorkerService(Service[PrefectWorker]):
         return api_url
 
     def reuse(self, running: PrefectWorker) -> bool:
-        return running.api_url == self._api_url() and running.pool == self.pool
+        return (running.api_url, running.pool, running.heartbeat_seconds) == (
+            self._api_url(), self.pool, self.heartbeat_seconds)
 
     def start(self) -> PrefectWorker:
         api_url, pool, name = self._api_url(), self.pool, worker_name(self.pool)
@@ -148,6 +155,7 @@ class PrefectWorkerService(Service[PrefectWorker]):
                 "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds),
                 "PREFECT_WORKER_PREFETCH_SECONDS": str(max(10.0, query_seconds)),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(self.heartbeat_seconds),
                 **self.extra_env,
             }
         )
@@ -156,10 +164,11 @@ class PrefectWorkerService(Service[PrefectWorker]):
         process = self.spawn(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", name],
             lambda: worker_heartbeat_since(api_url, pool, name, since, headers), self.timeout,
-            {"pool": pool, "api_url": api_url, "name": name}, env=env, cwd=self.project_dir, poll=0.5,
+            {"pool": pool, "api_url": api_url, "name": name, "heartbeat_seconds": self.heartbeat_seconds}, env=env,
+            cwd=self.project_dir, poll=0.5,
             failure=f"prefect worker did not come online on pool {pool!r} (no heartbeat of its own)",
         )
-        return PrefectWorker(name, pool, process.pid, True, api_url)
+        return PrefectWorker(name, pool, process.pid, True, api_url, self.heartbeat_seconds)
 
     def address(self, running: PrefectWorker) -> str:
         return f"{running.name} on pool {running.pool}"

@@ -2,10 +2,11 @@
 the demo, the benchmarks and the test session) loop over.
 
 Order: the embedded PostgreSQL (the Prefect server's database is on it), the embedded Redis, the Prefect server,
-the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the worker. `up` starts them in this order,
-`down` stops them in reverse. A service configured by environment is not started (`replaced_by` says which setting):
-REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL, TURNSTILE_EMULATOR_DEVICES=0; DATABASE_URL replaces
-the embedded PostgreSQL unless the local Prefect server keeps its own database on it.
+the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the notification receiver, the worker. `up`
+starts them in this order, `down` stops them in reverse. A service configured by environment is not started
+(`replaced_by` says which setting): REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL,
+TURNSTILE_EMULATOR_DEVICES=0, NOTIFY_BLOCK; DATABASE_URL replaces the embedded PostgreSQL unless the local Prefect
+server keeps its own database on it.
 
 What started services export (DATABASE_URL, REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL) goes into this
 process's environment, so the worker the stack starts, its flow runs and their Dask workers all inherit the
@@ -18,6 +19,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
+from deployments.notification_receiver import NotificationReceiverService
 from deployments.prefect_server import DATABASE_URL_VARIABLES, local_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, PrefectWorkerService
 from emulators import marketplace as marketplace_emulator
@@ -80,8 +82,12 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
             ),
             None if devices else "TURNSTILE_EMULATOR_DEVICES=0",
         ),
+        Registered(NotificationReceiverService(settings.stack.data_dir / "notifications",
+                                               settings.alerts.receiver_port),
+                   "NOTIFY_BLOCK is set" if settings.alerts.notify_block else None),
         Registered(PrefectWorkerService(settings.stack.prefect_worker_dir, project_dir=PROJECT_ROOT, pool=LOCAL_WORK_POOL,
-                                        query_seconds=worker_query_seconds)),
+                                        query_seconds=worker_query_seconds,
+                                        heartbeat_seconds=settings.alerts.heartbeat_seconds)),
     ]
 
 

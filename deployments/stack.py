@@ -1,7 +1,8 @@
 """The local stack: the services of the registry (deployments/services.py: the embedded PostgreSQL, the embedded
 Redis, a real Prefect server with its own database "prefect" on that PostgreSQL or SQLite, the file server of
-OUTPUT_DIR, the emulators of the outside systems, the worker), the project database migrated to head, the blocks,
-and the process work pool with the deployments of prefect.yaml.
+OUTPUT_DIR, the emulators of the outside systems, the notification receiver, the worker), the project database
+migrated to head, the blocks, the process work pool with the deployments of prefect.yaml, and the project's
+automations (deployments/automations.py: notifications, zombie runs Crashed).
 
     python -m deployments.stack up      # start (or reuse) every service in order, deploy, print the UI address
     python -m deployments.stack down    # stop the services in reverse order
@@ -28,6 +29,7 @@ from pydantic import SecretStr
 
 from deployments import services as registry
 from deployments.after_deploy import apply_after_deploy, describe_schedules
+from deployments.automations import apply_automations, notifications_at
 from deployments.prefect_server import running_prefect_server, use_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
 from deployments.services import DEMO_MARKETPLACE
@@ -63,6 +65,9 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     migrate the project database, register and save the blocks."""
     settings = settings or get_settings()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # flow runs of this process (the demo's, the benchmarks') beat as often as the worker's: the zombie automation
+    # judges every run of the server (Prefect's own default, 180 s, is longer than its window)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(settings.alerts.heartbeat_seconds))
     running = registry.up(registry.without(registry.stack_services(settings), "prefect worker"))
     # each address as configured, else as the started service exported it (what the worker's flow runs get)
     database_url = _secret(settings.database.url) or os.environ["DATABASE_URL"]
@@ -186,6 +191,7 @@ def start_operator_stack(settings: Settings | None = None, worker_query_seconds:
     settings = settings or get_settings()
     stack = start_local_stack(settings)
     deploy_all(stack.api_url)
+    apply_automations(settings, stack.api_url)  # notifications and zombie runs (deployments/automations.py)
     registry.up(registry.only(registry.stack_services(settings, worker_query_seconds), "prefect worker"))
     return stack
 
@@ -223,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         for service, state in stack_status().items():
-            print(f"{service + ':':22}{state}")
-        print(f"{'schedules:':22}{describe_schedules(local_api_url())}")
+            print(f"{service + ':':23}{state}")
+        print(f"{'schedules:':23}{describe_schedules(local_api_url())}")
         return 0
     stack = start_operator_stack()
     from prefect.client.orchestration import get_client
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Turnstiles:    emulated: {', '.join(stack.emulated_turnstiles)} (TurnstileDevice blocks)")
     print(f"Output files:  {stack.output_url}/ (OUTPUT_DIR {get_settings().stack.output_dir})")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().stack.prefect_worker_dir / 'worker.log'}")
+    print(f"Notifications: {notifications_at(get_settings())}")
     print("Deployments:")
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")

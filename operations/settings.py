@@ -1,6 +1,6 @@
 """The project's settings, grouped by concern: `settings.stack`, `settings.database`, `settings.redis`,
 `settings.dask`, `settings.lottery`, `settings.retention`, `settings.marketplace`, `settings.products`,
-`settings.turnstiles`.
+`settings.turnstiles`, `settings.alerts`.
 
 Each group reads its fields from environment variables (case-insensitive) and `.env` in the working directory;
 every field names its variable in `validation_alias`. The reference in `docs/configuration.md` is generated
@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -406,6 +406,40 @@ class TurnstilesSettings(SettingsGroup):
     )
 
 
+class AlertsSettings(SettingsGroup):
+    """Who is told when a run fails or something needs a person, and when a silent run counts as dead."""
+
+    notify_block: str | None = Field(
+        default=None, validation_alias="NOTIFY_BLOCK",
+        description="Notification block the automations send through, as '<block-type-slug>/<block-name>' (e.g. "
+        "'slack-webhook/operations', 'sendgrid-email/on-call'; docs/notifications.md). Unset: the stack's "
+        "notification receiver (a page and a log file under DATA_DIR), which `make up` then starts.",
+    )
+    receiver_port: int = Field(
+        default=4281, ge=1, le=65_535, validation_alias="NOTIFICATION_RECEIVER_PORT",
+        description="Port of the stack's notification receiver on 127.0.0.1 (another free port if it is taken).",
+    )
+    heartbeat_seconds: int = Field(
+        default=30, ge=30, le=3_600, validation_alias="FLOW_HEARTBEAT_SECONDS",
+        description="Seconds between the heartbeats of the worker's flow runs (Prefect's "
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY, at least 30).",
+    )
+    zombie_after_seconds: int = Field(
+        default=90, ge=60, le=86_400, validation_alias="ZOMBIE_AFTER_SECONDS",
+        description="A Running flow run without a heartbeat for this long is marked Crashed by an automation "
+        "(its process is gone). At least twice FLOW_HEARTBEAT_SECONDS; flow runs started outside the worker "
+        "must send heartbeats as often (PREFECT_FLOWS_HEARTBEAT_FREQUENCY).",
+    )
+
+    @model_validator(mode="after")
+    def _beats_within_the_window(self) -> AlertsSettings:
+        """A window shorter than two heartbeats would mark live runs Crashed."""
+        if self.zombie_after_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("ZOMBIE_AFTER_SECONDS must be at least twice FLOW_HEARTBEAT_SECONDS, or live runs "
+                             "are marked Crashed between two heartbeats")
+        return self
+
+
 class Settings(BaseModel):
     """Where the services are and how big the work is cut, one group per concern. Each group reads the
     environment and `.env` when it is built: `Settings()` reads them all, `Settings(stack=StackSettings(...))`
@@ -422,6 +456,7 @@ class Settings(BaseModel):
     marketplace: MarketplaceSettings = Field(default_factory=MarketplaceSettings)
     products: ProductsSettings = Field(default_factory=ProductsSettings)
     turnstiles: TurnstilesSettings = Field(default_factory=TurnstilesSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     @classmethod
     def groups(cls) -> dict[str, type[SettingsGroup]]:
@@ -466,7 +501,7 @@ def get_settings() -> Settings:
 _TITLES = {
     "stack": "Local stack", "database": "Project database", "redis": "Redis", "dask": "Dask",
     "lottery": "Game generation", "retention": "Run retention", "marketplace": "Marketplace sync",
-    "products": "Product files", "turnstiles": "Turnstile registration",
+    "products": "Product files", "turnstiles": "Turnstile registration", "alerts": "Notifications and zombie runs",
 }
 
 

@@ -65,6 +65,9 @@ def pytest_configure(config: pytest.Config) -> None:
             "PREFECT_LOGGING_LEVEL": "WARNING",
             # runs held by a deployment concurrency limit retry after this many seconds (30 by default)
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+            # flow runs of this process and its children beat as often as the worker's: once `deployed_stack` has
+            # made the zombie automation, a run silent for ZOMBIE_AFTER_SECONDS is marked Crashed
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             "DATA_DIR": str(root / "data"),
             "OUTPUT_DIR": str(root / "data" / "output"),
         }
@@ -133,7 +136,7 @@ STACK_WORKER_SETTINGS = {
     "STACK_SCHEDULES": "off",
 }
 # Started by `stack up` on the session's services; the others show "not used: <setting> is set".
-STACK_STARTED = ("marketplace emulator", "turnstile emulator", "prefect worker")
+STACK_STARTED = ("marketplace emulator", "turnstile emulator", "notification receiver", "prefect worker")
 STACK_CONFIGURED = {"embedded postgres": "DATABASE_URL", "embedded redis": "REDIS_URL",
                     "prefect server": "PREFECT_API_URL", "file server": "OUTPUT_BASE_URL"}
 

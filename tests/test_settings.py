@@ -79,6 +79,10 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "TURNSTILES_CONCURRENCY": ("turnstiles.concurrency", "4", 4),
     "TURNSTILE_TASK_RETRIES": ("turnstiles.task_retries", "5", 5),
     "TURNSTILES_TIMEZONE": ("turnstiles.timezone", "America/Manaus", "America/Manaus"),
+    "NOTIFY_BLOCK": ("alerts.notify_block", "slack-webhook/ops", "slack-webhook/ops"),
+    "NOTIFICATION_RECEIVER_PORT": ("alerts.receiver_port", "5281", 5281),
+    "FLOW_HEARTBEAT_SECONDS": ("alerts.heartbeat_seconds", "45", 45),
+    "ZOMBIE_AFTER_SECONDS": ("alerts.zombie_after_seconds", "120", 120),
 }
 
 
