@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import uuid
 
 import pytest
@@ -170,3 +172,83 @@ def test_two_flow_runs_at_once_never_exceed_a_turnstiles_limit(gates, tmp_path):
         # the blocks say 1 request at a time: the two runs' tasks took turns on each device
         assert stats["peak_in_flight"] == 1, stats
         assert len(emulator.control.users(device)) == 100
+
+
+class _WriteWatch:
+    """Cancels the flow run named `run_name` once the turnstiles got `after` write calls, then notes when each
+    later write call arrived: (seconds from the cancel to the last write, writes after the cancel)."""
+
+    def __init__(self, emulator, run_name: str, after: int):
+        self.emulator, self.run_name, self.after = emulator, run_name, after
+        self.cancelled_at: float | None = None
+        self.last_write_at: float | None = None
+        self.writes_at_cancel = self.writes_after = 0
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _writes(self) -> int:
+        return sum(self.emulator.control.stats(d)["write_calls"] for d in range(3))
+
+    def _cancel(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        from prefect.states import Cancelling
+
+        with get_client(sync_client=True) as client:
+            [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[self.run_name])))
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+
+    def _watch(self) -> None:
+        while self._writes() < self.after and not self.finished.is_set():
+            time.sleep(0.05)
+        self.writes_at_cancel = self._writes()
+        self._cancel()
+        self.cancelled_at = self.last_write_at = time.monotonic()
+        seen = self._writes()
+        while not self.finished.wait(0.1):
+            writes = self._writes()
+            if writes != seen:
+                seen, self.last_write_at = writes, time.monotonic()
+        self.writes_after = seen - self.writes_at_cancel
+
+    def stop(self) -> tuple[float, int]:
+        time.sleep(1.0)  # a write arriving late would still be seen
+        self.finished.set()
+        self.thread.join(30)
+        assert self.cancelled_at is not None, "the run ended before it was cancelled"
+        return self.last_write_at - self.cancelled_at, self.writes_after
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_a_cancelled_registration_stops_writing_within_seconds_and_reports_what_it_wrote(
+    gates, tmp_path, monkeypatch, request, runner
+):
+    """The flow run is set CANCELLING through the API while its device tasks write (100 ms a request): no write
+    reaches a turnstile seconds later, the run ends Cancelled, and its report counts exactly the users the
+    turnstiles got before the cancel."""
+    emulator, names, cache = gates
+    if runner == "dask":
+        request.getfixturevalue("on_session_cluster")
+        monkeypatch.setenv("TURNSTILES_TASK_RUNNER", "dask")
+        get_settings.cache_clear()
+    emulator.control.configure(latency_ms=100)
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 600)
+    from flows.register_participants import register_participants
+
+    run_name = f"cancel-{runner}-{uuid.uuid4().hex[:6]}"
+    watch = _WriteWatch(emulator, run_name, after=6)
+    state = register_participants.with_options(flow_run_name=run_name)(
+        participants_file=str(source), turnstiles=names, cache_block=cache, batch_size=10, return_state=True)
+    last_write, writes_after = watch.stop()
+    print(f"{runner}: last device write {last_write:.2f} s after the cancel ({writes_after} write call(s) after it)")
+    assert state.is_cancelled(), state
+    assert last_write <= 5, last_write  # the stop check polls every second; a batch in flight takes 0.1 s
+    on_devices = sum(len(emulator.control.users(d)) for d in range(3))
+    assert 0 < on_devices < 3 * 600, "cancelled mid-way"
+    summary = state.result(raise_on_failure=False)
+    assert summary["turnstiles_cancelled"] == 3 and summary["written"]["created"] == on_devices, summary
+    assert "written before the cancel" in state.message and f"{on_devices:,} user(s) created" in state.message
+    report = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-report"].data
+    assert "(cancelled)" in report and f"| Written before the cancel | {on_devices:,} user(s) created" in report
