@@ -66,14 +66,22 @@ class RunProgress:
 
 
 class _Reporter:
-    def __init__(self, device: str, participants: int, progress: RunProgress, cache_block: TurnstileCache):
-        self.device, self.participants, self.progress = device, participants, progress
+    """Adds to the run's progress what this device settled; a retried attempt adds only what goes beyond the
+    most an earlier attempt settled (`tally.settled`), so the run's progress never counts a pair twice."""
+
+    def __init__(self, device: str, participants: int, progress: RunProgress, cache_block: TurnstileCache,
+                 tally: DeviceTally):
+        self.device, self.participants, self.progress, self.tally = device, participants, progress, tally
         self.redis = cache_block.get_client()
         self.settled, self.last = 0, 0.0
 
     def __call__(self, delta: int) -> None:
         self.settled += delta
-        run_settled = self.redis.incrby(self.progress.counter_key, delta)
+        new = self.settled - self.tally.settled
+        if new <= 0:
+            return
+        self.tally.settled = self.settled
+        run_settled = self.redis.incrby(self.progress.counter_key, new)
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_SECONDS or self.settled >= self.participants:
             self.last = now
@@ -111,15 +119,15 @@ def register_on_turnstile(
     pacer = RequestPacer(device.requests_per_second * slots / device.max_concurrent_requests, slots)
     client = device.client(device_name, limiter=pacer.slot)
     should_stop, logger = run_stop_check(), get_run_logger()
-    limit = device_limit_name(device_name)
+    limit, tally = device_limit_name(device_name), attempt_tally(DeviceTally)
     try:
         report = register_on_device(
             client, device_name, participants.items, cache_block.cache(), replace(options, concurrency=slots),
-            progress=_Reporter(device_name, len(participants), progress, cache_block),
+            progress=_Reporter(device_name, len(participants), progress, cache_block, tally),
             device_slot=lambda: held_slot(limit, logger, what=f"slot of turnstile {device_name}", occupy=slots,
                                           context=f" (global concurrency limit '{limit}', the block's max "
                                                   "concurrent requests)", should_stop=should_stop),
-            should_stop=should_stop, tally=attempt_tally(DeviceTally),
+            should_stop=should_stop, tally=tally,
         )
     except DeviceFailed as failed:
         if failed.transient and _last_attempt():

@@ -252,3 +252,60 @@ def test_a_cancelled_registration_stops_writing_within_seconds_and_reports_what_
     assert "written before the cancel" in state.message and f"{on_devices:,} user(s) created" in state.message
     report = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-report"].data
     assert "(cancelled)" in report and f"| Written before the cancel | {on_devices:,} user(s) created" in report
+
+
+def test_a_turnstiles_figures_count_every_attempt_of_its_task(gates, tmp_path, monkeypatch):
+    """The first attempt writes 4 batches of users, then the turnstile answers 503 past the client's retries;
+    the task's retry writes the rest. The table and the report count what both attempts wrote."""
+    import flows.register_participants as module
+    from tasks.registration import register_on_turnstile
+
+    emulator, names, cache = gates
+    monkeypatch.setattr(module, "register_on_turnstile", register_on_turnstile.with_options(retry_delay_seconds=[0]))
+    # the block's client tries twice: the 5th users batch fails both times, and the attempt with it
+    emulator.control.add_fault(path="/create_objects.fcgi", device=0, status=503, skip=4, times=2)
+    source = tmp_path / "participants.csv"
+    people = write_participants_file(source, 100)
+    state, result = _run(participants_file=str(source), turnstiles=names[:1], cache_block=cache, batch_size=10)
+    assert state.is_completed(), state.message
+    assert len(emulator.control.users(0)) == 100
+    [report] = result["reports"]
+    assert (report["created"], report["unchanged"], report["cached"]) == (100, 0, 0), report
+    assert report["cards"] == sum(p.card is not None for p in people)
+    assert report["groups"] == sum(p.group is not None for p in people)
+    [task_run], _ = task_runs_of_flow_run(state.state_details.flow_run_id)
+    assert task_run.run_count == 2, "the first attempt failed"
+    table = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-turnstiles"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [(row["created"], row["unchanged"], row["failed"]) for row in table] == [(100, 0, 0)]
+
+
+def test_a_turnstile_unreachable_past_its_retries_emits_an_event(gates, tmp_path, monkeypatch):
+    """`project.turnstile.unreachable` about the turnstile's block, related to the run, read back from the
+    server's events; the reachable turnstile emits none."""
+    from prefect.client.orchestration import get_client
+
+    emulator, names, cache = gates
+    monkeypatch.setenv("TURNSTILE_TASK_RETRIES", "0")
+    get_settings.cache_clear()
+    emulator.control.set_down(1)
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 5)
+    state, _ = _run(participants_file=str(source), turnstiles=names[:2], cache_block=cache)
+    assert state.is_failed()
+    flow_run_id = state.state_details.flow_run_id
+    body = {"filter": {"event": {"name": ["project.turnstile.unreachable"]},
+                       "any_resource": {"id_prefix": [f"project.turnstile.test-gate-"]},
+                       "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50}
+    deadline, events = time.monotonic() + 30, []
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            found = client.request("POST", "/events/filter", json=body).json()["events"]
+            events = [e for e in found if any(r.get("prefect.resource.id") == f"prefect.flow-run.{flow_run_id}"
+                                              for r in e.get("related", []))]
+            if events:
+                break
+            time.sleep(0.5)
+    assert [e["resource"]["prefect.resource.id"] for e in events] == [f"project.turnstile.{names[1]}"], events
+    assert events[0]["payload"]["error"].startswith(f"{names[1]}: "), events[0]
+    assert events[0]["payload"]["base_url"] == emulator.base_urls[1]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ContextManager
 
@@ -84,6 +84,7 @@ class DeviceTally:
     seconds: float = 0.0
     attempts: int = 0
     written: set[str] = field(default_factory=set)  # registrations an attempt wrote something of
+    settled: int = 0  # the most participants one attempt reported settled (the run's progress counts it once)
 
     def fill(self, report: DeviceReport) -> DeviceReport:
         """`report` with the figures of every attempt (a dry run's planned writes are its own: nothing was
@@ -255,8 +256,9 @@ def _write(
     progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
 ) -> None:
     """Users, then cards, then group links, each in batches (`options.concurrency` calls at once); a
-    participant whose user failed gets nothing more. Each confirmed write is added to `tally` at once; no
-    batch starts once `should_stop()` (the batches in flight finish and are counted, then Cancelled)."""
+    participant whose user failed gets nothing more. Each confirmed write is added to `tally` at once. Once a
+    batch fails (the device unreachable) or `should_stop()` (Cancelled), no further batch starts: those in
+    flight finish and are counted, then the error is raised."""
     def alive(predicate: Callable[[_Target], bool]) -> list[_Target]:
         return [t for t in targets if not t.failed and predicate(t)]
 
@@ -305,12 +307,17 @@ def _write(
                 chosen = alive(lambda t: t.card_create) if object_name == "cards" else alive(lambda t: t.group_link)
             batches = _batches([(t, values(t)) for t in chosen], options.batch_size, options.max_body_bytes)
             futures = [pool.submit(one_batch, batch, object_name, create_only, resolve) for batch in batches]
-            stopped: Cancelled | None = None
+            stopped: Exception | None = None
             for batch, future in zip(batches, futures):
                 try:
                     batch_written(batch, future.result(), object_name, figure)
-                except Cancelled as exc:  # the batches written before or alongside it are still counted
-                    stopped = stopped or exc
+                except CancelledError:  # not started: a batch before it failed or was stopped
+                    pass
+                except Exception as exc:  # noqa: BLE001 - raised once the batches in flight are counted
+                    if stopped is None:
+                        stopped = exc
+                        for later in futures:
+                            later.cancel()
             if stopped is not None:
                 raise stopped
         for t in alive(lambda t: t.card_modify_id is not None):
