@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -251,3 +252,53 @@ def test_an_unreachable_dask_scheduler_fails_fast_with_a_clear_message(settings,
     assert f"Dask scheduler tcp://127.0.0.1:{port}" in state.message and "unreachable" in state.message
     assert time.monotonic() - started < 60
     get_settings.cache_clear()
+
+
+def test_a_cancelled_generation_starts_no_new_chunk_and_reports_what_it_committed(dask_settings, on_session_cluster):
+    """The flow run is set CANCELLING through the API once 2 chunks have committed on Dask: no chunk commits
+    seconds later (the chunks not started are cancelled, those starting see the cancel), the run's slot is given
+    back, the run ends Cancelled with a summary of the committed chunks. (The in-process runner shares the
+    flow's loop: one runner is enough here.)"""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.states import Cancelling
+
+    run_key = f"cancel-{uuid.uuid4().hex[:6]}"
+    block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
+    block.save("flowtest-counter", overwrite=True)
+    counter = block.counter(run_key)
+    quantity, marks = 60_000, {}
+
+    def cancel_after_two_chunks() -> None:
+        while len(counter.committed_chunks()) < 2:
+            time.sleep(0.02)
+        with get_client(sync_client=True) as client:
+            [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_key])))
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+        marks["cancelled"], seen = time.monotonic(), set(counter.committed_chunks())
+        marks["last commit"] = marks["cancelled"]
+        while "ended" not in marks:
+            now = set(counter.committed_chunks())
+            if now != seen:
+                seen, marks["last commit"] = now, time.monotonic()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=cancel_after_two_chunks, daemon=True)
+    watcher.start()
+    state = generate_games.with_options(flow_run_name=run_key)(
+        quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
+    time.sleep(1.0)  # a chunk committing late would still be seen
+    marks["ended"] = time.monotonic()
+    watcher.join(10)
+    last_commit = marks["last commit"] - marks["cancelled"]
+    print(f"dask: last chunk committed {last_commit:.2f} s after the cancel")
+    assert state.is_cancelled(), state
+    assert last_commit <= 10, last_commit
+    committed = counter.committed_chunks()
+    result = state.result(raise_on_failure=False)
+    assert 2 <= result["chunks_committed"] == len(committed) < result["chunks"] == 12, result
+    assert f"{len(committed)} of 12 chunk(s) committed" in state.message
+    summary = next(a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "games-run-summary")
+    assert f"| Chunks committed | {len(committed)} of 12" in summary.data and "cancelled" in summary.data
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(GAMES_LIMIT).active_slots == 0
+    counter.delete_run()
