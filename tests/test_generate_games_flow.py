@@ -302,3 +302,23 @@ def test_a_cancelled_generation_starts_no_new_chunk_and_reports_what_it_committe
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(GAMES_LIMIT).active_slots == 0
     counter.delete_run()
+
+
+def test_a_permanent_os_error_of_the_output_folder_is_not_retried(settings, monkeypatch, tmp_path):
+    """OUTPUT_DIR that cannot hold the run's folder (here a file where the folder should be, the same as a
+    read-only folder for the retry rule: an OSError that no retry heals): each chunk runs once, and the run fails
+    at once, naming the path, instead of after its retries (1, 4 and 10 s apart)."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    blocked = tmp_path / "output-is-a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("OUTPUT_DIR", str(blocked))
+    get_settings.cache_clear()
+    state = generate_games(quantity=3_000, run_key=f"oserror-{uuid.uuid4().hex[:6]}", return_state=True)
+    assert state.is_failed() and str(blocked) in state.message, state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    chunks = [run for run in runs if run.name.startswith("chunk-")]
+    assert chunks and all(run.run_count == 1 for run in chunks), [(r.name, r.run_count) for r in chunks]
+    get_settings.cache_clear()
