@@ -224,8 +224,9 @@ def test_resume_after_the_flow_process_is_killed(dask_settings):
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     committed = set(counter.committed_chunks())
-    # The killed run still holds its generation slot: the server gives it back when its lease runs out
-    # (LEASE_SECONDS, ~75 s). Resuming is what this test checks, so the limit is made anew without the dead holder.
+    # The killed run still holds its generation slot: a run waiting for it frees it once the killed holder's
+    # heartbeat has been still for ~15 s (tasks/slots.py, tested in test_concurrency_limits.py). Resuming is what
+    # this test checks, so the limit is made anew without the dead holder.
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(GAMES_LIMIT).active_slots == 1
         client.delete_global_concurrency_limit_by_name(GAMES_LIMIT)
