@@ -155,6 +155,10 @@ def generate_games(
     return run_result(report)
 
 
+class GenerationCancelled(RuntimeError):
+    """The run was cancelled: its summary says which chunks were committed before."""
+
+
 def _counter_block(name: str, settings: Settings) -> RedisGameCounter:
     block = RedisGameCounter.load_or_create_default(
         name or settings.lottery.counter_block_name, settings.lottery.counter_block_name, settings
@@ -260,9 +264,7 @@ def _cancelled(plan: GenerationPlan, counter: FirstNumberCounter, produced: _Gen
     message = (f"cancelled ({stop or 'termination signal'}): {len(committed)} of {len(plan.chunk_quotas)} chunk(s) "
                f"committed, {games:,} of {plan.request.quantity:,} games; re-run with run_key {plan.run_key} to resume")
     get_run_logger().warning("%s", message)
-    return CancelledState(message=message, data={"run_key": plan.run_key, "chunks": len(plan.chunk_quotas),
-                                                 "chunks_committed": len(committed), "games": games,
-                                                 "chunks_generated": len(produced.results)})
+    return CancelledState(message=message, data=GenerationCancelled(message))
 
 
 def _finish(plan: GenerationPlan, counter: FirstNumberCounter, run_dir: Path, workbooks: list[dict],

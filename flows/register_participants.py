@@ -27,7 +27,7 @@ from prefect.artifacts import (
 )
 from prefect.client.orchestration import get_client
 from prefect.exceptions import TerminationSignal
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed
 from prefect.utilities.annotations import unmapped
@@ -60,6 +60,10 @@ from tasks.registration import Participants, RunProgress, device_limit_name, reg
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
 
 FILE_PATTERN = r"^$|^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # empty: PARTICIPANTS_FILE
+
+
+class RegistrationCancelled(RuntimeError):
+    """The run was cancelled: its report says what was written before."""
 
 
 class UnknownTurnstile(UserError, ValueError):
@@ -128,15 +132,22 @@ def register_everywhere(
             wait(futures)
         except TerminationSignal:
             get_run_logger().warning("termination signal: the turnstile tasks stop at their next batch")
-            wait(futures, timeout=STOP_WAIT_SECONDS)
-        outcomes = [future.result(raise_on_failure=False) if future.state.is_final()
-                    else RuntimeError("stopped before it reported") for future in futures]
+        deadline = time.monotonic() + STOP_WAIT_SECONDS  # reached only after a termination signal
+        outcomes = [_outcome(future, deadline) for future in futures]
     return [
         outcome if isinstance(outcome, dict)
         else outcome.report.to_json() if isinstance(outcome, DeviceFailed)
         else DeviceReport(name, participants=len(people.participants), status="failed", error=str(outcome)).to_json()
         for name, outcome in zip(devices, outcomes)
     ]
+
+
+def _outcome(future: PrefectFuture, deadline: float) -> object:
+    """A device task's return value or the exception it ended with, waiting for it until `deadline`."""
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()), raise_on_failure=False)
+    except TimeoutError:
+        return RuntimeError("stopped before it reported")
 
 
 def publish(source: Path, people: ParticipantsFile, reports: list[dict], dry_run: bool, seconds: float,
@@ -226,9 +237,9 @@ def register_participants(
     summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
     if summary["turnstiles_cancelled"] or run_stop_check()():
         written = summary["written"]
-        return Cancelled(message=(
-            f"cancelled: {summary['turnstiles_cancelled']} turnstile(s) stopped; written before the cancel: "
-            f"{written['created']:,} user(s) created, {written['updated']:,} updated, {written['cards']:,} card(s), "
-            f"{written['groups']:,} group link(s)"), data=summary)
+        stopped = (f"cancelled: {summary['turnstiles_cancelled']} turnstile(s) stopped; written before the cancel: "
+                   f"{written['created']:,} user(s) created, {written['updated']:,} updated, {written['cards']:,} "
+                   f"card(s), {written['groups']:,} group link(s)")
+        return Cancelled(message=stopped, data=RegistrationCancelled(stopped))
     failed = registration_failure_message(summary)
     return Failed(message=failed, data=RegistrationIncomplete(failed)) if failed else summary

@@ -295,9 +295,7 @@ def test_a_cancelled_generation_starts_no_new_chunk_and_reports_what_it_committe
     assert state.is_cancelled(), state
     assert last_commit <= 10, last_commit
     committed = counter.committed_chunks()
-    result = state.result(raise_on_failure=False)
-    assert 2 <= result["chunks_committed"] == len(committed) < result["chunks"] == 12, result
-    assert f"{len(committed)} of 12 chunk(s) committed" in state.message
+    assert 2 <= len(committed) < 12 and f"{len(committed)} of 12 chunk(s) committed" in state.message, state.message
     summary = next(a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "games-run-summary")
     assert f"| Chunks committed | {len(committed)} of 12" in summary.data and "cancelled" in summary.data
     with get_client(sync_client=True) as client:

@@ -7,6 +7,7 @@ flow runs at once never putting more requests on a turnstile than its limit."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -247,9 +248,8 @@ def test_a_cancelled_registration_stops_writing_within_seconds_and_reports_what_
     assert last_write <= 5, last_write  # the stop check polls every second; a batch in flight takes 0.1 s
     on_devices = sum(len(emulator.control.users(d)) for d in range(3))
     assert 0 < on_devices < 3 * 600, "cancelled mid-way"
-    summary = state.result(raise_on_failure=False)
-    assert summary["turnstiles_cancelled"] == 3 and summary["written"]["created"] == on_devices, summary
-    assert "written before the cancel" in state.message and f"{on_devices:,} user(s) created" in state.message
+    assert state.message.startswith("cancelled: 3 turnstile(s) stopped; written before the cancel: ")
+    assert f"{on_devices:,} user(s) created" in state.message, (on_devices, state.message)
     report = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-report"].data
     assert "(cancelled)" in report and f"| Written before the cancel | {on_devices:,} user(s) created" in report
 
@@ -309,3 +309,48 @@ def test_a_turnstile_unreachable_past_its_retries_emits_an_event(gates, tmp_path
     assert [e["resource"]["prefect.resource.id"] for e in events] == [f"project.turnstile.{names[1]}"], events
     assert events[0]["payload"]["error"].startswith(f"{names[1]}: "), events[0]
     assert events[0]["payload"]["base_url"] == emulator.base_urls[1]
+
+
+_RUN_NAMED = """
+import sys
+from flows.register_participants import register_participants
+register_participants.with_options(flow_run_name=sys.argv[4])(
+    participants_file=sys.argv[1], turnstiles=sys.argv[2].split(","), cache_block=sys.argv[3], batch_size=10)
+"""
+
+
+def test_a_sigterm_to_the_flow_process_stops_the_writes_and_the_run_still_reports(gates, tmp_path):
+    """What the worker does on a cancel: SIGTERM to the flow's process. The device tasks stop at their next
+    batch, the run publishes what was written and ends Cancelled, and the process exits on its own."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    emulator, names, cache = gates
+    emulator.control.configure(latency_ms=100)
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 600)
+    run_name = f"sigterm-{uuid.uuid4().hex[:6]}"
+    process = subprocess.Popen([sys.executable, "-c", _RUN_NAMED, str(source), ",".join(names), cache, run_name],
+                               cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writes = lambda: sum(emulator.control.stats(d)["write_calls"] for d in range(3))  # noqa: E731
+    deadline = time.monotonic() + 120
+    while writes() < 6:
+        assert process.poll() is None and time.monotonic() < deadline, "no write in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    signalled, seen, last_write = time.monotonic(), writes(), time.monotonic()
+    while process.poll() is None:
+        assert time.monotonic() - signalled < 30, "the process outlived the worker's 30 s before SIGKILL"
+        if writes() != seen:
+            seen, last_write = writes(), time.monotonic()
+        time.sleep(0.05)
+    print(f"SIGTERM: last device write {last_write - signalled:.2f} s after it, exit after "
+          f"{time.monotonic() - signalled:.1f} s")
+    assert last_write - signalled <= 5 and writes() == seen
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
+    assert run.state.is_cancelled() and "3 turnstile(s) stopped" in run.state.message, run.state
+    on_devices = sum(len(emulator.control.users(d)) for d in range(3))
+    assert f"{on_devices:,} user(s) created" in run.state.message, (on_devices, run.state.message)
+    report = {a.key: a for a in run_artifacts(run.id)}["registration-report"].data
+    assert f"| Written before the cancel | {on_devices:,} user(s) created" in report
