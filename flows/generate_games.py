@@ -83,6 +83,7 @@ from tasks.lottery import generate_games_chunk, rank_games_of_run, write_games_s
 from tasks.retries import with_retries
 
 STOP_POLL_SECONDS = 1.0  # the flow asks whether the run was cancelled this often while chunks run
+CHUNK_STOP_WAIT_SECONDS = 15.0  # then gives the chunks already running this long to finish (SIGKILL comes at 30 s)
 
 
 def _field(name: str):
@@ -202,7 +203,8 @@ def _produce(
     """Generate the pending chunks on `runner`, then rank the run once and write its spreadsheets in parallel
     (each writer reads its own slice of the ranking) into `produced`; the run's progress artifact follows all
     three. Once `should_stop()` (asked every STOP_POLL_SECONDS), or when a chunk fails after its retries, the
-    chunks not done are cancelled and the error raised."""
+    chunks not started are cancelled, those running get CHUNK_STOP_WAIT_SECONDS to finish, and the error is
+    raised."""
     logger, quotas, quantity = get_run_logger(), plan.chunk_quotas, plan.request.quantity
     parts = part_ranges(quantity, workers, settings.lottery.max_rows_per_file)
     progress = GenerationProgress(quantity, len(parts), games=sum(quotas) - sum(quotas[i] for i in pending))
@@ -225,6 +227,7 @@ def _produce(
             raise_if_stopped(should_stop, "the next chunk")
     except BaseException:
         _cancel(waiting)
+        wait(waiting, timeout=CHUNK_STOP_WAIT_SECONDS)  # the chunks already running commit before the summary
         raise
     raise_if_stopped(should_stop, "ranking the run")
     ranked = runner.submit(rank_games_of_run, {

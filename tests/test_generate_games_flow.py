@@ -287,11 +287,13 @@ def test_a_cancelled_generation_starts_no_new_chunk_and_reports_what_it_committe
     watcher.start()
     state = generate_games.with_options(flow_run_name=run_key)(
         quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
+    ended = time.monotonic()
     time.sleep(1.0)  # a chunk committing late would still be seen
     marks["ended"] = time.monotonic()
     watcher.join(10)
     last_commit = marks["last commit"] - marks["cancelled"]
-    print(f"dask: last chunk committed {last_commit:.2f} s after the cancel")
+    print(f"dask: last chunk committed {last_commit:.2f} s after the cancel, run ended "
+          f"{ended - marks['cancelled']:.1f} s after it")
     assert state.is_cancelled(), state
     assert last_commit <= 10, last_commit
     committed = counter.committed_chunks()
