@@ -109,6 +109,9 @@ SERVER_SETTINGS = {
     # The UI calls the API of the server that served it (the default is port 4200 whatever --port says, so a
     # second server's UI would show the first one's runs).
     "PREFECT_UI_API_URL": "/api",
+    # Expired concurrency leases (a slot holder killed with no run waiting for its slot) are freed within 5 s
+    # of expiring, not 15 (tasks/slots.py: a waiting run frees them sooner).
+    "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
 }
 
 

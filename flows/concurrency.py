@@ -7,31 +7,25 @@ work. `make up` creates the limit or sets its slots from the setting (deployment
 limit (a server the stack did not set up) creates it from the setting, and never changes the slots of one that
 exists (`prefect gcl update generate-games --limit N` holds until the next `make up`).
 
-A slot is a lease the run renews while it works: a run that fails or is cancelled releases it on the way out,
-and the slot of a run whose process was killed returns when its lease runs out (LEASE_SECONDS, plus up to the
-server's 15 s repossessor loop).
+A slot is held with tasks/slots.py: a run that fails or is cancelled releases it on the way out, and the slot
+of a run whose process was killed is freed by the next run that waits for it, within ~20 s of the kill (its
+heartbeat stops); a waiting run says every ~30 s what it waits for and which flow run holds the slot.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Iterator
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency.sync import concurrency
-from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.exceptions import ObjectAlreadyExists
-from prefect.runtime import flow_run
+
+from operations.cancellation import StopCheck, never
+from tasks.slots import held_slot
 
 GAMES_LIMIT = "generate-games"
-# The server's shortest lease: a killed run's slot is back within ~75 s. Prefect renews it every 3/4 of it (45 s),
-# retrying a failed renewal, so a renewal has 15 s to get through.
-LEASE_SECONDS = 60
-WAIT_LOG_SECONDS = 60  # while waiting, a line this often
 
 
 def upsert_concurrency_limit(client: SyncPrefectClient, name: str, slots: int) -> None:
@@ -57,48 +51,14 @@ def ensure_games_limit(slots: int, update: bool) -> None:
             pass
 
 
-def _slot(max_retries: int | None = None, timeout_seconds: float | None = None):
-    run_id = flow_run.get_id()
-    return concurrency(
-        GAMES_LIMIT,
-        strict=True,  # the limit was ensured: its absence now is an error, not a run without a limit
-        max_retries=max_retries,
-        timeout_seconds=timeout_seconds,
-        lease_duration=LEASE_SECONDS,
-        holder=ConcurrencyLeaseHolder(type="flow_run", id=run_id) if run_id else None,
-        # A renewal that fails (the server busy or restarting) must not stop a run that holds its cores.
-        raise_on_lease_renewal_failure=False,
-    )
-
-
 @contextmanager
-def generation_slot(slots: int, logger: logging.Logger | logging.LoggerAdapter) -> Iterator[float]:
+def generation_slot(slots: int, logger: logging.Logger | logging.LoggerAdapter,
+                    should_stop: StopCheck = never) -> Iterator[float]:
     """Hold a slot of the `generate-games` limit for the block; yields the seconds waited for it. A run that
-    has to wait says so at once and every WAIT_LOG_SECONDS, then how long it waited."""
+    has to wait says so at once and every ~30 s (which runs hold the slots), then how long it waited; a
+    cancelled run stops waiting."""
     ensure_games_limit(slots, update=False)
-    started = time.monotonic()
-    with ExitStack() as held:
-        try:
-            held.enter_context(_slot(max_retries=0))  # free: no line
-        except ConcurrencySlotAcquisitionError as exc:
-            if getattr(getattr(exc.__cause__, "response", None), "status_code", None) != 423:  # 423: all taken
-                raise
-            while not _waited_for_slot(held, logger, started):
-                pass
-            logger.info("generation slot taken after waiting %.1f s", time.monotonic() - started)
-        yield time.monotonic() - started
-
-
-def _waited_for_slot(held: ExitStack, logger: logging.Logger | logging.LoggerAdapter, started: float) -> bool:
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(GAMES_LIMIT)
-    logger.info(
-        "waiting for a generation slot: %d of %d taken by other generation runs (global concurrency limit "
-        "'%s', GAMES_CONCURRENCY_LIMIT); %.0f s so far", limit.active_slots, limit.limit, GAMES_LIMIT,
-        time.monotonic() - started,
-    )
-    try:
-        held.enter_context(_slot(timeout_seconds=WAIT_LOG_SECONDS))
-    except TimeoutError:
-        return False
-    return True
+    with held_slot(GAMES_LIMIT, logger, what="generation slot", should_stop=should_stop,
+                   context=f" by other generation runs (global concurrency limit '{GAMES_LIMIT}', "
+                           "GAMES_CONCURRENCY_LIMIT)") as waited:
+        yield waited

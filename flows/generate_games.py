@@ -10,6 +10,10 @@ task runner chosen by the run's size (Dask or the in-process pool), inside this 
 artifact reads 90% once the chunks are done and 100% once every spreadsheet is written. An expected user error
 (an infeasible or contradictory request, a run key used with other parameters, a bad past-draws file) ends the
 run Failed with one line, no traceback.
+
+A cancelled run (its state through the API, or the worker's SIGTERM) starts no new chunk: the chunk tasks check
+before they start, the flow cancels the chunks not yet done and closes the cluster, then publishes what was
+committed before the cancel (a re-run with the same run_key resumes from there) and ends Cancelled.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import as_completed
+from prefect.exceptions import TerminationSignal
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.runtime import flow_run
+from prefect.states import Cancelled as CancelledState
 from prefect.task_runners import TaskRunner
 from prefect.utilities.annotations import unmapped
 from pydantic import Field
@@ -39,6 +45,7 @@ from flows.concurrency import generation_slot
 from flows.forms import form_field, model_form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import check_scheduler_reachable, dask_task_runner, in_process_task_runner, worker_count
+from operations.cancellation import Cancelled, StopCheck, raise_if_stopped
 from operations.infra.links import output_base_url, output_link
 from operations.lottery.counter import FirstNumberCounter
 from operations.lottery.draws import SAMPLE_RESULTS
@@ -58,6 +65,7 @@ from operations.lottery.report import (
     GenerationProgress,
     RunReport,
     artifact_key,
+    cancelled_markdown,
     chunk_line,
     completed_at_text,
     distribution_rows,
@@ -70,9 +78,12 @@ from operations.lottery.report import (
 )
 from operations.lottery.retention import RunOutputs, completed_outputs, finish_run, remove_chunk_files
 from operations.settings import Settings, get_settings
+from tasks.cancellation import run_stop_check, watch_termination
 from tasks.lottery import generate_games_chunk, rank_games_of_run, write_games_spreadsheet
 from tasks.retries import with_retries
 
+STOP_POLL_SECONDS = 1.0  # the flow asks whether the run was cancelled this often while chunks run
+CHUNK_STOP_WAIT_SECONDS = 15.0  # then gives the chunks already running this long to finish (SIGKILL comes at 30 s)
 
 
 def _field(name: str):
@@ -113,6 +124,7 @@ def generate_games(
     past_draws_file: FilePath = _PAST_DRAWS_FILE,
 ) -> dict:
     """Generate `quantity` distinct, rule-abiding, scored Mega-Sena games into ranked spreadsheets."""
+    watch_termination()
     started, settings = time.perf_counter(), get_settings()
     output_base_url(settings)  # where the links will point: a missing OUTPUT_BASE_URL fails now, not after the work
     request = generation_request(quantity=quantity, numbers_per_game=numbers_per_game,
@@ -130,14 +142,22 @@ def generate_games(
     # One generation at a time per machine, whatever deployment started it: the cluster work, starting the
     # LocalCluster included, holds a slot of the 'generate-games' limit. Planning stays outside: an
     # infeasible request fails at once, not after the run ahead of it.
-    with generation_slot(settings.lottery.games_concurrency_limit, get_run_logger()) as waited:
-        with dask_task_runner(settings) if on_dask else in_process_task_runner(settings) as runner:
-            produced = _produce(runner, plan, block, run_dir, pending, workers, settings)
+    should_stop, produced = run_stop_check(), _Generated([], [])
+    try:
+        with generation_slot(settings.lottery.games_concurrency_limit, get_run_logger(), should_stop) as waited:
+            with dask_task_runner(settings) if on_dask else in_process_task_runner(settings) as runner:
+                _produce(runner, plan, block, run_dir, pending, workers, settings, should_stop, produced)
+    except (Cancelled, TerminationSignal) as stop:  # the runner is closed: no chunk runs any more
+        return _cancelled(plan, counter, produced, stop)
     outputs = _finish(plan, counter, run_dir, produced.workbooks, settings, started)
     report = RunReport(plan, outputs, counter.region_counts(len(plan.regions)), on_dask,
                        [r.to_json() for r in produced.results], waited)
     _publish_artifacts(report)
     return run_result(report)
+
+
+class GenerationCancelled(RuntimeError):
+    """The run was cancelled: its summary says which chunks were committed before."""
 
 
 def _counter_block(name: str, settings: Settings) -> RedisGameCounter:
@@ -178,10 +198,13 @@ class _Generated:
 
 def _produce(
     runner: TaskRunner, plan: GenerationPlan, block: RedisGameCounter, run_dir: Path, pending: list[int],
-    workers: int, settings: Settings,
-) -> _Generated:
+    workers: int, settings: Settings, should_stop: StopCheck, produced: _Generated,
+) -> None:
     """Generate the pending chunks on `runner`, then rank the run once and write its spreadsheets in parallel
-    (each writer reads its own slice of the ranking); the run's progress artifact follows all three."""
+    (each writer reads its own slice of the ranking) into `produced`; the run's progress artifact follows all
+    three. Once `should_stop()` (asked every STOP_POLL_SECONDS), or when a chunk fails after its retries, the
+    chunks not started are cancelled, those running get CHUNK_STOP_WAIT_SECONDS to finish, and the error is
+    raised."""
     logger, quotas, quantity = get_run_logger(), plan.chunk_quotas, plan.request.quantity
     parts = part_ranges(quantity, workers, settings.lottery.max_rows_per_file)
     progress = GenerationProgress(quantity, len(parts), games=sum(quotas) - sum(quotas[i] for i in pending))
@@ -190,17 +213,29 @@ def _produce(
     chunk_task = with_retries(generate_games_chunk, settings.lottery.task_retries)
     futures = runner.map(chunk_task, {
         "plan": unmapped(plan), "counter_block": unmapped(block), "chunk": pending, "run_dir": unmapped(run_dir)})
-    results = []
-    for future in as_completed(futures):
-        results.append(future.result())  # a chunk that failed after its retries fails the flow here
-        progress.games += quotas[results[-1].chunk]
-        update_progress_artifact(progress_id, progress.percent)
-        logger.info("%s", chunk_line(results[-1], len(quotas)))
+    results = produced.results
+    waiting: list[PrefectFuture] = list(futures)
+    try:
+        while waiting:
+            done, not_done = wait(waiting, timeout=STOP_POLL_SECONDS)
+            waiting = [future for future in waiting if future in not_done]
+            for future in done:
+                results.append(future.result())  # a chunk that failed after its retries fails the flow here
+                progress.games += quotas[results[-1].chunk]
+                update_progress_artifact(progress_id, progress.percent)
+                logger.info("%s", chunk_line(results[-1], len(quotas)))
+            raise_if_stopped(should_stop, "the next chunk")
+    except BaseException:
+        _cancel(waiting)
+        wait(waiting, timeout=CHUNK_STOP_WAIT_SECONDS)  # the chunks already running commit before the summary
+        raise
+    raise_if_stopped(should_stop, "ranking the run")
     ranked = runner.submit(rank_games_of_run, {
         "chunk_files": [chunk_path(run_dir, i) for i in range(len(quotas))], "run_dir": run_dir})
     summary = workbook_summary(plan, block.counter(plan.run_key).region_counts(len(plan.regions)))
     ranking, progress.ranked = ranked.result(), True
     update_progress_artifact(progress_id, progress.percent)
+    raise_if_stopped(should_stop, "writing the spreadsheets")
     writes = [runner.submit(write_games_spreadsheet, {
         "ranking": ranking, "start": start, "stop": stop, "summary": summary, "rows_per_sheet": settings.lottery.rows_per_sheet,
         "path": run_dir / spreadsheet_name(plan.run_key, quantity, start, stop)}) for start, stop in parts]
@@ -210,7 +245,29 @@ def _produce(
         progress.written += 1
         update_progress_artifact(progress_id, progress.percent)
     workbooks.sort(key=lambda w: str(w.path))
-    return _Generated(results, [{"path": str(w.path), "rows": w.rows, "sheets": len(w.sheets)} for w in workbooks])
+    produced.workbooks = [{"path": str(w.path), "rows": w.rows, "sheets": len(w.sheets)} for w in workbooks]
+
+
+def _cancel(futures: list[PrefectFuture]) -> None:
+    """Cancel the futures not done (on Dask: the scheduler drops them; on threads: those not started)."""
+    for future in futures:
+        wrapped = getattr(future, "wrapped_future", None)
+        if wrapped is not None and not wrapped.done():
+            wrapped.cancel()
+
+
+def _cancelled(plan: GenerationPlan, counter: FirstNumberCounter, produced: _Generated,
+               stop: BaseException) -> CancelledState:
+    """The summary of a cancelled run (what was committed before the cancel) and its final state."""
+    committed = sorted(counter.committed_chunks())
+    games = sum(plan.chunk_quotas[i] for i in committed)
+    markdown = cancelled_markdown(plan, committed, len(produced.results), games, str(stop) or "termination signal")
+    create_markdown_artifact(key="games-run-summary", markdown=markdown,
+                             description=f"Run {plan.run_key}: cancelled")
+    message = (f"cancelled ({stop or 'termination signal'}): {len(committed)} of {len(plan.chunk_quotas)} chunk(s) "
+               f"committed, {games:,} of {plan.request.quantity:,} games; re-run with run_key {plan.run_key} to resume")
+    get_run_logger().warning("%s", message)
+    return CancelledState(message=message, data=GenerationCancelled(message))
 
 
 def _finish(plan: GenerationPlan, counter: FirstNumberCounter, run_dir: Path, workbooks: list[dict],

@@ -7,6 +7,10 @@ and create or update each one's global concurrency limit; register on every turn
 configured task runner (an unreachable one fails its own task after its retries, the others finish); then
 publish the report (the seed's figures, a table of turnstiles, the failed records as a linked spreadsheet when
 any failed) and end Failed if any record failed. A dry run reports its work as planned.
+
+A cancelled run (the run's state, or the worker's SIGTERM) starts no new write within seconds: each device task
+stops between batches and returns what it wrote; the run publishes the report of what was done before the
+cancel and ends Cancelled.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.client.orchestration import get_client
+from prefect.exceptions import TerminationSignal
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
-from prefect.states import Failed
+from prefect.states import Cancelled, Failed
 from prefect.utilities.annotations import unmapped
 from pydantic import Field
 from typing_extensions import Annotated
@@ -32,7 +38,7 @@ from blocks.turnstile_device import TurnstileCache, TurnstileDevice
 from flows.concurrency import upsert_concurrency_limit
 from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
-from flows.task_runners import io_task_runner, map_and_wait
+from flows.task_runners import io_task_runner
 from operations.errors import UserError
 from operations.infra.links import output_base_url, output_link
 from operations.settings import Settings, get_settings
@@ -47,10 +53,17 @@ from operations.turnstiles.report import (
     turnstile_rows,
     write_registration_failures,
 )
+from tasks.cancellation import run_stop_check, watch_termination
 from tasks.retries import with_retries
 from tasks.registration import Participants, RunProgress, device_limit_name, register_on_turnstile
 
+STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
+
 FILE_PATTERN = r"^$|^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # empty: PARTICIPANTS_FILE
+
+
+class RegistrationCancelled(RuntimeError):
+    """The run was cancelled: its report says what was written before."""
 
 
 class UnknownTurnstile(UserError, ValueError):
@@ -104,21 +117,37 @@ def register_everywhere(
     options: RegistrationOptions, progress: RunProgress, settings: Settings,
 ) -> list[dict]:
     """One task per turnstile on TURNSTILES_TASK_RUNNER, waiting for every one; each turnstile's report, a
-    failed one's saying why. The participants travel as one opaque object, read once by the flow."""
+    failed one's saying why. The participants travel as one opaque object, read once by the flow. A SIGTERM
+    interrupting the wait gives the tasks (which stop at their next batch) STOP_WAIT_SECONDS to report."""
     task = with_retries(register_on_turnstile, settings.turnstiles.task_retries)
     runner = io_task_runner(settings, max(1, min(settings.turnstiles.concurrency, len(devices))),
                             settings.turnstiles.task_runner)
-    outcomes = map_and_wait(runner, task, {
-        "device_name": list(devices), "device": list(devices.values()),
-        "participants": unmapped(Participants(people.participants)), "cache_block": unmapped(cache),
-        "options": unmapped(options), "progress": unmapped(progress),
-    })
+    with runner:
+        futures = runner.map(task, {
+            "device_name": list(devices), "device": list(devices.values()),
+            "participants": unmapped(Participants(people.participants)), "cache_block": unmapped(cache),
+            "options": unmapped(options), "progress": unmapped(progress),
+        })
+        try:
+            wait(futures)
+        except TerminationSignal:
+            get_run_logger().warning("termination signal: the turnstile tasks stop at their next batch")
+        deadline = time.monotonic() + STOP_WAIT_SECONDS  # reached only after a termination signal
+        outcomes = [_outcome(future, deadline) for future in futures]
     return [
         outcome if isinstance(outcome, dict)
         else outcome.report.to_json() if isinstance(outcome, DeviceFailed)
         else DeviceReport(name, participants=len(people.participants), status="failed", error=str(outcome)).to_json()
         for name, outcome in zip(devices, outcomes)
     ]
+
+
+def _outcome(future: PrefectFuture, deadline: float) -> object:
+    """A device task's return value or the exception it ended with, waiting for it until `deadline`."""
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()), raise_on_failure=False)
+    except TimeoutError:
+        return RuntimeError("stopped before it reported")
 
 
 def publish(source: Path, people: ParticipantsFile, reports: list[dict], dry_run: bool, seconds: float,
@@ -183,6 +212,7 @@ def register_participants(
     concurrency_per_device: RequestsAtOnce = CONCURRENCY_PER_DEVICE, cache_block: BlockName = CACHE_BLOCK,
 ) -> dict:
     """Register every participant of the file on every chosen turnstile."""
+    watch_termination()
     started, settings = time.perf_counter(), get_settings()
     output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
     source = participants_path(participants_file, settings.turnstiles.participants_file)
@@ -205,5 +235,11 @@ def register_participants(
         cache.get_client().delete(progress.counter_key)
     workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
     summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
+    if summary["turnstiles_cancelled"] or run_stop_check()():
+        written = summary["written"]
+        stopped = (f"cancelled: {summary['turnstiles_cancelled']} turnstile(s) stopped; written before the cancel: "
+                   f"{written['created']:,} user(s) created, {written['updated']:,} updated, {written['cards']:,} "
+                   f"card(s), {written['groups']:,} group link(s)")
+        return Cancelled(message=stopped, data=RegistrationCancelled(stopped))
     failed = registration_failure_message(summary)
     return Failed(message=failed, data=RegistrationIncomplete(failed)) if failed else summary

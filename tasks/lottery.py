@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect.cache_policies import NO_CACHE
 
 from blocks.redis_game_counter import RedisGameCounter
+from operations.cancellation import Cancelled, raise_if_stopped
 from operations.lottery.counter import RunKeyConflict, SupersededAttempt
 from operations.lottery.generation import (
     ChunkResult,
@@ -19,10 +20,13 @@ from operations.lottery.generation import (
 )
 from operations.lottery.plan import GenerationPlan, InfeasibleRequest
 from operations.lottery.spreadsheet import WorkbookSummary, WrittenWorkbook, write_games_workbook
+from tasks.cancellation import run_stop_check
 from tasks.retries import retrying_task
 
+# A permanent OSError (a read-only or full OUTPUT_DIR, a missing chunk file) is never retried either: the rule
+# of tasks/retries.py retries only the OS errors that may heal.
 PERMANENT_ERRORS = (
-    InfeasibleRequest, GenerationStalled, RunKeyConflict, SupersededAttempt, RepeatedGames, ValueError
+    InfeasibleRequest, GenerationStalled, RunKeyConflict, SupersededAttempt, RepeatedGames, ValueError, Cancelled
 )
 
 
@@ -42,7 +46,9 @@ PERMANENT_ERRORS = (
 def generate_games_chunk(
     plan: GenerationPlan, counter_block: RedisGameCounter, chunk: int, run_dir: Path
 ) -> ChunkResult:
-    """Generate one chunk of distinct games, claimed through the shared Redis counter."""
+    """Generate one chunk of distinct games, claimed through the shared Redis counter; a chunk of a cancelled
+    run does not start (`Cancelled`)."""
+    raise_if_stopped(run_stop_check(), f"chunk {chunk}")
     return generate_chunk(plan, counter_block.counter(plan.run_key), chunk, run_dir)
 
 

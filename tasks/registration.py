@@ -1,5 +1,9 @@
 """Tasks of the turnstile registration: one per device, holding the device's slots of its global concurrency
-limit for the whole of its work, so the load on a turnstile stays bounded across every flow run."""
+limit for the whole of its work, so the load on a turnstile stays bounded across every flow run.
+
+The task stops between batches once its run is cancelled (`run_stop_check`), counts what all its attempts wrote
+(`attempt_tally`), and tells someone (the `project.turnstile.unreachable` event) when a device stays
+unreachable past its retries."""
 
 from __future__ import annotations
 
@@ -10,13 +14,18 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
+from operations.events import TURNSTILE_UNREACHABLE
 from operations.infra.http import RequestPacer
 from operations.turnstiles.participants import Participant
-from operations.turnstiles.registration import RegistrationOptions, register_on_device
+from operations.turnstiles.registration import DeviceFailed, DeviceTally, RegistrationOptions, register_on_device
+from tasks.attempts import attempt_tally, release_tally
+from tasks.cancellation import run_stop_check
+from tasks.events import emit
 from tasks.retries import retrying_task
+from tasks.slots import held_slot
 
 PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pace
 
@@ -57,14 +66,22 @@ class RunProgress:
 
 
 class _Reporter:
-    def __init__(self, device: str, participants: int, progress: RunProgress, cache_block: TurnstileCache):
-        self.device, self.participants, self.progress = device, participants, progress
+    """Adds to the run's progress what this device settled; a retried attempt adds only what goes beyond the
+    most an earlier attempt settled (`tally.settled`), so the run's progress never counts a pair twice."""
+
+    def __init__(self, device: str, participants: int, progress: RunProgress, cache_block: TurnstileCache,
+                 tally: DeviceTally):
+        self.device, self.participants, self.progress, self.tally = device, participants, progress, tally
         self.redis = cache_block.get_client()
         self.settled, self.last = 0, 0.0
 
     def __call__(self, delta: int) -> None:
         self.settled += delta
-        run_settled = self.redis.incrby(self.progress.counter_key, delta)
+        new = self.settled - self.tally.settled
+        if new <= 0:
+            return
+        self.tally.settled = self.settled
+        run_settled = self.redis.incrby(self.progress.counter_key, new)
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_SECONDS or self.settled >= self.participants:
             self.last = now
@@ -96,13 +113,36 @@ def register_on_turnstile(
 ) -> dict:
     """Register the participants on one device, within the device's limits (its slots of the global
     concurrency limit for the whole of the device work; requests paced to its share of the device's requests
-    per second). Participants the cache holds cost neither a device call nor a slot."""
+    per second). Participants the cache holds cost neither a device call nor a slot. A cancelled run's task
+    returns what it wrote before the cancel (status "cancelled")."""
     slots = max(1, min(options.concurrency, device.max_concurrent_requests))
     pacer = RequestPacer(device.requests_per_second * slots / device.max_concurrent_requests, slots)
     client = device.client(device_name, limiter=pacer.slot)
-    report = register_on_device(
-        client, device_name, participants.items, cache_block.cache(), replace(options, concurrency=slots),
-        progress=_Reporter(device_name, len(participants), progress, cache_block),
-        device_slot=lambda: concurrency(device_limit_name(device_name), occupy=slots, strict=True),
-    )
+    should_stop, logger = run_stop_check(), get_run_logger()
+    limit, tally = device_limit_name(device_name), attempt_tally(DeviceTally)
+    try:
+        report = register_on_device(
+            client, device_name, participants.items, cache_block.cache(), replace(options, concurrency=slots),
+            progress=_Reporter(device_name, len(participants), progress, cache_block, tally),
+            device_slot=lambda: held_slot(limit, logger, what=f"slot of turnstile {device_name}", occupy=slots,
+                                          context=f" (global concurrency limit '{limit}', the block's max "
+                                                  "concurrent requests)", should_stop=should_stop),
+            should_stop=should_stop, tally=tally,
+        )
+    except DeviceFailed as failed:
+        if failed.transient and _last_attempt():
+            emit(TURNSTILE_UNREACHABLE, device_name, payload={"error": str(failed), "base_url": device.base_url})
+        if not failed.transient or _last_attempt():
+            release_tally()
+        raise
+    release_tally()
+    if report.status == "cancelled":
+        logger.warning("%s: %s; written before: %d user(s) created, %d updated, %d card(s), %d group link(s)",
+                       device_name, report.error, report.created, report.updated, report.cards, report.groups)
     return report.to_json()
+
+
+def _last_attempt() -> bool:
+    """Whether the calling task run is on its last attempt (no retry follows a failure)."""
+    context = TaskRunContext.get()
+    return context is None or context.task_run.run_count > context.task.retries

@@ -1,13 +1,24 @@
-"""Global concurrency limits created by runs that start together (the session's PostgreSQL-backed server)."""
+"""Global concurrency limits created by runs that start together (the session's PostgreSQL-backed server), and
+the slot of a holder killed with SIGKILL given back within seconds to a run that waits for it."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 
 from prefect.client.orchestration import get_client
 
 from flows.concurrency import upsert_concurrency_limit
+from operations.settings import PROJECT_ROOT
+from tasks import slots
+from tasks.registration import device_limit_name
+from tasks.slots import held_slot
 
 
 def _race(names: list[str], slots: int) -> list[BaseException]:
@@ -39,3 +50,62 @@ def test_runs_creating_the_same_limit_at_once_all_succeed_and_leave_one_limit():
         for name in names:
             assert client.read_global_concurrency_limit_by_name(name).limit == 3
             client.delete_global_concurrency_limit_by_name(name)
+
+
+_HOLD_THEN_SLEEP = """
+import sys, time
+from prefect import flow, get_run_logger
+from tasks.slots import held_slot
+
+@flow(name="slot-holder")
+def hold(limit: str) -> None:
+    with held_slot(limit, get_run_logger(), what="test slot"):
+        print("holding", flush=True)
+        time.sleep(600)
+
+hold(sys.argv[1])
+"""
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_a_killed_holders_turnstile_slot_is_free_within_30_s_and_the_wait_says_who_held_it(monkeypatch):
+    """A process that holds the slot of a turnstile is killed with SIGKILL: the next run that waits for the slot
+    names the holder (its flow run), frees the slot once the holder's heartbeat has stopped, and takes it."""
+    monkeypatch.setattr(slots, "WAIT_LOG_SECONDS", 5.0)  # several lines within the wait
+    limit = device_limit_name(f"test-gate-{uuid.uuid4().hex[:6]}")
+    with get_client(sync_client=True) as client:
+        upsert_concurrency_limit(client, limit, 1)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THEN_SLEEP, limit], cwd=PROJECT_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == b"holding", "the holder did not take the slot"
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    killed = time.monotonic()
+    log, lines = logging.getLogger(f"test.slots.{limit}"), _Lines()
+    log.setLevel(logging.INFO)
+    log.addHandler(lines)
+    with held_slot(limit, log, what="slot of the test gate", context=" (its turnstile limit)") as waited:
+        free_after = time.monotonic() - killed
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(limit).active_slots == 1  # this one only
+    print(f"slot of a killed holder free after {free_after:.1f} s")
+    assert free_after <= 30, free_after
+    waiting = [line for line in lines.lines if line.startswith("waiting for a slot of the test gate")]
+    assert waiting and "1 of 1 taken (its turnstile limit); held by flow run '" in waiting[0], lines.lines
+    assert [line for line in lines.lines if "no heartbeat for" in line and "its process is gone" in line]
+    assert lines.lines[-1].startswith("slot of the test gate taken after waiting"), lines.lines
+    assert waited >= slots.STALE_AFTER_SECONDS - 1
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
+        assert not [r for r in slots._records(client, limit)], "the records of both holders are gone"
+        client.delete_global_concurrency_limit_by_name(limit)

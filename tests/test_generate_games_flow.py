@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -223,8 +224,9 @@ def test_resume_after_the_flow_process_is_killed(dask_settings):
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     committed = set(counter.committed_chunks())
-    # The killed run still holds its generation slot: the server gives it back when its lease runs out
-    # (LEASE_SECONDS, ~75 s). Resuming is what this test checks, so the limit is made anew without the dead holder.
+    # The killed run still holds its generation slot: a run waiting for it frees it once the killed holder's
+    # heartbeat has been still for ~15 s (tasks/slots.py, tested in test_concurrency_limits.py). Resuming is what
+    # this test checks, so the limit is made anew without the dead holder.
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(GAMES_LIMIT).active_slots == 1
         client.delete_global_concurrency_limit_by_name(GAMES_LIMIT)
@@ -250,4 +252,74 @@ def test_an_unreachable_dask_scheduler_fails_fast_with_a_clear_message(settings,
     assert state.is_failed()
     assert f"Dask scheduler tcp://127.0.0.1:{port}" in state.message and "unreachable" in state.message
     assert time.monotonic() - started < 60
+    get_settings.cache_clear()
+
+
+def test_a_cancelled_generation_starts_no_new_chunk_and_reports_what_it_committed(dask_settings, on_session_cluster):
+    """The flow run is set CANCELLING through the API once 2 chunks have committed on Dask: no chunk commits
+    seconds later (the chunks not started are cancelled, those starting see the cancel), the run's slot is given
+    back, the run ends Cancelled with a summary of the committed chunks. (The in-process runner shares the
+    flow's loop: one runner is enough here.)"""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.states import Cancelling
+
+    run_key = f"cancel-{uuid.uuid4().hex[:6]}"
+    block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
+    block.save("flowtest-counter", overwrite=True)
+    counter = block.counter(run_key)
+    quantity, marks = 60_000, {}
+
+    def cancel_after_two_chunks() -> None:
+        while len(counter.committed_chunks()) < 2:
+            time.sleep(0.02)
+        with get_client(sync_client=True) as client:
+            [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_key])))
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+        marks["cancelled"], seen = time.monotonic(), set(counter.committed_chunks())
+        marks["last commit"] = marks["cancelled"]
+        while "ended" not in marks:
+            now = set(counter.committed_chunks())
+            if now != seen:
+                seen, marks["last commit"] = now, time.monotonic()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=cancel_after_two_chunks, daemon=True)
+    watcher.start()
+    state = generate_games.with_options(flow_run_name=run_key)(
+        quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
+    ended = time.monotonic()
+    time.sleep(1.0)  # a chunk committing late would still be seen
+    marks["ended"] = time.monotonic()
+    watcher.join(10)
+    last_commit = marks["last commit"] - marks["cancelled"]
+    print(f"dask: last chunk committed {last_commit:.2f} s after the cancel, run ended "
+          f"{ended - marks['cancelled']:.1f} s after it")
+    assert state.is_cancelled(), state
+    assert last_commit <= 10, last_commit
+    committed = counter.committed_chunks()
+    assert 2 <= len(committed) < 12 and f"{len(committed)} of 12 chunk(s) committed" in state.message, state.message
+    summary = next(a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "games-run-summary")
+    assert f"| Chunks committed | {len(committed)} of 12" in summary.data and "cancelled" in summary.data
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(GAMES_LIMIT).active_slots == 0
+    counter.delete_run()
+
+
+def test_a_permanent_os_error_of_the_output_folder_is_not_retried(settings, monkeypatch, tmp_path):
+    """OUTPUT_DIR that cannot hold the run's folder (here a file where the folder should be, the same as a
+    read-only folder for the retry rule: an OSError that no retry heals): each chunk runs once, and the run fails
+    at once, naming the path, instead of after its retries (1, 4 and 10 s apart)."""
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    blocked = tmp_path / "output-is-a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("OUTPUT_DIR", str(blocked))
+    get_settings.cache_clear()
+    state = generate_games(quantity=3_000, run_key=f"oserror-{uuid.uuid4().hex[:6]}", return_state=True)
+    assert state.is_failed() and str(blocked) in state.message, state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    chunks = [run for run in runs if run.name.startswith("chunk-")]
+    assert chunks and all(run.run_count == 1 for run in chunks), [(r.name, r.run_count) for r in chunks]
     get_settings.cache_clear()

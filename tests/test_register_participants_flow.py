@@ -7,8 +7,11 @@ flow runs at once never putting more requests on a turnstile than its limit."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 
 import pytest
@@ -170,3 +173,184 @@ def test_two_flow_runs_at_once_never_exceed_a_turnstiles_limit(gates, tmp_path):
         # the blocks say 1 request at a time: the two runs' tasks took turns on each device
         assert stats["peak_in_flight"] == 1, stats
         assert len(emulator.control.users(device)) == 100
+
+
+class _WriteWatch:
+    """Cancels the flow run named `run_name` once the turnstiles got `after` write calls, then notes when each
+    later write call arrived: (seconds from the cancel to the last write, writes after the cancel)."""
+
+    def __init__(self, emulator, run_name: str, after: int):
+        self.emulator, self.run_name, self.after = emulator, run_name, after
+        self.cancelled_at: float | None = None
+        self.last_write_at: float | None = None
+        self.writes_at_cancel = self.writes_after = 0
+        self.finished = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _writes(self) -> int:
+        return sum(self.emulator.control.stats(d)["write_calls"] for d in range(3))
+
+    def _cancel(self) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        from prefect.states import Cancelling
+
+        with get_client(sync_client=True) as client:
+            [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[self.run_name])))
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+
+    def _watch(self) -> None:
+        while self._writes() < self.after and not self.finished.is_set():
+            time.sleep(0.05)
+        self.writes_at_cancel = self._writes()
+        self._cancel()
+        self.cancelled_at = self.last_write_at = time.monotonic()
+        seen = self._writes()
+        while not self.finished.wait(0.1):
+            writes = self._writes()
+            if writes != seen:
+                seen, self.last_write_at = writes, time.monotonic()
+        self.writes_after = seen - self.writes_at_cancel
+
+    def stop(self) -> tuple[float, int]:
+        time.sleep(1.0)  # a write arriving late would still be seen
+        self.finished.set()
+        self.thread.join(30)
+        assert self.cancelled_at is not None, "the run ended before it was cancelled"
+        return self.last_write_at - self.cancelled_at, self.writes_after
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_a_cancelled_registration_stops_writing_within_seconds_and_reports_what_it_wrote(
+    gates, tmp_path, monkeypatch, request, runner
+):
+    """The flow run is set CANCELLING through the API while its device tasks write (100 ms a request): no write
+    reaches a turnstile seconds later, the run ends Cancelled, and its report counts exactly the users the
+    turnstiles got before the cancel."""
+    emulator, names, cache = gates
+    if runner == "dask":
+        request.getfixturevalue("on_session_cluster")
+        monkeypatch.setenv("TURNSTILES_TASK_RUNNER", "dask")
+        get_settings.cache_clear()
+    emulator.control.configure(latency_ms=100)
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 600)
+    from flows.register_participants import register_participants
+
+    run_name = f"cancel-{runner}-{uuid.uuid4().hex[:6]}"
+    watch = _WriteWatch(emulator, run_name, after=6)
+    state = register_participants.with_options(flow_run_name=run_name)(
+        participants_file=str(source), turnstiles=names, cache_block=cache, batch_size=10, return_state=True)
+    last_write, writes_after = watch.stop()
+    print(f"{runner}: last device write {last_write:.2f} s after the cancel ({writes_after} write call(s) after it)")
+    assert state.is_cancelled(), state
+    assert last_write <= 5, last_write  # the stop check polls every second; a batch in flight takes 0.1 s
+    on_devices = sum(len(emulator.control.users(d)) for d in range(3))
+    assert 0 < on_devices < 3 * 600, "cancelled mid-way"
+    assert state.message.startswith("cancelled: 3 turnstile(s) stopped; written before the cancel: ")
+    assert f"{on_devices:,} user(s) created" in state.message, (on_devices, state.message)
+    report = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-report"].data
+    assert "(cancelled)" in report and f"| Written before the cancel | {on_devices:,} user(s) created" in report
+
+
+def test_a_turnstiles_figures_count_every_attempt_of_its_task(gates, tmp_path, monkeypatch):
+    """The first attempt writes 4 batches of users, then the turnstile answers 503 past the client's retries;
+    the task's retry writes the rest. The table and the report count what both attempts wrote."""
+    import flows.register_participants as module
+    from tasks.registration import register_on_turnstile
+
+    emulator, names, cache = gates
+    monkeypatch.setattr(module, "register_on_turnstile", register_on_turnstile.with_options(retry_delay_seconds=[0]))
+    # the block's client tries twice: the 5th users batch fails both times, and the attempt with it
+    emulator.control.add_fault(path="/create_objects.fcgi", device=0, status=503, skip=4, times=2)
+    source = tmp_path / "participants.csv"
+    people = write_participants_file(source, 100)
+    state, result = _run(participants_file=str(source), turnstiles=names[:1], cache_block=cache, batch_size=10)
+    assert state.is_completed(), state.message
+    assert len(emulator.control.users(0)) == 100
+    [report] = result["reports"]
+    assert (report["created"], report["unchanged"], report["cached"]) == (100, 0, 0), report
+    assert report["cards"] == sum(p.card is not None for p in people)
+    assert report["groups"] == sum(p.group is not None for p in people)
+    [task_run], _ = task_runs_of_flow_run(state.state_details.flow_run_id)
+    assert task_run.run_count == 2, "the first attempt failed"
+    table = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-turnstiles"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [(row["created"], row["unchanged"], row["failed"]) for row in table] == [(100, 0, 0)]
+
+
+def test_a_turnstile_unreachable_past_its_retries_emits_an_event(gates, tmp_path, monkeypatch):
+    """`project.turnstile.unreachable` about the turnstile's block, related to the run, read back from the
+    server's events; the reachable turnstile emits none."""
+    from prefect.client.orchestration import get_client
+
+    emulator, names, cache = gates
+    monkeypatch.setenv("TURNSTILE_TASK_RETRIES", "0")
+    get_settings.cache_clear()
+    emulator.control.set_down(1)
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 5)
+    state, _ = _run(participants_file=str(source), turnstiles=names[:2], cache_block=cache)
+    assert state.is_failed()
+    flow_run_id = state.state_details.flow_run_id
+    body = {"filter": {"event": {"name": ["project.turnstile.unreachable"]},
+                       "any_resource": {"id_prefix": [f"project.turnstile.test-gate-"]},
+                       "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50}
+    deadline, events = time.monotonic() + 30, []
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            found = client.request("POST", "/events/filter", json=body).json()["events"]
+            events = [e for e in found if any(r.get("prefect.resource.id") == f"prefect.flow-run.{flow_run_id}"
+                                              for r in e.get("related", []))]
+            if events:
+                break
+            time.sleep(0.5)
+    assert [e["resource"]["prefect.resource.id"] for e in events] == [f"project.turnstile.{names[1]}"], events
+    assert events[0]["payload"]["error"].startswith(f"{names[1]}: "), events[0]
+    assert events[0]["payload"]["base_url"] == emulator.base_urls[1]
+
+
+_RUN_NAMED = """
+import sys
+from flows.register_participants import register_participants
+register_participants.with_options(flow_run_name=sys.argv[4])(
+    participants_file=sys.argv[1], turnstiles=sys.argv[2].split(","), cache_block=sys.argv[3], batch_size=10)
+"""
+
+
+def test_a_sigterm_to_the_flow_process_stops_the_writes_and_the_run_still_reports(gates, tmp_path):
+    """What the worker does on a cancel: SIGTERM to the flow's process. The device tasks stop at their next
+    batch, the run publishes what was written and ends Cancelled, and the process exits on its own."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    emulator, names, cache = gates
+    emulator.control.configure(latency_ms=100)
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 600)
+    run_name = f"sigterm-{uuid.uuid4().hex[:6]}"
+    process = subprocess.Popen([sys.executable, "-c", _RUN_NAMED, str(source), ",".join(names), cache, run_name],
+                               cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writes = lambda: sum(emulator.control.stats(d)["write_calls"] for d in range(3))  # noqa: E731
+    deadline = time.monotonic() + 120
+    while writes() < 6:
+        assert process.poll() is None and time.monotonic() < deadline, "no write in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    signalled, seen, last_write = time.monotonic(), writes(), time.monotonic()
+    while process.poll() is None:
+        assert time.monotonic() - signalled < 30, "the process outlived the worker's 30 s before SIGKILL"
+        if writes() != seen:
+            seen, last_write = writes(), time.monotonic()
+        time.sleep(0.05)
+    print(f"SIGTERM: last device write {last_write - signalled:.2f} s after it, exit after "
+          f"{time.monotonic() - signalled:.1f} s")
+    assert last_write - signalled <= 5 and writes() == seen
+    with get_client(sync_client=True) as client:
+        [run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
+    assert run.state.is_cancelled() and "3 turnstile(s) stopped" in run.state.message, run.state
+    on_devices = sum(len(emulator.control.users(d)) for d in range(3))
+    assert f"{on_devices:,} user(s) created" in run.state.message, (on_devices, run.state.message)
+    report = {a.key: a for a in run_artifacts(run.id)}["registration-report"].data
+    assert f"| Written before the cancel | {on_devices:,} user(s) created" in report

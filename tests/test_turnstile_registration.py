@@ -1,6 +1,6 @@
 """Registering participants on one turnstile, against the emulator over real HTTP and the real Redis: batches,
 the cache, changed data, a bad card isolated, an expired session, a lost answer retried, an unreachable device,
-a dry run, and the per-device request budget."""
+a dry run, the per-device request budget, a stop between batches, and figures kept across attempts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from operations.infra.http import HttpSettings, RequestPacer, RetryPolicy
 from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient
 from operations.turnstiles.participants import read_participants
-from operations.turnstiles.registration import DeviceFailed, RegistrationOptions, register_on_device
+from operations.cancellation import after
+from operations.turnstiles.registration import DeviceFailed, DeviceTally, RegistrationOptions, register_on_device
 from operations.turnstiles.sample import write_participants_file
 
 QUICK_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
@@ -154,3 +155,31 @@ def test_requests_in_flight_never_exceed_the_device_budget(emulator, cache, tmp_
     assert report.created == 400
     stats = emulator.control.stats(0)
     assert 1 <= stats["peak_in_flight"] <= 2, stats
+
+
+def test_once_asked_to_stop_no_new_batch_starts_and_what_was_written_is_reported(emulator, cache, tmp_path):
+    people = _participants(tmp_path, 100)
+    # asked before the device work, then before each batch: stops before the 4th users batch
+    report = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions(batch_size=10),
+                                should_stop=after(4))
+    assert (report.status, report.error) == ("cancelled", "cancelled before the next users batch on device-0")
+    assert report.created == len(_on_device(emulator)) == 30 and report.cards == 0
+    assert emulator.control.stats(0)["write_calls"] == 3
+    assert cache.confirmed("device-0", [p.registration for p in people]) == {}, "nothing confirmed half-way"
+
+
+def test_a_tally_handed_to_every_attempt_counts_what_all_of_them_wrote(emulator, cache, tmp_path):
+    people = _participants(tmp_path, 100)
+    emulator.control.add_fault(path="/create_objects.fcgi", device=0, status=503, skip=3, times=4)
+    tally = DeviceTally()
+    with pytest.raises(DeviceFailed) as failed:  # the 4th users batch: 503 past the client's 4 attempts (a batch
+        # already started alongside it is written and counted)
+        register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions(batch_size=10),
+                           tally=tally)
+    first = failed.value.report.created
+    assert failed.value.transient and 0 < first == len(_on_device(emulator)) < 100
+    report = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions(batch_size=10),
+                                tally=tally)
+    assert (report.created, report.unchanged, report.status, tally.attempts) == (100, 0, "done", 2)
+    assert report.cards == sum(p.card is not None for p in people)
+    assert report.writes == emulator.control.stats(0)["write_calls"], "every attempt's requests are counted"

@@ -199,6 +199,22 @@ Feasible games under the rules: {plan.feasibility.total:,.0f} ({'exact count' if
 """
 
 
+def cancelled_markdown(plan: GenerationPlan, committed: list[int], generated: int, games: int, reason: str) -> str:
+    """The summary of a cancelled run: what was committed before the cancel, and how to resume."""
+    chunks, quantity = len(plan.chunk_quotas), plan.request.quantity
+    return f"""# Run `{plan.run_key}` cancelled
+
+| | |
+|---|---|
+| Chunks committed | {len(committed):,} of {chunks:,} ({generated:,} by this run) |
+| Games generated | {games:,} of {quantity:,} |
+| Stopped | {reason} |
+
+No spreadsheet was written. Re-run with run key `{plan.run_key}` to resume: the committed chunks are kept and
+only the others are generated.
+"""
+
+
 def completed_at_text(outputs: RunOutputs) -> str:
     """When a completed run finished, as its summary and log say it."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(outputs.completed_at))

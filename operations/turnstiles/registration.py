@@ -12,6 +12,10 @@ changed in batches (users, then cards, then group links), and remember what was 
   ever deleted: a participant who leaves gets an `end` date.
 - Batches hold at most `batch_size` objects and `max_body_bytes` of JSON (the device's buffer is ~2 MB; the
   vendor's SDK writes 250 objects a call).
+- `should_stop` is asked before the device work and before every batch: once it answers True no new write
+  starts, the device reports status "cancelled", and what was confirmed before stays counted.
+- The figures are added to a `DeviceTally` as each batch is confirmed; the caller may hand the same tally to
+  every attempt on a device (a retried task), so the report counts what all attempts wrote.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ContextManager
 
+from operations.cancellation import Cancelled, StopCheck, never, raise_if_stopped
 from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient, DeviceError, DeviceRefused
 from operations.turnstiles.participants import Participant
@@ -51,7 +56,7 @@ class DeviceReport:
     cards: int = 0                  # cards created or changed
     groups: int = 0                 # group links added
     failures: list[tuple[str, int, str]] = field(default_factory=list)
-    status: str = "done"            # done | dry-run | failed
+    status: str = "done"            # done | dry-run | failed | cancelled
     error: str = ""
     requests: int = 0
     retries: int = 0
@@ -61,6 +66,36 @@ class DeviceReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class DeviceTally:
+    """What every attempt on one device did, added to as each write is confirmed: an attempt that fails after
+    writing leaves its share here for the next one's report."""
+
+    created: int = 0
+    updated: int = 0
+    cards: int = 0
+    groups: int = 0
+    requests: int = 0
+    retries: int = 0
+    logins: int = 0
+    writes: int = 0
+    seconds: float = 0.0
+    attempts: int = 0
+    written: set[str] = field(default_factory=set)  # registrations an attempt wrote something of
+    settled: int = 0  # the most participants one attempt reported settled (the run's progress counts it once)
+
+    def fill(self, report: DeviceReport) -> DeviceReport:
+        """`report` with the figures of every attempt (a dry run's planned writes are its own: nothing was
+        written)."""
+        if report.status != "dry-run":
+            report.created, report.updated, report.cards, report.groups = (
+                self.created, self.updated, self.cards, self.groups)
+        report.requests, report.retries, report.logins, report.writes = (
+            self.requests, self.retries, self.logins, self.writes)
+        report.seconds = self.seconds
+        return report
 
 
 class DeviceFailed(Exception):
@@ -107,11 +142,17 @@ def register_on_device(
     options: RegistrationOptions,
     progress: Callable[[int], None] | None = None,
     device_slot: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+    should_stop: StopCheck = never,
+    tally: DeviceTally | None = None,
 ) -> DeviceReport:
     """Bring one device in line with the participants; raises DeviceFailed when the device cannot be worked.
     `device_slot` is held around the device work only (not around the cache check): the caller's share of
-    the device's load across runs, so a run whose participants are all cached never waits for it."""
+    the device's load across runs, so a run whose participants are all cached never waits for it. Once
+    `should_stop()`, no new write starts and the report's status is "cancelled". `tally`: the figures of the
+    earlier attempts on this device, added to."""
     started = time.perf_counter()
+    tally = tally if tally is not None else DeviceTally()
+    tally.attempts += 1
     report = DeviceReport(device, participants=len(participants))
     try:
         todo = participants
@@ -122,25 +163,29 @@ def register_on_device(
             if progress and report.cached:
                 progress(report.cached)
         if todo:
+            raise_if_stopped(should_stop, f"the work on {device}")
             with device_slot():
-                targets = _device_work(client, cache, todo, options, report, progress)
+                targets = _device_work(client, cache, todo, options, report, progress, should_stop, tally)
                 client.logout()
             if not options.skip_cache and not options.dry_run:
                 cache.confirm(device, [(t.participant.registration, t.user_id, t.participant.fingerprint())
                                        for t in targets if not t.failed])
+    except Cancelled as exc:
+        report.status, report.error = "cancelled", str(exc)
+        client.logout()
     except DeviceError as exc:
         report.status, report.error = "failed", str(exc)
-        raise DeviceFailed(f"{device}: {exc}", _finish(report, client, started), exc.transient) from None
-    return _finish(report, client, started)
+        raise DeviceFailed(f"{device}: {exc}", _finish(report, client, started, tally), exc.transient) from None
+    return _finish(report, client, started, tally)
 
 
 def _device_work(
     client: ControlIdClient, cache: RegistrationCache, todo: list[Participant], options: RegistrationOptions,
-    report: DeviceReport, progress: Callable[[int], None] | None,
+    report: DeviceReport, progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
 ) -> list[_Target]:
     """Read the device, then write what it lacks (or only report it, on a dry run)."""
     targets = _plan(client, cache, todo)
-    report.unchanged = sum(1 for t in targets if not t.needs_write)
+    report.unchanged = sum(1 for t in targets if not t.needs_write and t.participant.registration not in tally.written)
     if options.dry_run:
         report.status = "dry-run"
         _count_writes(report, targets)
@@ -149,22 +194,23 @@ def _device_work(
         return targets
     if progress and report.unchanged:
         progress(report.unchanged)
-    _write(client, [t for t in targets if t.needs_write], options, report, progress)
+    _write(client, [t for t in targets if t.needs_write], options, report, progress, should_stop, tally)
     report.failures += [(t.participant.registration, t.participant.row_number, t.failed) for t in targets if t.failed]
     return targets
 
 
-def _finish(report: DeviceReport, client: ControlIdClient, started: float) -> DeviceReport:
+def _finish(report: DeviceReport, client: ControlIdClient, started: float, tally: DeviceTally) -> DeviceReport:
     stats = client.stats
-    report.requests, report.retries, report.logins, report.writes = (
-        stats.requests, stats.retries, stats.logins, stats.writes)
-    report.seconds = time.perf_counter() - started
-    return report
+    tally.requests += stats.requests
+    tally.retries += stats.retries
+    tally.logins += stats.logins
+    tally.writes += stats.writes
+    tally.seconds += time.perf_counter() - started
+    return tally.fill(report)
 
 
 def _count_writes(report: DeviceReport, targets: list[_Target]) -> None:
-    """Users created and updated, cards and group links written (or, on a dry run, to write), of the targets
-    that did not fail."""
+    """A dry run's plan: users to create and update, cards and group links to write."""
     done = [t for t in targets if not t.failed]
     report.created = sum(t.new_user for t in done)
     report.updated = sum(t.user_changed for t in done)
@@ -207,10 +253,12 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Particip
 
 def _write(
     client: ControlIdClient, targets: list[_Target], options: RegistrationOptions, report: DeviceReport,
-    progress: Callable[[int], None] | None,
+    progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
 ) -> None:
     """Users, then cards, then group links, each in batches (`options.concurrency` calls at once); a
-    participant whose user failed gets nothing more."""
+    participant whose user failed gets nothing more. Each confirmed write is added to `tally` at once. Once a
+    batch fails (the device unreachable) or `should_stop()` (Cancelled), no further batch starts: those in
+    flight finish and are counted, then the error is raised."""
     def alive(predicate: Callable[[_Target], bool]) -> list[_Target]:
         return [t for t in targets if not t.failed and predicate(t)]
 
@@ -228,32 +276,60 @@ def _write(
         owner = f" (card {t.participant.card} belongs to user {found[0].get('user_id')})" if found else ""
         return f"{exc.error}{owner}"
 
+    def batch_written(batch: list[tuple[_Target, dict]], refused: list[tuple[_Target, str]], object_name: str,
+                      figure: str) -> None:
+        refused_ids = {id(target) for target, _ in refused}
+        for target, error in refused:
+            target.failed = f"{object_name}: {error}"
+        for target, _ in batch:
+            if id(target) not in refused_ids:
+                setattr(tally, figure, getattr(tally, figure) + 1)
+                tally.written.add(target.participant.registration)
+        if progress and object_name == "users":
+            progress(len(batch))
+
+    def one_batch(batch: list[tuple[_Target, dict]], object_name: str, create_only: bool, resolve):
+        raise_if_stopped(should_stop, f"the next {object_name} batch on {report.device}")
+        return _write_isolating(client, object_name, batch, create_only, resolve)
+
     steps = [
-        ("users", alive(lambda t: t.new_user), lambda t: user_values(t.participant, t.user_id), True, resolve_user),
-        ("users", alive(lambda t: t.user_changed), lambda t: user_values(t.participant, t.user_id), False, None),
-        ("cards", None, lambda t: {"value": t.participant.card, "user_id": t.user_id}, True, resolve_card),
-        ("user_groups", None, lambda t: {"user_id": t.user_id, "group_id": t.participant.group}, False, None),
+        ("users", alive(lambda t: t.new_user), lambda t: user_values(t.participant, t.user_id), True, resolve_user,
+         "created"),
+        ("users", alive(lambda t: t.user_changed), lambda t: user_values(t.participant, t.user_id), False, None,
+         "updated"),
+        ("cards", None, lambda t: {"value": t.participant.card, "user_id": t.user_id}, True, resolve_card, "cards"),
+        ("user_groups", None, lambda t: {"user_id": t.user_id, "group_id": t.participant.group}, False, None,
+         "groups"),
     ]
     with ThreadPoolExecutor(max(1, options.concurrency), thread_name_prefix=f"device-{report.device}") as pool:
-        for object_name, chosen, values, create_only, resolve in steps:
+        for object_name, chosen, values, create_only, resolve, figure in steps:
             if chosen is None:  # cards and links only for participants whose user is on the device by now
                 chosen = alive(lambda t: t.card_create) if object_name == "cards" else alive(lambda t: t.group_link)
             batches = _batches([(t, values(t)) for t in chosen], options.batch_size, options.max_body_bytes)
-            results = pool.map(
-                lambda batch: _write_isolating(client, object_name, batch, create_only, resolve), batches
-            )
-            for batch, refused in zip(batches, results):
-                for target, error in refused:
-                    target.failed = f"{object_name}: {error}"
-                if progress and object_name == "users":
-                    progress(len(batch))
+            futures = [pool.submit(one_batch, batch, object_name, create_only, resolve) for batch in batches]
+            stopped: Exception | None = None
+            for batch, future in zip(batches, futures):
+                try:
+                    batch_written(batch, future.result(), object_name, figure)
+                except CancelledError:  # not started: a batch before it failed or was stopped
+                    pass
+                except Exception as exc:  # noqa: BLE001 - raised once the batches in flight are counted
+                    if stopped is None:
+                        stopped = exc
+                        for later in futures:
+                            later.cancel()
+            if stopped is not None:
+                raise stopped
         for t in alive(lambda t: t.card_modify_id is not None):
+            raise_if_stopped(should_stop, f"the next card change on {report.device}")
             try:
                 client.call("/modify_objects.fcgi", {"object": "cards", "values": {"value": t.participant.card},
                                                      "where": {"cards": {"id": t.card_modify_id}}})
             except DeviceRefused as exc:
                 t.failed = f"cards: {exc.error}"
-    _count_writes(report, targets)
+            else:
+                tally.cards += 1
+                tally.written.add(t.participant.registration)
     if progress:  # the participants without a user write are settled now
         progress(sum(not (t.new_user or t.user_changed) for t in targets))
 

@@ -6,6 +6,10 @@ Every failure is one (registration, turnstile, row, error) line of the "Failures
 "Failures 2", ... past a sheet's row limit), and the "Summary" sheet counts them by turnstile, so an operator
 sees at once whether one device or one participant is the problem. Failures are written as they come: a long
 list never sits in memory.
+
+A cancelled run reports what its turnstiles wrote before the cancel (users created and updated, cards, group
+links, across every attempt); the participants of a turnstile stopped by the cancel are neither successes nor
+failures.
 """
 
 from __future__ import annotations
@@ -60,19 +64,25 @@ def registration_failures(people: ParticipantsFile, reports: list[dict]) -> list
     return failures
 
 
+WRITTEN = ("created", "updated", "cards", "groups")
+
+
 def registration_summary(
     people: ParticipantsFile, reports: list[dict], errors: int, *, dry_run: bool, seconds: float,
     failures_file: str = "",
 ) -> dict:
     """The run's figures: operations (participants x turnstiles), those done ("planned" in a dry run, which
-    writes nothing; "successes" otherwise), cached, failed records (`errors`), the turnstiles not worked on."""
+    writes nothing; "successes" otherwise, the turnstiles stopped by a cancel left out), cached, failed records
+    (`errors`), the turnstiles not worked on and those cancelled, and what was written (every attempt)."""
     operations = len(people.participants) * len(reports)
-    done = operations - (errors - len(people.duplicates))
+    cancelled = sum(1 for r in reports if r["status"] == "cancelled")
+    done = operations - len(people.participants) * cancelled - (errors - len(people.duplicates))
     return {"participants": len(people.participants), "repeated_rows": len(people.duplicates),
             "turnstiles": len(reports), "operations": operations, ("planned" if dry_run else "successes"): done,
             "cached": sum(r["cached"] for r in reports), "errors": errors,
-            "turnstiles_failed": sum(1 for r in reports if r["status"] == "failed"), "dry_run": dry_run,
-            "failures_file": failures_file, "reports": reports, "seconds": round(seconds, 2)}
+            "turnstiles_failed": sum(1 for r in reports if r["status"] == "failed"), "turnstiles_cancelled": cancelled,
+            "written": {name: 0 if dry_run else sum(r[name] for r in reports) for name in WRITTEN},
+            "dry_run": dry_run, "failures_file": failures_file, "reports": reports, "seconds": round(seconds, 2)}
 
 
 def turnstile_rows(reports: list[dict], dry_run: bool) -> list[dict]:
@@ -95,7 +105,13 @@ def registration_markdown(file_name: str, summary: dict, failures_link: str = ""
             else f"| Successes | {summary['successes']:,} |")
     failures = (f"[{Path(summary['failures_file']).name}]({failures_link})" if summary["errors"] and failures_link
                 else "none")
-    return f"""# Registration of `{file_name}`{' (dry run)' if dry_run else ''}
+    cancelled = [r["device"] for r in summary["reports"] if r["status"] == "cancelled"]
+    if cancelled:
+        written = summary["written"]
+        done += (f"\n| Cancelled | {len(cancelled)} turnstile(s) stopped: {', '.join(cancelled)} |"
+                 f"\n| Written before the cancel | {written['created']:,} user(s) created, {written['updated']:,} "
+                 f"updated, {written['cards']:,} card(s), {written['groups']:,} group link(s) |")
+    return f"""# Registration of `{file_name}`{' (dry run)' if dry_run else ''}{' (cancelled)' if cancelled else ''}
 
 | | |
 |---|---|
