@@ -53,7 +53,7 @@ from operations.turnstiles.report import (
     turnstile_rows,
     write_registration_failures,
 )
-from tasks.cancellation import run_stop_check, watch_termination
+from tasks.cancellation import note_termination, run_stop_check, watch_termination
 from tasks.retries import with_retries
 from tasks.registration import Participants, RunProgress, device_limit_name, register_on_turnstile
 
@@ -131,6 +131,7 @@ def register_everywhere(
         try:
             wait(futures)
         except TerminationSignal:
+            note_termination()  # the device tasks' stop checks answer True from here on
             get_run_logger().warning("termination signal: the turnstile tasks stop at their next batch")
         deadline = time.monotonic() + STOP_WAIT_SECONDS  # reached only after a termination signal
         outcomes = [_outcome(future, deadline) for future in futures]
