@@ -3,7 +3,10 @@ the demo, the benchmarks and the test session) loop over.
 
 Order: the embedded PostgreSQL (the Prefect server's database is on it), the embedded Redis, the Prefect server,
 the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the worker. `up` starts them in this order,
-`down` stops them in reverse. A service configured by environment is not started (`replaced_by` says which setting):
+`down` stops them in reverse. Each runs as a program of one supervisord per DATA_DIR (operations/infra/supervision.py),
+which starts it again within seconds when it dies; its event listener here (deployments/service_events.py) counts
+the restarts (`make status`) and emits `project.service.restarted`. The last service stopped shuts the supervisor
+down. A service configured by environment is not started (`replaced_by` says which setting):
 REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL, TURNSTILE_EMULATOR_DEVICES=0; DATABASE_URL replaces
 the embedded PostgreSQL unless the local Prefect server keeps its own database on it.
 
@@ -15,6 +18,7 @@ addresses: flow code never looks for, let alone starts, a service of its own.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +30,7 @@ from operations.infra.embedded_postgres import PostgresService
 from operations.infra.embedded_redis import RedisService
 from operations.infra.file_server import FileServerService
 from operations.infra.services import Service, ServiceStatus
+from operations.infra.supervision import Supervisor
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
 # The emulated marketplace of the local stack and the demo: a few sellers, a little latency.
@@ -63,7 +68,7 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
     """The stack's services in start order (module docstring)."""
     settings = settings or get_settings()
     devices = settings.turnstiles.emulator_devices
-    return [
+    services = [
         Registered(PostgresService(settings.stack.postgres_dir), _postgres_replaced_by(settings),
                    exports=not settings.database.url),
         Registered(RedisService(settings.stack.redis_dir, settings.redis.start_timeout_seconds),
@@ -83,6 +88,22 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
         Registered(PrefectWorkerService(settings.stack.prefect_worker_dir, project_dir=PROJECT_ROOT, pool=LOCAL_WORK_POOL,
                                         query_seconds=worker_query_seconds)),
     ]
+    for entry in services:  # one supervisor for the whole stack, in DATA_DIR
+        entry.service.supervise_in(settings.stack.data_dir)
+    return services
+
+
+def listener_command(supervisor: Supervisor) -> list[str]:
+    """The stack's event listener of a supervisor: restart counts and `project.service.restarted` events."""
+    return [sys.executable, "-m", "deployments.service_events", str(supervisor.home)]
+
+
+def supervisors(services: list[Registered]) -> list[Supervisor]:
+    """The supervisors the services run under (one for the stack), each once."""
+    found: dict = {}
+    for entry in services:
+        found.setdefault(entry.service.supervisor.home, entry.service.supervisor)
+    return list(found.values())
 
 
 def only(services: list[Registered], *names: str) -> list[Registered]:
@@ -103,21 +124,36 @@ def up(services: list[Registered]) -> dict[str, Any]:
     process's environment (so later services and every process started from here find it). Returns the
     running handles by service name."""
     running: dict[str, Any] = {}
-    for entry in services:
-        if entry.replaced_by:
-            continue
+    started = [entry for entry in services if not entry.replaced_by]
+    for entry in started:
         handle = entry.service.ensure()
         running[entry.name] = handle
         if entry.exports:
             os.environ.update(entry.service.exports(handle))
     get_settings.cache_clear()  # this process's settings now see the exported addresses
+    for supervisor in supervisors(started):  # its events reach the Prefect server of this environment
+        supervisor.set_listener(listener_command(supervisor), os.environ)
     return running
 
 
 def down(services: list[Registered]) -> list[str]:
     """Stop the services in reverse order (also those replaced by a setting now, if one still runs from
-    before). Returns the names of those that were running."""
-    return [entry.name for entry in reversed(services) if entry.service.stop()]
+    before), then their supervisor once it has no program left. Returns the names of those that were running."""
+    stopped = [entry.name for entry in reversed(services) if entry.service.stop()]
+    for supervisor in supervisors(services):
+        if not supervisor.programs():
+            supervisor.shutdown()
+    return stopped
+
+
+def supervisor_status(services: list[Registered]) -> list[str]:
+    """A line per supervisor of these services for `make status`: running or not, pid, config, log."""
+    lines = []
+    for supervisor in supervisors(services):
+        pid = supervisor.pid() if supervisor.running() else None
+        state = f"running, pid {pid}, config {supervisor.conf}" if pid else "not running"
+        lines.append(f"{state}; log {supervisor.log}")
+    return lines
 
 
 def status(services: list[Registered]) -> list[ServiceStatus]:

@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import types
 import typing
@@ -93,22 +92,24 @@ def health(port: int, service: str) -> dict[str, Any] | None:
 
 
 class EmulatorService(Service[_Running]):
-    """An emulator as a detached service of the stack: `python -m <module> <arguments> --config-json <config>`
-    from the project root, its log `emulator.log` in its folder. Subclasses set `name`, `state_file` and
-    `module` and implement `find`, `start` (through `spawn_emulator`) and `address`."""
+    """An emulator as a service of the stack, a program of its supervisor (started again on the same ports when
+    it dies, with the data its config seeds): `python -m <module> <arguments> --config-json <config>` from the
+    project root, its log `emulator.log` in its folder. Subclasses set `name`, `state_file` and `module` and
+    implement `find`, `start` (through `spawn_emulator`) and `address`."""
 
     module: ClassVar[str]
     log_file = "emulator.log"
 
-    def __init__(self, folder: Path, config: BaseModel, start_timeout: float = 30.0):
-        super().__init__(folder)
+    def __init__(self, folder: Path, config: BaseModel, start_timeout: float = 30.0, home: Path | None = None):
+        super().__init__(folder, home)
         self.config, self.start_timeout = config, start_timeout
 
     def spawn_emulator(
         self, arguments: list[str], ready: Callable[[], bool], state: dict[str, Any], failure: str
-    ) -> subprocess.Popen[bytes]:
+    ) -> int:
+        """Start the emulator's program; its pid."""
         python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-        return self.spawn(
+        return self.supervise(
             [sys.executable, "-m", self.module, *arguments, "--config-json", self.config.model_dump_json()],
             ready, self.start_timeout, state, env={**os.environ, "PYTHONPATH": python_path}, cwd=PROJECT_ROOT,
             failure=failure,
