@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import redis
+
 from operations.infra.processes import free_port, port_free, tail
 from operations.infra.services import Service, ServiceFailed, configured_or_running
 from operations.settings import Settings, get_settings
@@ -142,6 +144,21 @@ class RedisService(Service[EmbeddedRedis]):
 
     def exports(self, running: EmbeddedRedis) -> dict[str, str]:
         return {"REDIS_URL": running.url}
+
+
+def unreachable_hint(address: str) -> str:
+    """What a refused connection to the Redis at `address` (host:port) means and what to do."""
+    return (f"the Redis at {address} is not answering: the stack's supervisor starts its embedded Redis again "
+            "within seconds (`make status` shows it), `make up` starts it when the stack is down; or set "
+            "REDIS_URL to a running Redis")
+
+
+class ExplainedConnection(redis.Connection):
+    """A redis-py TCP connection whose connection errors name the Redis and what to do; still
+    redis.ConnectionError, which the tasks retry."""
+
+    def _error_message(self, exception: BaseException) -> str:
+        return f"{super()._error_message(exception)} ({unreachable_hint(self._host_error())})"
 
 
 def running_embedded_redis(redis_dir: Path) -> EmbeddedRedis | None:
