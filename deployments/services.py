@@ -125,14 +125,14 @@ def up(services: list[Registered]) -> dict[str, Any]:
     running handles by service name."""
     running: dict[str, Any] = {}
     started = [entry for entry in services if not entry.replaced_by]
+    for supervisor in supervisors(started):  # started here (unless it runs) with the stack's event listener
+        supervisor.ensure(listener_command(supervisor))
     for entry in started:
         handle = entry.service.ensure()
         running[entry.name] = handle
         if entry.exports:
             os.environ.update(entry.service.exports(handle))
     get_settings.cache_clear()  # this process's settings now see the exported addresses
-    for supervisor in supervisors(started):  # its events reach the Prefect server of this environment
-        supervisor.set_listener(listener_command(supervisor), os.environ)
     return running
 
 

@@ -308,7 +308,7 @@ class PostgresService(Service[EmbeddedPostgres]):
         deadline = time.monotonic() + self.start_timeout
         live = _postmaster(data_dir)
         if live is not None:  # one outside the supervisor, not answering (starting, recovering, stuck): stopped
-            self.stop_orphan(live[0], self.stop_timeout)
+            self.stop_orphan(live[0], self.stop_timeout)  # (a supervised one was taken off it by `ensure`)
         if not (data_dir / "PG_VERSION").exists():
             _initdb(data_dir, user)
         _clear_stale_locks(data_dir, socket_dir, deadline)

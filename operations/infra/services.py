@@ -172,7 +172,7 @@ class Service(Generic[Handle]):
             if running is not None:
                 if self.supervised(running) and self.reuse(running):
                     return running
-                self._stop(running.pid)  # type: ignore[attr-defined]
+                self._stop(running.pid, replacing=True)  # type: ignore[attr-defined]
             elif self._restarting():
                 deadline = time.monotonic() + self.start_wait
                 while time.monotonic() < deadline:
@@ -180,9 +180,9 @@ class Service(Generic[Handle]):
                     if running is not None and self.reuse(running):
                         return running
                     time.sleep(0.2)
-                self._stop(None)
-            else:
-                self._stop(None)  # a program its supervisor gave up on (FATAL) is replaced
+                self._stop(None, replacing=True)
+            elif self.supervisor.info(self.program) is not None:
+                self._stop(None, replacing=True)  # a program its supervisor gave up on (FATAL) is replaced
             self.supervisor.ensure()
             return self.start()
 
@@ -190,9 +190,12 @@ class Service(Generic[Handle]):
         info = self.supervisor.info(self.program)
         return bool(info and info["statename"] in ("STARTING", "BACKOFF", "RUNNING"))
 
-    def _stop(self, pid: int | None, timeout: float | None = None) -> bool:
-        """Take the program off its supervisor, or stop a process left outside one (`stop_orphan`)."""
-        was_up = self.supervisor.remove(self.program, self.stop_timeout if timeout is None else timeout)
+    def _stop(self, pid: int | None, timeout: float | None = None, replacing: bool = False) -> bool:
+        """Take the program off its supervisor (shut down with its last program unless `replacing`), or stop a
+        process left outside one (`stop_orphan`)."""
+        was_up = self.supervisor.remove(
+            self.program, self.stop_timeout if timeout is None else timeout, shutdown_when_empty=not replacing
+        )
         if pid is not None and pid_alive(pid):
             self.stop_orphan(pid, self.stop_timeout if timeout is None else timeout)
             was_up = True

@@ -10,10 +10,11 @@ command line or in supervisord's config), and `restarts/<name>` (how often the p
 again).
 
 Restarts are counted by an event listener, a program of the same supervisord (`listen`): supervisord keeps no
-count of its own, and its log rotates. The listener counts PROCESS_STATE_EXITED events per program (a stop that
-was asked for is STOPPED, not EXITED, so every EXITED is a death the supervisor answered with a restart) and
-calls `on_restart(program, service name, count)` once the program is RUNNING again; the stack's listener
-(deployments/service_events.py) turns that into a Prefect event.
+count of its own, and its log rotates. The listener counts, per program, the PROCESS_STATE_EXITED events (it died
+running) and PROCESS_STATE_BACKOFF ones (it died within START_SECONDS of a start): a stop that was asked for is
+STOPPED, so each of these is a death the supervisor answers with a new start. It calls `on_restart(program,
+service name, count)` once the program is RUNNING again; the stack's listener (deployments/service_events.py)
+turns that into a Prefect event.
 
 The supervisord lives as long as it has programs: the first service started in a folder starts it, the last
 one stopped shuts it down (`Supervisor.remove`), so `make down`, a test or a benchmark leave no process behind.
@@ -155,8 +156,10 @@ class Supervisor:
             return 0
 
     # -- starting and stopping it ----------------------------------------------------------------------------
-    def ensure(self, timeout: float = 30.0) -> None:
-        """Start this folder's supervisord unless it runs (afresh: no program, restart counts cleared)."""
+    def ensure(self, listener: list[str] | None = None, timeout: float = 30.0) -> None:
+        """Start this folder's supervisord unless it runs (afresh: no program, restart counts cleared), with
+        `listener` as its event listener (the count-only `listen` by default; its environment is this
+        process's)."""
         self.home.mkdir(parents=True, exist_ok=True)
         with folder_lock(self.home):
             if self.running():
@@ -171,8 +174,8 @@ class Supervisor:
             self.programs_dir.chmod(0o700)
             self.restarts_dir.mkdir(exist_ok=True)
             self._write_conf()
-            self._add_listener_files([sys.executable, "-m", "operations.infra.supervision", "listen", str(self.home)],
-                                     _plain_env())
+            default = [sys.executable, "-m", "operations.infra.supervision", "listen", str(self.home)]
+            self._add_listener_files(listener or default, os.environ)
             env = _plain_env()
             with open(self.log, "ab") as out:  # supervisord daemonizes: this returns once it has forked
                 done = subprocess.run(
@@ -232,9 +235,10 @@ class Supervisor:
             rpc.reloadConfig()
             rpc.addProcessGroup(program.name)  # autostart: supervisord spawns it now
 
-    def remove(self, program: str, timeout: float | None = None) -> bool:
+    def remove(self, program: str, timeout: float | None = None, shutdown_when_empty: bool = True) -> bool:
         """Stop the program (its stop signal, SIGKILL after its stop time) and drop it; the last service's
-        removal shuts supervisord down. True if the program was up."""
+        removal shuts supervisord down (unless `shutdown_when_empty` is False: it is being replaced). True if the
+        program was up."""
         with folder_lock(self.home):
             info = self.info(program)
             was_up = bool(info and info["statename"] in ALIVE)
@@ -245,24 +249,9 @@ class Supervisor:
             for suffix in (".conf", ".env", ".json"):
                 (self.programs_dir / f"{program}{suffix}").unlink(missing_ok=True)
             (self.restarts_dir / program).unlink(missing_ok=True)
-            if not self.programs():
+            if shutdown_when_empty and not self.programs():
                 self._shutdown(timeout or 30)
             return was_up
-
-    def set_listener(self, command: list[str], env: Mapping[str, str]) -> None:
-        """Replace the event listener (the count-only one by default) by `command` with `env`; the counts stay
-        (they are files)."""
-        with folder_lock(self.home):
-            conf, env_file = self.programs_dir / f"{LISTENER}.conf", self.programs_dir / f"{LISTENER}.env"
-            before = (conf.read_text() if conf.exists() else "", env_file.read_text() if env_file.exists() else "")
-            self._add_listener_files(command, env)
-            if (conf.read_text(), env_file.read_text()) == before or not self.running():
-                return
-            rpc = self._rpc(40)
-            _try(rpc.stopProcess, LISTENER)
-            _try(rpc.removeProcessGroup, LISTENER)
-            rpc.reloadConfig()
-            rpc.addProcessGroup(LISTENER)
 
     def _write_env(self, name: str, env: Mapping[str, str]) -> Path:
         path = self.programs_dir / f"{name}.env"
@@ -367,7 +356,7 @@ def _plain_env() -> dict[str, str]:
 
 # -- the event listener --------------------------------------------------------------------------------------
 def listen(home: Path, on_restart: Callable[[str, str, int], None] | None = None) -> None:
-    """supervisord's event listener protocol on stdin/stdout: count each program's PROCESS_STATE_EXITED into
+    """supervisord's event listener protocol on stdin/stdout: count each program's deaths (EXITED, BACKOFF) into
     `restarts/<program>`, and call `on_restart(program, service name, count)` when it is RUNNING again (it
     must return at once: supervisord waits for this listener's answer before sending the next event)."""
     from supervisor import childutils
@@ -380,13 +369,13 @@ def listen(home: Path, on_restart: Callable[[str, str, int], None] | None = None
         fields, _ = childutils.eventdata(payload + "\n")
         program = fields.get("processname", "")
         if program and program != LISTENER:
-            if event == "PROCESS_STATE_EXITED":
+            if event in ("PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF"):  # died running, or while starting
                 count = supervisor.restarts(program) + 1
                 path = supervisor.restarts_dir / program
                 path.with_suffix(".tmp").write_text(str(count))
                 path.with_suffix(".tmp").replace(path)
                 pending.add(program)
-                print(f"{program} exited (pid {fields.get('pid')}): restart {count}", file=sys.stderr, flush=True)
+                print(f"{program}: {event.removeprefix('PROCESS_STATE_').lower()}, restart {count}", file=sys.stderr, flush=True)
             elif event == "PROCESS_STATE_RUNNING" and program in pending:
                 pending.discard(program)
                 if on_restart is not None:
