@@ -21,6 +21,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -268,6 +269,9 @@ def _write_conf(data_dir: Path, socket_dir: Path, user: pwd.struct_passwd | None
         "log_timezone = 'UTC'\n"
         "log_checkpoints = off\n"  # the log keeps errors, not routine
         "max_connections = 200\n"  # every flow, worker and Dask worker process has its own pool
+        # after a crash, one syncfs of the file system before recovery rather than an fsync of every file
+        # (seconds of a restart), on Linux where it exists
+        + ("recovery_init_sync_method = syncfs\n" if sys.platform == "linux" else "")
     )
     _give(conf, user, 0o600)
 
