@@ -80,6 +80,13 @@ class ServiceStatus:
         return f"{state}{note}; log {self.log}"
 
 
+@dataclass(frozen=True)
+class Spawned:
+    """A service's process just started under its supervisor (its pid changes when it is started again)."""
+
+    pid: int
+
+
 class ServiceFailed(RuntimeError):
     """A service did not start (the message ends with its log)."""
 
@@ -128,12 +135,11 @@ class Service(Generic[Handle]):
         return read_state(self.folder / self.state_file)
 
     def current_pid(self, state: Mapping | None) -> int | None:
-        """The pid of its process: its supervisor's, else the state file's while alive (one started outside
-        a supervisor, or left behind by a dead one)."""
-        pid = self.supervisor.program_pid(self.program)
-        if pid is None and state and state.get("pid") and pid_alive(int(state["pid"])):
-            pid = int(state["pid"])
-        return pid
+        """The pid of its process: the state file's while alive (its first start: no call to the supervisor,
+        which links of every file look up), else its supervisor's (it was started again)."""
+        if state and state.get("pid") and pid_alive(int(state["pid"])):
+            return int(state["pid"])
+        return self.supervisor.program_pid(self.program)
 
     def find(self) -> Handle | None:
         """The running one if it answers; starts nothing."""
@@ -274,6 +280,11 @@ class Service(Generic[Handle]):
         if state is not None:
             write_state(self.folder / self.state_file, {**state, "pid": pid})
         return pid
+
+    def spawn(self, command: list[str], ready: Callable[[], bool], timeout: float, state: Mapping[str, object] | None,
+              **options) -> Spawned:
+        """`supervise`, its pid as `.pid` (what a service's `start` records in its handle)."""
+        return Spawned(self.supervise(command, ready, timeout, state, **options))
 
     def _exited(self) -> bool:
         """Whether the program's process died since it was added (supervisord retries it: not our case)."""
