@@ -125,8 +125,10 @@ def up(services: list[Registered]) -> dict[str, Any]:
     running handles by service name."""
     running: dict[str, Any] = {}
     started = [entry for entry in services if not entry.replaced_by]
-    for supervisor in supervisors(started):  # started here (unless it runs) with the stack's event listener
-        supervisor.ensure(listener_command(supervisor))
+    for supervisor in supervisors(started):  # started here (unless it runs) with the stack's event listener,
+        # which reads the settings (.env) from the project folder, for the supervisor's DATA_DIR
+        supervisor.ensure(listener_command(supervisor), {**os.environ, "DATA_DIR": str(supervisor.home)},
+                          PROJECT_ROOT)
     for entry in started:
         handle = entry.service.ensure()
         running[entry.name] = handle

@@ -156,10 +156,13 @@ class Supervisor:
             return 0
 
     # -- starting and stopping it ----------------------------------------------------------------------------
-    def ensure(self, listener: list[str] | None = None, timeout: float = 30.0) -> None:
+    def ensure(
+        self, listener: list[str] | None = None, listener_env: Mapping[str, str] | None = None,
+        listener_dir: Path | None = None, timeout: float = 30.0,
+    ) -> None:
         """Start this folder's supervisord unless it runs (afresh: no program, restart counts cleared), with
-        `listener` as its event listener (the count-only `listen` by default; its environment is this
-        process's)."""
+        `listener` as its event listener (the count-only `listen` by default), run in `listener_dir` (this
+        folder by default) with `listener_env` (this process's environment by default)."""
         self.home.mkdir(parents=True, exist_ok=True)
         with folder_lock(self.home):
             if self.running():
@@ -175,7 +178,8 @@ class Supervisor:
             self.restarts_dir.mkdir(exist_ok=True)
             self._write_conf()
             default = [sys.executable, "-m", "operations.infra.supervision", "listen", str(self.home)]
-            self._add_listener_files(listener or default, os.environ)
+            self._add_listener_files(listener or default, os.environ if listener_env is None else listener_env,
+                                     listener_dir or self.home)
             env = _plain_env()
             with open(self.log, "ab") as out:  # supervisord daemonizes: this returns once it has forked
                 done = subprocess.run(
@@ -298,13 +302,13 @@ class Supervisor:
         )
         (self.programs_dir / f"{program.name}.json").write_text(json.dumps({"service": program.service}))
 
-    def _add_listener_files(self, command: list[str], env: Mapping[str, str]) -> None:
+    def _add_listener_files(self, command: list[str], env: Mapping[str, str], directory: Path) -> None:
         env_file = self._write_env(LISTENER, env)
         (self.programs_dir / f"{LISTENER}.conf").write_text(
             "; counts the programs' restarts (operations.infra.supervision)\n"
             f"[eventlistener:{LISTENER}]\n"
             f"command={self._command(env_file, command)}\n"
-            f"directory={_quoted(str(self.home))}\n"
+            f"directory={_quoted(str(directory))}\n"
             "events=PROCESS_STATE\nbuffer_size=1000\nautorestart=true\nstartsecs=1\nstartretries=100\n"
             "stdout_logfile=NONE\n"  # its standard output is supervisord's protocol channel
             f"stderr_logfile={_quoted(str(self.home / 'restart-listener.log'))}\n"
