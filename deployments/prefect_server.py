@@ -176,9 +176,8 @@ class PrefectServerService(Service[PrefectServer]):
         database: ServerDatabase | Callable[[], ServerDatabase] | None = None,
         host: str = "127.0.0.1",
         auth_string: SecretStr | str | None = None,
-        home: Path | None = None,
     ):
-        super().__init__(folder, home)
+        super().__init__(folder)
         self.port, self.timeout, self.host, self.auth = port, timeout, host, _secret(auth_string)
         self.start_wait = timeout
         self._database = database

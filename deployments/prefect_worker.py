@@ -116,9 +116,8 @@ class PrefectWorkerService(Service[PrefectWorker]):
         query_seconds: float = 5.0,
         timeout: float = 90.0,
         extra_env: dict[str, str] | None = None,
-        home: Path | None = None,
     ):
-        super().__init__(folder, home)
+        super().__init__(folder)
         self.start_wait = timeout
         self.api_url, self.project_dir, self.pool = api_url, project_dir, pool
         self.query_seconds, self.timeout, self.extra_env = query_seconds, timeout, extra_env or {}

@@ -100,8 +100,8 @@ class EmulatorService(Service[_Running]):
     module: ClassVar[str]
     log_file = "emulator.log"
 
-    def __init__(self, folder: Path, config: BaseModel, start_timeout: float = 30.0, home: Path | None = None):
-        super().__init__(folder, home)
+    def __init__(self, folder: Path, config: BaseModel, start_timeout: float = 30.0):
+        super().__init__(folder)
         self.config, self.start_timeout = config, start_timeout
 
     def spawn_emulator(

@@ -287,10 +287,8 @@ class PostgresService(Service[EmbeddedPostgres]):
     stop_signal = "INT"  # fast shutdown
     stop_as_group = False  # the postmaster stops its backends itself
 
-    def __init__(
-        self, folder: Path, database: str = PROJECT_DATABASE, start_timeout: float = 30.0, home: Path | None = None
-    ):
-        super().__init__(folder, home)
+    def __init__(self, folder: Path, database: str = PROJECT_DATABASE, start_timeout: float = 30.0):
+        super().__init__(folder)
         self.database, self.start_timeout = database, start_timeout
         self.start_wait = start_timeout
 

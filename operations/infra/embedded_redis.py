@@ -103,8 +103,8 @@ class RedisService(Service[EmbeddedRedis]):
     state_file = STATE_FILE
     log_file = "redis.log"
 
-    def __init__(self, folder: Path, start_timeout: float | None = None, home: Path | None = None):
-        super().__init__(folder, home)
+    def __init__(self, folder: Path, start_timeout: float | None = None):
+        super().__init__(folder)
         self.start_timeout = get_settings().redis.start_timeout_seconds if start_timeout is None else start_timeout
         self.start_wait = max(self.start_timeout, 5.0)
 

@@ -192,10 +192,8 @@ class FileServerService(Service[FileServer]):
     state_file = STATE_FILE
     log_file = "file-server.log"
 
-    def __init__(
-        self, settings: Settings, start_timeout: float = 30.0, folder: Path | None = None, home: Path | None = None
-    ):
-        super().__init__(settings.stack.file_server_dir if folder is None else folder, home)
+    def __init__(self, settings: Settings, start_timeout: float = 30.0, folder: Path | None = None):
+        super().__init__(settings.stack.file_server_dir if folder is None else folder)
         self.settings, self.start_timeout = settings, start_timeout
         self.root = Path(settings.stack.output_dir).resolve()
 

@@ -117,9 +117,9 @@ class Service(Generic[Handle]):
     stop_as_group: ClassVar[bool] = True
     start_wait: float = 30.0  # how long `ensure` waits for one its supervisor is (re)starting
 
-    def __init__(self, folder: Path, home: Path | None = None):
+    def __init__(self, folder: Path):
         self.folder = Path(folder).resolve()
-        self.supervise_in(home or self.folder.parent)
+        self.supervise_in(self.folder.parent)  # the stack's registry says DATA_DIR (`supervise_in`)
 
     def supervise_in(self, home: Path) -> Service[Handle]:
         """Run it under the supervisord of folder `home` (the stack's DATA_DIR); returns the service."""
