@@ -278,10 +278,13 @@ def test_a_killed_postgres_or_redis_is_back_within_seconds_on_the_same_address(
         print(f"restart events found {time.monotonic() - waited:.1f} s later")
         [event] = _restart_events(prefect_api_url, since, "embedded-redis")  # one event per restart
         assert event["payload"] == {"restarts": 1} and event["resource"]["prefect.resource.name"] == "embedded redis"
+        [line] = registry.supervisor_status(services)
+        assert line.startswith("running, pid ") and f"config {data_dir / 'supervisord.conf'}" in line, line
     finally:
         engine.dispose()
         stopped = registry.down(services)
     assert stopped == ["embedded redis", "embedded postgres"]
+    assert registry.supervisor_status(services) == [f"not running; log {data_dir / 'supervisord.log'}"]
     assert _processes_under(tmp_path) == []  # supervisord, its listener and the services
 
 
