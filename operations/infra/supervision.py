@@ -10,11 +10,11 @@ command line or in supervisord's config), and `restarts/<name>` (how often the p
 again).
 
 Restarts are counted by an event listener, a program of the same supervisord (`listen`): supervisord keeps no
-count of its own, and its log rotates. The listener counts, per program, the PROCESS_STATE_EXITED events (it died
-running) and PROCESS_STATE_BACKOFF ones (it died within START_SECONDS of a start): a stop that was asked for is
-STOPPED, so each of these is a death the supervisor answers with a new start. It calls `on_restart(program,
-service name, count)` once the program is RUNNING again; the stack's listener (deployments/service_events.py)
-turns that into a Prefect event.
+count of its own, and its log rotates. The listener counts, per program, its deaths: PROCESS_STATE_EXITED (it died
+running) and PROCESS_STATE_BACKOFF (it died within START_SECONDS of a start), a stop that was asked for being
+STOPPED; the failed attempts of one restart (BACKOFF again before it is RUNNING, e.g. PostgreSQL waiting for the
+killed server's last backends to exit) count once. It calls `on_restart(program, service name, count)` once the
+program is RUNNING again; the stack's listener (deployments/service_events.py) turns that into a Prefect event.
 
 The supervisord lives as long as it has programs: the first service started in a folder starts it, the last
 one stopped shuts it down (`Supervisor.remove`), so `make down`, a test or a benchmark leave no process behind.
@@ -373,7 +373,8 @@ def listen(home: Path, on_restart: Callable[[str, str, int], None] | None = None
         fields, _ = childutils.eventdata(payload + "\n")
         program = fields.get("processname", "")
         if program and program != LISTENER:
-            if event in ("PROCESS_STATE_EXITED", "PROCESS_STATE_BACKOFF"):  # died running, or while starting
+            if event == "PROCESS_STATE_EXITED" or (event == "PROCESS_STATE_BACKOFF" and program not in pending):
+                # died running, or within START_SECONDS of a start that was no retry after a death
                 count = supervisor.restarts(program) + 1
                 path = supervisor.restarts_dir / program
                 path.with_suffix(".tmp").write_text(str(count))
