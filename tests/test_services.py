@@ -206,14 +206,14 @@ def traversable_tmp():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _answering_postgres(settings):
-    from operations.infra.embedded_postgres import PostgresService
-
+def _running_postgres(service):
+    """The service's PostgreSQL once its supervisor counts it RUNNING (up past its start: a death sooner is
+    counted with the restart it interrupted)."""
     deadline = time.monotonic() + 20
-    while (found := PostgresService(settings.stack.postgres_dir).find()) is None:
+    while (service.supervisor.info(service.program) or {}).get("statename") != "RUNNING":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    return found
+    return service.find()
 
 
 def test_a_killed_postgres_or_redis_is_back_within_seconds_on_the_same_address(
@@ -249,7 +249,7 @@ def test_a_killed_postgres_or_redis_is_back_within_seconds_on_the_same_address(
 
         seconds = _answers_after(postgres.pid, lambda: _answers(postgres.socket_dir), 20)
         print(f"embedded postgres answered {seconds:.1f} s after kill -9")
-        killed = _answering_postgres(settings).pid
+        killed = _running_postgres(services[0].service).pid
         os.kill(killed, 9)
         while pid_alive(killed):
             time.sleep(0.01)

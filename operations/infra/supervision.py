@@ -13,7 +13,7 @@ Restarts are counted by an event listener, a program of the same supervisord (`l
 count of its own, and its log rotates. The listener counts, per program, its deaths: PROCESS_STATE_EXITED (it died
 running) and PROCESS_STATE_BACKOFF (it died within START_SECONDS of a start), a stop that was asked for being
 STOPPED; the failed attempts of one restart (BACKOFF again before it is RUNNING, e.g. PostgreSQL waiting for the
-killed server's last backends to exit) count once. It calls `on_restart(program, service name, count)` once the
+killed server's last backends to exit) count once, and so does a death within START_SECONDS of a restart. It calls `on_restart(program, service name, count)` once the
 program is RUNNING again; the stack's listener (deployments/service_events.py) turns that into a Prefect event.
 
 The supervisord lives as long as it has programs: the first service started in a folder starts it, the last
