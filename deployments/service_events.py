@@ -11,6 +11,7 @@ next state change. The server is PREFECT_API_URL, else the stack's own under DAT
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from operations.events import SERVICE_RESTARTED
+from operations.events import RESOURCE_PREFIX, SERVICE_RESTARTED
 from operations.infra.supervision import listen
 
 EMIT_WAIT_SECONDS = 600.0  # how long an event waits for the Prefect server to answer
@@ -53,25 +54,39 @@ def _answers(api_url: str) -> bool:
 
 
 def emit_when_reachable(service: str, restarts: int, wait: float = EMIT_WAIT_SECONDS) -> bool:
-    """Emit `project.service.restarted` for `service` once the Prefect server answers; False if it did not
-    within `wait` seconds (the restart stays counted for `make status`)."""
+    """Emit `project.service.restarted` for `service` once the Prefect server answers and takes it (tried again
+    until then); False if it did not within `wait` seconds (the restart stays counted for `make status`)."""
     deadline = time.monotonic() + wait
     while True:
         api_url = _api_url()
         if api_url and _answers(api_url):
-            break
+            try:
+                asyncio.run(_send(api_url, service, restarts))
+            except Exception as exc:  # noqa: BLE001 - the server went away again: tried again below
+                logger.info("%s restarted (%d): the event waits for the Prefect server (%s)", service, restarts, exc)
+            else:
+                logger.info("%s restarted (%d): event emitted to %s", service, restarts, api_url)
+                return True
         if time.monotonic() > deadline:
-            logger.warning("%s restarted (%d) but no Prefect server answered: no event", service, restarts)
+            logger.warning("%s restarted (%d) but no Prefect server took the event", service, restarts)
             return False
         time.sleep(POLL_SECONDS)
-    from prefect.events.worker import EventsWorker
 
-    from tasks.events import emit
 
-    emit(SERVICE_RESTARTED, service_subject(service), name=service, payload={"restarts": restarts})
-    EventsWorker.drain_all(timeout=30)
-    logger.info("%s restarted (%d): event emitted to %s", service, restarts, api_url)
-    return True
+async def _send(api_url: str, service: str, restarts: int) -> None:
+    """The event over the server's events socket: an error when it cannot be delivered (Prefect's own
+    `emit_event` queues it and drops it silently when the server is away)."""
+    from prefect.events import Event  # imported once PREFECT_API_URL (and its auth) are in this environment
+    from prefect.events.clients import PrefectEventsClient
+
+    event = Event(
+        event=SERVICE_RESTARTED,
+        resource={"prefect.resource.id": RESOURCE_PREFIX[SERVICE_RESTARTED] + service_subject(service),
+                  "prefect.resource.name": service},
+        payload={"restarts": restarts},
+    )
+    async with PrefectEventsClient(api_url=api_url, reconnection_attempts=1) as client:
+        await client.emit(event)
 
 
 def main(argv: list[str] | None = None) -> int:
