@@ -61,12 +61,16 @@ RedisConnection.load("BLOCK_NAME").get_client().ping()
         with _clients_lock:
             client = _clients.get(key)
             if client is None:
+                from operations.infra.embedded_redis import ExplainedConnection  # errors name the Redis
+
+                plain_tcp = {"connection_class": ExplainedConnection} if self.url.startswith("redis://") else {}
                 client = redis.Redis.from_url(
                     self.url,
                     password=password,
                     socket_timeout=self.socket_timeout,
                     socket_connect_timeout=self.socket_timeout,
                     health_check_interval=30,
+                    **plain_tcp,
                 )
                 _clients[key] = client
         return client

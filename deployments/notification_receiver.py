@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from operations.infra.processes import free_port, pid_alive, port_free
+from operations.infra.processes import free_port, port_free
 from operations.infra.services import Service
 
 STATE_FILE = "notification-receiver.json"
@@ -174,19 +174,20 @@ class NotificationReceiverService(Service[NotificationReceiver]):
 
     def find(self) -> NotificationReceiver | None:
         state = self.state()
-        if not state or not pid_alive(state["pid"]) or not _healthy(state["port"]):
+        pid = self.current_pid(state)
+        if not state or pid is None or not _healthy(state["port"]):
             return None
-        return self._handle(state["port"], state["pid"], False)
+        return self._handle(state["port"], pid, False)
 
     def start(self) -> NotificationReceiver:
         port = self.port if port_free(self.port) else free_port()
-        process = self.spawn(
+        pid = self.supervise(
             [sys.executable, "-m", "deployments.notification_receiver", "--folder", str(self.folder),
              "--port", str(port)],
             lambda: _healthy(port), self.start_timeout, {"port": port},
             failure=f"the notification receiver did not start on {HOST}:{port}",
         )
-        return self._handle(port, process.pid, True)
+        return self._handle(port, pid, True)
 
     def address(self, running: NotificationReceiver) -> str:
         return f"{running.url}/"

@@ -1,5 +1,5 @@
-"""A real local `prefect server` (analytics off), a service of the stack started detached and reused, on its own
-database: by default database "prefect" on the project's embedded PostgreSQL, or SQLite under its folder
+"""A real local `prefect server` (analytics off), a service of the stack (a program of its supervisor, started
+again on the same port when it dies) reused by later processes, on its own database: by default database "prefect" on the project's embedded PostgreSQL, or SQLite under its folder
 (STACK_PREFECT_DATABASE).
 
 Prefect's ephemeral in-process API cannot serve Dask process workers, so every local run talks to this one.
@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 from operations.infra.database import redact_url
 from operations.infra.embedded_postgres import EmbeddedPostgres, ensure_database, ensure_embedded_postgres
 from operations.infra.processes import (
-    basic_auth_headers, client_host, free_port, pid_alive, port_free, require_auth_off_loopback,
+    basic_auth_headers, client_host, free_port, port_free, require_auth_off_loopback,
 )
 from operations.infra.services import Service
 from operations.settings import Settings
@@ -182,6 +182,7 @@ class PrefectServerService(Service[PrefectServer]):
     ):
         super().__init__(folder)
         self.port, self.timeout, self.host, self.auth = port, timeout, host, _secret(auth_string)
+        self.start_wait = timeout
         self._database = database
         self._resolved: ServerDatabase | None = None
 
@@ -195,7 +196,8 @@ class PrefectServerService(Service[PrefectServer]):
     def find(self) -> PrefectServer | None:
         """The folder's server if it is running and healthy."""
         state = self.state()
-        if not state or not pid_alive(state["pid"]):
+        pid = self.current_pid(state)
+        if not state or pid is None:
             return None
         p, host = state["port"], state.get("host", "127.0.0.1")
         base = f"http://{client_host(host)}:{p}"
@@ -203,7 +205,7 @@ class PrefectServerService(Service[PrefectServer]):
             return None
         # a state file without a database was written before the server had a choice: SQLite
         database = state.get("database", f"sqlite {self.folder / 'prefect.db'}")
-        return PrefectServer(f"{base}/api", base, p, state["pid"], False, database, host, state.get("auth", False))
+        return PrefectServer(f"{base}/api", base, p, pid, False, database, host, state.get("auth", False))
 
     def ensure(self) -> PrefectServer:
         require_auth_off_loopback("the Prefect server", self.host, bool(self.auth))
@@ -218,7 +220,7 @@ class PrefectServerService(Service[PrefectServer]):
         port = self.port or (DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port())
         base = f"http://{client_host(host)}:{port}"
         headers = basic_auth_headers(self.auth)
-        process = self.spawn(
+        pid = self.supervise(
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
             lambda: _accepts(f"{base}/api", headers), self.timeout,  # a 200 there: up and serving us
             {"port": port, "host": host, "backend": database.backend, "database": database.label,
@@ -226,7 +228,7 @@ class PrefectServerService(Service[PrefectServer]):
             env=prefect_server_env(self.folder, database.url, self.auth), poll=0.5,
             failure=f"prefect server did not become healthy on {base}/api ({database.label})",
         )
-        return PrefectServer(f"{base}/api", base, port, process.pid, True, database.label, host, bool(self.auth))
+        return PrefectServer(f"{base}/api", base, port, pid, True, database.label, host, bool(self.auth))
 
     def address(self, running: PrefectServer) -> str:
         return running.ui_url

@@ -1,5 +1,5 @@
-"""The project's process work pool and a local `prefect worker` on it: the last service of the stack, started
-detached and reused.
+"""The project's process work pool and a local `prefect worker` on it: the last service of the stack, a program of
+its supervisor (started again when it dies), reused by later processes.
 
 The worker runs each flow run of the pool's deployments in its own process, from the project folder
 (the `set_working_directory` pull step of prefect.yaml), with the worker's environment.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from operations.infra.processes import basic_auth_headers, pid_alive
+from operations.infra.processes import basic_auth_headers
 from operations.infra.services import Service
 
 STATE_FILE = "prefect-worker.json"
@@ -122,15 +122,17 @@ class PrefectWorkerService(Service[PrefectWorker]):
         heartbeat_seconds: int = 30,
     ):
         super().__init__(folder)
+        self.start_wait = timeout
         self.api_url, self.project_dir, self.pool = api_url, project_dir, pool
         self.heartbeat_seconds = heartbeat_seconds
         self.query_seconds, self.timeout, self.extra_env = query_seconds, timeout, extra_env or {}
 
     def find(self) -> PrefectWorker | None:
         state = self.state()
-        if not state or not pid_alive(state["pid"]):
+        pid = self.current_pid(state)
+        if not state or pid is None:
             return None
-        return PrefectWorker(state["name"], state["pool"], state["pid"], False, state.get("api_url", ""),
+        return PrefectWorker(state["name"], state["pool"], pid, False, state.get("api_url", ""),
                              state.get("heartbeat_seconds"))
 
     def _api_url(self) -> str:
@@ -161,14 +163,14 @@ class PrefectWorkerService(Service[PrefectWorker]):
         )
         headers = basic_auth_headers(env.get("PREFECT_API_AUTH_STRING"))
         since = last_heartbeat(api_url, pool, name, headers)
-        process = self.spawn(
+        pid = self.supervise(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", name],
             lambda: worker_heartbeat_since(api_url, pool, name, since, headers), self.timeout,
             {"pool": pool, "api_url": api_url, "name": name, "heartbeat_seconds": self.heartbeat_seconds}, env=env,
             cwd=self.project_dir, poll=0.5,
             failure=f"prefect worker did not come online on pool {pool!r} (no heartbeat of its own)",
         )
-        return PrefectWorker(name, pool, process.pid, True, api_url, self.heartbeat_seconds)
+        return PrefectWorker(name, pool, pid, True, api_url, self.heartbeat_seconds)
 
     def address(self, running: PrefectWorker) -> str:
         return f"{running.name} on pool {running.pool}"

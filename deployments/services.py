@@ -3,10 +3,13 @@ the demo, the benchmarks and the test session) loop over.
 
 Order: the embedded PostgreSQL (the Prefect server's database is on it), the embedded Redis, the Prefect server,
 the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the notification receiver, the worker. `up`
-starts them in this order, `down` stops them in reverse. A service configured by environment is not started
-(`replaced_by` says which setting): REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL,
-TURNSTILE_EMULATOR_DEVICES=0, NOTIFY_BLOCK; DATABASE_URL replaces the embedded PostgreSQL unless the local Prefect
-server keeps its own database on it.
+starts them in this order, `down` stops them in reverse. Each runs as a program of one supervisord per DATA_DIR
+(operations/infra/supervision.py), which starts it again within seconds when it dies; its event listener here
+(deployments/service_events.py) counts the restarts (`make status`) and emits `project.service.restarted`. The last
+service stopped shuts the supervisor down. A service configured by environment is not started (`replaced_by` says
+which setting): REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL, TURNSTILE_EMULATOR_DEVICES=0,
+NOTIFY_BLOCK; DATABASE_URL replaces the embedded PostgreSQL unless the local Prefect server keeps its own database
+on it.
 
 What started services export (DATABASE_URL, REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL) goes into this
 process's environment, so the worker the stack starts, its flow runs and their Dask workers all inherit the
@@ -16,6 +19,7 @@ addresses: flow code never looks for, let alone starts, a service of its own.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +32,7 @@ from operations.infra.embedded_postgres import PostgresService
 from operations.infra.embedded_redis import RedisService
 from operations.infra.file_server import FileServerService
 from operations.infra.services import Service, ServiceStatus
+from operations.infra.supervision import Supervisor
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
 # The emulated marketplace of the local stack and the demo: a few sellers, a little latency.
@@ -65,7 +70,7 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
     """The stack's services in start order (module docstring)."""
     settings = settings or get_settings()
     devices = settings.turnstiles.emulator_devices
-    return [
+    services = [
         Registered(PostgresService(settings.stack.postgres_dir), _postgres_replaced_by(settings),
                    exports=not settings.database.url),
         Registered(RedisService(settings.stack.redis_dir, settings.redis.start_timeout_seconds),
@@ -89,6 +94,22 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
                                         query_seconds=worker_query_seconds,
                                         heartbeat_seconds=settings.alerts.heartbeat_seconds)),
     ]
+    for entry in services:  # one supervisor for the whole stack, in DATA_DIR
+        entry.service.supervise_in(settings.stack.data_dir)
+    return services
+
+
+def listener_command(supervisor: Supervisor) -> list[str]:
+    """The stack's event listener of a supervisor: restart counts and `project.service.restarted` events."""
+    return [sys.executable, "-m", "deployments.service_events", str(supervisor.home)]
+
+
+def supervisors(services: list[Registered]) -> list[Supervisor]:
+    """The supervisors the services run under (one for the stack), each once."""
+    found: dict = {}
+    for entry in services:
+        found.setdefault(entry.service.supervisor.home, entry.service.supervisor)
+    return list(found.values())
 
 
 def only(services: list[Registered], *names: str) -> list[Registered]:
@@ -109,9 +130,12 @@ def up(services: list[Registered]) -> dict[str, Any]:
     process's environment (so later services and every process started from here find it). Returns the
     running handles by service name."""
     running: dict[str, Any] = {}
-    for entry in services:
-        if entry.replaced_by:
-            continue
+    started = [entry for entry in services if not entry.replaced_by]
+    for supervisor in supervisors(started):  # started here (unless it runs) with the stack's event listener,
+        # which reads the settings (.env) from the project folder, for the supervisor's DATA_DIR
+        supervisor.ensure(listener_command(supervisor), {**os.environ, "DATA_DIR": str(supervisor.home)},
+                          PROJECT_ROOT)
+    for entry in started:
         handle = entry.service.ensure()
         running[entry.name] = handle
         if entry.exports:
@@ -122,8 +146,22 @@ def up(services: list[Registered]) -> dict[str, Any]:
 
 def down(services: list[Registered]) -> list[str]:
     """Stop the services in reverse order (also those replaced by a setting now, if one still runs from
-    before). Returns the names of those that were running."""
-    return [entry.name for entry in reversed(services) if entry.service.stop()]
+    before), then their supervisor once it has no program left. Returns the names of those that were running."""
+    stopped = [entry.name for entry in reversed(services) if entry.service.stop()]
+    for supervisor in supervisors(services):
+        if not supervisor.programs():
+            supervisor.shutdown()
+    return stopped
+
+
+def supervisor_status(services: list[Registered]) -> list[str]:
+    """A line per supervisor of these services for `make status`: running or not, pid, config, log."""
+    lines = []
+    for supervisor in supervisors(services):
+        pid = supervisor.pid() if supervisor.running() else None
+        state = f"running, pid {pid}, config {supervisor.conf}" if pid else "not running"
+        lines.append(f"{state}; log {supervisor.log}")
+    return lines
 
 
 def status(services: list[Registered]) -> list[ServiceStatus]:

@@ -6,7 +6,7 @@ automations (deployments/automations.py: notifications, zombie runs Crashed).
 
     python -m deployments.stack up      # start (or reuse) every service in order, deploy, print the UI address
     python -m deployments.stack down    # stop the services in reverse order
-    python -m deployments.stack status  # each service: running or not, pid, address, log; starts nothing
+    python -m deployments.stack status  # each service: running or not, pid, address, restarts, log; starts nothing
 
 Services configured by environment (DATABASE_URL, REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL)
 are used as they are and never started (DATABASE_URL's database is still migrated); TURNSTILE_EMULATOR_DEVICES=0
@@ -215,7 +215,7 @@ def local_api_url(settings: Settings | None = None) -> str | None:
 
 
 def stack_status(settings: Settings | None = None) -> dict[str, str]:
-    """Each service's line of `make status`: running or not, pid, address, what it serves, its log."""
+    """Each service's line of `make status`: running or not, pid, address, restarts, what it serves, its log."""
     return {state.name: state.line() for state in registry.status(registry.stack_services(settings or get_settings()))}
 
 
@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         for service, state in stack_status().items():
             print(f"{service + ':':23}{state}")
+        for line in registry.supervisor_status(registry.stack_services(get_settings())):
+            print(f"{'supervisor:':23}{line}")
         print(f"{'schedules:':23}{describe_schedules(local_api_url())}")
         return 0
     stack = start_operator_stack()

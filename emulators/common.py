@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
 import types
 import typing
@@ -93,9 +92,10 @@ def health(port: int, service: str) -> dict[str, Any] | None:
 
 
 class EmulatorService(Service[_Running]):
-    """An emulator as a detached service of the stack: `python -m <module> <arguments> --config-json <config>`
-    from the project root, its log `emulator.log` in its folder. Subclasses set `name`, `state_file` and
-    `module` and implement `find`, `start` (through `spawn_emulator`) and `address`."""
+    """An emulator as a service of the stack, a program of its supervisor (started again on the same ports when
+    it dies, with the data its config seeds): `python -m <module> <arguments> --config-json <config>` from the
+    project root, its log `emulator.log` in its folder. Subclasses set `name`, `state_file` and `module` and
+    implement `find`, `start` (through `spawn_emulator`) and `address`."""
 
     module: ClassVar[str]
     log_file = "emulator.log"
@@ -106,9 +106,10 @@ class EmulatorService(Service[_Running]):
 
     def spawn_emulator(
         self, arguments: list[str], ready: Callable[[], bool], state: dict[str, Any], failure: str
-    ) -> subprocess.Popen[bytes]:
+    ) -> int:
+        """Start the emulator's program; its pid."""
         python_path = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-        return self.spawn(
+        return self.supervise(
             [sys.executable, "-m", self.module, *arguments, "--config-json", self.config.model_dump_json()],
             ready, self.start_timeout, state, env={**os.environ, "PYTHONPATH": python_path}, cwd=PROJECT_ROOT,
             failure=failure,

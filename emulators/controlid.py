@@ -66,7 +66,7 @@ from emulators.common import (
     dumps,
     health,
 )
-from operations.infra.processes import free_port, pid_alive
+from operations.infra.processes import free_port
 
 try:  # a dependency of Prefect, several times faster than json on big batches
     from orjson import loads as _fast_loads
@@ -1224,19 +1224,20 @@ class TurnstileEmulatorService(EmulatorService[RunningEmulator]):
     def find(self) -> RunningEmulator | None:
         """The folder's process if it is running and answers (on any device)."""
         state = self.state()
-        if not state or not pid_alive(state["pid"]) or not any(_health(p) is not None for p in state["ports"]):
+        pid = self.current_pid(state)
+        if not state or pid is None or not any(_health(p) is not None for p in state["ports"]):
             return None
-        return self._handle(state["ports"], state["pid"], False)
+        return self._handle(state["ports"], pid, False)
 
     def start(self) -> RunningEmulator:
         ports = _ports_for(self.config, self.ports)
         if 0 in ports:
             ports = _free_ports(self.config.devices)
-        process = self.spawn_emulator(
+        pid = self.spawn_emulator(
             ["--ports", ",".join(map(str, ports))], lambda: all(_health(port) is not None for port in ports),
             {"ports": ports}, f"the turnstile emulator did not start on 127.0.0.1 ports {ports}",
         )
-        return self._handle(ports, process.pid, True)
+        return self._handle(ports, pid, True)
 
     def address(self, running: RunningEmulator) -> str:
         return ", ".join(running.base_urls)

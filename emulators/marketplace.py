@@ -57,7 +57,7 @@ from emulators.common import (
     dumps,
     health,
 )
-from operations.infra.processes import free_port, pid_alive
+from operations.infra.processes import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "marketplace-emulator.json"
@@ -1113,17 +1113,18 @@ class MarketplaceEmulatorService(EmulatorService[RunningEmulator]):
 
     def find(self) -> RunningEmulator | None:
         state = self.state()
-        if not state or not pid_alive(state["pid"]) or _health(state["port"]) is None:
+        pid = self.current_pid(state)
+        if not state or pid is None or _health(state["port"]) is None:
             return None
-        return self._handle(state["port"], state["pid"], False)
+        return self._handle(state["port"], pid, False)
 
     def start(self) -> RunningEmulator:
         port = free_port()
-        process = self.spawn_emulator(
+        pid = self.spawn_emulator(
             ["--port", str(port)], lambda: _health(port) is not None, {"port": port},
             f"the marketplace emulator did not start on 127.0.0.1:{port}",
         )
-        return self._handle(port, process.pid, True)
+        return self._handle(port, pid, True)
 
     def address(self, running: RunningEmulator) -> str:
         return running.base_url

@@ -5,8 +5,10 @@ them, in a temporary DATA_DIR."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -175,3 +177,137 @@ def test_the_registry_order_is_the_stacks():
     names = [entry.name for entry in registry.stack_services(Settings())]
     assert names == ["embedded postgres", "embedded redis", "prefect server", "file server",
                      "marketplace emulator", "turnstile emulator", "notification receiver", "prefect worker"]
+
+
+def _answers_after(killed: int, check, timeout: float) -> float:
+    """Seconds from SIGKILL of pid `killed` until `check()` is true (fails the test after `timeout`)."""
+    os.kill(killed, 9)
+    started = time.monotonic()
+    while pid_alive(killed):  # gone (and reaped by its supervisor): what answers now is the new one
+        time.sleep(0.01)
+    while not check():
+        assert time.monotonic() - started < timeout, f"not answering {timeout} s after the kill"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _restart_events(api_url: str, since: str, subject: str) -> list[dict]:
+    body = {"filter": {"event": {"name": ["project.service.restarted"]}, "occurred": {"since": since},
+                       "resource": {"id": [f"project.service.{subject}"]}}, "limit": 10}
+    return httpx.post(f"{api_url}/events/filter", json=body, timeout=10).json()["events"]
+
+
+@pytest.fixture
+def traversable_tmp():
+    """A temp folder outside pytest's own (which every pytest start makes 0700 again, so PostgreSQL, run as
+    another user when we are root, could not restart in it)."""
+    root = Path(tempfile.mkdtemp(prefix="ops-restarts-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _running_postgres(service):
+    """The service's PostgreSQL once its supervisor counts it RUNNING (up past its start: a death sooner is
+    counted with the restart it interrupted)."""
+    deadline = time.monotonic() + 20
+    while (service.supervisor.info(service.program) or {}).get("statename") != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return service.find()
+
+
+def test_a_killed_postgres_or_redis_is_back_within_seconds_on_the_same_address(
+    traversable_tmp, monkeypatch, prefect_api_url
+):
+    """kill -9 of the postmaster and of redis-server: the stack's supervisor starts each again on the same socket
+    or port, clients made before the kill work after it, `make status` counts the restart, the listener emits
+    `project.service.restarted` to the Prefect server, and `down` leaves no process (supervisord included)."""
+    from datetime import datetime, timezone
+
+    from blocks.redis_connection import RedisConnection
+    from operations.infra.embedded_postgres import PostgresService, _answers
+    from sqlalchemy import text
+
+    from operations.infra.database import get_engine
+
+    tmp_path = traversable_tmp
+    settings = _bare_settings(tmp_path)
+    for variable in ("REDIS_URL", "DATABASE_URL"):  # up exports them here: restored afterwards
+        monkeypatch.setenv(variable, os.environ.get(variable, ""))
+    data_dir = settings.stack.data_dir
+    services = [Registered(PostgresService(settings.stack.postgres_dir).supervise_in(data_dir)),
+                Registered(RedisService(settings.stack.redis_dir).supervise_in(data_dir))]
+    since = datetime.now(timezone.utc).isoformat()
+    running = registry.up(services)
+    try:
+        postgres, redis_server = running["embedded postgres"], running["embedded redis"]
+        engine = get_engine(postgres.url)
+        client = RedisConnection.from_url(redis_server.url, socket_timeout=2).get_client()
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar() == 1
+        assert client.ping()
+
+        seconds = _answers_after(postgres.pid, lambda: _answers(postgres.socket_dir), 20)
+        print(f"embedded postgres answered {seconds:.1f} s after kill -9")
+        killed = _running_postgres(services[0].service).pid
+        os.kill(killed, 9)
+        while pid_alive(killed):
+            time.sleep(0.01)
+        again = registry.up(services)["embedded postgres"]  # `make up` meanwhile waits for the supervisor's restart
+        assert again.socket_dir == postgres.socket_dir and _answers(postgres.socket_dir)
+        with engine.connect() as connection:  # pool_pre_ping: the dead pooled connection is replaced
+            assert connection.execute(text("SELECT 1")).scalar() == 1
+
+        seconds = _answers_after(redis_server.pid, lambda: RedisService(settings.stack.redis_dir).find() is not None, 20)
+        print(f"embedded redis answered {seconds:.1f} s after kill -9")
+        assert client.ping()  # redis-py reconnects to the same port
+
+        states = {state.name: state for state in registry.status(services)}
+        assert states["embedded postgres"].address == f"socket {postgres.socket_dir}"
+        assert states["embedded redis"].address == redis_server.url
+        for name, before in (("embedded postgres", postgres), ("embedded redis", redis_server)):
+            count = 2 if name == "embedded postgres" else 1
+            assert states[name].running and states[name].pid != before.pid and states[name].restarts == count, states[name]
+            assert f", restarts {count}" in states[name].line()
+        waited = time.monotonic()
+        deadline = waited + 60  # the listener imports Prefect, the server persists events in batches
+        while not (_restart_events(prefect_api_url, since, "embedded-postgres")
+                   and _restart_events(prefect_api_url, since, "embedded-redis")):
+            assert time.monotonic() < deadline, "no project.service.restarted events"
+            time.sleep(0.5)
+        print(f"restart events found {time.monotonic() - waited:.1f} s later")
+        [event] = _restart_events(prefect_api_url, since, "embedded-redis")  # one event per restart
+        assert event["payload"] == {"restarts": 1} and event["resource"]["prefect.resource.name"] == "embedded redis"
+        [line] = registry.supervisor_status(services)
+        assert line.startswith("running, pid ") and f"config {data_dir / 'supervisord.conf'}" in line, line
+    finally:
+        engine.dispose()
+        stopped = registry.down(services)
+    assert stopped == ["embedded redis", "embedded postgres"]
+    assert registry.supervisor_status(services) == [f"not running; log {data_dir / 'supervisord.log'}"]
+    assert _processes_under(tmp_path) == []  # supervisord, its listener and the services
+
+
+def test_a_refused_connection_names_the_service_and_stays_transient(tmp_path):
+    """Nothing listens: the Redis and PostgreSQL errors say which server and what to do, and tasks retry them."""
+    from blocks.redis_connection import RedisConnection
+    from sqlalchemy import exc, text
+
+    from operations.infra.database import get_engine
+    from tasks.retries import is_transient
+
+    port = free_port()
+    with pytest.raises(redis.ConnectionError) as refused:
+        RedisConnection(url=f"redis://127.0.0.1:{port}/0", socket_timeout=2).get_client().ping()
+    assert f"the Redis at 127.0.0.1:{port} is not answering" in str(refused.value)
+    assert "make up" in str(refused.value) and "REDIS_URL" in str(refused.value) and is_transient(refused.value)
+
+    socket_dir = tmp_path / "no-server"
+    engine = get_engine(f"postgresql+psycopg://postgres@/operations?host={socket_dir}")
+    with pytest.raises(exc.OperationalError) as refused:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    message = str(refused.value)
+    assert message.startswith(f"(the stack's PostgreSQL at socket {socket_dir} is not answering"), message
+    assert "make up" in message and "DATABASE_URL" in message and is_transient(refused.value)
+    engine.dispose()

@@ -116,6 +116,39 @@ def _sqlite_setup(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN")
 
 
+# What psycopg says when no server answers at the address (down, restarting, or recovering from a crash).
+_UNREACHABLE = ("connection refused", "no such file or directory", "the database system is starting up",
+                "the database system is shutting down", "the database system is in recovery mode",
+                "the database system is not yet accepting connections", "server closed the connection unexpectedly")
+
+
+def unreachable_hint(url: URL) -> str:
+    """What a refused connection to the database at `url` means and what to do: the stack's PostgreSQL (a
+    socket folder) or the server DATABASE_URL names."""
+    socket_dir = url.query.get("host")
+    if isinstance(socket_dir, str) and socket_dir.startswith("/"):
+        return (f"the stack's PostgreSQL at socket {socket_dir} is not answering: its supervisor starts it again "
+                "within seconds (`make status` shows it), `make up` starts it when the stack is down; or set "
+                "DATABASE_URL to a running PostgreSQL")
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    return (f"the PostgreSQL at {where} (DATABASE_URL) is not answering: start or check that server, or unset "
+            "DATABASE_URL to use the stack's own (`make up`)")
+
+
+def _explain_unreachable(engine: Engine, url: URL) -> None:
+    """A connection the database refuses gets a first line naming the server and what to do (`add_detail`);
+    the error stays an OperationalError, so the tasks' retries of transient database faults still apply."""
+    hint = unreachable_hint(url)
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context) -> None:
+        error = context.sqlalchemy_exception
+        if isinstance(error, OperationalError) and any(
+            phrase in str(context.original_exception).lower() for phrase in _UNREACHABLE
+        ) and hint not in error.detail:
+            error.add_detail(hint)
+
+
 def _new_engine(
     url: str | URL, settings: Settings | None = None, *, migrations: bool = False, pool_size: int | None = None,
     application_name: str = "operations",
@@ -152,6 +185,8 @@ def _new_engine(
         raise ValueError(f"cannot create an engine for {redact_url(parsed)}: {exc}") from exc
     if backend == "sqlite":
         _sqlite_setup(engine)
+    elif backend == "postgresql":
+        _explain_unreachable(engine, parsed)
     return engine
 
 

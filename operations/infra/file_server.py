@@ -1,7 +1,8 @@
 """The local file server: OUTPUT_DIR over HTTP, so the spreadsheet links of artifacts open from the Prefect UI.
 
-A Starlette app with `StaticFiles` under uvicorn, a service of the stack like the other embedded ones (a state file
-in DATA_DIR/file-server, a folder lock, started by `make up`, reused by later processes, stopped by `make down`).
+A Starlette app with `StaticFiles` under uvicorn, a service of the stack like the other embedded ones (a program of
+the stack's supervisor, a state file in DATA_DIR/file-server, a folder lock, started by `make up`, reused by later
+processes, started again on the same port when it dies, stopped by `make down`).
 It only reads: GET and HEAD of regular files under OUTPUT_DIR; no directory listing, no hidden files, nothing
 outside OUTPUT_DIR (`../`, its percent-encoded forms and symlinks that lead out all answer 404). With
 STACK_AUTH_STRING set every request needs HTTP basic auth; without it the server refuses to listen beyond
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from operations.infra.processes import (
-    basic_auth_headers, client_host, free_port, pid_alive, port_free, require_auth_off_loopback,
+    basic_auth_headers, client_host, free_port, port_free, require_auth_off_loopback,
 )
 from operations.infra.services import Service
 from operations.settings import Settings
@@ -139,7 +140,7 @@ class _BasicAuth:
 
 
 def serve(root: Path, host: str, port: int) -> None:
-    """Run the server in this process (the detached child of FileServerService) until SIGTERM."""
+    """Run the server in this process (FileServerService's supervised program) until SIGTERM."""
     import uvicorn
 
     app = build_app(root, os.environ.pop(AUTH_ENV, None) or None)
@@ -204,9 +205,10 @@ class FileServerService(Service[FileServer]):
     def find(self) -> FileServer | None:
         """The folder's server if it is running and answers (behind auth or not)."""
         state = self.state()
-        if not state or not pid_alive(state["pid"]) or _health_status(state["host"], state["port"]) not in (200, 401):
+        pid = self.current_pid(state)
+        if not state or pid is None or _health_status(state["host"], state["port"]) not in (200, 401):
             return None
-        return _server(state, False)
+        return _server({**state, "pid": pid}, False)
 
     def reuse(self, running: FileServer) -> bool:
         credentials = _credentials(self.settings)
@@ -229,13 +231,13 @@ class FileServerService(Service[FileServer]):
             env[AUTH_ENV] = credentials
         state = {"url": f"http://{_url_host(host)}:{port}", "root": str(self.root), "host": host, "port": port,
                  "auth": credentials is not None}
-        process = self.spawn(
+        pid = self.supervise(
             [sys.executable, "-m", "operations.infra.file_server", "--root", str(self.root), "--host", host,
              "--port", str(port)],
             lambda: _health_status(host, port, credentials) == 200, self.start_timeout, state, env=env,
             failure=f"the file server did not start on {host}:{port}",
         )
-        return _server({**state, "pid": process.pid}, True)
+        return _server({**state, "pid": pid}, True)
 
     def address(self, running: FileServer) -> str:
         return running.url
