@@ -77,7 +77,7 @@ def test_the_receiver_keeps_each_notification_in_its_file_and_shows_them(tmp_pat
         page = httpx.get(receiver.url + "/").text
         assert page.index("plain text") < page.index("alpha")  # newest first
         line = service.status().line()
-        assert f"running, pid {receiver.pid}, {receiver.url}/ (notifications in {service.file})" in line
+        assert f"running, pid {receiver.pid}, {receiver.url}/, restarts 0 (notifications in {service.file})" in line
     finally:
         assert service.stop()
     assert not service.status().running
