@@ -78,13 +78,13 @@ def test_an_unfinished_run_names_its_chunk_and_what_waits_in_the_outbox():
     assert error == "rows 102-201: RuntimeError: refused"
     result = _result([_chunk(2, 100, deferred=10)], [error], PublishCounts(), "ConnectionError: down")
     summary = run_summary(SOURCE, "k", result, {"bad price": 5}, Path("/out/f.xlsx"), 1.0)
-    assert summary["unaccounted"] == 100 and summary["messages_waiting"] == 10
+    assert summary["unaccounted"] == 100 and summary["messages_deferred"] == 10
     assert unfinished_message(SOURCE, summary, result) == (
         "products.csv was not fully processed (100 of 205 rows unaccounted for; a re-run with the same file "
         "completes it): chunk not loaded: rows 102-201: RuntimeError: refused"
     )
     markdown = summary_markdown(SOURCE, summary, result, False, "http://f")
-    assert "**100 row(s) unaccounted for**: rows 102-201" in markdown and "**10 wait in the outbox**" in markdown
+    assert "**100 row(s) unaccounted for**: rows 102-201" in markdown and "**10 deferred**" in markdown
 
 
 def test_chunk_line_and_reasons_most_frequent_first():
