@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import Future as ThreadFuture
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.exceptions import TerminationSignal
+from prefect.exceptions import Abort, TerminationSignal
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed
@@ -258,7 +259,7 @@ def _load(runner: TaskRunner, load: _Load, chunk_task, should_stop: StopCheck) -
             for future in wait(list(pending), timeout=1.0).done:
                 _collect(future, chunks[future], result, progress)
                 pending.discard(future)
-            raise_if_stopped(should_stop, f"{len(pending)} chunk(s) not loaded yet")
+            raise_if_stopped(should_stop, f"the remaining {len(pending)} chunk(s)")
         raise_if_stopped(should_stop, "the final publish")
         final = runner.submit(publish_pending_messages, {"database_url": load.database_url, "queue": load.queue})
         final = final.result(raise_on_failure=False)
@@ -290,14 +291,16 @@ def _collect(future: PrefectFuture, chunk: ChunkFile, result: LoadResult, progre
     """Take a finished chunk's outcome into the result: its report, a chunk not loaded because of the cancel,
     or a chunk that failed."""
     logger = get_run_logger()
-    state = future.state
-    report = future.result(raise_on_failure=False)  # the exception itself when the chunk failed
+    try:
+        report = future.result(raise_on_failure=False)  # the exception itself when the chunk failed
+    except Abort as exc:  # the server refused to start it: the run is being cancelled
+        report = exc
     if isinstance(report, ChunkReport):
         result.reports.append(report)
         if progress is not None:
             progress.add(report.rows)
         logger.info("%s", chunk_line(report))
-    elif state.is_cancelled() or result.cancelled:
+    elif isinstance(report, Abort) or result.cancelled or future.state.is_cancelled():
         result.chunks_not_loaded += 1
     else:
         result.failed_chunks.append(failed_chunk(chunk, report))
@@ -305,9 +308,12 @@ def _collect(future: PrefectFuture, chunk: ChunkFile, result: LoadResult, progre
 
 
 def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFuture], result: LoadResult) -> None:
-    """After a cancel: let the chunks under way finish (those not started end Cancelled at once: the server
-    refuses them and the task checks the run), then cancel the futures still pending; the runner's exit then
-    closes the Dask client and cluster."""
+    """After a cancel: drop the chunks queued on the thread pool, let the chunks under way finish their
+    transaction (a Dask chunk not started yet ends Cancelled at once: the task checks the run first), then
+    cancel the futures still pending; the runner's exit then closes the Dask client and cluster."""
+    not_started = _cancel_not_started(pending)
+    result.chunks_not_loaded += len(not_started)
+    pending = pending - not_started
     done, pending = wait(list(pending), timeout=CANCEL_GRACE_SECONDS) if pending else (set(), set())
     for future in done:
         try:
@@ -318,6 +324,25 @@ def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFutur
     for future in pending:
         future.wrapped_future.cancel()
     result.chunks_not_loaded += len(pending)
+
+
+def _cancel_not_started(futures: set[PrefectFuture]) -> set[PrefectFuture]:
+    """Cancel the futures whose chunk has not started (queued on the thread pool, or not given to a Dask worker
+    yet); returns them."""
+    cancelled = {f for f in futures if isinstance(f.wrapped_future, ThreadFuture) and f.wrapped_future.cancel()}
+    on_dask = [f for f in futures
+               if f not in cancelled and hasattr(f.wrapped_future, "client") and not f.wrapped_future.done()]
+    if on_dask:
+        try:
+            processing = {key for keys in on_dask[0].wrapped_future.client.processing().values() for key in keys}
+        except Exception as exc:  # noqa: BLE001 - the scheduler is gone: the grace wait and close cover it
+            get_run_logger().debug("could not ask the Dask scheduler what runs: %s", exc)
+            return cancelled
+        for future in on_dask:
+            if future.wrapped_future.key not in processing:
+                future.wrapped_future.cancel()
+                cancelled.add(future)
+    return cancelled
 
 
 def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:

@@ -93,7 +93,10 @@ def publish_pending_messages(database_url: str, queue: ProductsQueue) -> Publish
     """Publish every message of the stream still in the outbox (this run's deferred ones, any an earlier run
     left), batch by batch until the run is cancelled."""
     counts = attempt_tally(PublishCounts)
-    publish_outbox(get_engine(database_url), queue.publisher(), should_stop=run_stop_check(), counts=counts)
+    try:
+        publish_outbox(get_engine(database_url), queue.publisher(), should_stop=run_stop_check(), counts=counts)
+    except Cancelled as exc:  # the batches published so far are the task's figures; the flow sees the cancel
+        get_run_logger().warning("%s after %d message(s)", exc, counts.total)
     release_tally()
     return counts
 

@@ -206,3 +206,121 @@ def test_a_chunk_that_keeps_failing_fails_the_run_naming_its_rows_and_a_rerun_co
     assert state.is_completed(), state.message
     assert (result["created"], result["unchanged"]) == (sample.good_rows - 400, 400)
     assert len(_stream_keys(queue)) == sample.good_rows
+
+
+def _running_flow_run_id(run_key: str, timeout: float = 60):
+    """The id of the running process-products flow run of `run_key` (the flow runs in this process)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))), limit=50)
+            for run in runs:
+                if run.parameters.get("run_key") == run_key:
+                    return run.id
+            time.sleep(0.2)
+    raise AssertionError(f"no running flow run of {run_key}")
+
+
+def _flow_log_lines(flow_run_id) -> list[str]:
+    """The flow run's own log lines (not its tasks'), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                limit=200, sort=LogSort.TIMESTAMP_ASC)
+    return [log.message for log in logs if log.task_run_id is None]
+
+
+def _chunk_starts(flow_run_id) -> list[float]:
+    """When each chunk task run of the flow run that did not end Cancelled entered Running (epoch seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(r.start_time.timestamp() for r in runs
+                  if r.name.startswith("rows-") and r.start_time and r.state_type != StateType.CANCELLED)
+
+
+def _cancel_after_chunks(engine, run_key: str, chunks_loaded: int, chunk_rows: int, cancelled_at: list) -> threading.Thread:
+    """A thread that sets the run CANCELLING through the API once `chunks_loaded` chunks are in the database."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    def cancel():
+        flow_run_id = _running_flow_run_id(run_key)
+        while product_counts(engine)["offers"] < chunks_loaded * chunk_rows:
+            time.sleep(0.05)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the test"), force=True)
+        cancelled_at.append(time.time())
+
+    thread = threading.Thread(target=cancel, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_a_run_cancelled_while_it_loads_starts_no_chunk_after_and_reports_what_it_did(
+    products, tmp_path, monkeypatch, runner
+):
+    """~6 s on threads, ~15 s on Dask (a LocalCluster of its own, which the cancel closes)."""
+    import psutil
+
+    engine, queue, block = products
+    if runner == "dask":
+        monkeypatch.setenv("PRODUCTS_IN_PROCESS_MAX_ROWS", "500")
+        monkeypatch.setenv("DASK_N_WORKERS", "2")
+        monkeypatch.setenv("DASK_THREADS_PER_WORKER", "1")
+        rows, chunk_rows = 40_000, 400
+    else:
+        import tasks.products as product_tasks
+        from operations.products.store import store_chunk
+
+        def slow_store_chunk(*args):
+            time.sleep(0.1)
+            return store_chunk(*args)
+
+        monkeypatch.setattr(product_tasks, "store_chunk", slow_store_chunk)
+        rows, chunk_rows = 6_000, 100
+    get_settings.cache_clear()
+    source = tmp_path / "products.csv"
+    generate_products_file(source, rows, DEALERS, bad_fraction=0.0, seed=13)
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    run_key, cancelled_at = f"cancel-{runner}-{uuid.uuid4().hex[:6]}", []
+    canceller = _cancel_after_chunks(engine, run_key, 2, chunk_rows, cancelled_at)
+
+    state, _ = _run(file_path=str(source), queue_block=block, run_key=run_key, chunk_rows=chunk_rows)
+    canceller.join(5)
+    assert state.is_cancelled(), (state.type, state.message)
+    starts = _chunk_starts(state.state_details.flow_run_id)
+    late = max(starts) - cancelled_at[0]
+    print(f"{runner}: last chunk started {late:.2f} s after the cancel; {len(starts)} chunk(s) started")
+    assert late < 10, f"a chunk started {late:.1f} s after the cancel"
+
+    counts = product_counts(engine)
+    assert 0 < counts["offers"] < rows, "the cancel stopped the load part-way"
+    message = state.message
+    assert f"{counts['offers']:,} row(s) written" in message, message
+    published = publisher_length = queue.publisher().length()
+    assert f"{published:,} message(s) published, {counts['unpublished']:,} deferred to publish-outbox" in message
+    assert publisher_length + counts["unpublished"] == counts["outbox"] == counts["offers"]
+    artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
+    assert "**Cancelled**" in artifacts["products-summary"].data
+    assert f"{counts['offers']:,} row(s) written" in artifacts["products-summary"].data
+    last = _flow_log_lines(state.state_details.flow_run_id)[-1]
+    assert "cancelled" in last and f"{counts['offers']:,} row(s) written" in last, last
+    assert not (tmp_path / "chunks").exists()
+    left = [" ".join(p.cmdline()[:6]) for p in psutil.Process().children(recursive=True)
+            if p.pid not in children and p.is_running() and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left, f"processes left by the cancelled run (its Dask workers?): {left}"
