@@ -32,6 +32,7 @@ from tasks.cancellation import watch_termination
 from tasks.products import check_outbox_backlog, publish_pending_messages, sweep_outbox_guards
 from tasks.retries import with_retries
 
+RETRY_DELAY_SECONDS = 5  # one retry of a failed publish: the next run comes a minute later anyway
 _QUEUE_BLOCK = form_field(
     "", "Queue block",
     "Name of the ProductsQueue block (the Redis stream) whose outbox is published. Empty: PRODUCTS_QUEUE_BLOCK "
@@ -58,8 +59,7 @@ def publish_outbox(
     queue = ProductsQueue.load_or_create_default(
         queue_block or settings.products.queue_block, settings.products.queue_block, settings
     )
-    # one retry: the next run comes a minute later anyway
-    publish = with_retries(publish_pending_messages, 1, [5])(database_url, queue, return_state=True)
+    publish = with_retries(publish_pending_messages, 1, [RETRY_DELAY_SECONDS])(database_url, queue, return_state=True)
     published = publish.result(raise_on_failure=False)
     error = "" if isinstance(published, PublishCounts) else f"{type(published).__name__}: {published}"
     counts = published if isinstance(published, PublishCounts) else PublishCounts()

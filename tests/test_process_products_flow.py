@@ -320,7 +320,150 @@ def test_a_run_cancelled_while_it_loads_starts_no_chunk_after_and_reports_what_i
     assert f"{counts['offers']:,} row(s) written" in artifacts["products-summary"].data
     last = _flow_log_lines(state.state_details.flow_run_id)[-1]
     assert "cancelled" in last and f"{counts['offers']:,} row(s) written" in last, last
-    assert not (tmp_path / "chunks").exists()
+    assert not (get_settings().stack.output_dir / "products" / run_key / "chunks").exists()
     left = [" ".join(p.cmdline()[:6]) for p in psutil.Process().children(recursive=True)
             if p.pid not in children and p.is_running() and "resource_tracker" not in " ".join(p.cmdline())]
     assert not left, f"processes left by the cancelled run (its Dask workers?): {left}"
+
+
+def test_a_chunk_attempt_that_fails_after_its_commit_is_counted_once_with_what_it_did(products, tmp_path, monkeypatch):
+    """The retry finds the chunk committed (the attempts' tally): the run reports the rows it created and the
+    messages it published, not "unchanged"."""
+    import tasks.products as product_tasks
+    from operations.products.outbox import publish_outbox
+
+    engine, queue, block = products
+    source = tmp_path / "products.csv"
+    sample = generate_products_file(source, 900, DEALERS, bad_fraction=0.0, seed=17)
+    faults = [RuntimeError("lost after the commit")]
+
+    def publish_after_a_fault(*args, **kwargs):
+        if faults:
+            raise faults.pop()
+        return publish_outbox(*args, **kwargs)
+
+    monkeypatch.setattr(product_tasks, "publish_outbox", publish_after_a_fault)
+    state, result = _run(file_path=str(source), queue_block=block, chunk_rows=300)
+    assert state.is_completed(), state.message
+    assert not faults, "the fault was injected"
+    assert (result["created"], result["unchanged"]) == (sample.good_rows, 0)
+    assert result["messages_published"] == sample.good_rows == len(_stream_keys(queue))
+
+
+def test_the_final_publish_counts_the_batches_of_every_attempt(products, monkeypatch, database_url):
+    """A publish attempt that commits a batch and then fails is retried; the task returns all batches."""
+    from prefect import flow
+
+    from operations.products.store import store_chunk
+    from tasks.products import publish_pending_messages
+    from tasks.retries import with_retries
+    from test_products_store import _rows
+
+    engine, queue, _ = products
+    upsert_dealers(engine, [("D1", "Dealer one"), ("D2", "Dealer two")])
+    store_chunk(engine, _rows(engine, 4_100), "run-1", queue.stream)
+    real = ProductsQueue.publisher
+    calls = []
+
+    def second_publish_fails(self):
+        publisher = real(self)
+        publish = publisher.publish
+
+        def flaky(messages):
+            calls.append(len(messages))
+            if len(calls) == 2:
+                raise ConnectionError("Redis went away after the first batch")
+            return publish(messages)
+
+        publisher.publish = flaky
+        return publisher
+
+    monkeypatch.setattr(ProductsQueue, "publisher", second_publish_fails)
+
+    @flow
+    def final_publish():
+        return with_retries(publish_pending_messages, 2, [0])(database_url, queue)
+
+    counts = final_publish()
+    assert calls[:2] == [2000, 2000] and len(calls) == 4
+    assert counts.total == 4_100 == queue.publisher().length()
+    assert product_counts(engine)["unpublished"] == 0
+
+
+def test_a_loaded_file_whose_failures_report_cannot_be_written_says_its_rows_are_loaded(products, tmp_path):
+    engine, queue, block = products
+    source = tmp_path / "products.csv"
+    sample = generate_products_file(source, 600, DEALERS, bad_fraction=0.1, seed=19)
+    run_key = f"report-{uuid.uuid4().hex[:6]}"
+    blocker = get_settings().stack.output_dir / "products" / run_key / f"{source.stem}-failures.xlsx"
+    blocker.mkdir(parents=True)  # the report's path is taken: writing it fails with an OSError
+    state, _ = _run(file_path=str(source), queue_block=block, run_key=run_key)
+    assert state.is_failed()
+    assert "every row is loaded" in state.message and "the failures report could not be written" in state.message
+    assert f"{sample.good_rows:,} message(s) published" in state.message, state.message
+    assert product_counts(engine)["offers"] == sample.good_rows == len(_stream_keys(queue))
+    artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
+    assert "The failures report could not be written" in artifacts["products-summary"].data
+    assert "products-failures" not in artifacts
+    assert "Traceback" not in "".join(_flow_log_lines(state.state_details.flow_run_id))
+
+
+def test_cleanup_runs_removes_the_chunk_files_products_runs_left_after_the_retention(settings, redis_url):
+    import os
+
+    from blocks.redis_game_counter import RedisGameCounter
+    from flows.cleanup_runs import cleanup_runs
+
+    name = f"retention-{uuid.uuid4().hex[:6]}"
+    RedisGameCounter.from_url(redis_url, key_prefix=name).save(name, overwrite=True)
+    runs = settings.stack.output_dir / "products"
+    old, recent = runs / "killed-run" / "chunks", runs / "running-run" / "chunks"
+    for folder in (old, recent):
+        folder.mkdir(parents=True)
+        (folder / "chunk-00000.jsonl").write_text("x" * 1000)
+    (runs / "killed-run" / "read-failures.jsonl").write_text("")
+    month_ago = time.time() - 31 * 86_400
+    os.utime(old / "chunk-00000.jsonl", (month_ago, month_ago))
+    os.utime(old, (month_ago, month_ago))
+
+    dry = cleanup_runs(retention_days=30, dry_run=True, counter_block=name)
+    assert dry["product_chunk_folders"] == ["killed-run"] and old.exists()
+    done = cleanup_runs(retention_days=30, counter_block=name)
+    assert (done["product_chunk_folders"], done["product_chunk_bytes"]) == (["killed-run"], 1000)
+    assert not old.exists() and recent.exists() and (runs / "killed-run" / "read-failures.jsonl").exists()
+
+
+def test_the_relay_publishes_what_runs_left_and_says_when_messages_stay_unpublished(products, monkeypatch):
+    import flows.publish_outbox as relay
+    import tasks.products as product_tasks
+    from operations.events import OUTBOX_STALE
+    from operations.products.store import store_chunk
+    from test_products_store import _rows
+
+    engine, queue, block = products
+    upsert_dealers(engine, [("D1", "Dealer one"), ("D2", "Dealer two")])
+    store_chunk(engine, _rows(engine, 30), "killed-run", queue.stream)  # committed, never published
+    report = relay.publish_outbox(queue_block=block)
+    assert (report["published"], report["unpublished"], report["stale"]) == (30, 0, False)
+    assert len(_stream_keys(queue)) == 30 and queue.publisher().guards() == 0
+
+    # Redis refuses every publish while messages wait for 20 minutes: the run fails and says they are stale
+    store_chunk(engine, _rows(engine, 34), "cancelled-run", queue.stream)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE outbox_messages SET created_at = now() - interval '20 minutes' "
+                          "WHERE published_at IS NULL"))
+    queue.publisher().inject_faults(2)
+    monkeypatch.setattr(relay, "RETRY_DELAY_SECONDS", 0)
+    emitted = []
+    monkeypatch.setattr(product_tasks, "emit", lambda event, subject, **kw: emitted.append((event, subject, kw)))
+    state = relay.publish_outbox(queue_block=block, return_state=True)
+    assert state.is_failed() and "4 unpublished (oldest 20" in state.message, state.message
+    [(event, subject, details)] = emitted
+    assert (event, subject, details["payload"]["unpublished"]) == (OUTBOX_STALE, queue.stream, 4)
+    assert details["payload"]["oldest_minutes"] >= 20
+    artifacts = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}
+    assert "**Stale**" in artifacts["publish-outbox-report"].data
+
+    assert relay.publish_outbox(queue_block=block)["published"] == 4
+    keys = _stream_keys(queue)
+    assert len(keys) == len(set(keys)) == 34
