@@ -259,7 +259,8 @@ def _load(runner: TaskRunner, load: _Load, chunk_task, should_stop: StopCheck) -
             for future in wait(list(pending), timeout=1.0).done:
                 _collect(future, chunks[future], result, progress)
                 pending.discard(future)
-            raise_if_stopped(should_stop, f"the remaining {len(pending)} chunk(s)")
+            if pending:
+                raise_if_stopped(should_stop, f"the remaining {len(pending)} chunk(s)")
         raise_if_stopped(should_stop, "the final publish")
         final = runner.submit(publish_pending_messages, {"database_url": load.database_url, "queue": load.queue})
         final = final.result(raise_on_failure=False)

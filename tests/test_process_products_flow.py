@@ -4,6 +4,8 @@ Dask run with publish faults that still publishes each message once within the c
 
 from __future__ import annotations
 
+import os
+import textwrap
 import threading
 import time
 import uuid
@@ -208,17 +210,19 @@ def test_a_chunk_that_keeps_failing_fails_the_run_naming_its_rows_and_a_rerun_co
     assert len(_stream_keys(queue)) == sample.good_rows
 
 
-def _running_flow_run_id(run_key: str, timeout: float = 60):
-    """The id of the running process-products flow run of `run_key` (the flow runs in this process)."""
+def _running_flow_run_id(run_key: str, timeout: float = 60, states: tuple[str, ...] = ("RUNNING",)):
+    """The id of the process-products flow run of `run_key` in one of `states`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))), limit=50)
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType(s) for s in states]))),
+                sort=FlowRunSort.START_TIME_DESC, limit=20)
             for run in runs:
                 if run.parameters.get("run_key") == run_key:
                     return run.id
@@ -270,11 +274,13 @@ def _cancel_after_chunks(engine, run_key: str, chunks_loaded: int, chunk_rows: i
     return thread
 
 
-@pytest.mark.parametrize("runner", ["threads", "dask"])
+@pytest.mark.parametrize("runner", ["threads", pytest.param("dask", marks=pytest.mark.skipif(
+    not os.environ.get("PRODUCTS_CANCEL_ON_DASK"), reason="~25 s; the SIGTERM test below covers Dask"))])
 def test_a_run_cancelled_while_it_loads_starts_no_chunk_after_and_reports_what_it_did(
     products, tmp_path, monkeypatch, runner
 ):
-    """~6 s on threads, ~15 s on Dask (a LocalCluster of its own, which the cancel closes)."""
+    """A run set CANCELLING through the API, as the UI does. ~5 s on threads; on Dask (a LocalCluster of its
+    own, which the cancel closes) ~25 s, so only with PRODUCTS_CANCEL_ON_DASK set."""
     import psutil
 
     engine, queue, block = products
@@ -467,3 +473,56 @@ def test_the_relay_publishes_what_runs_left_and_says_when_messages_stay_unpublis
     assert relay.publish_outbox(queue_block=block)["published"] == 4
     keys = _stream_keys(queue)
     assert len(keys) == len(set(keys)) == 34
+
+
+_RUN_IN_A_PROCESS = textwrap.dedent("""
+    import sys
+    from flows.process_products import process_products
+
+    file_path, block, run_key = sys.argv[1:4]
+    state = process_products(file_path=file_path, queue_block=block, run_key=run_key, chunk_rows=400,
+                             return_state=True)
+    print(state.type.value, state.message, flush=True)
+""")
+
+
+def test_a_sigterm_to_the_flow_process_on_dask_stops_it_with_its_summary(products, tmp_path):
+    """What the worker does on a cancel (SIGTERM, SIGKILL 30 s later), to a run on a LocalCluster of its own:
+    no chunk starts after it, the cluster closes, the run ends Cancelled with its summary. ~30 s: a process and
+    a LocalCluster of its own (the cancel closes it), as a worker's flow run has."""
+    import signal
+    import subprocess
+    import sys
+
+    from operations.settings import PROJECT_ROOT
+
+    engine, queue, block = products
+    source = tmp_path / "products.csv"
+    generate_products_file(source, 20_000, DEALERS, bad_fraction=0.0, seed=23)
+    run_key = f"sigterm-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, PRODUCTS_IN_PROCESS_MAX_ROWS="500", DASK_N_WORKERS="2", DASK_THREADS_PER_WORKER="1")
+    process = subprocess.Popen([sys.executable, "-c", _RUN_IN_A_PROCESS, str(source), block, run_key],
+                               cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while product_counts(engine)["offers"] < 800:
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        output, _ = process.communicate(timeout=30)  # the worker's SIGKILL would come 30 s after its SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    ended = time.time() - signalled
+    assert output.splitlines()[-1].startswith("CANCELLED"), output[-3000:]
+    flow_run_id = _running_flow_run_id(run_key, states=("CANCELLED",))
+    starts = _chunk_starts(flow_run_id)
+    late = max(starts) - signalled
+    print(f"SIGTERM on Dask: last chunk started {late:.2f} s after it, the process ended {ended:.1f} s after it")
+    assert late < 10, f"a chunk started {late:.1f} s after the SIGTERM"
+    counts = product_counts(engine)
+    assert 0 < counts["offers"] < 20_000
+    artifacts = {a.key: a for a in run_artifacts(flow_run_id)}
+    assert f"{counts['offers']:,} row(s) written" in artifacts["products-summary"].data
