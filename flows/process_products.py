@@ -263,7 +263,10 @@ def _load(runner: TaskRunner, load: _Load, chunk_task, should_stop: StopCheck) -
                 raise_if_stopped(should_stop, f"the remaining {len(pending)} chunk(s)")
         raise_if_stopped(should_stop, "the final publish")
         final = runner.submit(publish_pending_messages, {"database_url": load.database_url, "queue": load.queue})
-        final = final.result(raise_on_failure=False)
+        try:
+            final = final.result(raise_on_failure=False)
+        except Abort:
+            raise OperationCancelled("cancelled before the final publish") from None
         if isinstance(final, PublishCounts):
             result.final_publish = final
         else:
@@ -319,7 +322,7 @@ def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFutur
     for future in done:
         try:
             _collect(future, chunks[future], result, None)
-        except BaseException as exc:  # noqa: BLE001 - an aborted task run: not loaded, reported as such
+        except Exception as exc:  # noqa: BLE001 - a chunk whose outcome cannot be read: not loaded, said so
             get_run_logger().debug("chunk %d not loaded: %r", chunks[future].index, exc)
             result.chunks_not_loaded += 1
     for future in pending:
