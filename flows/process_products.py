@@ -14,7 +14,8 @@ bad header, no dealers) ends it Failed with one line, no traceback. A file fully
 failures spreadsheet cannot be written ends Failed with a message saying the rows are loaded and published.
 
 Cancel: the run checks its state (tasks/cancellation.py) between chunks, while waiting for them and before the
-final publish; once it is being cancelled (or got SIGTERM) it cuts and starts no further chunk, lets the chunks
+final publish; once it is being cancelled (or got SIGTERM, which it only notes rather than letting Prefect
+raise it at an arbitrary line) it cuts and starts no further chunk, lets the chunks
 under way finish their transaction (CANCEL_GRACE_SECONDS), cancels the rest (on Dask: their futures, then the
 cluster is closed) and skips the final publish: what the committed chunks could not publish is deferred to the
 `publish-outbox` relay. It writes its summary (chunks loaded, rows, messages published and deferred) and ends
@@ -72,7 +73,7 @@ from operations.products.chunks import (
 )
 from operations.products.outbox import PublishCounts
 from operations.products.report import FailureLog, write_failures_workbook
-from operations.products.store import known_dealers
+from operations.products.store import RunFigures, known_dealers, run_figures
 from operations.products.summary import (
     READ_FAILURES,
     ChunkReport,
@@ -130,7 +131,7 @@ def process_products(
     queue_block: BlockName = _QUEUE_BLOCK,
 ) -> dict:
     """Load a dealers' products file into the project database and publish one message per change."""
-    watch_termination()
+    watch_termination(forward=False)  # a SIGTERM stops the loops at their next check, with the run's report
     started, logger, settings = time.perf_counter(), get_run_logger(), get_settings()
     output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any row
     source = products_file(file_path)
@@ -145,6 +146,8 @@ def process_products(
                            run_stop_check())
     finally:
         shutil.rmtree(load.run_dir / "chunks", ignore_errors=True)
+    if result.cancelled:
+        result.committed = _committed(engine, run_key)
     summary = _publish_report(load, result, time.perf_counter() - started)
     if result.cancelled:
         message = cancelled_message(source, summary, result)
@@ -164,6 +167,16 @@ def process_products(
         logger.error("%s", message)
         return Failed(message=message)
     return summary
+
+
+def _committed(engine, run_key: str) -> RunFigures | None:
+    """A cancelled run's changes as the database holds them (chunks may have committed without reporting
+    before the run stopped), or None when the database cannot say: the chunks' reports are used instead."""
+    try:
+        return run_figures(engine, run_key)
+    except Exception as exc:  # noqa: BLE001 - the report must still be written
+        get_run_logger().warning("could not read the run's changes back from the database: %s", exc)
+        return None
 
 
 def _queue(name: str, settings: Settings) -> ProductsQueue:
@@ -323,7 +336,7 @@ def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFutur
         try:
             _collect(future, chunks[future], result, None)
         except Exception as exc:  # noqa: BLE001 - a chunk whose outcome cannot be read: not loaded, said so
-            get_run_logger().debug("chunk %d not loaded: %r", chunks[future].index, exc)
+            get_run_logger().warning("chunk %d: its outcome could not be read: %r", chunks[future].index, exc)
             result.chunks_not_loaded += 1
     for future in pending:
         future.wrapped_future.cancel()

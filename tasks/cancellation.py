@@ -32,10 +32,15 @@ _pollers: dict[UUID, _StatePoller] = {}
 _pollers_lock = threading.Lock()
 
 
-def watch_termination() -> None:
+def watch_termination(forward: bool = True) -> None:
     """Note a SIGTERM in this process before handing it to the handler in place (Prefect's, which raises
     `TerminationSignal`). Call it in the flow's body; only the main thread can install a handler, elsewhere
-    this does nothing."""
+    this does nothing.
+
+    `forward=False`: only note it. For a flow whose every loop asks the stop check, so that it stops at its
+    next unit and reports what it did: the exception Prefect raises may otherwise land at any line of the main
+    thread, e.g. inside pydantic's serialisation of an API call, where it becomes another error and crashes
+    the run without its report. The worker's SIGKILL, 30 s after its SIGTERM, still bounds the run."""
     if threading.current_thread() is not threading.main_thread():
         return
     previous = signal.getsignal(signal.SIGTERM)
@@ -44,6 +49,8 @@ def watch_termination() -> None:
 
     def note_then_forward(signum, frame):
         _terminating.set()
+        if not forward:
+            return
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:

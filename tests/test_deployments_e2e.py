@@ -439,3 +439,51 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     assert not (run_dir / "chunks").exists()  # completed: chunk files removed, claims dropped
     assert counter.outputs()["games"] == quantity and counter.seen_count() == 0
     counter.delete_run()
+
+
+def test_a_cancelled_products_run_on_dask_stops_within_seconds_and_reports_what_it_did(operator_stack, database_url):
+    """The worker's own cancel (CANCELLING, its intent, SIGTERM) of a products run on its LocalCluster: no chunk
+    starts 10 s after it, the run ends Cancelled with a summary that matches the database."""
+    from sqlalchemy import text
+
+    from operations.products.store import product_counts
+
+    client, settings = operator_stack
+    engine = get_engine(database_url)
+    dealers = [f"CANCEL{i}" for i in range(2)]  # offers of their own: the run's rows are the new offers
+    upsert_dealers(engine, [(code, code) for code in dealers])
+    source = settings.stack.output_dir.parent / "products-cancel.csv"
+    rows = max(40_000, 2 * settings.products.in_process_max_rows)  # on the worker's Dask cluster
+    generate_products_file(source, rows, dealers, bad_fraction=0.0, seed=29)
+    before = product_counts(engine)
+    run_key = f"cancel-products-{uuid.uuid4().hex[:6]}"
+    deployment = _deployment(client, "process-products/on-demand")
+    run = _start(client, deployment["id"], {"file_path": str(source), "run_key": run_key, "chunk_rows": 400})
+    deadline = time.monotonic() + 180
+    while product_counts(engine)["offers"] - before["offers"] < 800:
+        assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
+        assert time.monotonic() < deadline, "no chunk committed in time"
+        time.sleep(0.05)
+    response = client.post(f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+    assert response.status_code in (200, 201), response.text
+    cancelled_at = time.time()
+    final = _wait(client, run["id"], timeout=120)
+    assert final["state_type"] == "CANCELLED", final["state"]
+    print(f"products on Dask, worker cancel: run Cancelled {time.time() - cancelled_at:.1f} s after the cancel")
+
+    written = product_counts(engine)["offers"] - before["offers"]
+    time.sleep(3)  # nothing of the cancelled run may still be working
+    assert product_counts(engine)["offers"] - before["offers"] == written
+    with engine.connect() as conn:  # a chunk's rows carry its transaction's start: when it started
+        last_start = conn.execute(text("SELECT extract(epoch FROM max(created_at)) FROM product_dealers "
+                                       "WHERE source_run = :run_key"), {"run_key": run_key}).scalar_one()
+    late = float(last_start) - cancelled_at
+    print(f"products on Dask, worker cancel: last chunk started {late:.2f} s after the cancel")
+    assert late < 10, f"a chunk started {late:.1f} s after the cancel"
+    assert 0 < written < rows, written
+    logs = client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC",
+                                             "limit": 200}).json()
+    assert f"{written:,} row(s) written" in final["state"]["message"], (final["state"], [l["message"] for l in logs])
+    [summary] = [a for a in _artifacts(client, run["id"]) if a["key"] == "products-summary"]
+    assert "**Cancelled**" in summary["data"] and f"{written:,} row(s) written" in summary["data"], summary["data"]
+    assert not (settings.stack.output_dir / "products" / run_key / "chunks").exists()

@@ -283,3 +283,14 @@ def test_the_dealers_command_loads_a_file_and_refuses_a_bad_one_before_writing(p
     headless.write_text("name\nLoja\n", encoding="utf-8")
     assert main(["load", str(headless)]) == 2
     assert "'code'" in capsys.readouterr().err
+
+
+def test_a_runs_figures_are_read_back_from_its_staged_records_and_messages(products_engine, publisher):
+    from operations.products.store import RunFigures, run_figures
+
+    first = store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream)
+    publish_outbox(products_engine, publisher, first.outbox_ids[:4])
+    store_chunk(products_engine, _rows(products_engine, 10, {0: Decimal("1")}), "run-2", publisher.stream)
+    assert run_figures(products_engine, "run-1") == RunFigures(created=10, updated=0, published=4, unpublished=6)
+    assert run_figures(products_engine, "run-2") == RunFigures(created=0, updated=1, published=0, unpublished=1)
+    assert run_figures(products_engine, "other") == RunFigures()

@@ -129,12 +129,12 @@ def test_a_cancelled_run_and_a_missing_report_say_what_was_done():
     summary = run_summary(SOURCE, "k", result, {"bad price": 5}, Path("/out/f.xlsx"), 1.0)
     assert (summary["cancelled"], summary["chunks_loaded"], summary["messages_deferred"]) == (True, 1, 30)
     assert cancelled_message(SOURCE, summary, result) == (
-        "products.csv: cancelled (cancelled before the remaining 3 chunk(s)) after 1 chunk(s) loaded of 2 cut from "
+        "products.csv: cancelled (cancelled before the remaining 3 chunk(s)) after 1 chunk(s) reported of 2 cut from "
         "the 205 row(s) read: 100 row(s) written (100 created, 0 updated, 0 unchanged), 5 failed, 70 message(s) "
         "published, 30 deferred to publish-outbox. A re-run with the same file completes it and changes nothing twice."
     )
     markdown = summary_markdown(SOURCE, summary, result, True, None)
-    assert "**Cancelled** (cancelled before the remaining 3 chunk(s)) after 1 chunk(s)" in markdown
+    assert "**Cancelled** (cancelled before the remaining 3 chunk(s)) after 1 chunk(s) reported" in markdown
     assert "**30 deferred** to the `publish-outbox` relay (the run was cancelled)" in markdown
 
     loaded = _result([_chunk(2, 100), _chunk(102, 100)])

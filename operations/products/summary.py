@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 from operations.products.chunks import ChunkFile, SplitStats
 from operations.products.outbox import PublishCounts
 from operations.products.reader import RowFailure
+from operations.products.store import RunFigures
 from operations.products.report import iter_failures
 
 READ_FAILURES = "read-failures.jsonl"  # rows that failed the checks while the file was read, in row order
@@ -45,6 +46,7 @@ class LoadResult:
     final_publish: PublishCounts = field(default_factory=PublishCounts)
     final_publish_error: str = ""
     cancelled: str = ""                    # why the run stopped early (the cancel), empty when it did not
+    committed: RunFigures | None = None    # a cancelled run's changes as the database holds them
     chunks_not_loaded: int = 0             # chunks submitted but not loaded because of the cancel
     report_error: str = ""                 # why the failures spreadsheet could not be written
 
@@ -52,6 +54,8 @@ class LoadResult:
     def messages_deferred(self) -> int:
         """Committed messages this run left in the outbox for the `publish-outbox` relay: those its chunks could
         not publish, when its final publish did not run (a cancel) or failed."""
+        if self.committed is not None:
+            return self.committed.unpublished
         if self.cancelled or self.final_publish_error:
             return sum(r.publish_deferred for r in self.reports)
         return 0
@@ -92,9 +96,13 @@ def run_summary(
 ) -> dict:
     """The flow's return value: rows, successes, failures, unaccounted rows, offers and messages."""
     totals = {name: sum(getattr(r, name) for r in result.reports) for name in _TOTALS}
+    final_published = result.final_publish.published + result.final_publish.already_in_stream
+    if result.committed is not None:  # chunks may have committed without reporting before the run stopped
+        totals.update(created=result.committed.created, updated=result.committed.updated,
+                      published=result.committed.published)
+        final_published = 0
     successes = totals["created"] + totals["updated"] + totals["unchanged"]
     failures = sum(by_reason.values())
-    final_published = result.final_publish.published + result.final_publish.already_in_stream
     return {
         "run_key": run_key, "file": str(source), "rows": result.stats.rows, "successes": successes,
         "failures": failures, "unaccounted": result.stats.rows - successes - failures,
@@ -123,8 +131,8 @@ def cancelled_message(source: Path, summary: dict, result: LoadResult) -> str:
 
 def _done_before_cancel(summary: dict) -> str:
     return (
-        f"{summary['chunks_loaded']} chunk(s) loaded of {summary['chunks']} cut from the {summary['rows']:,} row(s) "
-        f"read: {summary['successes']:,} row(s) written ({summary['created']:,} created, {summary['updated']:,} "
+        f"{summary['chunks_loaded']} chunk(s) reported of {summary['chunks']} cut from the {summary['rows']:,} "
+        f"row(s) read: {summary['successes']:,} row(s) written ({summary['created']:,} created, {summary['updated']:,} "
         f"updated, {summary['unchanged']:,} unchanged), {summary['failures']:,} failed, "
         f"{summary['messages_published']:,} message(s) published, {summary['messages_deferred']:,} deferred to "
         "publish-outbox. A re-run with the same file completes it and changes nothing twice."
