@@ -17,8 +17,8 @@ from operations.infra.redis_stream import StreamPublisher
 
 
 class ProductsQueue(RedisConnection):
-    """The Redis stream of product changes: where it is, its name, how long it grows and how long the
-    exactly-once guards of published messages are kept."""
+    """The Redis stream of product changes: where it is, its name and how long it grows. The exactly-once
+    guards of its messages live beside it until their outbox rows are marked (operations/infra/redis_stream.py)."""
 
     _block_type_name: ClassVar[str] = "Products Queue"
     _block_type_slug: ClassVar[str] = "products-queue"
@@ -47,16 +47,7 @@ print(queue.publisher().length(), "messages in", queue.stream)
         le=1_000_000_000,
         description="Approximate longest stream (XADD MAXLEN ~); older entries are trimmed. 0: never trimmed.",
     )
-    guard_ttl_days: float = Field(
-        default=7.0,
-        gt=0,
-        le=365,
-        description="How long a published message's key is remembered, so a re-publish adds nothing.",
-    )
 
     def publisher(self) -> StreamPublisher:
         """A publisher over this process's client for the stream."""
-        return StreamPublisher(
-            self.get_client(), self.stream, max_length=self.max_length,
-            guard_ttl_seconds=int(self.guard_ttl_days * 86_400),
-        )
+        return StreamPublisher(self.get_client(), self.stream, max_length=self.max_length)

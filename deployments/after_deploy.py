@@ -5,7 +5,8 @@
   `enforce_parameter_schema` alone checks only the values of the parameters the schema knows;
 - schedules paused unless STACK_SCHEDULES is on: a laptop's `make up` runs only what is started by hand, while
   production (STACK_SCHEDULES=on) keeps the draw-day batch, the 15-minute sync, the nightly registration and
-  the daily cleanup running.
+  the daily cleanup running. Deployments tagged `always-scheduled` (the `publish-outbox` relay, which the
+  products messages' delivery depends on) keep their schedules active either way.
 
     python -m deployments.after_deploy          # apply both to the deployments of PREFECT_API_URL / the stack
     python -m deployments.after_deploy status   # whether the schedules are active, without changing anything
@@ -61,21 +62,31 @@ def refuse_unknown_parameters(client: Any, deployments: list) -> int:
     return changed
 
 
+ALWAYS_SCHEDULED = "always-scheduled"  # a deployment tag: its schedules stay active whatever STACK_SCHEDULES says
+
+
+def always_scheduled(deployment: Any) -> bool:
+    return ALWAYS_SCHEDULED in (deployment.tags or [])
+
+
 def set_schedules_active(client: Any, deployments: list, active: bool) -> int:
-    """Activate or pause every schedule of the deployments; returns how many were switched. Pausing a schedule
-    also deletes the future runs the scheduler had already planned for it (the server does it)."""
+    """Activate or pause every schedule of the deployments (those tagged `always-scheduled` stay active);
+    returns how many were switched. Pausing a schedule also deletes the future runs the scheduler had already
+    planned for it (the server does it)."""
     switched = 0
     for deployment in deployments:
+        wanted = active or always_scheduled(deployment)
         for schedule in deployment.schedules:
-            if schedule.active != active:
-                client.update_deployment_schedule(deployment.id, schedule.id, active=active)
+            if schedule.active != wanted:
+                client.update_deployment_schedule(deployment.id, schedule.id, active=wanted)
                 switched += 1
     return switched
 
 
 def schedule_counts(client: Any) -> tuple[int, int]:
-    """(active schedules, all schedules) over every deployment."""
-    schedules = [schedule for deployment in client.read_deployments() for schedule in deployment.schedules]
+    """(active schedules, all schedules) over the deployments STACK_SCHEDULES governs (not `always-scheduled`)."""
+    schedules = [schedule for deployment in client.read_deployments() if not always_scheduled(deployment)
+                 for schedule in deployment.schedules]
     return sum(schedule.active for schedule in schedules), len(schedules)
 
 
@@ -104,12 +115,14 @@ def describe_schedules(api_url: str | None) -> str:
     try:
         with get_client(sync_client=True) as client:
             active, total = schedule_counts(client)
+            always = [d.name for d in client.read_deployments() if always_scheduled(d) and d.schedules]
     except Exception as exc:  # noqa: BLE001 - a status line never fails the status command
         return f"unknown ({type(exc).__name__}: {exc})"
+    relays = f"; always on: {len(always)} relay deployment(s)" if always else ""
     if not total:
-        return f"none deployed ({setting})"
+        return f"none deployed ({setting}){relays}"
     state = "on" if active == total else ("paused" if not active else "partly on")
-    return f"{state}: {active} of {total} active ({setting})"
+    return f"{state}: {active} of {total} active ({setting}){relays}"
 
 
 def main(argv: list[str] | None = None) -> int:

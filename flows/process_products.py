@@ -10,13 +10,23 @@ pool for small ones; either runs them inside this flow run); publish whatever th
 then write the failures spreadsheet and the artifacts (the failures linked only when rows failed). The run
 ends Completed when every row is accounted for, even with failures, and Failed only when the file could not be
 processed (a chunk that kept failing leaves its rows unaccounted); an expected user error (a missing file, a
-bad header, no dealers) ends it Failed with one line, no traceback.
+bad header, no dealers) ends it Failed with one line, no traceback. A file fully loaded and published whose
+failures spreadsheet cannot be written ends Failed with a message saying the rows are loaded and published.
+
+Cancel: the run checks its state (tasks/cancellation.py) between chunks, while waiting for them and before the
+final publish; once it is being cancelled (or got SIGTERM, which it only notes rather than letting Prefect
+raise it at an arbitrary line) it cuts and starts no further chunk, lets the chunks
+under way finish their transaction (CANCEL_GRACE_SECONDS), cancels the rest (on Dask: their futures, then the
+cluster is closed) and skips the final publish: what the committed chunks could not publish is deferred to the
+`publish-outbox` relay. It writes its summary (chunks loaded, rows, messages published and deferred) and ends
+Cancelled with the same words; when the worker is the one that cancelled it, the worker's Cancelled stands.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import Future as ThreadFuture
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +40,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import as_completed
+from prefect.exceptions import Abort, TerminationSignal
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, Failed
 from prefect.task_runners import TaskRunner
 from pydantic import Field
 from typing_extensions import Annotated
@@ -46,27 +58,41 @@ from flows.task_runners import (
     dask_task_runner,
     in_process_task_runner,
 )
+from operations.cancellation import Cancelled as OperationCancelled
+from operations.cancellation import StopCheck, raise_if_stopped
 from operations.infra.database import project_engine
 from operations.infra.links import output_base_url, output_link
-from operations.products.chunks import FileSplitter, chunk_pool_size, chunk_size, estimate_rows, products_file
+from operations.products.chunks import (
+    ChunkFile,
+    FileSplitter,
+    SplitStats,
+    chunk_pool_size,
+    chunk_size,
+    estimate_rows,
+    products_file,
+)
 from operations.products.outbox import PublishCounts
 from operations.products.report import FailureLog, write_failures_workbook
-from operations.products.store import known_dealers
+from operations.products.store import RunFigures, known_dealers, run_figures
 from operations.products.summary import (
     READ_FAILURES,
     ChunkReport,
     LoadResult,
+    cancelled_message,
     chunk_line,
+    count_by_reason,
     failed_chunk,
     merged_failures,
     read_line,
     reasons_table,
+    report_missing_message,
     run_summary,
     summary_line,
     summary_markdown,
     unfinished_message,
 )
 from operations.settings import Settings, get_settings
+from tasks.cancellation import run_stop_check, watch_termination
 from tasks.products import load_products_chunk, publish_pending_messages
 from tasks.retries import with_retries
 
@@ -75,6 +101,7 @@ ProductsFilePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=P
 RunKey = Annotated[str, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]*$")]
 ChunkRows = Annotated[int, Field(ge=0, le=1_000_000)]
 BlockName = Annotated[str, Field(max_length=120)]
+CANCEL_GRACE_SECONDS = 5  # a cancelled run waits this long for the chunks under way to finish their transaction
 _FILE_PATH = form_field(
     ..., "Products file",
     "Path of the .xlsx or .csv file on the machine that runs the flow (a shared folder on several machines). "
@@ -104,6 +131,7 @@ def process_products(
     queue_block: BlockName = _QUEUE_BLOCK,
 ) -> dict:
     """Load a dealers' products file into the project database and publish one message per change."""
+    watch_termination(forward=False)  # a SIGTERM stops the loops at their next check, with the run's report
     started, logger, settings = time.perf_counter(), get_run_logger(), get_settings()
     output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any row
     source = products_file(file_path)
@@ -114,20 +142,41 @@ def process_products(
     load = _plan_load(source, database_url, dealers, run_key, queue, chunk_rows, settings)
     try:
         with _chunk_task_runner(settings, load.on_dask) as runner:
-            result = _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries))
+            result = _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries),
+                           run_stop_check())
     finally:
         shutil.rmtree(load.run_dir / "chunks", ignore_errors=True)
+    if result.cancelled:
+        result.committed = _committed(engine, run_key)
     summary = _publish_report(load, result, time.perf_counter() - started)
+    if result.cancelled:
+        message = cancelled_message(source, summary, result)
+        logger.warning("%s", message)
+        return Cancelled(message=message)
     logger.info("%s", summary_line(summary))
     unfinished = unfinished_message(source, summary, result)
     if unfinished:
         raise RuntimeError(unfinished)
     if result.final_publish_error:
         logger.warning(
-            "%d message(s) wait in the outbox (the stream could not be reached: %s); the next run publishes them",
-            summary["messages_waiting"], result.final_publish_error,
+            "%d message(s) deferred to the publish-outbox relay (the stream could not be reached: %s)",
+            summary["messages_deferred"], result.final_publish_error,
         )
+    if result.report_error:
+        message = report_missing_message(source, summary, result)
+        logger.error("%s", message)
+        return Failed(message=message)
     return summary
+
+
+def _committed(engine, run_key: str) -> RunFigures | None:
+    """A cancelled run's changes as the database holds them (chunks may have committed without reporting
+    before the run stopped), or None when the database cannot say: the chunks' reports are used instead."""
+    try:
+        return run_figures(engine, run_key)
+    except Exception as exc:  # noqa: BLE001 - the report must still be written
+        get_run_logger().warning("could not read the run's changes back from the database: %s", exc)
+        return None
 
 
 def _queue(name: str, settings: Settings) -> ProductsQueue:
@@ -194,55 +243,141 @@ def _chunk_task_runner(settings: Settings, on_dask: bool) -> Iterator[TaskRunner
             local_cluster.close()
 
 
-def _load(runner: TaskRunner, load: _Load, chunk_task) -> LoadResult:
+def _load(runner: TaskRunner, load: _Load, chunk_task, should_stop: StopCheck) -> LoadResult:
     """Read the file once, submitting each chunk file to `runner` as soon as it is written; wait for every
-    chunk; publish what they left in the outbox."""
+    chunk; publish what they left in the outbox. Once `should_stop()` (or on SIGTERM) no chunk is cut or
+    started: the chunks under way finish their transaction (up to CANCEL_GRACE_SECONDS), the rest are
+    cancelled, and the result says what was done."""
     logger, source, run_dir = get_run_logger(), load.source, load.run_dir
     progress_id = create_progress_artifact(
         progress=0.0, key="products-progress", description=f"Rows of {source.name} accounted for (run {load.run_key})"
     )
-    chunk_of = {}
+    chunks: dict[PrefectFuture, ChunkFile] = {}
+    pending: set[PrefectFuture] = set()  # submitted, outcome not yet taken into the result
+    result = LoadResult(SplitStats())
     (run_dir / READ_FAILURES).unlink(missing_ok=True)  # a re-run with the same run key starts its log afresh
-    with FailureLog(run_dir / READ_FAILURES) as failures, \
-            FileSplitter(source, run_dir / "chunks", load.dealers, load.rows_per_chunk, failures) as splitter:
-        for chunk in splitter.chunks():
-            future = runner.submit(chunk_task, {"chunk": chunk, "database_url": load.database_url,
-                                                "pool_size": load.pool_size, "run_key": load.run_key,
-                                                "queue": load.queue})
-            chunk_of[id(future)] = future, chunk
-        result = LoadResult(splitter.stats)
-    logger.info("%s", read_line(result.stats, source, load.rows_per_chunk))
-    accounted, total = result.stats.failed_rows, max(1, result.stats.rows)
-    update_progress_artifact(progress_id, 100.0 * accounted / total)
-    for future in as_completed([f for f, _ in chunk_of.values()]):
-        report = future.result(raise_on_failure=False)  # the exception itself when the chunk failed
-        if isinstance(report, ChunkReport):
-            result.reports.append(report)
-            accounted += report.rows
-            update_progress_artifact(progress_id, 100.0 * accounted / total)
-            logger.info("%s", chunk_line(report))
+    try:
+        with FailureLog(run_dir / READ_FAILURES) as failures, \
+                FileSplitter(source, run_dir / "chunks", load.dealers, load.rows_per_chunk, failures) as splitter:
+            result.stats = splitter.stats
+            for chunk in splitter.chunks(should_stop):
+                future = runner.submit(chunk_task, {"chunk": chunk, "database_url": load.database_url,
+                                                    "pool_size": load.pool_size, "run_key": load.run_key,
+                                                    "queue": load.queue})
+                chunks[future] = chunk
+                pending.add(future)
+        logger.info("%s", read_line(result.stats, source, load.rows_per_chunk))
+        progress = _Progress(progress_id, result.stats)
+        while pending:
+            for future in wait(list(pending), timeout=1.0).done:
+                _collect(future, chunks[future], result, progress)
+                pending.discard(future)
+            if pending:
+                raise_if_stopped(should_stop, f"the remaining {len(pending)} chunk(s)")
+        raise_if_stopped(should_stop, "the final publish")
+        final = runner.submit(publish_pending_messages, {"database_url": load.database_url, "queue": load.queue})
+        try:
+            final = final.result(raise_on_failure=False)
+        except Abort:
+            raise OperationCancelled("cancelled before the final publish") from None
+        if isinstance(final, PublishCounts):
+            result.final_publish = final
         else:
-            result.failed_chunks.append(failed_chunk(chunk_of[id(future)][1], report))
-            logger.error("a chunk was not loaded: %s", result.failed_chunks[-1])
-    final = runner.submit(publish_pending_messages, {"database_url": load.database_url, "queue": load.queue})
-    final = final.result(raise_on_failure=False)
-    if isinstance(final, PublishCounts):
-        result.final_publish = final
-    else:
-        result.final_publish_error = f"{type(final).__name__}: {final}"
+            result.final_publish_error = f"{type(final).__name__}: {final}"
+    except (OperationCancelled, TerminationSignal) as exc:
+        result.cancelled = str(exc) if isinstance(exc, OperationCancelled) else "the worker stopped the run"
+        logger.warning("stopping: %s; waiting up to %d s for the chunks under way", result.cancelled,
+                       CANCEL_GRACE_SECONDS)
+        _wind_down(chunks, pending, result)
     return result
+
+
+class _Progress:
+    """The progress artifact: rows accounted for (failed the checks, or in a loaded chunk) over rows read."""
+
+    def __init__(self, artifact_id, stats: SplitStats):
+        self.artifact_id, self.total, self.accounted = artifact_id, max(1, stats.rows), stats.failed_rows
+        update_progress_artifact(artifact_id, 100.0 * self.accounted / self.total)
+
+    def add(self, rows: int) -> None:
+        self.accounted += rows
+        update_progress_artifact(self.artifact_id, 100.0 * self.accounted / self.total)
+
+
+def _collect(future: PrefectFuture, chunk: ChunkFile, result: LoadResult, progress: _Progress | None) -> None:
+    """Take a finished chunk's outcome into the result: its report, a chunk not loaded because of the cancel,
+    or a chunk that failed."""
+    logger = get_run_logger()
+    try:
+        report = future.result(raise_on_failure=False)  # the exception itself when the chunk failed
+    except Abort as exc:  # the server refused to start it: the run is being cancelled
+        report = exc
+    if isinstance(report, ChunkReport):
+        result.reports.append(report)
+        if progress is not None:
+            progress.add(report.rows)
+        logger.info("%s", chunk_line(report))
+    elif isinstance(report, Abort) or result.cancelled or future.state.is_cancelled():
+        result.chunks_not_loaded += 1
+    else:
+        result.failed_chunks.append(failed_chunk(chunk, report))
+        logger.error("a chunk was not loaded: %s", result.failed_chunks[-1])
+
+
+def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFuture], result: LoadResult) -> None:
+    """After a cancel: drop the chunks queued on the thread pool, let the chunks under way finish their
+    transaction (a Dask chunk not started yet ends Cancelled at once: the task checks the run first), then
+    cancel the futures still pending; the runner's exit then closes the Dask client and cluster."""
+    not_started = _cancel_not_started(pending)
+    result.chunks_not_loaded += len(not_started)
+    pending = pending - not_started
+    done, pending = wait(list(pending), timeout=CANCEL_GRACE_SECONDS) if pending else (set(), set())
+    for future in done:
+        try:
+            _collect(future, chunks[future], result, None)
+        except Exception as exc:  # noqa: BLE001 - a chunk whose outcome cannot be read: not loaded, said so
+            get_run_logger().warning("chunk %d: its outcome could not be read: %r", chunks[future].index, exc)
+            result.chunks_not_loaded += 1
+    for future in pending:
+        future.wrapped_future.cancel()
+    result.chunks_not_loaded += len(pending)
+
+
+def _cancel_not_started(futures: set[PrefectFuture]) -> set[PrefectFuture]:
+    """Cancel the futures whose chunk has not started (queued on the thread pool, or not given to a Dask worker
+    yet); returns them."""
+    cancelled = {f for f in futures if isinstance(f.wrapped_future, ThreadFuture) and f.wrapped_future.cancel()}
+    on_dask = [f for f in futures
+               if f not in cancelled and hasattr(f.wrapped_future, "client") and not f.wrapped_future.done()]
+    if on_dask:
+        try:
+            processing = {key for keys in on_dask[0].wrapped_future.client.processing().values() for key in keys}
+        except Exception as exc:  # noqa: BLE001 - the scheduler is gone: the grace wait and close cover it
+            get_run_logger().debug("could not ask the Dask scheduler what runs: %s", exc)
+            return cancelled
+        for future in on_dask:
+            if future.wrapped_future.key not in processing:
+                future.wrapped_future.cancel()
+                cancelled.add(future)
+    return cancelled
 
 
 def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:
     """Write the failures spreadsheet, publish the artifacts (the failures linked only when rows failed) and
-    return the run's summary."""
+    return the run's summary. A spreadsheet that cannot be written (OUTPUT_DIR read-only or full) is noted in
+    the result and the summary, counted from the failure logs instead."""
     source = load.source
     workbook = load.run_dir / f"{source.stem}-failures.xlsx"
-    by_reason = write_failures_workbook(
-        workbook, merged_failures(load.run_dir, result.reports), title=f"Failures of {source.name} (run {load.run_key})"
-    )
+    try:
+        by_reason = write_failures_workbook(
+            workbook, merged_failures(load.run_dir, result.reports),
+            title=f"Failures of {source.name} (run {load.run_key})",
+        )
+    except OSError as exc:
+        result.report_error = f"{type(exc).__name__}: {exc}"
+        by_reason = count_by_reason(merged_failures(load.run_dir, result.reports))
     summary = run_summary(source, load.run_key, result, by_reason, workbook, elapsed)
-    link = output_link(workbook) if summary["failures"] else None
+    link = output_link(workbook) if summary["failures"] and not result.report_error else None
     if link:
         create_link_artifact(
             key="products-failures", link=link, link_text=workbook.name,

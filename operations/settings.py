@@ -367,6 +367,11 @@ class ProductsSettings(SettingsGroup):
         default=3, ge=0, le=10, validation_alias="PRODUCTS_TASK_RETRIES",
         description="Retries of a chunk after a transient database fault (nothing committed).",
     )
+    outbox_stale_minutes: float = Field(
+        default=10.0, gt=0, le=10_080, validation_alias="PRODUCTS_OUTBOX_STALE_MINUTES",
+        description="Messages left unpublished in the outbox longer than this make the publish-outbox relay emit "
+        "project.outbox.stale (a notification).",
+    )
 
 
 class TurnstilesSettings(SettingsGroup):

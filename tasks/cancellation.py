@@ -34,21 +34,27 @@ _pollers: dict[UUID, _StatePoller] = {}
 _pollers_lock = threading.Lock()
 
 
-def watch_termination() -> None:
+def watch_termination(forward: bool = True) -> None:
     """Note a SIGTERM in this process even when the exception it raises is lost. Call it in the flow's body.
 
-    Under Prefect's engine its own SIGTERM bridge stays in place: the worker's control channel acknowledges a
-    cancel only while that exact handler is installed (`prefect.utilities.engine.can_ack_control_intent`), and
-    without the acknowledgement the worker's cancel ends the run Crashed instead of Cancelled. There the cancel
-    intent (committed before the SIGTERM) is the sign, and a `TerminationSignal` swallowed as "Exception
-    ignored" (a library's GC callback) is noted through `sys.unraisablehook`. Outside the engine's bridge (only
-    the main thread can install a handler) the handler in place is wrapped to note the signal first."""
+    `forward=True`: under Prefect's engine its own SIGTERM bridge stays in place: the worker's control channel
+    acknowledges a cancel only while that exact handler is installed (`prefect.utilities.engine.
+    can_ack_control_intent`), and without the acknowledgement the worker's cancel ends the run Crashed instead of
+    Cancelled, unless the flow ends itself Cancelled first. There the cancel intent (committed before the SIGTERM)
+    is the sign, and a `TerminationSignal` swallowed as "Exception ignored" (a library's GC callback) is noted
+    through `sys.unraisablehook`. Outside the engine's bridge (only the main thread can install a handler) the
+    handler in place is wrapped to note the signal first.
+
+    `forward=False`: only note it, replacing Prefect's bridge. For a flow whose every loop asks the stop check and
+    which returns its own Cancelled state: the exception Prefect raises may otherwise land at any line of the main
+    thread, e.g. inside pydantic's serialisation of an API call, where it becomes another error and crashes the run
+    without its report. The worker's SIGKILL, 30 s after its SIGTERM, still bounds the run."""
     _note_lost_termination()
     if threading.current_thread() is not threading.main_thread():
         return
     from prefect.utilities.engine import is_prefect_sigterm_handler_installed
 
-    if is_prefect_sigterm_handler_installed():
+    if forward and is_prefect_sigterm_handler_installed():
         return
     previous = signal.getsignal(signal.SIGTERM)
     if getattr(previous, "notes_termination", False):
@@ -56,6 +62,8 @@ def watch_termination() -> None:
 
     def note_then_forward(signum, frame):
         _terminating.set()
+        if not forward:
+            return
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:

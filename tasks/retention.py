@@ -1,4 +1,5 @@
-"""Tasks of the cleanup-runs flow: thin wrappers that add retries and names to operations/lottery/retention.py."""
+"""Tasks of the cleanup-runs flow: thin wrappers that add retries and names to operations/lottery/retention.py
+and operations/products/retention.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.redis_game_counter import RedisGameCounter
 from operations.lottery.retention import AofCheck, CleanupReport, cleanup_expired_runs, compact_aof
+from operations.products.retention import ChunkCleanup, remove_stale_chunk_folders
 from tasks.retries import retrying_task
 
 # Both are safe to retry: removing a run twice removes nothing more, and BGREWRITEAOF is refused by the rule
@@ -29,3 +31,11 @@ def remove_expired_runs(
 def compact_redis_aof(counter_block: RedisGameCounter, dry_run: bool) -> AofCheck:
     """Ask Redis to rewrite its append-only file when it has outgrown the data."""
     return compact_aof(counter_block.get_client(), dry_run)
+
+
+# Removing a folder twice removes nothing more; a run under way keeps its chunk folder younger than the retention.
+@retrying_task(name="remove-stale-product-chunks", retries=1, delays=[2], cache_policy=NO_CACHE, tags=["products"])
+def remove_stale_product_chunks(output_dir: Path, retention_days: float, dry_run: bool) -> ChunkCleanup:
+    """Remove (or list, in a dry run) the chunk files that crashed or killed products runs left, once older than
+    `retention_days`."""
+    return remove_stale_chunk_folders(output_dir, retention_days, dry_run)

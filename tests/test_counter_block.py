@@ -74,4 +74,5 @@ def test_products_queue_block_publishes_through_its_own_client(redis_url, redis_
     again = publisher.publish([StreamMessage("k1", {"n": "1"})])
     assert [p.added for p in first] == [True] * 3 and again[0].added is False
     assert again[0].entry_id == first[1].entry_id and publisher.length() == 3
-    redis_client.delete(publisher.stream, *(publisher.guard_key(f"k{i}") for i in range(3)))
+    assert publisher.forget(f"k{i}" for i in range(3)) == 3 and publisher.guards() == 0
+    redis_client.delete(publisher.stream)

@@ -19,7 +19,7 @@ from blocks.marketplace_app import MarketplaceApp
 from blocks.redis_game_counter import RedisGameCounter
 from blocks.turnstile_device import TurnstileDevice
 from emulators import controlid as turnstile_emulator
-from deployments.after_deploy import apply_after_deploy
+from deployments.after_deploy import ALWAYS_SCHEDULED, apply_after_deploy
 from deployments.prefect_worker import LOCAL_WORK_POOL
 from deployments.services import DEMO_MARKETPLACE
 from deployments.stack import EMULATED_TURNSTILE, ensure_generation_limit
@@ -336,7 +336,7 @@ def test_unknown_parameters_are_refused_with_409_naming_them_on_every_deployment
     again = apply_after_deploy()  # what deploy_all did: nothing left to change, schedules as STACK_SCHEDULES says
     keep = get_settings().stack.schedules
     assert (again.strict_schemas, again.schedules_switched, again.schedules_active) == (0, 0, keep), again
-    assert all(s["active"] == keep for d in deployments for s in d["schedules"])
+    assert all(s["active"] == (keep or ALWAYS_SCHEDULED in d["tags"]) for d in deployments for s in d["schedules"])
     for deployment in deployments:
         flow_name = flows[deployment["flow_id"]]
         where = f"{flow_name}/{deployment['name']}"
@@ -486,3 +486,51 @@ def test_a_cancelled_sync_through_its_deployment_stops_within_seconds_and_report
     assert _wait(client, rerun["id"])["state_type"] == "COMPLETED"
     for seller in sellers:
         assert count_rows(market.engine, seller)["orders"] == len(market.control.orders(seller))
+
+
+def test_a_cancelled_products_run_on_dask_stops_within_seconds_and_reports_what_it_did(operator_stack, database_url):
+    """The worker's own cancel (CANCELLING, its intent, SIGTERM) of a products run on its LocalCluster: no chunk
+    starts 10 s after it, the run ends Cancelled with a summary that matches the database."""
+    from sqlalchemy import text
+
+    from operations.products.store import product_counts
+
+    client, settings = operator_stack
+    engine = get_engine(database_url)
+    dealers = [f"CANCEL{i}" for i in range(2)]  # offers of their own: the run's rows are the new offers
+    upsert_dealers(engine, [(code, code) for code in dealers])
+    source = settings.stack.output_dir.parent / "products-cancel.csv"
+    rows = max(40_000, 2 * settings.products.in_process_max_rows)  # on the worker's Dask cluster
+    generate_products_file(source, rows, dealers, bad_fraction=0.0, seed=29)
+    before = product_counts(engine)
+    run_key = f"cancel-products-{uuid.uuid4().hex[:6]}"
+    deployment = _deployment(client, "process-products/on-demand")
+    run = _start(client, deployment["id"], {"file_path": str(source), "run_key": run_key, "chunk_rows": 400})
+    deadline = time.monotonic() + 180
+    while product_counts(engine)["offers"] - before["offers"] < 800:
+        assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
+        assert time.monotonic() < deadline, "no chunk committed in time"
+        time.sleep(0.05)
+    response = client.post(f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+    assert response.status_code in (200, 201), response.text
+    cancelled_at = time.time()
+    final = _wait(client, run["id"], timeout=120)
+    assert final["state_type"] == "CANCELLED", final["state"]
+    print(f"products on Dask, worker cancel: run Cancelled {time.time() - cancelled_at:.1f} s after the cancel")
+
+    written = product_counts(engine)["offers"] - before["offers"]
+    time.sleep(3)  # nothing of the cancelled run may still be working
+    assert product_counts(engine)["offers"] - before["offers"] == written
+    with engine.connect() as conn:  # a chunk's rows carry its transaction's start: when it started
+        last_start = conn.execute(text("SELECT extract(epoch FROM max(created_at)) FROM product_dealers "
+                                       "WHERE source_run = :run_key"), {"run_key": run_key}).scalar_one()
+    late = float(last_start) - cancelled_at
+    print(f"products on Dask, worker cancel: last chunk started {late:.2f} s after the cancel")
+    assert late < 10, f"a chunk started {late:.1f} s after the cancel"
+    assert 0 < written < rows, written
+    logs = client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "TIMESTAMP_ASC",
+                                             "limit": 200}).json()
+    assert f"{written:,} row(s) written" in final["state"]["message"], (final["state"], [l["message"] for l in logs])
+    [summary] = [a for a in _artifacts(client, run["id"]) if a["key"] == "products-summary"]
+    assert "**Cancelled**" in summary["data"] and f"{written:,} row(s) written" in summary["data"], summary["data"]
+    assert not (settings.stack.output_dir / "products" / run_key / "chunks").exists()

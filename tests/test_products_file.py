@@ -344,3 +344,20 @@ def test_failure_log_round_trip_reopening_and_pickling(tmp_path):
             reopened.add(failure)
     assert list(iter_failures(path)) == FAILURES
     assert reopened.counts == dict(Counter(f.reason for f in FAILURES))
+
+
+def test_the_splitter_stops_between_chunks_once_asked(tmp_path):
+    from operations.cancellation import Cancelled, after
+    from operations.products.chunks import FileSplitter
+
+    dealers = dealer_codes(3)
+    generate_products_file(tmp_path / "products.csv", 1_000, dealers, bad_fraction=0.0, seed=4)
+    ids = {code: i for i, code in enumerate(dealers, 1)}
+    cut = []
+    with FailureLog(tmp_path / "failures.jsonl") as failures, \
+            FileSplitter(tmp_path / "products.csv", tmp_path / "chunks", ids, 100, failures) as splitter:
+        with pytest.raises(Cancelled, match="before the chunk of rows 302-401"):
+            for chunk in splitter.chunks(should_stop=after(3)):
+                cut.append(chunk.index)
+    assert cut == [0, 1, 2] and splitter.stats.chunks == 3
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [f"chunk-0000{i}.jsonl" for i in range(3)]

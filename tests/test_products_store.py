@@ -16,7 +16,8 @@ import pytest
 
 from operations.infra.database import get_engine
 from operations.infra.redis_stream import InjectedPublishFault, StreamMessage, StreamPublisher
-from operations.products.outbox import publish_outbox
+from operations.cancellation import Cancelled, after
+from operations.products.outbox import PublishCounts, outbox_backlog, publish_outbox, sweep_guards
 from operations.products.reader import ProductRow
 from operations.products.store import (
     DealerRow,
@@ -192,6 +193,73 @@ def test_concurrent_publishers_and_injected_faults_never_duplicate_a_message(pro
     assert product_counts(products_engine)["unpublished"] == 0
 
 
+class _CrashBeforeMark:
+    """A publisher whose process "dies" right after adding a batch to the stream, before the outbox marks it."""
+
+    def __init__(self, publisher: StreamPublisher):
+        self.inner, self.stream = publisher, publisher.stream
+
+    def publish(self, messages):
+        self.inner.publish(messages)
+        raise SystemExit("killed after XADD, before the mark")
+
+
+def _keys_with_expiry(publisher: StreamPublisher) -> list[str]:
+    client = publisher.client
+    return [k.decode() for k in client.scan_iter(match=f"{{{publisher.stream}}}*") if client.ttl(k) > 0]
+
+
+def test_a_message_added_but_not_marked_is_never_added_again_however_late_the_next_publish(products_engine, publisher):
+    outcome = store_chunk(products_engine, _rows(products_engine, 30), "run-1", publisher.stream)
+    with pytest.raises(SystemExit):
+        publish_outbox(products_engine, _CrashBeforeMark(publisher), outcome.outbox_ids, batch_size=20)
+    assert publisher.length() == 20 and product_counts(products_engine)["unpublished"] == 30
+    assert publisher.guards() == 20
+
+    # the passage of time: whatever would expire by then is gone (a guard with a TTL would be); nothing here may
+    assert _keys_with_expiry(publisher) == []
+    assert publisher.client.ttl(publisher.guards_key) == -1  # no expiry on the guards
+
+    counts = publish_outbox(products_engine, publisher)
+    assert (counts.published, counts.already_in_stream) == (10, 20)
+    keys = [m["message_key"] for m in _stream(publisher)]
+    assert len(keys) == len(set(keys)) == 30
+    assert product_counts(products_engine)["unpublished"] == 0
+    assert publisher.guards() == 0  # every row marked: no guard left behind
+
+
+def test_the_sweep_drops_only_the_guards_of_marked_messages(products_engine, publisher, monkeypatch):
+    store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream)
+    with products_engine.connect() as conn:
+        in_flight = [k for (k,) in conn.exec_driver_sql("SELECT message_key FROM outbox_messages ORDER BY id DESC LIMIT 3")]
+    publisher.publish([StreamMessage(k, {"message_key": k}) for k in in_flight])  # added, not marked
+    monkeypatch.setattr(publisher, "forget", lambda keys: 0)  # died after its commit, before dropping the guards
+    publish_outbox(products_engine, publisher, batch_size=4)  # marks all 10 (3 were in the stream already)
+    monkeypatch.undo()
+    assert publisher.guards() == 10 and product_counts(products_engine)["unpublished"] == 0
+
+    store_chunk(products_engine, _rows(products_engine, 12), "run-2", publisher.stream)  # 2 new, unpublished
+    with products_engine.connect() as conn:
+        unmarked = [k for (k,) in conn.exec_driver_sql(
+            "SELECT message_key FROM outbox_messages WHERE published_at IS NULL")]
+    publisher.publish([StreamMessage(k, {"message_key": k}) for k in unmarked])  # in flight: must stay guarded
+    assert sweep_guards(products_engine, publisher) == 10
+    assert publisher.guards() == 2
+    assert publish_outbox(products_engine, publisher).already_in_stream == 2
+    assert publisher.length() == 12 and publisher.guards() == 0
+
+
+def test_a_publisher_stops_between_batches_once_asked_and_counts_what_it_published(products_engine, publisher):
+    store_chunk(products_engine, _rows(products_engine, 25), "run-1", publisher.stream)
+    counts = PublishCounts()
+    with pytest.raises(Cancelled, match="before the next batch"):
+        publish_outbox(products_engine, publisher, batch_size=10, should_stop=after(2), counts=counts)
+    assert counts.total == 20 == publisher.length()
+    backlog = outbox_backlog(products_engine, publisher.stream)
+    assert backlog.unpublished == 5 and backlog.oldest_minutes >= 0 and not backlog.stale(10)
+    assert backlog.stale(-1)
+
+
 def test_dealers_are_upserted_by_code(products_engine):
     assert upsert_dealers(products_engine, [("D1", "Dealer one"), ("D2", "Renamed"), ("D3", "New")]) == (1, 1)
     assert set(dealer_ids(products_engine)) == {"D1", "D2", "D3"}
@@ -215,3 +283,14 @@ def test_the_dealers_command_loads_a_file_and_refuses_a_bad_one_before_writing(p
     headless.write_text("name\nLoja\n", encoding="utf-8")
     assert main(["load", str(headless)]) == 2
     assert "'code'" in capsys.readouterr().err
+
+
+def test_a_runs_figures_are_read_back_from_its_staged_records_and_messages(products_engine, publisher):
+    from operations.products.store import RunFigures, run_figures
+
+    first = store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream)
+    publish_outbox(products_engine, publisher, first.outbox_ids[:4])
+    store_chunk(products_engine, _rows(products_engine, 10, {0: Decimal("1")}), "run-2", publisher.stream)
+    assert run_figures(products_engine, "run-1") == RunFigures(created=10, updated=0, published=4, unpublished=6)
+    assert run_figures(products_engine, "run-2") == RunFigures(created=0, updated=1, published=0, unpublished=1)
+    assert run_figures(products_engine, "other") == RunFigures()

@@ -78,13 +78,13 @@ def test_an_unfinished_run_names_its_chunk_and_what_waits_in_the_outbox():
     assert error == "rows 102-201: RuntimeError: refused"
     result = _result([_chunk(2, 100, deferred=10)], [error], PublishCounts(), "ConnectionError: down")
     summary = run_summary(SOURCE, "k", result, {"bad price": 5}, Path("/out/f.xlsx"), 1.0)
-    assert summary["unaccounted"] == 100 and summary["messages_waiting"] == 10
+    assert summary["unaccounted"] == 100 and summary["messages_deferred"] == 10
     assert unfinished_message(SOURCE, summary, result) == (
         "products.csv was not fully processed (100 of 205 rows unaccounted for; a re-run with the same file "
         "completes it): chunk not loaded: rows 102-201: RuntimeError: refused"
     )
     markdown = summary_markdown(SOURCE, summary, result, False, "http://f")
-    assert "**100 row(s) unaccounted for**: rows 102-201" in markdown and "**10 wait in the outbox**" in markdown
+    assert "**100 row(s) unaccounted for**: rows 102-201" in markdown and "**10 deferred**" in markdown
 
 
 def test_chunk_line_and_reasons_most_frequent_first():
@@ -119,3 +119,30 @@ def test_a_missing_products_file_is_a_user_error(tmp_path):
     assert is_user_error(missing.value)
     (tmp_path / "p.csv").write_text("x")
     assert products_file(str(tmp_path / "p.csv")) == tmp_path / "p.csv"
+
+
+def test_a_cancelled_run_and_a_missing_report_say_what_was_done():
+    from operations.products.summary import cancelled_message, count_by_reason, report_missing_message
+
+    result = _result([_chunk(2, 100, deferred=30)], final=PublishCounts())
+    result.cancelled = "cancelled before the remaining 3 chunk(s)"
+    summary = run_summary(SOURCE, "k", result, {"bad price": 5}, Path("/out/f.xlsx"), 1.0)
+    assert (summary["cancelled"], summary["chunks_loaded"], summary["messages_deferred"]) == (True, 1, 30)
+    assert cancelled_message(SOURCE, summary, result) == (
+        "products.csv: cancelled (cancelled before the remaining 3 chunk(s)) after 1 chunk(s) reported of 2 cut from "
+        "the 205 row(s) read: 100 row(s) written (100 created, 0 updated, 0 unchanged), 5 failed, 70 message(s) "
+        "published, 30 deferred to publish-outbox. A re-run with the same file completes it and changes nothing twice."
+    )
+    markdown = summary_markdown(SOURCE, summary, result, True, None)
+    assert "**Cancelled** (cancelled before the remaining 3 chunk(s)) after 1 chunk(s) reported" in markdown
+    assert "**30 deferred** to the `publish-outbox` relay (the run was cancelled)" in markdown
+
+    loaded = _result([_chunk(2, 100), _chunk(102, 100)])
+    loaded.report_error = "PermissionError: [Errno 13] Permission denied"
+    summary = run_summary(SOURCE, "k", loaded, count_by_reason([_failure(3), _failure(4, "x")]),
+                          Path("/out/f.xlsx"), 1.0)
+    assert summary["failures_by_reason"] == {"bad price": 1, "x": 1} and summary["failures_file"] == ""
+    message = report_missing_message(SOURCE, summary, loaded)
+    assert message.startswith("products.csv: every row is loaded (200 successes, 2 failures) and 204 message(s)")
+    assert "Permission denied" in message
+    assert "**The failures report could not be written**" in summary_markdown(SOURCE, summary, loaded, False, None)

@@ -72,6 +72,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "PRODUCTS_MIN_CHUNK_ROWS": ("products.min_chunk_rows", "500", 500),
     "PRODUCTS_MAX_CHUNK_ROWS": ("products.max_chunk_rows", "900", 900),
     "PRODUCTS_TASK_RETRIES": ("products.task_retries", "1", 1),
+    "PRODUCTS_OUTBOX_STALE_MINUTES": ("products.outbox_stale_minutes", "2.5", 2.5),
     "PARTICIPANTS_FILE": ("turnstiles.participants_file", "/srv/people.xlsx", Path("/srv/people.xlsx")),
     "TURNSTILE_EMULATOR_DEVICES": ("turnstiles.emulator_devices", "0", 0),
     "TURNSTILE_CACHE_BLOCK": ("turnstiles.cache_block", "other-cache", "other-cache"),

@@ -1,30 +1,36 @@
-"""Publishing to a Redis stream exactly once per message key.
+"""Publishing to a Redis stream exactly once per message key, for as long as a message may be published again.
 
-Each message is added by one Lua script that first looks for the message's guard key: absent, it XADDs the
-message and stores the new entry id under the guard (with a TTL); present, it returns the stored entry id and
-adds nothing. A publisher that crashed after XADD but before recording it elsewhere (the outbox row) can
-therefore publish the same message again safely: the stream still holds it once. Guards live
-`guard_ttl_seconds` (7 days by default), longer than any redelivery window of the outbox.
+Each message is added by one Lua script that first looks for the message's key in the stream's guard hash:
+absent, it XADDs the message and records the new entry id there; present, it returns the recorded entry id and
+adds nothing. A publisher that crashed after XADD but before recording the publication elsewhere (the outbox
+row's mark) can therefore publish the same message again, days later if need be: the stream still holds it once.
 
-Keys: the stream `S`, and one guard `{S}:published:<message key>` per message; the hash tag `{S}` puts the
-guards in the stream's cluster slot, so the script also runs on Redis Cluster.
+The guards have no expiry. A message can be published again only while its source (the outbox row) is not
+marked published, so a guard is needed exactly that long and no longer: the publisher `forget`s a batch's
+guards once its marks are committed, and a sweep (`guarded_keys` then `forget`) removes the guards of a
+publisher that died between its commit and that `forget`. The hash therefore holds only the messages in flight
+or left by a crash; a fixed TTL would instead drop the guard of a message that stayed unmarked longer than
+the TTL and let a late re-publish add it twice.
+
+Keys: the stream `S`, its guard hash `{S}:guards` (message key -> entry id) and `{S}:faults` (drills); the
+hash tag `{S}` puts them in the stream's cluster slot, so the script also runs on Redis Cluster.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import redis
 
-# KEYS[1] stream, KEYS[2..n+1] guards; ARGV[1] guard TTL seconds, ARGV[2] approximate MAXLEN (0: none),
-# then per message: the number of field/value pairs, then the pairs. Returns {entry id, added (1/0)} per message.
+# KEYS[1] stream, KEYS[2] guard hash; ARGV[1] approximate MAXLEN (0: none), then per message: its key, the
+# number of field/value pairs, then the pairs. Returns {entry id, added (1/0)} per message.
 _PUBLISH = """
-local stream, ttl, maxlen = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local out, pos = {}, 3
-for i = 2, #KEYS do
-  local pairs_count = tonumber(ARGV[pos])
-  local existing = redis.call('GET', KEYS[i])
+local stream, guards, maxlen = KEYS[1], KEYS[2], tonumber(ARGV[1])
+local out, pos = {}, 2
+while pos <= #ARGV do
+  local key, pairs_count = ARGV[pos], tonumber(ARGV[pos + 1])
+  local existing = redis.call('HGET', guards, key)
   if existing then
     out[#out + 1] = {existing, 0}
   else
@@ -33,12 +39,12 @@ for i = 2, #KEYS do
       args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
     end
     args[#args + 1] = '*'
-    for j = pos + 1, pos + 2 * pairs_count do args[#args + 1] = ARGV[j] end
+    for j = pos + 2, pos + 1 + 2 * pairs_count do args[#args + 1] = ARGV[j] end
     local id = redis.call('XADD', unpack(args))
-    redis.call('SET', KEYS[i], id, 'EX', ttl)
+    redis.call('HSET', guards, key, id)
     out[#out + 1] = {id, 1}
   end
-  pos = pos + 1 + 2 * pairs_count
+  pos = pos + 2 + 2 * pairs_count
 end
 return out
 """
@@ -50,7 +56,7 @@ class InjectedPublishFault(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class StreamMessage:
-    key: str                      # unique per message: the guard's name
+    key: str                      # unique per message: its guard's name
     fields: dict[str, str]        # the stream entry's field/value pairs
 
 
@@ -62,19 +68,19 @@ class Published:
 
 
 class StreamPublisher:
-    """Adds messages to one stream, exactly once per key, in batches of one script call."""
+    """Adds messages to one stream, exactly once per key while the key is guarded, in batches of one script
+    call."""
 
-    def __init__(self, client: redis.Redis, stream: str, *, max_length: int = 0, guard_ttl_seconds: int = 7 * 86_400,
-                 batch_size: int = 500):
+    def __init__(self, client: redis.Redis, stream: str, *, max_length: int = 0, batch_size: int = 500):
         self.client = client
         self.stream = stream
         self.max_length = max_length
-        self.guard_ttl_seconds = guard_ttl_seconds
         self.batch_size = batch_size
         self._script = client.register_script(_PUBLISH)
 
-    def guard_key(self, message_key: str) -> str:
-        return f"{{{self.stream}}}:published:{message_key}"
+    @property
+    def guards_key(self) -> str:
+        return f"{{{self.stream}}}:guards"
 
     @property
     def _faults_key(self) -> str:
@@ -88,20 +94,42 @@ class StreamPublisher:
         return self.client.decr(self._faults_key) >= 0 if self.client.exists(self._faults_key) else False
 
     def publish(self, messages: Sequence[StreamMessage]) -> list[Published]:
-        """Add the messages not yet in the stream; returns each message's entry id, in order."""
+        """Add the messages not yet in the stream; returns each message's entry id, in order. Their guards stay
+        until `forget`."""
         if messages and self._take_fault():
             raise InjectedPublishFault(f"injected fault publishing to {self.stream}")
         results: list[Published] = []
         for start in range(0, len(messages), self.batch_size):
             batch = messages[start:start + self.batch_size]
-            argv: list[str | int] = [self.guard_ttl_seconds, self.max_length]
+            argv: list[str | int] = [self.max_length]
             for message in batch:
-                argv.append(len(message.fields))
+                argv += [message.key, len(message.fields)]
                 for name, value in message.fields.items():
                     argv += [name, value]
-            answer = self._script(keys=[self.stream, *(self.guard_key(m.key) for m in batch)], args=argv)
+            answer = self._script(keys=[self.stream, self.guards_key], args=argv)
             results += [Published(m.key, _text(entry), bool(added)) for m, (entry, added) in zip(batch, answer)]
         return results
+
+    def forget(self, keys: Iterable[str]) -> int:
+        """Drop the guards of `keys`: call it only once nothing will publish them again (their source is marked
+        published, or gone). Returns how many guards were dropped."""
+        keys = list(keys)
+        return sum(self.client.hdel(self.guards_key, *keys[i:i + 1000]) for i in range(0, len(keys), 1000))
+
+    def guarded_keys(self, batch: int = 1000) -> Iterator[list[str]]:
+        """The keys still guarded, in batches (for the sweep of guards a crashed publisher left)."""
+        keys: list[str] = []
+        for key, _ in self.client.hscan_iter(self.guards_key, count=batch):
+            keys.append(_text(key))
+            if len(keys) == batch:
+                yield keys
+                keys = []
+        if keys:
+            yield keys
+
+    def guards(self) -> int:
+        """How many message keys are guarded now."""
+        return self.client.hlen(self.guards_key)
 
     def length(self) -> int:
         return self.client.xlen(self.stream)

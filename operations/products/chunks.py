@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
+from operations.cancellation import StopCheck, never, raise_if_stopped
 from operations.errors import UserError
 from operations.products.reader import ProductRow, Reason, RowFailure, open_product_rows
 from operations.products.report import FailureLog
@@ -154,7 +155,9 @@ class FileSplitter:
         if self._context is not None:
             self._context.__exit__(*exc_info)
 
-    def chunks(self) -> Iterator[ChunkFile]:
+    def chunks(self, should_stop: StopCheck = never) -> Iterator[ChunkFile]:
+        """The chunk files, each yielded once written; raises `Cancelled` before cutting the next one once
+        `should_stop()` (the rows read so far are counted in `stats`)."""
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
         stats, seen = self.stats, {}
         lines: list[str] = []
@@ -172,12 +175,14 @@ class FileSplitter:
             lines.append(_encode(self.dealers[item.dealer_code], item))
             last_row = item.row_number
             if len(lines) == self.chunk_rows:
+                raise_if_stopped(should_stop, f"the chunk of rows {first_row}-{last_row}")
                 chunk = self._write_chunk(lines, first_row, last_row)
                 lines = []
                 stats.read_seconds += time.perf_counter() - started
                 yield chunk
                 started = time.perf_counter()
         if lines:
+            raise_if_stopped(should_stop, f"the chunk of rows {first_row}-{last_row}")
             chunk = self._write_chunk(lines, first_row, last_row)
             stats.read_seconds += time.perf_counter() - started
             yield chunk

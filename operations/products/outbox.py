@@ -1,11 +1,17 @@
 """The transactional outbox of the product files: messages written with the chunk that staged them, published
 to the Redis stream after the commit, then marked published.
 
-Publishing is exactly once: a batch of messages is claimed (`FOR UPDATE SKIP LOCKED`, so two publishers never
-take the same row at once), added through `StreamPublisher` (which adds a message key only once), and marked
-in the same transaction as the claim. A crash anywhere leaves the rows unpublished or the stream already
-holding them; the next publish (the same run's final sweep, or the next run's) completes them without a
-second entry.
+Publishing is exactly once, whenever it happens: a batch of messages is claimed (`FOR UPDATE SKIP LOCKED`, so
+two publishers never take the same row at once), added through `StreamPublisher` (which adds a message key
+only once while the key is guarded), and marked in the same transaction as the claim; once that commit is
+done the batch's guards are dropped, since a marked row is never claimed again. A crash anywhere leaves the
+rows unpublished, or the stream already holding them with their guards kept (guards have no expiry); the next
+publish, however late (the run's final publish, the `publish-outbox` relay a minute later, or one a month
+later), completes them without a second entry. `sweep_guards` drops the guards a publisher that died between
+its commit and their removal left; it keeps every guard whose row is still unmarked.
+
+Publishers stop between batches when `should_stop()` (a cancelled run): the batches done stay published and
+counted in `counts`, which the caller may keep across a task's attempts.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, text
 
+from operations.cancellation import StopCheck, never, raise_if_stopped
 from operations.infra.redis_stream import StreamMessage, StreamPublisher
 
 _CLAIM = """
@@ -29,6 +36,12 @@ UPDATE outbox_messages SET published_at = now(), stream_entry_id = m.entry_id
 FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS m(id bigint, entry_id text)
 WHERE outbox_messages.id = m.id
 """)
+_STILL_UNMARKED = text("""
+SELECT message_key FROM outbox_messages WHERE message_key = ANY(CAST(:keys AS text[])) AND published_at IS NULL
+""")
+_BACKLOG = text("""
+SELECT count(*), min(created_at), now() FROM outbox_messages WHERE published_at IS NULL AND stream = :stream
+""")
 
 
 @dataclass
@@ -40,15 +53,23 @@ class PublishCounts:
         self.published += other.published
         self.already_in_stream += other.already_in_stream
 
+    @property
+    def total(self) -> int:
+        """Messages marked published: added now, or found in the stream from an earlier attempt."""
+        return self.published + self.already_in_stream
+
 
 def publish_outbox(
-    engine: Engine, publisher: StreamPublisher, ids: list[int] | None = None, batch_size: int = 2000
+    engine: Engine, publisher: StreamPublisher, ids: list[int] | None = None, batch_size: int = 2000, *,
+    should_stop: StopCheck = never, counts: PublishCounts | None = None,
 ) -> PublishCounts:
-    """Publish the unpublished messages of `publisher.stream` (only those of `ids` when given), in id order.
-    Messages another publisher holds at the moment are left to it."""
-    counts = PublishCounts()
+    """Publish the unpublished messages of `publisher.stream` (only those of `ids` when given), in id order,
+    adding each committed batch to `counts` (returned). Messages another publisher holds at the moment are left
+    to it. Raises `Cancelled` before a batch once `should_stop()`."""
+    counts = PublishCounts() if counts is None else counts
     pending = sorted(ids) if ids is not None else None
     while pending is None or pending:
+        raise_if_stopped(should_stop, "the next batch of messages")
         if pending is None:
             claim, parameters = _CLAIM_ANY, {"stream": publisher.stream, "limit": batch_size}
         else:
@@ -67,6 +88,37 @@ def publish_outbox(
         if rows:
             added = sum(r.added for r in results)
             counts.add(PublishCounts(added, len(results) - added))
+            publisher.forget(r.key for r in results)  # marked: never claimed again (the sweep covers a crash here)
         if pending is None and len(rows) < batch_size:
             return counts
     return counts
+
+
+def sweep_guards(engine: Engine, publisher: StreamPublisher) -> int:
+    """Drop the guards of messages whose outbox row is marked published (or gone): those a publisher left when
+    it died between its commit and `forget`. Guards of unmarked rows stay. Returns how many were dropped."""
+    dropped = 0
+    for keys in publisher.guarded_keys():
+        with engine.connect() as conn:
+            unmarked = {key for (key,) in conn.execute(_STILL_UNMARKED, {"keys": keys})}
+        dropped += publisher.forget(key for key in keys if key not in unmarked)
+    return dropped
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The unpublished messages of a stream: how many, and how long the oldest has waited."""
+
+    unpublished: int
+    oldest_minutes: float
+
+    def stale(self, minutes: float) -> bool:
+        return self.unpublished > 0 and self.oldest_minutes > minutes
+
+
+def outbox_backlog(engine: Engine, stream: str) -> Backlog:
+    """How many messages of `stream` are unpublished, and the age of the oldest (by the database's clock)."""
+    with engine.connect() as conn:
+        count, oldest, now = conn.execute(_BACKLOG, {"stream": stream}).one()
+    age = (now - oldest).total_seconds() / 60 if oldest is not None else 0.0
+    return Backlog(int(count), round(max(0.0, age), 1))

@@ -252,6 +252,38 @@ def _first_line(exc: DBAPIError) -> str:
     return str(exc.orig).splitlines()[0][:300] if exc.orig is not None else type(exc).__name__
 
 
+_RUN_FIGURES = text("""
+SELECT s.change, count(*), count(o.published_at)
+FROM product_integration_staging s
+JOIN outbox_messages o ON o.message_key = concat('product-dealer:', s.product_dealer_id, ':', 'v', s.version)
+WHERE s.source_run = :run_key
+GROUP BY s.change
+""")
+
+
+@dataclass(frozen=True)
+class RunFigures:
+    """What the database holds of one run key: offers it created and updated (its staged records) and their
+    messages, published or still in the outbox. The truth when a run stopped before every chunk reported."""
+
+    created: int = 0
+    updated: int = 0
+    published: int = 0
+    unpublished: int = 0
+
+
+def run_figures(engine: Engine, run_key: str) -> RunFigures:
+    """The staged changes of `run_key` and their messages (a scan of the staging table: for a cancelled run's
+    report, not for every run)."""
+    with engine.connect() as conn:
+        rows = {change: (count, published) for change, count, published in conn.execute(
+            _RUN_FIGURES, {"run_key": run_key})}
+    created, published_created = rows.get("created", (0, 0))
+    updated, published_updated = rows.get("updated", (0, 0))
+    published = published_created + published_updated
+    return RunFigures(created, updated, published, created + updated - published)
+
+
 # -- dealers ------------------------------------------------------------------------------------------------
 
 

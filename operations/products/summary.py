@@ -7,11 +7,12 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from operations.products.chunks import ChunkFile, SplitStats
 from operations.products.outbox import PublishCounts
 from operations.products.reader import RowFailure
+from operations.products.store import RunFigures
 from operations.products.report import iter_failures
 
 READ_FAILURES = "read-failures.jsonl"  # rows that failed the checks while the file was read, in row order
@@ -44,6 +45,20 @@ class LoadResult:
     failed_chunks: list[str] = field(default_factory=list)
     final_publish: PublishCounts = field(default_factory=PublishCounts)
     final_publish_error: str = ""
+    cancelled: str = ""                    # why the run stopped early (the cancel), empty when it did not
+    committed: RunFigures | None = None    # a cancelled run's changes as the database holds them
+    chunks_not_loaded: int = 0             # chunks submitted but not loaded because of the cancel
+    report_error: str = ""                 # why the failures spreadsheet could not be written
+
+    @property
+    def messages_deferred(self) -> int:
+        """Committed messages this run left in the outbox for the `publish-outbox` relay: those its chunks could
+        not publish, when its final publish did not run (a cancel) or failed."""
+        if self.committed is not None:
+            return self.committed.unpublished
+        if self.cancelled or self.final_publish_error:
+            return sum(r.publish_deferred for r in self.reports)
+        return 0
 
 
 def read_line(stats: SplitStats, source: Path, rows_per_chunk: int) -> str:
@@ -81,17 +96,23 @@ def run_summary(
 ) -> dict:
     """The flow's return value: rows, successes, failures, unaccounted rows, offers and messages."""
     totals = {name: sum(getattr(r, name) for r in result.reports) for name in _TOTALS}
+    final_published = result.final_publish.published + result.final_publish.already_in_stream
+    if result.committed is not None:  # chunks may have committed without reporting before the run stopped
+        totals.update(created=result.committed.created, updated=result.committed.updated,
+                      published=result.committed.published)
+        final_published = 0
     successes = totals["created"] + totals["updated"] + totals["unchanged"]
     failures = sum(by_reason.values())
-    final_published = result.final_publish.published + result.final_publish.already_in_stream
     return {
         "run_key": run_key, "file": str(source), "rows": result.stats.rows, "successes": successes,
         "failures": failures, "unaccounted": result.stats.rows - successes - failures,
         **{k: totals[k] for k in ("created", "updated", "unchanged")},
         "messages_published": totals["published"] + final_published,
-        "messages_waiting": totals["publish_deferred"] if result.final_publish_error else 0,
-        "chunks": result.stats.chunks, "failures_file": str(failures_file), "failures_by_reason": by_reason,
+        "messages_deferred": result.messages_deferred,
+        "chunks": result.stats.chunks, "chunks_loaded": len(result.reports),
+        "failures_file": "" if result.report_error else str(failures_file), "failures_by_reason": by_reason,
         "read_seconds": round(result.stats.read_seconds, 2), "seconds": round(elapsed, 2),
+        "cancelled": bool(result.cancelled),
     }
 
 
@@ -100,6 +121,40 @@ def summary_line(summary: dict) -> str:
     return (
         f"{summary['rows']:,} rows processed - Successes: {summary['successes']:,}, "
         f"Failures: {summary['failures']:,}"
+    )
+
+
+def cancelled_message(source: Path, summary: dict, result: LoadResult) -> str:
+    """What a cancelled run did before it stopped: the final state's message and the run's last log line."""
+    return f"{source.name}: cancelled ({result.cancelled}) after " + _done_before_cancel(summary)
+
+
+def _done_before_cancel(summary: dict) -> str:
+    return (
+        f"{summary['chunks_loaded']} chunk(s) reported of {summary['chunks']} cut from the {summary['rows']:,} "
+        f"row(s) read: {summary['successes']:,} row(s) written ({summary['created']:,} created, {summary['updated']:,} "
+        f"updated, {summary['unchanged']:,} unchanged), {summary['failures']:,} failed, "
+        f"{summary['messages_published']:,} message(s) published, {summary['messages_deferred']:,} deferred to "
+        "publish-outbox. A re-run with the same file completes it and changes nothing twice."
+    )
+
+
+def count_by_reason(failures: Iterable[RowFailure]) -> dict[str, int]:
+    """Failed rows by reason (when the failures spreadsheet, which counts them too, could not be written)."""
+    counts: dict[str, int] = {}
+    for failure in failures:
+        counts[failure.reason] = counts.get(failure.reason, 0) + 1
+    return counts
+
+
+def report_missing_message(source: Path, summary: dict, result: LoadResult) -> str:
+    """The message of a run whose rows are all loaded and published but whose failures report could not be
+    written."""
+    return (
+        f"{source.name}: every row is loaded ({summary['successes']:,} successes, {summary['failures']:,} failures) "
+        f"and {summary['messages_published']:,} message(s) published, but the failures report could not be "
+        f"written: {result.report_error}. Fix OUTPUT_DIR and re-run the same file: it changes nothing and writes "
+        "the report."
     )
 
 
@@ -127,17 +182,23 @@ def summary_markdown(
 ) -> str:
     """The run's summary; the failures file is linked only when rows failed (`failures_link`)."""
     stats, unaccounted = result.stats, summary["unaccounted"]
-    verdict = (
-        "Every row is accounted for: a success or a reported failure." if not unaccounted
-        else f"**{unaccounted:,} row(s) unaccounted for**: {'; '.join(result.failed_chunks)}"
-    )
-    waiting = summary["messages_waiting"]
+    if result.cancelled:
+        verdict = f"**Cancelled** ({result.cancelled}) after " + _done_before_cancel(summary)
+    elif not unaccounted:
+        verdict = "Every row is accounted for: a success or a reported failure."
+    else:
+        verdict = f"**{unaccounted:,} row(s) unaccounted for**: {'; '.join(result.failed_chunks)}"
+    deferred = summary["messages_deferred"]
     final_published = result.final_publish.published + result.final_publish.already_in_stream
-    waiting_note = f"; **{waiting:,} wait in the outbox**: {result.final_publish_error}" if waiting else ""
-    failures = (
-        f"Failures: [{Path(summary['failures_file']).name}]({failures_link}); by reason in the "
-        "`products-failure-reasons` table." if summary["failures"] and failures_link else "No row failed."
-    )
+    why = result.final_publish_error or "the run was cancelled"
+    waiting_note = (f"; **{deferred:,} deferred** to the `publish-outbox` relay ({why})" if deferred else "")
+    if result.report_error:
+        failures = f"**The failures report could not be written**: {result.report_error}."
+    elif summary["failures"] and failures_link:
+        failures = (f"Failures: [{Path(summary['failures_file']).name}]({failures_link}); by reason in the "
+                    "`products-failure-reasons` table.")
+    else:
+        failures = "No row failed."
     return f"""# Products file `{source.name}` (run `{summary['run_key']}`)
 
 **{stats.rows:,} rows processed - Successes: {summary['successes']:,}, Failures: {summary['failures']:,}** in {summary['seconds']:.1f} s
