@@ -192,6 +192,20 @@ def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack
     assert daily["schedule"]["cron"] == "30 3 * * *"
 
 
+def test_the_outbox_relay_runs_every_minute_whatever_the_schedules_and_through_rest(operator_stack):
+    """publish-outbox is not a routine batch: its schedule stays active with the stack's schedules paused, and a
+    run started over REST publishes and reports on the products queue."""
+    client = operator_stack.client
+    relay = _deployment(client, "publish-outbox/every-minute")
+    [every] = relay["schedules"]
+    assert every["schedule"]["interval"] == 60 and every["active"], every
+    assert relay["concurrency_limit"] == 1 or relay["global_concurrency_limit"], "one relay at a time"
+    run = _wait(client, _start(client, relay["id"], {})["id"])
+    assert run["state_type"] == "COMPLETED", run["state"]
+    [report] = [a for a in _artifacts(client, run["id"]) if a["key"] == "publish-outbox-report"]
+    assert "Outbox of" in report["data"], report["data"]
+
+
 def _check_games_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
     assert {"table", "markdown", "progress"} <= {a["type"] for a in artifacts}  # links are stored as markdown
     spreadsheets = _spreadsheets_from_links(artifacts, stack.settings.stack.output_dir.parent / f"downloads-{run_key}")
