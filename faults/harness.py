@@ -293,7 +293,21 @@ class Harness:
         done = subprocess.run([sys.executable, "-m", "deployments.stack", "up"], cwd=PROJECT_ROOT, env=self.env,
                               capture_output=True, text=True, timeout=600)
         self.restarts_by_harness.append(time.strftime("%H:%M:%S"))
-        return "ok" if done.returncode == 0 else f"failed ({done.returncode}): {done.stderr[-300:]}"
+        self._follow_redis()
+        return "ok" if done.returncode == 0 else f"failed ({done.returncode}): {done.stderr.strip()[-300:]}"
+
+    def _follow_redis(self) -> None:
+        """A Redis started again may listen on another port: the suite's client follows the stack's."""
+        from deployments import services as registry
+
+        try:
+            for state in registry.status(registry.stack_services(self.settings)):
+                if "redis" in state.name and state.running and state.address.startswith("redis://"):
+                    if state.address != self.redis_url:
+                        log(f"Redis now at {state.address} (was {self.redis_url})")
+                        self.redis_url, self._redis = state.address, None
+        except Exception as exc:  # noqa: BLE001
+            log(f"Redis address not re-read: {exc}")
 
     # -- the Redis stream ----------------------------------------------------------------------------------
     def stream_counts(self, stream: str, start_ms: int = 0) -> Counter | None:
@@ -331,6 +345,7 @@ def start_suite_stack(root: Path, devices: int) -> Harness:
 
     get_settings.cache_clear()
     settings = get_settings()
+    shell = dict(os.environ)  # the operator's shell: the services' addresses are exported into ours below
     from deployments.stack import start_operator_stack
 
     try:
@@ -346,7 +361,7 @@ def start_suite_stack(root: Path, devices: int) -> Harness:
     from blocks.turnstile_device import TurnstileDevice
 
     urls = tuple(TurnstileDevice.load(name).base_url for name in stack.emulated_turnstiles)
-    env = dict(os.environ)
+    env = shell
     api = Api(base_url=stack.api_url, timeout=30)
     activate_relay_schedules(api)
     return Harness(root=root, env=env, api=api, database_url=stack.database_url, redis_url=stack.redis_url,

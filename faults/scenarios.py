@@ -100,7 +100,8 @@ def cancel_products(ctx: Context) -> list[Row]:
     for i in range(o.cancel_repeats):
         data = d.products_data(h, f"cp{i + 1}", o.products_rows)
         files.append(data)
-        run = h.start("process-products/on-demand", {"file_path": str(data.path), "run_key": ctx.key(f"cp{i + 1}")})
+        run = h.start("process-products/on-demand", {"file_path": str(data.path), "run_key": ctx.key(f"cp{i + 1}"),
+                                                      "chunk_rows": _chunk_rows(o)})
         ok, at = _progress_watch(lambda: d.offers_loaded(h, data), data.rows, run, h, o.cancel_at, o.run_timeout)
         if not ok:
             states[f"{h.state_name(run)} before the cancel"] += 1
@@ -132,6 +133,11 @@ def cancel_products(ctx: Context) -> list[Row]:
     return [Row(f"cancel-products x{o.cancel_repeats}", _states(states),
                 lost=f"{truth.messages.lost:,} msg" if truth else "?",
                 doubled=f"{truth.messages.doubled:,} msg" if truth else "?", healed=healed, note=note)]
+
+
+def _chunk_rows(options: Options) -> int:
+    """16 chunks per file: progress in steps of ~6 %, so a cancel lands near 20 % and leaves most chunks to do."""
+    return max(100, options.products_rows // 16)
 
 
 def _states(counter: Counter) -> str:
@@ -230,7 +236,8 @@ def kill_products(ctx: Context) -> list[Row]:
     h, o = ctx.harness, ctx.options
     data = d.products_data(h, "kp", o.products_rows)
     key = ctx.key("kp")
-    run = h.start("process-products/on-demand", {"file_path": str(data.path), "run_key": key})
+    run = h.start("process-products/on-demand", {"file_path": str(data.path), "run_key": key,
+                                                  "chunk_rows": _chunk_rows(o)})
     ok, at = _progress_watch(lambda: d.offers_loaded(h, data), data.rows, run, h, o.cancel_at, o.run_timeout)
     if not ok:
         return [Row("kill-products", h.family_states(run), note=f"ended before the kill ({at} rows)")]
@@ -308,13 +315,22 @@ def kill_registration(ctx: Context) -> list[Row]:
         time.sleep(1.0)
         writes_at_kill = d.device_writes(h, gate) or 0
         rerun = h.start("register-participants/on-demand", parameters)
-        slot = poll(lambda: (d.device_writes(h, gate) or 0) > writes_at_kill or h.state(rerun) in TERMINAL,
-                    o.run_timeout, every=0.5)
-        slot_after = None if slot is None else time.monotonic() - killed_at
+        slot_after = terminal = None
+        while time.monotonic() - killed_at < o.run_timeout:
+            since = time.monotonic() - killed_at
+            if terminal is None and h.family_terminal(run):
+                terminal = since
+            if slot_after is None and ((d.device_writes(h, gate) or 0) > writes_at_kill
+                                       or h.state(rerun) in TERMINAL):
+                slot_after = since
+            if slot_after is not None and (terminal is not None or since > o.zombie_wait):
+                break
+            time.sleep(0.5)
         rerun_state = h.wait(rerun, o.run_timeout)
     finally:
         d.set_turnstile_latency(h, 0)
-    terminal, _ = _zombie_watch(h, run, killed_at, o.zombie_wait)
+    if terminal is None:
+        terminal, _ = _zombie_watch(h, run, killed_at, o.zombie_wait)
     truth = d.turnstile_truth(h, gate)
     slots = h.limit_slots(f"turnstile:{gate.name}")
     note = (f"killed at {at:,}/{expected_writes:,} objects; the new registration started at once wrote its first "
@@ -360,6 +376,8 @@ def outbox_guard_expiry(ctx: Context) -> list[Row]:
                                      "CAST(payload AS jsonb) ->> 'dealer_code' = ANY(CAST(:c AS text[])) "
                                      "ORDER BY id LIMIT 2000", c=data.dealers) or []]
         h.sql(_REFUSE_MARKS)
+        if h.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'faults_refuse_outbox_marks'") != 1:
+            raise RuntimeError("the trigger that refuses the outbox marks could not be created")
     finally:
         h.redis.delete(publisher._faults_key)
     died = ""
@@ -371,6 +389,7 @@ def outbox_guard_expiry(ctx: Context) -> list[Row]:
         h.sql(_ALLOW_MARKS)
     in_stream = d.products_truth(h, [data], ctx.stream, ctx.since_ms)
     expired = _expire_guards(h, queue.stream)
+    died = died or "the publisher raised nothing"
     log(f"outbox: {left:,} left by a {state} run, {len(batch):,} added unmarked ({died}), {expired:,} TTL keys gone")
     drained = poll(lambda: (d.unpublished(h, [data]) or 1) == 0, o.relay_wait, every=2)
     how = f"published by the stack within {drained:.0f} s" if drained is not None else ""
@@ -412,10 +431,11 @@ def _kill_service(ctx: Context, service: str, index: int) -> list[Row]:
     data = d.products_data(h, tag, o.products_rows)
     seller = d.seller_data(h, index, o.seller_orders, o.seller_items)
     d.set_market_latency(h, o.market_latency_ms)
-    products = h.start("process-products/on-demand", {"file_path": str(data.path), "run_key": ctx.key(tag)})
     sync = h.start("sync-marketplace/on-demand", {"accounts": [seller.seller_id], "resources": "both"})
+    _progress_watch(lambda: d.synced_count(h, seller), seller.total, sync, h, 0.05, 120)
+    products = h.start("process-products/on-demand", {"file_path": str(data.path), "run_key": ctx.key(tag),
+                                                       "chunk_rows": _chunk_rows(o)})
     _progress_watch(lambda: d.offers_loaded(h, data), data.rows, products, h, o.cancel_at, o.run_timeout)
-    _progress_watch(lambda: d.synced_count(h, seller), seller.total, sync, h, 0.05, 60)
     at_products, at_sync = d.offers_loaded(h, data), d.synced_count(h, seller)
     running = [h.state(products), h.state(sync)]
     pid = h.service_pid(service)
@@ -442,7 +462,8 @@ def _kill_service(ctx: Context, service: str, index: int) -> list[Row]:
     person = ""
     if back_after is None:
         person = f"; {service} still down after {o.service_wait:.0f} s: started by `make up` ({h.make_up()})"
-        poll(lambda: h.family_terminal(products) and h.family_terminal(sync), 60, every=2)
+        ended = poll(lambda: h.family_terminal(products) and h.family_terminal(sync), 60, every=2)
+        person += "; the runs ended after it" if ended is not None else "; the runs still not terminal 60 s after it"
     truth = d.products_truth(h, [data], ctx.stream, ctx.since_ms)
     synced = d.sync_truth(h, seller)
     back = f"{service} back {healed_text(back_after, o.service_wait)} after the kill" if back_after is not None else ""

@@ -119,7 +119,8 @@ COLUMNS = ("fault", "final states", "lost", "doubled", "healed without a person"
 
 def format_table(rows: list[Row]) -> str:
     """The rows as a Markdown table (the note column last, unpadded)."""
-    cells = [COLUMNS] + [(r.fault, r.states, r.lost, r.doubled, r.healed, r.note) for r in rows]
+    cells = [COLUMNS] + [tuple(" ".join(str(value).split()).replace("|", "/")
+                               for value in (r.fault, r.states, r.lost, r.doubled, r.healed, r.note)) for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS) - 1)]
 
     def line(values: tuple[str, ...]) -> str:
