@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     took = time.monotonic() - started
     table = format_table(rows)
+    person = harness.restarts_by_harness
     footer = (f"\n{len(chosen)} fault(s) in {took / 60:.1f} min on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+              f"{'; `make up` run by the suite at ' + ', '.join(person) if person else ''}"
               f"{'; stack kept in ' + str(root) if args.keep else ''}")
     print(table + footer)
     if args.output:
