@@ -19,7 +19,7 @@ QUIET_SECONDS = 8.0  # a stopped run: terminal and no write for this long
 
 @dataclass(frozen=True)
 class Options:
-    products_rows: int = 40_000       # rows of a products file on Dask (the issue measured 200,000)
+    products_rows: int = 40_000       # rows of a products file on Dask (200,000 for a production-sized one)
     cancel_repeats: int = 5
     cancel_at: float = 0.2            # progress at which a run is cancelled or killed
     cancel_wait: float = 120.0        # longest wait for a cancelled run to stop
@@ -124,7 +124,7 @@ def cancel_products(ctx: Context) -> list[Row]:
     done = [x for x in heals if x is not None]
     healed = (f"max {max(done):.1f} s ({', '.join(f'{x:.1f}' for x in done)})" if len(done) == len(heals) and done
               else f"not healed after {o.cancel_wait:.0f} s in {len(heals) - len(done)} of {len(heals)}")
-    note = (f"{o.products_rows:,}-row CSV per run on Dask (the issue: 200,000); rows written after the cancel: "
+    note = (f"{o.products_rows:,}-row CSV per run on Dask; rows written after the cancel: "
             f"{more}; whole file loaded under the cancel in {whole} of {len(heals)}; summary artifact in "
             f"{summaries} of {len(heals)}; processes of the runs alive after the end: {leftovers}")
     if truth is not None:
