@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench up down status run samples onboard clean
+.PHONY: demo test bench faults up down status run samples onboard clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+# The fault-injection suite on a stack of its own (~20 min): make faults FAULTS="--only cancel-products,kill-postgres"
+FAULTS ?=
+faults: $(STAMP)
+	$(BIN)/python -m faults.run $(FAULTS)
 
 up: $(STAMP)
 	$(BIN)/python -m deployments.stack up
