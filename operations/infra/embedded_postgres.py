@@ -32,7 +32,7 @@ from types import ModuleType
 import psycopg
 from sqlalchemy.engine import URL, make_url
 
-from operations.infra.processes import folder_lock, pid_alive, reap
+from operations.infra.processes import folder_lock, pid_alive, stop_process
 from operations.infra.services import Service, configured_or_running
 from operations.settings import Settings
 
@@ -338,17 +338,7 @@ class PostgresService(Service[EmbeddedPostgres]):
 
     def stop_orphan(self, pid: int, timeout: float) -> None:
         """SIGINT (fast shutdown) to a postmaster outside the supervisor, SIGKILL after `timeout`."""
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGKILL, 5.0)):
-            if not pid_alive(pid):
-                break
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        reap(pid)
+        stop_process(pid, signal.SIGINT, timeout)
 
 
 def running_embedded_postgres(pg_dir: Path) -> EmbeddedPostgres | None:

@@ -102,6 +102,22 @@ def stop_process_group(pid: int, timeout: float) -> None:
     reap(pid)
 
 
+def stop_process(pid: int, first: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Send `first` to one process (SIGTERM, or a gentler signal the program knows: PostgreSQL's SIGINT is its
+    fast shutdown), SIGKILL it if it is still alive `timeout` seconds later, then reap it."""
+    for sig, wait in ((first, timeout), (signal.SIGKILL, 5.0)):
+        if not pid_alive(pid):
+            break
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    reap(pid)
+
+
 def wait_until_ready(
     process: subprocess.Popen, ready: Callable[[], bool], timeout: float, log: Path, what: str, poll: float = 0.1
 ) -> None:

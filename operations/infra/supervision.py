@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from operations.infra.processes import folder_lock, pid_alive, read_state, tail
+from operations.infra.processes import folder_lock, pid_alive, read_state, stop_process, tail
 
 CONF_FILE = "supervisord.conf"
 LOG_FILE = "supervisord.log"
@@ -338,18 +338,7 @@ def _try(call: Callable, *args) -> None:
 
 def _kill(pid: int, timeout: float) -> None:
     """SIGTERM, SIGKILL after `timeout` (supervisord stops its programs on SIGTERM)."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        if not pid_alive(pid):
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    stop_process(pid, timeout=timeout)
 
 
 def _plain_env() -> dict[str, str]:
