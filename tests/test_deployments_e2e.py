@@ -160,6 +160,18 @@ def _spreadsheets_from_links(artifacts: list[dict], folder: Path) -> list[str]:
     return sorted(str(fetch_link(artifact["data"], folder)) for artifact in links)
 
 
+def _cancel_once_under_way(client: httpx.Client, run_id: str, under_way, what: str, timeout: float = 180) -> None:
+    """Wait until `under_way()` (the run has done some of its work; it must not end first), then cancel the run as
+    the UI does (CANCELLING; the worker does the rest)."""
+    deadline = time.monotonic() + timeout
+    while not under_way():
+        assert client.get(f"/flow_runs/{run_id}").json()["state_type"] not in TERMINAL, "ended too early"
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    response = client.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+    assert response.status_code in (200, 201), response.text
+
+
 def test_prefect_yaml_deployments_have_limits_schedules_and_forms(operator_stack):
     client, _ = operator_stack
     deployments = client.post("/deployments/filter", json={}).json()
@@ -421,15 +433,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
         counter.inject_faults(chunk, 2)  # jitter): the run cannot finish before the cancel lands, even on a busy
         # machine where the first chunks commit late and the rest quickly
     run = _start(client, deployment["id"], {"quantity": quantity, "run_key": run_key}, run_key)
-    deadline = time.monotonic() + 180
-    while len(counter.committed_chunks()) < 2:
-        assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
-        assert time.monotonic() < deadline, "no chunk committed in time"
-        time.sleep(0.05)
-    response = client.post(
-        f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}
-    )
-    assert response.status_code in (200, 201), response.text
+    _cancel_once_under_way(client, run["id"], lambda: len(counter.committed_chunks()) >= 2, "no chunk committed in time")
     assert _wait(client, run["id"], timeout=120)["state_type"] == "CANCELLED"
     limit = client.get(f"/v2/concurrency_limits/{GAMES_LIMIT}").json()
     assert limit["active_slots"] == 0, "the cancelled run kept its generation slot"  # not left to its lease
@@ -469,15 +473,8 @@ def test_a_cancelled_sync_through_its_deployment_stops_within_seconds_and_report
     try:
         deployment = _deployment(client, "sync-marketplace/on-demand")
         run = _start(client, deployment["id"], {"accounts": sellers, "resources": "both"})
-        deadline = time.monotonic() + 180
-        while sum(count_rows(market.engine, s)["orders"] for s in sellers) < 100:
-            assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
-            assert time.monotonic() < deadline, "no order stored in time"
-            time.sleep(0.05)
-        response = client.post(
-            f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True}
-        )
-        assert response.status_code in (200, 201), response.text
+        _cancel_once_under_way(client, run["id"], lambda: sum(count_rows(market.engine, s)["orders"] for s in sellers) >= 100,
+                               "no order stored in time")
         cancelled_at = time.time()
         assert _wait(client, run["id"], timeout=120)["state_type"] == "CANCELLED"
         time.sleep(2)  # nothing of the cancelled run may still be working
@@ -520,13 +517,8 @@ def test_a_cancelled_products_run_on_dask_stops_within_seconds_and_reports_what_
     run_key = f"cancel-products-{uuid.uuid4().hex[:6]}"
     deployment = _deployment(client, "process-products/on-demand")
     run = _start(client, deployment["id"], {"file_path": str(source), "run_key": run_key, "chunk_rows": 400})
-    deadline = time.monotonic() + 180
-    while product_counts(engine)["offers"] - before["offers"] < 800:
-        assert client.get(f"/flow_runs/{run['id']}").json()["state_type"] not in TERMINAL, "ended too early"
-        assert time.monotonic() < deadline, "no chunk committed in time"
-        time.sleep(0.05)
-    response = client.post(f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
-    assert response.status_code in (200, 201), response.text
+    _cancel_once_under_way(client, run["id"], lambda: product_counts(engine)["offers"] - before["offers"] >= 800,
+                           "no chunk committed in time")
     cancelled_at = time.time()
     final = _wait(client, run["id"], timeout=120)
     assert final["state_type"] == "CANCELLED", final["state"]
