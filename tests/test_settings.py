@@ -67,6 +67,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "MARKETPLACE_LOCK_WAIT_SECONDS": ("marketplace.lock_wait_seconds", "0", 0.0),
     "MARKETPLACE_TASK_RETRIES": ("marketplace.task_retries", "4", 4),
     "MARKETPLACE_RETRY_DELAY_SECONDS": ("marketplace.retry_delay_seconds", "1", 1.0),
+    "MARKETPLACE_PARKED_REMINDER_HOURS": ("marketplace.parked_reminder_hours", "6", 6.0),
     "PRODUCTS_QUEUE_BLOCK": ("products.queue_block", "other-queue", "other-queue"),
     "PRODUCTS_IN_PROCESS_MAX_ROWS": ("products.in_process_max_rows", "100", 100),
     "PRODUCTS_MIN_CHUNK_ROWS": ("products.min_chunk_rows", "500", 500),
