@@ -19,12 +19,15 @@ talk to the same server.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import yaml
 from pydantic import SecretStr
 
 from deployments import services as registry
@@ -52,6 +55,7 @@ class LocalStack:
     marketplace_emulated: bool = False  # the local emulator stands in for the marketplace API
     emulated_turnstiles: tuple[str, ...] = ()  # TurnstileDevice blocks of the emulated turnstiles
     output_url: str = ""  # where OUTPUT_DIR is served: OUTPUT_BASE_URL or the local file server
+    redeployed: bool = True  # False: prefect.yaml and the flows' code unchanged since the server's deployments
 
     def __repr__(self) -> str:  # passwords redacted
         return (
@@ -167,10 +171,41 @@ def save_emulated_turnstiles(emulator) -> tuple[str, ...]:
     return tuple(names)
 
 
-def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
+DEPLOYED_STAMP = "deployed.sha256"  # under the Prefect server's folder: what its deployments were made from
+# what a deployment is made of: prefect.yaml, and the code its flows' parameter schemas and entrypoints come from
+DEPLOYMENT_SOURCES = ("prefect.yaml", "flows/*.py", "tasks/*.py", "blocks/*.py", "operations/**/*.py")
+
+
+def deployment_digest(api_url: str, project_dir: Path = PROJECT_ROOT) -> str:
+    """A digest of what `prefect deploy --all` would send to the server at `api_url`."""
+    digest = hashlib.sha256(api_url.encode())
+    for pattern in DEPLOYMENT_SOURCES:
+        for path in sorted(project_dir.glob(pattern)):
+            digest.update(path.relative_to(project_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _deployment_names(project_dir: Path) -> Counter[str]:
+    """The deployments' names in prefect.yaml, each counted once per flow that has one (on-demand is several)."""
+    with open(project_dir / "prefect.yaml") as f:
+        return Counter(entry["name"] for entry in yaml.safe_load(f)["deployments"])
+
+
+def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT, stamp: Path | None = None) -> bool:
     """The work pool (created if missing), then `prefect deploy --all` from the project folder (prefect.yaml);
-    idempotent; raises with prefect's output on failure."""
+    idempotent; raises with prefect's output on failure. With `stamp` (a file recording what the server's
+    deployments were made from), the deploy is skipped when nothing changed since and the server still has every
+    deployment: a second `make up` takes seconds, not a redeploy. Returns whether it deployed."""
+    from prefect.client.orchestration import get_client
+
     ensure_work_pool(LOCAL_WORK_POOL)
+    digest = deployment_digest(api_url, project_dir)
+    if stamp is not None and stamp.exists() and stamp.read_text() == digest:
+        with get_client(sync_client=True) as client:
+            on_server = Counter(d.name for d in client.read_deployments() if d.work_pool_name == LOCAL_WORK_POOL)
+        if not _deployment_names(project_dir) - on_server:  # every deployment is still there
+            apply_after_deploy()  # schedules as STACK_SCHEDULES says now
+            return False
     env = dict(os.environ, PREFECT_API_URL=api_url)
     done = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
@@ -183,6 +218,10 @@ def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT) -> None:
     if done.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     apply_after_deploy()  # unknown parameters refused; schedules paused unless STACK_SCHEDULES=on
+    if stamp is not None:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
+    return True
 
 
 def start_operator_stack(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> LocalStack:
@@ -190,7 +229,7 @@ def start_operator_stack(settings: Settings | None = None, worker_query_seconds:
     service of the registry), whose environment carries the services' addresses to every flow run."""
     settings = settings or get_settings()
     stack = start_local_stack(settings)
-    deploy_all(stack.api_url)
+    stack = replace(stack, redeployed=deploy_all(stack.api_url, stamp=settings.stack.prefect_dir / DEPLOYED_STAMP))
     apply_automations(settings, stack.api_url)  # notifications and zombie runs (deployments/automations.py)
     registry.up(registry.only(registry.stack_services(settings, worker_query_seconds), "prefect worker"))
     return stack
@@ -253,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Output files:  {stack.output_url}/ (OUTPUT_DIR {get_settings().stack.output_dir})")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().stack.prefect_worker_dir / 'worker.log'}")
     print(f"Notifications: {notifications_at(get_settings())}")
-    print("Deployments:")
+    print("Deployments:" + ("" if stack.redeployed else " (unchanged since the last deploy: not deployed again)"))
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")
     print(f"Schedules:     {describe_schedules(stack.api_url)}")

@@ -89,6 +89,7 @@ def test_stack_up_twice_status_start_run_and_commands(deployed_stack, operator_e
 
     second = _command(operator_env, "deployments.stack", "up")  # harmless: reuses everything
     assert second.returncode == 0, second.stderr
+    assert "Deployments: (unchanged since the last deploy: not deployed again)" in second.stdout, second.stdout
     assert re.search(r"Prefect UI:\s+(\S+)", second.stdout).group(1) == ui
     status = _command(operator_env, "deployments.stack", "status").stdout
     assert status == pids, status
@@ -226,3 +227,23 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     for flow, shell in zip(flows, started):
         run = _wait_run(api, re.search(r"\(([0-9a-f-]{36})\)", shell.stdout).group(1))
         assert run["state_type"] == "COMPLETED", (flow, run["state"])
+
+
+def test_a_deploy_is_skipped_only_while_prefect_yaml_and_the_flows_code_are_unchanged(tmp_path):
+    """`make up` redeploys when prefect.yaml or the code a deployment's schema comes from changed, or the server
+    is another one; otherwise it keeps the server's deployments (deploy_all also checks they are all there)."""
+    import shutil
+
+    from deployments.stack import deployment_digest
+
+    for name in ("prefect.yaml", "flows", "tasks", "blocks", "operations"):
+        source = PROJECT_ROOT / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+    first = deployment_digest("http://127.0.0.1:4200/api", tmp_path)
+    assert deployment_digest("http://127.0.0.1:4200/api", tmp_path) == first
+    assert deployment_digest("http://127.0.0.1:4300/api", tmp_path) != first
+    (tmp_path / "docs.md").write_text("not a source")
+    assert deployment_digest("http://127.0.0.1:4200/api", tmp_path) == first
+    parameters = tmp_path / "operations" / "lottery" / "parameters.py"
+    parameters.write_text(parameters.read_text() + "\n# a changed title\n")
+    assert deployment_digest("http://127.0.0.1:4200/api", tmp_path) != first
