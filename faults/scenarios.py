@@ -393,7 +393,7 @@ def outbox_guard_expiry(ctx: Context) -> list[Row]:
     expired = _expire_guards(h, queue.stream)
     died = died or "the publisher raised nothing"
     log(f"outbox: {left:,} left by a {state} run, {len(batch):,} added unmarked ({died}), {expired:,} TTL keys gone")
-    drained = poll(lambda: (d.unpublished(h, [data]) or 1) == 0, o.relay_wait, every=2)
+    drained = poll(lambda: d.unpublished(h, [data]) == 0, o.relay_wait, every=2)  # None (unreadable): not yet
     how = f"published by the stack within {drained:.0f} s" if drained is not None else ""
     if drained is None:
         nxt = d.products_data(h, "ob-next", 300)
