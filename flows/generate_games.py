@@ -44,7 +44,14 @@ from blocks.redis_game_counter import RedisGameCounter
 from flows.concurrency import generation_slot
 from flows.forms import form_field, model_form_field
 from flows.outcomes import ends_failed_on_user_error
-from flows.task_runners import check_scheduler_reachable, dask_task_runner, in_process_task_runner, worker_count
+from flows.task_runners import (
+    cancel_not_started,
+    cancel_pending,
+    check_scheduler_reachable,
+    dask_task_runner,
+    in_process_task_runner,
+    worker_count,
+)
 from operations.cancellation import Cancelled, StopCheck, raise_if_stopped
 from operations.infra.links import output_base_url, output_link
 from operations.lottery.counter import FirstNumberCounter
@@ -226,8 +233,11 @@ def _produce(
                 logger.info("%s", chunk_line(results[-1], len(quotas)))
             raise_if_stopped(should_stop, "the next chunk")
     except BaseException:
-        _cancel(waiting)
-        wait(waiting, timeout=CHUNK_STOP_WAIT_SECONDS)  # the chunks already running commit before the summary
+        # the chunks not started never start; those under way commit (or not) before the summary counts them: a
+        # Dask task whose future is cancelled still runs to its end in its worker, after the summary
+        running = [future for future in waiting if future not in cancel_not_started(set(waiting))]
+        wait(running, timeout=CHUNK_STOP_WAIT_SECONDS)
+        cancel_pending(running)
         raise
     raise_if_stopped(should_stop, "ranking the run")
     ranked = runner.submit(rank_games_of_run, {
@@ -246,14 +256,6 @@ def _produce(
         update_progress_artifact(progress_id, progress.percent)
     workbooks.sort(key=lambda w: str(w.path))
     produced.workbooks = [{"path": str(w.path), "rows": w.rows, "sheets": len(w.sheets)} for w in workbooks]
-
-
-def _cancel(futures: list[PrefectFuture]) -> None:
-    """Cancel the futures not done (on Dask: the scheduler drops them; on threads: those not started)."""
-    for future in futures:
-        wrapped = getattr(future, "wrapped_future", None)
-        if wrapped is not None and not wrapped.done():
-            wrapped.cancel()
 
 
 def _cancelled(plan: GenerationPlan, counter: FirstNumberCounter, produced: _Generated,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from concurrent.futures import Future as ThreadFuture
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,8 @@ from blocks.products_queue import ProductsQueue
 from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import (
+    cancel_not_started,
+    cancel_pending,
     LocalClusterInBackground,
     check_scheduler_reachable,
     cluster_shape,
@@ -328,7 +329,7 @@ def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFutur
     """After a cancel: drop the chunks queued on the thread pool, let the chunks under way finish their
     transaction (a Dask chunk not started yet ends Cancelled at once: the task checks the run first), then
     cancel the futures still pending; the runner's exit then closes the Dask client and cluster."""
-    not_started = _cancel_not_started(pending)
+    not_started = cancel_not_started(pending)
     result.chunks_not_loaded += len(not_started)
     pending = pending - not_started
     done, pending = wait(list(pending), timeout=CANCEL_GRACE_SECONDS) if pending else (set(), set())
@@ -338,28 +339,8 @@ def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFutur
         except Exception as exc:  # noqa: BLE001 - a chunk whose outcome cannot be read: not loaded, said so
             get_run_logger().warning("chunk %d: its outcome could not be read: %r", chunks[future].index, exc)
             result.chunks_not_loaded += 1
-    for future in pending:
-        future.wrapped_future.cancel()
+    cancel_pending(pending)
     result.chunks_not_loaded += len(pending)
-
-
-def _cancel_not_started(futures: set[PrefectFuture]) -> set[PrefectFuture]:
-    """Cancel the futures whose chunk has not started (queued on the thread pool, or not given to a Dask worker
-    yet); returns them."""
-    cancelled = {f for f in futures if isinstance(f.wrapped_future, ThreadFuture) and f.wrapped_future.cancel()}
-    on_dask = [f for f in futures
-               if f not in cancelled and hasattr(f.wrapped_future, "client") and not f.wrapped_future.done()]
-    if on_dask:
-        try:
-            processing = {key for keys in on_dask[0].wrapped_future.client.processing().values() for key in keys}
-        except Exception as exc:  # noqa: BLE001 - the scheduler is gone: the grace wait and close cover it
-            get_run_logger().debug("could not ask the Dask scheduler what runs: %s", exc)
-            return cancelled
-        for future in on_dask:
-            if future.wrapped_future.key not in processing:
-                future.wrapped_future.cancel()
-                cancelled.add(future)
-    return cancelled
 
 
 def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:

@@ -6,11 +6,13 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterable
+from concurrent.futures import Future as ThreadFuture
 from typing import Any
 from urllib.parse import urlparse
 
 from prefect import Task
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
@@ -167,3 +169,31 @@ def map_and_wait(runner: ThreadPoolTaskRunner | DaskTaskRunner, task: Task, para
         futures = runner.map(task, parameters)
         wait(futures)
         return [future.result(raise_on_failure=False) for future in futures]
+
+
+def cancel_pending(futures: Iterable[PrefectFuture]) -> None:
+    """Cancel the futures not done: on threads those not started; on Dask the scheduler drops them (a task
+    already running in a worker finishes, its result unread)."""
+    for future in futures:
+        wrapped = getattr(future, "wrapped_future", None)
+        if wrapped is not None and not wrapped.done():
+            wrapped.cancel()
+
+
+def cancel_not_started(futures: set[PrefectFuture]) -> set[PrefectFuture]:
+    """Cancel the futures whose task has not started (queued on the thread pool, or not given to a Dask worker
+    yet), leaving those under way to finish; returns the cancelled ones."""
+    cancelled = {f for f in futures if isinstance(f.wrapped_future, ThreadFuture) and f.wrapped_future.cancel()}
+    on_dask = [f for f in futures
+               if f not in cancelled and hasattr(f.wrapped_future, "client") and not f.wrapped_future.done()]
+    if on_dask:
+        try:
+            processing = {key for keys in on_dask[0].wrapped_future.client.processing().values() for key in keys}
+        except Exception as exc:  # noqa: BLE001 - the scheduler is gone: the grace wait and close cover it
+            logging.getLogger(__name__).debug("could not ask the Dask scheduler what runs: %s", exc)
+            return cancelled
+        for future in on_dask:
+            if future.wrapped_future.key not in processing:
+                future.wrapped_future.cancel()
+                cancelled.add(future)
+    return cancelled
