@@ -540,3 +540,54 @@ def test_a_cancelled_products_run_on_dask_stops_within_seconds_and_reports_what_
     [summary] = [a for a in _artifacts(client, run["id"]) if a["key"] == "products-summary"]
     assert "**Cancelled**" in summary["data"] and f"{written:,} row(s) written" in summary["data"], summary["data"]
     assert not (settings.stack.output_dir / "products" / run_key / "chunks").exists()
+
+
+def _crash_a_run_of(client: httpx.Client, deployment: dict, parameters: dict) -> str:
+    """A run of `deployment` that the worker never picks up (scheduled a day ahead), then marked Running and
+    Crashed as the worker does when the run's process dies: the events a killed sync leaves."""
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86_400))
+    response = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={
+        "parameters": parameters, "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}})
+    assert response.status_code in (200, 201), response.text
+    run_id = response.json()["id"]
+    for state in ("RUNNING", "CRASHED"):
+        done = client.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": state}, "force": True})
+        assert done.status_code in (200, 201), done.text
+    return run_id
+
+
+def _runs_of(client: httpx.Client, deployment: dict) -> list[dict]:
+    return client.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}).json()
+
+
+def test_a_crashed_sync_is_resumed_at_once_by_the_after_crash_deployment_and_never_loops(operator_stack):
+    """A sync whose process died left its account `running`: its Crashed state starts `after-crash` through the
+    deployment's trigger, which releases the account and syncs it to the end, without a person; a crash of
+    `after-crash` itself starts nothing."""
+    from sqlalchemy import text
+
+    client, _ = operator_stack
+    market = operator_stack.market
+    seller = market.seller_ids()[0]  # onboarded by the fixture
+    after_crash = _deployment(client, "sync-marketplace/after-crash")
+    before = {r["id"] for r in _runs_of(client, after_crash)}
+    dead = _crash_a_run_of(client, _deployment(client, "sync-marketplace/on-demand"), {"accounts": [seller]})
+    with market.engine.begin() as conn:  # what the dead run left: the account `running` under its id
+        conn.execute(text("UPDATE marketplace_accounts SET last_sync_status = 'running', last_sync_run_id = :run "
+                          "WHERE seller_id = :seller"), {"run": dead, "seller": seller})
+    crashed_at = time.monotonic()
+    while not (started := [r for r in _runs_of(client, after_crash) if r["id"] not in before]):
+        assert time.monotonic() - crashed_at < 60, "no after-crash run within 60 s of the crash"
+        time.sleep(0.25)
+    latency = time.monotonic() - crashed_at
+    print(f"\nafter-crash run created {latency:.1f} s after the crash")
+    [resume] = started
+    assert _wait(client, resume["id"], timeout=180)["state_type"] == "COMPLETED"
+    account = get_account(market.engine, seller)
+    assert account.last_sync_status == "synced", account
+    assert count_rows(market.engine, seller)["orders"] == len(market.control.orders(seller))
+
+    known = {r["id"] for r in _runs_of(client, after_crash)}
+    crashed = _crash_a_run_of(client, after_crash, {})
+    time.sleep(max(5.0, 3 * latency))
+    assert {r["id"] for r in _runs_of(client, after_crash)} - known == {crashed}, "a crash of after-crash looped"
