@@ -1006,6 +1006,38 @@ class MarketplaceEmulator:
                 seller.reindex_orders()
         return {**changed, "at": iso_ms(now)}
 
+    def hot_hour(
+        self, seller_id: Any = None, orders: int = 0, hour: str | None = None, created_hours: float = 24,
+    ) -> dict[str, Any]:
+        """A sale-day hour: `orders` new orders of one seller, all last updated within the hour from `hour` (ISO,
+        floored to the hour; default the last full hour), created over the `created_hours` before their update."""
+        seller = self._seller_or_error(seller_id)
+        if not isinstance(orders, int) or not 0 <= orders <= 200_000:
+            raise _ApiError(400, {"error": "orders must be an integer from 0 to 200,000"})
+        if not isinstance(created_hours, (int, float)) or created_hours <= 0:
+            raise _ApiError(400, {"error": "created_hours must be a number > 0"})
+        if hour is None:
+            start = (max(_now_ms(), self.start_ms) // HOUR_MS - 1) * HOUR_MS
+        else:
+            parsed = datetime.fromisoformat(hour)
+            if parsed.tzinfo is None:
+                raise _ApiError(400, {"error": "hour needs an offset"})
+            start = to_ms(parsed) // HOUR_MS * HOUR_MS
+        rng = self.mutation_rng
+        spread = int(created_hours * HOUR_MS)
+        dates = []
+        for _ in range(orders):
+            dlu = start + int(rng.random() * HOUR_MS)
+            created = dlu - int(rng.random() * spread)
+            dates.append((created, created + int(rng.random() * (dlu - created)), dlu))
+        dates.sort()  # order ids grow with date_created
+        for created, closed, dlu in dates:
+            order_id = seller.order_id(rng)
+            body = _order_body(seller, rng, order_id, created, closed, dlu)
+            seller.orders[order_id] = _Order(order_id, closed, dlu, body, created)
+        seller.reindex_orders()
+        return {"seller_id": seller.id, "orders": orders, "from": iso_ms(start), "to": iso_ms(start + HOUR_MS)}
+
 
 # -- request parsing -------------------------------------------------------------------------------------
 def _bearer(request: Request) -> str | None:
