@@ -520,6 +520,8 @@ def advance_checkpoint(engine: Engine, seller_id: int, resource: str, watermark:
 class Gap:
     """A window of a resource a sync could not read whole; later syncs read it again first."""
 
+    seller_id: int
+    resource: str
     start: datetime
     stop: datetime
     reason: str
@@ -556,7 +558,8 @@ def open_gaps(engine: Engine, seller_id: int | None, resource: str | None = None
     if resource is not None:
         query = query.where(GAPS.c.resource == resource)
     with engine.connect() as conn:
-        return [Gap(utc(r.start), utc(r.stop), r.reason, r.attempts, utc(r.found_at)) for r in conn.execute(query)]
+        return [Gap(r.seller_id, r.resource, utc(r.start), utc(r.stop), r.reason, r.attempts, utc(r.found_at))
+                for r in conn.execute(query)]
 
 
 # -- orders and items --------------------------------------------------------------------------------------
