@@ -223,3 +223,32 @@ def test_plain_rows_are_encrypted_when_met_and_a_key_rotation_rewrites_every_row
     assert read_tokens(pg_engine, first).refresh_token == plain.refresh_token
     assert read_tokens(pg_engine, second).version >= 1
     assert token_cipher().decrypt(_raw_tokens(pg_engine, second)[1]).startswith("TG-")
+
+
+def test_migration_0005_encrypts_plain_tokens_when_a_key_is_at_hand(tmp_path, token_key):
+    from alembic import command
+
+    from operations.infra.database import _migration_connection, _new_engine, alembic_config, migrate_to_head
+
+    url = f"sqlite:///{tmp_path / 'before.db'}"
+    engine = _new_engine(url, migrations=True)
+    config = alembic_config(url)
+    with _migration_connection(engine) as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        connection.commit()
+    with engine.begin() as conn:  # an account as revision 0004 stored it
+        conn.execute(text(
+            "INSERT INTO marketplace_accounts (seller_id, nickname, status, status_reason, access_token, refresh_token, "
+            "token_version, scope, last_sync_status, last_sync_error, created_at, updated_at) VALUES (7, 'x', "
+            "'active', '', 'APP_USR-plain', 'TG-plain', 1, '', '', '', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+    engine.dispose()
+    token_key(new_key())
+    migrate_to_head(url)
+    engine = _new_engine(url)
+    try:
+        access, refresh = _raw_tokens(engine, 7)
+        assert access.startswith(PREFIX) and refresh.startswith(PREFIX) and "plain" not in access + refresh
+        assert token_cipher().decrypt(refresh) == "TG-plain"
+    finally:
+        engine.dispose()
