@@ -94,14 +94,18 @@ def ensure_key_file(data_dir: Path) -> Path:
     path = key_file(data_dir)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{KEY_FILE}.{os.getpid()}.{threading.get_ident()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(new_key() + "\n")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.link(draft, path)  # whole or not at all: a concurrent reader never sees a half-written key
         except FileExistsError:
-            pass
+            pass  # another process made it first: its key is the key
         else:
-            with os.fdopen(fd, "w") as out:
-                out.write(new_key() + "\n")
             logger.warning("generated the marketplace token key %s (set %s to use your own)", path, KEY_SETTING)
+        finally:
+            draft.unlink(missing_ok=True)
     return path
 
 
