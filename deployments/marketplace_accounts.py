@@ -6,6 +6,8 @@
     python -m deployments.marketplace_accounts list
     python -m deployments.marketplace_accounts deactivate SELLER_ID
     python -m deployments.marketplace_accounts activate SELLER_ID
+    python -m deployments.marketplace_accounts gaps                                  # hours not read whole
+    python -m deployments.marketplace_accounts rotate-key                            # re-encrypt every token
 
 `emulated` onboards a seller of the local marketplace emulator (`make up` starts it when MARKETPLACE_API_URL
 is unset) the way a real seller is onboarded: it opens the emulator's OAuth consent page (GET /authorization with
@@ -23,6 +25,8 @@ deployment (its "Authorization code" field) within minutes.
 `import` reads the refresh token from standard input (or MARKETPLACE_REFRESH_TOKEN), never from the command
 line, which other users of the machine can read. `add` and `import` use the MarketplaceApp block
 (`--app-block`, default MARKETPLACE_APP_BLOCK) of the Prefect server in PREFECT_API_URL or the local stack.
+`rotate-key` re-encrypts every account's tokens with the first key of MARKETPLACE_TOKEN_KEY (plain tokens of
+before encryption included); run it after putting a new key first, then drop the old key (docs/marketplace.md).
 Exit codes: 0 done, 2 refused (unknown account, dead code or token, missing block, no emulator).
 """
 
@@ -124,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     from operations.marketplace.client import MarketplaceError
     from operations.marketplace.models import AccountStatus
     from operations.marketplace.onboarding import import_refresh_token, onboard_from_code
-    from operations.marketplace.store import UnknownAccount, get_account, list_accounts, set_account_status
+    from operations.marketplace.store import (
+        UnknownAccount, encrypt_stored_tokens, get_account, list_accounts, open_gaps, set_account_status,
+    )
+    from operations.marketplace.tokens import TokenKeyError
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--app-block", default=None, help="MarketplaceApp block name")
@@ -150,12 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="accounts with their state and last sync")
     for name in ("deactivate", "activate"):
         sub.add_parser(name).add_argument("seller_id", type=int)
+    sub.add_parser("gaps", help="hours of orders a sync could not read whole (each later sync reads them again)")
+    sub.add_parser("rotate-key", help="re-encrypt every account's tokens with the first key of MARKETPLACE_TOKEN_KEY")
     args = parser.parse_args(argv)
     block = args.app_block or get_settings().marketplace.app_block
     engine = _engine()
     try:
         if args.command == "list":
             _print_accounts(list_accounts(engine))
+        elif args.command == "rotate-key":
+            print(f"{encrypt_stored_tokens(engine)} account(s) re-encrypted with the first key of MARKETPLACE_TOKEN_KEY")
+        elif args.command == "gaps":
+            gaps = open_gaps(engine, None)
+            for gap in gaps:
+                print(f"{gap.seller_id:>12}  {gap.resource:7} {gap.start:%Y-%m-%d %H:%M}..{gap.stop:%H:%M} UTC  "
+                      f"tried {gap.attempts}x  {gap.reason[:160]}")
+            print(f"{len(gaps)} gap(s)")
         elif args.command == "emulated":
             if get_settings().marketplace.api_url:
                 print("MARKETPLACE_API_URL is set: `emulated` is for the local emulator; onboard a real seller "
@@ -183,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             set_account_status(engine, args.seller_id, AccountStatus.active)
             print(f"seller {args.seller_id} active")
-    except (UnknownAccount, MarketplaceError, ValueError) as exc:
+    except (UnknownAccount, MarketplaceError, TokenKeyError, ValueError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     return 0

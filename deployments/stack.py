@@ -38,6 +38,7 @@ from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
 from deployments.services import DEMO_MARKETPLACE
 from emulators.marketplace import EmulatorConfig
 from operations.infra.database import migrate_to_head, redact_url
+from operations.marketplace.tokens import ensure_key_file
 from operations.infra.links import output_base_url
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -77,6 +78,8 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     database_url = _secret(settings.database.url) or os.environ["DATABASE_URL"]
     redis_url = _secret(settings.redis.url) or os.environ["REDIS_URL"]
     api_url = os.environ["PREFECT_API_URL"]
+    if settings.marketplace.token_key is None:  # the embedded default: a key under DATA_DIR, made before the
+        ensure_key_file(settings.stack.data_dir)  # migration so that it encrypts tokens stored in plain text
     migrate_to_head(database_url)
     register_blocks(settings, redis_url)
     ensure_generation_limit(settings)

@@ -7,8 +7,11 @@ It follows the contract `operations/marketplace/client.py` is written for:
 - `GET /orders/search` (the date filters truncated down to the hour, sorted by `date_closed`, offset cap),
   `GET /users/{id}/items/search` (offset paging capped at 1,000; `search_type=scan` with scroll ids that
   expire), `GET /items` and `GET /items/bulk` (up to 20 ids, one entry per id, 404 entries for unknown ids).
+- Orders search filters: `order.date_last_updated.from/to`, `order.date_created.from/to` (both truncated down to
+  the hour), `order.status` (one of the documented statuses), `sort=date_asc|date_desc`.
 - Faults on demand: fixed latency (awaited, so concurrent clients overlap), random 429/503 shares, targeted
-  fault rules, token and scroll expiry, authorization revocation, and data mutation between syncs.
+  fault rules, token and scroll expiry, authorization revocation, data mutation between syncs, and hot hours
+  (N orders of one seller updated within one hour).
 
 Data are deterministic from the seed (and `start_time`, which anchors the dates; by default the emulator's
 start). Everything lives in memory in one event loop: no locks. Items of another seller are answered 404 by
@@ -92,6 +95,11 @@ FAULT_BODIES: dict[int, dict[str, Any]] = {
     503: {"message": "service unavailable", "error": "service_unavailable", "status": 503},
 }
 ORDER_SORTS = {"date_asc": "Date ascending", "date_desc": "Date descending"}
+# The order statuses the API documents (the `order.status` filter takes one of them).
+ORDER_STATUSES = (
+    "confirmed", "payment_required", "payment_in_process", "partially_paid", "paid", "partially_refunded",
+    "pending_cancel", "cancelled", "invalid",
+)
 
 # Knobs POST /_emulator/config may change; the others shape the data and are fixed at start.
 RUNTIME_KNOBS = frozenset(
@@ -229,6 +237,7 @@ class _Order:
     closed_ms: int
     dlu_ms: int
     body: dict[str, Any]
+    created_ms: int = 0
 
 
 @dataclass
@@ -254,21 +263,33 @@ class _Seller:
     by_dlu: list[_Order] = field(default_factory=list)
     dlu_keys: list[int] = field(default_factory=list)
     next_order_number: int = 0
-    searches: dict[tuple, list[_Order]] = field(default_factory=dict)  # (from, to, desc) -> sorted matches
+    searches: dict[tuple, list[_Order]] = field(default_factory=dict)  # (filters, desc) -> sorted matches
 
     def reindex_orders(self) -> None:
         self.by_dlu = sorted(self.orders.values(), key=lambda o: (o.dlu_ms, o.id))
         self.dlu_keys = [o.dlu_ms for o in self.by_dlu]
         self.searches.clear()
 
-    def search(self, lo: int | None, hi: int | None, desc: bool) -> list[_Order]:
-        """Orders with lo <= date_last_updated < hi, sorted by date_closed; cached until the data change."""
-        key = (lo, hi, desc)
+    def search(
+        self, lo: int | None, hi: int | None, desc: bool, created: tuple[int | None, int | None] = (None, None),
+        status: str | None = None,
+    ) -> list[_Order]:
+        """Orders with lo <= date_last_updated < hi (and, when given, created[0] <= date_created < created[1] and
+        that status), sorted by date_closed; cached until the data change."""
+        key = (lo, hi, desc, created, status)
         found = self.searches.get(key)
         if found is None:
             start = 0 if lo is None else bisect_left(self.dlu_keys, lo)
             stop = len(self.dlu_keys) if hi is None else bisect_left(self.dlu_keys, hi)
-            found = sorted(self.by_dlu[start:stop], key=lambda o: (o.closed_ms, o.id), reverse=desc)
+            matches = self.by_dlu[start:stop]
+            c_lo, c_hi = created
+            if c_lo is not None or c_hi is not None or status is not None:
+                matches = [
+                    o for o in matches
+                    if (c_lo is None or o.created_ms >= c_lo) and (c_hi is None or o.created_ms < c_hi)
+                    and (status is None or o.body["status"] == status)
+                ]
+            found = sorted(matches, key=lambda o: (o.closed_ms, o.id), reverse=desc)
             if len(self.searches) >= 512:
                 self.searches.clear()
             self.searches[key] = found
@@ -404,7 +425,7 @@ def _generate_seller(config: EmulatorConfig, index: int, start_ms: int) -> _Sell
     for created, closed, dlu in dates:
         order_id = seller.order_id(rng)
         body = _order_body(seller, rng, order_id, created, closed, dlu)
-        seller.orders[order_id] = _Order(order_id, closed, dlu, body)
+        seller.orders[order_id] = _Order(order_id, closed, dlu, body, created)
     seller.reindex_orders()
     return seller
 
@@ -703,7 +724,11 @@ class MarketplaceEmulator:
             raise _bad_request(f"invalid sort {sort!r}; use one of {sorted(ORDER_SORTS)}")
         lo = _hour_param(params, "order.date_last_updated.from")
         hi = _hour_param(params, "order.date_last_updated.to")
-        matches = self.sellers[seller_id].search(lo, hi, sort == "date_desc")
+        created = (_hour_param(params, "order.date_created.from"), _hour_param(params, "order.date_created.to"))
+        status = params.get("order.status") or None
+        if status is not None and status not in ORDER_STATUSES:
+            raise _bad_request(f"invalid order.status {status!r}; use one of {sorted(ORDER_STATUSES)}")
+        matches = self.sellers[seller_id].search(lo, hi, sort == "date_desc", created, status)
         total = len(matches)
         return _json(
             {
@@ -853,6 +878,7 @@ class MarketplaceEmulator:
             route("faults", lambda b, r: self.add_fault(b)),
             route("faults", lambda b, r: self.clear_faults(), "DELETE"),
             route("mutate", lambda b, r: self.mutate(**b)),
+            route("hot_hour", lambda b, r: self.hot_hour(**b)),
             route("stats", lambda b, r: self.stats.as_dict(), "GET"),
             route("stats/reset", lambda b, r: self.reset_stats()),
             route("orders", lambda b, r: self.truth_orders(r.query_params.get("seller_id")), "GET"),
@@ -954,7 +980,7 @@ class MarketplaceEmulator:
                 body["status_detail"] = None if body["status"] == "paid" else rng.choice((None, "refunded"))
                 body["paid_amount"] = round(body["total_amount"] * rng.uniform(0.3, 1.0), 2)
                 body["last_updated"] = body["date_last_updated"] = iso_ms(dlu)
-                seller.orders[order_id] = _Order(order_id, order.closed_ms, dlu, body)
+                seller.orders[order_id] = _Order(order_id, order.closed_ms, dlu, body, order.created_ms)
                 changed["orders_updated"].append(order_id)
             for item_id in rng.sample(seller.item_ids, min(items_updated, len(seller.item_ids))):
                 item = dict(seller.items[item_id])
@@ -972,11 +998,45 @@ class MarketplaceEmulator:
                 seller.item_ids = sorted(seller.items)  # a new list: running scans keep their snapshot
             for _ in range(orders_new):
                 order_id = seller.order_id(rng)
-                seller.orders[order_id] = _Order(order_id, now, now, _order_body(seller, rng, order_id, now, now, now))
+                seller.orders[order_id] = _Order(
+                    order_id, now, now, _order_body(seller, rng, order_id, now, now, now), now
+                )
                 changed["orders_new"].append(order_id)
             if orders_updated or orders_new:
                 seller.reindex_orders()
         return {**changed, "at": iso_ms(now)}
+
+    def hot_hour(
+        self, seller_id: Any = None, orders: int = 0, hour: str | None = None, created_hours: float = 24,
+    ) -> dict[str, Any]:
+        """A sale-day hour: `orders` new orders of one seller, all last updated within the hour from `hour` (ISO,
+        floored to the hour; default the last full hour), created over the `created_hours` before their update."""
+        seller = self._seller_or_error(seller_id)
+        if not isinstance(orders, int) or not 0 <= orders <= 200_000:
+            raise _ApiError(400, {"error": "orders must be an integer from 0 to 200,000"})
+        if not isinstance(created_hours, (int, float)) or created_hours <= 0:
+            raise _ApiError(400, {"error": "created_hours must be a number > 0"})
+        if hour is None:
+            start = (max(_now_ms(), self.start_ms) // HOUR_MS - 1) * HOUR_MS
+        else:
+            parsed = datetime.fromisoformat(hour)
+            if parsed.tzinfo is None:
+                raise _ApiError(400, {"error": "hour needs an offset"})
+            start = to_ms(parsed) // HOUR_MS * HOUR_MS
+        rng = self.mutation_rng
+        spread = int(created_hours * HOUR_MS)
+        dates = []
+        for _ in range(orders):
+            dlu = start + int(rng.random() * HOUR_MS)
+            created = dlu - int(rng.random() * spread)
+            dates.append((created, created + int(rng.random() * (dlu - created)), dlu))
+        dates.sort()  # order ids grow with date_created
+        for created, closed, dlu in dates:
+            order_id = seller.order_id(rng)
+            body = _order_body(seller, rng, order_id, created, closed, dlu)
+            seller.orders[order_id] = _Order(order_id, closed, dlu, body, created)
+        seller.reindex_orders()
+        return {"seller_id": seller.id, "orders": orders, "from": iso_ms(start), "to": iso_ms(start + HOUR_MS)}
 
 
 # -- request parsing -------------------------------------------------------------------------------------
@@ -1233,6 +1293,16 @@ class EmulatorControl(ControlClient):
                 "items_updated": items_updated, "items_new": items_new,
             },
         )
+
+    def hot_hour(
+        self, seller_id: int, orders: int, hour: datetime | str | None = None, created_hours: float = 24
+    ) -> dict[str, Any]:
+        """Add `orders` orders of one seller all last updated in one hour (default the last full hour), created
+        over the `created_hours` before; answers the hour's bounds."""
+        body: dict[str, Any] = {"seller_id": seller_id, "orders": orders, "created_hours": created_hours}
+        if hour is not None:
+            body["hour"] = hour.isoformat() if isinstance(hour, datetime) else hour
+        return self._call("POST", "hot_hour", body)
 
     def revoke(self, seller_id: int) -> dict[str, Any]:
         return self._call("POST", "revoke", {"seller_id": seller_id})

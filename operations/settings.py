@@ -339,6 +339,18 @@ class MarketplaceSettings(SettingsGroup):
         "which an automation turns into a notification) when a sync first finds it parked, then again every this many "
         "hours while it stays parked.",
     )
+    token_margin_seconds: float = Field(
+        default=180.0, ge=0, le=3600, validation_alias="MARKETPLACE_TOKEN_MARGIN_SECONDS",
+        description="An access token is refreshed before a request only when it expires within this many seconds "
+        "(a 401 refreshes it in any case).",
+    )
+    token_key: SecretStr | None = Field(
+        default=None, validation_alias="MARKETPLACE_TOKEN_KEY",
+        description="Fernet key(s) that encrypt the sellers' tokens in the database, comma-separated: the first "
+        "encrypts, all decrypt (rotation: docs/marketplace.md). Unset: a key generated once under "
+        "DATA_DIR/marketplace-token.key; set it when the flows run on several machines. New key: "
+        "`python -m operations.marketplace.tokens new-key`.",
+    )
 
 
 class ProductsSettings(SettingsGroup):

@@ -271,6 +271,29 @@ def test_order_search_truncates_to_the_hour_and_sorts_by_date_closed(
     assert order["order_items"][0]["item"]["id"].startswith("MLB")
 
 
+def test_a_hot_hour_and_the_created_and_status_filters(control: EmulatorControl, http: httpx.Client) -> None:
+    hot = control.hot_hour(SELLER_SPARE, 300, created_hours=5)
+    try:
+        grant = login(control, http, SELLER_SPARE)
+        lo, hi = parse(hot["from"]), parse(hot["to"])
+        in_hour = [o for o in control.orders(SELLER_SPARE) if lo <= parse(o["date_last_updated"]) < hi]
+        assert len(in_hour) >= 300 and hi - lo == timedelta(hours=1)
+        assert {hour_floor(parse(o["date_created"])) for o in in_hour} >= {lo - timedelta(hours=h) for h in (1, 2, 3)}
+        window = {"order.date_last_updated.from": hot["from"], "order.date_last_updated.to": hot["to"], "limit": 1}
+        cut = lo - timedelta(hours=2)
+        created_since = (cut + timedelta(minutes=41)).isoformat()  # truncated down to the hour, like the other filter
+        page = search_orders(http, grant, **window, **{"order.date_created.from": created_since}).json()
+        assert page["paging"]["total"] == sum(parse(o["date_created"]) >= cut for o in in_hour)
+        page = search_orders(http, grant, **window, **{"order.date_created.to": cut.isoformat()}).json()
+        assert page["paging"]["total"] == sum(parse(o["date_created"]) < cut for o in in_hour)
+        for status in ("paid", "cancelled"):
+            page = search_orders(http, grant, **window, **{"order.status": status}).json()
+            assert page["paging"]["total"] == sum(o["status"] == status for o in in_hour) > 0
+        assert search_orders(http, grant, **window, **{"order.status": "shipped"}).status_code == 400
+    finally:
+        control.set_seller(SELLER_SPARE)  # the seller's own data again
+
+
 def test_order_search_limits_offset_cap_and_empty_tail(control: EmulatorControl, http: httpx.Client) -> None:
     grant = login(control, http, SELLER_A)
     too_big = search_orders(http, grant, limit=51)

@@ -137,3 +137,20 @@ def test_a_bad_or_future_resync_day_is_a_user_error_naming_it(day, words):
     with pytest.raises(UserError, match=words) as refused:
         resync_start(day, NOW)
     assert day in str(refused.value)
+
+
+def test_orders_and_items_have_their_own_lines_and_gaps_are_listed():
+    gap = {"start": "2026-12-05T08:00:00+00:00", "end": "2026-12-05T09:00:00+00:00", "retried": True,
+           "reason": "status paid: 25,000 orders, 20,000 read from both ends of the API's offset cap (10,000)"}
+    failed = {**_synced(5), "status": "failed", "error": "orders: TransientAPIError: 503",
+              "resources": {"orders": "failed", "items": "synced"},
+              "resource_errors": {"orders": "TransientAPIError: 503"}}
+    synced = {**_synced(6), "resources": {"orders": "synced", "items": "synced"}, "gaps": [gap]}
+    assert account_line(failed) == "shop-5: failed: orders: failed: TransientAPIError: 503; items: synced, 3 new / 1 updated"
+    assert account_line(synced).endswith(", 1 hour(s) left as gaps")
+    rows = account_rows([failed, synced])
+    assert (rows[0]["orders"], rows[0]["items"], rows[1]["gaps"]) == ("failed", "synced", 1)
+    markdown = summary_markdown([failed, synced], "both", "threads", 1.0)
+    assert "- **shop-5** failed:\n  - orders: failed: TransientAPIError: 503\n  - items: synced, 3 new / 1 updated" in markdown
+    assert ("- shop-6: 2026-12-05T08:00:00+00:00 .. 2026-12-05T09:00:00+00:00 (again): status paid: 25,000 orders"
+            in markdown)

@@ -68,6 +68,8 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "MARKETPLACE_TASK_RETRIES": ("marketplace.task_retries", "4", 4),
     "MARKETPLACE_RETRY_DELAY_SECONDS": ("marketplace.retry_delay_seconds", "1", 1.0),
     "MARKETPLACE_PARKED_REMINDER_HOURS": ("marketplace.parked_reminder_hours", "6", 6.0),
+    "MARKETPLACE_TOKEN_MARGIN_SECONDS": ("marketplace.token_margin_seconds", "30", 30.0),
+    "MARKETPLACE_TOKEN_KEY": ("marketplace.token_key", "k1,k2", SecretStr("k1,k2")),
     "PRODUCTS_QUEUE_BLOCK": ("products.queue_block", "other-queue", "other-queue"),
     "PRODUCTS_IN_PROCESS_MAX_ROWS": ("products.in_process_max_rows", "100", 100),
     "PRODUCTS_MIN_CHUNK_ROWS": ("products.min_chunk_rows", "500", 500),

@@ -27,6 +27,12 @@ ORDERS_OFFSET_CAP = 10_000  # offset + limit above this is answered 400
 ITEMS_PAGE_LIMIT = 100
 ITEMS_OFFSET_CAP = 1_000  # offset paging of item ids stops here; beyond it, search_type=scan
 ITEMS_DETAIL_BATCH = 20  # ids per GET /items
+ORDER_SORTS = ("date_asc", "date_desc")  # both by date_closed
+# The order statuses the API documents, one per `order.status` filter.
+ORDER_STATUSES = (
+    "confirmed", "payment_required", "payment_in_process", "partially_paid", "paid", "partially_refunded",
+    "pending_cancel", "cancelled", "invalid",
+)
 
 
 class MarketplaceError(Exception):
@@ -246,22 +252,29 @@ class MarketplaceClient:
     # -- resources -------------------------------------------------------------------------------------
     def search_orders(
         self, token: SecretStr, seller_id: int, updated_from: datetime, updated_to: datetime, offset: int,
-        limit: int = ORDERS_PAGE_LIMIT,
+        limit: int = ORDERS_PAGE_LIMIT, *, created_from: datetime | None = None, created_to: datetime | None = None,
+        status: str | None = None, sort: str = "date_asc",
     ) -> dict[str, Any]:
-        """One page of the seller's orders last updated in [from, to) (the API truncates both to the hour)."""
-        response = self._send(
-            "GET",
-            "/orders/search",
-            token=token,
-            params={
-                "seller": seller_id,
-                "order.date_last_updated.from": _iso(updated_from),
-                "order.date_last_updated.to": _iso(updated_to),
-                "sort": "date_asc",
-                "offset": offset,
-                "limit": limit,
-            },
-        )
+        """One page of the seller's orders last updated in [from, to) (the API truncates both to the hour),
+        optionally also created in [created_from, created_to) (truncated alike) and of one status, sorted by
+        `date_closed` (`date_asc` or `date_desc`)."""
+        if sort not in ORDER_SORTS:
+            raise ValueError(f"sort must be one of {ORDER_SORTS}, not {sort!r}")
+        params: dict[str, Any] = {
+            "seller": seller_id,
+            "order.date_last_updated.from": _iso(updated_from),
+            "order.date_last_updated.to": _iso(updated_to),
+            "sort": sort,
+            "offset": offset,
+            "limit": limit,
+        }
+        if created_from is not None:
+            params["order.date_created.from"] = _iso(created_from)
+        if created_to is not None:
+            params["order.date_created.to"] = _iso(created_to)
+        if status is not None:
+            params["order.status"] = status
+        response = self._send("GET", "/orders/search", token=token, params=params)
         return _json(response)
 
     def search_item_ids(

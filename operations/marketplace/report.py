@@ -41,15 +41,32 @@ def _label(report: dict) -> str:
     return account_label(report.get("nickname"), report["seller_id"])
 
 
+def resource_lines(report: dict) -> list[str]:
+    """One line per resource the account's sync reached (orders and items fail or succeed on their own):
+    `orders: synced, 10 new / 2 updated` or `items: failed: <why>`."""
+    lines = []
+    errors = report.get("resource_errors") or {}
+    for name, state in (report.get("resources") or {}).items():
+        counts = report.get(name) or {}
+        if state == "synced":
+            lines.append(f"{name}: synced, {counts.get('new', 0)} new / {counts.get('updated', 0)} updated")
+        else:
+            lines.append(f"{name}: {state}" + (f": {errors[name]}" if name in errors else ""))
+    return lines
+
+
 def account_line(report: dict) -> str:
-    """One log line for an account: its counts, or its status and error."""
+    """One log line for an account: its counts, or its status and error (each resource's when one failed)."""
+    gaps = report.get("gaps") or []
+    gap_note = f", {len(gaps)} hour(s) left as gaps" if gaps else ""
     if report["status"] != "synced":
-        return f"{_label(report)}: {report['status']}: {report.get('error', '')}"
+        parts = resource_lines(report) if report.get("resource_errors") else [report.get("error", "")]
+        return f"{_label(report)}: {report['status']}: {'; '.join(parts)}{gap_note}"
     o, i = report["orders"], report["items"]
     return (
         f"{_label(report)}: orders {o['new']} new / {o['updated']} updated, items {i['new']} new / "
         f"{i['updated']} updated, {report['requests']} requests ({report['retries']} retries) "
-        f"in {report['seconds']:.1f} s"
+        f"in {report['seconds']:.1f} s{gap_note}"
     )
 
 
@@ -67,7 +84,10 @@ def account_rows(reports: list[dict]) -> list[dict]:
             "orders updated": o.get("updated", 0), "items new": i.get("new", 0), "items updated": i.get("updated", 0),
             "pages": r.get("order_pages", 0) + r.get("item_pages", 0), "requests": r.get("requests", 0),
             "retries": r.get("retries", 0), "429s": r.get("throttled", 0), "token refreshes": r.get("refreshes", 0),
-            "windows total != read": len(_mismatches(r)), "attempts": r.get("attempts", 0),
+            "orders": (r.get("resources") or {}).get("orders", "-"),
+            "items": (r.get("resources") or {}).get("items", "-"),
+            "windows total != read": len(_mismatches(r)), "gaps": len(r.get("gaps") or []),
+            "attempts": r.get("attempts", 0),
             "seconds": round(r.get("seconds", 0.0), 2),
             "error": r.get("error", ""),
         })
@@ -135,8 +155,10 @@ def summary_markdown(reports: list[dict], resources: str, runner: str, seconds: 
     API's total differed from the orders read. `released`: the accounts a crashed sync had left `running`."""
     totals, statuses = sync_totals(reports), by_status(reports)
     attention = attention_lines(reports, released)
-    problems = "\n".join(f"- **{_label(r)}** {r['status']}: {r.get('error', '')}"
-                         for r in reports if r["status"] != "synced")
+    problems = "\n".join(_problem_lines(r) for r in reports if r["status"] != "synced")
+    gaps = [(_label(r), g) for r in reports for g in r.get("gaps") or []]
+    gap_lines = "\n".join(f"- {label}: {g['start']} .. {g['end']}{' (again)' if g.get('retried') else ''}: "
+                          f"{g['reason']}" for label, g in gaps[:MAX_MISMATCHES_SHOWN])
     mismatches = [(_label(r), w) for r in reports for w in _mismatches(r)]
     mismatch_lines = "\n".join(
         f"- {label}: {w['start']} .. {w['end']}: API total {w['api_total']:,}, rows read {w['rows_read']:,}"
@@ -159,7 +181,17 @@ API requests: {totals['requests']:,} ({totals['retries']:,} retried).
 
 ## Windows where the API's total differs from the orders read
 {mismatch_lines or 'none'}
+
+## Gaps: hours not read whole (the checkpoint passed them; every later sync reads them again)
+{gap_lines or 'none'}
 """
+
+
+def _problem_lines(report: dict) -> str:
+    """An account not synced: its status and error, then a line per resource when one failed on its own."""
+    if not report.get("resource_errors"):
+        return f"- **{_label(report)}** {report['status']}: {report.get('error', '')}"
+    return f"- **{_label(report)}** {report['status']}:\n" + "\n".join(f"  - {line}" for line in resource_lines(report))
 
 
 def failure_message(reports: list[dict]) -> str | None:

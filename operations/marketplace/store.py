@@ -32,13 +32,16 @@ from operations.marketplace.models import (
     MarketplaceOrder,
     MarketplaceOrderLine,
     SyncCheckpoint,
+    SyncGap,
 )
+from operations.marketplace.tokens import is_encrypted, token_cipher
 
 ACCOUNTS = MarketplaceAccount.__table__
 ORDERS = MarketplaceOrder.__table__
 ORDER_LINES = MarketplaceOrderLine.__table__
 ITEMS = MarketplaceItem.__table__
 CHECKPOINTS = SyncCheckpoint.__table__
+GAPS = SyncGap.__table__
 
 # One lock per account within a process: SQLite has no row locks, and threads of one process share a pool.
 _local_locks: dict[int, threading.Lock] = {}
@@ -132,14 +135,15 @@ _VIEW_COLUMNS = [
 def save_account(engine: Engine, grant: TokenGrant, nickname: str = "", issued_at: datetime | None = None) -> AccountView:
     """Add a seller from its first tokens (onboarding, or a re-authorization: the account is active again)."""
     issued_at = issued_at or now_utc()
+    cipher = token_cipher()
     row = {
         "seller_id": grant.user_id,
         "nickname": nickname,
         "status": AccountStatus.active,
         "status_reason": "",
-        "access_token": grant.access_token.get_secret_value(),
+        "access_token": cipher.encrypt(grant.access_token.get_secret_value()),
         "access_token_expires_at": grant.expires_at(issued_at),
-        "refresh_token": grant.refresh_token.get_secret_value(),
+        "refresh_token": cipher.encrypt(grant.refresh_token.get_secret_value()),
         "token_version": 1,
         "scope": grant.scope,
         "updated_at": issued_at,
@@ -284,20 +288,65 @@ def claim_parked_notices(
 
 
 # -- tokens ------------------------------------------------------------------------------------------------
+# Tokens are stored encrypted (operations/marketplace/tokens.py); a plain row (stored before encryption) is
+# encrypted in place the first time it is read.
 def read_tokens(engine: Engine, seller_id: int) -> TokenState:
     with engine.connect() as conn:
         row = conn.execute(select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)).first()
     if row is None:
         raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
-    return _token_state(row)
+    state = _token_state(row)
+    if _plain(row):
+        with engine.begin() as conn:
+            _seal(conn, row)
+    return state
+
+
+def _plain(row: Any) -> bool:
+    return any(value and not is_encrypted(value) for value in (row.access_token, row.refresh_token))
+
+
+def _seal(conn, row: Any) -> None:
+    """Encrypt a row's plain tokens in place, unless a refresh changed them meanwhile."""
+    cipher = token_cipher()
+    conn.execute(
+        update(ACCOUNTS)
+        .where(ACCOUNTS.c.seller_id == row.seller_id, ACCOUNTS.c.token_version == row.token_version,
+               ACCOUNTS.c.refresh_token == row.refresh_token)
+        .values(access_token=cipher.rotate(row.access_token or ""), refresh_token=cipher.rotate(row.refresh_token or ""))
+    )
+
+
+def encrypt_stored_tokens(engine: Engine) -> int:
+    """Encrypt every account's tokens with the first key (plain ones, and those of an older key after a
+    rotation); returns the accounts rewritten. Each row is locked while it is rewritten, so a refresh is never lost."""
+    cipher, done = token_cipher(), 0
+    with engine.connect() as conn:
+        sellers = list(conn.scalars(select(ACCOUNTS.c.seller_id)))
+    for seller_id in sellers:
+        with engine.begin() as conn:
+            query = select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)
+            if engine.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).first()
+            if row is None:
+                continue
+            values = {"access_token": cipher.rotate(row.access_token or ""),
+                      "refresh_token": cipher.rotate(row.refresh_token or "")}
+            if values != {"access_token": row.access_token or "", "refresh_token": row.refresh_token or ""}:
+                conn.execute(update(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id).values(**values))
+                done += 1
+    return done
 
 
 def _token_state(row: Any) -> TokenState:
     status = row.status.value if isinstance(row.status, AccountStatus) else str(row.status)
+    cipher = token_cipher()
+    what = f"the tokens of seller {row.seller_id}"
     return TokenState(
-        access_token=SecretStr(row.access_token or ""),
+        access_token=SecretStr(cipher.decrypt(row.access_token, what)),
         expires_at=utc(row.access_token_expires_at),
-        refresh_token=SecretStr(row.refresh_token or ""),
+        refresh_token=SecretStr(cipher.decrypt(row.refresh_token, what)),
         version=row.token_version,
         status=status,
     )
@@ -346,9 +395,9 @@ def refresh_tokens(
                     update(ACCOUNTS)
                     .where(ACCOUNTS.c.seller_id == seller_id, ACCOUNTS.c.token_version == state.version)
                     .values(
-                        access_token=grant.access_token.get_secret_value(),
+                        access_token=token_cipher().encrypt(grant.access_token.get_secret_value()),
                         access_token_expires_at=grant.expires_at(issued),
-                        refresh_token=grant.refresh_token.get_secret_value(),
+                        refresh_token=token_cipher().encrypt(grant.refresh_token.get_secret_value()),
                         token_version=state.version + 1,
                         scope=grant.scope or row.scope,
                         updated_at=issued,
@@ -464,6 +513,53 @@ def advance_checkpoint(engine: Engine, seller_id: int, resource: str, watermark:
     row = {"seller_id": seller_id, "resource": resource, "watermark": utc(watermark), "updated_at": now_utc()}
     with engine.begin() as conn:
         upsert_rows(conn, CHECKPOINTS, [row], ["seller_id", "resource"], ["watermark", "updated_at"], "watermark")
+
+
+# -- gaps --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gap:
+    """A window of a resource a sync could not read whole; later syncs read it again first."""
+
+    seller_id: int
+    resource: str
+    start: datetime
+    stop: datetime
+    reason: str
+    attempts: int
+    found_at: datetime | None
+
+
+def record_gap(engine: Engine, seller_id: int, resource: str, start: datetime, stop: datetime, reason: str) -> None:
+    """Record a gap (a window read again and still not whole counts one more attempt)."""
+    now = now_utc()
+    where = (GAPS.c.seller_id == seller_id, GAPS.c.resource == resource, GAPS.c.start == utc(start))
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(GAPS).where(*where)
+            .values(stop=utc(stop), reason=reason[:4000], tried_at=now, attempts=GAPS.c.attempts + 1)
+        ).rowcount
+        if not done:
+            row = {"seller_id": seller_id, "resource": resource, "start": utc(start), "stop": utc(stop),
+                   "reason": reason[:4000], "attempts": 1, "found_at": now, "tried_at": now}
+            conn.execute(upsert_statement(engine, GAPS, [row], ["seller_id", "resource", "start"], []))
+
+
+def close_gap(engine: Engine, seller_id: int, resource: str, start: datetime) -> None:
+    with engine.begin() as conn:
+        conn.execute(delete(GAPS).where(GAPS.c.seller_id == seller_id, GAPS.c.resource == resource,
+                                        GAPS.c.start == utc(start)))
+
+
+def open_gaps(engine: Engine, seller_id: int | None, resource: str | None = None) -> list[Gap]:
+    """The gaps not yet read whole (of one seller, or all), oldest first."""
+    query = select(GAPS).order_by(GAPS.c.seller_id, GAPS.c.start)
+    if seller_id is not None:
+        query = query.where(GAPS.c.seller_id == seller_id)
+    if resource is not None:
+        query = query.where(GAPS.c.resource == resource)
+    with engine.connect() as conn:
+        return [Gap(r.seller_id, r.resource, utc(r.start), utc(r.stop), r.reason, r.attempts, utc(r.found_at))
+                for r in conn.execute(query)]
 
 
 # -- orders and items --------------------------------------------------------------------------------------
@@ -630,7 +726,7 @@ def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) ->
 def clear_marketplace_data(engine: Engine, accounts: bool = False) -> None:
     """Delete every synced order, line, item and checkpoint (and, with `accounts`, the accounts): for
     benchmarks and tests that start from nothing."""
-    tables = [ORDER_LINES, ORDERS, ITEMS, CHECKPOINTS] + ([ACCOUNTS] if accounts else [])
+    tables = [ORDER_LINES, ORDERS, ITEMS, CHECKPOINTS, GAPS] + ([ACCOUNTS] if accounts else [])
     with engine.begin() as conn:
         for table in tables:
             conn.execute(delete(table))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, time as clock_time, timedelta, timezone
 from typing import Any, Callable, TypeVar
 
@@ -33,6 +33,8 @@ from operations.marketplace.client import (
     ITEMS_DETAIL_BATCH,
     ITEMS_OFFSET_CAP,
     ITEMS_PAGE_LIMIT,
+    ORDER_SORTS,
+    ORDER_STATUSES,
     ORDERS_PAGE_LIMIT,
     InvalidAccessToken,
     MarketplaceClient,
@@ -50,8 +52,11 @@ from operations.marketplace.store import (
     advance_checkpoint,
     get_account,
     get_checkpoint,
+    close_gap,
     now_utc,
+    open_gaps,
     read_tokens,
+    record_gap,
     record_sync,
     refresh_tokens,
     upsert_items,
@@ -72,6 +77,10 @@ class SyncResources(str, enum.Enum):
     def includes(self, resource: str) -> bool:
         return self is SyncResources.both or self.value == resource
 
+    def names(self) -> list[str]:
+        """The resources synced, in order."""
+        return [r for r in ("orders", "items") if self.includes(r)]
+
 
 @dataclass(frozen=True)
 class SyncOptions:
@@ -82,7 +91,7 @@ class SyncOptions:
     max_window: timedelta = timedelta(days=30)
     timeout_seconds: float = 300.0
     lock_wait_seconds: float = 30.0
-    token_margin: timedelta = timedelta(minutes=5)
+    token_margin: timedelta = timedelta(minutes=3)  # refresh only an access token expiring within this
     window_rereads: int = 3  # re-reads of a window whose total moved while it was paged
     scan_restarts: int = 3  # items scans restarted after an expired scroll_id
 
@@ -118,10 +127,6 @@ def resync_start(day: str | date | None, now: datetime) -> datetime | None:
 
 class SyncTimeout(MarketplaceError):
     """The account's sync ran out of its time; its checkpoints keep what was committed."""
-
-
-class WindowTooLarge(MarketplaceError):
-    """One hour holds more orders than the API pages through: they cannot all be read."""
 
 
 class AccountSyncFailed(Exception):
@@ -180,6 +185,10 @@ class AccountSyncResult:
     refreshes: int = 0
     scan_restarts: int = 0
     windows: list[WindowReport] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)  # hours not read whole: {start, end, reason, retried}
+    gaps_closed: int = 0  # gaps of earlier syncs read whole by this one
+    resources: dict[str, str] = field(default_factory=dict)  # orders / items -> synced | failed | cancelled
+    resource_errors: dict[str, str] = field(default_factory=dict)  # orders / items -> why it failed
     orders_checkpoint: datetime | None = None
     seconds: float = 0.0
     error: str = ""
@@ -255,53 +264,201 @@ class AccountSession:
             return fn(self.tokens.access_token)  # a second 401 propagates
 
 
-def _page_window(
-    session: AccountSession, result: AccountSyncResult, start: datetime, stop: datetime
-) -> tuple[set[int], set[int], int] | None:
-    """One pass over a window, each page upserted: (order ids read, paging totals seen, pages), or None when
-    the window holds more orders than the API pages through (offset + limit above its cap): split it."""
+@dataclass(frozen=True)
+class OrderSlice:
+    """One order search: orders last updated in [start, stop), optionally also created in
+    [created_from, created_to) (None: unbounded) and of one status. A slice too large for the API's offset cap
+    is cut along the next filter the API offers (see `_split`)."""
+
+    start: datetime
+    stop: datetime
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    status: str | None = None
+    created_split: bool = False  # cut along date_created already
+
+    def search(self, client: MarketplaceClient, token: SecretStr, seller_id: int, offset: int, sort: str) -> dict:
+        return client.search_orders(
+            token, seller_id, self.start, self.stop, offset, created_from=self.created_from,
+            created_to=self.created_to, status=self.status, sort=sort,
+        )
+
+    def describe(self) -> str:
+        parts = [f"updated {self.start:%Y-%m-%d %H:%M}..{self.stop:%Y-%m-%d %H:%M} UTC"]
+        if self.created_split:
+            low = f"{self.created_from:%Y-%m-%d %H:%M}" if self.created_from else "any time"
+            parts.append(f"created {low}..{self.created_to:%Y-%m-%d %H:%M}")
+        if self.status:
+            parts.append(f"status {self.status}")
+        return ", ".join(parts)
+
+
+@dataclass
+class _Pass:
+    """One pass over a slice in one sort order: the ids read, the paging totals seen, and whether the pass
+    stopped at the offset cap with orders left."""
+
+    seen: set[int] = field(default_factory=set)
+    totals: set[int] = field(default_factory=set)
+    pages: int = 0
+    capped: bool = False
+
+    @property
+    def total(self) -> int:
+        return max(self.totals, default=0)
+
+
+def _page_slice(
+    session: AccountSession, result: AccountSyncResult, sl: OrderSlice, sort: str = "date_asc",
+    split_early: bool = True,
+) -> _Pass:
+    """One pass over a slice, each page upserted. `split_early`: stop at the first page when the total is beyond
+    what the offset cap lets one pass read (the slice is then cut, not read to the cap)."""
     client, seller, cap = session.client, session.seller_id, session.client.orders_offset_cap
-    offset, seen, totals, pages = 0, set(), set(), 0
+    done, offset = _Pass(), 0
     while offset + ORDERS_PAGE_LIMIT <= cap:
-        page = session.call(lambda t: client.search_orders(t, seller, start, stop, offset), "the next page of orders")
+        page = session.call(lambda t: sl.search(client, t, seller, offset, sort), "the next page of orders")
         result.order_pages += 1
-        pages += 1
+        done.pages += 1
         total = int((page.get("paging") or {}).get("total") or 0)
-        totals.add(total)
-        if offset == 0 and total + ORDERS_PAGE_LIMIT > cap and stop - start > HOUR:
-            return None  # split now rather than after paging up to the cap
+        done.totals.add(total)
+        if offset == 0 and split_early and total + ORDERS_PAGE_LIMIT > cap:
+            done.capped = True
+            return done  # cut now rather than after paging up to the cap
         orders = page.get("results") or []
         if not orders:  # page until empty: paging.total is known to run low for some sellers
-            return seen, totals, pages
+            return done
         result.orders.add(upsert_orders(session.engine, seller, orders))
-        seen.update(int(o["id"]) for o in orders)
+        done.seen.update(int(o["id"]) for o in orders)
         offset += len(orders)
-    return None
+    done.capped = True
+    return done
+
+
+def _split(sl: OrderSlice, options: SyncOptions) -> list[OrderSlice]:
+    """The slices that together hold a too-large slice's orders, along the next filter the API offers: the
+    update window in hour-aligned halves; within one hour, date_created (before the history the sync reads,
+    then hour-aligned halves of it: the API truncates date filters to the hour); within one created hour, each
+    documented status. [] when no filter is left (the slice is then read from both ends)."""
+    if sl.stop - sl.start > HOUR:
+        middle = max(sl.start + ((sl.stop - sl.start) / 2 // HOUR) * HOUR, sl.start + HOUR)
+        return [replace(sl, stop=middle), replace(sl, start=middle)]
+    if not sl.created_split:
+        floor = floor_hour(sl.start - options.initial_history)
+        return [replace(sl, created_to=floor, created_split=True),
+                replace(sl, created_from=floor, created_to=sl.stop, created_split=True)]
+    if sl.created_from is not None and sl.created_to - sl.created_from > HOUR:
+        span = sl.created_to - sl.created_from
+        middle = max(sl.created_from + (span / 2 // HOUR) * HOUR, sl.created_from + HOUR)
+        return [replace(sl, created_to=middle), replace(sl, created_from=middle)]
+    if sl.status is None:
+        return [replace(sl, status=status) for status in ORDER_STATUSES]
+    return []
+
+
+@dataclass
+class _WindowRead:
+    """What reading one update window found: the orders read, pages, re-reads, and the hours whose orders
+    could not all be read (gaps: (start, stop, why))."""
+
+    seen: set[int] = field(default_factory=set)
+    pages: int = 0
+    rereads: int = 0
+    gaps: list[tuple[datetime, datetime, str]] = field(default_factory=list)
+
+
+class _TooWide(Exception):
+    """A window wider than an hour holds too many orders for one pass: the caller cuts it in halves."""
+
+
+def _read_slice(
+    session: AccountSession, result: AccountSyncResult, sl: OrderSlice, options: SyncOptions, out: _WindowRead,
+    cut_updates: bool = True,
+) -> int:
+    """Read a slice whole, cutting it (recursively) while it is too large for one pass; returns its API total.
+    A pass whose total moved while it was paged (offsets shifted under the pages) is read again, at most
+    `window_rereads` times. A slice that no filter cuts further is read from both ends (date_asc, then
+    date_desc, each up to the offset cap); orders still out of reach become a gap in `out`.
+    `cut_updates=False`: a too-large slice wider than an hour raises _TooWide (the caller cuts it)."""
+    for _ in range(options.window_rereads + 1):
+        done = _page_slice(session, result, sl)
+        out.pages += done.pages
+        if done.capped:
+            break
+        out.seen |= done.seen
+        if len(done.totals) <= 1:
+            return done.total
+        out.rereads += 1
+    else:
+        return done.total
+    if not cut_updates and sl.stop - sl.start > HOUR:
+        raise _TooWide()
+    total = done.total
+    children = _split(sl, options)
+    if children:
+        read = sum(_read_slice(session, result, child, options, out) for child in children)
+        if children[0].status is not None and read < total:
+            out.gaps.append((sl.start, sl.stop, f"{sl.describe()}: {total - read:,} order(s) of statuses outside "
+                                                 "the documented ones"))
+        return total
+    ends = [_page_slice(session, result, sl, sort, split_early=False) for sort in ORDER_SORTS]
+    seen = ends[0].seen | ends[1].seen
+    out.pages += ends[0].pages + ends[1].pages
+    out.seen |= seen
+    total = max(total, ends[0].total, ends[1].total)
+    if len(seen) < total:
+        out.gaps.append((sl.start, sl.stop, (
+            f"{sl.describe()}: {total:,} orders, {len(seen):,} read from both ends of the API's offset cap "
+            f"({session.client.orders_offset_cap:,}); {total - len(seen):,} out of reach"
+        )))
+    return total
 
 
 def _read_window(
-    session: AccountSession, result: AccountSyncResult, start: datetime, stop: datetime, rereads: int
-) -> WindowReport | None:
-    """A window read until its total held still while it was paged (else offsets shifted under the pages and
-    it is read again, at most `rereads` times); None when it must be split."""
-    report = WindowReport(start, stop, api_total=0, rows_read=0, pages=0)
-    for _ in range(rereads + 1):
-        passed = _page_window(session, result, start, stop)
-        if passed is None:
-            return None
-        seen, totals, pages = passed
-        report.pages += pages
-        report.api_total, report.rows_read = max(totals, default=0), len(seen)
-        if len(totals) <= 1:
-            break
-        report.rereads += 1
-    return report
+    session: AccountSession, result: AccountSyncResult, start: datetime, stop: datetime, options: SyncOptions
+) -> tuple[WindowReport, list[tuple[datetime, datetime, str]]] | None:
+    """An update window read whole, cut along the API's filters as needed: its report and its gaps; None when
+    the window is wider than an hour and too large (cut it in halves, each with its own checkpoint)."""
+    out = _WindowRead()
+    try:
+        total = _read_slice(session, result, OrderSlice(start, stop), options, out, cut_updates=False)
+    except _TooWide:
+        return None
+    report = WindowReport(start, stop, api_total=total, rows_read=len(out.seen), pages=out.pages,
+                          rereads=out.rereads)
+    return report, out.gaps
+
+
+def _note_gaps(session: AccountSession, result: AccountSyncResult, gaps: list[tuple[datetime, datetime, str]],
+               retried: bool) -> None:
+    for start, stop, why in gaps:
+        record_gap(session.engine, session.seller_id, "orders", start, stop, why)
+        result.gaps.append({"start": start.isoformat(), "end": stop.isoformat(), "reason": why, "retried": retried})
+
+
+def _retry_gaps(session: AccountSession, result: AccountSyncResult, options: SyncOptions) -> None:
+    """Read again the hours earlier syncs recorded as gaps; an hour read whole closes its gap."""
+    for gap in open_gaps(session.engine, session.seller_id, "orders"):
+        read = _read_window(session, result, gap.start, gap.stop, options)
+        if read is None:  # gaps are hours or less: cannot happen
+            continue
+        report, gaps = read
+        result.windows.append(report)
+        if gaps:
+            _note_gaps(session, result, gaps, retried=True)
+        else:
+            close_gap(session.engine, session.seller_id, "orders", gap.start)
+            result.gaps_closed += 1
 
 
 def _sync_orders(
     session: AccountSession, result: AccountSyncResult, since: datetime, until: datetime, options: SyncOptions
 ) -> None:
-    """Orders last updated in [since, until), window by window; the checkpoint follows each stored window."""
+    """Orders last updated in [since, until), window by window; the checkpoint follows each stored window.
+    Windows are cut along the API's filters until every part fits its offset cap; a part that still does not
+    (more orders than both ends of the cap reach) is recorded as a gap that the checkpoint passes and later
+    syncs read again until it is read whole: a hot hour never stops the account."""
+    _retry_gaps(session, result, options)
     # The API truncates both ends of the filter to the hour: the last window ends at the next full hour so
     # that the current hour is read, and the checkpoint never passes `until` (the sync's start).
     end = floor_hour(until)
@@ -310,17 +467,14 @@ def _sync_orders(
     pending = deque(split_windows(floor_hour(since), end, options.max_window))
     while pending:
         start, stop = pending.popleft()
-        report = _read_window(session, result, start, stop, options.window_rereads)
-        if report is None:
-            if stop - start <= HOUR:
-                raise WindowTooLarge(
-                    f"more than {session.client.orders_offset_cap:,} orders last updated in the hour from "
-                    f"{start:%Y-%m-%d %H:00} UTC: the API cannot page through them"
-                )
+        read = _read_window(session, result, start, stop, options)
+        if read is None:
             middle = max(start + ((stop - start) / 2 // HOUR) * HOUR, start + HOUR)
             pending.extendleft([(middle, stop), (start, middle)])  # the earlier half first
             continue
+        report, gaps = read
         result.windows.append(report)
+        _note_gaps(session, result, gaps, retried=False)
         advance_checkpoint(session.engine, session.seller_id, "orders", min(stop, until))
         result.orders_checkpoint = min(stop, until)
 
@@ -431,18 +585,10 @@ def sync_account(
         record_sync(engine, account.seller_id, started=started, finished=None, status="running", run_id=run_id)
         try:
             session = AccountSession(engine, client, account.seller_id, options, deadline, should_stop)
-            if resources.includes("orders"):
-                checkpoint = get_checkpoint(engine, account.seller_id, "orders")
-                if full_resync_from is not None:
-                    since = full_resync_from
-                elif checkpoint is not None:
-                    since = checkpoint - options.lookback
-                else:
-                    since = now - options.initial_history
-                _sync_orders(session, result, since, now, options)
-            if resources.includes("items"):
-                _sync_items(session, result)
+            transient = _sync_resources(session, result, resources, options, full_resync_from, now)
         except Cancelled as exc:
+            for resource in resources.names():
+                result.resources.setdefault(resource, "cancelled")
             finish("cancelled", f"{exc}; what it committed is kept and the next sync resumes from its checkpoint")
             record_sync(engine, account.seller_id, started=started, finished=now_utc(), status="cancelled",
                         error=result.error)
@@ -461,9 +607,54 @@ def sync_account(
             except Exception:  # noqa: BLE001 - the database may be what failed
                 pass
             raise AccountSyncFailed(f"{result.label}: {result.error}", result.to_json(), transient) from None
+        if result.resource_errors:  # one resource failed, the other was still synced
+            finish("failed", "; ".join(f"{name}: {why}" for name, why in result.resource_errors.items()))
+            try:
+                record_sync(engine, account.seller_id, started=started, finished=now_utc(), status="failed",
+                            error=result.error)
+            except Exception:  # noqa: BLE001 - the database may be what failed
+                pass
+            raise AccountSyncFailed(f"{result.label}: {result.error}", result.to_json(), transient)
         finish("synced")
         record_sync(engine, account.seller_id, started=started, finished=now_utc(), status="synced")
         return result
+
+
+def _sync_resources(
+    session: AccountSession, result: AccountSyncResult, resources: SyncResources, options: SyncOptions,
+    full_resync_from: datetime | None, now: datetime,
+) -> bool:
+    """Orders, then items, each on its own: one failing never stops the other (each keeps its own checkpoint).
+    A resource an earlier attempt of this run synced is not synced again. Returns whether every failure may pass
+    on a retry; a cancel or a dead refresh token stops both (raised)."""
+    transient = True
+    for resource in resources.names():
+        if result.resources.get(resource) == "synced":
+            continue
+        try:
+            if resource == "orders":
+                checkpoint = get_checkpoint(session.engine, session.seller_id, "orders")
+                if full_resync_from is not None:
+                    since = full_resync_from
+                elif checkpoint is not None:
+                    since = checkpoint - options.lookback
+                else:
+                    since = now - options.initial_history
+                _sync_orders(session, result, since, now, options)
+            else:
+                _sync_items(session, result)
+        except (Cancelled, AccountNeedsReauthorization):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported per resource, classified for retries
+            result.resources[resource] = "failed"
+            result.resource_errors[resource] = f"{type(exc).__name__}: {exc}"
+            transient = transient and (
+                isinstance(exc, (TransientAPIError, InvalidAccessToken, SyncTimeout)) or _is_transient_db_error(exc)
+            )
+            continue
+        result.resources[resource] = "synced"
+        result.resource_errors.pop(resource, None)
+    return transient
 
 
 def _is_transient_db_error(exc: BaseException) -> bool:
