@@ -98,10 +98,11 @@ def test_a_card_another_user_holds_fails_alone_and_the_rest_of_its_batch_is_regi
     report = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
     assert [(registration, row) for registration, row, _ in report.failures] == [
         (victim.registration, victim.row_number)]
-    error = report.failures[0][2]
-    assert "UNIQUE constraint failed: cards.value" in error and "belongs to user 5" in error
+    assert report.failures[0][2] == f"cards: card {victim.card} is held by 'SQUATTER' (user id 5) on device-0"
     held = _on_device(emulator)
     assert len(held) == 41 and all(held[p.registration]["cards"] for p in people if p is not victim)
+    assert held[victim.registration]["groups"] == [victim.group], "a refused card does not stop the group link"
+    assert held["SQUATTER"]["cards"] == [victim.card], "a holder the project never registered keeps the card"
     assert victim.registration not in cache.confirmed("device-0", [victim.registration])
 
 
