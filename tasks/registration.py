@@ -122,7 +122,8 @@ def register_on_turnstile(
     limit, tally = device_limit_name(device_name), attempt_tally(DeviceTally)
     try:
         report = register_on_device(
-            client, device_name, participants.items, cache_block.cache(), replace(options, concurrency=slots),
+            client, device_name, participants.items, cache_block.cache(),
+            replace(options, concurrency=slots, managed_groups=tuple(device.managed_groups) or options.managed_groups),
             progress=_Reporter(device_name, len(participants), progress, cache_block, tally),
             device_slot=lambda: held_slot(limit, logger, what=f"slot of turnstile {device_name}", occupy=slots,
                                           context=f" (global concurrency limit '{limit}', the block's max "
