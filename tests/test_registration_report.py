@@ -117,3 +117,12 @@ def test_the_turnstiles_table_shows_removals_freed_cards_and_all_cached_turnstil
     assert summary["written"] == {"created": 2, "updated": 0, "cards": 3, "cards_freed": 1, "groups": 4,
                                   "groups_removed": 5}
     assert summary["successes"] == 19
+
+
+def test_a_dry_runs_refusals_are_labelled_as_expected():
+    people = _people(4)
+    reports = [_device("gate-a", 4, status="dry-run", created=4,
+                       failures=[("R001", 3, "groups: group 99 does not exist on gate-a")])]
+    summary = registration_summary(people, reports, 1, dry_run=True, seconds=0.1, failures_file="f.xlsx")
+    assert "| Expected errors | 1 |" in registration_markdown("people.csv", summary)
+    assert registration_failure_message(summary).startswith("1 record(s) would fail (dry run: nothing was written)")

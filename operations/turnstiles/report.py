@@ -124,7 +124,7 @@ def registration_markdown(file_name: str, summary: dict, failures_link: str = ""
 | Total operations | {summary['operations']:,} |
 {done}
 | Skipped (cache) | {summary['cached']:,} |
-| Errors | {summary['errors']:,} |
+| {'Expected errors' if dry_run else 'Errors'} | {summary['errors']:,} |
 
 {len(failed)} turnstile(s) not worked on{': ' + ', '.join(failed) if failed else ''}.
 Time: {summary['seconds']:.1f} s. Failed records: {failures}.
@@ -132,10 +132,12 @@ Time: {summary['seconds']:.1f} s. Failed records: {failures}.
 
 
 def registration_failure_message(summary: dict) -> str | None:
-    """The run's failure in one line (failed records, turnstiles not worked on); None when nothing failed."""
+    """The run's failure in one line (failed records, turnstiles not worked on; in a dry run, the records that
+    would fail); None when nothing failed."""
     if not (summary["errors"] or summary["turnstiles_failed"]):
         return None
-    return (f"{summary['errors']:,} record(s) failed and {summary['turnstiles_failed']} turnstile(s) could not be "
+    failed = "would fail (dry run: nothing was written)" if summary["dry_run"] else "failed"
+    return (f"{summary['errors']:,} record(s) {failed} and {summary['turnstiles_failed']} turnstile(s) could not be "
             f"worked on: see the registration-failures spreadsheet ({summary['failures_file']})")
 
 
