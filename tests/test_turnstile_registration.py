@@ -283,3 +283,16 @@ def test_a_turnstile_whose_participants_are_all_cached_reports_so(emulator, cach
     register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
     again = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
     assert (again.status, again.cached, again.requests) == ("cached", 10, 0)
+
+
+def test_a_new_participant_gets_the_card_of_someone_who_left_and_a_planned_run_shows_it(emulator, cache, tmp_path):
+    people = _participants(tmp_path, 20)
+    register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
+    newcomer = replace(people[-1], registration="NEW1", name="Newcomer", row_number=99)
+    now = [*people[:-1], newcomer]  # the last participant leaves; a newcomer gets their card
+    plan = register_on_device(_client(emulator), "device-0", now, cache, RegistrationOptions(dry_run=True))
+    assert (plan.created, plan.cards, plan.cards_freed, plan.failures) == (1, 1, 1, [])
+    report = register_on_device(_client(emulator), "device-0", now, cache, RegistrationOptions())
+    assert (report.created, report.cards, report.cards_freed, report.failures) == (1, 1, 1, [])
+    held = _on_device(emulator)
+    assert held["NEW1"]["cards"] == [newcomer.card] and held[people[-1].registration]["cards"] == []

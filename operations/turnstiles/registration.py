@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,7 @@ class DeviceReport:
         return asdict(self)
 
 
+_TALLY_LOCK = threading.Lock()
 WRITTEN_FIGURES = ("created", "updated", "cards", "cards_freed", "groups", "groups_removed")
 
 
@@ -105,9 +107,10 @@ class DeviceTally:
 
     def add(self, figure: str | None, count: int, registrations: list[str] = ()) -> None:
         """`count` more of `figure` (None: no figure of its own), written for `registrations`."""
-        if figure is not None:
-            setattr(self, figure, getattr(self, figure) + count)
-        self.written.update(registrations)
+        with _TALLY_LOCK:  # batches of one device may be confirmed from several threads
+            if figure is not None:
+                setattr(self, figure, getattr(self, figure) + count)
+            self.written.update(registrations)
 
     def fill(self, report: DeviceReport) -> DeviceReport:
         """`report` with the figures of every attempt (a dry run's planned writes are its own: nothing was
@@ -241,7 +244,7 @@ def _device_work(
     should_stop: StopCheck, tally: DeviceTally,
 ) -> list[_Target]:
     """Read the device, then write what it lacks (or only report it, on a dry run)."""
-    plan = _plan(client, cache, todo, scope)
+    plan = _plan(client, cache, todo, scope, options.dry_run)
     targets = plan.targets
     report.unchanged = sum(1 for t in targets if not t.needs_write and not t.problems
                            and t.participant.registration not in tally.written)
@@ -255,7 +258,7 @@ def _device_work(
         return targets
     if progress and report.unchanged:
         progress(report.unchanged)
-    _write(client, scope, plan, options, report, progress, should_stop, tally)
+    _write(client, cache, scope, plan, options, report, progress, should_stop, tally)
     report.failures += [(t.participant.registration, t.participant.row_number, t.error) for t in targets if t.error]
     return targets
 
@@ -281,7 +284,8 @@ def _count_writes(report: DeviceReport, plan: _Plan) -> None:
     report.groups_removed = sum(len(t.groups_remove) for t in done)
 
 
-def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Participant], scope: _Scope) -> _Plan:
+def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Participant], scope: _Scope,
+          dry_run: bool) -> _Plan:
     """What each participant needs, from one read of the device (users by registration, their cards and
     group links, in lists of at most 999 values; then the holders of the wanted cards and the wanted groups)."""
     on_device = {u["registration"]: u for u in client.load("users", "registration", [p.registration for p in todo])}
@@ -308,8 +312,9 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Particip
         if p.card is not None and all(card["value"] != p.card for card in held):
             target.card_create, target.card_drop = True, [card["id"] for card in held]
         targets.append(target)
-    _check_groups(client, targets, scope.device)
-    return _Plan(targets, _settle_cards(client, cache, targets, scope))
+    if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
+        _check_groups(client, targets, scope.device)
+    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
 
 
 def _check_groups(client: ControlIdClient, targets: list[_Target], device: str) -> None:
@@ -322,21 +327,43 @@ def _check_groups(client: ControlIdClient, targets: list[_Target], device: str) 
             t.problems.append(f"groups: group {t.participant.group} does not exist on {device}")
 
 
-def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: list[_Target],
-                  scope: _Scope) -> list[tuple[int, str]]:
-    """Decide each wanted card from who holds it on the device: nobody, a participant giving it up in this run
-    (a swap), or someone the project registered and the file no longer lists (freed: returned as (card id,
-    their registration)). Held by anyone else, the participant's card is refused naming the holder."""
-    creating = [t for t in targets if t.card_create]
-    if not creating:
-        return []
-    holders = {c["value"]: c for c in client.load("cards", "value", [t.participant.card for t in creating])}
-    by_user = {t.user_id: t for t in targets}
-    outside = {c["user_id"] for c in holders.values() if c["user_id"] not in by_user}
-    owners = {u["id"]: u["registration"] for u in client.load("users", "id", sorted(outside))} if outside else {}
+@dataclass
+class _Holders:
+    """Who holds some card values on a device: the cards, the registrations of their holders outside the
+    targets, and which holders left (registered by the project, absent from the file)."""
+
+    cards: dict[int, dict[str, Any]]
+    owners: dict[int, str]
+    departed: set[int]
+
+    def named(self, user_id: int, registration: str | None = None) -> str:
+        who = registration or self.owners.get(user_id)
+        return f"{who!r} (user id {user_id})" if who else f"user id {user_id}"
+
+
+def _card_holders(client: ControlIdClient, cache: RegistrationCache, values: list[int], known: set[int],
+                  scope: _Scope) -> _Holders:
+    """The holders of `values` on the device (two reads; a third when a holder is not among `known` users)."""
+    cards = {c["value"]: c for c in client.load("cards", "value", values)}
+    outside = sorted({c["user_id"] for c in cards.values() if c["user_id"] not in known})
+    owners = {u["id"]: u["registration"] for u in client.load("users", "id", outside)} if outside else {}
     unlisted = [registration for registration in owners.values() if registration not in scope.listed]
     ours = cache.known_user_ids(unlisted) if unlisted else {}
-    departed = {user_id for user_id, registration in owners.items() if ours.get(registration) == user_id}
+    return _Holders(cards, owners, {uid for uid, registration in owners.items() if ours.get(registration) == uid})
+
+
+def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: list[_Target],
+                  scope: _Scope, everyone: bool) -> list[tuple[int, str]]:
+    """Decide each wanted card of a user the device has (`everyone`: of new users too; theirs are otherwise
+    settled when their create is refused) from who holds it: nobody, a participant giving it up in this run
+    (a swap), or someone the project registered and the file no longer lists (freed: returned as (card id,
+    their registration)). Held by anyone else, the participant's card is refused naming the holder."""
+    creating = [t for t in targets if t.card_create and (everyone or not t.new_user)]
+    if not creating:
+        return []
+    by_user = {t.user_id: t for t in targets}
+    found = _card_holders(client, cache, [t.participant.card for t in creating], set(by_user), scope)
+    holders, owners, departed = found.cards, found.owners, found.departed
 
     def blocker(t: _Target) -> str | None:
         held = holders.get(t.participant.card)
@@ -345,8 +372,7 @@ def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: li
         holder = by_user.get(held["user_id"])
         if holder is not None and holder.card_create and held["id"] in holder.card_drop:
             return None  # its holder gets another card in this run
-        who = holder.participant.registration if holder else owners.get(held["user_id"])
-        named = f"{who!r} (user id {held['user_id']})" if who else f"user id {held['user_id']}"
+        named = found.named(held["user_id"], holder.participant.registration if holder else None)
         return f"cards: card {t.participant.card} is held by {named} on {scope.device}"
 
     blocked = True
@@ -365,7 +391,7 @@ def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: li
 
 
 def _write(
-    client: ControlIdClient, scope: _Scope, plan: _Plan, options: RegistrationOptions, report: DeviceReport,
+    client: ControlIdClient, cache: RegistrationCache, scope: _Scope, plan: _Plan, options: RegistrationOptions, report: DeviceReport,
     progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
 ) -> None:
     """Users, then cards (the replaced and freed ones destroyed first), then group links (the removed ones
@@ -390,13 +416,25 @@ def _write(
         return outcome
 
     def check_cards(batch: list[_Target]) -> dict[int, str | None]:
-        found = {c["value"]: c for c in client.load("cards", "value", [t.participant.card for t in batch])}
+        """Cards held as sent are done; those of people who left are freed (sent again), others refused."""
+        found = _card_holders(client, cache, [t.participant.card for t in batch], {t.user_id for t in batch}, scope)
+        by_user = {t.user_id: t for t in plan.targets}
         outcome: dict[int, str | None] = {}
+        freed = []
         for t in batch:
-            card = found.get(t.participant.card)
-            if card is not None:
-                outcome[id(t)] = (None if card["user_id"] == t.user_id else
-                                  f"card {t.participant.card} is held by user id {card['user_id']} on {device}")
+            card = found.cards.get(t.participant.card)
+            if card is None:
+                continue
+            if card["user_id"] in found.departed:
+                freed.append((card["id"], found.owners[card["user_id"]]))
+                outcome[id(t)] = ""  # sent again once freed
+                continue
+            holder = by_user.get(card["user_id"])
+            outcome[id(t)] = None if card["user_id"] == t.user_id else (
+                f"card {t.participant.card} is held by "
+                f"{found.named(card['user_id'], holder.participant.registration if holder else None)} on {device}")
+        if freed:
+            destroy("cards", {}, [card_id for card_id, _ in freed], "cards_freed", [r for _, r in freed])
         return outcome
 
     def check_links(batch: list[_Target]) -> dict[int, str | None]:
@@ -411,7 +449,7 @@ def _write(
             if object_name == "users":
                 target.failed = f"users: {error}"
             else:
-                target.problems.append(f"{object_name}: {error}")
+                target.problems.append(f"{'groups' if object_name == 'user_groups' else object_name}: {error}")
         tally.add(figure, len(batch) - len(refused_ids),
                   [t.participant.registration for t, _ in batch if id(t) not in refused_ids])
         if progress and object_name == "users":
@@ -497,8 +535,8 @@ def _write_isolating(
     check: Check | None, read_back: bool = True,
 ) -> list[tuple[_Target, str]]:
     """Write a batch; if the device refuses it, read the batch back in one call (`check`: id(target) -> None
-    when the device holds the record as sent, or the reason it is refused): the held ones are done, the
-    refused ones returned, and only the rest is sent again. What is still refused is halved until each
+    when the device holds the record as sent, the reason it is refused, or "" to send it again): the held
+    ones are done, the refused ones returned, and only the rest is sent again. What is still refused is halved until each
     refused record is alone; those records are returned with the device's error."""
     try:
         client.write(object_name, [values for _, values in batch], create_only=create_only)
@@ -508,8 +546,8 @@ def _write_isolating(
     if check is not None and (read_back or len(batch) == 1):
         found = check([target for target, _ in batch])
         if found:
-            refused = [(target, why) for target, _ in batch if (why := found.get(id(target), None)) is not None]
-            rest = [record for record in batch if id(record[0]) not in found]
+            refused = [(target, why) for target, _ in batch if (why := found.get(id(target), ""))]
+            rest = [record for record in batch if found.get(id(record[0]), "") == ""]
             return refused + (_write_isolating(client, object_name, rest, create_only, check, read_back=False)
                               if rest else [])
     if len(batch) == 1:
