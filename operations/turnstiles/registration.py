@@ -258,7 +258,7 @@ def _device_work(
         return targets
     if progress and report.unchanged:
         progress(report.unchanged)
-    _write(client, cache, scope, plan, options, report, progress, should_stop, tally)
+    _write(client, cache, scope, plan, options, progress, should_stop, tally)
     report.failures += [(t.participant.registration, t.participant.row_number, t.error) for t in targets if t.error]
     return targets
 
@@ -391,7 +391,7 @@ def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: li
 
 
 def _write(
-    client: ControlIdClient, cache: RegistrationCache, scope: _Scope, plan: _Plan, options: RegistrationOptions, report: DeviceReport,
+    client: ControlIdClient, cache: RegistrationCache, scope: _Scope, plan: _Plan, options: RegistrationOptions,
     progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
 ) -> None:
     """Users, then cards (the replaced and freed ones destroyed first), then group links (the removed ones
@@ -536,8 +536,8 @@ def _write_isolating(
 ) -> list[tuple[_Target, str]]:
     """Write a batch; if the device refuses it, read the batch back in one call (`check`: id(target) -> None
     when the device holds the record as sent, the reason it is refused, or "" to send it again): the held
-    ones are done, the refused ones returned, and only the rest is sent again. What is still refused is halved until each
-    refused record is alone; those records are returned with the device's error."""
+    ones are done, the refused ones returned, and only the rest is sent again. What is still refused is
+    halved until each refused record is alone; those records are returned with the device's error."""
     try:
         client.write(object_name, [values for _, values in batch], create_only=create_only)
         return []
