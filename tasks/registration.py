@@ -24,7 +24,7 @@ from operations.turnstiles.registration import DeviceFailed, DeviceTally, Regist
 from tasks.attempts import attempt_tally, release_tally
 from tasks.cancellation import run_stop_check
 from tasks.events import emit
-from tasks.retries import retrying_task
+from tasks.retries import is_transient, retrying_task
 from tasks.slots import held_slot
 
 PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pace
@@ -134,6 +134,10 @@ def register_on_turnstile(
         if failed.transient and _last_attempt():
             emit(TURNSTILE_UNREACHABLE, device_name, payload={"error": str(failed), "base_url": device.base_url})
         if not failed.transient or _last_attempt():
+            release_tally()
+        raise
+    except Exception as exc:  # unexpected: the task's retry (if any) counts this attempt's share
+        if not is_transient(exc) or _last_attempt():
             release_tally()
         raise
     release_tally()

@@ -12,7 +12,8 @@ changed in batches (users, then cards, then group links), and remember what was 
   card: the old card is destroyed and the new one created, both in batches; so two participants swapping
   cards in one file succeed in one run. A card wanted by a participant and held by someone the project
   registered and the file no longer lists is freed (its card destroyed); held by anyone else, the
-  participant's card is refused naming the holder, before any write.
+  participant's card is refused naming the holder (decided from the plan's read for users the device has,
+  and when the create is refused for new ones, so a first run reads no more than it writes).
 - Groups are exact for the managed groups (`RegistrationOptions.managed_groups`, by default every group the
   file names): a missing link is added (`create_or_modify_objects`), a link to another managed group is
   destroyed (the link object, never the person). Links to groups nobody manages are left alone. A group the
