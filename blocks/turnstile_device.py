@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, ContextManager
 
 from pydantic import Field, SecretStr
+from typing_extensions import Annotated
 
 from blocks.http_endpoint import HttpEndpoint, attempts_field, backoff_base_field
 from blocks.redis_connection import RedisConnection
@@ -48,6 +49,12 @@ client = device.client()  # a ControlIdClient over this process's shared httpx.C
     )
     requests_per_second: float = Field(
         default=20.0, gt=0, le=1000, description="Requests per second to this device, across every flow run."
+    )
+    managed_groups: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, max_length=1000,
+        description="Group ids whose links follow the participants file on this device (a link to one of them "
+                    "the file does not grant is removed); links to other groups are left alone. Empty: every "
+                    "group the file names.",
     )
     # connect_timeout_seconds, read_timeout_seconds, backoff_max_seconds: HttpEndpoint's; a device's own defaults:
     max_attempts: int = attempts_field(4, "Attempts per request for refused connections, timeouts and 5xx.")

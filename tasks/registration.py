@@ -24,7 +24,7 @@ from operations.turnstiles.registration import DeviceFailed, DeviceTally, Regist
 from tasks.attempts import attempt_tally, release_tally
 from tasks.cancellation import run_stop_check
 from tasks.events import emit
-from tasks.retries import retrying_task
+from tasks.retries import is_transient, retrying_task
 from tasks.slots import held_slot
 
 PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pace
@@ -122,7 +122,8 @@ def register_on_turnstile(
     limit, tally = device_limit_name(device_name), attempt_tally(DeviceTally)
     try:
         report = register_on_device(
-            client, device_name, participants.items, cache_block.cache(), replace(options, concurrency=slots),
+            client, device_name, participants.items, cache_block.cache(),
+            replace(options, concurrency=slots, managed_groups=tuple(device.managed_groups) or options.managed_groups),
             progress=_Reporter(device_name, len(participants), progress, cache_block, tally),
             device_slot=lambda: held_slot(limit, logger, what=f"slot of turnstile {device_name}", occupy=slots,
                                           context=f" (global concurrency limit '{limit}', the block's max "
@@ -133,6 +134,10 @@ def register_on_turnstile(
         if failed.transient and _last_attempt():
             emit(TURNSTILE_UNREACHABLE, device_name, payload={"error": str(failed), "base_url": device.base_url})
         if not failed.transient or _last_attempt():
+            release_tally()
+        raise
+    except Exception as exc:  # unexpected: the task's retry (if any) counts this attempt's share
+        if not is_transient(exc) or _last_attempt():
             release_tally()
         raise
     release_tally()

@@ -64,7 +64,7 @@ def test_each_block_keeps_its_defaults_fields_and_form_order():
     for block, own in ((MarketplaceApp, ["api_base_url", "client_id", "client_secret", "redirect_uri",
                                           "max_connections"]),
                        (TurnstileDevice, ["base_url", "login", "password", "max_concurrent_requests",
-                                          "requests_per_second"])):
+                                          "requests_per_second", "managed_groups"])):
         assert issubclass(block, HttpEndpoint)
         properties = block.model_json_schema()["properties"]
         assert list(properties) == own + SHARED

@@ -278,6 +278,9 @@ def test_a_turnstiles_figures_count_every_attempt_of_its_task(gates, tmp_path, m
     table = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-turnstiles"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert [(row["created"], row["unchanged"], row["failed"]) for row in table] == [(100, 0, 0)]
+    device = emulator.control.stats(0)
+    assert (report["requests"], report["writes"]) == (device["total"], device["write_calls"]), "both attempts"
+    assert report["retries"] == 1 and report["logins"] == device["logins"] == 2  # one retry per request: 2 tries
 
 
 def test_a_turnstile_unreachable_past_its_retries_emits_an_event(gates, tmp_path, monkeypatch):

@@ -99,3 +99,30 @@ def test_the_participants_file_is_the_given_one_else_the_setting_and_must_exist(
         participants_path(str(tmp_path / "absent.csv"), default)
     assert issubclass(NoParticipantsFile, UserError) and issubclass(ParticipantsFileError, UserError)
     assert issubclass(UnreadableFile, UserError)  # and so HeaderError: a file the operator fixes
+
+
+def test_the_turnstiles_table_shows_removals_freed_cards_and_all_cached_turnstiles():
+    reports = [_device("gate-a", 10, created=2, cards=3, cards_freed=1, groups=4, groups_removed=5,
+                       failures=[("R001", 3, "groups: group 99 does not exist on gate-a")]),
+               _device("gate-b", 10, status="cached", cached=10)]
+    rows = turnstile_rows(reports, dry_run=False)
+    assert {k: rows[0][k] for k in ("created", "cards", "cards freed", "group links", "group links removed",
+                                    "failed")} == {"created": 2, "cards": 3, "cards freed": 1, "group links": 4,
+                                                   "group links removed": 5, "failed": 1}
+    assert (rows[1]["status"], rows[1]["cached"]) == ("cached", 10)
+    planned = turnstile_rows([_device("gate-a", 10, status="dry-run", groups_removed=5, cards_freed=1)], dry_run=True)
+    assert (planned[0]["group links to remove"], planned[0]["cards to free"]) == (5, 1)
+    assert "group links removed" not in planned[0]
+    summary = registration_summary(_people(10), reports, 1, dry_run=False, seconds=1.0)
+    assert summary["written"] == {"created": 2, "updated": 0, "cards": 3, "cards_freed": 1, "groups": 4,
+                                  "groups_removed": 5}
+    assert summary["successes"] == 19
+
+
+def test_a_dry_runs_refusals_are_labelled_as_expected():
+    people = _people(4)
+    reports = [_device("gate-a", 4, status="dry-run", created=4,
+                       failures=[("R001", 3, "groups: group 99 does not exist on gate-a")])]
+    summary = registration_summary(people, reports, 1, dry_run=True, seconds=0.1, failures_file="f.xlsx")
+    assert "| Expected errors | 1 |" in registration_markdown("people.csv", summary)
+    assert registration_failure_message(summary).startswith("1 record(s) would fail (dry run: nothing was written)")

@@ -281,6 +281,16 @@ def test_modify_and_cascading_destroy(device: Device, control: EmulatorControl) 
     assert control.users(0) == [] and device.call("load_objects", object="user_groups") == {"user_groups": []}
 
 
+
+def test_links_are_destroyed_by_group_and_users_leaving_the_people(device: Device, control: EmulatorControl) -> None:
+    device.call("create_objects", object="users", values=users(1, 2, 3))
+    device.call("create_objects", object="user_groups", values=[{"user_id": u, "group_id": g}
+                                                                for u in (1, 2, 3) for g in (1, 2)])
+    answer = device.call("destroy_objects", object="user_groups",
+                         where={"user_groups": {"group_id": 1, "user_id": [1, 3, 9]}})
+    assert answer == {"changes": 2}
+    assert [(u["id"], u["groups"]) for u in control.users(0)] == [(1, [2]), (2, [1, 2]), (3, [2])]
+
 # -- the device's capacity -----------------------------------------------------------------------------------
 def test_concurrency_cap_serializes_calls(emulator: RunningEmulator, control: EmulatorControl) -> None:
     session = Device(emulator.base_urls[0]).session

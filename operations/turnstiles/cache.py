@@ -69,6 +69,14 @@ class RegistrationCache:
         for start in range(0, len(items), _BATCH):
             self.client.hset(key, mapping=dict(items[start:start + _BATCH]))
 
+    def known_user_ids(self, registrations: list[str]) -> dict[str, int]:
+        """The device user id of each registration the project handed one out to (no new id is handed out)."""
+        ids: dict[str, int] = {}
+        for start in range(0, len(registrations), _BATCH):
+            part = registrations[start:start + _BATCH]
+            ids.update((r, int(v)) for r, v in zip(part, self.client.hmget(f"{self.prefix}:user-ids", part)) if v)
+        return ids
+
     def user_ids(self, registrations: list[str]) -> dict[str, int]:
         """The device user id of each registration, the same on every device; new ones handed out atomically."""
         ids: dict[str, int] = {}

@@ -4,24 +4,34 @@ changed in batches (users, then cards, then group links), and remember what was 
 - Participants whose fingerprint the cache holds for this device cost no device call (unless `verify`, which
   reads the device for everyone, or `skip_cache`, which neither reads nor writes the cache).
 - New users and new cards are written with `create_objects`: a value that exists is refused, never changed,
-  so a user id or a card value of someone else is never overwritten. A refused batch is split in halves
-  until the refused records are alone; a lone refused record is read back from the device, and if the
-  device holds exactly what was sent (a retry of a write whose answer was lost), it is a success.
-- Changed users are written with `create_or_modify_objects` (idempotent), a changed card by modifying the
-  user's card, group links with `create_or_modify_objects` (a link that exists is left as it is). Nothing is
-  ever deleted: a participant who leaves gets an `end` date.
+  so a user id or a card value of someone else is never overwritten. A refused batch is read back in one
+  `load_objects`: the records the device holds exactly as sent (a retried write whose answer was lost) are
+  done, those another user holds are refused naming the holder, and only the rest is sent again; what is
+  still refused is split in halves until the refused records are alone.
+- Changed users are written with `create_or_modify_objects` (idempotent). A changed card replaces the user's
+  card: the old card is destroyed and the new one created, both in batches; so two participants swapping
+  cards in one file succeed in one run. A card wanted by a participant and held by someone the project
+  registered and the file no longer lists is freed (its card destroyed); held by anyone else, the
+  participant's card is refused naming the holder (decided from the plan's read for users the device has,
+  and when the create is refused for new ones, so a first run reads no more than it writes).
+- Groups are exact for the managed groups (`RegistrationOptions.managed_groups`, by default every group the
+  file names): a missing link is added (`create_or_modify_objects`), a link to another managed group is
+  destroyed (the link object, never the person). Links to groups nobody manages are left alone. A group the
+  device lacks is named in the participant's failure, and their user and card are written all the same.
+- People are never deleted: a participant who leaves keeps their user, and their `end` date says until when.
 - Batches hold at most `batch_size` objects and `max_body_bytes` of JSON (the device's buffer is ~2 MB; the
   vendor's SDK writes 250 objects a call).
 - `should_stop` is asked before the device work and before every batch: once it answers True no new write
   starts, the device reports status "cancelled", and what was confirmed before stays counted.
 - The figures are added to a `DeviceTally` as each batch is confirmed; the caller may hand the same tally to
-  every attempt on a device (a retried task), so the report counts what all attempts wrote.
+  every attempt on a device (a retried task), so the report counts what all attempts wrote and requested.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,7 +39,7 @@ from typing import Any, Callable, ContextManager
 
 from operations.cancellation import Cancelled, StopCheck, never, raise_if_stopped
 from operations.turnstiles.cache import RegistrationCache
-from operations.turnstiles.client import ControlIdClient, DeviceError, DeviceRefused
+from operations.turnstiles.client import MAX_IN_LIST, ControlIdClient, DeviceError, DeviceRefused
 from operations.turnstiles.participants import Participant
 
 
@@ -41,11 +51,13 @@ class RegistrationOptions:
     batch_size: int = 250           # objects per write call
     max_body_bytes: int = 1_000_000  # JSON bytes per write call
     concurrency: int = 1            # write calls in flight on this device at once
+    managed_groups: tuple[int, ...] | None = None  # groups whose links follow the file; None: those it names
 
 
 @dataclass
 class DeviceReport:
-    """One device's outcome; `failures` are (registration, row, error) of the participants not registered."""
+    """One device's outcome; `failures` are (registration, row, error) of the participants not registered
+    in full (the error says which part failed and why)."""
 
     device: str
     participants: int = 0
@@ -54,9 +66,11 @@ class DeviceReport:
     created: int = 0                # users created
     updated: int = 0                # users whose name or validity changed
     cards: int = 0                  # cards created or changed
+    cards_freed: int = 0            # cards taken from people the file no longer lists
     groups: int = 0                 # group links added
+    groups_removed: int = 0         # links to managed groups the file does not grant, destroyed
     failures: list[tuple[str, int, str]] = field(default_factory=list)
-    status: str = "done"            # done | dry-run | failed | cancelled
+    status: str = "done"            # done | cached | dry-run | failed | cancelled
     error: str = ""
     requests: int = 0
     retries: int = 0
@@ -68,6 +82,10 @@ class DeviceReport:
         return asdict(self)
 
 
+_TALLY_LOCK = threading.Lock()
+WRITTEN_FIGURES = ("created", "updated", "cards", "cards_freed", "groups", "groups_removed")
+
+
 @dataclass
 class DeviceTally:
     """What every attempt on one device did, added to as each write is confirmed: an attempt that fails after
@@ -76,7 +94,9 @@ class DeviceTally:
     created: int = 0
     updated: int = 0
     cards: int = 0
+    cards_freed: int = 0
     groups: int = 0
+    groups_removed: int = 0
     requests: int = 0
     retries: int = 0
     logins: int = 0
@@ -86,12 +106,19 @@ class DeviceTally:
     written: set[str] = field(default_factory=set)  # registrations an attempt wrote something of
     settled: int = 0  # the most participants one attempt reported settled (the run's progress counts it once)
 
+    def add(self, figure: str | None, count: int, registrations: list[str] = ()) -> None:
+        """`count` more of `figure` (None: no figure of its own), written for `registrations`."""
+        with _TALLY_LOCK:  # batches of one device may be confirmed from several threads
+            if figure is not None:
+                setattr(self, figure, getattr(self, figure) + count)
+            self.written.update(registrations)
+
     def fill(self, report: DeviceReport) -> DeviceReport:
         """`report` with the figures of every attempt (a dry run's planned writes are its own: nothing was
         written)."""
         if report.status != "dry-run":
-            report.created, report.updated, report.cards, report.groups = (
-                self.created, self.updated, self.cards, self.groups)
+            for name in WRITTEN_FIGURES:
+                setattr(report, name, getattr(self, name))
         report.requests, report.retries, report.logins, report.writes = (
             self.requests, self.retries, self.logins, self.writes)
         report.seconds = self.seconds
@@ -111,27 +138,47 @@ class DeviceFailed(Exception):
 
 @dataclass
 class _Target:
-    """A participant and what the device must get."""
+    """A participant and what the device must get. `failed`: the user could not be written (nothing else of
+    theirs is); `problems`: the other parts that could not be (cards, groups), each with why."""
 
     participant: Participant
     user_id: int
     new_user: bool = False
     user_changed: bool = False
     card_create: bool = False
-    card_modify_id: int | None = None   # the device card of this user to give the new value
+    card_drop: list[int] = field(default_factory=list)      # ids of this user's cards the new card replaces
     group_link: bool = False
+    groups_remove: list[int] = field(default_factory=list)  # managed groups the file does not grant
     failed: str = ""
+    problems: list[str] = field(default_factory=list)
 
     @property
     def needs_write(self) -> bool:
-        return self.new_user or self.user_changed or self.card_create or self.card_modify_id is not None \
-            or self.group_link
+        return (self.new_user or self.user_changed or self.card_create or self.group_link
+                or bool(self.groups_remove))
+
+    @property
+    def error(self) -> str:
+        return "; ".join([self.failed] if self.failed else self.problems)
+
+
+@dataclass
+class _Plan:
+    targets: list[_Target]
+    freed: list[tuple[int, str]] = field(default_factory=list)  # (card id, registration) of cards to free
 
 
 def user_values(p: Participant, user_id: int) -> dict[str, Any]:
     """The device's user object for a participant (always the same fields, as one call requires)."""
     return {"id": user_id, "registration": p.registration, "name": p.name,
             "begin_time": p.begin or 0, "end_time": p.end or 0}
+
+
+def managed_groups(participants: list[Participant], options: RegistrationOptions) -> set[int]:
+    """The groups whose links follow the file: the option's, else every group the file names."""
+    if options.managed_groups is not None:
+        return set(options.managed_groups)
+    return {p.group for p in participants if p.group is not None}
 
 
 def register_on_device(
@@ -149,7 +196,7 @@ def register_on_device(
     `device_slot` is held around the device work only (not around the cache check): the caller's share of
     the device's load across runs, so a run whose participants are all cached never waits for it. Once
     `should_stop()`, no new write starts and the report's status is "cancelled". `tally`: the figures of the
-    earlier attempts on this device, added to."""
+    earlier attempts on this device, added to (an attempt ending on any error still adds its requests)."""
     started = time.perf_counter()
     tally = tally if tally is not None else DeviceTally()
     tally.attempts += 1
@@ -162,40 +209,58 @@ def register_on_device(
             report.cached = len(participants) - len(todo)
             if progress and report.cached:
                 progress(report.cached)
-        if todo:
+        if not todo:
+            report.status = "cached"
+        else:
             raise_if_stopped(should_stop, f"the work on {device}")
+            scope = _Scope(device, {p.registration for p in participants}, managed_groups(participants, options))
             with device_slot():
-                targets = _device_work(client, cache, todo, options, report, progress, should_stop, tally)
+                targets = _device_work(client, cache, todo, scope, options, report, progress, should_stop, tally)
                 client.logout()
             if not options.skip_cache and not options.dry_run:
                 cache.confirm(device, [(t.participant.registration, t.user_id, t.participant.fingerprint())
-                                       for t in targets if not t.failed])
+                                       for t in targets if not t.error])
     except Cancelled as exc:
         report.status, report.error = "cancelled", str(exc)
         client.logout()
     except DeviceError as exc:
         report.status, report.error = "failed", str(exc)
         raise DeviceFailed(f"{device}: {exc}", _finish(report, client, started, tally), exc.transient) from None
+    except BaseException:
+        _finish(report, client, started, tally)  # the next attempt's report counts this one's requests
+        raise
     return _finish(report, client, started, tally)
 
 
+@dataclass(frozen=True)
+class _Scope:
+    device: str
+    listed: set[str]    # every registration of the file
+    managed: set[int]   # groups whose links follow the file
+
+
 def _device_work(
-    client: ControlIdClient, cache: RegistrationCache, todo: list[Participant], options: RegistrationOptions,
-    report: DeviceReport, progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
+    client: ControlIdClient, cache: RegistrationCache, todo: list[Participant], scope: _Scope,
+    options: RegistrationOptions, report: DeviceReport, progress: Callable[[int], None] | None,
+    should_stop: StopCheck, tally: DeviceTally,
 ) -> list[_Target]:
     """Read the device, then write what it lacks (or only report it, on a dry run)."""
-    targets = _plan(client, cache, todo)
-    report.unchanged = sum(1 for t in targets if not t.needs_write and t.participant.registration not in tally.written)
+    plan = _plan(client, cache, todo, scope, options.dry_run)
+    targets = plan.targets
+    report.unchanged = sum(1 for t in targets if not t.needs_write and not t.problems
+                           and t.participant.registration not in tally.written)
     if options.dry_run:
         report.status = "dry-run"
-        _count_writes(report, targets)
+        _count_writes(report, plan)
+        report.failures += [(t.participant.registration, t.participant.row_number, t.error)
+                            for t in targets if t.error]
         if progress:
             progress(len(targets))
         return targets
     if progress and report.unchanged:
         progress(report.unchanged)
-    _write(client, [t for t in targets if t.needs_write], options, report, progress, should_stop, tally)
-    report.failures += [(t.participant.registration, t.participant.row_number, t.failed) for t in targets if t.failed]
+    _write(client, cache, scope, plan, options, progress, should_stop, tally)
+    report.failures += [(t.participant.registration, t.participant.row_number, t.error) for t in targets if t.error]
     return targets
 
 
@@ -209,18 +274,21 @@ def _finish(report: DeviceReport, client: ControlIdClient, started: float, tally
     return tally.fill(report)
 
 
-def _count_writes(report: DeviceReport, targets: list[_Target]) -> None:
-    """A dry run's plan: users to create and update, cards and group links to write."""
-    done = [t for t in targets if not t.failed]
+def _count_writes(report: DeviceReport, plan: _Plan) -> None:
+    """A dry run's plan: users to create and update, cards to write and free, group links to add and remove."""
+    done = [t for t in plan.targets if not t.failed]
     report.created = sum(t.new_user for t in done)
     report.updated = sum(t.user_changed for t in done)
-    report.cards = sum(t.card_create or t.card_modify_id is not None for t in done)
+    report.cards = sum(t.card_create for t in done)
+    report.cards_freed = len(plan.freed)
     report.groups = sum(t.group_link for t in done)
+    report.groups_removed = sum(len(t.groups_remove) for t in done)
 
 
-def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Participant]) -> list[_Target]:
+def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Participant], scope: _Scope,
+          dry_run: bool) -> _Plan:
     """What each participant needs, from one read of the device (users by registration, their cards and
-    group links, in lists of at most 999 values)."""
+    group links, in lists of at most 999 values; then the holders of the wanted cards and the wanted groups)."""
     on_device = {u["registration"]: u for u in client.load("users", "registration", [p.registration for p in todo])}
     known_ids = [u["id"] for u in on_device.values()]
     cards: dict[int, list[dict[str, Any]]] = {}
@@ -239,78 +307,199 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, todo: list[Particip
             continue
         wanted, user_id = user_values(p, user["id"]), user["id"]
         changed = any(user.get(key, 0) != wanted[key] for key in ("name", "begin_time", "end_time"))
-        held = cards.get(user_id, [])
-        target = _Target(p, user_id, user_changed=changed,
-                         group_link=p.group is not None and p.group not in groups.get(user_id, set()))
+        held, linked = cards.get(user_id, []), groups.get(user_id, set())
+        target = _Target(p, user_id, user_changed=changed, group_link=p.group is not None and p.group not in linked,
+                         groups_remove=sorted((linked & scope.managed) - {p.group}))
         if p.card is not None and all(card["value"] != p.card for card in held):
-            if held:
-                target.card_modify_id = held[0]["id"]
-            else:
-                target.card_create = True
+            target.card_create, target.card_drop = True, [card["id"] for card in held]
         targets.append(target)
-    return targets
+    if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
+        _check_groups(client, targets, scope.device)
+    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
+
+
+def _check_groups(client: ControlIdClient, targets: list[_Target], device: str) -> None:
+    """Links to groups the device lacks are not attempted: the participant's failure names the group."""
+    wanted = {t.participant.group for t in targets if t.group_link}
+    existing = {g["id"] for g in client.load("groups", "id", sorted(wanted))} if wanted else set()
+    for t in targets:
+        if t.group_link and t.participant.group not in existing:
+            t.group_link = False
+            t.problems.append(f"groups: group {t.participant.group} does not exist on {device}")
+
+
+@dataclass
+class _Holders:
+    """Who holds some card values on a device: the cards, the registrations of their holders outside the
+    targets, and which holders left (registered by the project, absent from the file)."""
+
+    cards: dict[int, dict[str, Any]]
+    owners: dict[int, str]
+    departed: set[int]
+
+    def named(self, user_id: int, registration: str | None = None) -> str:
+        who = registration or self.owners.get(user_id)
+        return f"{who!r} (user id {user_id})" if who else f"user id {user_id}"
+
+
+def _card_holders(client: ControlIdClient, cache: RegistrationCache, values: list[int], known: set[int],
+                  scope: _Scope) -> _Holders:
+    """The holders of `values` on the device (two reads; a third when a holder is not among `known` users)."""
+    cards = {c["value"]: c for c in client.load("cards", "value", values)}
+    outside = sorted({c["user_id"] for c in cards.values() if c["user_id"] not in known})
+    owners = {u["id"]: u["registration"] for u in client.load("users", "id", outside)} if outside else {}
+    unlisted = [registration for registration in owners.values() if registration not in scope.listed]
+    ours = cache.known_user_ids(unlisted) if unlisted else {}
+    return _Holders(cards, owners, {uid for uid, registration in owners.items() if ours.get(registration) == uid})
+
+
+def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: list[_Target],
+                  scope: _Scope, everyone: bool) -> list[tuple[int, str]]:
+    """Decide each wanted card of a user the device has (`everyone`: of new users too; theirs are otherwise
+    settled when their create is refused) from who holds it: nobody, a participant giving it up in this run
+    (a swap), or someone the project registered and the file no longer lists (freed: returned as (card id,
+    their registration)). Held by anyone else, the participant's card is refused naming the holder."""
+    creating = [t for t in targets if t.card_create and (everyone or not t.new_user)]
+    if not creating:
+        return []
+    by_user = {t.user_id: t for t in targets}
+    found = _card_holders(client, cache, [t.participant.card for t in creating], set(by_user), scope)
+    holders, owners, departed = found.cards, found.owners, found.departed
+
+    def blocker(t: _Target) -> str | None:
+        held = holders.get(t.participant.card)
+        if held is None or held["user_id"] == t.user_id or held["user_id"] in departed:
+            return None
+        holder = by_user.get(held["user_id"])
+        if holder is not None and holder.card_create and held["id"] in holder.card_drop:
+            return None  # its holder gets another card in this run
+        named = found.named(held["user_id"], holder.participant.registration if holder else None)
+        return f"cards: card {t.participant.card} is held by {named} on {scope.device}"
+
+    blocked = True
+    while blocked:  # a refused card keeps its holder's old card, which may block another: until none changes
+        blocked = False
+        for t in creating:
+            if t.card_create and (why := blocker(t)) is not None:
+                t.card_create, t.card_drop, blocked = False, [], True
+                t.problems.append(why)
+    freed = {}
+    for t in creating:
+        held = holders.get(t.participant.card)
+        if t.card_create and held is not None and held["user_id"] in departed:
+            freed[held["id"]] = owners[held["user_id"]]
+    return sorted(freed.items())
 
 
 def _write(
-    client: ControlIdClient, targets: list[_Target], options: RegistrationOptions, report: DeviceReport,
+    client: ControlIdClient, cache: RegistrationCache, scope: _Scope, plan: _Plan, options: RegistrationOptions,
     progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
 ) -> None:
-    """Users, then cards, then group links, each in batches (`options.concurrency` calls at once); a
-    participant whose user failed gets nothing more. Each confirmed write is added to `tally` at once. Once a
-    batch fails (the device unreachable) or `should_stop()` (Cancelled), no further batch starts: those in
-    flight finish and are counted, then the error is raised."""
+    """Users, then cards (the replaced and freed ones destroyed first), then group links (the removed ones
+    destroyed first), each in batches (`options.concurrency` calls at once); a participant whose user failed
+    gets nothing more, one whose card failed still gets their group link. Each confirmed write is added to
+    `tally` at once. Once a batch fails (the device unreachable) or `should_stop()` (Cancelled), no further
+    batch starts: those in flight finish and are counted, then the error is raised."""
+    device = scope.device
+    targets = [t for t in plan.targets if t.needs_write]
+
     def alive(predicate: Callable[[_Target], bool]) -> list[_Target]:
         return [t for t in targets if not t.failed and predicate(t)]
 
-    def resolve_user(t: _Target, exc: DeviceRefused) -> str | None:
-        found = client.load("users", "id", [t.user_id])
-        if found and found[0].get("registration") == t.participant.registration:
-            return None  # the device holds it: an earlier attempt's write whose answer was lost
-        taken = f" (user id {t.user_id} is {found[0].get('registration')!r} there)" if found else ""
-        return f"{exc.error}{taken}"
+    def check_users(batch: list[_Target]) -> dict[int, str | None]:
+        found = {u["id"]: u for u in client.load("users", "id", [t.user_id for t in batch])}
+        outcome: dict[int, str | None] = {}
+        for t in batch:
+            if t.user_id in found:  # ours: an earlier write whose answer was lost; else someone else's id
+                registration = found[t.user_id].get("registration")
+                outcome[id(t)] = (None if registration == t.participant.registration
+                                  else f"user id {t.user_id} is {registration!r} on {device}")
+        return outcome
 
-    def resolve_card(t: _Target, exc: DeviceRefused) -> str | None:
-        found = client.load("cards", "value", [t.participant.card])
-        if found and found[0].get("user_id") == t.user_id:
-            return None
-        owner = f" (card {t.participant.card} belongs to user {found[0].get('user_id')})" if found else ""
-        return f"{exc.error}{owner}"
+    def check_cards(batch: list[_Target]) -> dict[int, str | None]:
+        """Cards held as sent are done; those of people who left are freed (sent again), others refused."""
+        found = _card_holders(client, cache, [t.participant.card for t in batch], {t.user_id for t in batch}, scope)
+        by_user = {t.user_id: t for t in plan.targets}
+        outcome: dict[int, str | None] = {}
+        freed = []
+        for t in batch:
+            card = found.cards.get(t.participant.card)
+            if card is None:
+                continue
+            if card["user_id"] in found.departed:
+                freed.append((card["id"], found.owners[card["user_id"]]))
+                outcome[id(t)] = ""  # sent again once freed
+                continue
+            holder = by_user.get(card["user_id"])
+            outcome[id(t)] = None if card["user_id"] == t.user_id else (
+                f"card {t.participant.card} is held by "
+                f"{found.named(card['user_id'], holder.participant.registration if holder else None)} on {device}")
+        if freed:
+            destroy("cards", {}, [card_id for card_id, _ in freed], "cards_freed", [r for _, r in freed])
+        return outcome
 
-    def batch_written(batch: list[tuple[_Target, dict]], refused: list[tuple[_Target, str]], object_name: str,
-                      figure: str) -> None:
+    def check_links(batch: list[_Target]) -> dict[int, str | None]:
+        existing = {g["id"] for g in client.load("groups", "id", sorted({t.participant.group for t in batch}))}
+        return {id(t): f"group {t.participant.group} does not exist on {device}"
+                for t in batch if t.participant.group not in existing}
+
+    def written(batch: list[tuple[_Target, dict]], refused: list[tuple[_Target, str]], object_name: str,
+                figure: str) -> None:
         refused_ids = {id(target) for target, _ in refused}
         for target, error in refused:
-            target.failed = f"{object_name}: {error}"
-        for target, _ in batch:
-            if id(target) not in refused_ids:
-                setattr(tally, figure, getattr(tally, figure) + 1)
-                tally.written.add(target.participant.registration)
+            if object_name == "users":
+                target.failed = f"users: {error}"
+            else:
+                target.problems.append(f"{'groups' if object_name == 'user_groups' else object_name}: {error}")
+        tally.add(figure, len(batch) - len(refused_ids),
+                  [t.participant.registration for t, _ in batch if id(t) not in refused_ids])
         if progress and object_name == "users":
             progress(len(batch))
 
-    def one_batch(batch: list[tuple[_Target, dict]], object_name: str, create_only: bool, resolve):
-        raise_if_stopped(should_stop, f"the next {object_name} batch on {report.device}")
-        return _write_isolating(client, object_name, batch, create_only, resolve)
+    def one_batch(batch: list[tuple[_Target, dict]], object_name: str, create_only: bool, check):
+        raise_if_stopped(should_stop, f"the next {object_name} batch on {device}")
+        return _write_isolating(client, object_name, batch, create_only, check)
+
+    def destroy(object_name: str, where: dict[str, Any], values: list[int], figure: str | None,
+                registrations: list[str]) -> None:
+        """Destroy the `object_name` rows matching `where` and each part of `values` (lists of at most 998)."""
+        field_name = "id" if object_name == "cards" else "user_id"
+        for start in range(0, len(values), MAX_IN_LIST - 1):
+            part = values[start:start + MAX_IN_LIST - 1]
+            raise_if_stopped(should_stop, f"the next {object_name} removal on {device}")
+            client.call("/destroy_objects.fcgi",
+                        {"object": object_name, "where": {object_name: {**where, field_name: part}}})
+            client.stats.count(writes=1)
+            tally.add(figure, len(part), registrations[start:start + MAX_IN_LIST - 1])
 
     steps = [
-        ("users", alive(lambda t: t.new_user), lambda t: user_values(t.participant, t.user_id), True, resolve_user,
+        ("users", lambda t: t.new_user, lambda t: user_values(t.participant, t.user_id), True, check_users,
          "created"),
-        ("users", alive(lambda t: t.user_changed), lambda t: user_values(t.participant, t.user_id), False, None,
-         "updated"),
-        ("cards", None, lambda t: {"value": t.participant.card, "user_id": t.user_id}, True, resolve_card, "cards"),
-        ("user_groups", None, lambda t: {"user_id": t.user_id, "group_id": t.participant.group}, False, None,
-         "groups"),
+        ("users", lambda t: t.user_changed, lambda t: user_values(t.participant, t.user_id), False, None, "updated"),
+        ("cards", lambda t: t.card_create, lambda t: {"value": t.participant.card, "user_id": t.user_id}, True,
+         check_cards, "cards"),
+        ("user_groups", lambda t: t.group_link, lambda t: {"user_id": t.user_id, "group_id": t.participant.group},
+         False, check_links, "groups"),
     ]
-    with ThreadPoolExecutor(max(1, options.concurrency), thread_name_prefix=f"device-{report.device}") as pool:
-        for object_name, chosen, values, create_only, resolve, figure in steps:
-            if chosen is None:  # cards and links only for participants whose user is on the device by now
-                chosen = alive(lambda t: t.card_create) if object_name == "cards" else alive(lambda t: t.group_link)
-            batches = _batches([(t, values(t)) for t in chosen], options.batch_size, options.max_body_bytes)
-            futures = [pool.submit(one_batch, batch, object_name, create_only, resolve) for batch in batches]
+    with ThreadPoolExecutor(max(1, options.concurrency), thread_name_prefix=f"device-{device}") as pool:
+        for object_name, wanted, values, create_only, check, figure in steps:
+            if object_name == "cards":  # the cards given up and freed go first: a swap needs both values free
+                dropping = [(card_id, t.participant.registration) for t in alive(lambda t: t.card_create)
+                            for card_id in t.card_drop] + plan.freed
+                destroy("cards", {}, [card_id for card_id, _ in dropping], None,
+                        [registration for _, registration in dropping])
+                tally.add("cards_freed", len(plan.freed))
+            if object_name == "user_groups":
+                for group in sorted({g for t in alive(lambda t: bool(t.groups_remove)) for g in t.groups_remove}):
+                    losing = alive(lambda t: group in t.groups_remove)
+                    destroy("user_groups", {"group_id": group}, [t.user_id for t in losing], "groups_removed",
+                            [t.participant.registration for t in losing])
+            batches = _batches([(t, values(t)) for t in alive(wanted)], options.batch_size, options.max_body_bytes)
+            futures = [pool.submit(one_batch, batch, object_name, create_only, check) for batch in batches]
             stopped: Exception | None = None
             for batch, future in zip(batches, futures):
                 try:
-                    batch_written(batch, future.result(), object_name, figure)
+                    written(batch, future.result(), object_name, figure)
                 except CancelledError:  # not started: a batch before it failed or was stopped
                     pass
                 except Exception as exc:  # noqa: BLE001 - raised once the batches in flight are counted
@@ -320,16 +509,6 @@ def _write(
                             later.cancel()
             if stopped is not None:
                 raise stopped
-        for t in alive(lambda t: t.card_modify_id is not None):
-            raise_if_stopped(should_stop, f"the next card change on {report.device}")
-            try:
-                client.call("/modify_objects.fcgi", {"object": "cards", "values": {"value": t.participant.card},
-                                                     "where": {"cards": {"id": t.card_modify_id}}})
-            except DeviceRefused as exc:
-                t.failed = f"cards: {exc.error}"
-            else:
-                tally.cards += 1
-                tally.written.add(t.participant.registration)
     if progress:  # the participants without a user write are settled now
         progress(sum(not (t.new_user or t.user_changed) for t in targets))
 
@@ -349,19 +528,31 @@ def _batches(records: list[tuple[_Target, dict]], max_count: int, max_bytes: int
     return batches
 
 
+Check = Callable[[list[_Target]], dict[int, "str | None"]]
+
+
 def _write_isolating(
     client: ControlIdClient, object_name: str, batch: list[tuple[_Target, dict]], create_only: bool,
-    resolve: Callable[[_Target, DeviceRefused], str | None] | None,
+    check: Check | None, read_back: bool = True,
 ) -> list[tuple[_Target, str]]:
-    """Write a batch; if the device refuses it, halve it until each refused record is alone, and return
-    those records with the device's error (or none, when `resolve` finds the device holds the record)."""
+    """Write a batch; if the device refuses it, read the batch back in one call (`check`: id(target) -> None
+    when the device holds the record as sent, the reason it is refused, or "" to send it again): the held
+    ones are done, the refused ones returned, and only the rest is sent again. What is still refused is
+    halved until each refused record is alone; those records are returned with the device's error."""
     try:
         client.write(object_name, [values for _, values in batch], create_only=create_only)
         return []
     except DeviceRefused as exc:
-        if len(batch) == 1:
-            error = resolve(batch[0][0], exc) if resolve else exc.error
-            return [] if error is None else [(batch[0][0], error)]
+        error = exc.error
+    if check is not None and (read_back or len(batch) == 1):
+        found = check([target for target, _ in batch])
+        if found:
+            refused = [(target, why) for target, _ in batch if (why := found.get(id(target), ""))]
+            rest = [record for record in batch if found.get(id(record[0]), "") == ""]
+            return refused + (_write_isolating(client, object_name, rest, create_only, check, read_back=False)
+                              if rest else [])
+    if len(batch) == 1:
+        return [(batch[0][0], error)]
     middle = len(batch) // 2
-    return (_write_isolating(client, object_name, batch[:middle], create_only, resolve)
-            + _write_isolating(client, object_name, batch[middle:], create_only, resolve))
+    return (_write_isolating(client, object_name, batch[:middle], create_only, check, read_back=False)
+            + _write_isolating(client, object_name, batch[middle:], create_only, check, read_back=False))

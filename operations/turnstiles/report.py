@@ -8,8 +8,8 @@ sees at once whether one device or one participant is the problem. Failures are 
 list never sits in memory.
 
 A cancelled run reports what its turnstiles wrote before the cancel (users created and updated, cards, group
-links, across every attempt); the participants of a turnstile stopped by the cancel are neither successes nor
-failures.
+links added and removed, across every attempt); the participants of a turnstile stopped by the cancel are
+neither successes nor failures.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def registration_failures(people: ParticipantsFile, reports: list[dict]) -> list
     return failures
 
 
-WRITTEN = ("created", "updated", "cards", "groups")
+WRITTEN = ("created", "updated", "cards", "cards_freed", "groups", "groups_removed")
 
 
 def registration_summary(
@@ -81,17 +81,20 @@ def registration_summary(
             "turnstiles": len(reports), "operations": operations, ("planned" if dry_run else "successes"): done,
             "cached": sum(r["cached"] for r in reports), "errors": errors,
             "turnstiles_failed": sum(1 for r in reports if r["status"] == "failed"), "turnstiles_cancelled": cancelled,
-            "written": {name: 0 if dry_run else sum(r[name] for r in reports) for name in WRITTEN},
+            "written": {name: 0 if dry_run else sum(r.get(name, 0) for r in reports) for name in WRITTEN},
             "dry_run": dry_run, "failures_file": failures_file, "reports": reports, "seconds": round(seconds, 2)}
 
 
 def turnstile_rows(reports: list[dict], dry_run: bool) -> list[dict]:
-    """The turnstiles table: one row per turnstile; a dry run's writes are headed as planned."""
-    created, updated, cards, groups = (("to create", "to update", "cards to write", "group links to add")
-                                       if dry_run else ("created", "updated", "cards", "group links"))
+    """The turnstiles table: one row per turnstile; a dry run's writes are headed as planned. A turnstile whose
+    participants were all cached has the status "cached" (no call was made to it)."""
+    headings = (("to create", "to update", "cards to write", "cards to free", "group links to add",
+                 "group links to remove") if dry_run
+                else ("created", "updated", "cards", "cards freed", "group links", "group links removed"))
     return [{"turnstile": r["device"], "status": r["status"], "participants": r["participants"],
-             "cached": r["cached"], "unchanged": r["unchanged"], created: r["created"], updated: r["updated"],
-             cards: r["cards"], groups: r["groups"], "failed": len(r["failures"]), "requests": r["requests"],
+             "cached": r["cached"], "unchanged": r["unchanged"],
+             **{heading: r.get(name, 0) for heading, name in zip(headings, WRITTEN)},
+             "failed": len(r["failures"]), "requests": r["requests"],
              "retries": r["retries"], "logins": r["logins"], "seconds": round(r["seconds"], 2), "error": r["error"]}
             for r in reports]
 
@@ -110,7 +113,8 @@ def registration_markdown(file_name: str, summary: dict, failures_link: str = ""
         written = summary["written"]
         done += (f"\n| Cancelled | {len(cancelled)} turnstile(s) stopped: {', '.join(cancelled)} |"
                  f"\n| Written before the cancel | {written['created']:,} user(s) created, {written['updated']:,} "
-                 f"updated, {written['cards']:,} card(s), {written['groups']:,} group link(s) |")
+                 f"updated, {written['cards']:,} card(s), {written['groups']:,} group link(s) added, "
+                 f"{written['groups_removed']:,} removed |")
     return f"""# Registration of `{file_name}`{' (dry run)' if dry_run else ''}{' (cancelled)' if cancelled else ''}
 
 | | |
@@ -120,7 +124,7 @@ def registration_markdown(file_name: str, summary: dict, failures_link: str = ""
 | Total operations | {summary['operations']:,} |
 {done}
 | Skipped (cache) | {summary['cached']:,} |
-| Errors | {summary['errors']:,} |
+| {'Expected errors' if dry_run else 'Errors'} | {summary['errors']:,} |
 
 {len(failed)} turnstile(s) not worked on{': ' + ', '.join(failed) if failed else ''}.
 Time: {summary['seconds']:.1f} s. Failed records: {failures}.
@@ -128,10 +132,12 @@ Time: {summary['seconds']:.1f} s. Failed records: {failures}.
 
 
 def registration_failure_message(summary: dict) -> str | None:
-    """The run's failure in one line (failed records, turnstiles not worked on); None when nothing failed."""
+    """The run's failure in one line (failed records, turnstiles not worked on; in a dry run, the records that
+    would fail); None when nothing failed."""
     if not (summary["errors"] or summary["turnstiles_failed"]):
         return None
-    return (f"{summary['errors']:,} record(s) failed and {summary['turnstiles_failed']} turnstile(s) could not be "
+    failed = "would fail (dry run: nothing was written)" if summary["dry_run"] else "failed"
+    return (f"{summary['errors']:,} record(s) {failed} and {summary['turnstiles_failed']} turnstile(s) could not be "
             f"worked on: see the registration-failures spreadsheet ({summary['failures_file']})")
 
 
