@@ -65,6 +65,7 @@ def sync_options(settings: Settings) -> SyncOptions:
         max_window=timedelta(days=settings.marketplace.max_window_days),
         timeout_seconds=settings.marketplace.account_timeout_seconds,
         lock_wait_seconds=settings.marketplace.lock_wait_seconds,
+        items_scan=not settings.marketplace_notifications.enabled,
     )
 
 

@@ -85,6 +85,9 @@ class SyncOptions:
     token_margin: timedelta = timedelta(minutes=5)
     window_rereads: int = 3  # re-reads of a window whose total moved while it was paged
     scan_restarts: int = 3  # items scans restarted after an expired scroll_id
+    # False (MARKETPLACE_NOTIFICATIONS on): a sync of `both` reads no items, changed items come from notifications
+    # and the daily reconciliation; a sync asked for `items` alone still reads them all
+    items_scan: bool = True
 
 
 @dataclass(frozen=True)
@@ -440,7 +443,7 @@ def sync_account(
                 else:
                     since = now - options.initial_history
                 _sync_orders(session, result, since, now, options)
-            if resources.includes("items"):
+            if resources.includes("items") and (options.items_scan or resources is SyncResources.items):
                 _sync_items(session, result)
         except Cancelled as exc:
             finish("cancelled", f"{exc}; what it committed is kept and the next sync resumes from its checkpoint")
