@@ -479,7 +479,7 @@ class _Notifier:
     answered 200 within `notification_timeout_ms`, else tried again `notification_retry_seconds` later (the same
     `_id`, `attempts` counting up) until `notification_attempts`; then it is kept for `GET /missed_feeds`."""
 
-    CONCURRENT_POSTS = 50
+    CONCURRENT_POSTS = 10  # httpx pools slow down past ~10 concurrent requests per client
 
     def __init__(self, emulator: MarketplaceEmulator):
         self.emulator = emulator
