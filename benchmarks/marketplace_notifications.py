@@ -87,8 +87,10 @@ def _burst(control, engine) -> dict:
     truth = {o["id"]: parse_time(o["date_last_updated"]) for o in control.orders()}
     prices = {i["id"]: i["price"] for i in control.items()}
     with engine.connect() as conn:  # every change is there, as the emulator has it
-        stored = dict(conn.execute(select(ORDERS.c.id, ORDERS.c.date_last_updated).where(ORDERS.c.id.in_(orders))))
-        stored_prices = dict(conn.execute(select(ITEMS.c.id, ITEMS.c.price).where(ITEMS.c.id.in_(items))))
+        stored = {r.id: r.date_last_updated
+                  for r in conn.execute(select(ORDERS.c.id, ORDERS.c.date_last_updated).where(ORDERS.c.id.in_(orders)))}
+        stored_prices = {r.id: r.price for r in conn.execute(select(ITEMS.c.id, ITEMS.c.price)
+                                                              .where(ITEMS.c.id.in_(items)))}
     fresh = (all(utc(stored.get(i)) == truth[i] for i in orders)
              and all(float(stored_prices.get(i, -1)) == prices[i] for i in items))
     thread.join(60)
@@ -107,3 +109,76 @@ def print_notifications(figures: dict, accounts: int) -> None:
           f"all in the database {burst['after_last']:.1f} s after the last one was delivered (target <= 10 s), "
           f"{'complete' if burst['complete'] else 'INCOMPLETE'}, {burst['requests'] / burst['accounts']:.1f} "
           "consumer requests per account")
+
+
+def bench_database(concurrency: int):
+    """The stack's services (the Prefect server) and an empty database of the benchmark's own (as
+    benchmarks/marketplace.py makes it): its engine."""
+    from deployments.stack import start_local_stack
+    from operations.infra.database import get_engine, migrate_to_head
+    from operations.infra.embedded_postgres import ensure_database, running_embedded_postgres
+    from operations.marketplace.store import clear_marketplace_data
+    from operations.settings import get_settings
+
+    settings = get_settings()
+    start_local_stack(settings)
+    if settings.database.url:
+        url = settings.database.url.get_secret_value()
+    else:
+        url = ensure_database(running_embedded_postgres(settings.stack.postgres_dir), "marketplace_bench")
+    migrate_to_head(url)
+    os.environ["DATABASE_URL"] = url
+    os.environ["MARKETPLACE_CONCURRENCY"] = str(concurrency)
+    engine = get_engine(url)
+    clear_marketplace_data(engine, accounts=True)
+    return engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Only these figures (`make bench` measures them after its syncs): a stack of DATA_DIR, the emulator in its
+    own process, every account onboarded and synced once, then `measure_notifications`."""
+    import argparse
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.marketplace_notifications", description=__doc__)
+    parser.add_argument("--accounts", type=int, default=200)
+    parser.add_argument("--orders", type=int, default=500)
+    parser.add_argument("--items", type=int, default=200)
+    parser.add_argument("--latency-ms", type=float, default=30.0)
+    parser.add_argument("--concurrency", type=int, default=10)
+    args = parser.parse_args(argv)
+    engine = bench_database(args.concurrency)  # PREFECT_API_URL set before Prefect is imported (below)
+    from pydantic import SecretStr
+
+    from blocks.marketplace_app import MarketplaceApp
+    from emulators.marketplace import EmulatorConfig, EmulatorControl, start_emulator_process, stop_emulator_process
+    from operations.marketplace.onboarding import onboard_from_code
+    from operations.marketplace.store import list_accounts
+    from operations.marketplace.sync import SyncOptions, SyncResources, sync_account
+
+    state_dir = Path(tempfile.mkdtemp(prefix="marketplace-bench-"))
+    config = EmulatorConfig(sellers=args.accounts, orders_per_seller=args.orders, items_per_seller=args.items,
+                            latency_ms=args.latency_ms, seed=11)
+    emulator = start_emulator_process(config, state_dir)
+    try:
+        control = EmulatorControl(emulator.base_url)
+        app = MarketplaceApp(api_base_url=emulator.base_url, client_id=config.client_id,
+                             client_secret=SecretStr(config.client_secret), redirect_uri=config.redirect_uri,
+                             max_connections=max(20, args.concurrency * 2))
+        app.save("marketplace-bench", overwrite=True)
+        os.environ["MARKETPLACE_APP_BLOCK"] = "marketplace-bench"
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            sellers = [(s["seller_id"], s["nickname"]) for s in control.sellers()]
+            list(pool.map(lambda s: onboard_from_code(engine, app.client(), control.authorize(s[0]), s[1]), sellers))
+            list(pool.map(lambda a: sync_account(engine, app.client(), a, SyncResources.both, SyncOptions()),
+                          list_accounts(engine)))
+        print_notifications(measure_notifications(emulator.base_url, control, engine), args.accounts)
+    finally:
+        stop_emulator_process(state_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -302,7 +302,10 @@ def emulator_callback_url(running: MarketplaceReceiver, settings) -> str:
     """The callback URL the local emulator posts to: the receiver's, with the stack's credentials when it asks."""
     if not settings.stack.auth_string:
         return running.callback_url
-    return running.callback_url.replace("://", f"://{settings.stack.auth_string.get_secret_value()}@", 1)
+    from urllib.parse import quote
+
+    user, _, password = settings.stack.auth_string.get_secret_value().partition(":")
+    return running.callback_url.replace("://", f"://{quote(user, safe='')}:{quote(password, safe='')}@", 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,9 @@ It follows the contract `operations/marketplace/client.py` is written for:
 - `GET /orders/search` (the date filters truncated down to the hour, sorted by `date_closed`, offset cap),
   `GET /users/{id}/items/search` (offset paging capped at 1,000; `search_type=scan` with scroll ids that
   expire), `GET /items` and `GET /items/bulk` (up to 20 ids, one entry per id, 404 entries for unknown ids).
+- Notifications: every order and item change a mutation makes is POSTed to `notification_url` (a runtime knob) as
+  the marketplace does, tried again when not answered 200 within `notification_timeout_ms`, then kept for
+  `GET /missed_feeds?app_id=...`; `GET /orders/{id}` answers what an orders notification names.
 - Faults on demand: fixed latency (awaited, so concurrent clients overlap), random 429/503 shares, targeted
   fault rules, token and scroll expiry, authorization revocation, and data mutation between syncs.
 

@@ -19,6 +19,7 @@ import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 from prefect.utilities.annotations import unmapped
 from pydantic import Field
 from typing_extensions import Annotated
@@ -82,4 +83,7 @@ def marketplace_notifications(idle_seconds: IdleSeconds = IDLE_SECONDS, missed_f
                 break  # their notifications stay pending: the next run tries them again
     create_markdown_artifact(key="marketplace-notifications", markdown=totals.markdown(time.perf_counter() - started),
                              description="What this run of the notifications consumer applied")
+    if totals.failed:
+        return Failed(message=f"{len(totals.failed)} account(s) failed: {'; '.join(totals.failed)[:500]}",
+                      data=totals.to_json())
     return totals.to_json()
