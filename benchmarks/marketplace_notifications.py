@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = Path(tempfile.mkdtemp(prefix="marketplace-bench-"))
     config = EmulatorConfig(sellers=args.accounts, orders_per_seller=args.orders, items_per_seller=args.items,
                             latency_ms=args.latency_ms, seed=11)
-    emulator = start_emulator_process(config, state_dir)
+    emulator = start_emulator_process(config, state_dir, start_timeout=180)  # 200 sellers' data take a while
     try:
         control = EmulatorControl(emulator.base_url)
         app = MarketplaceApp(api_base_url=emulator.base_url, client_id=config.client_id,

@@ -210,3 +210,26 @@ def test_with_notifications_a_sync_of_both_reads_no_items_and_one_of_items_reads
     assert not {"/users/{user_id}/items/search", "/items"} & set(routes), routes
     full = sync_account(pg_engine, market.client(), account, SyncResources.items, incremental)
     assert full.items.new == 150
+
+
+def test_the_receiver_service_follows_the_stacks_bind_and_auth_rules(tmp_path, pg_engine):
+    """The stack's service (a supervised process): refused beyond loopback without auth; with STACK_AUTH_STRING,
+    every request needs it. Slow-ish (~5 s): a supervisord and the receiver's process start."""
+    from deployments.marketplace_receiver import MarketplaceReceiverService
+    from operations.infra.processes import ExposedWithoutAuth, free_port
+
+    with pg_engine.begin() as conn:
+        conn.execute(delete(NOTIFICATIONS))
+    with pytest.raises(ExposedWithoutAuth, match="STACK_AUTH_STRING"):
+        MarketplaceReceiverService(tmp_path / "open", APP, host="0.0.0.0").ensure()
+    service = MarketplaceReceiverService(tmp_path / "marketplace-receiver", APP, port=free_port(),
+                                         auth_string="ops:s3cret")
+    running = service.ensure()
+    try:
+        assert httpx.post(running.callback_url, json=_note(_id="svc-1")).status_code == 401
+        assert httpx.post(running.callback_url, json=_note(_id="svc-1"), auth=("ops", "s3cret")).status_code == 200
+        assert [p.id for p in pending_notifications(pg_engine)] == ["svc-1"]
+        line = service.status().line()
+        assert line.startswith("running") and running.callback_url in line and "basic auth" in line, line
+    finally:
+        service.stop()
