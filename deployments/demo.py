@@ -1,8 +1,8 @@
 """`make demo`: start the local stack on embedded defaults and run every flow end to end: generate-games, then
 the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace, then a few changes
 applied from the marketplace's notifications), then a generated products file with some bad rows through
-process-products (dealers loaded from a file first), then a generated participants file registered on the emulated turnstiles through register-participants, then a dry
-run of cleanup-runs (what the daily retention would remove).
+process-products (dealers loaded from a file first), then a generated participants file registered on the emulated
+turnstiles through register-participants, then a dry run of cleanup-runs (what the daily retention would remove).
 
     python -m deployments.demo [--quantity 200000] [--run-key demo-...]
 
