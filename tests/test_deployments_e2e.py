@@ -313,7 +313,7 @@ def test_on_demand_run_started_through_the_rest_api_completes_with_artifacts(ope
 def test_an_order_changed_in_the_marketplace_is_in_the_database_seconds_later_through_the_trigger(operator_stack):
     """The stack's emulator notifies the stack's marketplace receiver, whose event starts a run of
     marketplace-notifications/on-event on the worker (its trigger in prefect.yaml): the changed order is stored with
-    no sync run. Slow (~10-20 s): the worker polls for the run and starts a process for it."""
+    no sync run. Slow (~10-40 s): the worker polls for the run and starts a process for it."""
     client, market = operator_stack.client, operator_stack.market
     seller = market.seller_ids()[0]  # onboarded by the fixture
     on_event = _deployment(client, "marketplace-notifications/on-event")
