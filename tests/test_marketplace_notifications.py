@@ -214,7 +214,7 @@ def test_with_notifications_a_sync_of_both_reads_no_items_and_one_of_items_reads
 
 def test_the_receiver_service_follows_the_stacks_bind_and_auth_rules(tmp_path, pg_engine):
     """The stack's service (a supervised process): refused beyond loopback without auth; with STACK_AUTH_STRING,
-    every request needs it. Slow-ish (~5 s): a supervisord and the receiver's process start."""
+    every request needs it. Slow-ish (5-10 s): a supervisord and the receiver's process start."""
     from deployments.marketplace_receiver import MarketplaceReceiverService
     from operations.infra.processes import ExposedWithoutAuth, free_port
 
