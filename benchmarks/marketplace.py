@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.marketplace_notifications import measure_notifications, print_notifications
 from benchmarks.memory import PeakMemory
 
 
@@ -126,6 +127,7 @@ def _measure(base_url, config, engine, latency_ms, concurrency, settings) -> dic
     for account in list_accounts(engine):
         sync_account(engine, app.client(), account, SyncResources.both, options)
     figures["sequential"] = {"wall": time.perf_counter() - started, "requests": control.stats()["total"]}
+    figures["notifications"] = measure_notifications(base_url, control, engine)  # on the synced accounts
     return figures
 
 
@@ -192,6 +194,7 @@ def print_marketplace(figures: dict) -> None:
             f"peak memory {f['peak_bytes'] / 2**20:,.0f} MiB"
         )
     print(f"  baseline, one account after another (the old system): {seq['wall']:.1f} s for {seq['requests']:,} requests")
+    print_notifications(figures["notifications"], n)
     o = figures["onboarding"]
     print(
         f"onboard-account, one seller at a time: {o['flow_seconds'] * 1000:.0f} ms per flow run ({o['by_flow']} runs); "

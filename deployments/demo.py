@@ -1,8 +1,8 @@
 """`make demo`: start the local stack on embedded defaults and run every flow end to end: generate-games, then
-the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace), then a
-generated products file with some bad rows through process-products (dealers loaded from a file first), then a
-generated participants file registered on the emulated turnstiles through register-participants, then a dry
-run of cleanup-runs (what the daily retention would remove).
+the marketplace sync (emulated sellers onboarded through onboard-account, then sync-marketplace, then a few changes
+applied from the marketplace's notifications), then a generated products file with some bad rows through
+process-products (dealers loaded from a file first), then a generated participants file registered on the emulated
+turnstiles through register-participants, then a dry run of cleanup-runs (what the daily retention would remove).
 
     python -m deployments.demo [--quantity 200000] [--run-key demo-...]
 
@@ -104,6 +104,30 @@ def demo_marketplace(stack, sellers: int) -> int:
     )
     print(f"  flow run: {stack.ui_url}/runs/flow-run/{state.state_details.flow_run_id}")
     print("  accounts: .venv/bin/python -m deployments.marketplace_accounts list")
+    return demo_notifications(stack) if stack.marketplace_emulated else 0
+
+
+def demo_notifications(stack) -> int:
+    """Change a few orders and items in the emulator, which notifies the stack's marketplace receiver; then apply
+    the notifications (here in the demo's process; on the stack, the receiver's event starts the same flow)."""
+    import time
+
+    from emulators.marketplace import EmulatorControl
+    from flows.marketplace_notifications import marketplace_notifications
+
+    control = EmulatorControl(stack.marketplace_api_url)
+    control.mutate(orders_updated=5, items_updated=5)
+    deadline = time.monotonic() + 30
+    while control.notifications()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print(f"\napplying the marketplace's notifications ({control.notifications()['delivered']:,} delivered) ...",
+          flush=True)
+    result = _result("marketplace-notifications", marketplace_notifications(idle_seconds=0, return_state=True))
+    if result is None:
+        return 1
+    print(f"{result['notifications']:,} notification(s) of {result['accounts']} account(s): orders "
+          f"{result['orders']['updated']:,} updated, items {result['items']['updated']:,} updated, "
+          f"{result['requests']:,} API requests; unknown sellers {len(result['unknown_sellers'])}")
     return 0
 
 

@@ -2,7 +2,8 @@
 the demo, the benchmarks and the test session) loop over.
 
 Order: the embedded PostgreSQL (the Prefect server's database is on it), the embedded Redis, the Prefect server,
-the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the notification receiver, the worker. `up`
+the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the notification receiver, the
+marketplace receiver (the app's callback URL for the marketplace's notifications), the worker. `up`
 starts them in this order, `down` stops them in reverse. Each runs as a program of one supervisord per DATA_DIR
 (operations/infra/supervision.py), which starts it again within seconds when it dies; its event listener here
 (deployments/service_events.py) counts the restarts (`make status`) and emits `project.service.restarted`. The last
@@ -23,6 +24,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
+from deployments.marketplace_receiver import MarketplaceReceiverService
 from deployments.notification_receiver import NotificationReceiverService
 from deployments.prefect_server import DATABASE_URL_VARIABLES, local_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, PrefectWorkerService
@@ -66,6 +68,14 @@ def _postgres_replaced_by(settings: Settings) -> str | None:
     return "DATABASE_URL is set" if server_elsewhere else None
 
 
+def marketplace_app_id(settings: Settings) -> str:
+    """The marketplace application whose notifications the receiver keeps: MARKETPLACE_CLIENT_ID (the app's id)
+    with MARKETPLACE_API_URL, else the local emulator's."""
+    if settings.marketplace.api_url:
+        return settings.marketplace.client_id or ""
+    return DEMO_MARKETPLACE.client_id
+
+
 def stack_services(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> list[Registered]:
     """The stack's services in start order (module docstring)."""
     settings = settings or get_settings()
@@ -90,6 +100,12 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
         Registered(NotificationReceiverService(settings.stack.data_dir / "notifications",
                                                settings.alerts.receiver_port),
                    "NOTIFY_BLOCK is set" if settings.alerts.notify_block else None),
+        Registered(MarketplaceReceiverService(
+            settings.stack.data_dir / "marketplace-receiver", marketplace_app_id(settings), settings.stack.host,
+            settings.marketplace_notifications.receiver_port,
+            settings.stack.auth_string.get_secret_value() if settings.stack.auth_string else None,
+            settings.marketplace_notifications.event_seconds,
+        ), None if marketplace_app_id(settings) else "MARKETPLACE_API_URL is set without MARKETPLACE_CLIENT_ID"),
         Registered(PrefectWorkerService(settings.stack.prefect_worker_dir, project_dir=PROJECT_ROOT, pool=LOCAL_WORK_POOL,
                                         query_seconds=worker_query_seconds,
                                         heartbeat_seconds=settings.alerts.heartbeat_seconds)),

@@ -31,6 +31,7 @@ import yaml
 from pydantic import SecretStr
 
 from deployments import services as registry
+from deployments.marketplace_receiver import callback_url, emulator_callback_url
 from deployments.after_deploy import apply_after_deploy, describe_schedules
 from deployments.automations import apply_automations, notifications_at
 from deployments.prefect_server import running_prefect_server, use_prefect_server
@@ -84,6 +85,8 @@ def start_local_stack(settings: Settings | None = None) -> LocalStack:
     register_blocks(settings, redis_url)
     ensure_generation_limit(settings)
     marketplace = running.get("marketplace emulator")
+    if marketplace is not None and running.get("marketplace receiver") is not None:  # the emulator notifies it
+        marketplace.control.configure(notification_url=emulator_callback_url(running["marketplace receiver"], settings))
     save_marketplace_app_block(settings, marketplace.base_url if marketplace else settings.marketplace.api_url or "")
     turnstiles = save_emulated_turnstiles(running.get("turnstile emulator"))
     return LocalStack(
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Output files:  {stack.output_url}/ (OUTPUT_DIR {get_settings().stack.output_dir})")
     print(f"Worker:        pool {LOCAL_WORK_POOL}, log {get_settings().stack.prefect_worker_dir / 'worker.log'}")
     print(f"Notifications: {notifications_at(get_settings())}")
+    print(f"Marketplace notifications: callback URL {callback_url(get_settings())} (docs/marketplace-notifications.md)")
     print("Deployments:" + ("" if stack.redeployed else " (unchanged since the last deploy: not deployed again)"))
     for d in sorted(deployments, key=lambda d: (flows.get(d.flow_id, ""), d.name)):
         print(f"  {flows.get(d.flow_id, '?')}/{d.name}: {stack.ui_url}/deployments/deployment/{d.id}")

@@ -9,6 +9,9 @@ It follows the contract `operations/marketplace/client.py` is written for:
   expire), `GET /items` and `GET /items/bulk` (up to 20 ids, one entry per id, 404 entries for unknown ids).
 - Orders search filters: `order.date_last_updated.from/to`, `order.date_created.from/to` (both truncated down to
   the hour), `order.status` (one of the documented statuses), `sort=date_asc|date_desc`.
+- Notifications: every order and item change a mutation makes is POSTed to `notification_url` (a runtime knob) as
+  the marketplace does, tried again when not answered 200 within `notification_timeout_ms`, then kept for
+  `GET /missed_feeds?app_id=...`; `GET /orders/{id}` answers what an orders notification names.
 - Faults on demand: fixed latency (awaited, so concurrent clients overlap), random 429/503 shares, targeted
   fault rules, token and scroll expiry, authorization revocation, data mutation between syncs, and hot hours
   (N orders of one seller updated within one hour).
@@ -106,7 +109,8 @@ RUNTIME_KNOBS = frozenset(
     {
         "latency_ms", "latency_jitter_ms", "rate_429", "rate_503", "retry_after", "token_ttl_seconds",
         "scroll_ttl_seconds", "max_offset", "max_items_offset", "total_underreport", "legacy_error_format",
-        "client_id", "client_secret", "redirect_uri",
+        "client_id", "client_secret", "redirect_uri", "notification_url", "notification_timeout_ms",
+        "notification_attempts", "notification_retry_seconds",
     }
 )
 
@@ -158,6 +162,12 @@ class EmulatorConfig(BaseModel):
     client_id: str = "emulated-app"
     client_secret: str = "emulated-secret"
     redirect_uri: str = "http://127.0.0.1/marketplace/callback"
+    notification_url: str | None = Field(
+        None, description="the app's callback URL: every order and item change is POSTed there (None: none sent)"
+    )
+    notification_timeout_ms: float = Field(500, gt=0, description="an answer later than this counts as not delivered")
+    notification_attempts: int = Field(5, ge=1, le=100, description="deliveries tried before it goes to missed feeds")
+    notification_retry_seconds: float = Field(2.0, ge=0, description="wait before a delivery is tried again")
 
     @field_validator("start_time")
     @classmethod
@@ -486,6 +496,85 @@ class FaultRule(BaseModel):
         return self.fired >= self.times
 
 
+# -- notifications ---------------------------------------------------------------------------------------
+class _Notifier:
+    """Posts a notification to `notification_url` for every order and item change, as the marketplace does:
+    `{"_id", "resource", "user_id", "topic", "application_id", "attempts", "sent", "received"}`, delivered when
+    answered 200 within `notification_timeout_ms`, else tried again `notification_retry_seconds` later (the same
+    `_id`, `attempts` counting up) until `notification_attempts`; then it is kept for `GET /missed_feeds`."""
+
+    CONCURRENT_POSTS = 10  # httpx pools slow down past ~10 concurrent requests per client
+
+    def __init__(self, emulator: MarketplaceEmulator):
+        self.emulator = emulator
+        self.missed: list[dict[str, Any]] = []
+        self.queued = self.delivered = self.failed_attempts = self.in_flight = 0
+        self.last_delivered_at: float | None = None  # epoch seconds of the latest delivery
+        self._limit: asyncio.Semaphore | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    def changed(self, changed: dict[str, list], item_owner: dict[str, int], now_ms: int) -> None:
+        """Queue the notifications of what a mutation changed (nothing without a callback URL)."""
+        if not self.emulator.config.notification_url:
+            return
+        for order_id in changed["orders_updated"] + changed["orders_new"]:
+            seller = SELLER_ID_BASE + (order_id - ORDER_ID_BASE) // ORDER_ID_BLOCK
+            self.send(seller, "orders_v2", f"/orders/{order_id}", now_ms)
+        for item_id in changed["items_updated"] + changed["items_new"]:
+            self.send(item_owner[item_id], "items", f"/items/{item_id}", now_ms)
+
+    def send(self, seller_id: int, topic: str, resource: str, now_ms: int) -> None:
+        application = self.emulator.config.client_id
+        message = {
+            "_id": secrets.token_hex(12), "resource": resource, "user_id": seller_id, "topic": topic,
+            "application_id": int(application) if application.isdigit() else application, "attempts": 0,
+            "sent": iso_ms(now_ms), "received": iso_ms(now_ms),
+        }
+        self.queued += 1
+        task = asyncio.get_running_loop().create_task(self._deliver(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(self.CONCURRENT_POSTS)
+            self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.CONCURRENT_POSTS))
+        config = self.emulator.config
+        while True:
+            message = {**message, "attempts": message["attempts"] + 1, "sent": iso_ms(_now_ms())}
+            ok = False
+            async with self._limit:
+                self.in_flight += 1
+                try:
+                    url = self.emulator.config.notification_url
+                    if url:
+                        answer = await self._client.post(url, content=dumps(message),
+                                                         headers={"content-type": "application/json"},
+                                                         timeout=config.notification_timeout_ms / 1000)
+                        ok = answer.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                finally:
+                    self.in_flight -= 1
+            if ok:
+                self.delivered += 1
+                self.last_delivered_at = time.time()
+                return
+            self.failed_attempts += 1
+            if message["attempts"] >= config.notification_attempts:
+                self.missed.append(message)
+                return
+            await asyncio.sleep(config.notification_retry_seconds)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "queued": self.queued, "delivered": self.delivered, "failed_attempts": self.failed_attempts,
+            "missed": len(self.missed), "pending": len(self._tasks), "in_flight": self.in_flight,
+            "last_delivered_at": self.last_delivered_at,
+        }
+
+
 # -- the emulator ----------------------------------------------------------------------------------------
 class MarketplaceEmulator:
     """The API's state and handlers. One instance per app; used only from the app's event loop."""
@@ -507,6 +596,7 @@ class MarketplaceEmulator:
         self.latency_rng = random.Random(f"{config.seed}:latency")
         self.mutation_rng = random.Random(f"{config.seed}:mutations")
         self.throttled = 0
+        self.notifier = _Notifier(self)
 
     def _install(self, seller: _Seller) -> None:
         old = self.sellers.get(seller.id)
@@ -829,6 +919,34 @@ class MarketplaceEmulator:
                 )
         return _json(answer)
 
+    # -- notifications -------------------------------------------------------------------------------
+    async def get_order(self, request: Request) -> Response:
+        """`GET /orders/{id}`: the order an orders notification names (403 when another seller's)."""
+        caller = self._authenticate(request)
+        order_id = request.path_params["order_id"]
+        owner = SELLER_ID_BASE + (order_id - ORDER_ID_BASE) // ORDER_ID_BLOCK
+        seller = self.sellers.get(owner)
+        if seller is None or order_id not in seller.orders:
+            raise _ApiError(404, {"message": f"Order {order_id} not found", "error": "not_found", "status": 404,
+                                  "cause": []})
+        if owner != caller:
+            raise _ApiError(403, FORBIDDEN_BODY)
+        return _json(seller.orders[order_id].body)
+
+    async def missed_feeds(self, request: Request) -> Response:
+        """`GET /missed_feeds?app_id=...`: the app's notifications whose every delivery failed (any token of
+        the app; `topic`, `offset` and `limit` filter and page them)."""
+        self._authenticate(request)
+        params = request.query_params
+        if params.get("app_id") != self.config.client_id:
+            raise _ApiError(403, {"message": "app_id does not match the token's application", "error": "forbidden",
+                                  "status": 403, "cause": []})
+        offset, limit = _int_param(params, "offset", 0), min(_int_param(params, "limit", 10), 1000)
+        topic = params.get("topic")
+        found = [m for m in self.notifier.missed if not topic or m["topic"] == topic]
+        return _json({"messages": found[offset : offset + limit], "total": len(found), "offset": offset,
+                      "limit": limit})
+
     # -- control API ---------------------------------------------------------------------------------
     def _seller_or_error(self, value: Any) -> _Seller:
         try:
@@ -879,6 +997,7 @@ class MarketplaceEmulator:
             route("faults", lambda b, r: self.clear_faults(), "DELETE"),
             route("mutate", lambda b, r: self.mutate(**b)),
             route("hot_hour", lambda b, r: self.hot_hour(**b)),
+            route("notifications", lambda b, r: self.notifier.summary(), "GET"),
             route("stats", lambda b, r: self.stats.as_dict(), "GET"),
             route("stats/reset", lambda b, r: self.reset_stats()),
             route("orders", lambda b, r: self.truth_orders(r.query_params.get("seller_id")), "GET"),
@@ -1004,6 +1123,7 @@ class MarketplaceEmulator:
                 changed["orders_new"].append(order_id)
             if orders_updated or orders_new:
                 seller.reindex_orders()
+        self.notifier.changed(changed, self.item_owner, now)
         return {**changed, "at": iso_ms(now)}
 
     def hot_hour(
@@ -1089,6 +1209,8 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         api("/users/{user_id:int}/items/search", emulator.items_search, ["GET"]),
         api("/items", emulator.items_multiget, ["GET"]),
         api("/items/bulk", emulator.items_multiget, ["GET"]),
+        api("/orders/{order_id:int}", emulator.get_order, ["GET"]),
+        api("/missed_feeds", emulator.missed_feeds, ["GET"]),
         Route("/authorization", emulator.authorization, methods=["GET"]),
         *emulator.control_routes(),
     ]
@@ -1306,6 +1428,10 @@ class EmulatorControl(ControlClient):
 
     def revoke(self, seller_id: int) -> dict[str, Any]:
         return self._call("POST", "revoke", {"seller_id": seller_id})
+
+    def notifications(self) -> dict[str, Any]:
+        """Notifications queued, delivered, failed attempts, missed (in missed feeds), pending, last delivery."""
+        return self._call("GET", "notifications")
 
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "stats")

@@ -66,6 +66,7 @@ def sync_options(settings: Settings) -> SyncOptions:
         timeout_seconds=settings.marketplace.account_timeout_seconds,
         lock_wait_seconds=settings.marketplace.lock_wait_seconds,
         token_margin=timedelta(seconds=settings.marketplace.token_margin_seconds),
+        items_scan=not settings.marketplace_notifications.enabled,
     )
 
 

@@ -7,6 +7,9 @@ ACCOUNT_PARKED = "project.marketplace.account.parked"  # resource project.market
 TURNSTILE_UNREACHABLE = "project.turnstile.unreachable"  # resource project.turnstile.<block name>
 OUTBOX_STALE = "project.outbox.stale"  # resource project.outbox.<stream>; payload unpublished, oldest_minutes
 SERVICE_RESTARTED = "project.service.restarted"  # resource project.service.<service name>; payload restarts
+# resource project.marketplace.notifications; payload stored. Not a notification to a person: the trigger of
+# deployment marketplace-notifications/on-event (prefect.yaml) starts the consumer on it.
+NOTIFICATIONS_RECEIVED = "project.marketplace.notifications.received"
 
 RESOURCE_PREFIX = {
     ACCOUNT_PARKED: "project.marketplace.account.",

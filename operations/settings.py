@@ -1,5 +1,6 @@
 """The project's settings, grouped by concern: `settings.stack`, `settings.database`, `settings.redis`,
-`settings.dask`, `settings.lottery`, `settings.retention`, `settings.marketplace`, `settings.products`,
+`settings.dask`, `settings.lottery`, `settings.retention`, `settings.marketplace`,
+`settings.marketplace_notifications`, `settings.products`,
 `settings.turnstiles`, `settings.alerts`.
 
 Each group reads its fields from environment variables (case-insensitive) and `.env` in the working directory;
@@ -353,6 +354,45 @@ class MarketplaceSettings(SettingsGroup):
     )
 
 
+class MarketplaceNotificationSettings(SettingsGroup):
+    """The marketplace's notifications: the stack's receiver, the consumer that applies them, incremental items."""
+
+    enabled: bool = Field(
+        default=False, validation_alias="MARKETPLACE_NOTIFICATIONS",
+        description="The marketplace sends this app's notifications to the receiver (its callback URL is registered): "
+        "the scheduled sync then reads no items (changed items come from notifications) and the daily "
+        "reconcile-marketplace-items run repairs what they missed. Off: every sync reads every item.",
+    )
+    receiver_port: int = Field(
+        default=4282, ge=1, le=65_535, validation_alias="MARKETPLACE_RECEIVER_PORT",
+        description="Port of the stack's marketplace receiver on STACK_HOST (another free port if it is taken).",
+    )
+    public_url: str | None = Field(
+        default=None, validation_alias="MARKETPLACE_CALLBACK_BASE_URL",
+        description="The receiver's address as the marketplace reaches it (a reverse proxy or tunnel, https://...); "
+        "`make up` prints it + /marketplace/notifications as the callback URL to register. Unset: the local address.",
+    )
+    window_seconds: float = Field(
+        default=2.0, ge=0, le=300, validation_alias="MARKETPLACE_NOTIFICATIONS_WINDOW_SECONDS",
+        description="The consumer waits until the oldest pending notification is this old, so that a burst for one "
+        "seller costs a few requests.",
+    )
+    idle_seconds: float = Field(
+        default=30.0, ge=0, le=3600, validation_alias="MARKETPLACE_NOTIFICATIONS_IDLE_SECONDS",
+        description="A consumer run ends after this long without a new notification.",
+    )
+    event_seconds: float = Field(
+        default=5.0, ge=0, le=3600, validation_alias="MARKETPLACE_NOTIFICATIONS_EVENT_SECONDS",
+        description="The receiver emits project.marketplace.notifications.received (which starts the consumer) at "
+        "most once per this many seconds.",
+    )
+    max_tries: int = Field(
+        default=5, ge=1, le=100, validation_alias="MARKETPLACE_NOTIFICATIONS_MAX_TRIES",
+        description="Consumer passes a notification may fail before it is marked failed (the scheduled sync and the "
+        "item reconciliation still cover it).",
+    )
+
+
 class ProductsSettings(SettingsGroup):
     """The process-products flow: its queue and how a products file is cut into chunks."""
 
@@ -471,6 +511,7 @@ class Settings(BaseModel):
     lottery: LotterySettings = Field(default_factory=LotterySettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     marketplace: MarketplaceSettings = Field(default_factory=MarketplaceSettings)
+    marketplace_notifications: MarketplaceNotificationSettings = Field(default_factory=MarketplaceNotificationSettings)
     products: ProductsSettings = Field(default_factory=ProductsSettings)
     turnstiles: TurnstilesSettings = Field(default_factory=TurnstilesSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
@@ -518,6 +559,7 @@ def get_settings() -> Settings:
 _TITLES = {
     "stack": "Local stack", "database": "Project database", "redis": "Redis", "dask": "Dask",
     "lottery": "Game generation", "retention": "Run retention", "marketplace": "Marketplace sync",
+    "marketplace_notifications": "Marketplace notifications",
     "products": "Product files", "turnstiles": "Turnstile registration", "alerts": "Notifications and zombie runs",
 }
 

@@ -55,6 +55,7 @@ SMALL_RUN_PARAMETERS = {
         "participants_file": str(stack.participants_file), "turnstiles": list(stack.turnstiles),
     },
     "cleanup-runs": lambda key, stack: _plant_expired_run(stack, key),
+    "marketplace-notifications": lambda key, stack: {"idle_seconds": 0, "missed_feeds": True},
 }
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -278,8 +279,14 @@ def _check_cleanup_run(stack: OperatorStack, parameters: dict, artifacts: list[d
     assert not (stack.settings.stack.output_dir / f"expired-{run_key}").exists()
 
 
+def _check_notifications_run(stack: OperatorStack, parameters: dict, artifacts: list[dict], run_key: str) -> None:
+    [summary] = [a for a in artifacts if a["key"] == "marketplace-notifications"]
+    assert "Missed feeds read: 0" in summary["data"], summary["data"]
+
+
 RUN_CHECKS = {
     "cleanup-runs": _check_cleanup_run,
+    "marketplace-notifications": _check_notifications_run,
     "generate-games": _check_games_run,
     "sync-marketplace": _check_sync_run,
     "onboard-account": _check_onboarding_run,
@@ -301,6 +308,36 @@ def test_on_demand_run_started_through_the_rest_api_completes_with_artifacts(ope
     run = _wait(client, started["id"])
     assert run["state_type"] == "COMPLETED", run["state"]
     RUN_CHECKS[flow_name](operator_stack, parameters, _artifacts(client, started["id"]), run_key)
+
+
+def test_an_order_changed_in_the_marketplace_is_in_the_database_seconds_later_through_the_trigger(operator_stack):
+    """The stack's emulator notifies the stack's marketplace receiver, whose event starts a run of
+    marketplace-notifications/on-event on the worker (its trigger in prefect.yaml): the changed order is stored with
+    no sync run. Slow (~10-40 s): the worker polls for the run and starts a process for it."""
+    client, market = operator_stack.client, operator_stack.market
+    seller = market.seller_ids()[0]  # onboarded by the fixture
+    on_event = _deployment(client, "marketplace-notifications/on-event")
+    [order_id] = market.control.mutate(seller_id=seller, orders_updated=1)["orders_updated"]
+    changed = next(o for o in market.control.orders(seller) if o["id"] == order_id)
+    started = time.monotonic()
+    from sqlalchemy import select
+
+    from operations.marketplace.client import parse_time
+    from operations.marketplace.store import ORDERS, utc
+
+    while True:
+        with market.engine.connect() as conn:
+            stored = conn.execute(select(ORDERS.c.date_last_updated).where(ORDERS.c.id == order_id)).scalar()
+        if stored is not None and utc(stored) == parse_time(changed["date_last_updated"]):
+            break
+        assert time.monotonic() - started < 90, "the changed order never reached the database"
+        time.sleep(0.25)
+    print(f"order changed -> in the database through the trigger: {time.monotonic() - started:.1f} s")
+    runs = client.post("/flow_runs/filter", json={"deployments": {"id": {"any_": [on_event["id"]]}}}).json()
+    assert runs, "no run of marketplace-notifications/on-event"
+    syncs = client.post("/flow_runs/filter", json={"flows": {"name": {"any_": ["sync-marketplace"]}},
+                                                   "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).json()
+    assert not syncs, "a sync ran meanwhile"
 
 
 def test_invalid_parameters_are_refused_with_409_and_no_run_is_created(operator_stack):

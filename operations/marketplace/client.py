@@ -311,3 +311,20 @@ class MarketplaceClient:
             else:
                 missing.append(requested)
         return found, missing
+
+    def get_order(self, token: SecretStr, order_id: int) -> dict[str, Any] | None:
+        """One order (`GET /orders/{id}`, what an orders notification's resource names); None when the API
+        answers 404 (or 403: not this seller's)."""
+        try:
+            return _json(self._send("GET", f"/orders/{int(order_id)}", token=token))
+        except PermanentAPIError as exc:
+            if exc.status in (403, 404):
+                return None
+            raise
+
+    def missed_feeds(self, token: SecretStr, app_id: str, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+        """One page of the notifications the marketplace could not deliver to the app's callback URL
+        (`GET /missed_feeds?app_id=...`): `{"messages": [...], "total", "offset", "limit"}`."""
+        response = self._send("GET", "/missed_feeds", token=token,
+                              params={"app_id": app_id, "offset": offset, "limit": limit})
+        return _json(response)

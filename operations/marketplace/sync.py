@@ -94,6 +94,9 @@ class SyncOptions:
     token_margin: timedelta = timedelta(minutes=3)  # refresh only an access token expiring within this
     window_rereads: int = 3  # re-reads of a window whose total moved while it was paged
     scan_restarts: int = 3  # items scans restarted after an expired scroll_id
+    # False (MARKETPLACE_NOTIFICATIONS on): a sync of `both` reads no items, changed items come from notifications
+    # and the daily reconciliation; a sync asked for `items` alone still reads them all
+    items_scan: bool = True
 
 
 @dataclass(frozen=True)
@@ -628,7 +631,9 @@ def _sync_resources(
     A resource an earlier attempt of this run synced is not synced again. Returns whether every failure may pass
     on a retry; a cancel or a dead refresh token stops both (raised)."""
     transient = True
-    for resource in resources.names():
+    # without the items scan (notifications on), a sync of both reads orders only; items alone are still read
+    scanned = [r for r in resources.names() if r != "items" or options.items_scan or resources is SyncResources.items]
+    for resource in scanned:
         if result.resources.get(resource) == "synced":
             continue
         try:
