@@ -136,7 +136,8 @@ STACK_WORKER_SETTINGS = {
     "STACK_SCHEDULES": "off",
 }
 # Started by `stack up` on the session's services; the others show "not used: <setting> is set".
-STACK_STARTED = ("marketplace emulator", "turnstile emulator", "notification receiver", "prefect worker")
+STACK_STARTED = ("marketplace emulator", "turnstile emulator", "notification receiver", "inbox watcher",
+                 "prefect worker")
 STACK_CONFIGURED = {"embedded postgres": "DATABASE_URL", "embedded redis": "REDIS_URL",
                     "prefect server": "PREFECT_API_URL", "file server": "OUTPUT_BASE_URL"}
 

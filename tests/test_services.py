@@ -176,7 +176,8 @@ def test_a_service_replaced_by_a_setting_is_not_started(tmp_path, monkeypatch):
 def test_the_registry_order_is_the_stacks():
     names = [entry.name for entry in registry.stack_services(Settings())]
     assert names == ["embedded postgres", "embedded redis", "prefect server", "file server",
-                     "marketplace emulator", "turnstile emulator", "notification receiver", "prefect worker"]
+                     "marketplace emulator", "turnstile emulator", "notification receiver", "inbox watcher",
+                     "prefect worker"]
 
 
 def _answers_after(killed: int, check, timeout: float) -> float:
