@@ -112,6 +112,8 @@ class Watcher:
                 self._follow(kind, time.time() if now is None else now)
             except httpx.HTTPError as exc:
                 logger.warning("%s: the Prefect server did not answer (%s); trying again", kind, exc)
+            except OSError as exc:  # a folder unreadable or full: said once, tried again at every look
+                self._once(f"{kind} {exc}", "%s: %s: %s; trying again at every look", kind, type(exc).__name__, exc)
 
     # -- the deployment of a kind ----------------------------------------------------------------------------
 
