@@ -3,8 +3,9 @@ the demo, the benchmarks and the test session) loop over.
 
 Order: the embedded PostgreSQL (the Prefect server's database is on it), the embedded Redis, the Prefect server,
 the file server of OUTPUT_DIR, the marketplace and turnstile emulators, the notification receiver, the
-marketplace receiver (the app's callback URL for the marketplace's notifications), the worker. `up`
-starts them in this order, `down` stops them in reverse. Each runs as a program of one supervisord per DATA_DIR
+marketplace receiver (the app's callback URL for the marketplace's notifications), the drop-folder watcher, the
+worker. `up` starts them in this order, `down` stops them in reverse; `make up` starts the last two (AFTER_DEPLOY)
+once the deployments and their triggers exist. Each runs as a program of one supervisord per DATA_DIR
 (operations/infra/supervision.py), which starts it again within seconds when it dies; its event listener here
 (deployments/service_events.py) counts the restarts (`make status`) and emits `project.service.restarted`. The last
 service stopped shuts the supervisor down. A service configured by environment is not started (`replaced_by` says
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from deployments.marketplace_receiver import MarketplaceReceiverService
+from deployments.inbox_watcher import InboxWatcherService
 from deployments.notification_receiver import NotificationReceiverService
 from deployments.prefect_server import DATABASE_URL_VARIABLES, local_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, PrefectWorkerService
@@ -41,6 +43,9 @@ from operations.settings import PROJECT_ROOT, Settings, get_settings
 DEMO_MARKETPLACE = marketplace_emulator.EmulatorConfig(
     sellers=5, orders_per_seller=300, items_per_seller=80, latency_ms=10
 )
+# Started by `make up` only once prefect.yaml is deployed: the watcher's events need the deployments' triggers,
+# the worker their runs.
+AFTER_DEPLOY = ("inbox watcher", "prefect worker")
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ def stack_services(settings: Settings | None = None, worker_query_seconds: float
             settings.stack.auth_string.get_secret_value() if settings.stack.auth_string else None,
             settings.marketplace_notifications.event_seconds,
         ), None if marketplace_app_id(settings) else "MARKETPLACE_API_URL is set without MARKETPLACE_CLIENT_ID"),
+        Registered(InboxWatcherService(settings.stack.data_dir / "inbox-watcher", settings.inboxes)),
         Registered(PrefectWorkerService(settings.stack.prefect_worker_dir, project_dir=PROJECT_ROOT, pool=LOCAL_WORK_POOL,
                                         query_seconds=worker_query_seconds,
                                         heartbeat_seconds=settings.alerts.heartbeat_seconds)),

@@ -1,12 +1,14 @@
 """The local stack: the services of the registry (deployments/services.py: the embedded PostgreSQL, the embedded
 Redis, a real Prefect server with its own database "prefect" on that PostgreSQL or SQLite, the file server of
-OUTPUT_DIR, the emulators of the outside systems, the notification receiver, the worker), the project database
-migrated to head, the blocks, the process work pool with the deployments of prefect.yaml, and the project's
-automations (deployments/automations.py: notifications, zombie runs Crashed).
+OUTPUT_DIR, the emulators of the outside systems, the notification receiver, the drop-folder watcher, the worker),
+the project database migrated to head, the blocks, the process work pool with the deployments of prefect.yaml (and
+their triggers), the project's automations (deployments/automations.py: notifications, zombie runs Crashed), and the
+drop folders (PRODUCTS_INBOX_DIR, TURNSTILES_INBOX_DIR: docs/inbox.md).
 
     python -m deployments.stack up      # start (or reuse) every service in order, deploy, print the UI address
     python -m deployments.stack down    # stop the services in reverse order
-    python -m deployments.stack status  # each service: running or not, pid, address, restarts, log; starts nothing
+    python -m deployments.stack status  # each service: running or not, pid, address, restarts, log, and each
+                                        # drop folder's files; starts nothing
 
 Services configured by environment (DATABASE_URL, REDIS_URL, PREFECT_API_URL, OUTPUT_BASE_URL, MARKETPLACE_API_URL)
 are used as they are and never started (DATABASE_URL's database is still migrated); TURNSTILE_EMULATOR_DEVICES=0
@@ -36,11 +38,13 @@ from deployments.after_deploy import apply_after_deploy, describe_schedules
 from deployments.automations import apply_automations, notifications_at
 from deployments.prefect_server import running_prefect_server, use_prefect_server
 from deployments.prefect_worker import LOCAL_WORK_POOL, ensure_work_pool
-from deployments.services import DEMO_MARKETPLACE
+from deployments.inbox_watcher import describe_counts
+from deployments.services import AFTER_DEPLOY, DEMO_MARKETPLACE
 from emulators.marketplace import EmulatorConfig
 from operations.infra.database import migrate_to_head, redact_url
-from operations.marketplace.tokens import ensure_key_file
+from operations.infra.inbox import DropFolder
 from operations.infra.links import output_base_url
+from operations.marketplace.tokens import ensure_key_file
 from operations.settings import PROJECT_ROOT, Settings, get_settings
 
 EMULATED_TURNSTILE = "emulated-turnstile-{}"  # block names of the emulated turnstiles (1-based)
@@ -67,14 +71,15 @@ class LocalStack:
 
 
 def start_local_stack(settings: Settings | None = None) -> LocalStack:
-    """Start or reuse every service of the registry but the worker (their addresses exported to this process),
-    migrate the project database, register and save the blocks."""
+    """Start or reuse every service of the registry but those started after the deploy (the drop-folder watcher
+    and the worker; their addresses exported to this process), migrate the project database, register and save
+    the blocks."""
     settings = settings or get_settings()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # flow runs of this process (the demo's, the benchmarks') beat as often as the worker's: the zombie automation
     # judges every run of the server (Prefect's own default, 180 s, is longer than its window)
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(settings.alerts.heartbeat_seconds))
-    running = registry.up(registry.without(registry.stack_services(settings), "prefect worker"))
+    running = registry.up(registry.without(registry.stack_services(settings), *AFTER_DEPLOY))
     # each address as configured, else as the started service exported it (what the worker's flow runs get)
     database_url = _secret(settings.database.url) or os.environ["DATABASE_URL"]
     redis_url = _secret(settings.redis.url) or os.environ["REDIS_URL"]
@@ -231,14 +236,30 @@ def deploy_all(api_url: str, project_dir: Path = PROJECT_ROOT, stamp: Path | Non
 
 
 def start_operator_stack(settings: Settings | None = None, worker_query_seconds: float = 5.0) -> LocalStack:
-    """Everything an operator needs: the services, blocks, work pool, deployments, then the worker (the last
-    service of the registry), whose environment carries the services' addresses to every flow run."""
+    """Everything an operator needs: the services, blocks, work pool, deployments, the drop folders, then the
+    drop-folder watcher and the worker (the last services of the registry), whose environment carries the
+    services' addresses to every flow run."""
     settings = settings or get_settings()
     stack = start_local_stack(settings)
     stack = replace(stack, redeployed=deploy_all(stack.api_url, stamp=settings.stack.prefect_dir / DEPLOYED_STAMP))
     apply_automations(settings, stack.api_url)  # notifications and zombie runs (deployments/automations.py)
-    registry.up(registry.only(registry.stack_services(settings, worker_query_seconds), "prefect worker"))
+    ensure_inboxes(settings)
+    registry.up(registry.only(registry.stack_services(settings, worker_query_seconds), *AFTER_DEPLOY))
     return stack
+
+
+def ensure_inboxes(settings: Settings) -> dict[str, Path]:
+    """The drop folders (PRODUCTS_INBOX_DIR, TURNSTILES_INBOX_DIR) and their subfolders, created."""
+    for folder in settings.inboxes.values():
+        DropFolder(folder).ensure()
+    return settings.inboxes
+
+
+def inbox_status(settings: Settings) -> dict[str, str]:
+    """A line per drop folder for `make status`: where it is and its files; creates nothing."""
+    return {kind: f"{folder}: " + (describe_counts(DropFolder(folder).counts()) if folder.is_dir()
+                                   else "not created yet (make up)")
+            for kind, folder in settings.inboxes.items()}
 
 
 def stop_local_stack(settings: Settings | None = None) -> list[str]:
@@ -278,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in registry.supervisor_status(registry.stack_services(get_settings())):
             print(f"{'supervisor:':23}{line}")
         print(f"{'schedules:':23}{describe_schedules(local_api_url())}")
+        for kind, line in inbox_status(get_settings()).items():
+            print(f"{kind + ' inbox:':23}{line}")
         return 0
     stack = start_operator_stack()
     from prefect.client.orchestration import get_client
@@ -305,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Schedules:     {describe_schedules(stack.api_url)}")
     print('Start a run:   make run DEPLOYMENT=generate-games/on-demand PARAMS="quantity=100000"')
     print("Sample files:  make samples (the files and the run command of each flow)")
+    inboxes = get_settings().inboxes
+    print(f"Drop folders:  products {inboxes['products']} (process-products/inbox), participants "
+          f"{inboxes['participants']} (register-participants/inbox): a file dropped there starts its run")
     return 0
 
 

@@ -424,6 +424,12 @@ class ProductsSettings(SettingsGroup):
         description="Messages left unpublished in the outbox longer than this make the publish-outbox relay emit "
         "project.outbox.stale (a notification).",
     )
+    inbox_dir: Path | None = Field(
+        default=None, validation_alias="PRODUCTS_INBOX_DIR",
+        description="Drop folder of products files: a file completely written there starts one process-products run "
+        "(deployment process-products/inbox), then moves to processed/ or failed/ under the run's id "
+        "(docs/inbox.md). Unset: DATA_DIR/inbox/products. `make up` creates it.",
+    )
 
 
 class TurnstilesSettings(SettingsGroup):
@@ -460,6 +466,13 @@ class TurnstilesSettings(SettingsGroup):
     timezone: str = Field(
         default="America/Sao_Paulo", validation_alias="TURNSTILES_TIMEZONE",
         description="Time zone of validity dates written without one in participants files.",
+    )
+    inbox_dir: Path | None = Field(
+        default=None, validation_alias="TURNSTILES_INBOX_DIR",
+        description="Drop folder of participants files: a file completely written there starts one "
+        "register-participants run on every turnstile (deployment register-participants/inbox), then moves to "
+        "processed/ or failed/ under the run's id (docs/inbox.md). Unset: DATA_DIR/inbox/participants. `make up` "
+        "creates it.",
     )
 
 
@@ -515,6 +528,14 @@ class Settings(BaseModel):
     products: ProductsSettings = Field(default_factory=ProductsSettings)
     turnstiles: TurnstilesSettings = Field(default_factory=TurnstilesSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+
+    @property
+    def inboxes(self) -> dict[str, Path]:
+        """The drop folders by kind: products (PRODUCTS_INBOX_DIR) and participants (TURNSTILES_INBOX_DIR), each
+        under DATA_DIR/inbox when unset."""
+        inbox = self.stack.data_dir / "inbox"
+        return {"products": self.products.inbox_dir or inbox / "products",
+                "participants": self.turnstiles.inbox_dir or inbox / "participants"}
 
     @classmethod
     def groups(cls) -> dict[str, type[SettingsGroup]]:

@@ -137,6 +137,7 @@ STACK_WORKER_SETTINGS = {
 }
 # Started by `stack up` on the session's services; the others show "not used: <setting> is set".
 STACK_STARTED = ("marketplace emulator", "turnstile emulator", "notification receiver", "marketplace receiver",
+                 "inbox watcher",
                  "prefect worker")
 STACK_CONFIGURED = {"embedded postgres": "DATABASE_URL", "embedded redis": "REDIS_URL",
                     "prefect server": "PREFECT_API_URL", "file server": "OUTPUT_BASE_URL"}

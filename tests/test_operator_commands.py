@@ -25,7 +25,7 @@ from run_checks import link_url
 pytestmark = pytest.mark.slow
 
 SERVICES = ("embedded postgres", "embedded redis", "prefect server", "file server", "marketplace emulator",
-            "turnstile emulator", "notification receiver", "marketplace receiver",
+            "turnstile emulator", "notification receiver", "marketplace receiver", "inbox watcher",
             "prefect worker")  # the registry's order
 # What an operator's shell has not configured on a fresh machine.
 UNSET = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "REDIS_URL", "DASK_SCHEDULER_ADDRESS", "DATABASE_URL",

@@ -177,6 +177,7 @@ def test_the_registry_order_is_the_stacks():
     names = [entry.name for entry in registry.stack_services(Settings())]
     assert names == ["embedded postgres", "embedded redis", "prefect server", "file server",
                      "marketplace emulator", "turnstile emulator", "notification receiver", "marketplace receiver",
+                     "inbox watcher",
                      "prefect worker"]
 
 
