@@ -5,6 +5,8 @@ Keys under prefix P:
     P:device:<device>:registered  hash  registration -> "<device user id>:<fingerprint>" of what was last
                                         confirmed written on that device (a changed name, card, group or
                                         validity has another fingerprint, so it is written again)
+    P:device:<device>:identity    string  the identity (serial and device id) of the unit the hash was
+                                        written to: another unit at the same address makes the hash void
     P:user-ids                    hash  registration -> device user id, the same on every device
     P:user-id-seq                 string  the last id handed out (ids start above USER_ID_BASE)
 
@@ -68,6 +70,36 @@ class RegistrationCache:
         key = self._device_key(device)
         for start in range(0, len(items), _BATCH):
             self.client.hset(key, mapping=dict(items[start:start + _BATCH]))
+
+    def _identity_key(self, device: str) -> str:
+        return f"{self.prefix}:device:{device}:identity"
+
+    def count(self, device: str) -> int:
+        """How many participants the cache holds as confirmed on the device."""
+        return int(self.client.hlen(self._device_key(device)))
+
+    def sample(self, device: str, size: int) -> dict[str, int]:
+        """registration -> device user id of up to `size` participants confirmed on the device, drawn at random."""
+        drawn = self.client.hrandfield(self._device_key(device), size, withvalues=True) if size > 0 else []
+        pairs = zip(drawn[::2], drawn[1::2])
+        return {registration.decode(): int(value.decode().partition(":")[0]) for registration, value in pairs}
+
+    def identity(self, device: str) -> str | None:
+        """The identity of the unit the device's entries were confirmed on (None: not known yet)."""
+        value = self.client.get(self._identity_key(device))
+        return value.decode() if value is not None else None
+
+    def remember_identity(self, device: str, identity: str) -> None:
+        self.client.set(self._identity_key(device), identity)
+
+    def forget_device(self, device: str) -> int:
+        """Drop every entry confirmed on the device (its user ids stay: they are the same on every device);
+        returns how many there were."""
+        key = self._device_key(device)
+        with self.client.pipeline() as pipe:
+            pipe.hlen(key).delete(key)
+            count, _ = pipe.execute()
+        return int(count)
 
     def user_ids(self, registrations: list[str]) -> dict[str, int]:
         """The device user id of each registration, the same on every device; new ones handed out atomically."""

@@ -92,7 +92,8 @@ def turnstile_rows(reports: list[dict], dry_run: bool) -> list[dict]:
     return [{"turnstile": r["device"], "status": r["status"], "participants": r["participants"],
              "cached": r["cached"], "unchanged": r["unchanged"], created: r["created"], updated: r["updated"],
              cards: r["cards"], groups: r["groups"], "failed": len(r["failures"]), "requests": r["requests"],
-             "retries": r["retries"], "logins": r["logins"], "seconds": round(r["seconds"], 2), "error": r["error"]}
+             "retries": r["retries"], "logins": r["logins"], "seconds": round(r["seconds"], 2), "error": r["error"],
+             "reset": r.get("reset", "")}
             for r in reports]
 
 
@@ -123,8 +124,17 @@ def registration_markdown(file_name: str, summary: dict, failures_link: str = ""
 | Errors | {summary['errors']:,} |
 
 {len(failed)} turnstile(s) not worked on{': ' + ', '.join(failed) if failed else ''}.
-Time: {summary['seconds']:.1f} s. Failed records: {failures}.
+{_reset_line(summary['reports'], dry_run)}Time: {summary['seconds']:.1f} s. Failed records: {failures}.
 """
+
+
+def _reset_line(reports: list[dict], dry_run: bool) -> str:
+    """The turnstiles found reset or replaced (their cache not trusted), one line; "" when none."""
+    reset = [r["device"] for r in reports if r.get("reset")]
+    if not reset:
+        return ""
+    done = "planned in full" if dry_run else "registered again in full"
+    return f"{len(reset)} turnstile(s) reset or replaced, {done}: {', '.join(reset)}.\n"
 
 
 def registration_failure_message(summary: dict) -> str | None:
