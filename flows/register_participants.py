@@ -18,6 +18,7 @@ cancel and ends Cancelled.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -67,6 +68,7 @@ from tasks.registration import (
     register_on_turnstile,
 )
 
+LIMIT_THREADS = 4  # API clients creating or reading the turnstiles' concurrency limits at once
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
 
 FILE_PATTERN = r"^$|^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # empty: PARTICIPANTS_FILE
@@ -104,10 +106,16 @@ def _device_block(document) -> TurnstileDevice:
 
 
 def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
-    """Each device's global concurrency limit, created or updated from its block (max concurrent requests)."""
-    with get_client(sync_client=True) as client:
-        for name, device in devices.items():
-            upsert_concurrency_limit(client, device_limit_name(name), device.max_concurrent_requests)
+    """Each device's global concurrency limit, created or updated from its block (max concurrent requests), a
+    few at once (each is a read, and a write only when it differs)."""
+    def upsert(items: list[tuple[str, TurnstileDevice]]) -> None:
+        with get_client(sync_client=True) as client:
+            for name, device in items:
+                upsert_concurrency_limit(client, device_limit_name(name), device.max_concurrent_requests)
+
+    items = list(devices.items())
+    with ThreadPoolExecutor(LIMIT_THREADS) as pool:
+        list(pool.map(upsert, [items[i::LIMIT_THREADS] for i in range(min(LIMIT_THREADS, len(items)))]))
 
 
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:

@@ -52,16 +52,17 @@ def _register(emulator: RunningEmulator, cache: RegistrationCache, device: int =
 
 
 def test_a_registered_turnstile_is_trusted_for_five_requests(emulator, cache):
-    """Before the first registration the check only learns the unit; after it, the same unit with every user
-    passes: a session, its identity, the count probe and one sample read, whatever the participants."""
+    """Before the first registration nothing is cached: no device call, everyone to do. After it, the check
+    learns the unit and passes: a session, its identity, the count probe and one sample read, whatever the
+    participants."""
     first = check_device(_client(emulator), "gate-0", cache, _fingerprints())
-    assert (first.reset, first.error, first.pending) == ("", "", len(PEOPLE))
-    assert first.identity and cache.identity("gate-0") == first.identity
+    assert (first.reset, first.error, first.pending, first.requests) == ("", "", len(PEOPLE), 0)
     _register(emulator, cache)
     client = _client(emulator)
     check = check_device(client, "gate-0", cache, _fingerprints())
     assert (check.reset, check.error, check.pending, check.dropped) == ("", "", 0, 0)
     assert client.stats.requests == check.requests == 5  # login, system_information, probe, sample, logout
+    assert check.identity and cache.identity("gate-0") == check.identity
     renamed = [replace(PEOPLE[0], name="Renamed"), *PEOPLE[1:]]
     assert check_device(_client(emulator), "gate-0", cache, _fingerprints(renamed)).pending == 1
 
@@ -75,8 +76,8 @@ def test_a_factory_reset_turnstile_is_caught_by_its_user_count(emulator, cache):
 
 
 def test_a_replaced_unit_is_caught_by_its_serial_and_a_dry_run_changes_nothing(emulator, cache):
-    check_device(_client(emulator), "gate-0", cache, _fingerprints())  # the unit is known from a first run
     _register(emulator, cache)
+    check_device(_client(emulator), "gate-0", cache, _fingerprints())  # the unit is known from an earlier run
     emulator.control.wipe(0, replace=True)
     known = cache.identity("gate-0")
     dry = check_device(_client(emulator), "gate-0", cache, _fingerprints(), dry_run=True)

@@ -63,6 +63,18 @@ class RegistrationCache:
                     found[registration] = (int(user_id), fingerprint)
         return found
 
+    def pending(self, device: str, fingerprints: dict[str, str]) -> int:
+        """How many of the registrations (-> fingerprint) the device is not confirmed to hold as they are: one
+        round trip, values compared as bytes (no parsing)."""
+        registrations = list(fingerprints)
+        key = self._device_key(device)
+        with self.client.pipeline(transaction=False) as pipe:
+            for start in range(0, len(registrations), _BATCH):
+                pipe.hmget(key, registrations[start:start + _BATCH])
+            values = [value for part in pipe.execute() for value in part]
+        return sum(1 for registration, value in zip(registrations, values)
+                   if value is None or not value.endswith(b":" + fingerprints[registration].encode()))
+
     def confirm(self, device: str, entries: Iterable[tuple[str, int, str]]) -> None:
         """Remember (registration, device user id, fingerprint) as written on the device."""
         mapping = {registration: f"{user_id}:{fingerprint}" for registration, user_id, fingerprint in entries}

@@ -13,7 +13,8 @@ three reads, whatever the number of participants:
    its registration (a reset unit refilled by hand, or users renumbered).
 
 On a mismatch the turnstile's entries are dropped (not in a dry run), so every participant is read and written
-again; the identity is remembered once known. A check the device does not answer leaves the cache in place and
+again; the identity is remembered once known. A turnstile with nothing cached costs no check (nothing is
+trusted; its identity is learnt by the next run's check). A check the device does not answer leaves the cache in place and
 says why: the turnstile's own work then meets the same device and reports it.
 """
 
@@ -89,7 +90,9 @@ def check_device(client: ControlIdClient, device: str, cache: RegistrationCache,
     """Check one turnstile (identity, count, sample), drop its cache entries on a mismatch (not in a dry run)
     and count the participants it needs. `fingerprints`: registration -> fingerprint of the file's
     participants. Never raises for the device: an unanswered check is `error`, and the cache is left alone."""
-    check = DeviceCheck(device, participants=len(fingerprints))
+    check = DeviceCheck(device, participants=len(fingerprints), pending=len(fingerprints))
+    if not cache.count(device):  # nothing cached to trust: no check needed, every participant is to do
+        return check
     try:
         try:
             check.identity = device_identity(client)
@@ -102,9 +105,8 @@ def check_device(client: ControlIdClient, device: str, cache: RegistrationCache,
         check.dropped = cache.forget_device(device)
     if check.identity and not dry_run and not check.error:
         cache.remember_identity(device, check.identity)
-    confirmed = {} if check.reset else cache.confirmed(device, list(fingerprints))
-    check.pending = sum(1 for registration, fingerprint in fingerprints.items()
-                        if confirmed.get(registration, (0, ""))[1] != fingerprint)
+    if not check.reset:
+        check.pending = cache.pending(device, fingerprints)
     check.requests = client.stats.requests
     return check
 
