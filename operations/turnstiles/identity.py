@@ -118,9 +118,15 @@ def check_devices(clients: dict[str, Callable[[], ControlIdClient]], cache: Regi
     fingerprints = {p.registration: p.fingerprint() for p in participants}
     if not clients:
         return {}
+    def check(name: str, make: Callable[[], ControlIdClient]) -> DeviceCheck:
+        try:
+            client = make()
+        except ValueError as exc:  # a block that cannot make a client (no password): its own task says so
+            return DeviceCheck(name, len(fingerprints), len(fingerprints), error=str(exc))
+        return check_device(client, name, cache, fingerprints, dry_run)
+
     with ThreadPoolExecutor(min(16, len(clients)), thread_name_prefix="turnstile-check") as pool:
-        futures = {name: pool.submit(lambda n, make: check_device(make(), n, cache, fingerprints, dry_run), name, make)
-                   for name, make in clients.items()}
+        futures = {name: pool.submit(check, name, make) for name, make in clients.items()}
         return {name: future.result() for name, future in futures.items()}
 
 
