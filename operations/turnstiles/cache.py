@@ -80,8 +80,10 @@ class RegistrationCache:
         mapping = {registration: f"{user_id}:{fingerprint}" for registration, user_id, fingerprint in entries}
         items = list(mapping.items())
         key = self._device_key(device)
-        for start in range(0, len(items), _BATCH):
-            self.client.hset(key, mapping=dict(items[start:start + _BATCH]))
+        with self.client.pipeline(transaction=False) as pipe:  # one round trip
+            for start in range(0, len(items), _BATCH):
+                pipe.hset(key, mapping=dict(items[start:start + _BATCH]))
+            pipe.execute()
 
     def _identity_key(self, device: str) -> str:
         return f"{self.prefix}:device:{device}:identity"
