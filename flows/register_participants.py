@@ -151,8 +151,8 @@ def register_everywhere(
 ) -> dict[str, dict]:
     """One task per turnstile on TURNSTILES_TASK_RUNNER, waiting for every one; each turnstile's report, a
     failed one's saying why; `options`: each turnstile's. The participants travel as one opaque object, read
-    once by the flow. A SIGTERM
-    interrupting the wait gives the tasks (which stop at their next batch) STOP_WAIT_SECONDS to report."""
+    once by the flow. A SIGTERM interrupting the wait gives the tasks (which stop at their next batch)
+    STOP_WAIT_SECONDS to report."""
     task = with_retries(register_on_turnstile, settings.turnstiles.task_retries)
     runner = io_task_runner(settings, max(1, min(settings.turnstiles.concurrency, len(devices))),
                             settings.turnstiles.task_runner)
