@@ -4,7 +4,12 @@ PARTICIPANTS participants x DEVICES emulated turnstiles (the emulator in its own
 1 request at a time per device, as the blocks say):
 - `register-participants` wall time on the thread pool and on Dask, from empty devices and cache, against the
   floor (the busiest device's requests x LATENCY: devices work in parallel, each one request at a time);
-- the same file again: everything cached, no write request (target: under 10% of the first run);
+- the same file again: everything cached, no write request, only the turnstiles' identity checks (target: under
+  10% of the first run);
+- the same file after one turnstile is factory reset: the check notices it and registers it in full (its
+  requests, the others', the time);
+- where the time goes: the flow's own clock, the busiest turnstile's task, the rest (the flow run's creation and
+  end, the file, blocks, checks, limits, artifacts);
 - baseline: the seed's approach, one request per participant per device from 20 workers, measured on
   SEED_PARTICIPANTS participants and scaled to the whole file by its rate. Targets: <= 1.5 x the floor,
   >= 50 x faster than the seed's approach.
@@ -48,6 +53,9 @@ def bench_turnstiles(participants: int, devices: int, latency_ms: float, seed_pa
             _forget(cache)
             figures[runner] = _flow(source, names, cache_name, runner, emulator, latency_ms)
         figures["cached"] = _flow(source, names, cache_name, "threads", emulator, latency_ms)
+        emulator.control.wipe(0)
+        figures["reset"] = _flow(source, names, cache_name, "threads", emulator, latency_ms)
+        figures["reset"]["restored"] = len(emulator.control.users(0))
         emulator.control.wipe()
         figures["seed"] = _seed_approach(emulator, source, seed_participants, participants)
         _forget(cache)
@@ -90,9 +98,11 @@ def _flow(source: Path, names: list[str], cache_name: str, runner: str, emulator
         raise SystemExit(f"register-participants on {runner} failed: {state.message}")
     per_device = [emulator.control.stats(d) for d in range(len(names))]
     busiest = max(s["total"] for s in per_device)
-    return {"seconds": wall, "peak_bytes": memory.peak, "result": state.result(), "busiest_requests": busiest,
+    result = state.result()
+    return {"seconds": wall, "peak_bytes": memory.peak, "result": result, "busiest_requests": busiest,
             "floor": busiest * latency_ms / 1000, "writes": sum(s["write_calls"] for s in per_device),
-            "requests": sum(s["total"] for s in per_device)}
+            "requests": sum(s["total"] for s in per_device), "per_device": [s["total"] for s in per_device],
+            "flow_seconds": result["seconds"], "device_seconds": max(r["seconds"] for r in result["reports"])}
 
 
 def _seed_approach(emulator, source: Path, participants: int, whole: int) -> dict:
@@ -135,10 +145,19 @@ def print_turnstiles(figures: dict) -> None:
             f"{r['successes']:,} successes, {r['errors']} errors, {f['requests']:,} requests, {f['writes']} writes; "
             f"peak memory {f['peak_bytes'] / 2**20:,.0f} MiB"
         )
+        print(f"           where it goes: flow body {f['flow_seconds']:.1f} s (the rest, {f['seconds'] - f['flow_seconds']:.1f} s: "
+              f"the flow run's creation and end); slowest turnstile task {f['device_seconds']:.1f} s against "
+              f"{f['floor']:.1f} s of latency; the flow's own stages {f['flow_seconds'] - f['device_seconds']:.1f} s "
+              f"(file, blocks, checks, limits, task start, artifacts)")
     c = figures["cached"]
     share = 100 * c["seconds"] / figures["threads"]["seconds"]
     print(f"  second run, everything cached: {c['seconds']:.1f} s = {share:.0f}% of the first (target < 10%), "
-          f"{c['writes']} write requests, {c['requests']} requests in all")
+          f"{c['writes']} write requests, {c['requests']} requests in all (the identity checks); flow body "
+          f"{c['flow_seconds']:.1f} s")
+    w = figures["reset"]
+    reset = [r["device"] for r in w["result"]["reports"] if r.get("reset")]
+    print(f"  after turnstile 0 is factory reset: {w['seconds']:.1f} s, reset noticed on {len(reset)} turnstile(s), "
+          f"{w['restored']:,} of {n:,} users back on it; requests per turnstile {w['per_device']}")
     print(f"  baseline, the seed's approach (one request per participant per turnstile, 20 workers): "
           f"{seed['pairs']:,} registrations in {seed['seconds']:.1f} s = {seed['rate']:,.0f}/s -> "
           f"{seed['whole_seconds']:,.0f} s for all {n * d:,}")

@@ -4,8 +4,8 @@ what, and which runs are dead.
 - **A deployment's flow run ends Failed or Crashed**: a notification with the run's name, its state message and
   its link in the UI.
 - **The project's own events** (operations/events.py): a seller account parked `needs_reauthorization`, a
-  turnstile unreachable past its retries, outbox messages unpublished for too long, a service restarted: a
-  notification each.
+  turnstile unreachable past its retries, a turnstile reset or replaced, outbox messages unpublished for too
+  long, a service restarted: a notification each.
 - **Zombie flow runs**: a Running flow run whose heartbeats (`prefect.flow-run.heartbeat`, every
   FLOW_HEARTBEAT_SECONDS from the worker's runs, subflows included) stop for ZOMBIE_AFTER_SECONDS is marked
   Crashed, as Prefect's "How to detect and respond to zombie flows" describes: its process is gone.
@@ -57,6 +57,14 @@ EVENT_NOTIFICATIONS: dict[str, tuple[str, str, str]] = {
         "turnstile unreachable",
         "Turnstile {{ event.resource.id | replace('project.turnstile.', '') }} unreachable",
         "The turnstile stayed unreachable past its retries; its registrations were not written.\n"
+        "Turnstile block: {{ event.resource.id | replace('project.turnstile.', '') }}",
+    ),
+    events.TURNSTILE_RESET_DETECTED: (
+        "turnstile reset or replaced",
+        "Turnstile {{ event.resource.id | replace('project.turnstile.', '') }} reset or replaced",
+        "{{ event.payload.reason }}.\n{% if event.payload.dry_run %}A dry run: nothing was changed; the next run "
+        "registers every participant on it again.{% else %}Its cache entries were dropped ({{ event.payload.dropped }}) "
+        "and every participant is registered on it again in this run.{% endif %}\n"
         "Turnstile block: {{ event.resource.id | replace('project.turnstile.', '') }}",
     ),
     events.OUTBOX_STALE: (

@@ -13,6 +13,9 @@ It follows the device access API the project's client is written for:
 - A small device: it serves at most `max_concurrent_requests` calls at a time (the others wait, in order) and
   each call takes `latency_ms`, so concurrent calls to one device serialize as on the real hardware. Stats
   record the peaks of calls in flight (waiting included) and served, so tests can prove a client's cap.
+- `system_information.fcgi` answers the device's identity as the real one does (`serial`, `device_id`,
+  `version`, `network.mac`, `uptime`, `time`); a device wiped with `replace` (a new unit at the same address)
+  answers a new serial and device id, a plain wipe (a factory reset) keeps them.
 - Faults on demand: random shares of 503s, hangs (for the client's read timeout) and writes that are applied
   and then lose their answer (the connection is closed), targeted fault rules, and devices that go down (their
   port refuses connections) and come back up on the same port.
@@ -83,6 +86,7 @@ MAX_SQL_VARIABLES = 999  # SQLITE_MAX_VARIABLE_NUMBER of the devices' SQLite
 WRITE_PATHS = frozenset(
     {"/create_objects.fcgi", "/create_or_modify_objects.fcgi", "/modify_objects.fcgi", "/destroy_objects.fcgi"}
 )
+_EMPTY_BODY_OK = frozenset({"/logout.fcgi", "/session_is_valid.fcgi", "/system_information.fcgi"})
 INVALID_LOGIN_TEXT = "Invalid login or password"
 INVALID_SESSION_TEXT = "Invalid session"
 
@@ -298,6 +302,7 @@ class _Store:
     user_groups: dict[tuple[int, int], Row] = field(default_factory=dict)
     next_card_id: int = 1
     next_pair_rowid: int = 1
+    generation: int = 0  # which unit answers at this address: a replacement gets the next one
 
     def table(self, obj: str) -> dict[Any, Row]:
         return getattr(self, obj)
@@ -619,6 +624,7 @@ class _Device:
     stats: _Stats = field(default_factory=_Stats)
     in_flight: int = 0
     down: bool = False
+    started: float = field(default_factory=time.monotonic)  # the unit's boot, for its uptime
     server: _DeviceServer | None = None
     task: asyncio.Task[None] | None = None
     stopping: asyncio.Task[None] | None = None
@@ -855,7 +861,7 @@ class TurnstileEmulator:
             try:
                 if path not in ("/login.fcgi", "/session_is_valid.fcgi"):
                     self._authenticate(device, request)
-                body = self._parse_body(request, raw, empty_ok=path in ("/logout.fcgi", "/session_is_valid.fcgi"))
+                body = self._parse_body(request, raw, empty_ok=path in _EMPTY_BODY_OK)
                 if path in WRITE_PATHS:
                     stats.write_calls += 1
                 answer = handler(device, request, body)
@@ -962,6 +968,28 @@ class TurnstileEmulator:
     def session_is_valid(self, device: _Device, request: Request, body: dict[str, Any]) -> dict[str, Any]:
         return {"session_is_valid": self._session_valid(device, request.query_params.get("session"))}
 
+    def system_information(self, device: _Device, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """The unit's identity and state, as the access API's `system_information.fcgi` answers it."""
+        serial, device_id, mac = self.identity(device)
+        up = int(time.monotonic() - device.started)
+        return {
+            "uptime": {"days": up // 86400, "hours": up // 3600 % 24, "minutes": up // 60 % 60, "seconds": up % 60},
+            "time": int(time.time()), "serial": serial, "device_id": device_id, "version": "5.10.2",
+            "online": False, "ip": "127.0.0.1",
+            "network": {"ip": "127.0.0.1", "netmask": "255.0.0.0", "gateway": "127.0.0.1", "mac": mac,
+                        "dhcp": False, "web_server_port": device.port, "ssl_enabled": False},
+            "memory": {"ram": {"free": 120_000_000, "total": 250_000_000},
+                       "disk": {"free": 2_000_000_000, "total": 3_800_000_000}},
+        }
+
+    def identity(self, device: _Device) -> tuple[str, int, str]:
+        """(serial, device id, MAC) of the unit at a device's address: fixed by the seed, the device index and
+        how many times the unit was replaced."""
+        rng = random.Random(f"{self.config.seed}:unit:{device.index}:{device.store.generation}")
+        number = rng.randrange(16**6)
+        mac = ":".join(f"{rng.randrange(256):02X}" for _ in range(3))
+        return f"0M{device.index % 100:02d}00/{number:06X}", rng.randrange(10**15, 10**17), f"FC:52:CE:{mac}"
+
     def create_objects(self, device: _Device, request: Request, body: dict[str, Any]) -> dict[str, Any]:
         obj = _object_name(body)
         return {"ids": device.store.create(obj, _values_list(body))}
@@ -1042,7 +1070,7 @@ class TurnstileEmulator:
             route("add_fault", lambda b, d, r: self.add_fault({**b, "device": d})),
             route("clear_faults", lambda b, d, r: self.clear_faults()),
             route("set_down", lambda b, d, r: self.set_down(d, b.get("down", True) is True, r, index)),
-            route("wipe", lambda b, d, r: self.wipe(d)),
+            route("wipe", lambda b, d, r: self.wipe(d, b.get("replace", False) is True)),
         ]
 
     def health(self, index: int) -> dict[str, Any]:
@@ -1092,9 +1120,19 @@ class TurnstileEmulator:
         self.rules.clear()
         return {"cleared": count}
 
-    def wipe(self, device: Any = None) -> dict[str, Any]:
-        """Delete every user, card and group link (groups stay), on one device or all; sessions stay."""
-        return {"devices": [{"device": target.index, **target.store.wipe()} for target in self._devices_of(device)]}
+    def wipe(self, device: Any = None, replace: bool = False) -> dict[str, Any]:
+        """Delete every user, card and group link (groups stay), on one device or all; sessions stay. `replace`:
+        a new unit at the same address (a new serial and device id; it boots now, without sessions)."""
+        wiped = []
+        for target in self._devices_of(device):
+            counts = target.store.wipe()
+            if replace:
+                target.store.generation += 1
+                target.sessions.clear()
+                target.started = time.monotonic()
+            serial, device_id, _ = self.identity(target)
+            wiped.append({"device": target.index, **counts, "serial": serial, "device_id": device_id})
+        return {"devices": wiped}
 
 
 def _json_errors(request: Request, exc: Exception) -> Response:
@@ -1111,6 +1149,7 @@ def create_app(emulator: TurnstileEmulator, device: int) -> Starlette:
         api(device, "/login.fcgi", emulator.login),
         api(device, "/logout.fcgi", emulator.logout),
         api(device, "/session_is_valid.fcgi", emulator.session_is_valid),
+        api(device, "/system_information.fcgi", emulator.system_information),
         api(device, "/create_objects.fcgi", emulator.create_objects),
         api(device, "/create_or_modify_objects.fcgi", emulator.create_or_modify_objects),
         api(device, "/load_objects.fcgi", emulator.load_objects),
@@ -1341,9 +1380,10 @@ class EmulatorControl(ControlClient):
         """Take a device's port down (connections refused) or bring it back up; answers its summary."""
         return self._call("POST", "set_down", {"device": device, "down": down})
 
-    def wipe(self, device: int | None = None) -> dict[str, Any]:
-        """Delete the users, cards and group links of one device (None: all)."""
-        return self._call("POST", "wipe", device=device)
+    def wipe(self, device: int | None = None, replace: bool = False) -> dict[str, Any]:
+        """Delete the users, cards and group links of one device (None: all), as a factory reset does;
+        `replace`: a new unit at the same address (a new serial and device id, no session)."""
+        return self._call("POST", "wipe", {"replace": replace} if replace else None, device=device)
 
 
 # -- command line --------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 per turnstile, in batches, cached in Redis, within each device's limits across flow runs, retried, reported.
 
 Stages: read and check the participants file once (a missing or malformed file is refused naming the row and
-column, before any device call), resolve the turnstiles (saved TurnstileDevice blocks: all of them by default)
-and create or update each one's global concurrency limit; register on every turnstile in parallel on the
-configured task runner (an unreachable one fails its own task after its retries, the others finish); then
+column, before any device call), resolve the turnstiles (saved TurnstileDevice blocks: all of them by default);
+check every turnstile's identity and health before its cache is trusted (one task: a reset or replaced one is
+registered in full and told); then, only for the turnstiles with work, create or update each one's global
+concurrency limit and register on them in parallel on the configured task runner (an unreachable one fails its
+own task after its retries, the others finish); a run with nothing to write ends after the check; then
 publish the report (the seed's figures, a table of turnstiles, the failed records as a linked spreadsheet when
 any failed) and end Failed if any record failed. A dry run reports its work as planned.
 
@@ -16,6 +18,7 @@ cancel and ends Cancelled.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -24,6 +27,7 @@ from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
+    update_progress_artifact,
 )
 from prefect.client.orchestration import get_client
 from prefect.exceptions import TerminationSignal
@@ -42,6 +46,7 @@ from flows.task_runners import io_task_runner
 from operations.errors import UserError
 from operations.infra.links import output_base_url, output_link
 from operations.settings import Settings, get_settings
+from operations.turnstiles.identity import turnstiles_with_work, with_checks
 from operations.turnstiles.participants import ParticipantsFile, participants_path, read_participants
 from operations.turnstiles.registration import DeviceFailed, DeviceReport, RegistrationOptions
 from operations.turnstiles.report import (
@@ -55,8 +60,15 @@ from operations.turnstiles.report import (
 )
 from tasks.cancellation import note_termination, run_stop_check, watch_termination
 from tasks.retries import with_retries
-from tasks.registration import Participants, RunProgress, device_limit_name, register_on_turnstile
+from tasks.registration import (
+    Participants,
+    RunProgress,
+    check_turnstiles,
+    device_limit_name,
+    register_on_turnstile,
+)
 
+LIMIT_THREADS = 4  # API clients creating or reading the turnstiles' concurrency limits at once
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
 
 FILE_PATTERN = r"^$|^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # empty: PARTICIPANTS_FILE
@@ -74,8 +86,8 @@ def load_turnstiles(names: list[str]) -> dict[str, TurnstileDevice]:
     """The named TurnstileDevice blocks (every saved one when `names` is empty); unknown names are an error
     naming them and the devices that exist."""
     with get_client(sync_client=True) as client:
-        documents = client.read_block_documents_by_type("turnstile-device", include_secrets=False)
-    saved = sorted(document.name for document in documents)
+        documents = {d.name: d for d in client.read_block_documents_by_type("turnstile-device", include_secrets=True)}
+    saved = sorted(documents)
     unknown = sorted(set(names) - set(saved))
     if unknown:
         raise UnknownTurnstile(f"no TurnstileDevice block named {', '.join(unknown)}; saved: {', '.join(saved) or 'none'}")
@@ -83,14 +95,27 @@ def load_turnstiles(names: list[str]) -> dict[str, TurnstileDevice]:
     if not chosen:
         raise UnknownTurnstile("no turnstile is configured: save TurnstileDevice blocks (UI, or "
                                "python -m deployments.turnstile_devices load FILE)")
-    return {name: TurnstileDevice.load(name) for name in chosen}
+    return {name: _device_block(documents[name]) for name in chosen}
+
+
+def _device_block(document) -> TurnstileDevice:
+    """The block of a document read with the others (one API call for all), else loaded on its own."""
+    if document.block_schema is None:
+        return TurnstileDevice.load(document.name)
+    return TurnstileDevice._load_from_block_document(document)
 
 
 def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
-    """Each device's global concurrency limit, created or updated from its block (max concurrent requests)."""
-    with get_client(sync_client=True) as client:
-        for name, device in devices.items():
-            upsert_concurrency_limit(client, device_limit_name(name), device.max_concurrent_requests)
+    """Each device's global concurrency limit, created or updated from its block (max concurrent requests), a
+    few at once (each is a read, and a write only when it differs)."""
+    def upsert(items: list[tuple[str, TurnstileDevice]]) -> None:
+        with get_client(sync_client=True) as client:
+            for name, device in items:
+                upsert_concurrency_limit(client, device_limit_name(name), device.max_concurrent_requests)
+
+    items = list(devices.items())
+    with ThreadPoolExecutor(LIMIT_THREADS) as pool:
+        list(pool.map(upsert, [items[i::LIMIT_THREADS] for i in range(min(LIMIT_THREADS, len(items)))]))
 
 
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:
@@ -112,13 +137,22 @@ def run_progress(cache: TurnstileCache, run_id: str, total: int, file_name: str)
     return RunProgress(artifact, f"{cache.key_prefix}:progress:{run_id}", total)
 
 
+def finish_progress(cache: TurnstileCache, progress: RunProgress) -> None:
+    """The progress artifact at what the tasks settled in all (their own updates may land out of order), and
+    the counter gone."""
+    settled = int(cache.get_client().getdel(progress.counter_key) or 0)
+    if progress.artifact_id is not None:
+        update_progress_artifact(progress.artifact_id, 100.0 * min(settled, progress.total) / max(1, progress.total))
+
+
 def register_everywhere(
     devices: dict[str, TurnstileDevice], people: ParticipantsFile, cache: TurnstileCache,
-    options: RegistrationOptions, progress: RunProgress, settings: Settings,
-) -> list[dict]:
+    options: dict[str, RegistrationOptions], progress: RunProgress, settings: Settings,
+) -> dict[str, dict]:
     """One task per turnstile on TURNSTILES_TASK_RUNNER, waiting for every one; each turnstile's report, a
-    failed one's saying why. The participants travel as one opaque object, read once by the flow. A SIGTERM
-    interrupting the wait gives the tasks (which stop at their next batch) STOP_WAIT_SECONDS to report."""
+    failed one's saying why; `options`: each turnstile's. The participants travel as one opaque object, read
+    once by the flow. A SIGTERM interrupting the wait gives the tasks (which stop at their next batch)
+    STOP_WAIT_SECONDS to report."""
     task = with_retries(register_on_turnstile, settings.turnstiles.task_retries)
     runner = io_task_runner(settings, max(1, min(settings.turnstiles.concurrency, len(devices))),
                             settings.turnstiles.task_runner)
@@ -126,7 +160,7 @@ def register_everywhere(
         futures = runner.map(task, {
             "device_name": list(devices), "device": list(devices.values()),
             "participants": unmapped(Participants(people.participants)), "cache_block": unmapped(cache),
-            "options": unmapped(options), "progress": unmapped(progress),
+            "options": [options[name] for name in devices], "progress": unmapped(progress),
         })
         try:
             wait(futures)
@@ -135,12 +169,37 @@ def register_everywhere(
             get_run_logger().warning("termination signal: the turnstile tasks stop at their next batch")
         deadline = time.monotonic() + STOP_WAIT_SECONDS  # reached only after a termination signal
         outcomes = [_outcome(future, deadline) for future in futures]
-    return [
-        outcome if isinstance(outcome, dict)
+    return {
+        name: outcome if isinstance(outcome, dict)
         else outcome.report.to_json() if isinstance(outcome, DeviceFailed)
         else DeviceReport(name, participants=len(people.participants), status="failed", error=str(outcome)).to_json()
         for name, outcome in zip(devices, outcomes)
-    ]
+    }
+
+
+def register_where_needed(
+    devices: dict[str, TurnstileDevice], people: ParticipantsFile, cache: TurnstileCache,
+    options: RegistrationOptions, run_id: str, file_name: str, settings: Settings,
+) -> list[dict]:
+    """Check the turnstiles (unless the cache is skipped or every device is read anyway), then register on
+    those with work only (their concurrency limits, the progress artifact, one task each); every turnstile's
+    report."""
+    participants = Participants(people.participants)
+    checks = ({} if options.skip_cache or options.verify
+              else check_turnstiles(devices, participants, cache, options.dry_run))
+    work = turnstiles_with_work(list(devices), checks, options)
+    get_run_logger().info("%d of %d turnstile(s) have work%s", len(work), len(devices),
+                          "" if work else ": every participant is confirmed on every turnstile")
+    reports: dict[str, dict] = {}
+    if work:
+        busy = {name: devices[name] for name in work}
+        ensure_device_limits(busy)
+        progress = run_progress(cache, run_id, len(people.participants) * len(busy), file_name)
+        try:
+            reports = register_everywhere(busy, people, cache, work, progress, settings)
+        finally:
+            finish_progress(cache, progress)
+    return with_checks(list(devices), reports, checks)
 
 
 def _outcome(future: PrefectFuture, deadline: float) -> object:
@@ -220,20 +279,15 @@ def register_participants(
     people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
     devices = load_turnstiles(turnstiles)
     cache = checked_cache(cache_block, settings)
-    ensure_device_limits(devices)
     run_id = str(flow_run.get_id() or "local")
-    progress = run_progress(cache, run_id, len(people.participants) * len(devices), source.name)
     options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
                                   concurrency=concurrency_per_device)
     get_run_logger().info(
         "registering %d participant(s) of %s on %d turnstile(s) (%d operations; %d row(s) repeated in the file)%s",
-        len(people.participants), source.name, len(devices), progress.total, len(people.duplicates),
-        " - dry run: planned, nothing written" if dry_run else "",
+        len(people.participants), source.name, len(devices), len(people.participants) * len(devices),
+        len(people.duplicates), " - dry run: planned, nothing written" if dry_run else "",
     )
-    try:
-        reports = register_everywhere(devices, people, cache, options, progress, settings)
-    finally:
-        cache.get_client().delete(progress.counter_key)
+    reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings)
     workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
     summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
     if summary["turnstiles_cancelled"] or run_stop_check()():

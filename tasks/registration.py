@@ -3,7 +3,10 @@ limit for the whole of its work, so the load on a turnstile stays bounded across
 
 The task stops between batches once its run is cancelled (`run_stop_check`), counts what all its attempts wrote
 (`attempt_tally`), and tells someone (the `project.turnstile.unreachable` event) when a device stays
-unreachable past its retries."""
+unreachable past its retries.
+
+Before them, one task checks every turnstile's identity and health (a reset or replaced unit voids its cache
+entries, and the `project.turnstile.reset-detected` event tells someone) and says which turnstiles have work."""
 
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
-from operations.events import TURNSTILE_UNREACHABLE
+from operations.events import TURNSTILE_RESET_DETECTED, TURNSTILE_UNREACHABLE
 from operations.infra.http import RequestPacer
+from operations.turnstiles.identity import check_devices
 from operations.turnstiles.participants import Participant
 from operations.turnstiles.registration import DeviceFailed, DeviceTally, RegistrationOptions, register_on_device
 from tasks.attempts import attempt_tally, release_tally
@@ -145,6 +149,32 @@ def register_on_turnstile(
         logger.warning("%s: %s; written before: %d user(s) created, %d updated, %d card(s), %d group link(s)",
                        device_name, report.error, report.created, report.updated, report.cards, report.groups)
     return report.to_json()
+
+
+# A check reads the devices and drops the cache entries of a reset one: run again, it finds the same (or, the entries
+# being gone, nothing more to drop, and the turnstile still has every participant to do).
+@retrying_task(name="check-turnstiles", task_run_name="check-turnstiles", retries=1, delays=[2], cache_policy=NO_CACHE,
+               tags=["turnstiles", "http"])
+def check_turnstiles(
+    devices: dict[str, TurnstileDevice], participants: Participants, cache_block: TurnstileCache, dry_run: bool,
+) -> dict[str, dict]:
+    """Each turnstile's identity and health check (all at once) and how many participants it needs; a reset or
+    replaced turnstile is logged, told (event `project.turnstile.reset-detected`) and its cache entries dropped
+    (not in a dry run)."""
+    logger = get_run_logger()
+    checks = check_devices({name: (lambda d=device, n=name: d.client(n)) for name, device in devices.items()},
+                           cache_block.cache(), participants.items, dry_run=dry_run)
+    for name, check in checks.items():
+        if check.reset:
+            logger.warning("%s: reset or replaced, its cache is not trusted: %s; %s", name, check.reset,
+                           "a dry run plans every participant" if dry_run
+                           else f"{check.dropped:,} cache entries dropped, every participant is registered again")
+            emit(TURNSTILE_RESET_DETECTED, name, payload={"reason": check.reset, "identity": check.identity,
+                                                          "dropped": check.dropped, "base_url": devices[name].base_url,
+                                                          "dry_run": dry_run})
+        elif check.error:
+            logger.warning("%s: could not be checked (%s): the turnstile is read in full", name, check.error)
+    return {name: check.to_json() for name, check in checks.items()}
 
 
 def _last_attempt() -> bool:

@@ -132,7 +132,7 @@ def test_applied_twice_the_automations_stay_one_each(deployed_stack, stack_notif
     with get_client(sync_client=True) as client:
         names = [a.name for a in client.read_automations() if a.name.startswith(PREFIX)]
     assert sorted(names) == sorted(wanted), names  # one of each (the zombie test's own is gone)
-    assert len(wanted) == 6
+    assert len(wanted) == 7
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """The `register-participants` flow on the session's real Prefect server, emulated turnstiles over HTTP and the
 real Redis: the report's figures, the cache on a second run, no device password in any log or artifact, a
-dry run's work reported as planned, a malformed or missing file and an unknown turnstile refused before any
-device call in one log line, an unreachable turnstile on Dask (task runs of the flow run itself), and two
-flow runs at once never putting more requests on a turnstile than its limit."""
+dry run's work reported as planned, a reset and a replaced turnstile restored by the next normal run, a
+malformed or missing file and an unknown turnstile refused before any device call in one log line, an
+unreachable turnstile on Dask (task runs of the flow run itself), and two flow runs at once never putting more
+requests on a turnstile than its limit."""
 
 from __future__ import annotations
 
@@ -85,7 +86,12 @@ def test_everyone_is_registered_on_every_turnstile_with_a_report_and_the_second_
     state, again = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
     assert state.is_completed(), state.message
     assert (again["cached"], again["successes"]) == (360, 360)
-    assert sum(emulator.control.stats(d)["total"] for d in range(3)) == 0, "cached pairs cost no device call"
+    for device in range(3):  # the identity check only: a session, serial, user count and a sample read back
+        stats = emulator.control.stats(device)
+        assert stats["total"] <= 5 and stats["write_calls"] == 0, stats
+    assert [r["status"] for r in again["reports"]] == ["cached"] * 3
+    runs, subflows = task_runs_of_flow_run(state.state_details.flow_run_id)
+    assert [r.name for r in runs] == ["check-turnstiles"] and subflows == [], "no device task: nothing to do"
 
 
 def test_a_malformed_file_is_refused_naming_row_and_column_before_any_device_call(gates, tmp_path):
@@ -137,6 +143,7 @@ def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_repor
     assert "31 record(s) failed and 1 turnstile(s)" in str(state.result(raise_on_failure=False))
     flow_run_id = state.state_details.flow_run_id
     runs, subflows = task_runs_of_flow_run(flow_run_id)
+    runs = [r for r in runs if r.name != "check-turnstiles"]
     assert sorted(r.name for r in runs) == sorted(f"turnstile-{name}" for name in names)
     assert {r.flow_run_id for r in runs} == {flow_run_id} and subflows == [], "the Dask tasks are the run's own"
     for device in (0, 1):
@@ -273,7 +280,7 @@ def test_a_turnstiles_figures_count_every_attempt_of_its_task(gates, tmp_path, m
     assert (report["created"], report["unchanged"], report["cached"]) == (100, 0, 0), report
     assert report["cards"] == sum(p.card is not None for p in people)
     assert report["groups"] == sum(p.group is not None for p in people)
-    [task_run], _ = task_runs_of_flow_run(state.state_details.flow_run_id)
+    [task_run] = [r for r in task_runs_of_flow_run(state.state_details.flow_run_id)[0] if r.name != "check-turnstiles"]
     assert task_run.run_count == 2, "the first attempt failed"
     table = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-turnstiles"].data
     table = json.loads(table) if isinstance(table, str) else table
@@ -312,6 +319,61 @@ def test_a_turnstile_unreachable_past_its_retries_emits_an_event(gates, tmp_path
     assert [e["resource"]["prefect.resource.id"] for e in events] == [f"project.turnstile.{names[1]}"], events
     assert events[0]["payload"]["error"].startswith(f"{names[1]}: "), events[0]
     assert events[0]["payload"]["base_url"] == emulator.base_urls[1]
+
+
+def _events(name: str, flow_run_id, count: int) -> list[dict]:
+    """The project events `name` related to the flow run, read back from the server (waiting up to 30 s for
+    `count` of them)."""
+    from prefect.client.orchestration import get_client
+
+    body = {"filter": {"event": {"name": [name]}, "any_resource": {"id_prefix": ["project.turnstile.test-gate-"]},
+                       "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50}
+    deadline, events = time.monotonic() + 30, []
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            found = client.request("POST", "/events/filter", json=body).json()["events"]
+            events = [e for e in found if any(r.get("prefect.resource.id") == f"prefect.flow-run.{flow_run_id}"
+                                              for r in e.get("related", []))]
+            if len(events) >= count:
+                break
+            time.sleep(0.5)
+    return events
+
+
+def test_a_reset_and_a_replaced_turnstile_are_noticed_and_restored_by_the_next_normal_run(gates, tmp_path):
+    """Between two normal runs one turnstile is factory reset and another replaced by a new unit: the next
+    run's identity check drops their cache entries, registers every participant on them again (users, cards,
+    groups as on the untouched one), says so in the report, and emits `project.turnstile.reset-detected` for
+    each; the run after it trusts the cache again. Four flow runs (~4 s each, the one test of the whole path):
+    register, a cached run that learns the units, the restoring run, a cached run."""
+    emulator, names, cache = gates
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 60)
+    for _ in range(2):
+        state, _ = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
+        assert state.is_completed(), state.message
+    expected = emulator.control.users(0)
+    emulator.control.wipe(1)
+    emulator.control.wipe(2, replace=True)
+
+    emulator.control.reset_stats()
+    state, result = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
+    assert state.is_completed(), state.message
+    for device in (1, 2):
+        assert emulator.control.users(device) == expected, f"device {device} restored"
+    reports = result["reports"]
+    assert [(r["status"], r["created"]) for r in reports] == [("cached", 0), ("done", 60), ("done", 60)]
+    assert "fewer users" in reports[1]["reset"] and "another unit" in reports[2]["reset"], reports
+    assert emulator.control.stats(0)["write_calls"] == 0 and emulator.control.stats(0)["total"] <= 5
+    report = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-report"].data
+    assert f"2 turnstile(s) reset or replaced, registered again in full: {names[1]}, {names[2]}." in report
+    events = _events("project.turnstile.reset-detected", state.state_details.flow_run_id, 2)
+    assert sorted(e["resource"]["prefect.resource.id"] for e in events) == [
+        f"project.turnstile.{names[1]}", f"project.turnstile.{names[2]}"], events
+    assert all(e["payload"]["dropped"] == 60 for e in events)
+
+    state, again = _run(participants_file=str(source), turnstiles=names, cache_block=cache)
+    assert [(r["status"], r["reset"]) for r in again["reports"]] == [("cached", "")] * 3, "trusted again"
 
 
 _RUN_NAMED = """

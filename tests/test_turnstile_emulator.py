@@ -255,6 +255,36 @@ def test_load_objects_where_in_lists_and_paging(device: Device) -> None:
     ]
 
 
+def test_system_information_and_wipes(emulator: RunningEmulator, device: Device, control: EmulatorControl) -> None:
+    """A factory reset empties the device and keeps its identity; a replaced unit answers a new serial and device
+    id and knows no session; every device has its own identity."""
+    info = device.call("system_information")
+    assert {"serial", "device_id", "version", "network", "uptime", "time"} <= set(info)
+    assert isinstance(info["serial"], str) and isinstance(info["device_id"], int) and info["network"]["mac"]
+    assert info == {**device.call("system_information"), "time": info["time"], "uptime": info["uptime"]}
+    with httpx.Client(base_url=emulator.base_urls[1], timeout=10) as other:
+        second = other.post("/system_information.fcgi", params={"session": login(other)})
+        assert second.status_code == 200 and second.json()["serial"] != info["serial"]
+    assert device.post("system_information").status_code == 200
+    unauthenticated = device.http.post("/system_information.fcgi")
+    assert unauthenticated.status_code == 401
+
+    device.call("create_objects", object="users", values=users(1, 2))
+    reset = control.wipe(0)["devices"][0]
+    assert reset["users"] == 2 and (reset["serial"], reset["device_id"]) == (info["serial"], info["device_id"])
+    assert device.call("load_objects", object="users") == {"users": []}
+    assert device.call("system_information")["serial"] == info["serial"]
+
+    device.call("create_objects", object="users", values=users(3))
+    replaced = control.wipe(0, replace=True)["devices"][0]
+    assert replaced["users"] == 1 and replaced["serial"] != info["serial"] and replaced["device_id"] != info["device_id"]
+    assert device.post("load_objects", object="users").status_code == 401  # a new unit: the old session is gone
+    device.session = login(device.http)
+    new = device.call("system_information")
+    assert (new["serial"], new["device_id"]) == (replaced["serial"], replaced["device_id"])
+    assert device.call("load_objects", object="users") == {"users": []}
+
+
 def test_modify_and_cascading_destroy(device: Device, control: EmulatorControl) -> None:
     device.call("create_objects", object="users", values=users(1, 2, 3))
     device.call("create_objects", object="cards", values=[{"value": 11, "user_id": 1}, {"value": 12, "user_id": 1},

@@ -5,6 +5,8 @@ Keys under prefix P:
     P:device:<device>:registered  hash  registration -> "<device user id>:<fingerprint>" of what was last
                                         confirmed written on that device (a changed name, card, group or
                                         validity has another fingerprint, so it is written again)
+    P:device:<device>:identity    string  the identity (serial and device id) of the unit the hash was
+                                        written to: another unit at the same address makes the hash void
     P:user-ids                    hash  registration -> device user id, the same on every device
     P:user-id-seq                 string  the last id handed out (ids start above USER_ID_BASE)
 
@@ -61,13 +63,57 @@ class RegistrationCache:
                     found[registration] = (int(user_id), fingerprint)
         return found
 
+    def pending(self, device: str, fingerprints: dict[str, str]) -> int:
+        """How many of the registrations (-> fingerprint) the device is not confirmed to hold as they are: one
+        round trip, values compared as bytes (no parsing)."""
+        registrations = list(fingerprints)
+        key = self._device_key(device)
+        with self.client.pipeline(transaction=False) as pipe:
+            for start in range(0, len(registrations), _BATCH):
+                pipe.hmget(key, registrations[start:start + _BATCH])
+            values = [value for part in pipe.execute() for value in part]
+        return sum(1 for registration, value in zip(registrations, values)
+                   if value is None or not value.endswith(b":" + fingerprints[registration].encode()))
+
     def confirm(self, device: str, entries: Iterable[tuple[str, int, str]]) -> None:
         """Remember (registration, device user id, fingerprint) as written on the device."""
         mapping = {registration: f"{user_id}:{fingerprint}" for registration, user_id, fingerprint in entries}
         items = list(mapping.items())
         key = self._device_key(device)
-        for start in range(0, len(items), _BATCH):
-            self.client.hset(key, mapping=dict(items[start:start + _BATCH]))
+        with self.client.pipeline(transaction=False) as pipe:  # one round trip
+            for start in range(0, len(items), _BATCH):
+                pipe.hset(key, mapping=dict(items[start:start + _BATCH]))
+            pipe.execute()
+
+    def _identity_key(self, device: str) -> str:
+        return f"{self.prefix}:device:{device}:identity"
+
+    def count(self, device: str) -> int:
+        """How many participants the cache holds as confirmed on the device."""
+        return int(self.client.hlen(self._device_key(device)))
+
+    def sample(self, device: str, size: int) -> dict[str, int]:
+        """registration -> device user id of up to `size` participants confirmed on the device, drawn at random."""
+        drawn = self.client.hrandfield(self._device_key(device), size, withvalues=True) if size > 0 else []
+        pairs = zip(drawn[::2], drawn[1::2])
+        return {registration.decode(): int(value.decode().partition(":")[0]) for registration, value in pairs}
+
+    def identity(self, device: str) -> str | None:
+        """The identity of the unit the device's entries were confirmed on (None: not known yet)."""
+        value = self.client.get(self._identity_key(device))
+        return value.decode() if value is not None else None
+
+    def remember_identity(self, device: str, identity: str) -> None:
+        self.client.set(self._identity_key(device), identity)
+
+    def forget_device(self, device: str) -> int:
+        """Drop every entry confirmed on the device (its user ids stay: they are the same on every device);
+        returns how many there were."""
+        key = self._device_key(device)
+        with self.client.pipeline() as pipe:
+            pipe.hlen(key).delete(key)
+            count, _ = pipe.execute()
+        return int(count)
 
     def known_user_ids(self, registrations: list[str]) -> dict[str, int]:
         """The device user id of each registration the project handed one out to (no new id is handed out)."""

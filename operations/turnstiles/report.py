@@ -87,7 +87,7 @@ def registration_summary(
 
 def turnstile_rows(reports: list[dict], dry_run: bool) -> list[dict]:
     """The turnstiles table: one row per turnstile; a dry run's writes are headed as planned. A turnstile whose
-    participants were all cached has the status "cached" (no call was made to it)."""
+    participants were all cached has the status "cached" (no write was made to it)."""
     headings = (("to create", "to update", "cards to write", "cards to free", "group links to add",
                  "group links to remove") if dry_run
                 else ("created", "updated", "cards", "cards freed", "group links", "group links removed"))
@@ -95,7 +95,8 @@ def turnstile_rows(reports: list[dict], dry_run: bool) -> list[dict]:
              "cached": r["cached"], "unchanged": r["unchanged"],
              **{heading: r.get(name, 0) for heading, name in zip(headings, WRITTEN)},
              "failed": len(r["failures"]), "requests": r["requests"],
-             "retries": r["retries"], "logins": r["logins"], "seconds": round(r["seconds"], 2), "error": r["error"]}
+             "retries": r["retries"], "logins": r["logins"], "seconds": round(r["seconds"], 2), "error": r["error"],
+             "reset": r.get("reset", "")}
             for r in reports]
 
 
@@ -127,8 +128,17 @@ def registration_markdown(file_name: str, summary: dict, failures_link: str = ""
 | {'Expected errors' if dry_run else 'Errors'} | {summary['errors']:,} |
 
 {len(failed)} turnstile(s) not worked on{': ' + ', '.join(failed) if failed else ''}.
-Time: {summary['seconds']:.1f} s. Failed records: {failures}.
+{_reset_line(summary['reports'], dry_run)}Time: {summary['seconds']:.1f} s. Failed records: {failures}.
 """
+
+
+def _reset_line(reports: list[dict], dry_run: bool) -> str:
+    """The turnstiles found reset or replaced (their cache not trusted), one line; "" when none."""
+    reset = [r["device"] for r in reports if r.get("reset")]
+    if not reset:
+        return ""
+    done = "planned in full" if dry_run else "registered again in full"
+    return f"{len(reset)} turnstile(s) reset or replaced, {done}: {', '.join(reset)}.\n"
 
 
 def registration_failure_message(summary: dict) -> str | None:

@@ -1,0 +1,121 @@
+"""The identity and health check of a turnstile before its cache is trusted, on the emulator over HTTP and the
+session's real Redis (no Prefect): what it costs, and each way a reset or replaced unit is caught."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Iterator
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from emulators.controlid import EmulatorConfig, RunningEmulator, run_in_thread
+from operations.infra.http import RetryPolicy
+from operations.turnstiles.cache import RegistrationCache
+from operations.turnstiles.client import ControlIdClient
+from operations.turnstiles.identity import check_device, check_devices, turnstiles_with_work, with_checks
+from operations.turnstiles.participants import Participant
+from operations.turnstiles.registration import RegistrationOptions, register_on_device
+
+PEOPLE = [Participant(i + 2, f"R{i:05d}", f"Person {i}", 5000 + i, 1 + i % 3, None, None) for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[RunningEmulator]:
+    with run_in_thread(EmulatorConfig(devices=2)) as running:
+        yield running
+
+
+@pytest.fixture
+def cache(redis_url: str, emulator: RunningEmulator) -> Iterator[RegistrationCache]:
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"test-identity-{uuid.uuid4().hex[:6]}"
+    yield RegistrationCache(client, prefix)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+    emulator.control.wipe()
+
+
+def _client(emulator: RunningEmulator, device: int = 0) -> ControlIdClient:
+    return ControlIdClient(emulator.base_urls[device], "admin", SecretStr("admin"), name=f"gate-{device}")
+
+
+def _fingerprints(people: list[Participant] = PEOPLE) -> dict[str, str]:
+    return {p.registration: p.fingerprint() for p in people}
+
+
+def _register(emulator: RunningEmulator, cache: RegistrationCache, device: int = 0) -> None:
+    report = register_on_device(_client(emulator, device), f"gate-{device}", PEOPLE, cache, RegistrationOptions())
+    assert report.created == len(PEOPLE) and not report.failures, report
+
+
+def test_a_registered_turnstile_is_trusted_for_five_requests(emulator, cache):
+    """Before the first registration nothing is cached: no device call, everyone to do. After it, the check
+    learns the unit and passes: a session, its identity, the count probe and one sample read, whatever the
+    participants."""
+    first = check_device(_client(emulator), "gate-0", cache, _fingerprints())
+    assert (first.reset, first.error, first.pending, first.requests) == ("", "", len(PEOPLE), 0)
+    _register(emulator, cache)
+    client = _client(emulator)
+    check = check_device(client, "gate-0", cache, _fingerprints())
+    assert (check.reset, check.error, check.pending, check.dropped) == ("", "", 0, 0)
+    assert client.stats.requests == check.requests == 5  # login, system_information, probe, sample, logout
+    assert check.identity and cache.identity("gate-0") == check.identity
+    renamed = [replace(PEOPLE[0], name="Renamed"), *PEOPLE[1:]]
+    assert check_device(_client(emulator), "gate-0", cache, _fingerprints(renamed)).pending == 1
+
+
+def test_a_factory_reset_turnstile_is_caught_by_its_user_count(emulator, cache):
+    _register(emulator, cache)
+    emulator.control.wipe(0)
+    check = check_device(_client(emulator), "gate-0", cache, _fingerprints())
+    assert "fewer users than the 40" in check.reset, check
+    assert (check.dropped, check.pending, cache.count("gate-0")) == (40, 40, 0)
+
+
+def test_a_replaced_unit_is_caught_by_its_serial_and_a_dry_run_changes_nothing(emulator, cache):
+    _register(emulator, cache)
+    check_device(_client(emulator), "gate-0", cache, _fingerprints())  # the unit is known from an earlier run
+    emulator.control.wipe(0, replace=True)
+    known = cache.identity("gate-0")
+    dry = check_device(_client(emulator), "gate-0", cache, _fingerprints(), dry_run=True)
+    assert "another unit" in dry.reset and known in dry.reset
+    assert (dry.dropped, dry.pending, cache.count("gate-0"), cache.identity("gate-0")) == (0, 40, 40, known)
+    check = check_device(_client(emulator), "gate-0", cache, _fingerprints())
+    assert "another unit" in check.reset and check.dropped == 40
+    assert cache.identity("gate-0") == check.identity != known
+
+
+def test_a_reset_unit_refilled_with_other_users_is_caught_by_the_sample(emulator, cache):
+    """As many users as the cache confirmed, but not the cached ones (other ids): the count passes, the sample
+    read back does not."""
+    _register(emulator, cache)
+    emulator.control.wipe(0)
+    client = _client(emulator)
+    client.write("users", [{"id": i + 1, "registration": f"X{i}", "name": f"Other {i}"} for i in range(45)])
+    check = check_device(client, "gate-0", cache, _fingerprints())
+    assert "lacks 8 of 8 cached participants" in check.reset, check
+    assert check.dropped == 40
+
+
+def test_an_unreachable_turnstile_is_read_in_full_and_keeps_its_cache(emulator, cache):
+    """A check the device does not answer says why, drops nothing, and sends the turnstile to its own work in
+    full (verify); a turnstile whose participants are all confirmed needs no work and reports "cached"."""
+    _register(emulator, cache, 0)
+    _register(emulator, cache, 1)
+    emulator.control.set_down(1)
+    try:
+        clients = {f"gate-{d}": (lambda d=d: ControlIdClient(emulator.base_urls[d], "admin", SecretStr("admin"),
+                                                             name=f"gate-{d}", retry=RetryPolicy(attempts=1)))
+                   for d in (0, 1)}
+        checks = {name: c.to_json() for name, c in check_devices(clients, cache, PEOPLE).items()}
+    finally:
+        emulator.control.set_down(1, False)
+    assert checks["gate-1"]["error"] and not checks["gate-1"]["reset"] and cache.count("gate-1") == 40
+    work = turnstiles_with_work(["gate-0", "gate-1"], checks, RegistrationOptions())
+    assert list(work) == ["gate-1"] and work["gate-1"].verify
+    reports = with_checks(["gate-0", "gate-1"], {}, checks)
+    assert [(r["device"], r["status"], r["cached"]) for r in reports][0] == ("gate-0", "cached", 40)
+    assert reports[0]["requests"] == 5
