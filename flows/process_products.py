@@ -1,13 +1,12 @@
-"""Flow `process-products`: a dealers' products file (.xlsx or .csv) loaded into the project database in
-parallel chunks, every row a success or a reported failure, one message per staged change published to a
-Redis stream exactly once.
+"""Flow `process-products`: a dealers' products file (.xlsx, .xls, .ods or .csv) loaded into the project
+database in parallel chunks, every row a success or a reported failure, one message per staged change published
+to a Redis stream exactly once.
 
 Stages: check the request (the file, the database, the queue, the dealers and the connection budget fail
-here); read the file once (a bad header fails the run as it is opened, before any row is written; an .xlsx
-is opened only once, since openpyxl may scan a whole sheet to open it), cutting it into chunk files that are
-mapped to chunk tasks as soon as each is complete (Dask process workers for large files, the flow's thread
-pool for small ones; either runs them inside this flow run); publish whatever the chunks left in the outbox;
-then write the failures spreadsheet and the artifacts (the failures linked only when rows failed). The run
+here); read the file once (a bad header fails the run as it is opened, before any row is written), cutting it
+into chunk files that are mapped to chunk tasks as soon as each is complete (Dask process workers for large
+files, the flow's thread pool for small ones; either runs them inside this flow run); publish whatever the
+chunks left in the outbox; then write the failures spreadsheet and the artifacts (the failures linked only when rows failed). The run
 ends Completed when every row is accounted for, even with failures, and Failed only when the file could not be
 processed (a chunk that kept failing leaves its rows unaccounted); an expected user error (a missing file, a
 bad header, no dealers) ends it Failed with one line, no traceback. A file fully loaded and published whose
@@ -63,6 +62,7 @@ from operations.cancellation import Cancelled as OperationCancelled
 from operations.cancellation import StopCheck, raise_if_stopped
 from operations.infra.database import project_engine
 from operations.infra.links import output_base_url, output_link
+from operations.infra.tabular import READ_FILE_PATTERN
 from operations.products.chunks import (
     ChunkFile,
     FileSplitter,
@@ -97,7 +97,7 @@ from tasks.cancellation import run_stop_check, watch_termination
 from tasks.products import load_products_chunk, publish_pending_messages
 from tasks.retries import with_retries
 
-PRODUCTS_FILE_PATTERN = r"^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # the UI and the API check it (JavaScript regex)
+PRODUCTS_FILE_PATTERN = READ_FILE_PATTERN  # .xlsx, .xls, .ods or .csv: the UI and the API check it
 ProductsFilePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=PRODUCTS_FILE_PATTERN)]
 RunKey = Annotated[str, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]*$")]
 ChunkRows = Annotated[int, Field(ge=0, le=1_000_000)]
@@ -105,8 +105,8 @@ BlockName = Annotated[str, Field(max_length=120)]
 CANCEL_GRACE_SECONDS = 5  # a cancelled run waits this long for the chunks under way to finish their transaction
 _FILE_PATH = form_field(
     ..., "Products file",
-    "Path of the .xlsx or .csv file on the machine that runs the flow (a shared folder on several machines). "
-    "Header row: dealer code, SKU, name, price, stock; other columns are kept as attributes.",
+    "Path of the .xlsx, .xls, .ods or .csv file on the machine that runs the flow (a shared folder on several "
+    "machines). Header row: dealer code, SKU, name, price, stock; other columns are kept as attributes.",
 )
 _RUN_KEY = form_field(
     "", "Run key", "Names the run's output folder and is recorded on every row it writes. Empty: the flow run id."
