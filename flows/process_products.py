@@ -2,15 +2,15 @@
 database in parallel chunks, every row a success or a reported failure, one message per staged change published
 to a Redis stream exactly once.
 
-Stages: check the request (the file, the database, the queue, the dealers and the connection budget fail
-here); read the file once (a bad header fails the run as it is opened, before any row is written), cutting it
-into chunk files that are mapped to chunk tasks as soon as each is complete (Dask process workers for large
-files, the flow's thread pool for small ones; either runs them inside this flow run); publish whatever the
-chunks left in the outbox; then write the failures spreadsheet and the artifacts (the failures linked only when rows failed). The run
-ends Completed when every row is accounted for, even with failures, and Failed only when the file could not be
-processed (a chunk that kept failing leaves its rows unaccounted); an expected user error (a missing file, a
-bad header, no dealers) ends it Failed with one line, no traceback. A file fully loaded and published whose
-failures spreadsheet cannot be written ends Failed with a message saying the rows are loaded and published.
+Stages: check the request (the file, the database, the queue, the dealers and the connection budget fail here);
+read the file once (a bad header fails the run as it is opened, before any row is written), cutting it into chunk
+files that are mapped to chunk tasks as soon as each is complete (Dask process workers for large files, the flow's
+thread pool for small ones; either runs them inside this flow run); publish whatever the chunks left in the outbox;
+then write the failures spreadsheet and the artifacts (the failures linked only when rows failed). The run ends
+Completed when every row is accounted for, even with failures, and Failed only when the file could not be processed
+(a chunk that kept failing leaves its rows unaccounted); an expected user error (a missing file, a bad header, no
+dealers) ends it Failed with one line, no traceback. A file fully loaded and published whose failures spreadsheet
+cannot be written ends Failed with a message saying the rows are loaded and published.
 
 Cancel: the run checks its state (tasks/cancellation.py) between chunks, while waiting for them and before the
 final publish; once it is being cancelled (or got SIGTERM, which it only notes rather than letting Prefect
