@@ -34,6 +34,8 @@ class ChunkReport:
     publish_deferred: int                  # committed messages left to the flow's final publish
     failures: list[RowFailure] = field(default_factory=list)
     publish_error: str = ""
+    store_seconds: float = 0.0             # the chunk's transaction (compare, write, stage), all attempts
+    publish_seconds: float = 0.0           # publishing its messages
 
 
 @dataclass
@@ -112,6 +114,8 @@ def run_summary(
         "chunks": result.stats.chunks, "chunks_loaded": len(result.reports),
         "failures_file": "" if result.report_error else str(failures_file), "failures_by_reason": by_reason,
         "read_seconds": round(result.stats.read_seconds, 2), "seconds": round(elapsed, 2),
+        "store_seconds": round(sum(r.store_seconds for r in result.reports), 2),
+        "publish_seconds": round(sum(r.publish_seconds for r in result.reports), 2),
         "cancelled": bool(result.cancelled),
     }
 
