@@ -225,7 +225,8 @@ def print_products(figures: dict) -> None:
             f"baseline (target >= 3); {r['created']:,} created / {r['updated']:,} updated / {r['unchanged']:,} "
             f"unchanged, {r['failures']:,} failures, {r['messages_published']:,} messages; read and checked in "
             f"{r['read_seconds']:.1f} s ({100 * r['read_seconds'] / f['seconds']:.0f}% of the run), chunk "
-            f"transactions {r.get('store_seconds', 0):.1f} task-s, publishing {r.get('publish_seconds', 0):.1f} task-s; "
+            f"transactions {r['store_seconds']:.1f} task-s, publishing {r['publish_seconds']:.1f} task-s"
+            f"{', not read again (same content as run ' + r['same_as_run'] + ')' if r['same_as_run'] else ''}; "
             f"peak memory {f['peak_bytes'] / 2**20:,.0f} MiB (target < 1 GiB)"
         )
     relay = figures["relay"]

@@ -60,7 +60,7 @@ from flows.task_runners import (
 )
 from operations.cancellation import Cancelled as OperationCancelled
 from operations.cancellation import StopCheck, raise_if_stopped
-from operations.infra.database import project_engine
+from operations.infra.database import get_engine, project_engine
 from operations.infra.links import output_base_url, output_link
 from operations.infra.tabular import READ_FILE_PATTERN
 from operations.products.chunks import (
@@ -71,6 +71,16 @@ from operations.products.chunks import (
     chunk_size,
     estimate_rows,
     products_file,
+)
+from operations.products.loaded import (
+    LoadedFile,
+    copy_read_failures,
+    database_now,
+    failures_of,
+    file_digest,
+    record_path,
+    save_record,
+    unchanged_since,
 )
 from operations.products.outbox import PublishCounts
 from operations.products.report import FailureLog, write_failures_workbook
@@ -141,12 +151,7 @@ def process_products(
     dealers = known_dealers(engine)
     run_key = run_key or str(flow_run.get_id() or "local")
     load = _plan_load(source, database_url, dealers, run_key, queue, chunk_rows, settings)
-    try:
-        with _chunk_task_runner(settings, load.on_dask) as runner:
-            result = _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries),
-                           run_stop_check())
-    finally:
-        shutil.rmtree(load.run_dir / "chunks", ignore_errors=True)
+    result = _unchanged_since_loaded(load, engine) or _load_chunks(load, settings)
     if result.cancelled:
         result.committed = _committed(engine, run_key)
     summary = _publish_report(load, result, time.perf_counter() - started)
@@ -167,7 +172,53 @@ def process_products(
         message = report_missing_message(source, summary, result)
         logger.error("%s", message)
         return Failed(message=message)
+    _remember_loaded(load, result, engine)
     return summary
+
+
+def _load_chunks(load: _Load, settings: Settings) -> LoadResult:
+    """Read the file into chunks loaded on the chosen runner; the chunk files are removed whatever happens."""
+    try:
+        with _chunk_task_runner(settings, load.on_dask) as runner:
+            return _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries),
+                         run_stop_check())
+    finally:
+        shutil.rmtree(load.run_dir / "chunks", ignore_errors=True)
+
+
+def _unchanged_since_loaded(load: _Load, engine) -> LoadResult | None:
+    """The figures of the earlier complete run of the same content, when no product, offer or dealer was
+    written since (operations/products/loaded.py): loading the file again would change nothing. None
+    otherwise, and the file is loaded."""
+    earlier = unchanged_since(load.record, engine, load.dealers)
+    if earlier is None or not copy_read_failures(load.run_dir.parent / earlier.run_key, load.run_dir, READ_FAILURES):
+        return None
+    get_run_logger().info("%s: the same content as run %s, and the catalog unchanged since: not read again",
+                          load.source, earlier.run_key)
+    stats = SplitStats(rows=earlier.rows, valid_rows=earlier.valid_rows, failed_rows=earlier.failed_rows,
+                       extra_columns=list(earlier.extra_columns))
+    refused = failures_of(earlier)
+    report = ChunkReport(index=0, first_row=0, last_row=0, rows=earlier.valid_rows, created=0, updated=0,
+                         unchanged=earlier.valid_rows - len(refused), published=0, publish_deferred=0,
+                         failures=refused)
+    return LoadResult(stats, reports=[report], same_as_run=earlier.run_key)
+
+
+def _remember_loaded(load: _Load, result: LoadResult, engine) -> None:
+    """After a run that accounted for every row and published every message: the record that lets a run of
+    the same content skip the load while the catalog stays as this run left it."""
+    if result.same_as_run or result.messages_deferred:
+        return
+    refused = [[f.row_number, f.dealer_code, f.sku, f.column, f.reason, f.detail]
+               for report in result.reports for f in report.failures]
+    stats = result.stats
+    loaded = LoadedFile(run_key=load.run_key, marks=[], rows=stats.rows, valid_rows=stats.valid_rows,
+                        failed_rows=stats.failed_rows, chunks=stats.chunks, extra_columns=list(stats.extra_columns),
+                        database_failures=refused)
+    try:
+        save_record(load.record, engine, load.dealers, loaded, load.started_at)
+    except Exception as exc:  # noqa: BLE001 - the run is done; without a record the next run loads the file
+        get_run_logger().warning("could not record %s as loaded: %s", load.source, exc)
 
 
 def _committed(engine, run_key: str) -> RunFigures | None:
@@ -201,6 +252,8 @@ class _Load:
     rows_per_chunk: int
     pool_size: int
     on_dask: bool
+    record: Path                # where a complete run of this content is recorded (operations/products/loaded.py)
+    started_at: object          # the database's clock when the run started
 
 
 def _plan_load(
@@ -209,7 +262,7 @@ def _plan_load(
 ) -> _Load:
     """Pick the runner, the chunk size and each chunk process's connections (ConnectionBudgetTooSmall when
     DATABASE_POOL_SIZE cannot hold them)."""
-    estimated = estimate_rows(source)
+    started_at, estimated = database_now(get_engine(database_url)), estimate_rows(source)
     on_dask = estimated >= settings.products.in_process_max_rows
     if on_dask and settings.dask.scheduler_address:
         check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
@@ -218,6 +271,7 @@ def _plan_load(
         source, settings.stack.output_dir / "products" / run_key, run_key, dealers, database_url, queue,
         chunk_rows or chunk_size(estimated, slots, settings.products.min_chunk_rows, settings.products.max_chunk_rows),
         chunk_pool_size(settings.database.pool_size, processes), on_dask,
+        record_path(settings.stack.output_dir, file_digest(source), database_url, queue.stream), started_at,
     )
     get_run_logger().info(
         "run %s: %s (~%s rows), %d dealer(s), chunks of %s rows on %s, %d connection(s) per chunk process",
