@@ -74,7 +74,7 @@ from operations.products.chunks import (
 )
 from operations.products.loaded import (
     LoadedFile,
-    copy_read_failures,
+    copy_failures,
     database_now,
     failures_of,
     file_digest,
@@ -191,7 +191,8 @@ def _unchanged_since_loaded(load: _Load, engine) -> LoadResult | None:
     written since (operations/products/loaded.py): loading the file again would change nothing. None
     otherwise, and the file is loaded."""
     earlier = unchanged_since(load.record, engine, load.dealers)
-    if earlier is None or not copy_read_failures(load.run_dir.parent / earlier.run_key, load.run_dir, READ_FAILURES):
+    if earlier is None or not copy_failures(earlier, load.run_dir.parent / earlier.run_key, load.run_dir,
+                                            READ_FAILURES, _failures_workbook(load).name):
         return None
     get_run_logger().info("%s: the same content as run %s, and the catalog unchanged since: not read again",
                           load.source, earlier.run_key)
@@ -214,7 +215,7 @@ def _remember_loaded(load: _Load, result: LoadResult, engine) -> None:
     stats = result.stats
     loaded = LoadedFile(run_key=load.run_key, marks=[], rows=stats.rows, valid_rows=stats.valid_rows,
                         failed_rows=stats.failed_rows, chunks=stats.chunks, extra_columns=list(stats.extra_columns),
-                        database_failures=refused)
+                        database_failures=refused, failures_file=_failures_workbook(load).name)
     try:
         save_record(load.record, engine, load.dealers, loaded, load.started_at)
     except Exception as exc:  # noqa: BLE001 - the run is done; without a record the next run loads the file
@@ -397,17 +398,23 @@ def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFutur
     result.chunks_not_loaded += len(pending)
 
 
+def _failures_workbook(load: _Load) -> Path:
+    return load.run_dir / f"{load.source.stem}-failures.xlsx"
+
+
 def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:
     """Write the failures spreadsheet, publish the artifacts (the failures linked only when rows failed) and
     return the run's summary. A spreadsheet that cannot be written (OUTPUT_DIR read-only or full) is noted in
     the result and the summary, counted from the failure logs instead."""
-    source = load.source
-    workbook = load.run_dir / f"{source.stem}-failures.xlsx"
+    source, workbook = load.source, _failures_workbook(load)
     try:
-        by_reason = write_failures_workbook(
-            workbook, merged_failures(load.run_dir, result.reports),
-            title=f"Failures of {source.name} (run {load.run_key})",
-        )
+        if result.same_as_run:  # the earlier run's spreadsheet, copied: the same failures
+            by_reason = count_by_reason(merged_failures(load.run_dir, result.reports))
+        else:
+            by_reason = write_failures_workbook(
+                workbook, merged_failures(load.run_dir, result.reports),
+                title=f"Failures of {source.name} (run {load.run_key})",
+            )
     except OSError as exc:
         result.report_error = f"{type(exc).__name__}: {exc}"
         by_reason = count_by_reason(merged_failures(load.run_dir, result.reports))

@@ -5,7 +5,8 @@ record under `OUTPUT_DIR/products/loaded/`, keyed by the file's content hash and
 loaded into: what it read (rows, failures) and the catalog's marks just after it (count, highest id and
 latest change of products and offers, and the dealers). A later run of the same bytes finds the record; when
 the catalog's marks are still those, no offer or product has been written since, so loading the file again
-would change nothing: the run reports every row unchanged and the same failures, without reading the file.
+would change nothing: the run reports every row unchanged and the same failures (the earlier run's log and
+spreadsheet, copied), without reading the file.
 Any write to the catalog (another file, a removed offer, a dealer added or removed) moves a mark, and the
 file is loaded as usual. A run that overlapped another run's writes leaves no record.
 """
@@ -50,6 +51,7 @@ class LoadedFile:
     chunks: int
     extra_columns: list[str]
     database_failures: list[list]  # RowFailure fields of the rows the database refused
+    failures_file: str             # the name of its failures spreadsheet, in its run folder
 
 
 def file_digest(path: Path) -> str:
@@ -114,13 +116,16 @@ def failures_of(loaded: LoadedFile) -> list[RowFailure]:
     return [RowFailure(*fields) for fields in loaded.database_failures]
 
 
-def copy_read_failures(earlier_run_dir: Path, run_dir: Path, name: str) -> bool:
-    """Copy the earlier run's log of rows that failed the checks into this run's folder; False when it is
-    gone (removed with its run folder)."""
-    source = earlier_run_dir / name
-    if not source.is_file():
+def copy_failures(earlier: LoadedFile, earlier_run_dir: Path, run_dir: Path, log_name: str,
+                  workbook_name: str) -> bool:
+    """Copy the earlier run's log of rows that failed the checks and its failures spreadsheet into this run's
+    folder (under this file's name); False, copying nothing, when either is gone (removed with its folder)."""
+    copies = [(earlier_run_dir / log_name, run_dir / log_name),
+              (earlier_run_dir / earlier.failures_file, run_dir / workbook_name)]
+    if not all(source.is_file() for source, _ in copies):
         return False
     run_dir.mkdir(parents=True, exist_ok=True)
-    if source.resolve() != (run_dir / name).resolve():
-        shutil.copyfile(source, run_dir / name)
+    for source, target in copies:
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
     return True
