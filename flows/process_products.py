@@ -1,17 +1,16 @@
-"""Flow `process-products`: a dealers' products file (.xlsx or .csv) loaded into the project database in
-parallel chunks, every row a success or a reported failure, one message per staged change published to a
-Redis stream exactly once.
+"""Flow `process-products`: a dealers' products file (.xlsx, .xls, .ods or .csv) loaded into the project
+database in parallel chunks, every row a success or a reported failure, one message per staged change published
+to a Redis stream exactly once.
 
-Stages: check the request (the file, the database, the queue, the dealers and the connection budget fail
-here); read the file once (a bad header fails the run as it is opened, before any row is written; an .xlsx
-is opened only once, since openpyxl may scan a whole sheet to open it), cutting it into chunk files that are
-mapped to chunk tasks as soon as each is complete (Dask process workers for large files, the flow's thread
-pool for small ones; either runs them inside this flow run); publish whatever the chunks left in the outbox;
-then write the failures spreadsheet and the artifacts (the failures linked only when rows failed). The run
-ends Completed when every row is accounted for, even with failures, and Failed only when the file could not be
-processed (a chunk that kept failing leaves its rows unaccounted); an expected user error (a missing file, a
-bad header, no dealers) ends it Failed with one line, no traceback. A file fully loaded and published whose
-failures spreadsheet cannot be written ends Failed with a message saying the rows are loaded and published.
+Stages: check the request (the file, the database, the queue, the dealers and the connection budget fail here);
+read the file once (a bad header fails the run as it is opened, before any row is written), cutting it into chunk
+files that are mapped to chunk tasks as soon as each is complete (Dask process workers for large files, the flow's
+thread pool for small ones; either runs them inside this flow run); publish whatever the chunks left in the outbox;
+then write the failures spreadsheet and the artifacts (the failures linked only when rows failed). The run ends
+Completed when every row is accounted for, even with failures, and Failed only when the file could not be processed
+(a chunk that kept failing leaves its rows unaccounted); an expected user error (a missing file, a bad header, no
+dealers) ends it Failed with one line, no traceback. A file fully loaded and published whose failures spreadsheet
+cannot be written ends Failed with a message saying the rows are loaded and published.
 
 Cancel: the run checks its state (tasks/cancellation.py) between chunks, while waiting for them and before the
 final publish; once it is being cancelled (or got SIGTERM, which it only notes rather than letting Prefect
@@ -61,8 +60,9 @@ from flows.task_runners import (
 )
 from operations.cancellation import Cancelled as OperationCancelled
 from operations.cancellation import StopCheck, raise_if_stopped
-from operations.infra.database import project_engine
+from operations.infra.database import get_engine, project_engine
 from operations.infra.links import output_base_url, output_link
+from operations.infra.tabular import READ_FILE_PATTERN
 from operations.products.chunks import (
     ChunkFile,
     FileSplitter,
@@ -71,6 +71,16 @@ from operations.products.chunks import (
     chunk_size,
     estimate_rows,
     products_file,
+)
+from operations.products.loaded import (
+    LoadedFile,
+    copy_failures,
+    database_now,
+    failures_of,
+    file_digest,
+    record_path,
+    save_record,
+    unchanged_since,
 )
 from operations.products.outbox import PublishCounts
 from operations.products.report import FailureLog, write_failures_workbook
@@ -97,7 +107,7 @@ from tasks.cancellation import run_stop_check, watch_termination
 from tasks.products import load_products_chunk, publish_pending_messages
 from tasks.retries import with_retries
 
-PRODUCTS_FILE_PATTERN = r"^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # the UI and the API check it (JavaScript regex)
+PRODUCTS_FILE_PATTERN = READ_FILE_PATTERN  # .xlsx, .xls, .ods or .csv: the UI and the API check it
 ProductsFilePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=PRODUCTS_FILE_PATTERN)]
 RunKey = Annotated[str, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]*$")]
 ChunkRows = Annotated[int, Field(ge=0, le=1_000_000)]
@@ -105,8 +115,8 @@ BlockName = Annotated[str, Field(max_length=120)]
 CANCEL_GRACE_SECONDS = 5  # a cancelled run waits this long for the chunks under way to finish their transaction
 _FILE_PATH = form_field(
     ..., "Products file",
-    "Path of the .xlsx or .csv file on the machine that runs the flow (a shared folder on several machines). "
-    "Header row: dealer code, SKU, name, price, stock; other columns are kept as attributes.",
+    "Path of the .xlsx, .xls, .ods or .csv file on the machine that runs the flow (a shared folder on several "
+    "machines). Header row: dealer code, SKU, name, price, stock; other columns are kept as attributes.",
 )
 _RUN_KEY = form_field(
     "", "Run key", "Names the run's output folder and is recorded on every row it writes. Empty: the flow run id."
@@ -141,12 +151,7 @@ def process_products(
     dealers = known_dealers(engine)
     run_key = run_key or str(flow_run.get_id() or "local")
     load = _plan_load(source, database_url, dealers, run_key, queue, chunk_rows, settings)
-    try:
-        with _chunk_task_runner(settings, load.on_dask) as runner:
-            result = _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries),
-                           run_stop_check())
-    finally:
-        shutil.rmtree(load.run_dir / "chunks", ignore_errors=True)
+    result = _unchanged_since_loaded(load, engine) or _load_chunks(load, settings)
     if result.cancelled:
         result.committed = _committed(engine, run_key)
     summary = _publish_report(load, result, time.perf_counter() - started)
@@ -167,7 +172,54 @@ def process_products(
         message = report_missing_message(source, summary, result)
         logger.error("%s", message)
         return Failed(message=message)
+    _remember_loaded(load, result, engine)
     return summary
+
+
+def _load_chunks(load: _Load, settings: Settings) -> LoadResult:
+    """Read the file into chunks loaded on the chosen runner; the chunk files are removed whatever happens."""
+    try:
+        with _chunk_task_runner(settings, load.on_dask) as runner:
+            return _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries),
+                         run_stop_check())
+    finally:
+        shutil.rmtree(load.run_dir / "chunks", ignore_errors=True)
+
+
+def _unchanged_since_loaded(load: _Load, engine) -> LoadResult | None:
+    """The figures of the earlier complete run of the same content, when no product, offer or dealer was
+    written since (operations/products/loaded.py): loading the file again would change nothing. None
+    otherwise, and the file is loaded."""
+    earlier = unchanged_since(load.record, engine, load.dealers)
+    if earlier is None or not copy_failures(earlier, load.run_dir.parent / earlier.run_key, load.run_dir,
+                                            READ_FAILURES, _failures_workbook(load).name):
+        return None
+    get_run_logger().info("%s: the same content as run %s, and the catalog unchanged since: not read again",
+                          load.source, earlier.run_key)
+    stats = SplitStats(rows=earlier.rows, valid_rows=earlier.valid_rows, failed_rows=earlier.failed_rows,
+                       extra_columns=list(earlier.extra_columns))
+    refused = failures_of(earlier)
+    report = ChunkReport(index=0, first_row=0, last_row=0, rows=earlier.valid_rows, created=0, updated=0,
+                         unchanged=earlier.valid_rows - len(refused), published=0, publish_deferred=0,
+                         failures=refused)
+    return LoadResult(stats, reports=[report], same_as_run=earlier.run_key)
+
+
+def _remember_loaded(load: _Load, result: LoadResult, engine) -> None:
+    """After a run that accounted for every row and published every message: the record that lets a run of
+    the same content skip the load while the catalog stays as this run left it."""
+    if result.same_as_run or result.messages_deferred:
+        return
+    refused = [[f.row_number, f.dealer_code, f.sku, f.column, f.reason, f.detail]
+               for report in result.reports for f in report.failures]
+    stats = result.stats
+    loaded = LoadedFile(run_key=load.run_key, marks=[], rows=stats.rows, valid_rows=stats.valid_rows,
+                        failed_rows=stats.failed_rows, chunks=stats.chunks, extra_columns=list(stats.extra_columns),
+                        database_failures=refused, failures_file=_failures_workbook(load).name)
+    try:
+        save_record(load.record, engine, load.dealers, loaded, load.started_at)
+    except Exception as exc:  # noqa: BLE001 - the run is done; without a record the next run loads the file
+        get_run_logger().warning("could not record %s as loaded: %s", load.source, exc)
 
 
 def _committed(engine, run_key: str) -> RunFigures | None:
@@ -201,6 +253,8 @@ class _Load:
     rows_per_chunk: int
     pool_size: int
     on_dask: bool
+    record: Path                # where a complete run of this content is recorded (operations/products/loaded.py)
+    started_at: object          # the database's clock when the run started
 
 
 def _plan_load(
@@ -209,7 +263,7 @@ def _plan_load(
 ) -> _Load:
     """Pick the runner, the chunk size and each chunk process's connections (ConnectionBudgetTooSmall when
     DATABASE_POOL_SIZE cannot hold them)."""
-    estimated = estimate_rows(source)
+    started_at, estimated = database_now(get_engine(database_url)), estimate_rows(source)
     on_dask = estimated >= settings.products.in_process_max_rows
     if on_dask and settings.dask.scheduler_address:
         check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
@@ -218,6 +272,7 @@ def _plan_load(
         source, settings.stack.output_dir / "products" / run_key, run_key, dealers, database_url, queue,
         chunk_rows or chunk_size(estimated, slots, settings.products.min_chunk_rows, settings.products.max_chunk_rows),
         chunk_pool_size(settings.database.pool_size, processes), on_dask,
+        record_path(settings.stack.output_dir, file_digest(source), database_url, queue.stream), started_at,
     )
     get_run_logger().info(
         "run %s: %s (~%s rows), %d dealer(s), chunks of %s rows on %s, %d connection(s) per chunk process",
@@ -343,17 +398,23 @@ def _wind_down(chunks: dict[PrefectFuture, ChunkFile], pending: set[PrefectFutur
     result.chunks_not_loaded += len(pending)
 
 
+def _failures_workbook(load: _Load) -> Path:
+    return load.run_dir / f"{load.source.stem}-failures.xlsx"
+
+
 def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:
     """Write the failures spreadsheet, publish the artifacts (the failures linked only when rows failed) and
     return the run's summary. A spreadsheet that cannot be written (OUTPUT_DIR read-only or full) is noted in
     the result and the summary, counted from the failure logs instead."""
-    source = load.source
-    workbook = load.run_dir / f"{source.stem}-failures.xlsx"
+    source, workbook = load.source, _failures_workbook(load)
     try:
-        by_reason = write_failures_workbook(
-            workbook, merged_failures(load.run_dir, result.reports),
-            title=f"Failures of {source.name} (run {load.run_key})",
-        )
+        if result.same_as_run:  # the earlier run's spreadsheet, copied: the same failures
+            by_reason = count_by_reason(merged_failures(load.run_dir, result.reports))
+        else:
+            by_reason = write_failures_workbook(
+                workbook, merged_failures(load.run_dir, result.reports),
+                title=f"Failures of {source.name} (run {load.run_key})",
+            )
     except OSError as exc:
         result.report_error = f"{type(exc).__name__}: {exc}"
         by_reason = count_by_reason(merged_failures(load.run_dir, result.reports))

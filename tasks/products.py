@@ -3,6 +3,7 @@ figures of every attempt to domain code."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -36,6 +37,8 @@ class _ChunkTally:
 
     outcome: ChunkOutcome | None = None
     published: PublishCounts = field(default_factory=PublishCounts)
+    store_seconds: float = 0.0
+    publish_seconds: float = 0.0
 
 
 # The chunk's writes are upserts keyed by natural keys and its messages are published exactly once, so a
@@ -63,20 +66,25 @@ def load_products_chunk(
         if should_stop():
             release_tally()
             return CancelledState(message=f"the run was cancelled before rows {chunk.first_row}-{chunk.last_row}")
+        started = time.perf_counter()
         tally.outcome = store_chunk(engine, read_chunk(chunk.path), run_key, queue.stream)
-    outcome, error = tally.outcome, ""
+        tally.store_seconds += time.perf_counter() - started
+    outcome, error, started = tally.outcome, "", time.perf_counter()
     try:
         publish_outbox(engine, queue.publisher(), outcome.outbox_ids, should_stop=should_stop, counts=tally.published)
     except (Cancelled, *PUBLISH_FAULTS) as exc:  # Redis down, a drill or a cancel: a later publish takes them
         error = str(exc) if isinstance(exc, Cancelled) else f"{type(exc).__name__}: {exc}"
         get_run_logger().warning("chunk %d: %d message(s) left in the outbox: %s", chunk.index,
                                  len(outcome.outbox_ids) - tally.published.total, error)
+    finally:
+        tally.publish_seconds += time.perf_counter() - started
     release_tally()
     return ChunkReport(
         index=chunk.index, first_row=chunk.first_row, last_row=chunk.last_row, rows=outcome.rows,
         created=outcome.created, updated=outcome.updated, unchanged=outcome.unchanged,
         published=tally.published.total, publish_deferred=len(outcome.outbox_ids) - tally.published.total,
-        failures=outcome.failures, publish_error=error,
+        failures=outcome.failures, publish_error=error, store_seconds=round(tally.store_seconds, 3),
+        publish_seconds=round(tally.publish_seconds, 3),
     )
 
 

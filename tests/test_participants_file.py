@@ -29,7 +29,7 @@ from operations.turnstiles.sample import write_participants_file
 SAO_PAULO = ZoneInfo("America/Sao_Paulo")
 HEADER = "registration,name,card,group,begin,end"
 
-from files import write_csv, write_xlsx
+from files import write_csv, write_ods, write_xlsx
 
 
 _csv = partial(write_csv, name="participants.csv")
@@ -94,7 +94,7 @@ def test_unusable_files_are_refused(tmp_path):
     for path, message in [
         (_csv(tmp_path, "", " ", name="empty.csv"), "is empty: expected a header row with registration, name"),
         (latin1, "not UTF-8"),
-        (tmp_path / "participants.xls", "unsupported file type '.xls'"),
+        (tmp_path / "participants.numbers", "unsupported file type '.numbers'"),
     ]:
         with pytest.raises(UnreadableFile, match=f"{path.name}.*{message}"):
             read_participants(path)
@@ -201,6 +201,25 @@ def test_dates_as_spreadsheet_dates_and_unix_seconds(tmp_path):
         (_seconds(2026, 11, 23), _seconds(2026, 11, 30, 23, 59, 59)),
         (1_795_000_000, 1_795_086_400),
     ]
+
+
+def test_an_ods_reads_like_its_xlsx_dates_and_big_card_numbers_included(tmp_path):
+    rows = [
+        ["matrícula", "nome", "cartão", "início", "fim"],
+        ["R1", "Ana", 123.0, datetime(2026, 11, 23, 8, 30), datetime(2026, 11, 30)],
+        [],
+        ["R2", "Bruno", None, date(2026, 11, 23), "30/11/2026"],
+    ]
+    big_card = ["R3", "Carla", 2.0**60, None, None]
+    for write, name in ((partial(write_xlsx, name="p.xlsx"), "p.xlsx"), (partial(write_ods, name="p.ods"), "p.ods")):
+        assert [(p.row_number, p.card, p.begin, p.end) for p in read_participants(write(tmp_path, *rows))
+                .participants] == [
+            (2, 123, _seconds(2026, 11, 23, 8, 30), _seconds(2026, 11, 30, 23, 59, 59)),
+            (4, None, _seconds(2026, 11, 23), _seconds(2026, 11, 30, 23, 59, 59)),
+        ], name
+        assert [(p.row_number, p.column, p.reason) for p in _problems(write(tmp_path, *rows, big_card))] == [
+            (5, "card", "too many digits for a spreadsheet number; format the column as text"),
+        ], name
 
 
 def test_an_unknown_time_zone_is_refused(tmp_path):

@@ -90,6 +90,8 @@ def test_a_mixed_file_is_accounted_for_row_by_row_and_reruns_change_only_what_ch
     assert state.is_completed(), state.message
     assert (again["created"], again["updated"], again["unchanged"]) == (0, 0, sample.good_rows)
     assert again["messages_published"] == 0 and len(_stream_keys(queue)) == sample.good_rows
+    assert again["same_as_run"] == "mixed-1" and again["failures_by_reason"] == sample.bad_by_reason
+    assert read_failures_workbook(Path(again["failures_file"])) == failures
 
     # changed prices: just those offers updated, one message each
     repriced = tmp_path / "products-repriced.xlsx"
@@ -103,6 +105,12 @@ def test_a_mixed_file_is_accounted_for_row_by_row_and_reruns_change_only_what_ch
     assert all(after[key]["version"] == 2 for key in changed)
     assert third["messages_published"] == len(changed)
     assert len(_stream_keys(queue)) == sample.good_rows + len(changed)
+
+    # the first file again: the catalog moved since its record, so it is read and loaded again
+    state, fourth = _run(file_path=str(source), queue_block=block, run_key="mixed-4")
+    assert state.is_completed(), state.message
+    assert fourth["same_as_run"] == "" and (fourth["updated"], fourth["created"]) == (len(changed), 0)
+    assert fourth["unchanged"] == sample.good_rows - len(changed)
 
 
 def test_a_bad_header_or_a_missing_file_fails_the_run_before_anything_is_written(products, tmp_path):

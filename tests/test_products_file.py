@@ -27,7 +27,7 @@ from operations.products.sample import (
     write_dealers_file,
 )
 
-from files import write_csv, write_xlsx
+from files import convert_with_libreoffice, write_csv, write_ods, write_xlsx
 
 HEADER = "dealer_code,sku,name,price,stock"
 CELL_REASONS = {  # the reasons the reader finds by itself; the others need the rows around
@@ -92,11 +92,14 @@ def test_unusable_files_are_refused_as_a_whole(tmp_path):
     broken.write_bytes(b"not a zip")
     old_excel = tmp_path / "products.xls"
     old_excel.write_bytes(b"")
+    numbers = tmp_path / "products.numbers"
+    numbers.write_bytes(b"")
     for path, message in [
         (empty, "is empty"),
         (latin1, "not UTF-8"),
         (broken, "not a readable .xlsx"),
-        (old_excel, "unsupported file type '.xls'"),
+        (old_excel, "not a readable .xls workbook"),
+        (numbers, "unsupported file type '.numbers'; save it as .xlsx, .xls, .ods or .csv"),
     ]:
         with pytest.raises(HeaderError, match=f"{path.name}.*{message}"):
             _read(path)
@@ -206,6 +209,47 @@ def test_blank_rows_are_skipped_and_row_numbers_stay_those_of_the_file(tmp_path)
     csv_lines = [",".join("" if cell is None else str(cell) for cell in row) for row in rows]
     for path in (_csv(tmp_path, *csv_lines), _xlsx(tmp_path, *rows)):
         assert [(row.row_number, row.sku) for row in _read(path)] == [(3, "S1"), (6, "S2"), (8, "S3")]
+
+
+WORKBOOK_ROWS = [  # blank rows and a blank first column: row numbers stay those the spreadsheet shows
+    [],
+    [None, "Código Revendedor", "Cód. Produto", "Descrição", "Preço", "Estoque", "Marca"],
+    [None, "D1", "S1", "Pneu", 19.9, 3, "Pirelli"],
+    [],
+    [None, "D1", 12345, "Roda", "R$ 3.680,11", 5.0, None],
+    [None, "D2", "S3", "Aro", -1, 2, "X"],
+    [None, "D2", "S4", "Aro", 10, "2,5", None],
+]
+WORKBOOK_EXPECTED = [
+    ProductRow(3, "D1", "S1", "Pneu", Decimal("19.90"), 3, {"Marca": "Pirelli"}),
+    ProductRow(5, "D1", "12345", "Roda", Decimal("3680.11"), 5, {}),
+    RowFailure(6, "D2", "S3", "price", Reason.NEGATIVE_PRICE, "'-1' is below zero"),
+    RowFailure(7, "D2", "S4", "stock", Reason.STOCK_NOT_WHOLE, "'2,5' is not a whole number"),
+]
+
+
+def test_xlsx_and_ods_rows_keep_their_row_numbers_and_values(tmp_path):
+    for path in (_xlsx(tmp_path, *WORKBOOK_ROWS), write_ods(tmp_path, *WORKBOOK_ROWS, name="products.ods")):
+        assert _read(path) == WORKBOOK_EXPECTED, path.name
+
+
+def test_an_xlsx_is_read_from_its_active_sheet_starting_anywhere(tmp_path):
+    workbook = openpyxl.Workbook()
+    workbook.active.append(["not", "this", "sheet"])
+    sheet = workbook.create_sheet("Produtos")
+    for column, value in zip("CDEFG", HEADER.split(",")):
+        sheet[f"{column}4"] = value
+    for column, value in zip("CDEFG", ["D1", "S1", "Pneu", 1, 2]):
+        sheet[f"{column}6"] = value
+    workbook.active = 1
+    workbook.save(tmp_path / "products.xlsx")
+    assert _read(tmp_path / "products.xlsx") == [ProductRow(6, "D1", "S1", "Pneu", Decimal("1.00"), 2, {})]
+
+
+def test_an_xls_written_by_libreoffice_reads_like_its_xlsx(tmp_path):
+    """About 7 s: LibreOffice converts the file (skipped where it is not installed)."""
+    [path] = convert_with_libreoffice([_xlsx(tmp_path, *WORKBOOK_ROWS)], "xls")
+    assert _read(path) == WORKBOOK_EXPECTED
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".xlsx"])

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import openpyxl
 
 from operations.errors import UserError
+from operations.infra.tabular import UnreadableFile, cell_text, is_blank, open_records
 from operations.lottery.engine import games_to_masks
 
 SAMPLE_RESULTS = Path(__file__).parent / "data" / "mega_sena_results_sample.xlsx"
@@ -24,29 +24,31 @@ def load_past_draws(path: Path) -> np.ndarray:
     if not path.exists():
         raise DrawsFileError(f"past draws file {path} does not exist")
     try:
-        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    except Exception as exc:  # openpyxl raises several unrelated types for a bad file
-        raise DrawsFileError(f"past draws file {path} is not a readable .xlsx: {exc}") from exc
-    try:
-        rows = wb.worksheets[0].iter_rows(values_only=True)
-        header = [str(c).strip() if c is not None else "" for c in next(rows, ())]
-        missing = [c for c in ("Concurso", *BALL_COLUMNS) if c not in header]
-        if missing:
-            raise DrawsFileError(f"past draws file {path} lacks the columns {missing} (found {header})")
-        idx = [header.index(c) for c in BALL_COLUMNS]
-        draws = []
-        for line, row in enumerate(rows, start=2):
-            if row is None or all(v is None for v in row):
-                continue
-            try:
-                balls = sorted(int(row[i]) for i in idx)
-            except (TypeError, ValueError) as exc:
-                raise DrawsFileError(f"past draws file {path}, row {line}: balls are not numbers") from exc
-            if len(set(balls)) != 6 or not all(1 <= b <= 60 for b in balls):
-                raise DrawsFileError(f"past draws file {path}, row {line}: {balls} is not a Mega-Sena draw")
-            draws.append(balls)
-    finally:
-        wb.close()
+        with open_records(path) as rows:
+            draws = _draws(path, rows)
+    except UnreadableFile as exc:
+        raise DrawsFileError(f"past draws file {path} is not readable: {exc}") from exc
     if not draws:
         return np.zeros(0, dtype=np.uint64)
     return np.unique(games_to_masks(np.array(draws, dtype=np.uint8)))
+
+
+def _draws(path: Path, rows) -> list[list[int]]:
+    """The balls of every draw, the header being the sheet's first row."""
+    header = [cell_text(cell) for cell in next(rows, ())]
+    missing = [c for c in ("Concurso", *BALL_COLUMNS) if c not in header]
+    if missing:
+        raise DrawsFileError(f"past draws file {path} lacks the columns {missing} (found {header})")
+    idx = [header.index(c) for c in BALL_COLUMNS]
+    draws = []
+    for line, row in enumerate(rows, start=2):
+        if all(is_blank(v) for v in row):
+            continue
+        try:
+            balls = sorted(int(row[i]) for i in idx)
+        except (TypeError, ValueError, IndexError) as exc:
+            raise DrawsFileError(f"past draws file {path}, row {line}: balls are not numbers") from exc
+        if len(set(balls)) != 6 or not all(1 <= b <= 60 for b in balls):
+            raise DrawsFileError(f"past draws file {path}, row {line}: {balls} is not a Mega-Sena draw")
+        draws.append(balls)
+    return draws

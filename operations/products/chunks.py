@@ -21,6 +21,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
+from python_calamine import CalamineError, CalamineWorkbook
+
 from operations.cancellation import StopCheck, never, raise_if_stopped
 from operations.errors import UserError
 from operations.products.reader import ProductRow, Reason, RowFailure, open_product_rows
@@ -87,25 +89,40 @@ class SplitStats:
 
 
 def estimate_rows(path: Path) -> int:
-    """Data rows of the file, cheaply (it picks the task runner and the chunk size, nothing else): for .xlsx the
-    sheet's recorded dimension, or its size over the size of its first rows (without opening the workbook:
-    openpyxl scans a whole sheet that records no dimension); for .csv the line count."""
-    if path.suffix.lower() == ".xlsx":
-        with zipfile.ZipFile(path) as archive:
-            sheets = [info for info in archive.infolist()
-                      if info.filename.startswith("xl/worksheets/") and info.filename.endswith(".xml")]
-            if not sheets:
-                return 0
-            sheet = max(sheets, key=lambda info: info.file_size)
-            with archive.open(sheet) as handle:
-                head = handle.read(_XLSX_SAMPLE_BYTES)
-        dimension = re.search(rb'<dimension ref="[A-Z]+\d+:[A-Z]+(\d+)"', head)
-        if dimension:
-            return max(0, int(dimension.group(1)) - 1)
-        rows = head.count(b"<row ")
-        return max(0, round(rows * sheet.file_size / max(1, len(head))) - 1)
+    """Data rows of the file, cheaply (it picks the task runner and the chunk size, nothing else), without
+    loading the workbook: for .xlsx the sheet's recorded dimension, or the size of its XML over the size of its
+    first rows; for .ods the same ratio; for .xls (65,536 rows at most) the sheet's height; for .csv the line
+    count. A workbook that cannot be read counts 0 rows: the reader then says what is wrong with it."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".xls":
+            with CalamineWorkbook.from_path(str(path)) as workbook:
+                return max(0, workbook.get_sheet_by_index(0).height - 1)
+        if suffix in (".xlsx", ".ods"):
+            return _estimate_zipped_rows(path, suffix)
+    except (CalamineError, zipfile.BadZipFile, KeyError):
+        return 0
     with path.open("rb") as handle:
         return max(0, sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b"")) - 1)
+
+
+def _estimate_zipped_rows(path: Path, suffix: str) -> int:
+    with zipfile.ZipFile(path) as archive:
+        if suffix == ".ods":
+            sheets, row_tag = [archive.getinfo("content.xml")], b"<table:table-row"
+        else:
+            sheets, row_tag = [info for info in archive.infolist() if info.filename.startswith("xl/worksheets/")
+                               and info.filename.endswith(".xml")], b"<row "
+        if not sheets:
+            return 0
+        sheet = max(sheets, key=lambda info: info.file_size)
+        with archive.open(sheet) as handle:
+            head = handle.read(_XLSX_SAMPLE_BYTES)
+    dimension = re.search(rb'<dimension ref="[A-Z]+\d+:[A-Z]+(\d+)"', head) if suffix == ".xlsx" else None
+    if dimension:
+        return max(0, int(dimension.group(1)) - 1)
+    rows = head.count(row_tag)
+    return max(0, round(rows * sheet.file_size / max(1, len(head))) - 1)
 
 
 def _encode(dealer_id: int, row: ProductRow) -> str:

@@ -34,6 +34,8 @@ class ChunkReport:
     publish_deferred: int                  # committed messages left to the flow's final publish
     failures: list[RowFailure] = field(default_factory=list)
     publish_error: str = ""
+    store_seconds: float = 0.0             # the chunk's transaction (compare, write, stage), all attempts
+    publish_seconds: float = 0.0           # publishing its messages
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LoadResult:
     committed: RunFigures | None = None    # a cancelled run's changes as the database holds them
     chunks_not_loaded: int = 0             # chunks submitted but not loaded because of the cancel
     report_error: str = ""                 # why the failures spreadsheet could not be written
+    same_as_run: str = ""                  # the earlier run of the same content this run's figures repeat
 
     @property
     def messages_deferred(self) -> int:
@@ -112,7 +115,9 @@ def run_summary(
         "chunks": result.stats.chunks, "chunks_loaded": len(result.reports),
         "failures_file": "" if result.report_error else str(failures_file), "failures_by_reason": by_reason,
         "read_seconds": round(result.stats.read_seconds, 2), "seconds": round(elapsed, 2),
-        "cancelled": bool(result.cancelled),
+        "store_seconds": round(sum(r.store_seconds for r in result.reports), 2),
+        "publish_seconds": round(sum(r.publish_seconds for r in result.reports), 2),
+        "cancelled": bool(result.cancelled), "same_as_run": result.same_as_run,
     }
 
 
@@ -184,6 +189,9 @@ def summary_markdown(
     stats, unaccounted = result.stats, summary["unaccounted"]
     if result.cancelled:
         verdict = f"**Cancelled** ({result.cancelled}) after " + _done_before_cancel(summary)
+    elif result.same_as_run:
+        verdict = (f"The same content as run `{result.same_as_run}`, and no product, offer or dealer written since: "
+                   "every row is as that run left it (its failures repeated), so the file was not read again.")
     elif not unaccounted:
         verdict = "Every row is accounted for: a success or a reported failure."
     else:
