@@ -45,6 +45,7 @@ from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import io_task_runner
 from operations.errors import UserError
 from operations.infra.links import output_base_url, output_link
+from operations.infra.tabular import READ_FILE_PATTERN
 from operations.settings import Settings, get_settings
 from operations.turnstiles.identity import turnstiles_with_work, with_checks
 from operations.turnstiles.participants import ParticipantsFile, participants_path, read_participants
@@ -71,7 +72,7 @@ from tasks.registration import (
 LIMIT_THREADS = 4  # API clients creating or reading the turnstiles' concurrency limits at once
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
 
-FILE_PATTERN = r"^$|^.+\.([xX][lL][sS][xX]|[cC][sS][vV])$"  # empty: PARTICIPANTS_FILE
+FILE_PATTERN = r"^$|" + READ_FILE_PATTERN  # .xlsx, .xls, .ods or .csv; empty: PARTICIPANTS_FILE
 
 
 class RegistrationCancelled(RuntimeError):
@@ -240,8 +241,8 @@ BlockName = Annotated[str, Field(max_length=120)]
 # The form: each parameter's default, title and help text.
 PARTICIPANTS_FILE = form_field(
     "", "Participants file",
-    "Path of the .xlsx or .csv on the machine that runs the flow: registration, name, and optionally card, "
-    "group, begin and end. Empty: PARTICIPANTS_FILE.",
+    "Path of the .xlsx, .xls, .ods or .csv on the machine that runs the flow: registration, name, and optionally "
+    "card, group, begin and end. Empty: PARTICIPANTS_FILE.",
 )
 TURNSTILES = form_field([], "Turnstiles", "Names of TurnstileDevice blocks. Empty: every saved turnstile.")
 SKIP_CACHE = form_field(
