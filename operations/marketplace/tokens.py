@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -137,10 +136,13 @@ def token_cipher() -> TokenCipher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["new-key"]:
-        print("usage: python -m operations.marketplace.tokens new-key", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m operations.marketplace.tokens",
+                                     description="Keys of the refresh tokens' encryption (MARKETPLACE_TOKEN_KEY).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("new-key", help="print a new key (put it first in MARKETPLACE_TOKEN_KEY to rotate)")
+    parser.parse_args(argv)
     print(new_key())
     return 0
 
