@@ -109,9 +109,9 @@ STACK_MODULES = ("test_automations", "test_browser_ui", "test_deployments_e2e", 
 STACK_GROUP = "deployed-stack"
 LONGEST_FIRST = (
     STACK_GROUP, "test_generate_games_flow", "test_process_products_flow", "test_run_retention",
-    "test_sync_marketplace_flow", "test_cancellation", "test_register_participants_flow", "test_concurrency_limits",
-    "test_services", "test_prefect_server", "test_plan", "test_database", "test_marketplace_sync",
-    "test_products_store", "test_counter", "test_file_server", "test_turnstile_registration",
+    "test_sync_marketplace_flow", "test_cancellation", "test_docs", "test_register_participants_flow",
+    "test_concurrency_limits", "test_services", "test_prefect_server", "test_plan", "test_database",
+    "test_marketplace_sync", "test_products_store", "test_counter", "test_file_server", "test_turnstile_registration",
 )
 
 
@@ -151,10 +151,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: each module in order
 
 
+_GROUP_SECONDS: dict[str, float] = {}  # a worker's seconds per group (setup, call and teardown of its tests)
+_WORKER_GROUPS: dict[str, dict[str, float]] = {}  # the controller's: each worker's
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _GROUP_SECONDS[group_of(report.nodeid)] = _GROUP_SECONDS.get(group_of(report.nodeid), 0.0) + report.duration
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    _WORKER_GROUPS[node.gateway.id] = getattr(node, "workeroutput", {}).get("group_seconds", {})
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Under xdist: each worker's seconds of tests and its longest groups, to keep LONGEST_FIRST in step."""
+    for worker, groups in sorted(_WORKER_GROUPS.items()):
+        longest = sorted(groups.items(), key=lambda kv: -kv[1])[:6]
+        terminalreporter.write_line(f"{worker}: {sum(groups.values()):.0f} s of tests in {len(groups)} groups; "
+                                    + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in longest))
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own, which tears the session fixtures down
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """The session's services stopped once its tests are done: on an xdist worker, before the worker reports
     that it finished (xdist terminates a worker 10 s after that, which would leave them running)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["group_seconds"] = dict(_GROUP_SECONDS)
     _stop_services()
 
 
