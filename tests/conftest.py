@@ -2,7 +2,8 @@
 DATA_DIR, exported as the stack exports them to its worker: one real embedded PostgreSQL (database
 "operations_test", migrated to head: DATABASE_URL), one real Prefect server on it (its own database "prefect", the
 stack's default: PREFECT_API_URL), one real embedded redis-server (REDIS_URL) and the file server of OUTPUT_DIR
-(OUTPUT_BASE_URL). `pytest_unconfigure` stops them in reverse order.
+(OUTPUT_BASE_URL). `pytest_sessionfinish` stops them in reverse order. Under xdist (`make test`: two workers)
+each worker starts services of its own and the controller none; which tests run where: STACK_MODULES below.
 
 `deployed_stack`: the operator's `python -m deployments.stack up`, run once for the modules that need deployments,
 a worker and the emulators, on those services; `down` at the end of the session.
