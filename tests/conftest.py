@@ -352,6 +352,17 @@ def dask_cluster(prefect_api_url, tmp_path_factory):
             stop_process_group(process.pid, 10)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_settings_per_module():
+    """Each module starts from settings read anew from the session's environment, whichever module ran before it
+    on this worker (under xdist the modules run in LONGEST_FIRST's order, not the files' order): a test that
+    changed the environment and restored it may have left settings of its own in `get_settings`' cache."""
+    from operations.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+
+
 @pytest.fixture
 def on_session_cluster(dask_cluster, monkeypatch):
     """Flows of this test run their Dask work on the session's cluster (DASK_SCHEDULER_ADDRESS)."""
