@@ -106,7 +106,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # STACK_MODULES (the run stops at collection otherwise). The longest groups start first, so that the last one to
 # start is short and both workers finish close together (durations of `make test`; a module not named in
 # LONGEST_FIRST starts after those named).
-STACK_MODULES = ("test_automations", "test_browser_ui", "test_deployments_e2e", "test_operator_commands")
+STACK_MODULES = (
+    "test_automations", "test_browser_ui", "test_deployments_e2e", "test_inbox_e2e", "test_operator_commands",
+)
 STACK_GROUP = "deployed-stack"
 LONGEST_FIRST = (
     STACK_GROUP, "test_generate_games_flow", "test_process_products_flow", "test_run_retention",
