@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m deployments.demo
 
+# Two xdist workers, each with the session's services of its own: a module's tests on one worker, the modules on
+# the deployed stack together, the longest first (tests/conftest.py); the slowest tests printed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

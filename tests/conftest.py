@@ -2,7 +2,8 @@
 DATA_DIR, exported as the stack exports them to its worker: one real embedded PostgreSQL (database
 "operations_test", migrated to head: DATABASE_URL), one real Prefect server on it (its own database "prefect", the
 stack's default: PREFECT_API_URL), one real embedded redis-server (REDIS_URL) and the file server of OUTPUT_DIR
-(OUTPUT_BASE_URL). `pytest_unconfigure` stops them in reverse order.
+(OUTPUT_BASE_URL). `pytest_sessionfinish` stops them in reverse order. Under xdist (`make test`: two workers)
+each worker starts services of its own and the controller none; which tests run where: STACK_MODULES below.
 
 `deployed_stack`: the operator's `python -m deployments.stack up`, run once for the modules that need deployments,
 a worker and the emulators, on those services; `down` at the end of the session.
@@ -53,10 +54,16 @@ def session_services(settings) -> list:
     ]
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    """Whether this process only hands tests to xdist workers (`-n 2`): each worker starts its own services."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):  # pragma: no cover - xdist workers share the controller's server
+    if _xdist_controller(config):
         return
-    root = Path(tempfile.mkdtemp(prefix="ops-tests-"))
+    worker = getattr(config, "workerinput", {}).get("workerid", "main")
+    root = Path(tempfile.mkdtemp(prefix=f"ops-tests-{worker}-"))
     _STATE["root"] = root
     os.environ.update(
         {
@@ -93,8 +100,96 @@ def pytest_configure(config: pytest.Config) -> None:
     get_settings.cache_clear()
 
 
+# `make test` runs the suite on two xdist workers (`-n 2 --dist loadgroup`), each with services of its own
+# (pytest_configure). A module runs whole on one worker, so its module fixtures start once; the modules that use
+# `deployed_stack` run on one worker together, so the stack comes up once: a module using it must be named in
+# STACK_MODULES (the run stops at collection otherwise). The longest groups start first, so that the last one to
+# start is short and both workers finish close together (durations of `make test`; a module not named in
+# LONGEST_FIRST starts after those named).
+STACK_MODULES = (
+    "test_automations", "test_browser_ui", "test_deployments_e2e", "test_inbox_e2e", "test_operator_commands",
+)
+STACK_GROUP = "deployed-stack"
+LONGEST_FIRST = (
+    STACK_GROUP, "test_generate_games_flow", "test_process_products_flow", "test_run_retention",
+    "test_sync_marketplace_flow", "test_cancellation", "test_docs", "test_register_participants_flow",
+    "test_concurrency_limits", "test_services", "test_prefect_server", "test_plan", "test_database",
+    "test_marketplace_sync", "test_products_store", "test_counter", "test_file_server", "test_turnstile_registration",
+)
+
+
+def group_of(nodeid: str) -> str:
+    """The xdist group of a test id: STACK_GROUP for the modules of STACK_MODULES, else its module's name."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return STACK_GROUP if module in STACK_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadgroup`: xdist's scope scheduling over `group_of`, in the workers' collection order."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # LONGEST_FIRST's order, not xdist's (the most tests first)
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker of `--dist loadgroup`: the groups in LONGEST_FIRST's order, each module's tests in their
+    own order; a module on `deployed_stack` missing from STACK_MODULES refused."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    unlisted = sorted({item.path.name for item in items if "deployed_stack" in item.fixturenames
+                       and group_of(item.nodeid) != STACK_GROUP})
+    if unlisted:
+        raise pytest.UsageError(f"{', '.join(unlisted)} use deployed_stack: add them to STACK_MODULES in "
+                                "tests/conftest.py, so that one worker runs every test on the stack")
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: each module in order
+
+
+_GROUP_SECONDS: dict[str, float] = {}  # a worker's seconds per group (setup, call and teardown of its tests)
+_WORKER_GROUPS: dict[str, dict[str, float]] = {}  # the controller's: each worker's
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _GROUP_SECONDS[group_of(report.nodeid)] = _GROUP_SECONDS.get(group_of(report.nodeid), 0.0) + report.duration
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    _WORKER_GROUPS[node.gateway.id] = getattr(node, "workeroutput", {}).get("group_seconds", {})
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Under xdist: each worker's seconds of tests and its longest groups, to keep LONGEST_FIRST in step."""
+    for worker, groups in sorted(_WORKER_GROUPS.items()):
+        longest = sorted(groups.items(), key=lambda kv: -kv[1])[:6]
+        terminalreporter.write_line(f"{worker}: {sum(groups.values()):.0f} s of tests in {len(groups)} groups; "
+                                    + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in longest))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own, which tears the session fixtures down
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The session's services stopped once its tests are done: on an xdist worker, before the worker reports
+    that it finished (xdist terminates a worker 10 s after that, which would leave them running)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["group_seconds"] = dict(_GROUP_SECONDS)
+    _stop_services()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    root = _STATE.get("root")
+    _stop_services()
+
+
+def _stop_services() -> None:
+    root = _STATE.pop("root", None)
     if root is None:
         return
     from deployments import services as registry
@@ -259,6 +354,17 @@ def dask_cluster(prefect_api_url, tmp_path_factory):
     finally:
         for process in reversed(processes):
             stop_process_group(process.pid, 10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_settings_per_module():
+    """Each module starts from settings read anew from the session's environment, whichever module ran before it
+    on this worker (under xdist the modules run in LONGEST_FIRST's order, not the files' order): a test that
+    changed the environment and restored it may have left settings of its own in `get_settings`' cache."""
+    from operations.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
 
 
 @pytest.fixture
