@@ -361,7 +361,7 @@ class MarketplaceNotificationSettings(SettingsGroup):
         default=False, validation_alias="MARKETPLACE_NOTIFICATIONS",
         description="The marketplace sends this app's notifications to the receiver (its callback URL is registered): "
         "the scheduled sync then reads no items (changed items come from notifications) and the daily "
-        "reconcile-marketplace-items run repairs what they missed. Off: every sync reads every item.",
+        "sync-marketplace/reconcile-items-daily run repairs what they missed. Off: every sync reads every item.",
     )
     receiver_port: int = Field(
         default=4282, ge=1, le=65_535, validation_alias="MARKETPLACE_RECEIVER_PORT",

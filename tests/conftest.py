@@ -3,7 +3,7 @@ DATA_DIR, exported as the stack exports them to its worker: one real embedded Po
 "operations_test", migrated to head: DATABASE_URL), one real Prefect server on it (its own database "prefect", the
 stack's default: PREFECT_API_URL), one real embedded redis-server (REDIS_URL) and the file server of OUTPUT_DIR
 (OUTPUT_BASE_URL). `pytest_sessionfinish` stops them in reverse order. Under xdist (`make test`: two workers)
-each worker starts services of its own and the controller none; which tests run where: STACK_MODULES below.
+each worker starts services of its own and the controller none; which tests run where: STACK_GROUPS below.
 
 `deployed_stack`: the operator's `python -m deployments.stack up`, run once for the modules that need deployments,
 a worker and the emulators, on those services; `down` at the end of the session.
@@ -101,17 +101,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # `make test` runs the suite on two xdist workers (`-n 2 --dist loadgroup`), each with services of its own
-# (pytest_configure). A module runs whole on one worker, so its module fixtures start once; the modules that use
-# `deployed_stack` run on one worker together, so the stack comes up once: a module using it must be named in
-# STACK_MODULES (the run stops at collection otherwise). The longest groups start first, so that the last one to
-# start is short and both workers finish close together (durations of `make test`; a module not named in
-# LONGEST_FIRST starts after those named).
-STACK_MODULES = (
-    "test_automations", "test_browser_ui", "test_deployments_e2e", "test_inbox_e2e", "test_operator_commands",
-)
-STACK_GROUP = "deployed-stack"
+# (pytest_configure). A module runs whole on one worker, so its module fixtures start once. The modules that use
+# `deployed_stack` form two groups (STACK_GROUPS), one per worker when both are free, each worker bringing up its
+# own stack once: a module using it must be named there (the run stops at collection otherwise). The longest
+# groups start first, so that the last one to start is short and both workers finish close together (durations
+# of `make test`; a module not named in LONGEST_FIRST starts after those named).
+STACK_GROUPS = {
+    "deployed-stack-runs": ("test_deployments_e2e", "test_browser_ui"),
+    "deployed-stack-operator": ("test_operator_commands", "test_inbox_e2e", "test_automations"),
+}
+STACK_MODULES = {module: group for group, modules in STACK_GROUPS.items() for module in modules}
 LONGEST_FIRST = (
-    STACK_GROUP, "test_generate_games_flow", "test_process_products_flow", "test_run_retention",
+    *STACK_GROUPS, "test_generate_games_flow", "test_process_products_flow", "test_run_retention",
     "test_sync_marketplace_flow", "test_cancellation", "test_docs", "test_register_participants_flow",
     "test_concurrency_limits", "test_services", "test_prefect_server", "test_plan", "test_database",
     "test_marketplace_sync", "test_products_store", "test_counter", "test_file_server", "test_turnstile_registration",
@@ -119,9 +120,10 @@ LONGEST_FIRST = (
 
 
 def group_of(nodeid: str) -> str:
-    """The xdist group of a test id: STACK_GROUP for the modules of STACK_MODULES, else its module's name."""
+    """The xdist group of a test id: its STACK_GROUPS group for a module on the deployed stack, else its module's
+    name."""
     module = Path(nodeid.split("::", 1)[0]).stem
-    return STACK_GROUP if module in STACK_MODULES else module
+    return STACK_MODULES.get(module, module)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -142,14 +144,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On an xdist worker of `--dist loadgroup`: the groups in LONGEST_FIRST's order, each module's tests in their
-    own order; a module on `deployed_stack` missing from STACK_MODULES refused."""
+    own order; a module on `deployed_stack` missing from STACK_GROUPS refused."""
     if not getattr(config.option, "loadgroup", False):
         return
     unlisted = sorted({item.path.name for item in items if "deployed_stack" in item.fixturenames
-                       and group_of(item.nodeid) != STACK_GROUP})
+                       and group_of(item.nodeid) not in STACK_GROUPS})
     if unlisted:
-        raise pytest.UsageError(f"{', '.join(unlisted)} use deployed_stack: add them to STACK_MODULES in "
-                                "tests/conftest.py, so that one worker runs every test on the stack")
+        raise pytest.UsageError(f"{', '.join(unlisted)} use deployed_stack: add them to STACK_GROUPS in "
+                                "tests/conftest.py, so that each worker brings its stack up at most once")
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: each module in order
 
@@ -269,8 +271,12 @@ def deployed_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     from operations.settings import Settings
 
     root = tmp_path_factory.mktemp("stack")
+    from operations.infra.processes import free_port
+
     settings_env = {**served_output(f"stack-{root.name}"), "DATA_DIR": str(root / "data"), "REDIS_URL": redis_url,
-                    "DATABASE_URL": database_url, **STACK_WORKER_SETTINGS}
+                    "DATABASE_URL": database_url, **STACK_WORKER_SETTINGS,
+                    # ports of their own: the other worker's stack may be starting at the same moment
+                    "NOTIFICATION_RECEIVER_PORT": str(free_port()), "MARKETPLACE_RECEIVER_PORT": str(free_port())}
     env = {k: v for k, v in os.environ.items()
            if k not in ("DASK_SCHEDULER_ADDRESS", "MARKETPLACE_API_URL", "TURNSTILE_EMULATOR_DEVICES")}
     env.update(settings_env, PREFECT_API_URL=prefect_api_url, PREFECT_WORKER_QUERY_SECONDS="1")
