@@ -23,7 +23,7 @@ from sqlalchemy import Engine, create_engine, delete, func, select, text, update
 from sqlalchemy.pool import NullPool
 
 from operations.errors import UserError
-from operations.infra.database import upsert_rows, upsert_statement
+from operations.infra.database import json_rows, json_upsert_sql, upsert_rows, upsert_statement
 from operations.marketplace.client import InvalidGrant, TokenGrant, parse_time
 from operations.marketplace.models import (
     AccountStatus,
@@ -597,15 +597,50 @@ def _upsert_classified(
     return counts, changed
 
 
+def _json_upsert(
+    conn, table, key: str, stamp: str, rows: list[dict[str, Any]], update_columns: list[str]
+) -> tuple[UpsertCounts, list, list]:
+    """PostgreSQL: the rows upserted by one statement (`json_upsert_sql`), only over older or missing rows;
+    (new / updated / unchanged counts, keys inserted, keys updated), read from its RETURNING."""
+    sql = json_upsert_sql(table, tuple(rows[0]), (key,), tuple(update_columns), stamp, (key,))
+    returned = conn.exec_driver_sql(sql, (json_rows(rows),)).all()
+    inserted = [k for k, was_inserted in returned if was_inserted]
+    updated = [k for k, was_inserted in returned if not was_inserted]
+    return UpsertCounts(len(inserted), len(updated), len(rows) - len(returned)), inserted, updated
+
+
+@contextmanager
+def _page_transaction(engine: Engine) -> Iterator[Any]:
+    """One page's transaction. On PostgreSQL its commit does not wait for the WAL flush (synchronous_commit
+    off): a crash of the database can lose the last pages committed (never part of one), and those only;
+    `advance_checkpoint` commits synchronously, which flushes every page before it, so a checkpoint never
+    covers a page that was lost; a lost page is read again by the next sync."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO off")
+        yield conn
+
+
 def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) -> UpsertCounts:
     """Upsert one page of orders and their lines in one transaction; an order is only overwritten by a newer
-    `date_last_updated`, so the same page twice changes nothing."""
+    `date_last_updated`, so the same page twice changes nothing. On PostgreSQL: one statement for the orders,
+    one for the lines (and one deleting the lines of updated orders, if any)."""
     if not orders:
         return UpsertCounts()
     synced_at = now_utc()
     rows = _newest_by_key([order_row(seller_id, o, synced_at) for o in orders], "id", "date_last_updated")
     by_id = {int(o["id"]): o for o in orders}
-    with engine.begin() as conn:
+    with _page_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            counts, inserted, updated = _json_upsert(conn, ORDERS, "id", "date_last_updated", rows, _ORDER_UPDATE)
+            changed = [*inserted, *updated]
+            if updated:  # the lines of a newer order are replaced whole (an order may lose lines)
+                conn.exec_driver_sql(_DELETE_LINES, (updated,))
+            lines = [line for order_id in changed for line in order_line_rows(by_id[order_id])]
+            if lines:
+                sql = json_upsert_sql(ORDER_LINES, tuple(lines[0]), ("order_id", "line"), tuple(_LINE_UPDATE))
+                conn.exec_driver_sql(sql, (json_rows(lines),))
+            return counts
         counts, changed = _upsert_classified(conn, ORDERS, "id", "date_last_updated", rows, _ORDER_UPDATE)
         if changed:
             # the lines of a new or newer order are replaced whole (an order may lose lines)
@@ -616,13 +651,19 @@ def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) 
     return counts
 
 
+_DELETE_LINES = f"DELETE FROM {ORDER_LINES.name} WHERE order_id = ANY(%s::bigint[])"
+
+
 def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) -> UpsertCounts:
-    """Upsert item details in one transaction, overwriting only by a newer `last_updated`."""
+    """Upsert item details in one transaction (one statement on PostgreSQL), overwriting only by a newer
+    `last_updated`."""
     if not items:
         return UpsertCounts()
     synced_at = now_utc()
     rows = _newest_by_key([item_row(seller_id, i, synced_at) for i in items], "id", "last_updated")
-    with engine.begin() as conn:
+    with _page_transaction(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            return _json_upsert(conn, ITEMS, "id", "last_updated", rows, _ITEM_UPDATE)[0]
         counts, _ = _upsert_classified(conn, ITEMS, "id", "last_updated", rows, _ITEM_UPDATE)
     return counts
 
