@@ -306,6 +306,8 @@ def json_upsert_sql(
     update_columns: tuple[str, ...],
     only_if_newer: str | None = None,
     returning: tuple[str, ...] = (),
+    source: str | None = None,
+    where: str = "",
 ) -> str:
     """PostgreSQL only: the upsert of `upsert_statement` as ONE statement for any number of rows, whose one
     parameter (`%s`) is the rows as a JSON array of objects (`json_rows`): `INSERT ... SELECT ... FROM
@@ -316,7 +318,8 @@ def json_upsert_sql(
     in one C call instead of adapting every value (psycopg's per-value adaptation, of a row list or of
     arrays, cost more CPU than the rest of a marketplace page). `returning` columns come back, followed by
     `inserted` (true for a row inserted, false for one updated; rows the WHERE refused are not returned).
-    Rows of one batch must have distinct keys."""
+    Rows of one batch must have distinct keys. `source`: another row source than the parameter (a CTE
+    named in a larger statement, of `json_recordset_sql`); `where`: a condition on its rows (alias `r`)."""
     from sqlalchemy.dialects import postgresql
 
     dialect = postgresql.dialect()
@@ -326,10 +329,10 @@ def json_upsert_sql(
     if unknown:
         raise ValueError(f"upsert into {table.name}: unknown columns {unknown}; it has {list(table.c.keys())}")
     names = ", ".join(map(quote, columns))
-    record = ", ".join(f"{quote(name)} {table.c[name].type.compile(dialect=dialect)}" for name in columns)
     target = quote(table.name)
+    source = f"{source} AS r" if source else json_recordset_sql(table, columns)
     sql = (
-        f"INSERT INTO {target} ({names}) SELECT {names} FROM json_to_recordset(%s::json) AS r({record}) "
+        f"INSERT INTO {target} ({names}) SELECT {names} FROM {source} {f'WHERE {where} ' if where else ''}"
         f"ON CONFLICT ({', '.join(map(quote, key_columns))}) "
     )
     if update_columns:
@@ -342,6 +345,17 @@ def json_upsert_sql(
     if returning:
         sql += f" RETURNING {', '.join(f'{target}.{quote(c)}' for c in returning)}, (xmax = 0) AS inserted"
     return sql
+
+
+def json_recordset_sql(table: Table, columns: tuple[str, ...], alias: str = "r") -> str:
+    """`json_to_recordset(%s::json) AS r(column type, ...)`: the rows of a JSON parameter typed as the
+    table's columns."""
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()
+    quote = dialect.identifier_preparer.quote
+    record = ", ".join(f"{quote(name)} {table.c[name].type.compile(dialect=dialect)}" for name in columns)
+    return f"json_to_recordset(%s::json) AS {alias}({record})"
 
 
 def json_rows(rows: list[dict[str, Any]]) -> str:
