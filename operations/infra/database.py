@@ -19,9 +19,9 @@ import sys
 import threading
 import zlib
 from contextlib import contextmanager
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from decimal import Decimal
 from typing import Any, Iterator
 
 import orjson
