@@ -23,7 +23,7 @@ from sqlalchemy import Engine, create_engine, delete, func, select, text, update
 from sqlalchemy.pool import NullPool
 
 from operations.errors import UserError
-from operations.infra.database import upsert_rows, upsert_statement
+from operations.infra.database import json_recordset_sql, json_rows, json_upsert_sql, upsert_rows, upsert_statement
 from operations.marketplace.client import InvalidGrant, TokenGrant, parse_time
 from operations.marketplace.models import (
     AccountStatus,
@@ -693,31 +693,85 @@ def _upsert_classified(
     return counts, changed
 
 
+_ORDER_COLUMNS = tuple(c.name for c in ORDERS.columns)
+_LINE_COLUMNS = tuple(c.name for c in ORDER_LINES.columns)
+_ITEM_COLUMNS = tuple(c.name for c in ITEMS.columns)
+# Every page is one statement in a transaction of its own (autocommit), committed without waiting for the WAL
+# flush (synchronous_commit off, set for that transaction only): a crash of the database can lose the last
+# pages committed (never part of one), and those only. `advance_checkpoint` commits synchronously, which
+# flushes every page before it, so a checkpoint never covers a lost page; the next sync reads it again.
+_ASYNC_COMMIT = "settings AS (SELECT set_config('synchronous_commit', 'off', true))"
+# A page of orders and their lines. The lines of a new or newer order are upserted and the lines it lost
+# deleted; an order refused as older keeps its lines. (Lines reference orders inserted by the same statement:
+# foreign keys are checked at its end.)
+_ORDERS_PAGE = (
+    f"WITH {_ASYNC_COMMIT}, "
+    f"up AS ({json_upsert_sql(ORDERS, _ORDER_COLUMNS, ('id',), tuple(_ORDER_UPDATE), 'date_last_updated', ('id',))}), "
+    f"incoming AS (SELECT * FROM {json_recordset_sql(ORDER_LINES, _LINE_COLUMNS, 'incoming')}), "
+    f"lines AS ({json_upsert_sql(ORDER_LINES, _LINE_COLUMNS, ('order_id', 'line'), tuple(_LINE_UPDATE), source='incoming', where='r.order_id IN (SELECT id FROM up)')}), "
+    f"lost AS (DELETE FROM {ORDER_LINES.name} AS old USING up WHERE old.order_id = up.id AND NOT up.inserted "
+    "AND old.line >= (SELECT count(*) FROM incoming WHERE incoming.order_id = up.id)) "
+    "SELECT up.id, up.inserted FROM up, settings"
+)
+_ITEMS_PAGE = (
+    f"WITH {_ASYNC_COMMIT}, "
+    f"up AS ({json_upsert_sql(ITEMS, _ITEM_COLUMNS, ('id',), tuple(_ITEM_UPDATE), 'last_updated', ('id',))}) "
+    "SELECT up.id, up.inserted FROM up, settings"
+)
+
+
+def _page_counts(rows: list[dict[str, Any]], returned: list) -> UpsertCounts:
+    """New / updated / unchanged from a page statement's (key, inserted) rows (an unchanged row is not returned)."""
+    new = sum(1 for _, inserted in returned if inserted)
+    return UpsertCounts(new, len(returned) - new, len(rows) - len(returned))
+
+
 def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) -> UpsertCounts:
     """Upsert one page of orders and their lines in one transaction; an order is only overwritten by a newer
-    `date_last_updated`, so the same page twice changes nothing."""
+    `date_last_updated`, so the same page twice changes nothing. On PostgreSQL the page is one statement."""
     if not orders:
         return UpsertCounts()
-    synced_at = now_utc()
-    rows = _newest_by_key([order_row(seller_id, o, synced_at) for o in orders], "id", "date_last_updated")
-    by_id = {int(o["id"]): o for o in orders}
+    rows, source = _newest_orders(seller_id, orders, now_utc())
+    if engine.dialect.name == "postgresql":
+        lines = [line for row in rows for line in order_line_rows(source[row["id"]])]
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            returned = conn.exec_driver_sql(_ORDERS_PAGE, (json_rows(rows), json_rows(lines))).all()
+        return _page_counts(rows, returned)
     with engine.begin() as conn:
         counts, changed = _upsert_classified(conn, ORDERS, "id", "date_last_updated", rows, _ORDER_UPDATE)
         if changed:
             # the lines of a new or newer order are replaced whole (an order may lose lines)
             if counts.updated:
                 conn.execute(delete(ORDER_LINES).where(ORDER_LINES.c.order_id.in_(sorted(changed))))
-            lines = [line for order_id in changed for line in order_line_rows(by_id[order_id])]
+            lines = [line for order_id in changed for line in order_line_rows(source[order_id])]
             upsert_rows(conn, ORDER_LINES, lines, ["order_id", "line"], _LINE_UPDATE)
     return counts
 
 
+def _newest_orders(
+    seller_id: int, orders: list[dict[str, Any]], synced_at: datetime
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+    """(one row per order id, the newest of the page; {id: the API's order that row came from}): a page may
+    repeat an order that changed while it was read, and its lines are those of the copy kept."""
+    newest: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for order in orders:
+        row = order_row(seller_id, order, synced_at)
+        seen = newest.get(row["id"])
+        if seen is None or row["date_last_updated"] > seen[0]["date_last_updated"]:
+            newest[row["id"]] = (row, order)
+    return [row for row, _ in newest.values()], {key: order for key, (_, order) in newest.items()}
+
+
 def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) -> UpsertCounts:
-    """Upsert item details in one transaction, overwriting only by a newer `last_updated`."""
+    """Upsert item details in one transaction (one statement on PostgreSQL), overwriting only by a newer
+    `last_updated`."""
     if not items:
         return UpsertCounts()
     synced_at = now_utc()
     rows = _newest_by_key([item_row(seller_id, i, synced_at) for i in items], "id", "last_updated")
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            return _page_counts(rows, conn.exec_driver_sql(_ITEMS_PAGE, (json_rows(rows),)).all())
     with engine.begin() as conn:
         counts, _ = _upsert_classified(conn, ITEMS, "id", "last_updated", rows, _ITEM_UPDATE)
     return counts
