@@ -30,6 +30,7 @@ from flows.sync_marketplace import BlockName, checked_app, sync_options
 from flows.task_runners import io_task_runner
 from operations.infra.database import project_engine
 from operations.marketplace.notifications import ConsumerTotals
+from operations.marketplace.report import AccountsFailed
 from operations.settings import get_settings
 from tasks.marketplace_notifications import (
     NotificationRun,
@@ -84,6 +85,6 @@ def marketplace_notifications(idle_seconds: IdleSeconds = IDLE_SECONDS, missed_f
     create_markdown_artifact(key="marketplace-notifications", markdown=totals.markdown(time.perf_counter() - started),
                              description="What this run of the notifications consumer applied")
     if totals.failed:
-        return Failed(message=f"{len(totals.failed)} account(s) failed: {'; '.join(totals.failed)[:500]}",
-                      data=totals.to_json())
+        message = f"{len(totals.failed)} account(s) failed: {'; '.join(totals.failed)[:500]}"
+        return Failed(message=message, data=AccountsFailed(message))  # a Failed state's data is its exception
     return totals.to_json()
