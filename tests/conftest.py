@@ -278,7 +278,8 @@ def deployed_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     # flows on several machines share MARKETPLACE_TOKEN_KEY
     token_key = (os.environ.get("MARKETPLACE_TOKEN_KEY")
                  or ensure_key_file(Path(os.environ["DATA_DIR"])).read_text().strip())
-    settings_env = {"MARKETPLACE_TOKEN_KEY": token_key, **served_output(f"stack-{root.name}"), "DATA_DIR": str(root / "data"), "REDIS_URL": redis_url,
+    settings_env = {"MARKETPLACE_TOKEN_KEY": token_key, **served_output(f"stack-{root.name}"),
+                    "DATA_DIR": str(root / "data"), "REDIS_URL": redis_url,
                     "DATABASE_URL": database_url, **STACK_WORKER_SETTINGS,
                     # ports of their own: the other worker's stack may be starting at the same moment
                     "NOTIFICATION_RECEIVER_PORT": str(free_port()), "MARKETPLACE_RECEIVER_PORT": str(free_port())}
