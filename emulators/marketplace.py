@@ -431,13 +431,19 @@ def _generate_seller(config: EmulatorConfig, index: int, start_ms: int) -> _Sell
         closed = dlu - delay  # paid, then updated later (shipping, messages, claims)
         created = closed - int(rng.random() * min(30 * 60_000, closed - begin))
         dates.append((created, closed, dlu))
+    _add_orders(seller, rng, dates)
+    return seller
+
+
+def _add_orders(seller: _Seller, rng: random.Random, dates: list[tuple[int, int, int]]) -> None:
+    """Orders of `seller` with the given (created, closed, last updated) times in ms, ids growing with
+    date_created; the seller's indexes rebuilt."""
     dates.sort()  # order ids grow with date_created
     for created, closed, dlu in dates:
         order_id = seller.order_id(rng)
         body = _order_body(seller, rng, order_id, created, closed, dlu)
         seller.orders[order_id] = _Order(order_id, closed, dlu, body, created)
     seller.reindex_orders()
-    return seller
 
 
 # -- stats and fault rules -------------------------------------------------------------------------------
@@ -1150,12 +1156,7 @@ class MarketplaceEmulator:
             dlu = start + int(rng.random() * HOUR_MS)
             created = dlu - int(rng.random() * spread)
             dates.append((created, created + int(rng.random() * (dlu - created)), dlu))
-        dates.sort()  # order ids grow with date_created
-        for created, closed, dlu in dates:
-            order_id = seller.order_id(rng)
-            body = _order_body(seller, rng, order_id, created, closed, dlu)
-            seller.orders[order_id] = _Order(order_id, closed, dlu, body, created)
-        seller.reindex_orders()
+        _add_orders(seller, rng, dates)
         return {"seller_id": seller.id, "orders": orders, "from": iso_ms(start), "to": iso_ms(start + HOUR_MS)}
 
 

@@ -325,10 +325,7 @@ def encrypt_stored_tokens(engine: Engine) -> int:
         sellers = list(conn.scalars(select(ACCOUNTS.c.seller_id)))
     for seller_id in sellers:
         with engine.begin() as conn:
-            query = select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)
-            if engine.dialect.name == "postgresql":
-                query = query.with_for_update()
-            row = conn.execute(query).first()
+            row = _account_for_update(conn, seller_id)
             if row is None:
                 continue
             values = {"access_token": cipher.rotate(row.access_token or ""),
@@ -337,6 +334,15 @@ def encrypt_stored_tokens(engine: Engine) -> int:
                 conn.execute(update(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id).values(**values))
                 done += 1
     return done
+
+
+def _account_for_update(conn: Any, seller_id: int) -> Any:
+    """The account's row, locked until the transaction ends (`SELECT ... FOR UPDATE` on PostgreSQL; SQLite
+    serializes writers itself); None when there is no such account."""
+    query = select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return conn.execute(query).first()
 
 
 def _token_state(row: Any) -> TokenState:
@@ -365,10 +371,7 @@ def refresh_tokens(
     with _local_lock(seller_id):
         dead_reason = None
         with engine.begin() as conn:
-            query = select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)
-            if engine.dialect.name == "postgresql":
-                query = query.with_for_update()
-            row = conn.execute(query).first()
+            row = _account_for_update(conn, seller_id)
             if row is None:
                 raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
             state = _token_state(row)
