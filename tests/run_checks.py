@@ -1,8 +1,9 @@
-"""Checks shared by the flow tests: a finished generation run read back from its files."""
+"""Checks shared by the flow tests: a finished generation run read back from its files; a run awaited over REST."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -116,3 +117,18 @@ def fetch_link(data: str, folder: Path, **get_options) -> Path:
     target = folder / unquote(urlsplit(url).path.rsplit("/", 1)[-1])
     target.write_bytes(response.content)
     return target
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}  # flow run state types after which nothing changes
+
+
+def wait_for_run(client, flow_run_id: str, states=TERMINAL, timeout: float = 240) -> dict:
+    """The flow run, read over REST (`client`: an httpx client on the API) until its state type is one of
+    `states`; fails after `timeout` seconds naming the state it is still in."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.get(f"/flow_runs/{flow_run_id}").json()
+        if run["state_type"] in states:
+            return run
+        assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run['state_name']} after {timeout} s"
+        time.sleep(0.25)

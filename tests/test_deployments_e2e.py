@@ -34,7 +34,7 @@ from operations.products.sample import SampleStats, dealer_codes, generate_produ
 from operations.products.store import clear_products_data, upsert_dealers
 from operations.turnstiles.sample import write_participants_file
 from operations.settings import PROJECT_ROOT, Settings, get_settings
-from run_checks import assert_operator_form, check_generated_run, fetch_link
+from run_checks import TERMINAL, assert_operator_form, check_generated_run, fetch_link, wait_for_run
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,6 @@ SMALL_RUN_PARAMETERS = {
     "cleanup-runs": lambda key, stack: _plant_expired_run(stack, key),
     "marketplace-notifications": lambda key, stack: {"idle_seconds": 0, "missed_feeds": True},
 }
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 class RetryingClient(httpx.Client):
@@ -137,13 +136,7 @@ def _start(client: httpx.Client, deployment_id: str, parameters: dict, idempoten
 
 
 def _wait(client: httpx.Client, flow_run_id: str, states=TERMINAL, timeout: float = 240) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.get(f"/flow_runs/{flow_run_id}").json()
-        if run["state_type"] in states:
-            return run
-        assert time.monotonic() < deadline, f"flow run {flow_run_id} still {run['state_name']} after {timeout} s"
-        time.sleep(0.25)
+    return wait_for_run(client, flow_run_id, states, timeout)
 
 
 def _artifacts(client: httpx.Client, flow_run_id: str) -> list[dict]:

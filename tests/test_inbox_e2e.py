@@ -26,10 +26,10 @@ from operations.infra.inbox import Claim
 from operations.products.sample import SampleStats, dealer_codes, generate_products_file
 from operations.products.store import clear_products_data, upsert_dealers
 from operations.turnstiles.sample import write_participants_file
+from run_checks import wait_for_run
 
 pytestmark = pytest.mark.slow
 
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # Seconds from the drop to the worker taking the run (Pending): the watcher's look, the event, the trigger, the
 # worker's poll. The flow run's own process then starts as for any run of the worker (seconds to import on a busy
 # machine).
@@ -89,16 +89,6 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".ledger" not in p.parts)
 
 
-def _finished(client: httpx.Client, run_id: str, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = client.get(f"/flow_runs/{run_id}").json()
-        if run["state_type"] in TERMINAL:
-            return run
-        assert time.monotonic() < deadline, f"run {run_id} still {run['state_name']} after {timeout} s"
-        time.sleep(0.25)
-
-
 def _moved(folder: Path, outcome: str, run_id: str, name: str, timeout: float = 15) -> Path:
     target = folder / outcome / run_id / name
     deadline = time.monotonic() + timeout
@@ -156,8 +146,8 @@ def test_dropped_products_and_participants_files_start_their_runs_and_move_to_pr
     _, people_at = _drop(people, inbox.participants)
     products_claim = _claim_of(inbox.products, "precos-dealers.csv")
     people_claim = _claim_of(inbox.participants, "participantes.csv")
-    products_run = _finished(inbox.client, products_claim.flow_run_id)
-    people_run = _finished(inbox.client, people_claim.flow_run_id)
+    products_run = wait_for_run(inbox.client, products_claim.flow_run_id)
+    people_run = wait_for_run(inbox.client, people_claim.flow_run_id)
 
     for run, dropped in ((products_run, products_at), (people_run, people_at)):
         taken = _taken_by_worker(inbox.client, run["id"]) - dropped
@@ -198,7 +188,7 @@ def test_a_copy_of_loaded_content_is_set_aside_unless_named_again(inbox):
     reloaded = _claim_of(inbox.products, "again-lista.csv")
     assert reloaded.flow_run_id != first.flow_run_id and reloaded.sha256 == first.sha256
     for claim in (first, reloaded):
-        _check_products_run(inbox, _finished(inbox.client, claim.flow_run_id), sample)
+        _check_products_run(inbox, wait_for_run(inbox.client, claim.flow_run_id), sample)
         _moved(inbox.products, "processed", claim.flow_run_id, claim.name)
 
 
@@ -243,7 +233,7 @@ def test_a_restarted_watcher_takes_a_waiting_file_once_and_finishes_a_claim_in_f
 
     second_claim = _claim_of(inbox.products, "durante.csv", timeout=30)
     for claim, sample in ((first_claim, first_sample), (second_claim, second_sample)):
-        run = _finished(inbox.client, claim.flow_run_id)
+        run = wait_for_run(inbox.client, claim.flow_run_id)
         _check_products_run(inbox, run, sample)
         _moved(inbox.products, "processed", run["id"], claim.name)
         assert [r["id"] for r in _runs_for(inbox.client, "process-products/inbox", "file_path", claim.path)] == [
