@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -141,9 +143,7 @@ def generate_games(
     counter, on_dask = block.counter(run_key), quantity >= settings.lottery.in_process_max_quantity
     if counter.outputs() is not None:
         return _serve_completed_run(request, run_key, past_draws_file, settings, counter, on_dask)
-    if on_dask and settings.dask.scheduler_address:
-        check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
-    workers = worker_count(settings) if on_dask else settings.dask.n_workers
+    workers = _workers(settings, on_dask)
     plan, pending = _plan_run(request, run_key, past_draws_file, settings, counter, workers, started)
     run_dir = settings.stack.output_dir / run_key
     # One generation at a time per machine, whatever deployment started it: the cluster work, starting the
@@ -157,14 +157,21 @@ def generate_games(
     except (Cancelled, TerminationSignal) as stop:  # the runner is closed: no chunk runs any more
         return _cancelled(plan, counter, produced, stop)
     outputs = _finish(plan, counter, run_dir, produced.workbooks, settings, started)
-    report = RunReport(plan, outputs, counter.region_counts(len(plan.regions)), on_dask,
-                       [r.to_json() for r in produced.results], waited)
-    _publish_artifacts(report)
-    return run_result(report)
+    return _published(RunReport(plan, outputs, counter.region_counts(len(plan.regions)), on_dask,
+                                [r.to_json() for r in produced.results], waited))
 
 
 class GenerationCancelled(RuntimeError):
     """The run was cancelled: its summary says which chunks were committed before."""
+
+
+def _workers(settings: Settings, on_dask: bool) -> int:
+    """How many workers the run is planned for (a configured Dask scheduler must answer first)."""
+    if not on_dask:
+        return settings.dask.n_workers
+    if settings.dask.scheduler_address:
+        check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
+    return worker_count(settings)
 
 
 def _counter_block(name: str, settings: Settings) -> RedisGameCounter:
@@ -209,14 +216,50 @@ def _produce(
 ) -> None:
     """Generate the pending chunks on `runner`, then rank the run once and write its spreadsheets in parallel
     (each writer reads its own slice of the ranking) into `produced`; the run's progress artifact follows all
-    three. Once `should_stop()` (asked every STOP_POLL_SECONDS), or when a chunk fails after its retries, the
-    chunks not started are cancelled, those running get CHUNK_STOP_WAIT_SECONDS to finish, and the error is
-    raised."""
-    logger, quotas, quantity = get_run_logger(), plan.chunk_quotas, plan.request.quantity
+    three. A stop (`should_stop()`) or a chunk failed after its retries raises (see _generate_chunks)."""
+    quotas, quantity = plan.chunk_quotas, plan.request.quantity
     parts = part_ranges(quantity, workers, settings.lottery.max_rows_per_file)
     progress = GenerationProgress(quantity, len(parts), games=sum(quotas) - sum(quotas[i] for i in pending))
     progress_id = create_progress_artifact(progress.percent, key=artifact_key("games-progress", plan.run_key),
                                            description=f"Games generated and written in run {plan.run_key}")
+    _generate_chunks(runner, plan, block, run_dir, pending, settings, should_stop, produced,
+                     lambda games: _advance(progress_id, progress, games=games))
+    raise_if_stopped(should_stop, "ranking the run")
+    ranked = runner.submit(rank_games_of_run, {
+        "chunk_files": [chunk_path(run_dir, i) for i in range(len(quotas))], "run_dir": run_dir})
+    summary = workbook_summary(plan, block.counter(plan.run_key).region_counts(len(plan.regions)))
+    ranking = ranked.result()
+    _advance(progress_id, progress, ranked=True)
+    raise_if_stopped(should_stop, "writing the spreadsheets")
+    writes = [runner.submit(write_games_spreadsheet, {
+        "ranking": ranking, "start": start, "stop": stop, "summary": summary,
+        "rows_per_sheet": settings.lottery.rows_per_sheet,
+        "path": run_dir / spreadsheet_name(plan.run_key, quantity, start, stop)}) for start, stop in parts]
+    workbooks = []
+    for future in as_completed(writes):
+        workbooks.append(future.result())
+        _advance(progress_id, progress, written=1)
+    workbooks.sort(key=lambda w: str(w.path))
+    produced.workbooks = [{"path": str(w.path), "rows": w.rows, "sheets": len(w.sheets)} for w in workbooks]
+
+
+def _advance(progress_id: UUID, progress: GenerationProgress, games: int = 0, ranked: bool = False,
+             written: int = 0) -> None:
+    """Count generated games, the ranking and written spreadsheets into the run's progress artifact."""
+    progress.games += games
+    progress.ranked = progress.ranked or ranked
+    progress.written += written
+    update_progress_artifact(progress_id, progress.percent)
+
+
+def _generate_chunks(
+    runner: TaskRunner, plan: GenerationPlan, block: RedisGameCounter, run_dir: Path, pending: list[int],
+    settings: Settings, should_stop: StopCheck, produced: _Generated, on_chunk: Callable[[int], None],
+) -> None:
+    """Run the pending chunks, each result into `produced` and its games to `on_chunk`. Once `should_stop()`
+    (asked every STOP_POLL_SECONDS), or when a chunk fails after its retries, the chunks not started are
+    cancelled, those running get CHUNK_STOP_WAIT_SECONDS to finish, and the error is raised."""
+    logger, quotas = get_run_logger(), plan.chunk_quotas
     chunk_task = with_retries(generate_games_chunk, settings.lottery.task_retries)
     futures = runner.map(chunk_task, {
         "plan": unmapped(plan), "counter_block": unmapped(block), "chunk": pending, "run_dir": unmapped(run_dir)})
@@ -228,8 +271,7 @@ def _produce(
             waiting = [future for future in waiting if future in not_done]
             for future in done:
                 results.append(future.result())  # a chunk that failed after its retries fails the flow here
-                progress.games += quotas[results[-1].chunk]
-                update_progress_artifact(progress_id, progress.percent)
+                on_chunk(quotas[results[-1].chunk])
                 logger.info("%s", chunk_line(results[-1], len(quotas)))
             raise_if_stopped(should_stop, "the next chunk")
     except BaseException:
@@ -239,23 +281,6 @@ def _produce(
         wait(running, timeout=CHUNK_STOP_WAIT_SECONDS)
         cancel_pending(running)
         raise
-    raise_if_stopped(should_stop, "ranking the run")
-    ranked = runner.submit(rank_games_of_run, {
-        "chunk_files": [chunk_path(run_dir, i) for i in range(len(quotas))], "run_dir": run_dir})
-    summary = workbook_summary(plan, block.counter(plan.run_key).region_counts(len(plan.regions)))
-    ranking, progress.ranked = ranked.result(), True
-    update_progress_artifact(progress_id, progress.percent)
-    raise_if_stopped(should_stop, "writing the spreadsheets")
-    writes = [runner.submit(write_games_spreadsheet, {
-        "ranking": ranking, "start": start, "stop": stop, "summary": summary, "rows_per_sheet": settings.lottery.rows_per_sheet,
-        "path": run_dir / spreadsheet_name(plan.run_key, quantity, start, stop)}) for start, stop in parts]
-    workbooks = []
-    for future in as_completed(writes):
-        workbooks.append(future.result())
-        progress.written += 1
-        update_progress_artifact(progress_id, progress.percent)
-    workbooks.sort(key=lambda w: str(w.path))
-    produced.workbooks = [{"path": str(w.path), "rows": w.rows, "sheets": len(w.sheets)} for w in workbooks]
 
 
 def _cancelled(plan: GenerationPlan, counter: FirstNumberCounter, produced: _Generated,
@@ -309,13 +334,12 @@ def _serve_completed_run(
         "run %s already completed at %s: serving its %d spreadsheet(s) and counter snapshot, nothing generated",
         run_key, completed, len(outputs.spreadsheets),
     )
-    report = RunReport(plan, outputs, counter.region_counts(len(plan.regions)), on_dask, served_from=completed)
-    _publish_artifacts(report)
-    return run_result(report)
+    return _published(RunReport(plan, outputs, counter.region_counts(len(plan.regions)), on_dask,
+                                served_from=completed))
 
 
-def _publish_artifacts(report: RunReport) -> None:
-    """The run's spreadsheet links, first-number distribution table and summary."""
+def _published(report: RunReport) -> dict:
+    """The run's spreadsheet links, first-number distribution table and summary, published; the run's result."""
     for link in spreadsheet_links(report, output_link):
         create_link_artifact(**link)
     create_table_artifact(
@@ -327,3 +351,4 @@ def _publish_artifacts(report: RunReport) -> None:
         key="games-run-summary", markdown=summary_markdown(report, output_link),
         description=f"Run {report.run_key}: summary",
     )
+    return run_result(report)
