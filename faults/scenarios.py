@@ -144,6 +144,14 @@ def _states(counter: Counter) -> str:
     return ", ".join(f"{state} x{n}" if n > 1 else state for state, n in counter.items())
 
 
+def _sync_under_way(h: Harness, o: Options, seller: d.SellerData) -> tuple[str, bool, int]:
+    """Start an on-demand sync of `seller`'s orders and items and wait until `o.cancel_at` of its rows are in
+    the database: (the run's id, whether it got there before ending, the rows synced)."""
+    run = h.start("sync-marketplace/on-demand", {"accounts": [seller.seller_id], "resources": "both"})
+    ok, at = _progress_watch(lambda: d.synced_count(h, seller), seller.total, run, h, o.cancel_at, o.run_timeout)
+    return run, ok, at
+
+
 def cancel_sync(ctx: Context) -> list[Row]:
     """A sync of one seller cancelled at ~20 % of its orders and items: what it wrote after the cancel (rows in
     the database, requests at the marketplace), how long until it stopped, what the account says."""
@@ -153,8 +161,7 @@ def cancel_sync(ctx: Context) -> list[Row]:
     seller = d.seller_data(h, 0, o.seller_orders, o.seller_items)
     d.set_market_latency(h, o.market_latency_ms)
     try:
-        run = h.start("sync-marketplace/on-demand", {"accounts": [seller.seller_id], "resources": "both"})
-        ok, at = _progress_watch(lambda: d.synced_count(h, seller), seller.total, run, h, o.cancel_at, o.run_timeout)
+        run, ok, at = _sync_under_way(h, o, seller)
         if not ok:
             return [Row("cancel-sync", h.family_states(run), note=f"ended before {o.cancel_at:.0%} ({at} rows)")]
         with EmulatorControl(h.market_url) as control:
@@ -275,8 +282,7 @@ def kill_sync(ctx: Context) -> list[Row]:
     seller = d.seller_data(h, 1, o.seller_orders, o.seller_items)
     d.set_market_latency(h, o.market_latency_ms)
     try:
-        run = h.start("sync-marketplace/on-demand", {"accounts": [seller.seller_id], "resources": "both"})
-        ok, at = _progress_watch(lambda: d.synced_count(h, seller), seller.total, run, h, o.cancel_at, o.run_timeout)
+        run, ok, at = _sync_under_way(h, o, seller)
         if not ok:
             return [Row("kill-sync", h.family_states(run), note=f"ended before the kill ({at} rows)")]
         pid, killed_at = _kill_flow(h, run)
