@@ -73,7 +73,7 @@ def bench_marketplace(
     config = EmulatorConfig(
         sellers=accounts, orders_per_seller=orders, items_per_seller=items, latency_ms=latency_ms, seed=11
     )
-    emulator = start_emulator_process(config, state_dir)
+    emulator = start_emulator_process(config, state_dir, start_timeout=180.0)  # 100,000 orders to generate
     try:
         return _measure(emulator.base_url, config, engine, latency_ms, concurrency, settings, emulator.pid, notifications)
     finally:
