@@ -304,7 +304,8 @@ class MarketplaceSettings(SettingsGroup):
     concurrency: int = Field(
         default=10, ge=1, le=200, validation_alias="MARKETPLACE_CONCURRENCY",
         description="API requests in flight at once per run; twice as many accounts sync at once, so that one "
-        "account's database work overlaps another's requests.",
+        "account's database work overlaps another's requests, each on one database connection of its own (2 x this "
+        "connections per run: keep it within the database's max_connections).",
     )
     account_timeout_seconds: float = Field(
         default=300.0, gt=0, le=86_400, validation_alias="MARKETPLACE_ACCOUNT_TIMEOUT_SECONDS",
