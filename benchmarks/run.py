@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--marketplace-items", type=int, default=200)
     parser.add_argument("--marketplace-latency-ms", type=float, default=30.0)
     parser.add_argument("--marketplace-concurrency", type=int, default=10)
+    parser.add_argument("--skip-marketplace-notifications", action="store_true",
+                        help="the marketplace sync lines without the notification lines")
     parser.add_argument("--skip-products", action="store_true")
     parser.add_argument("--products-rows", type=int, default=200_000)
     parser.add_argument("--products-bad-fraction", type=float, default=0.1)
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_marketplace(
                 args.marketplace_accounts, args.marketplace_orders, args.marketplace_items,
                 args.marketplace_latency_ms, args.marketplace_concurrency,
+                notifications=not args.skip_marketplace_notifications,
             )
         )
     if not args.skip_products:

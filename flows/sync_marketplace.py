@@ -16,7 +16,7 @@ table and summary (what was committed before the cancel, which accounts were int
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import date, timedelta
 
 from prefect import flow, get_run_logger
@@ -40,14 +40,21 @@ from operations.marketplace.report import (
     account_line,
     account_rows,
     failed_report,
-    failure_message,
-    parked_labels,
+    run_outcome,
     skipped_reports,
+    start_lines,
     summary_markdown,
     sync_summary,
 )
 from operations.marketplace.store import AccountView, now_utc, select_accounts
-from operations.marketplace.sync import AccountSyncFailed, SyncOptions, SyncResources, SyncRun, resync_start
+from operations.marketplace.sync import (
+    AccountSyncFailed,
+    SyncOptions,
+    SyncResources,
+    SyncRun,
+    resync_start,
+    run_shape,
+)
 from operations.settings import Settings, get_settings
 from tasks.cancellation import note_termination, run_stop_check, watch_termination
 from tasks.marketplace import release_interrupted, sync_marketplace_account, tell_parked
@@ -89,17 +96,21 @@ def checked_app(name: str) -> MarketplaceApp:
 def sync_accounts(
     accounts: list[AccountView], app: MarketplaceApp, run: SyncRun, settings: Settings
 ) -> tuple[list[dict], TerminationSignal | None]:
-    """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY at a time: every account's
-    report (a failed account's is its partial report with the error), and the worker's termination signal if it
-    arrived meanwhile (the caller reports, then re-raises it)."""
-    concurrency = max(1, min(settings.marketplace.concurrency, len(accounts)))
-    get_run_logger().info("syncing %d account(s) (%s) on %s, %d at a time", len(accounts), run.resources.value,
-                          settings.marketplace.task_runner, concurrency)
+    """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY requests in flight (`run_shape`):
+    every account's report (a failed account's is its partial report with the error), and the worker's
+    termination signal if it arrived meanwhile (the caller reports, then re-raises it)."""
+    kind = settings.marketplace.task_runner
+    shape = run_shape(settings.marketplace.concurrency, len(accounts), kind, settings.dask.n_workers,
+                      bool(settings.dask.scheduler_address))
+    get_run_logger().info("syncing %d account(s) (%s) on %s, %d at a time, %d request(s) in flight",
+                          len(accounts), run.resources.value, kind, shape.accounts_at_once,
+                          settings.marketplace.concurrency)
+    run = replace(run, requests_in_flight=shape.requests_in_flight, accounts_at_once=shape.accounts_at_once)
     # No Prefect timeout_seconds: it cannot interrupt a blocking call in a worker thread. The domain stops
     # the account itself at options.timeout_seconds, and every HTTP/database call has its own timeout.
     task = with_retries(sync_marketplace_account, settings.marketplace.task_retries,
                         [settings.marketplace.retry_delay_seconds])
-    runner = io_task_runner(settings, concurrency, settings.marketplace.task_runner)
+    runner = io_task_runner(settings, shape.accounts_at_once, kind)
     signal = None
     with runner:
         futures = runner.map(task, {"account": accounts, "app": unmapped(app), "run": unmapped(run)})
@@ -156,55 +167,55 @@ def sync_marketplace(
     """Sync the orders and items of the chosen seller accounts into the project database."""
     watch_termination()
     started = time.perf_counter()
-    logger = get_run_logger()
     settings = get_settings()
     resync_from = resync_start(full_resync_from, now_utc())
     database_url, engine = project_engine(settings)
     released = release_interrupted(engine)
-    for account in released:
-        logger.warning("%s was left running by flow run %s, which is gone: interrupted, resumed by this sync",
-                       account.label, account.last_sync_run_id or "(unknown)")
     to_sync, skipped = select_accounts(engine, accounts or None)
-    for account, why in skipped:
-        logger.warning("%s skipped: %s", account.label, why)
+    _log(start_lines(released, skipped), warning=True)
     reports, signal = [], None
     if to_sync:
         run = SyncRun(database_url, resources, sync_options(settings), resync_from)
-        app = checked_app(app_block or settings.marketplace.app_block)
-        reports, signal = sync_accounts(to_sync, app, run, settings)
+        reports, signal = sync_accounts(to_sync, checked_app(app_block or settings.marketplace.app_block), run, settings)
     else:
-        logger.info("no active account to sync")
-    for report in reports:
-        logger.info("%s", account_line(report))
+        get_run_logger().info("no active account to sync")
+    _log([account_line(r) for r in reports])
     reports += skipped_reports(skipped)
     told = tell_parked(engine, settings.marketplace.parked_reminder_hours, [r["seller_id"] for r in reports])
     if told:
-        logger.warning("announced %d parked account(s) (event %s): %s", len(told), ACCOUNT_PARKED,
-                       ", ".join(a.label for a in told))
+        _log([f"announced {len(told)} parked account(s) (event {ACCOUNT_PARKED}): "
+              f"{', '.join(a.label for a in told)}"], warning=True)
     elapsed = time.perf_counter() - started
+    publish_report(reports, resources, settings.marketplace.task_runner, elapsed, released)
+    if signal is not None:
+        raise signal  # the engine ends the run Cancelled (the worker's cancel) or Crashed
+    return final_state(reports, elapsed, run_stop_check()())
+
+
+def _log(lines: list[str], warning: bool = False) -> None:
+    logger = get_run_logger()
+    for line in lines:
+        (logger.warning if warning else logger.info)("%s", line)
+
+
+def publish_report(reports: list[dict], resources: SyncResources, runner: str, seconds: float,
+                   released: list[AccountView]) -> None:
+    """The run's artifacts: the accounts table and the summary."""
     create_table_artifact(key="marketplace-sync-accounts", table=account_rows(reports),
                           description="Accounts of this sync")
     create_markdown_artifact(
         key="marketplace-sync-summary", description="Summary of this marketplace sync",
-        markdown=summary_markdown(reports, resources.value, settings.marketplace.task_runner, elapsed,
-                                  [asdict(a) for a in released]),
+        markdown=summary_markdown(reports, resources.value, runner, seconds, [asdict(a) for a in released]),
     )
-    if signal is not None:
-        raise signal  # the engine ends the run Cancelled (the worker's cancel) or Crashed
-    summary = sync_summary(reports, elapsed)
-    if any(r["status"] == "cancelled" for r in reports) or run_stop_check()():
-        return Cancelled(message=cancelled_message(reports), data=summary)
-    failed = failure_message(reports)
-    if failed:
-        return Failed(message=failed, data=AccountsFailed(failed))
-    parked = parked_labels(reports)
-    if parked:
-        return Completed(message=f"{len(parked)} account(s) need reauthorization: {', '.join(parked)}", data=summary)
-    return summary
 
 
-def cancelled_message(reports: list[dict]) -> str:
-    """The cancelled run's state message: how many accounts were interrupted, and where the figures are."""
-    cancelled = [r for r in reports if r["status"] == "cancelled"]
-    return (f"cancelled: {len(cancelled)} account(s) interrupted, {len(reports) - len(cancelled)} finished before "
-            "the cancel; the summary artifact says what was committed")
+def final_state(reports: list[dict], seconds: float, stopped: bool):
+    """The run's final state (`run_outcome`): Cancelled or Completed with the summary as data, Failed naming the
+    failed accounts, or the summary itself (Completed)."""
+    state, message = run_outcome(reports, stopped)
+    summary = sync_summary(reports, seconds)
+    if state == "cancelled":
+        return Cancelled(message=message, data=summary)
+    if state == "failed":
+        return Failed(message=message, data=AccountsFailed(message))
+    return Completed(message=message, data=summary) if message else summary

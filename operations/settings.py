@@ -160,7 +160,7 @@ class DatabaseSettings(SettingsGroup):
     pool_size: int = Field(
         default=10, ge=1, le=100, validation_alias="DATABASE_POOL_SIZE",
         description="Connections per process pool (each flow, worker and Dask worker process has its own pool); "
-        "at least MARKETPLACE_CONCURRENCY, or account tasks wait for connections. For process-products it is the "
+        "the marketplace sync sizes its own (one connection per account synced at once). For process-products it is the "
         "budget of the whole run: the flow's connection plus (DATABASE_POOL_SIZE - 1) // processes per chunk process.",
     )
     max_overflow: int = Field(
@@ -303,7 +303,9 @@ class MarketplaceSettings(SettingsGroup):
     )
     concurrency: int = Field(
         default=10, ge=1, le=200, validation_alias="MARKETPLACE_CONCURRENCY",
-        description="Accounts synced at once per run.",
+        description="API requests in flight at once per run; twice as many accounts sync at once, so that one "
+        "account's database work overlaps another's requests, each on one database connection of its own (2 x this "
+        "connections per run: keep it within the database's max_connections).",
     )
     account_timeout_seconds: float = Field(
         default=300.0, gt=0, le=86_400, validation_alias="MARKETPLACE_ACCOUNT_TIMEOUT_SECONDS",

@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 from blocks.marketplace_app import MarketplaceApp
 from operations.events import ACCOUNT_PARKED
 from operations.infra.database import get_engine
+from operations.marketplace.client import request_slots
 from operations.marketplace.store import AccountView, claim_parked_notices, now_utc, release_interrupted_syncs
 from operations.marketplace.sync import AccountSyncFailed, AccountSyncResult, SyncRun, sync_account
 from tasks.attempts import attempt_tally, release_tally
@@ -46,7 +47,8 @@ def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: Syn
     tally = attempt_tally(lambda: AccountSyncResult(account.seller_id, account.nickname))
     flow_run_id = current_flow_run_id()
     try:
-        result = sync_account(get_engine(run.database_url), app.client(), account, run.resources, run.options,
+        client = app.client().sharing(request_slots(run.requests_in_flight))  # the process's slots (run_shape)
+        result = sync_account(_engine(run), client, account, run.resources, run.options,
                               full_resync_from=run.full_resync_from, should_stop=run_stop_check(flow_run_id),
                               result=tally, run_id=str(flow_run_id) if flow_run_id else None)
     except AccountSyncFailed as exc:
@@ -55,6 +57,13 @@ def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: Syn
         raise
     release_tally()
     return result.to_json()
+
+
+def _engine(run: SyncRun) -> Engine:
+    """The engine of the run's account syncs: one pooled connection per account synced at once."""
+    if not run.accounts_at_once:
+        return get_engine(run.database_url)
+    return get_engine(run.database_url, pool_size=run.accounts_at_once, purpose="marketplace-sync")
 
 
 def _last_attempt() -> bool:

@@ -154,3 +154,41 @@ def test_orders_and_items_have_their_own_lines_and_gaps_are_listed():
     assert "- **shop-5** failed:\n  - orders: failed: TransientAPIError: 503\n  - items: synced, 3 new / 1 updated" in markdown
     assert ("- shop-6: 2026-12-05T08:00:00+00:00 .. 2026-12-05T09:00:00+00:00 (again): status paid: 25,000 orders"
             in markdown)
+
+
+def test_a_runs_outcome_and_its_opening_warnings_come_from_the_reports():
+    from operations.marketplace.report import run_outcome, start_lines
+
+    synced, parked = _synced(1), {**_synced(2), "status": "needs_reauthorization", "nickname": "gone", "skipped": True}
+    failed = {**_synced(3), "status": "failed", "error": "boom"}
+    cancelled = {**_synced(4), "status": "cancelled"}
+    assert run_outcome([synced], stopped=False) == ("completed", "")
+    assert run_outcome([synced, parked], stopped=False) == ("completed", "1 account(s) need reauthorization: gone-2")
+    assert run_outcome([synced, failed], stopped=False) == ("failed", "1 of 2 account(s) failed: shop-3: boom")
+    state, message = run_outcome([synced, cancelled, failed], stopped=False)
+    assert state == "cancelled" and message.startswith("cancelled: 1 account(s) interrupted, 2 finished")
+    assert run_outcome([synced], stopped=True)[0] == "cancelled"
+    left = AccountView(5, "shop", "active", "", None, None, "running", "", "run-9")
+    assert start_lines([left], [(_account(6), "deactivated")]) == [
+        "shop-5 was left running by flow run run-9, which is gone: interrupted, resumed by this sync",
+        "shop-6 skipped: deactivated",
+    ]
+
+
+@pytest.mark.parametrize(
+    "concurrency, accounts, runner, workers, external, expected",
+    [
+        (10, 200, "threads", 2, False, (20, 10)),  # twice as many accounts as request slots
+        (10, 3, "threads", 2, False, (3, 10)),  # never more account syncs than accounts
+        (10, 200, "dask", 2, False, (20, 5)),  # the local cluster's 2 processes share the 10 slots
+        (10, 1, "dask", 2, False, (1, 10)),  # one account: one worker
+        (10, 200, "dask", 2, True, (20, 10)),  # an existing cluster: its threads bound the rest
+    ],
+)
+def test_a_run_keeps_its_requests_in_flight_with_twice_as_many_accounts_at_once(
+    concurrency, accounts, runner, workers, external, expected
+):
+    from operations.marketplace.sync import run_shape
+
+    shape = run_shape(concurrency, accounts, runner, workers, external)
+    assert (shape.accounts_at_once, shape.requests_in_flight) == expected

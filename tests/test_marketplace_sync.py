@@ -416,3 +416,76 @@ def test_a_parked_account_is_announced_once_then_after_the_reminder_interval(pg_
     with pytest.raises(AccountSyncFailed):
         sync_account(pg_engine, market.client(), get_account(pg_engine, seller), SyncResources.orders, OPTIONS)
     assert [a.seller_id for a in claim_parked_notices(pg_engine, now + day, day, [seller, other])] == [seller]
+
+
+def test_clients_sharing_request_slots_never_have_more_requests_in_flight_than_slots():
+    """Pure client code over httpx.MockTransport: 8 threads, 3 slots."""
+    import httpx
+    from pydantic import SecretStr
+
+    from operations.marketplace.client import AppCredentials, request_slots
+
+    lock, in_flight, peak, calls = threading.Lock(), [0], [0], [0]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            calls[0] += 1
+        time.sleep(0.02)
+        with lock:
+            in_flight[0] -= 1
+        return httpx.Response(200, json={"results": [], "paging": {"total": 0}})
+
+    http = httpx.Client(base_url="http://api.test", transport=httpx.MockTransport(answer))
+    slots = request_slots(3)
+    assert request_slots(3) is slots and request_slots(0) is None  # one set per process and size; 0: no limit
+    clients = [MarketplaceClient(http, AppCredentials("app", SecretStr("s"))).sharing(slots) for _ in range(8)]
+    threads = [threading.Thread(target=lambda c=c: [c.search_item_ids(SecretStr("t"), 1) for _ in range(3)])
+               for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls[0] == 8 * 3 and 1 < peak[0] <= 3
+
+
+def test_an_accounts_store_calls_share_one_connection_that_gives_its_lock_back(pg_engine, emulator_factory):
+    """The sync's store calls inside `account_connection` check out no other connection (reads, one-statement
+    writes, a transaction, the lock); the lock is free afterwards; a lost connection stops the sync (transient)."""
+    from sqlalchemy import event
+
+    from operations.marketplace.store import (
+        AccountConnectionLost,
+        _sync_lock_free,
+        account_connection,
+        advance_checkpoint,
+        record_gap,
+    )
+    from operations.marketplace.sync import _is_transient_db_error
+
+    market = emulator_factory(pg_engine)
+    seller = market.seller_ids()[0]
+    market.onboard(seller)
+    checkouts = []
+    listener = lambda *args: checkouts.append(1)  # noqa: E731
+    event.listen(pg_engine.pool, "checkout", listener)
+    try:
+        with account_connection(pg_engine) as conn, account_sync_lock(pg_engine, seller, 1, 60) as acquired:
+            assert acquired and not _sync_lock_free(pg_engine, seller)
+            record_sync(pg_engine, seller, started=now_utc(), finished=None, status="running")
+            read_tokens(pg_engine, seller)
+            advance_checkpoint(pg_engine, seller, "orders", datetime(2026, 1, 1, tzinfo=now_utc().tzinfo))
+            record_gap(pg_engine, seller, "orders", datetime(2026, 1, 1, tzinfo=now_utc().tzinfo),
+                       datetime(2026, 1, 1, 1, tzinfo=now_utc().tzinfo), "test")
+            assert get_checkpoint(pg_engine, seller, "orders").year == 2026
+            assert len(checkouts) == 1  # the account's own connection
+        assert _sync_lock_free(pg_engine, seller)
+        assert get_account(pg_engine, seller).last_sync_status == "running"  # committed, not rolled back
+        with pytest.raises(AccountConnectionLost) as lost:
+            with account_connection(pg_engine) as conn:
+                conn.invalidate()
+                get_account(pg_engine, seller)
+        assert _is_transient_db_error(lost.value)
+    finally:
+        event.remove(pg_engine.pool, "checkout", listener)

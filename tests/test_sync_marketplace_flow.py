@@ -199,7 +199,7 @@ def test_a_cancelled_sync_makes_no_request_seconds_after_the_cancel_and_reports_
     if runner == "dask":
         request.getfixturevalue("on_session_cluster")  # 2 single-thread workers: 2 accounts at a time
     monkeypatch.setenv("MARKETPLACE_TASK_RUNNER", runner)
-    monkeypatch.setenv("MARKETPLACE_CONCURRENCY", "2")
+    monkeypatch.setenv("MARKETPLACE_CONCURRENCY", "1")  # 1 request in flight, 2 accounts at once: the third waits
     settings_module.get_settings.cache_clear()
     from flows.sync_marketplace import sync_marketplace
 

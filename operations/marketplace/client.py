@@ -7,11 +7,16 @@ item details. Written for the real API; the emulator in `emulators/marketplace.p
   raised at once as permanent errors.
 - One `httpx.Client` per process and base URL (`operations.infra.http.shared_http_client`); a
   `MarketplaceClient` is cheap and is made per account, so its counters belong to that account's sync.
+- Requests in flight: clients given the same `request_slots(n)` share n slots; a request holds one only while
+  it is on the wire (never during a backoff), so more accounts than slots may sync at once and one account's
+  database work overlaps another's requests.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable
@@ -119,6 +124,19 @@ class RequestStats:
             self.refreshes += 1
 
 
+_slots: dict[tuple[int, int], threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def request_slots(size: int) -> threading.BoundedSemaphore | None:
+    """This process's `size` request slots, shared by every client given them (None for size 0: no limit)."""
+    if size <= 0:
+        return None
+    key = (os.getpid(), size)
+    with _slots_lock:
+        return _slots.setdefault(key, threading.BoundedSemaphore(size))
+
+
 def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         raise ValueError("naive datetime: give the API a time with its offset")
@@ -168,12 +186,19 @@ class MarketplaceClient:
         retry: RetryPolicy = RetryPolicy(),
         stats: RequestStats | None = None,
         orders_offset_cap: int = ORDERS_OFFSET_CAP,
+        slots: threading.BoundedSemaphore | None = None,
     ):
         self.http = http
         self.credentials = credentials
         self.retry = retry
         self.stats = stats or RequestStats()
         self.orders_offset_cap = orders_offset_cap
+        self.slots = slots  # shared with other clients: see `request_slots`
+
+    def sharing(self, slots: threading.BoundedSemaphore | None) -> MarketplaceClient:
+        """This client, its requests limited by `slots` (shared with other clients; None: no limit)."""
+        self.slots = slots
+        return self
 
     # -- transport -------------------------------------------------------------------------------------
     def _send(self, method: str, path: str, *, token: SecretStr | None = None, **kwargs) -> httpx.Response:
@@ -185,7 +210,8 @@ class MarketplaceClient:
         for attempt in range(self.retry.attempts):
             response = None
             try:
-                response = self.http.request(method, path, headers=headers, **kwargs)
+                with self.slots or nullcontext():
+                    response = self.http.request(method, path, headers=headers, **kwargs)
             except TRANSIENT_ERRORS as exc:
                 self.stats.record(None)
                 last = f"{type(exc).__name__}"

@@ -204,6 +204,38 @@ def failure_message(reports: list[dict]) -> str | None:
     )
 
 
+def start_lines(released: list[AccountView], skipped: list[tuple[AccountView, str]]) -> list[str]:
+    """The warnings a run logs before it syncs: accounts a gone run left `running` (resumed here), accounts
+    skipped and why."""
+    return [
+        *(f"{a.label} was left running by flow run {a.last_sync_run_id or '(unknown)'}, which is gone: interrupted, "
+          "resumed by this sync" for a in released),
+        *(f"{a.label} skipped: {why}" for a, why in skipped),
+    ]
+
+
+def cancelled_message(reports: list[dict]) -> str:
+    """The cancelled run's state message: how many accounts were interrupted, and where the figures are."""
+    cancelled = [r for r in reports if r["status"] == CANCELLED]
+    return (f"cancelled: {len(cancelled)} account(s) interrupted, {len(reports) - len(cancelled)} finished before "
+            "the cancel; the summary artifact says what was committed")
+
+
+def run_outcome(reports: list[dict], stopped: bool) -> tuple[str, str]:
+    """How the run ends, as (state, message): `cancelled` when an account was cancelled or the run was stopped;
+    `failed` naming the failed accounts; `completed` with a message when accounts need reauthorization, else
+    with none."""
+    if stopped or any(r["status"] == CANCELLED for r in reports):
+        return "cancelled", cancelled_message(reports)
+    failed = failure_message(reports)
+    if failed:
+        return "failed", failed
+    parked = parked_labels(reports)
+    if parked:
+        return "completed", f"{len(parked)} account(s) need reauthorization: {', '.join(parked)}"
+    return "completed", ""
+
+
 def onboarded_markdown(account: AccountView, was_parked: str | None = None) -> str:
     """What `onboard-account` reports of the account it added (never a token). `was_parked`: why the account
     was parked before this authorization, if it was."""

@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Callable, Iterator
 
 from pydantic import SecretStr
-from sqlalchemy import Engine, create_engine, delete, func, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, delete, func, select, text, update
 from sqlalchemy.pool import NullPool
 
 from operations.errors import UserError
@@ -70,6 +71,77 @@ def now_utc() -> datetime:
 def _local_lock(seller_id: int) -> threading.Lock:
     with _local_locks_guard:
         return _local_locks.setdefault(seller_id, threading.Lock())
+
+
+# -- one connection per account's sync -----------------------------------------------------------------------
+# On PostgreSQL an account's sync runs on one pooled connection, checked out (and pinged) once, in autocommit:
+# a read or a one-statement write is one round trip, where a checkout per call cost a ping, a BEGIN and a
+# COMMIT around it. Writes of several statements still run as one transaction (`_transaction`). The store
+# functions called inside `account_connection(engine)` on the same thread use it; elsewhere they check out
+# their own connection as before.
+_HELD: ContextVar[tuple[Engine, Connection] | None] = ContextVar("marketplace_account_connection", default=None)
+
+
+@contextmanager
+def account_connection(engine: Engine) -> Iterator[Connection | None]:
+    """Run the block's store calls on `engine` over one connection (PostgreSQL; SQLite: nothing changes)."""
+    if engine.dialect.name != "postgresql" or _held(engine) is not None:
+        yield _held(engine)
+        return
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        token = _HELD.set((engine, conn))
+        try:
+            yield conn
+        finally:
+            _HELD.reset(token)
+
+
+class AccountConnectionLost(Exception):
+    """The account's connection broke during its sync (the database restarted, the network failed): the sync
+    stops rather than carry on without the account's lock, and a retry starts over on a new connection."""
+
+
+def _held(engine: Engine) -> Connection | None:
+    held = _HELD.get()
+    if held is None or held[0] is not engine:
+        return None
+    if held[1].invalidated:
+        raise AccountConnectionLost("the database connection of this account's sync was lost; a retry resumes it")
+    return held[1]
+
+
+@contextmanager
+def _statement(engine: Engine, autocommit: bool = False) -> Iterator[Connection]:
+    """A connection for reads and one-statement writes (each committed on its own): the account's connection
+    when one is held, else a checkout (in a transaction, or in autocommit)."""
+    conn = _held(engine)
+    if conn is not None:
+        yield conn
+    elif autocommit:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
+    else:
+        with engine.begin() as conn:
+            yield conn
+
+
+@contextmanager
+def _transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction: on the account's connection when one is held (out of autocommit for the block; switching is
+    client-side), else on a checkout."""
+    conn = _held(engine)
+    if conn is None:
+        with engine.begin() as conn:
+            yield conn
+        return
+    conn.commit()  # ends SQLAlchemy's autobegun (autocommit) transaction; nothing is sent
+    conn.execution_options(isolation_level=conn.default_isolation_level)
+    try:
+        with conn.begin():
+            yield conn
+    finally:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def account_label(nickname: str | None, seller_id: int) -> str:
@@ -163,7 +235,7 @@ def save_account(engine: Engine, grant: TokenGrant, nickname: str = "", issued_a
 
 
 def get_account(engine: Engine, seller_id: int) -> AccountView:
-    with engine.connect() as conn:
+    with _statement(engine) as conn:
         row = conn.execute(select(*_VIEW_COLUMNS).where(ACCOUNTS.c.seller_id == seller_id)).first()
     if row is None:
         raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
@@ -223,7 +295,7 @@ def record_sync(
               "last_sync_error": error[:2000]}
     if run_id is not None:
         values["last_sync_run_id"] = run_id
-    with engine.begin() as conn:
+    with _statement(engine) as conn:
         conn.execute(update(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id).values(**values))
 
 
@@ -291,13 +363,13 @@ def claim_parked_notices(
 # Tokens are stored encrypted (operations/marketplace/tokens.py); a plain row (stored before encryption) is
 # encrypted in place the first time it is read.
 def read_tokens(engine: Engine, seller_id: int) -> TokenState:
-    with engine.connect() as conn:
+    with _statement(engine) as conn:
         row = conn.execute(select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)).first()
     if row is None:
         raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
     state = _token_state(row)
     if _plain(row):
-        with engine.begin() as conn:
+        with _transaction(engine) as conn:
             _seal(conn, row)
     return state
 
@@ -370,7 +442,7 @@ def refresh_tokens(
     AccountNeedsReauthorization; other failures keep the old tokens and propagate (the caller retries)."""
     with _local_lock(seller_id):
         dead_reason = None
-        with engine.begin() as conn:
+        with _transaction(engine) as conn:
             row = _account_for_update(conn, seller_id)
             if row is None:
                 raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
@@ -437,7 +509,8 @@ def account_sync_lock(
     its process is killed). SQLite: a lease in the account row that expires after `lease_seconds`."""
     deadline = time.monotonic() + wait_seconds
     if engine.dialect.name == "postgresql":
-        conn = _lock_engine(engine).connect()
+        held = _held(engine)  # the account's connection (`account_connection`), else an unpooled one
+        conn = held if held is not None else _lock_engine(engine).connect()
         try:
             key = text("SELECT pg_try_advisory_lock(hashtextextended(:k, 0))")
             name = f"marketplace-sync:{seller_id}"
@@ -451,10 +524,10 @@ def account_sync_lock(
             try:
                 yield True
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), {"k": name})
-                conn.commit()
+                _unlock(conn, name, pooled=held is not None)
         finally:
-            conn.close()
+            if held is None:
+                conn.close()
         return
     owner = uuid.uuid4().hex
     while True:
@@ -485,6 +558,18 @@ def account_sync_lock(
             )
 
 
+def _unlock(conn: Connection, name: str, pooled: bool) -> None:
+    """Give the advisory lock back; a pooled connection that could not is discarded (its lock ends with it)
+    rather than returned to the pool holding the lock."""
+    try:
+        conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), {"k": name})
+        conn.commit()
+    except Exception:
+        if not pooled:
+            raise
+        conn.invalidate()
+
+
 def _sync_lock_free(engine: Engine, seller_id: int) -> bool:
     """Whether nobody holds the account's sync lock right now (taken and given back at once if free)."""
     if engine.dialect.name == "postgresql":
@@ -502,7 +587,7 @@ def _sync_lock_free(engine: Engine, seller_id: int) -> bool:
 
 # -- checkpoints -------------------------------------------------------------------------------------------
 def get_checkpoint(engine: Engine, seller_id: int, resource: str) -> datetime | None:
-    with engine.connect() as conn:
+    with _statement(engine) as conn:
         value = conn.execute(
             select(CHECKPOINTS.c.watermark).where(
                 CHECKPOINTS.c.seller_id == seller_id, CHECKPOINTS.c.resource == resource
@@ -514,7 +599,7 @@ def get_checkpoint(engine: Engine, seller_id: int, resource: str) -> datetime | 
 def advance_checkpoint(engine: Engine, seller_id: int, resource: str, watermark: datetime) -> None:
     """Move the checkpoint forward (never back): called after the rows it covers are committed."""
     row = {"seller_id": seller_id, "resource": resource, "watermark": utc(watermark), "updated_at": now_utc()}
-    with engine.begin() as conn:
+    with _statement(engine) as conn:
         upsert_rows(conn, CHECKPOINTS, [row], ["seller_id", "resource"], ["watermark", "updated_at"], "watermark")
 
 
@@ -536,7 +621,7 @@ def record_gap(engine: Engine, seller_id: int, resource: str, start: datetime, s
     """Record a gap (a window read again and still not whole counts one more attempt)."""
     now = now_utc()
     where = (GAPS.c.seller_id == seller_id, GAPS.c.resource == resource, GAPS.c.start == utc(start))
-    with engine.begin() as conn:
+    with _transaction(engine) as conn:
         done = conn.execute(
             update(GAPS).where(*where)
             .values(stop=utc(stop), reason=reason[:4000], tried_at=now, attempts=GAPS.c.attempts + 1)
@@ -548,7 +633,7 @@ def record_gap(engine: Engine, seller_id: int, resource: str, start: datetime, s
 
 
 def close_gap(engine: Engine, seller_id: int, resource: str, start: datetime) -> None:
-    with engine.begin() as conn:
+    with _statement(engine) as conn:
         conn.execute(delete(GAPS).where(GAPS.c.seller_id == seller_id, GAPS.c.resource == resource,
                                         GAPS.c.start == utc(start)))
 
@@ -560,7 +645,7 @@ def open_gaps(engine: Engine, seller_id: int | None, resource: str | None = None
         query = query.where(GAPS.c.seller_id == seller_id)
     if resource is not None:
         query = query.where(GAPS.c.resource == resource)
-    with engine.connect() as conn:
+    with _statement(engine) as conn:
         return [Gap(r.seller_id, r.resource, utc(r.start), utc(r.stop), r.reason, r.attempts, utc(r.found_at))
                 for r in conn.execute(query)]
 
@@ -729,26 +814,62 @@ def _page_counts(rows: list[dict[str, Any]], returned: list) -> UpsertCounts:
     return UpsertCounts(new, len(returned) - new, len(rows) - len(returned))
 
 
-def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) -> UpsertCounts:
-    """Upsert one page of orders and their lines in one transaction; an order is only overwritten by a newer
-    `date_last_updated`, so the same page twice changes nothing. On PostgreSQL the page is one statement."""
-    if not orders:
+@dataclass(frozen=True)
+class _PageWriter:
+    """How one kind of page is stored: its table, key and update stamp (a row is overwritten only by a newer
+    one), the columns an update sets, and its PostgreSQL statement."""
+
+    table: Any
+    key: str
+    stamp: str
+    update_columns: list[str]
+    statement: str
+
+
+_ORDER_WRITER = _PageWriter(ORDERS, "id", "date_last_updated", _ORDER_UPDATE, _ORDERS_PAGE)
+_ITEM_WRITER = _PageWriter(ITEMS, "id", "last_updated", _ITEM_UPDATE, _ITEMS_PAGE)
+
+
+def _write_page(
+    engine: Engine, writer: _PageWriter, rows: list[dict[str, Any]],
+    lines_of: Callable[[list[Any]], list[dict[str, Any]]] | None = None,
+) -> UpsertCounts:
+    """Store a page of rows (distinct keys) in one transaction, each overwriting only an older stored row; with
+    `lines_of` (the order lines of some keys), the lines of every new or newer row replace its stored ones. On
+    PostgreSQL the page is one statement (`writer.statement`, rows and lines as JSON parameters)."""
+    if not rows:
         return UpsertCounts()
-    rows, source = _newest_orders(seller_id, orders, now_utc())
     if engine.dialect.name == "postgresql":
-        lines = [line for row in rows for line in order_line_rows(source[row["id"]])]
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            returned = conn.exec_driver_sql(_ORDERS_PAGE, (json_rows(rows), json_rows(lines))).all()
-        return _page_counts(rows, returned)
+        params = [json_rows(rows)]
+        if lines_of is not None:
+            params.append(json_rows(lines_of([row[writer.key] for row in rows])))
+        with _statement(engine, autocommit=True) as conn:
+            return _page_counts(rows, conn.exec_driver_sql(writer.statement, tuple(params)).all())
     with engine.begin() as conn:
-        counts, changed = _upsert_classified(conn, ORDERS, "id", "date_last_updated", rows, _ORDER_UPDATE)
-        if changed:
+        counts, changed = _upsert_classified(conn, writer.table, writer.key, writer.stamp, rows,
+                                             writer.update_columns)
+        if lines_of is not None and changed:
             # the lines of a new or newer order are replaced whole (an order may lose lines)
             if counts.updated:
                 conn.execute(delete(ORDER_LINES).where(ORDER_LINES.c.order_id.in_(sorted(changed))))
-            lines = [line for order_id in changed for line in order_line_rows(source[order_id])]
-            upsert_rows(conn, ORDER_LINES, lines, ["order_id", "line"], _LINE_UPDATE)
+            upsert_rows(conn, ORDER_LINES, lines_of(sorted(changed)), ["order_id", "line"], _LINE_UPDATE)
     return counts
+
+
+def upsert_orders(engine: Engine, seller_id: int, orders: list[dict[str, Any]]) -> UpsertCounts:
+    """Upsert one page of orders and their lines in one transaction; an order is only overwritten by a newer
+    `date_last_updated`, so the same page twice changes nothing. On PostgreSQL the page is one statement."""
+    rows, source = _newest_orders(seller_id, orders, now_utc())
+    return _write_page(engine, _ORDER_WRITER, rows,
+                       lambda ids: [line for order_id in ids for line in order_line_rows(source[order_id])])
+
+
+def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) -> UpsertCounts:
+    """Upsert item details in one transaction (one statement on PostgreSQL), overwriting only by a newer
+    `last_updated`."""
+    synced_at = now_utc()
+    rows = _newest_by_key([item_row(seller_id, i, synced_at) for i in items], "id", "last_updated")
+    return _write_page(engine, _ITEM_WRITER, rows)
 
 
 def _newest_orders(
@@ -763,21 +884,6 @@ def _newest_orders(
         if seen is None or row["date_last_updated"] > seen[0]["date_last_updated"]:
             newest[row["id"]] = (row, order)
     return [row for row, _ in newest.values()], {key: order for key, (_, order) in newest.items()}
-
-
-def upsert_items(engine: Engine, seller_id: int, items: list[dict[str, Any]]) -> UpsertCounts:
-    """Upsert item details in one transaction (one statement on PostgreSQL), overwriting only by a newer
-    `last_updated`."""
-    if not items:
-        return UpsertCounts()
-    synced_at = now_utc()
-    rows = _newest_by_key([item_row(seller_id, i, synced_at) for i in items], "id", "last_updated")
-    if engine.dialect.name == "postgresql":
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            return _page_counts(rows, conn.exec_driver_sql(_ITEMS_PAGE, (json_rows(rows),)).all())
-    with engine.begin() as conn:
-        counts, _ = _upsert_classified(conn, ITEMS, "id", "last_updated", rows, _ITEM_UPDATE)
-    return counts
 
 
 def clear_marketplace_data(engine: Engine, accounts: bool = False) -> None:

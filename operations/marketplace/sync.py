@@ -43,10 +43,12 @@ from operations.marketplace.client import (
     TransientAPIError,
 )
 from operations.marketplace.store import (
+    AccountConnectionLost,
     AccountNeedsReauthorization,
     AccountView,
     TokenState,
     UpsertCounts,
+    account_connection,
     account_label,
     account_sync_lock,
     advance_checkpoint,
@@ -107,6 +109,33 @@ class SyncRun:
     resources: SyncResources = SyncResources.both
     options: SyncOptions = SyncOptions()
     full_resync_from: datetime | None = None  # re-read orders updated since then, ignoring the checkpoints
+    requests_in_flight: int = 0  # API requests at once in each process running account syncs (0: no limit)
+    accounts_at_once: int = 0  # account syncs at once in the run: each holds one pooled connection (0: the pool's)
+
+
+# Account syncs at once per request slot: while one account writes a page or moves a checkpoint, another's
+# request takes its slot, so the slots stay busy (one account per slot left ~4 of 10 slots idle).
+ACCOUNTS_PER_REQUEST_SLOT = 2
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How a run spreads its accounts: account syncs at once, and request slots of each process."""
+
+    accounts_at_once: int
+    requests_in_flight: int
+
+
+def run_shape(concurrency: int, accounts: int, runner: str, dask_workers: int, external_cluster: bool) -> RunShape:
+    """`concurrency` API requests in flight for the run, with ACCOUNTS_PER_REQUEST_SLOT times as many account
+    syncs at once (at most one per account). Threads: one process, `concurrency` slots. A local Dask cluster: its
+    workers (min(dask_workers, accounts at once), as `io_task_runner` builds it) share the slots. An existing
+    cluster (`external_cluster`): each worker process gets `concurrency` slots, its threads bound the rest."""
+    at_once = max(1, min(concurrency * ACCOUNTS_PER_REQUEST_SLOT, accounts))
+    if runner != "dask" or external_cluster:
+        return RunShape(at_once, concurrency)
+    workers = max(1, min(dask_workers, at_once))
+    return RunShape(at_once, -(-concurrency // workers))
 
 
 class BadResyncDate(UserError, ValueError):
@@ -572,7 +601,7 @@ def sync_account(
         finish("cancelled", "cancelled before its sync started")
         return result
 
-    with account_sync_lock(
+    with account_connection(engine), account_sync_lock(
         engine, account.seller_id, options.lock_wait_seconds, lease_seconds=options.timeout_seconds + 60,
         should_stop=should_stop,
     ) as acquired:
@@ -665,6 +694,6 @@ def _sync_resources(
 def _is_transient_db_error(exc: BaseException) -> bool:
     from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeout
 
-    if isinstance(exc, (OperationalError, PoolTimeout)):
+    if isinstance(exc, (OperationalError, PoolTimeout, AccountConnectionLost)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
