@@ -11,10 +11,10 @@ committed. Rows are written in key order, so concurrent chunks lock shared rows 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import orjson
 import psycopg
 from sqlalchemy import Connection, Engine, delete, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
@@ -75,10 +75,9 @@ class ChunkOutcome:
 
 def fingerprint(row: ProductRow) -> str:
     """What the file says of an offer, hashed: equal fingerprints mean nothing to write or publish."""
-    text = json.dumps(
-        [row.name, str(row.price), row.stock, sorted(row.attributes.items())], ensure_ascii=False, separators=(",", ":")
-    )
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    # orjson writes what json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes, 5x faster
+    text = orjson.dumps([row.name, str(row.price), row.stock, sorted(row.attributes.items())])
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
 
 
 # The chunk's rows are copied (COPY, the fastest way into PostgreSQL) into a temporary table dropped at commit;
@@ -156,10 +155,6 @@ SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM changed WHERE versi
 """)
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 def _copy_rows(conn: Connection, rows: list[DealerRow]) -> None:
     """The rows into the chunk's temporary table (one row per dealer and SKU: the last one given wins, as one
     offer can be written once per statement). A driver error comes out as SQLAlchemy's (DataError, ...)."""
@@ -170,7 +165,7 @@ def _copy_rows(conn: Connection, rows: list[DealerRow]) -> None:
             for ord_, r in sorted(unique.values(), key=lambda item: item[0]):
                 row = r.row
                 copy.write_row((ord_, row.row_number, r.dealer_id, row.dealer_code, row.sku, row.name,
-                                str(row.price), row.stock, _json(row.attributes), fingerprint(row)))
+                                str(row.price), row.stock, orjson.dumps(row.attributes).decode(), fingerprint(row)))
     except psycopg.Error as exc:
         raise DBAPIError.instance(_COPY_CHUNK, None, exc, psycopg.Error) from None
     finally:
