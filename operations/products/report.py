@@ -7,7 +7,6 @@ reason, and a count by reason.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections import Counter
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import openpyxl
+import orjson
 
 from operations.infra.tabular import (
     EXCEL_MAX_DATA_ROWS,
@@ -111,7 +111,7 @@ class FailureLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("ab")
         record = {name: getattr(failure, name) for name in _FIELDS}
-        self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self._file.write(orjson.dumps(record) + b"\n")
         self._counts[failure.reason] += 1
 
     def close(self) -> None:
@@ -139,7 +139,7 @@ class FailureLog:
             for line in file:
                 if not line.endswith(b"\n"):
                     break
-                self._counts[json.loads(line)["reason"]] += 1
+                self._counts[orjson.loads(line)["reason"]] += 1
                 complete += len(line)
             if file.seek(0, os.SEEK_END) > complete:
                 file.truncate(complete)
@@ -150,7 +150,7 @@ def iter_failures(path: Path) -> Iterator[RowFailure]:
     with Path(path).open("rb") as file:
         for line in file:
             if line.endswith(b"\n"):
-                yield RowFailure(**json.loads(line))
+                yield RowFailure(**orjson.loads(line))
 
 
 class WorkbookInBackground:
