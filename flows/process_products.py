@@ -83,7 +83,7 @@ from operations.products.loaded import (
     unchanged_since,
 )
 from operations.products.outbox import PublishCounts
-from operations.products.report import FailureLog, write_failures_workbook
+from operations.products.report import FailureLog, WorkbookInBackground, write_failures_workbook
 from operations.products.store import RunFigures, known_dealers, run_figures
 from operations.products.summary import (
     READ_FAILURES,
@@ -323,6 +323,8 @@ def _load(runner: TaskRunner, load: _Load, chunk_task, should_stop: StopCheck) -
                 chunks[future] = chunk
                 pending.add(future)
         logger.info("%s", read_line(result.stats, source, load.rows_per_chunk))
+        result.read_failures_workbook = WorkbookInBackground(  # written while the chunks load
+            _failures_workbook(load), merged_failures(run_dir, []), title=_failures_title(load))
         progress = _Progress(progress_id, result.stats)
         while pending:
             for future in wait(list(pending), timeout=1.0).done:
@@ -402,6 +404,10 @@ def _failures_workbook(load: _Load) -> Path:
     return load.run_dir / f"{load.source.stem}-failures.xlsx"
 
 
+def _failures_title(load: _Load) -> str:
+    return f"Failures of {load.source.name} (run {load.run_key})"
+
+
 def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:
     """Write the failures spreadsheet, publish the artifacts (the failures linked only when rows failed) and
     return the run's summary. A spreadsheet that cannot be written (OUTPUT_DIR read-only or full) is noted in
@@ -411,10 +417,11 @@ def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:
         if result.same_as_run:  # the earlier run's spreadsheet, copied: the same failures
             by_reason = count_by_reason(merged_failures(load.run_dir, result.reports))
         else:
-            by_reason = write_failures_workbook(
-                workbook, merged_failures(load.run_dir, result.reports),
-                title=f"Failures of {source.name} (run {load.run_key})",
-            )
+            prepared = result.read_failures_workbook
+            by_reason = prepared.use(workbook, [f for r in result.reports for f in r.failures]) if prepared else None
+            if by_reason is None:
+                by_reason = write_failures_workbook(workbook, merged_failures(load.run_dir, result.reports),
+                                                    title=_failures_title(load))
     except OSError as exc:
         result.report_error = f"{type(exc).__name__}: {exc}"
         by_reason = count_by_reason(merged_failures(load.run_dir, result.reports))

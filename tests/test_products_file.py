@@ -16,6 +16,7 @@ from operations.products.reader import HeaderError, ProductRow, Reason, RowFailu
 from operations.products.report import (
     FAILURE_COLUMNS,
     FailureLog,
+    WorkbookInBackground,
     iter_failures,
     read_failures_workbook,
     write_failures_workbook,
@@ -367,6 +368,18 @@ def test_failures_workbook_without_failures(tmp_path):
     with pytest.raises(ValueError, match="rows_per_sheet"):
         write_failures_workbook(path, [], title="t", rows_per_sheet=1_048_576)
 
+
+def test_a_failures_workbook_written_in_the_background_is_used_only_when_no_chunk_added_failures(tmp_path):
+    read, late = FAILURES[:5], [RowFailure(99, "D1", "SKU-99", "", "refused by the database", "x")]
+    prepared = WorkbookInBackground(tmp_path / "failures.xlsx", iter(read), title="t")
+    assert prepared.use(tmp_path / "failures.xlsx", late) is None  # the caller writes read + late itself
+    assert list(tmp_path.iterdir()) == []
+    prepared = WorkbookInBackground(tmp_path / "failures.xlsx", iter(read), title="t")
+    assert prepared.use(tmp_path / "failures.xlsx", []) == dict(Counter(f.reason for f in read))
+    assert [p.name for p in tmp_path.iterdir()] == ["failures.xlsx"]
+    assert [f.row_number for f in read_failures_workbook(tmp_path / "failures.xlsx")] == [f.row_number for f in read]
+    (tmp_path / "taken.xlsx").mkdir()  # the path cannot be written: the caller meets the error itself
+    assert WorkbookInBackground(tmp_path / "taken.xlsx", iter(read), title="t").use(tmp_path / "taken.xlsx", []) is None
 
 def test_failure_log_round_trip_reopening_and_pickling(tmp_path):
     path = tmp_path / "logs" / "failures.jsonl"

@@ -23,30 +23,38 @@ from typing import Iterable, Iterator, Sequence
 
 import redis
 
-# KEYS[1] stream, KEYS[2] guard hash; ARGV[1] approximate MAXLEN (0: none), then per message: its key, the
-# number of field/value pairs, then the pairs. Returns {entry id, added (1/0)} per message.
+# KEYS[1] stream, KEYS[2] guard hash; ARGV[1] approximate MAXLEN (0: none), ARGV[2] the number n of fields every
+# message of the call has, ARGV[3..2+n] their names, then per message: its key and its n values. The guards are
+# read with one HMGET and the new ones written with one HSET. Returns the entry ids in order and a string of
+# '1' (added now) or '0' (already in the stream) per message.
 _PUBLISH = """
-local stream, guards, maxlen = KEYS[1], KEYS[2], tonumber(ARGV[1])
-local out, pos = {}, 2
-while pos <= #ARGV do
-  local key, pairs_count = ARGV[pos], tonumber(ARGV[pos + 1])
-  local existing = redis.call('HGET', guards, key)
-  if existing then
-    out[#out + 1] = {existing, 0}
-  else
-    local args = {stream}
-    if maxlen > 0 then
-      args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-    end
-    args[#args + 1] = '*'
-    for j = pos + 2, pos + 1 + 2 * pairs_count do args[#args + 1] = ARGV[j] end
-    local id = redis.call('XADD', unpack(args))
-    redis.call('HSET', guards, key, id)
-    out[#out + 1] = {id, 1}
-  end
-  pos = pos + 2 + 2 * pairs_count
+local stream, guards, maxlen, n = KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2])
+local names, keys, first = {}, {}, 3 + n
+for j = 1, n do names[j] = ARGV[2 + j] end
+for pos = first, #ARGV, n + 1 do keys[#keys + 1] = ARGV[pos] end
+if #keys == 0 then return {{}, ''} end
+local existing = redis.call('HMGET', guards, unpack(keys))
+local ids, added, new_guards, seen = {}, {}, {}, {}
+local args = {stream}
+if maxlen > 0 then
+  args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
 end
-return out
+args[#args + 1] = '*'
+local base = #args
+for i = 1, #keys do
+  local id = existing[i] or seen[keys[i]]
+  if id then
+    ids[i] = id; added[i] = '0'
+  else
+    local pos = first + (i - 1) * (n + 1)
+    for j = 1, n do args[base + 2 * j - 1] = names[j]; args[base + 2 * j] = ARGV[pos + j] end
+    id = redis.call('XADD', unpack(args))
+    ids[i] = id; added[i] = '1'; seen[keys[i]] = id
+    new_guards[#new_guards + 1] = keys[i]; new_guards[#new_guards + 1] = id
+  end
+end
+if #new_guards > 0 then redis.call('HSET', guards, unpack(new_guards)) end
+return {ids, table.concat(added)}
 """
 
 
@@ -71,7 +79,7 @@ class StreamPublisher:
     """Adds messages to one stream, exactly once per key while the key is guarded, in batches of one script
     call."""
 
-    def __init__(self, client: redis.Redis, stream: str, *, max_length: int = 0, batch_size: int = 500):
+    def __init__(self, client: redis.Redis, stream: str, *, max_length: int = 0, batch_size: int = 1000):
         self.client = client
         self.stream = stream
         self.max_length = max_length
@@ -99,15 +107,21 @@ class StreamPublisher:
         if messages and self._take_fault():
             raise InjectedPublishFault(f"injected fault publishing to {self.stream}")
         results: list[Published] = []
-        for start in range(0, len(messages), self.batch_size):
-            batch = messages[start:start + self.batch_size]
-            argv: list[str | int] = [self.max_length]
+        start = 0
+        while start < len(messages):  # a script call per run of messages with the same field names (batch_size at most)
+            names = list(messages[start].fields)
+            end = start + 1
+            while end < min(len(messages), start + self.batch_size) and list(messages[end].fields) == names:
+                end += 1
+            batch = messages[start:end]
+            argv: list[str | int] = [self.max_length, len(names), *names]
             for message in batch:
-                argv += [message.key, len(message.fields)]
-                for name, value in message.fields.items():
-                    argv += [name, value]
-            answer = self._script(keys=[self.stream, self.guards_key], args=argv)
-            results += [Published(m.key, _text(entry), bool(added)) for m, (entry, added) in zip(batch, answer)]
+                argv.append(message.key)
+                argv += message.fields.values()
+            ids, added = self._script(keys=[self.stream, self.guards_key], args=argv)
+            added = _text(added)
+            results += [Published(m.key, _text(entry), added[i] == "1") for i, (m, entry) in enumerate(zip(batch, ids))]
+            start = end
         return results
 
     def forget(self, keys: Iterable[str]) -> int:

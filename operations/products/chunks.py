@@ -10,7 +10,6 @@ ever in memory (plus one small key per row to find repeats).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
+import orjson
 from python_calamine import CalamineError, CalamineWorkbook
 
 from operations.cancellation import StopCheck, never, raise_if_stopped
@@ -125,19 +125,18 @@ def _estimate_zipped_rows(path: Path, suffix: str) -> int:
     return max(0, round(rows * sheet.file_size / max(1, len(head))) - 1)
 
 
-def _encode(dealer_id: int, row: ProductRow) -> str:
-    return json.dumps(
-        [row.row_number, dealer_id, row.dealer_code, row.sku, row.name, str(row.price), row.stock, row.attributes],
-        ensure_ascii=False, separators=(",", ":"),
+def _encode(dealer_id: int, row: ProductRow) -> bytes:
+    return orjson.dumps(
+        [row.row_number, dealer_id, row.dealer_code, row.sku, row.name, str(row.price), row.stock, row.attributes]
     )
 
 
 def read_chunk(path: Path) -> list[DealerRow]:
     """The rows of a chunk file."""
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         for line in handle:
-            number, dealer_id, dealer_code, sku, name, price, stock, attributes = json.loads(line)
+            number, dealer_id, dealer_code, sku, name, price, stock, attributes = orjson.loads(line)
             rows.append(DealerRow(dealer_id, ProductRow(number, dealer_code, sku, name, Decimal(price), stock,
                                                         attributes)))
     return rows
@@ -177,7 +176,7 @@ class FileSplitter:
         `should_stop()` (the rows read so far are counted in `stats`)."""
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
         stats, seen = self.stats, {}
-        lines: list[str] = []
+        lines: list[bytes] = []
         first_row = last_row = 0
         started = time.perf_counter()
         for item in self._rows:
@@ -216,11 +215,11 @@ class FileSplitter:
                               f"first at row {first}")
         return None
 
-    def _write_chunk(self, lines: list[str], first_row: int, last_row: int) -> ChunkFile:
+    def _write_chunk(self, lines: list[bytes], first_row: int, last_row: int) -> ChunkFile:
         index = self.stats.chunks
         path = self.chunk_dir / f"chunk-{index:05d}.jsonl"
         temporary = path.with_suffix(".tmp")
-        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        temporary.write_bytes(b"\n".join(lines) + b"\n")
         os.replace(temporary, path)
         self.stats.chunks += 1
         self.stats.valid_rows += len(lines)

@@ -16,7 +16,6 @@ counted in `counts`, which the caller may keep across a task's attempts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, text
@@ -33,7 +32,7 @@ _CLAIM_ANY = text(_CLAIM.format(only=""))
 _CLAIM_IDS = text(_CLAIM.format(only="AND id = ANY(CAST(:ids AS bigint[]))"))
 _MARK = text("""
 UPDATE outbox_messages SET published_at = now(), stream_entry_id = m.entry_id
-FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS m(id bigint, entry_id text)
+FROM unnest(CAST(:ids AS bigint[]), CAST(:entry_ids AS text[])) AS m(id, entry_id)
 WHERE outbox_messages.id = m.id
 """)
 _STILL_UNMARKED = text("""
@@ -83,8 +82,7 @@ def publish_outbox(
                                         "payload": payload})
                     for id_, key, message_type, payload in rows
                 ])
-                marks = [{"id": row[0], "entry_id": r.entry_id} for row, r in zip(rows, results)]
-                conn.execute(_MARK, {"rows": json.dumps(marks)})
+                conn.execute(_MARK, {"ids": [row[0] for row in rows], "entry_ids": [r.entry_id for r in results]})
         if rows:
             added = sum(r.added for r in results)
             counts.add(PublishCounts(added, len(results) - added))

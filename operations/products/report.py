@@ -7,8 +7,8 @@ reason, and a count by reason.
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import openpyxl
+import orjson
 
 from operations.infra.tabular import (
     EXCEL_MAX_DATA_ROWS,
@@ -110,7 +111,7 @@ class FailureLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("ab")
         record = {name: getattr(failure, name) for name in _FIELDS}
-        self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self._file.write(orjson.dumps(record) + b"\n")
         self._counts[failure.reason] += 1
 
     def close(self) -> None:
@@ -138,7 +139,7 @@ class FailureLog:
             for line in file:
                 if not line.endswith(b"\n"):
                     break
-                self._counts[json.loads(line)["reason"]] += 1
+                self._counts[orjson.loads(line)["reason"]] += 1
                 complete += len(line)
             if file.seek(0, os.SEEK_END) > complete:
                 file.truncate(complete)
@@ -149,4 +150,36 @@ def iter_failures(path: Path) -> Iterator[RowFailure]:
     with Path(path).open("rb") as file:
         for line in file:
             if line.endswith(b"\n"):
-                yield RowFailure(**json.loads(line))
+                yield RowFailure(**orjson.loads(line))
+
+
+class WorkbookInBackground:
+    """The failures workbook of a run's read failures, written in a thread while the chunks load (openpyxl takes
+    seconds for tens of thousands of failures, and nothing else needs them until the end). `use(path, extra)`
+    then moves it to `path` when no chunk added failures (`extra` empty) and returns its counts per reason;
+    otherwise, or when the write failed, it returns None and the caller writes the workbook itself."""
+
+    def __init__(self, path: Path, failures: Iterable[RowFailure], *, title: str):
+        self._path = Path(path).with_name(f".{Path(path).stem}-read-failures.xlsx")
+        self._counts: dict[str, int] | None = None
+        self._thread = threading.Thread(target=self._write, args=(failures, title), name="failures-workbook",
+                                        daemon=True)
+        self._thread.start()
+
+    def _write(self, failures: Iterable[RowFailure], title: str) -> None:
+        try:
+            self._counts = write_failures_workbook(self._path, failures, title=title)
+        except Exception:  # noqa: BLE001 - the caller writes the workbook itself, and meets the error there
+            self._counts = None
+
+    def use(self, path: Path, extra: list[RowFailure]) -> dict[str, int] | None:
+        self._thread.join()
+        try:
+            if self._counts is None or extra:
+                return None
+            os.replace(self._path, path)
+            return self._counts
+        except OSError:
+            return None
+        finally:
+            self._path.unlink(missing_ok=True)

@@ -11,10 +11,11 @@ committed. Rows are written in key order, so concurrent chunks lock shared rows 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import orjson
+import psycopg
 from sqlalchemy import Connection, Engine, delete, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, DataError, InterfaceError, OperationalError
@@ -74,131 +75,115 @@ class ChunkOutcome:
 
 def fingerprint(row: ProductRow) -> str:
     """What the file says of an offer, hashed: equal fingerprints mean nothing to write or publish."""
-    text = json.dumps(
-        [row.name, str(row.price), row.stock, sorted(row.attributes.items())], ensure_ascii=False, separators=(",", ":")
-    )
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    # orjson writes what json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes, 5x faster
+    text = orjson.dumps([row.name, str(row.price), row.stock, sorted(row.attributes.items())])
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
 
 
-# Each write is one statement over the chunk's rows sent as one JSON document (`jsonb_to_recordset`): one
-# parameter, encoded by the json module and parsed by PostgreSQL, where a multi-row VALUES of 20,000 rows
-# (or text arrays of JSON) costs seconds of client-side work.
-_SELECT_PRODUCTS = text("SELECT id, sku, name, attributes FROM products WHERE sku = ANY(CAST(:skus AS text[]))")
+# The chunk's rows are copied (COPY, the fastest way into PostgreSQL) into a temporary table dropped at commit;
+# the writes are then two set-based statements over it: the products, then the offers with their integration
+# records and outbox messages, decided and built in SQL (changed or not by fingerprint, payloads by
+# jsonb_build_object), so no row travels back to Python but the ids of the queued messages.
+_CHUNK_TABLE = "_chunk_rows"
+_CREATE_CHUNK_TABLE = f"""
+CREATE TEMPORARY TABLE IF NOT EXISTS {_CHUNK_TABLE} (
+    ord integer, source_row integer, dealer_id bigint, dealer_code text, sku text, name text, price numeric,
+    stock integer, attributes jsonb, fingerprint text
+) ON COMMIT DROP
+"""
+_COPY_CHUNK = (f"COPY {_CHUNK_TABLE} (ord, source_row, dealer_id, dealer_code, sku, name, price, stock, attributes, "
+               "fingerprint) FROM STDIN")
 
-_UPSERT_PRODUCTS = text("""
+# The catalog products of the chunk (the first row of a SKU wins): new SKUs inserted, changed names or
+# attributes updated, the others not touched (no row lock on a product another chunk also names).
+_UPSERT_PRODUCTS = text(f"""
 INSERT INTO products (sku, name, attributes)
-SELECT sku, name, attributes FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS p(sku text, name text, attributes jsonb)
-ORDER BY sku
+SELECT w.sku, w.name, w.attributes
+FROM (SELECT DISTINCT ON (sku) sku, name, attributes FROM {_CHUNK_TABLE} ORDER BY sku, ord) AS w
+LEFT JOIN products p ON p.sku = w.sku
+WHERE p.id IS NULL OR p.name IS DISTINCT FROM w.name OR coalesce(p.attributes, '{{}}'::jsonb) <> w.attributes
+ORDER BY w.sku
 ON CONFLICT (sku) DO UPDATE SET name = excluded.name, attributes = excluded.attributes, updated_at = now()
-RETURNING id, sku
 """)
 
-_UPSERT_OFFERS = text("""
-INSERT INTO product_dealers (product_id, dealer_id, price, stock, fingerprint, version, source_run, source_row)
-SELECT product_id, dealer_id, price, stock, fingerprint, 1, :run_key, source_row
-FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-     AS o(product_id bigint, dealer_id bigint, price numeric, stock integer, fingerprint text, source_row integer)
-ORDER BY product_id, dealer_id
-ON CONFLICT (product_id, dealer_id) DO UPDATE SET
-    price = excluded.price, stock = excluded.stock, fingerprint = excluded.fingerprint,
-    version = product_dealers.version + 1, source_run = excluded.source_run, source_row = excluded.source_row,
-    updated_at = now()
-WHERE product_dealers.fingerprint <> excluded.fingerprint
-RETURNING id, product_id, dealer_id, version
+# The offers whose fingerprint is new or changed (version + 1), one integration record per written offer
+# version and its outbox message; returns how many offers were written, how many created, and the ids of the
+# messages queued (an integration record an earlier attempt kept is kept with its message).
+_WRITE_OFFERS = text(f"""
+WITH incoming AS (
+    SELECT p.id AS product_id, c.dealer_id, c.dealer_code, c.sku, c.name, c.price, c.stock, c.attributes,
+           c.fingerprint, c.source_row
+    FROM {_CHUNK_TABLE} c JOIN products p ON p.sku = c.sku
+), changed AS (
+    INSERT INTO product_dealers (product_id, dealer_id, price, stock, fingerprint, version, source_run, source_row)
+    SELECT i.product_id, i.dealer_id, i.price, i.stock, i.fingerprint, 1, :run_key, i.source_row
+    FROM incoming i
+    LEFT JOIN product_dealers d ON d.product_id = i.product_id AND d.dealer_id = i.dealer_id
+    WHERE d.id IS NULL OR d.fingerprint <> i.fingerprint
+    ORDER BY i.product_id, i.dealer_id
+    ON CONFLICT (product_id, dealer_id) DO UPDATE SET
+        price = excluded.price, stock = excluded.stock, fingerprint = excluded.fingerprint,
+        version = product_dealers.version + 1, source_run = excluded.source_run,
+        source_row = excluded.source_row, updated_at = now()
+    WHERE product_dealers.fingerprint <> excluded.fingerprint
+    RETURNING id, product_id, dealer_id, version
+), staged AS (
+    INSERT INTO product_integration_staging
+        (product_dealer_id, version, change, dealer_code, sku, name, price, stock, attributes, source_run,
+         source_row)
+    SELECT ch.id, ch.version, CASE WHEN ch.version = 1 THEN 'created' ELSE 'updated' END, i.dealer_code, i.sku,
+           i.name, i.price, i.stock, i.attributes, :run_key, i.source_row
+    FROM changed ch JOIN incoming i ON i.product_id = ch.product_id AND i.dealer_id = ch.dealer_id
+    ORDER BY ch.id
+    ON CONFLICT (product_dealer_id, version) DO NOTHING
+    RETURNING id, product_dealer_id, version, dealer_code, sku, name, price, stock, attributes, source_row
+), queued AS (
+    INSERT INTO outbox_messages (stream, message_key, message_type, payload)
+    SELECT :stream, 'product-dealer:' || s.product_dealer_id || ':' || 'v' || s.version, :message_type,
+           jsonb_build_object(
+               'event', CASE WHEN s.version = 1 THEN 'product.created' ELSE 'product.updated' END,
+               'staging_id', s.id, 'product_dealer_id', s.product_dealer_id, 'version', s.version,
+               'dealer_code', s.dealer_code, 'sku', s.sku, 'name', s.name, 'price', s.price::text,
+               'stock', s.stock, 'attributes', s.attributes, 'source_run', CAST(:run_key AS text),
+               'source_row', s.source_row)
+    FROM staged s ORDER BY s.id
+    ON CONFLICT (message_key) DO NOTHING
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM changed WHERE version = 1),
+       (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM queued)
 """)
 
-_STAGE = text("""
-INSERT INTO product_integration_staging
-    (product_dealer_id, version, change, dealer_code, sku, name, price, stock, attributes, source_run, source_row)
-SELECT product_dealer_id, version, CASE WHEN version = 1 THEN 'created' ELSE 'updated' END, dealer_code, sku, name,
-       price, stock, attributes, :run_key, source_row
-FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-     AS s(product_dealer_id bigint, version integer, dealer_code text, sku text, name text, price numeric,
-          stock integer, attributes jsonb, source_row integer)
-ORDER BY product_dealer_id
-ON CONFLICT (product_dealer_id, version) DO NOTHING
-RETURNING id, product_dealer_id, version
-""")
 
-_QUEUE = text("""
-INSERT INTO outbox_messages (stream, message_key, message_type, payload)
-SELECT :stream, message_key, :message_type, payload
-FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS m(message_key text, payload jsonb)
-ON CONFLICT (message_key) DO NOTHING
-RETURNING id
-""")
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _upsert_products(conn: Connection, rows: list[ProductRow]) -> dict[str, int]:
-    """Catalog products of the rows (first row of a SKU wins within the chunk): new SKUs inserted, changed
-    names or attributes updated, the rest only read. Returns SKU -> product id."""
-    wanted: dict[str, ProductRow] = {}
-    for row in rows:
-        wanted.setdefault(row.sku, row)
-    existing = conn.execute(_SELECT_PRODUCTS, {"skus": list(wanted)}).all()
-    ids = {sku: id_ for id_, sku, _, _ in existing}
-    current = {sku: (name, attributes or {}) for _, sku, name, attributes in existing}
-    to_write = [{"sku": sku, "name": row.name, "attributes": row.attributes}
-                for sku, row in wanted.items() if current.get(sku) != (row.name, row.attributes)]
-    if to_write:
-        ids.update({sku: id_ for id_, sku in conn.execute(_UPSERT_PRODUCTS, {"rows": _json(to_write)})})
-    return ids
-
-
-def _upsert_offers(
-    conn: Connection, rows: list[DealerRow], product_ids: dict[str, int], run_key: str
-) -> list[tuple[int, int, DealerRow]]:
-    """The dealers' offers: inserted, or updated (version + 1) when their fingerprint changed; unchanged offers
-    are not touched. Returns (offer id, version, row) of each offer created or changed."""
-    by_key = {(product_ids[r.row.sku], r.dealer_id): r for r in rows}
-    values = [
-        {"product_id": product_id, "dealer_id": dealer_id, "price": str(r.row.price), "stock": r.row.stock,
-         "fingerprint": fingerprint(r.row), "source_row": r.row.row_number}
-        for (product_id, dealer_id), r in by_key.items()
-    ]
-    changed = conn.execute(_UPSERT_OFFERS, {"run_key": run_key, "rows": _json(values)})
-    return [(id_, version, by_key[(product_id, dealer_id)]) for id_, product_id, dealer_id, version in changed]
-
-
-def _stage(conn: Connection, changed: list[tuple[int, int, DealerRow]], run_key: str, stream: str) -> list[int]:
-    """One integration record and one outbox message per created or changed offer. Returns the message ids."""
-    if not changed:
-        return []
-    rows = {offer_id: r.row for offer_id, _, r in changed}
-    records = [
-        {"product_dealer_id": offer_id, "version": version, "dealer_code": r.row.dealer_code, "sku": r.row.sku,
-         "name": r.row.name, "price": str(r.row.price), "stock": r.row.stock, "attributes": r.row.attributes,
-         "source_row": r.row.row_number}
-        for offer_id, version, r in changed
-    ]
-    staged = conn.execute(_STAGE, {"run_key": run_key, "rows": _json(records)}).all()
-    messages = []
-    for staging_id, offer_id, version in staged:  # an earlier attempt's record is kept with its message
-        row = rows[offer_id]
-        messages.append({"message_key": f"product-dealer:{offer_id}:v{version}", "payload": {
-            "event": "product.created" if version == 1 else "product.updated",
-            "staging_id": staging_id, "product_dealer_id": offer_id, "version": version,
-            "dealer_code": row.dealer_code, "sku": row.sku, "name": row.name, "price": str(row.price),
-            "stock": row.stock, "attributes": row.attributes, "source_run": run_key, "source_row": row.row_number,
-        }})
-    if not messages:
-        return []
-    queued = conn.execute(_QUEUE, {"stream": stream, "message_type": MESSAGE_TYPE, "rows": _json(messages)})
-    return [id_ for (id_,) in queued]
+def _copy_rows(conn: Connection, rows: list[DealerRow]) -> None:
+    """The rows into the chunk's temporary table (one row per dealer and SKU: the last one given wins, as one
+    offer can be written once per statement). A driver error comes out as SQLAlchemy's (DataError, ...)."""
+    unique = {(r.dealer_id, r.row.sku): (ord_, r) for ord_, r in enumerate(rows)}
+    cursor = conn.connection.driver_connection.cursor()
+    try:
+        with cursor.copy(_COPY_CHUNK) as copy:
+            for ord_, r in sorted(unique.values(), key=lambda item: item[0]):
+                row = r.row
+                copy.write_row((ord_, row.row_number, r.dealer_id, row.dealer_code, row.sku, row.name,
+                                str(row.price), row.stock, orjson.dumps(row.attributes).decode(), fingerprint(row)))
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_COPY_CHUNK, None, exc, psycopg.Error) from None
+    finally:
+        cursor.close()
 
 
 def _write(conn: Connection, rows: list[DealerRow], run_key: str, stream: str) -> ChunkOutcome:
-    product_ids = _upsert_products(conn, [r.row for r in rows])
-    changed = _upsert_offers(conn, rows, product_ids, run_key)
-    outbox_ids = _stage(conn, changed, run_key, stream)
-    created = sum(1 for _, version, _ in changed if version == 1)
+    conn.exec_driver_sql(_CREATE_CHUNK_TABLE)
+    conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")  # the sorts of a chunk stay in memory
+    conn.exec_driver_sql(f"DELETE FROM {_CHUNK_TABLE}")  # a single row's retry after the batch was refused
+    _copy_rows(conn, rows)
+    conn.execute(_UPSERT_PRODUCTS)
+    changed, created, outbox_ids = conn.execute(
+        _WRITE_OFFERS, {"run_key": run_key, "stream": stream, "message_type": MESSAGE_TYPE}
+    ).one()
     return ChunkOutcome(
-        rows=len(rows), created=created, updated=len(changed) - created, unchanged=len(rows) - len(changed),
-        outbox_ids=outbox_ids,
+        rows=len(rows), created=created, updated=changed - created, unchanged=len(rows) - changed,
+        outbox_ids=list(outbox_ids),
     )
 
 

@@ -13,7 +13,7 @@ from operations.products.chunks import ChunkFile, SplitStats
 from operations.products.outbox import PublishCounts
 from operations.products.reader import RowFailure
 from operations.products.store import RunFigures
-from operations.products.report import iter_failures
+from operations.products.report import WorkbookInBackground, iter_failures
 
 READ_FAILURES = "read-failures.jsonl"  # rows that failed the checks while the file was read, in row order
 _TOTALS = ("created", "updated", "unchanged", "published", "publish_deferred")
@@ -52,6 +52,7 @@ class LoadResult:
     chunks_not_loaded: int = 0             # chunks submitted but not loaded because of the cancel
     report_error: str = ""                 # why the failures spreadsheet could not be written
     same_as_run: str = ""                  # the earlier run of the same content this run's figures repeat
+    read_failures_workbook: WorkbookInBackground | None = None  # the read failures' workbook, being written
 
     @property
     def messages_deferred(self) -> int:
