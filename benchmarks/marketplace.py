@@ -71,7 +71,7 @@ def bench_marketplace(accounts: int, orders: int, items: int, latency_ms: float,
     config = EmulatorConfig(
         sellers=accounts, orders_per_seller=orders, items_per_seller=items, latency_ms=latency_ms, seed=11
     )
-    emulator = start_emulator_process(config, state_dir)
+    emulator = start_emulator_process(config, state_dir, start_timeout=180)  # 200 sellers: slow on a loaded machine
     try:
         return _measure(emulator.base_url, config, engine, latency_ms, concurrency, settings, emulator.pid)
     finally:
