@@ -67,6 +67,7 @@ def bench_marketplace(
     migrate_to_head(url)
     os.environ["DATABASE_URL"] = url
     os.environ["MARKETPLACE_CONCURRENCY"] = str(concurrency)
+    get_settings.cache_clear()  # the onboard-account flow runs below must write to this database, not the stack's
     engine = get_engine(url)
     clear_marketplace_data(engine, accounts=True)
     state_dir = Path(tempfile.mkdtemp(prefix="marketplace-bench-"))

@@ -7,6 +7,8 @@ It follows the contract `operations/marketplace/client.py` is written for:
 - `GET /orders/search` (the date filters truncated down to the hour, sorted by `date_closed`, offset cap),
   `GET /users/{id}/items/search` (offset paging capped at 1,000; `search_type=scan` with scroll ids that
   expire), `GET /items` and `GET /items/bulk` (up to 20 ids, one entry per id, 404 entries for unknown ids).
+  Items carry `status` and `sub_status`; a deleted item (`closed`, sub_status `["deleted"]`) is no longer listed
+  by the seller's items search but is still answered by id.
 - Orders search filters: `order.date_last_updated.from/to`, `order.date_created.from/to` (both truncated down to
   the hour), `order.status` (one of the documented statuses), `sort=date_asc|date_desc`.
 - Notifications: every order and item change a mutation makes is POSTed to `notification_url` (a runtime knob) as
@@ -336,6 +338,7 @@ def _new_item(seller: _Seller, rng: random.Random, created_ms: int, updated_ms: 
         "condition": "new",
         "listing_type_id": rng.choice(("gold_special", "gold_pro")),
         "status": "active" if rng.random() < 0.85 else "paused",
+        "sub_status": [],
         "date_created": iso_ms(created_ms),
         "last_updated": iso_ms(updated_ms),
         "permalink": f"https://produto.mercadolivre.com.br/MLB-{number}-{_slug(title)}-_JM",
@@ -527,7 +530,8 @@ class _Notifier:
         for order_id in changed["orders_updated"] + changed["orders_new"]:
             seller = SELLER_ID_BASE + (order_id - ORDER_ID_BASE) // ORDER_ID_BLOCK
             self.send(seller, "orders_v2", f"/orders/{order_id}", now_ms)
-        for item_id in changed["items_updated"] + changed["items_new"]:
+        for item_id in (changed["items_updated"] + changed["items_new"] + changed.get("items_closed", [])
+                        + changed.get("items_deleted", [])):
             self.send(item_owner[item_id], "items", f"/items/{item_id}", now_ms)
 
     def send(self, seller_id: int, topic: str, resource: str, now_ms: int) -> None:
@@ -1087,14 +1091,21 @@ class MarketplaceEmulator:
         orders_new: int = 0,
         items_updated: int = 0,
         items_new: int = 0,
+        items_closed: int = 0,
+        items_deleted: int = 0,
+        notify: bool = True,
     ) -> dict[str, Any]:
-        """Change data as sellers would between two syncs (for each seller when seller_id is None); dates now."""
-        counts = (orders_updated, orders_new, items_updated, items_new)
+        """Change data as sellers would between two syncs (for each seller when seller_id is None); dates now.
+        Closed items keep being listed by the seller's items search; deleted ones (closed, sub_status ["deleted"],
+        as the API's delete does) are no longer listed but are still answered by id. `notify=False` changes data
+        without any notification (as when a delivery is lost for good)."""
+        counts = (orders_updated, orders_new, items_updated, items_new, items_closed, items_deleted)
         if any(not isinstance(n, int) or n < 0 for n in counts):
             raise _ApiError(400, {"error": "counts must be integers >= 0"})
         rng = self.mutation_rng
         now = max(_now_ms(), self.start_ms + 1)
-        changed: dict[str, list] = {"orders_updated": [], "orders_new": [], "items_updated": [], "items_new": []}
+        changed: dict[str, list] = {"orders_updated": [], "orders_new": [], "items_updated": [], "items_new": [],
+                                    "items_closed": [], "items_deleted": []}
         for seller in self._sellers_of(seller_id):
             for order_id in rng.sample(sorted(seller.orders), min(orders_updated, len(seller.orders))):
                 order = seller.orders[order_id]
@@ -1114,6 +1125,17 @@ class MarketplaceEmulator:
                 item["last_updated"] = iso_ms(now)
                 seller.items[item_id] = item
                 changed["items_updated"].append(item_id)
+            if items_closed or items_deleted:
+                touched = set(changed["items_updated"])
+                open_ids = [i for i in seller.item_ids if i not in touched and seller.items[i]["status"] != "closed"]
+                ending = rng.sample(open_ids, min(items_closed + items_deleted, len(open_ids)))
+                for n, item_id in enumerate(ending):
+                    deleted = n < items_deleted
+                    seller.items[item_id] = {**seller.items[item_id], "status": "closed",
+                                             "sub_status": ["deleted"] if deleted else [], "last_updated": iso_ms(now)}
+                    changed["items_deleted" if deleted else "items_closed"].append(item_id)
+                gone = set(changed["items_deleted"])
+                seller.item_ids = [i for i in seller.item_ids if i not in gone]  # a new list: scans keep theirs
             if items_new:
                 for _ in range(items_new):
                     item = _new_item(seller, rng, now, now)
@@ -1129,7 +1151,8 @@ class MarketplaceEmulator:
                 changed["orders_new"].append(order_id)
             if orders_updated or orders_new:
                 seller.reindex_orders()
-        self.notifier.changed(changed, self.item_owner, now)
+        if notify:
+            self.notifier.changed(changed, self.item_owner, now)
         return {**changed, "at": iso_ms(now)}
 
     def hot_hour(
@@ -1407,13 +1430,17 @@ class EmulatorControl(ControlClient):
         orders_new: int = 0,
         items_updated: int = 0,
         items_new: int = 0,
+        items_closed: int = 0,
+        items_deleted: int = 0,
+        notify: bool = True,
     ) -> dict[str, Any]:
         return self._call(
             "POST",
             "mutate",
             {
                 "seller_id": seller_id, "orders_updated": orders_updated, "orders_new": orders_new,
-                "items_updated": items_updated, "items_new": items_new,
+                "items_updated": items_updated, "items_new": items_new, "items_closed": items_closed,
+                "items_deleted": items_deleted, "notify": notify,
             },
         )
 

@@ -7,10 +7,12 @@ Started by Prefect's own means: the receiver (deployments/marketplace_receiver.p
 minutes with `missed_feeds`, reading what the marketplace could not deliver and whatever an event missed.
 
 Stages: read the missed feeds (catch-up only); then rounds until nothing new arrived for `idle_seconds`: wait
-until the oldest pending notification is MARKETPLACE_NOTIFICATIONS_WINDOW_SECONDS old (a burst is taken whole),
-take the pending ones grouped per account (unknown sellers logged, counted and set aside), and apply each
+until the oldest pending notification is MARKETPLACE_NOTIFICATIONS_WINDOW_SECONDS old, take the pending ones of
+each account whose own oldest is that old (a burst is coalesced per account; the others wait for their window),
+grouped per account (unknown sellers logged, counted and set aside), and apply each
 account's on the task runner, one task per account; a round with a failed account ends the run (its
-notifications stay pending for the next run, up to MARKETPLACE_NOTIFICATIONS_MAX_TRIES). Then a summary.
+notifications stay pending for the next run, up to MARKETPLACE_NOTIFICATIONS_MAX_TRIES). Then delete the applied
+notifications older than MARKETPLACE_NOTIFICATIONS_RETENTION_DAYS, and a summary.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from operations.settings import get_settings
 from tasks.marketplace_notifications import (
     NotificationRun,
     apply_account_notifications,
+    prune_notifications,
     read_missed_feeds,
     take_notifications,
 )
@@ -82,6 +85,7 @@ def marketplace_notifications(idle_seconds: IdleSeconds = IDLE_SECONDS, missed_f
                                   len(taken.accounts))
             if totals.failed:
                 break  # their notifications stay pending: the next run tries them again
+    totals.pruned = prune_notifications(run, notify.retention_days)
     create_markdown_artifact(key="marketplace-notifications", markdown=totals.markdown(time.perf_counter() - started),
                              description="What this run of the notifications consumer applied")
     if totals.failed:

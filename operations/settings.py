@@ -376,8 +376,9 @@ class MarketplaceNotificationSettings(SettingsGroup):
     )
     window_seconds: float = Field(
         default=2.0, ge=0, le=300, validation_alias="MARKETPLACE_NOTIFICATIONS_WINDOW_SECONDS",
-        description="The consumer waits until the oldest pending notification is this old, so that a burst for one "
-        "seller costs a few requests.",
+        description="Coalescing window per account: the consumer takes an account's notifications once its oldest "
+        "pending one is this old, so that a burst for one seller costs a few requests (each order and item fetched "
+        "once, items 20 per multiget).",
     )
     idle_seconds: float = Field(
         default=30.0, ge=0, le=3600, validation_alias="MARKETPLACE_NOTIFICATIONS_IDLE_SECONDS",
@@ -392,6 +393,11 @@ class MarketplaceNotificationSettings(SettingsGroup):
         default=5, ge=1, le=100, validation_alias="MARKETPLACE_NOTIFICATIONS_MAX_TRIES",
         description="Consumer passes a notification may fail before it is marked failed (the scheduled sync and the "
         "item reconciliation still cover it).",
+    )
+    retention_days: float = Field(
+        default=30.0, gt=0, le=3650, validation_alias="MARKETPLACE_NOTIFICATIONS_RETENTION_DAYS",
+        description="Applied notifications are kept this long, then deleted by the consumer's runs (pending ones are "
+        "never deleted).",
     )
 
 

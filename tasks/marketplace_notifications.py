@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
@@ -15,9 +16,11 @@ from operations.marketplace.notifications import (
     AccountNeedsReauthorization,
     Touched,
     TouchedResult,
+    due_by_account,
     mark,
     mark_failed,
     pending_notifications,
+    prune_processed,
     settle,
     split_known,
     store_missed_feeds,
@@ -25,7 +28,7 @@ from operations.marketplace.notifications import (
     touched_by_account,
     wait_for_window,
 )
-from operations.marketplace.store import list_accounts
+from operations.marketplace.store import list_accounts, now_utc
 from operations.marketplace.sync import SyncOptions
 from tasks.cancellation import run_stop_check
 from tasks.retries import retrying_task
@@ -55,13 +58,14 @@ class Taken:
 
 def take_notifications(database_url: str, window_seconds: float, idle_seconds: float, limit: int = 20_000,
                        ) -> Taken | None:
-    """Wait until the oldest pending notification is `window_seconds` old, then take the pending ones grouped per
-    account; those of unknown sellers (logged and counted) and of inactive accounts are marked at once. None when
+    """Wait until the oldest pending notification is `window_seconds` old, then take the pending ones of every
+    account whose own oldest is that old (`due_by_account`: each account's burst coalesced over its window), grouped
+    per account; those of unknown sellers (logged and counted) and of inactive accounts are marked at once. None when
     nothing arrived for `idle_seconds` (or the run was cancelled)."""
     engine = get_engine(database_url)
     if not wait_for_window(engine, window_seconds, idle_seconds, run_stop_check()):
         return None
-    pending = pending_notifications(engine, limit)
+    pending = due_by_account(pending_notifications(engine, limit), window_seconds, now_utc())
     active, unknown, inactive = split_known(engine, touched_by_account(pending))
     for entry in unknown:
         logger.warning("%d notification(s) of seller %s, which is no account here: ignored (onboard it to sync it)",
@@ -111,3 +115,10 @@ def read_missed_feeds(app: MarketplaceApp, run: NotificationRun) -> dict:
     read, stored = store_missed_feeds(engine, app.client(), active[0].seller_id, app.client_id, run.options,
                                       run_stop_check())
     return {"read": read, "stored": stored}
+
+
+# Re-running is harmless: it deletes only notifications applied before the cut-off; a second run finds fewer.
+@retrying_task(name="prune-notifications", retries=2, delays=[5, 20], cache_policy=NO_CACHE, tags=["marketplace"])
+def prune_notifications(run: NotificationRun, retention_days: float) -> int:
+    """Delete the applied notifications older than `retention_days`; returns how many."""
+    return prune_processed(get_engine(run.database_url), now_utc() - timedelta(days=retention_days))

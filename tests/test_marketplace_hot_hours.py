@@ -18,7 +18,7 @@ from operations.marketplace.store import (
     open_gaps,
     read_tokens,
 )
-from operations.marketplace.sync import AccountSyncFailed, AccountSyncResult, SyncResources, sync_account
+from operations.marketplace.sync import REFUSED_PREFIX, AccountSyncFailed, AccountSyncResult, SyncResources, sync_account
 from operations.marketplace.tokens import PREFIX, TokenKeyError, new_key, token_cipher
 from operations.settings import get_settings
 
@@ -252,3 +252,29 @@ def test_migration_0005_encrypts_plain_tokens_when_a_key_is_at_hand(tmp_path, to
         assert token_cipher().decrypt(refresh) == "TG-plain"
     finally:
         engine.dispose()
+
+
+def test_a_window_the_api_refuses_with_400_is_a_gap_passed_then_retried_a_few_times(pg_engine, emulator_factory):
+    """A permanent 400 on an order search becomes a gap: the account and its items go on, the checkpoint passes
+    it, a later sync reads it whole; refused for good, it is tried again by `bad_window_retries` syncs only."""
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=60, items_per_seller=5)
+    seller = market.seller_ids()[0]
+    account = market.onboard(seller)
+    market.control.add_fault("/orders/search", status=400, times=1)
+    result = sync_account(pg_engine, market.client(), account, SyncResources.both, OPTIONS)
+    assert result.status == "synced" and result.resources == {"orders": "synced", "items": "synced"}
+    assert len(result.gaps) == 1 and result.gaps[0]["reason"].startswith(REFUSED_PREFIX), result.gaps
+    [gap] = open_gaps(pg_engine, seller, "orders")
+    assert get_checkpoint(pg_engine, seller, "orders") > gap.stop, "the checkpoint passed the refused window"
+    assert _stored_item_ids(pg_engine, seller) == {i["id"] for i in market.control.items(seller)}
+
+    again = sync_account(pg_engine, market.client(), account, SyncResources.orders, OPTIONS)
+    assert again.gaps_closed == 1 and not again.gaps and open_gaps(pg_engine, seller) == []
+    assert _stored_order_ids(pg_engine, seller) == _truth_order_ids(market, seller)
+
+    market.control.add_fault("/orders/search", status=400, times=1000)  # refused for good
+    options = replace(OPTIONS, bad_window_retries=1)
+    runs = [sync_account(pg_engine, market.client(), account, SyncResources.orders, options) for _ in range(3)]
+    assert all(run.status == "synced" for run in runs)
+    retried = [[g["retried"] for g in run.gaps] for run in runs]
+    assert retried[0] == [False] and True in retried[1] and retried[2] == [False], retried

@@ -7,12 +7,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from deployments.marketplace_receiver import build_app, store_rows
 from emulators.common import bind
@@ -23,10 +23,13 @@ from operations.marketplace.notifications import (
     BadNotification,
     Pending,
     counts_by_outcome,
+    due_by_account,
     parse_notification,
     pending_notifications,
+    prune_processed,
     resource_id,
     store_missed_feeds,
+    store_notifications,
     touched_by_account,
 )
 from operations.marketplace.store import ITEMS, ORDERS, utc
@@ -233,3 +236,61 @@ def test_the_receiver_service_follows_the_stacks_bind_and_auth_rules(tmp_path, p
         assert line.startswith("running") and running.callback_url in line and "basic auth" in line, line
     finally:
         service.stop()
+
+
+def test_each_account_is_coalesced_over_its_own_window():
+    """An account is taken once its oldest pending notification is a window old; a younger account's burst waits
+    for its own window (and then comes whole)."""
+    now = datetime.now(timezone.utc)
+    old, young = now - timedelta(seconds=3), now - timedelta(seconds=0.5)
+    notes = [Pending("a1", 1, "items", "/items/MLB1", old, old), Pending("a2", 1, "items", "/items/MLB2", now, now),
+             Pending("b1", 2, "items", "/items/MLB3", young, young), Pending("b2", 2, "items", "/items/MLB4", now, now)]
+    assert [n.id for n in due_by_account(notes, 2.0, now)] == ["a1", "a2"]
+    assert [n.id for n in due_by_account(notes, 2.0, now + timedelta(seconds=2))] == ["a1", "a2", "b1", "b2"]
+    assert due_by_account(notes, 5.0, now) == []
+
+
+def test_a_burst_of_1000_notifications_for_one_seller_costs_a_handful_of_requests(pg_engine, emulator_factory,
+                                                                                 database_url):
+    """1,000 notifications of one seller (repeated changes to 40 items and 10 orders, as a repricing or stock tool
+    sends them) coalesced in one window: each resource fetched once, items 20 per multiget."""
+    with pg_engine.begin() as conn:
+        conn.execute(delete(NOTIFICATIONS))
+    market = emulator_factory(pg_engine, sellers=1, orders_per_seller=50, items_per_seller=60)
+    seller = market.seller_ids()[0]
+    market.onboard(seller)
+    changed = market.control.mutate(seller_id=seller, orders_updated=10, items_updated=40, notify=False)
+    resources = ([("orders_v2", f"/orders/{i}") for i in changed["orders_updated"]]
+                 + [("items", f"/items/{i}") for i in changed["items_updated"]])
+    sent = datetime.now(timezone.utc).isoformat()
+    rows = [parse_notification({"_id": f"burst-{n}", "resource": resources[n % len(resources)][1], "user_id": seller,
+                                "topic": resources[n % len(resources)][0], "application_id": APP, "attempts": 1,
+                                "sent": sent}, APP) for n in range(1000)]
+    assert len(store_notifications(pg_engine, rows)) == 1000
+    taken = take_notifications(database_url, window_seconds=0.1, idle_seconds=0)
+    assert taken.notifications == 1000 and len(taken.accounts) == 1
+    market.control.reset_stats()
+    result = apply_account_notifications.fn(taken.accounts[0], _app(market), NotificationRun(database_url, OPTIONS, 3))
+    requests = market.control.stats()["total"]
+    print(f"1,000 notifications of one seller (10 orders, 40 items): {requests} requests {result}")
+    assert result["item_multigets"] == 2 and result["order_searches"] + result["order_gets"] <= 3, result
+    assert requests <= 6, requests  # + a token refresh at most
+    assert result["orders"]["new"] == 10 and result["items"]["new"] == 40  # (never synced before: new here)
+    assert counts_by_outcome(pg_engine) == {"synced": 1000}
+
+
+def test_applied_notifications_past_their_retention_are_pruned_and_pending_ones_never(pg_engine):
+    with pg_engine.begin() as conn:
+        conn.execute(delete(NOTIFICATIONS))
+    rows = [parse_notification(_note(_id=f"p{n}"), APP) for n in range(25)]
+    store_notifications(pg_engine, rows)
+    now = datetime.now(timezone.utc)
+    with pg_engine.begin() as conn:  # 10 applied 40 days ago, 5 applied today, 10 pending (stored long ago)
+        conn.execute(update(NOTIFICATIONS).values(stored_at=now - timedelta(days=60)))
+        conn.execute(update(NOTIFICATIONS).where(NOTIFICATIONS.c.id.in_([f"p{n}" for n in range(10)]))
+                     .values(processed_at=now - timedelta(days=40), outcome="synced"))
+        conn.execute(update(NOTIFICATIONS).where(NOTIFICATIONS.c.id.in_([f"p{n}" for n in range(10, 15)]))
+                     .values(processed_at=now, outcome="synced"))
+    assert prune_processed(pg_engine, now - timedelta(days=30), batch=3) == 10  # several batches
+    assert counts_by_outcome(pg_engine) == {"synced": 5, "pending": 10}
+    assert prune_processed(pg_engine, now - timedelta(days=30)) == 0

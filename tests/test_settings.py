@@ -78,6 +78,7 @@ VARIABLES: dict[str, tuple[str, str, object]] = {
     "MARKETPLACE_NOTIFICATIONS_IDLE_SECONDS": ("marketplace_notifications.idle_seconds", "10", 10.0),
     "MARKETPLACE_NOTIFICATIONS_EVENT_SECONDS": ("marketplace_notifications.event_seconds", "1", 1.0),
     "MARKETPLACE_NOTIFICATIONS_MAX_TRIES": ("marketplace_notifications.max_tries", "3", 3),
+    "MARKETPLACE_NOTIFICATIONS_RETENTION_DAYS": ("marketplace_notifications.retention_days", "7", 7.0),
     "PRODUCTS_QUEUE_BLOCK": ("products.queue_block", "other-queue", "other-queue"),
     "PRODUCTS_IN_PROCESS_MAX_ROWS": ("products.in_process_max_rows", "100", 100),
     "PRODUCTS_MIN_CHUNK_ROWS": ("products.min_chunk_rows", "500", 500),

@@ -143,6 +143,9 @@ class MarketplaceItem(Base):
     available_quantity: Mapped[int | None] = mapped_column(Integer)
     sold_quantity: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(40), default="")
+    # the API's `sub_status` list: an item the seller deleted is `closed` with sub_status ["deleted"] (kept here,
+    # never deleted: its orders still name it)
+    sub_status: Mapped[list | None] = mapped_column(JSON, default=list)
     last_updated: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     permalink: Mapped[str | None] = mapped_column(Text)
     seller_custom_field: Mapped[str | None] = mapped_column(String(120))

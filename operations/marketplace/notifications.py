@@ -29,12 +29,19 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Iterable
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 
 from operations.cancellation import StopCheck, never, raise_if_stopped
 from operations.infra.database import upsert_statement
-from operations.marketplace.client import ITEMS_DETAIL_BATCH, ORDERS_PAGE_LIMIT, MarketplaceClient, parse_time
+from operations.marketplace.client import (
+    ITEMS_DETAIL_BATCH,
+    ORDERS_PAGE_LIMIT,
+    MarketplaceClient,
+    PermanentAPIError,
+    parse_time,
+)
 from operations.marketplace.notification_models import MarketplaceNotification
+from operations.marketplace.reconcile import mark_gone
 from operations.marketplace.store import (
     AccountNeedsReauthorization,
     UpsertCounts,
@@ -44,7 +51,7 @@ from operations.marketplace.store import (
     upsert_orders,
     utc as _utc,
 )
-from operations.marketplace.sync import HOUR, AccountSession, SyncOptions, floor_hour
+from operations.marketplace.sync import HOUR, AccountSession, SyncOptions, floor_hour, refused_window
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +186,18 @@ def wait_for_window(engine: Engine, window_seconds: float, idle_seconds: float, 
     return False
 
 
+def due_by_account(pending: Iterable[Pending], window_seconds: float, now: datetime) -> list[Pending]:
+    """The notifications of the accounts whose oldest pending notification is `window_seconds` old: each
+    account's burst is coalesced over its own window (its first notification opens it), while the notifications
+    of accounts whose window is still open wait for a later round."""
+    pending = list(pending)
+    cutoff = now - timedelta(seconds=window_seconds)
+    oldest: dict[int, datetime] = {}
+    for note in pending:
+        oldest[note.user_id] = min(oldest.get(note.user_id, note.stored_at), note.stored_at)
+    return [note for note in pending if oldest[note.user_id] <= cutoff]
+
+
 def resource_id(topic: str, resource: str) -> int | str | None:
     """The order id (orders topics) or item id (items) a notification's resource names; None otherwise."""
     parts = [part for part in resource.split("?")[0].split("/") if part]
@@ -262,7 +281,14 @@ def sync_touched(
     session = AccountSession(engine, client, touched.seller_id, options, time.monotonic() + options.timeout_seconds,
                              should_stop)
     try:
-        found = _search_touched_orders(session, touched, result)
+        try:
+            found = _search_touched_orders(session, touched, result)
+        except PermanentAPIError as exc:
+            if not refused_window(exc):
+                raise
+            logger.warning("seller %s: the search of the touched orders' hours was refused (%s): one GET per order",
+                           touched.seller_id, exc)
+            found = set()
         for order_id in sorted(touched.order_ids - found):
             order = session.call(lambda t: client.get_order(t, order_id), "the next order")
             result.order_gets += 1
@@ -277,6 +303,7 @@ def sync_touched(
             result.item_multigets += 1
             result.items_missing += len(missing)
             result.items.add(upsert_items(engine, touched.seller_id, items))
+            mark_gone(engine, touched.seller_id, missing)  # no longer answered: marked as a deleted item is
     finally:
         result.requests, result.refreshes = client.stats.requests, client.stats.refreshes
     return result
@@ -317,6 +344,21 @@ def settle(engine: Engine, touched: Touched, outcome: str, detail: str = "") -> 
     mark(engine, [i for i in touched.notification_ids if i not in ignored and i not in bad], outcome, detail)
 
 
+def prune_processed(engine: Engine, older_than: datetime, batch: int = 10_000) -> int:
+    """Delete the notifications applied before `older_than` (pending ones are never deleted), `batch` rows per
+    transaction so that a large backlog never holds a long lock; returns how many were deleted. The range on
+    `processed_at` is served by the table's index that starts with it."""
+    c = NOTIFICATIONS.c
+    deleted = 0
+    while True:
+        oldest = select(c.id).where(c.processed_at < older_than).limit(batch).scalar_subquery()
+        with engine.begin() as conn:
+            count = conn.execute(delete(NOTIFICATIONS).where(c.id.in_(oldest))).rowcount
+        deleted += count
+        if count < batch:
+            return deleted
+
+
 def counts_by_outcome(engine: Engine) -> dict[str, int]:
     """Stored notifications by outcome (`pending` for those not applied yet)."""
     c = NOTIFICATIONS.c
@@ -345,6 +387,7 @@ class ConsumerTotals:
     failed: list[str] = field(default_factory=list)  # "seller: error" of the accounts whose round failed
     missed_read: int = 0
     missed_stored: int = 0
+    pruned: int = 0  # applied notifications older than MARKETPLACE_NOTIFICATIONS_RETENTION_DAYS deleted by the run
 
     def add_round(self, notifications: int, unknown_sellers: list[int], unknown_notifications: int,
                   inactive_notifications: int, results: list[dict[str, Any] | BaseException],
@@ -379,7 +422,8 @@ class ConsumerTotals:
             f"| items | {self.items.new:,} | {self.items.updated:,} | {self.items.unchanged:,} |\n\n"
             f"Unknown sellers ({self.unknown_notifications} notification(s), not errors): {unknown}. "
             f"Inactive accounts: {self.inactive_notifications} notification(s). "
-            f"Missed feeds read: {self.missed_read}, new: {self.missed_stored}.\n\nFailed accounts:{failed}\n"
+            f"Missed feeds read: {self.missed_read}, new: {self.missed_stored}. Applied notifications past their "
+            f"retention deleted: {self.pruned:,}.\n\nFailed accounts:{failed}\n"
         )
 
 
@@ -415,7 +459,8 @@ def store_missed_feeds(engine: Engine, client: MarketplaceClient, seller_id: int
 
 __all__ = [
     "AccountNeedsReauthorization", "BadNotification", "CALLBACK_PATH", "Pending", "Touched", "TouchedResult",
-    "counts_by_outcome", "mark", "mark_failed", "oldest_pending", "parse_notification", "pending_notifications",
+    "counts_by_outcome", "due_by_account", "mark", "mark_failed", "oldest_pending", "parse_notification",
+    "pending_notifications", "prune_processed",
     "resource_id", "settle", "split_known", "store_missed_feeds", "store_notifications", "sync_touched",
     "touched_by_account", "wait_for_window",
 ]

@@ -65,9 +65,18 @@ def account_line(report: dict) -> str:
     o, i = report["orders"], report["items"]
     return (
         f"{_label(report)}: orders {o['new']} new / {o['updated']} updated, items {i['new']} new / "
-        f"{i['updated']} updated, {report['requests']} requests ({report['retries']} retries) "
+        f"{i['updated']} updated{reconciled_note(report)}, {report['requests']} requests ({report['retries']} retries) "
         f"in {report['seconds']:.1f} s{gap_note}"
     )
+
+
+def reconciled_note(report: dict) -> str:
+    """What a full item read found beyond new and newer items (empty when nothing): stored items no longer
+    listed, no longer answered, or repaired under an equal stamp."""
+    parts = [f"{report.get(key, 0)} {text}" for key, text in (
+        ("items_unlisted", "no longer listed"), ("items_gone", "no longer answered (marked closed/deleted)"),
+        ("items_repaired", "repaired")) if report.get(key)]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _mismatches(report: dict) -> list[dict]:
@@ -175,7 +184,7 @@ def summary_markdown(reports: list[dict], resources: str, runner: str, seconds: 
 | items | {totals['items_new']:,} | {totals['items_updated']:,} |
 
 API requests: {totals['requests']:,} ({totals['retries']:,} retried).
-
+{_reconciled_line(reports)}
 ## Accounts not synced
 {problems or 'none'}
 
@@ -185,6 +194,16 @@ API requests: {totals['requests']:,} ({totals['retries']:,} retried).
 ## Gaps: hours not read whole (the checkpoint passed them; every later sync reads them again)
 {gap_lines or 'none'}
 """
+
+
+def _reconciled_line(reports: list[dict]) -> str:
+    """The item reconciliation's differences beyond new and newer items, summed (a line, or nothing)."""
+    total = {key: sum(r.get(key, 0) for r in reports) for key in ("items_unlisted", "items_gone", "items_repaired")}
+    if not any(total.values()):
+        return ""
+    return (f"\nItems reconciled: {total['items_unlisted']:,} stored item(s) no longer listed by the seller (read by "
+            f"id and stored as the API has them), {total['items_gone']:,} no longer answered (marked closed/deleted), "
+            f"{total['items_repaired']:,} repaired (fields differed under the same last_updated).\n")
 
 
 def _problem_lines(report: dict) -> str:

@@ -729,6 +729,7 @@ def item_row(seller_id: int, item: dict[str, Any], synced_at: datetime) -> dict[
         "available_quantity": _int(item.get("available_quantity")),
         "sold_quantity": _int(item.get("sold_quantity")),
         "status": str(item.get("status") or ""),
+        "sub_status": [str(part) for part in item.get("sub_status") or []],
         "last_updated": parse_time(item.get("last_updated")) or synced_at,
         "permalink": item.get("permalink"),
         "seller_custom_field": item.get("seller_custom_field"),

@@ -37,8 +37,10 @@ from operations.marketplace.client import (
     ORDER_STATUSES,
     ORDERS_PAGE_LIMIT,
     InvalidAccessToken,
+    InvalidGrant,
     MarketplaceClient,
     MarketplaceError,
+    PermanentAPIError,
     ScrollExpired,
     TransientAPIError,
 )
@@ -61,9 +63,11 @@ from operations.marketplace.store import (
     record_gap,
     record_sync,
     refresh_tokens,
+    item_row,
     upsert_items,
     upsert_orders,
 )
+from operations.marketplace.reconcile import differing, mark_gone, repair, stored_items, unlisted_ids
 
 T = TypeVar("T")
 HOUR = timedelta(hours=1)
@@ -96,6 +100,7 @@ class SyncOptions:
     token_margin: timedelta = timedelta(minutes=3)  # refresh only an access token expiring within this
     window_rereads: int = 3  # re-reads of a window whose total moved while it was paged
     scan_restarts: int = 3  # items scans restarted after an expired scroll_id
+    bad_window_retries: int = 3  # later syncs that try again a window the API refused with a 400
     # False (MARKETPLACE_NOTIFICATIONS on): a sync of `both` reads no items, changed items come from notifications
     # and the daily reconciliation; a sync asked for `items` alone still reads them all
     items_scan: bool = True
@@ -157,6 +162,15 @@ def resync_start(day: str | date | None, now: datetime) -> datetime | None:
     return start
 
 
+REFUSED_PREFIX = "refused by the API (400):"  # the reason of a gap recorded for a window the API refused
+
+
+def refused_window(exc: PermanentAPIError) -> bool:
+    """A 400 answer to an order search: the window's request is refused for good (retrying it at once cannot
+    help); 401/403/404 and token errors are not a window's fault."""
+    return exc.status == 400 and not isinstance(exc, (InvalidGrant, ScrollExpired))
+
+
 class SyncTimeout(MarketplaceError):
     """The account's sync ran out of its time; its checkpoints keep what was committed."""
 
@@ -208,6 +222,9 @@ class AccountSyncResult:
     orders: UpsertCounts = field(default_factory=UpsertCounts)
     items: UpsertCounts = field(default_factory=UpsertCounts)
     items_missing: int = 0
+    items_unlisted: int = 0  # stored items the seller's search no longer lists (read by id: deleted ones come back closed)
+    items_gone: int = 0  # stored items the API no longer answers at all, marked closed / deleted here
+    items_repaired: int = 0  # stored items whose fields differed from the API's under the same last_updated
     order_pages: int = 0
     item_pages: int = 0
     requests: int = 0
@@ -456,6 +473,14 @@ def _read_window(
         total = _read_slice(session, result, OrderSlice(start, stop), options, out, cut_updates=False)
     except _TooWide:
         return None
+    except PermanentAPIError as exc:
+        if not refused_window(exc):
+            raise
+        # the API refuses this window for good: what was read is kept, the window becomes a gap the checkpoint
+        # passes (later syncs try it again up to BAD_WINDOW_RETRIES times), and the account goes on
+        out.gaps.append((start, stop, f"{REFUSED_PREFIX} updated {start:%Y-%m-%d %H:%M}..{stop:%Y-%m-%d %H:%M} "
+                                      f"UTC: {exc}"))
+        total = len(out.seen)
     report = WindowReport(start, stop, api_total=total, rows_read=len(out.seen), pages=out.pages,
                           rereads=out.rereads)
     return report, out.gaps
@@ -471,6 +496,8 @@ def _note_gaps(session: AccountSession, result: AccountSyncResult, gaps: list[tu
 def _retry_gaps(session: AccountSession, result: AccountSyncResult, options: SyncOptions) -> None:
     """Read again the hours earlier syncs recorded as gaps; an hour read whole closes its gap."""
     for gap in open_gaps(session.engine, session.seller_id, "orders"):
+        if gap.reason.startswith(REFUSED_PREFIX) and gap.attempts > options.bad_window_retries:
+            continue  # refused on every try: kept open for the operator (`marketplace_accounts gaps`), not retried
         read = _read_window(session, result, gap.start, gap.stop, options)
         if read is None:  # gaps are hours or less: cannot happen
             continue
@@ -544,23 +571,39 @@ def _item_ids(session: AccountSession, result: AccountSyncResult) -> list[str]:
 
 
 def _sync_items(session: AccountSession, result: AccountSyncResult) -> None:
+    """Every item of the seller read and stored: the listed ids and, to reconcile, the stored ids no longer
+    listed (deleted on the marketplace); differences under an equal stamp repaired (operations/marketplace/
+    reconcile.py), ids the API no longer answers marked closed / deleted."""
     started = now_utc()
     client, seller, engine = session.client, session.seller_id, session.engine
+    stored = stored_items(engine, seller)
     ids = _item_ids(session, result)
+    unlisted = unlisted_ids(stored, ids)
+    result.items_unlisted += len(unlisted)
+    ids += unlisted
     buffer: list[dict[str, Any]] = []
+    gone: list[str] = []
+
+    def store() -> None:
+        result.items.add(upsert_items(engine, seller, buffer))
+        result.items_repaired += repair(engine, seller, differing(stored, (item_row(seller, i, started) for i in buffer
+                                                                             if str(i["id"]) in stored)))
+        buffer.clear()
+
     try:
         for i in range(0, len(ids), ITEMS_DETAIL_BATCH):
             batch = ids[i : i + ITEMS_DETAIL_BATCH]
             found, missing = session.call(lambda t: client.get_items(t, batch), "the next batch of item details")
             result.items_missing += len(missing)
+            gone += [item_id for item_id in missing if item_id in stored]
             buffer.extend(found)
             if len(buffer) >= 100:
-                result.items.add(upsert_items(engine, seller, buffer))
-                buffer = []
+                store()
     except Cancelled:
-        result.items.add(upsert_items(engine, seller, buffer))  # details already read are kept
+        store()  # details already read are kept
         raise
-    result.items.add(upsert_items(engine, seller, buffer))
+    store()
+    result.items_gone += mark_gone(engine, seller, gone)
     advance_checkpoint(engine, seller, "items", started)
 
 
