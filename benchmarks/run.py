@@ -21,6 +21,8 @@
    `--products-large-rows 1000000` adds a run of a larger file (time and memory).
 5. Turnstiles (benchmarks/registration.py): 10,000 participants x 10 emulated turnstiles at 50 ms per request, on
    threads and on Dask, against the floor and against the seed's one request per pair; then all cached.
+   Turnstile scenarios (benchmarks/turnstile_scenarios.py): group moves, a wiped device, a card swap and a lost
+   250-object answer, each with its requests per turnstile and whether every turnstile ends exact.
 6. Prefect API (benchmarks/prefect_api.py): 1, 5 and 20 client threads creating flow runs through the REST API
    for --prefect-api-seconds, on the stack's server beside a plain `prefect server start` (same PostgreSQL,
    alternating rounds), then on SQLite. Targets: no failure at 20 clients on PostgreSQL; >= 0.8 x the plain rate.
@@ -239,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turnstile-latency-ms", type=float, default=50.0)
     parser.add_argument("--turnstile-seed-participants", type=int, default=300,
                         help="participants the seed's approach registers (its rate is compared)")
+    parser.add_argument("--skip-turnstile-scenarios", action="store_true")
+    parser.add_argument("--turnstile-scenario-participants", type=int, default=300)
+    parser.add_argument("--turnstile-scenario-devices", type=int, default=3)
     parser.add_argument("--skip-prefect-api", action="store_true")
     parser.add_argument("--prefect-api-seconds", type=float, default=15.0,
                         help="how long each number of REST clients creates flow runs, per database")
@@ -297,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             args.turnstile_participants, args.turnstile_devices, args.turnstile_latency_ms,
             args.turnstile_seed_participants,
         ))
+    if not args.skip_turnstile_scenarios:
+        from benchmarks.turnstile_scenarios import bench_turnstile_scenarios, print_turnstile_scenarios
+
+        print_turnstile_scenarios(bench_turnstile_scenarios(args.turnstile_scenario_participants,
+                                                            args.turnstile_scenario_devices))
     if not args.skip_prefect_api:
         from benchmarks.prefect_api import bench_prefect_api, print_prefect_api
 

@@ -1,7 +1,8 @@
 """Turnstiles (TurnstileDevice blocks) from the shell.
 
     python -m deployments.turnstile_devices load FILE   # .csv/.xlsx: name, base_url, login, password
-                                                 # [, max_concurrent_requests, requests_per_second]
+                                                 # [, max_concurrent_requests, requests_per_second,
+                                                 #  managed_groups: group ids, "1, 2, 5"]
     python -m deployments.turnstile_devices list
 
 Saves the blocks on the Prefect server of PREFECT_API_URL (or the local stack's); an existing block of the same
@@ -44,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             print(exc)
             return 0
         for name, device in devices.items():
+            groups = ", ".join(map(str, device.managed_groups)) or "those the file names"
             print(f"{name:30} {device.base_url:40} {device.max_concurrent_requests} at once, "
-                  f"{device.requests_per_second:g}/s")
+                  f"{device.requests_per_second:g}/s, managed groups: {groups}")
         return 0
     try:
         specs = read_devices_file(args.file)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     TurnstileDevice.register_type_and_schema()
     for spec in specs:
         fields = {"max_concurrent_requests": spec.max_concurrent_requests,
-                  "requests_per_second": spec.requests_per_second}
+                  "requests_per_second": spec.requests_per_second,
+                  "managed_groups": list(spec.managed_groups) or None}
         TurnstileDevice(
             base_url=spec.base_url, login=spec.login, password=spec.password,
             **{name: value for name, value in fields.items() if value is not None},

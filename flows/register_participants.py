@@ -18,7 +18,6 @@ cancel and ends Cancelled.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -69,7 +68,7 @@ from tasks.registration import (
     register_on_turnstile,
 )
 
-LIMIT_THREADS = 4  # API clients creating or reading the turnstiles' concurrency limits at once
+LIMITS_PAGE = 200  # global concurrency limits read per request
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
 
 FILE_PATTERN = r"^$|" + READ_FILE_PATTERN  # .xlsx, .xls, .ods or .csv; empty: PARTICIPANTS_FILE
@@ -107,16 +106,20 @@ def _device_block(document) -> TurnstileDevice:
 
 
 def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
-    """Each device's global concurrency limit, created or updated from its block (max concurrent requests), a
-    few at once (each is a read, and a write only when it differs)."""
-    def upsert(items: list[tuple[str, TurnstileDevice]]) -> None:
-        with get_client(sync_client=True) as client:
-            for name, device in items:
-                upsert_concurrency_limit(client, device_limit_name(name), device.max_concurrent_requests)
-
-    items = list(devices.items())
-    with ThreadPoolExecutor(LIMIT_THREADS) as pool:
-        list(pool.map(upsert, [items[i::LIMIT_THREADS] for i in range(min(LIMIT_THREADS, len(items)))]))
+    """Each device's global concurrency limit, created or updated from its block (max concurrent requests): one
+    read of every limit, then a write only for those missing or different (none on most runs)."""
+    wanted = {device_limit_name(name): device.max_concurrent_requests for name, device in devices.items()}
+    with get_client(sync_client=True) as client:
+        existing, offset = {}, 0
+        while True:
+            page = client.read_global_concurrency_limits(limit=LIMITS_PAGE, offset=offset)
+            existing.update((limit.name, limit.limit) for limit in page)
+            if len(page) < LIMITS_PAGE:
+                break
+            offset += LIMITS_PAGE
+        for name, slots in wanted.items():
+            if existing.get(name) != slots:
+                upsert_concurrency_limit(client, name, slots)
 
 
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:
@@ -147,12 +150,12 @@ def finish_progress(cache: TurnstileCache, progress: RunProgress) -> None:
 
 
 def register_everywhere(
-    devices: dict[str, TurnstileDevice], people: ParticipantsFile, cache: TurnstileCache,
+    devices: dict[str, TurnstileDevice], people: Participants, cache: TurnstileCache,
     options: dict[str, RegistrationOptions], progress: RunProgress, settings: Settings,
 ) -> dict[str, dict]:
     """One task per turnstile on TURNSTILES_TASK_RUNNER, waiting for every one; each turnstile's report, a
     failed one's saying why; `options`: each turnstile's. The participants travel as one opaque object, read
-    once by the flow. A SIGTERM interrupting the wait gives the tasks (which stop at their next batch)
+    once by the flow (and their fingerprints and user ids worked out once per process). A SIGTERM interrupting the wait gives the tasks (which stop at their next batch)
     STOP_WAIT_SECONDS to report."""
     task = with_retries(register_on_turnstile, settings.turnstiles.task_retries)
     runner = io_task_runner(settings, max(1, min(settings.turnstiles.concurrency, len(devices))),
@@ -160,7 +163,7 @@ def register_everywhere(
     with runner:
         futures = runner.map(task, {
             "device_name": list(devices), "device": list(devices.values()),
-            "participants": unmapped(Participants(people.participants)), "cache_block": unmapped(cache),
+            "participants": unmapped(people), "cache_block": unmapped(cache),
             "options": [options[name] for name in devices], "progress": unmapped(progress),
         })
         try:
@@ -173,7 +176,7 @@ def register_everywhere(
     return {
         name: outcome if isinstance(outcome, dict)
         else outcome.report.to_json() if isinstance(outcome, DeviceFailed)
-        else DeviceReport(name, participants=len(people.participants), status="failed", error=str(outcome)).to_json()
+        else DeviceReport(name, participants=len(people), status="failed", error=str(outcome)).to_json()
         for name, outcome in zip(devices, outcomes)
     }
 
@@ -197,7 +200,7 @@ def register_where_needed(
         ensure_device_limits(busy)
         progress = run_progress(cache, run_id, len(people.participants) * len(busy), file_name)
         try:
-            reports = register_everywhere(busy, people, cache, work, progress, settings)
+            reports = register_everywhere(busy, participants, cache, work, progress, settings)
         finally:
             finish_progress(cache, progress)
     return with_checks(list(devices), reports, checks)

@@ -113,7 +113,11 @@ class _StatePoller:
         self._stopped = False
 
     def stopped(self) -> bool:
-        with self._lock:
+        if self._stopped or time.monotonic() - self._checked_at < self.interval:
+            return self._stopped
+        if not self._lock.acquire(blocking=False):  # another thread is asking the API: its last answer stands
+            return self._stopped
+        try:
             if self._stopped or time.monotonic() - self._checked_at < self.interval:
                 return self._stopped
             self._checked_at = time.monotonic()
@@ -125,6 +129,8 @@ class _StatePoller:
                 return False
             self._stopped = state is not None and state.type in STOPPED_STATES
             return self._stopped
+        finally:
+            self._lock.release()
 
 
 def current_flow_run_id() -> UUID | None:

@@ -23,8 +23,13 @@ from blocks.turnstile_device import TurnstileCache, TurnstileDevice
 from operations.events import TURNSTILE_RESET_DETECTED, TURNSTILE_UNREACHABLE
 from operations.infra.http import RequestPacer
 from operations.turnstiles.identity import check_devices
-from operations.turnstiles.participants import Participant
-from operations.turnstiles.registration import DeviceFailed, DeviceTally, RegistrationOptions, register_on_device
+from operations.turnstiles.registration import (
+    DeviceFailed,
+    DeviceTally,
+    RegistrationOptions,
+    Roster,
+    register_on_device,
+)
 from tasks.attempts import attempt_tally, release_tally
 from tasks.cancellation import run_stop_check
 from tasks.events import emit
@@ -39,24 +44,7 @@ def device_limit_name(device: str) -> str:
     return f"turnstile:{device}"
 
 
-class Participants:
-    """The run's participants as one opaque task parameter: Prefect walks lists, dataclasses and models given to
-    a task looking for futures, which for 10,000 participants costs ~0.8 s per task; it does not look inside a
-    plain object."""
-
-    __slots__ = ("items",)
-
-    def __init__(self, items: list[Participant]):
-        self.items = items
-
-    def __getstate__(self) -> list[Participant]:
-        return self.items
-
-    def __setstate__(self, items: list[Participant]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
+Participants = Roster  # the run's participants as one opaque task parameter, shared by its device tasks
 
 
 @dataclass(frozen=True)
@@ -93,7 +81,9 @@ class _Reporter:
                 "%s: %d/%d (%.1f%%)", self.device, self.settled, self.participants,
                 100.0 * self.settled / max(1, self.participants),
             )
-            if self.progress.artifact_id is not None:
+            # one artifact update per PROGRESS_EVERY_SECONDS for the whole run, by whichever device comes first
+            if self.progress.artifact_id is not None and self.redis.set(
+                    f"{self.progress.counter_key}:shown", 1, nx=True, px=int(PROGRESS_EVERY_SECONDS * 1000)):
                 update_progress_artifact(self.progress.artifact_id, 100.0 * run_settled / max(1, self.progress.total))
 
 
@@ -126,7 +116,7 @@ def register_on_turnstile(
     limit, tally = device_limit_name(device_name), attempt_tally(DeviceTally)
     try:
         report = register_on_device(
-            client, device_name, participants.items, cache_block.cache(),
+            client, device_name, participants, cache_block.cache(),
             replace(options, concurrency=slots, managed_groups=tuple(device.managed_groups) or options.managed_groups),
             progress=_Reporter(device_name, len(participants), progress, cache_block, tally),
             device_slot=lambda: held_slot(limit, logger, what=f"slot of turnstile {device_name}", occupy=slots,
@@ -163,7 +153,7 @@ def check_turnstiles(
     (not in a dry run)."""
     logger = get_run_logger()
     checks = check_devices({name: (lambda d=device, n=name: d.client(n)) for name, device in devices.items()},
-                           cache_block.cache(), participants.items, dry_run=dry_run)
+                           cache_block.cache(), participants, dry_run=dry_run)
     for name, check in checks.items():
         if check.reset:
             logger.warning("%s: reset or replaced, its cache is not trusted: %s; %s", name, check.reset,

@@ -1,4 +1,9 @@
-"""The turnstiles of a devices file (.csv or .xlsx), for loading many TurnstileDevice blocks at once."""
+"""The turnstiles of a devices file (.csv or .xlsx), for loading many TurnstileDevice blocks at once.
+
+Columns: name, base_url, login, password, and optionally max_concurrent_requests, requests_per_second and
+managed_groups (the group ids whose links follow the participants file on that device, separated by commas,
+semicolons or spaces: `1, 2, 5`; empty: every group the participants file names).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,12 @@ DEVICE_COLUMNS = {
     "password": ("password", "senha"),
     "max_concurrent_requests": ("max_concurrent_requests", "concurrency", "concorrencia"),
     "requests_per_second": ("requests_per_second", "rate", "requisicoes_por_segundo"),
+    "managed_groups": ("managed_groups", "groups", "grupos_gerenciados", "grupos"),
 }
 BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,119}$")  # Prefect block names: lower case, digits, dashes
+GROUP_SEPARATORS = re.compile(r"[,;\s]+")
+MAX_GROUP_ID = 2**63 - 1  # the device's SQLite integer
+MAX_MANAGED_GROUPS = 1000  # as the block's field
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class DeviceSpec:
     password: SecretStr
     max_concurrent_requests: int | None
     requests_per_second: float | None
+    managed_groups: tuple[int, ...] = ()
 
 
 def read_devices_file(path: Path) -> list[DeviceSpec]:
@@ -60,5 +70,28 @@ def read_devices_file(path: Path) -> list[DeviceSpec]:
             devices[value["name"]] = DeviceSpec(
                 value["name"], value["base_url"], value.get("login") or "admin", SecretStr(value["password"]),
                 concurrency, float(rate) if rate is not None else None,
+                _group_ids(cells[at["managed_groups"]] if "managed_groups" in at and at["managed_groups"] < len(cells)
+                           else None, f"{where}, column managed_groups"),
             )
     return list(devices.values())
+
+
+def _group_ids(cell: object, where: str) -> tuple[int, ...]:
+    """A cell of group ids (a number, or whole numbers separated by commas, semicolons or spaces), in order and
+    without repeats; () when empty."""
+    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
+        parts: list[object] = [cell]
+    else:
+        text = cell_text(cell) if cell is not None else ""
+        parts = [part for part in GROUP_SEPARATORS.split(text) if part]
+    ids = []
+    for part in parts:
+        group = parse_whole(part)
+        if group is None or not 1 <= group <= MAX_GROUP_ID:
+            raise ValueError(f"{where}: {cell_text(part) if not isinstance(part, str) else part!r} is not a group "
+                             "id (whole numbers from 1, separated by commas, semicolons or spaces)")
+        ids.append(group)
+    ids = list(dict.fromkeys(ids))
+    if len(ids) > MAX_MANAGED_GROUPS:
+        raise ValueError(f"{where}: {len(ids)} groups, at most {MAX_MANAGED_GROUPS}")
+    return tuple(ids)

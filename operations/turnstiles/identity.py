@@ -27,7 +27,7 @@ from typing import Any, Callable
 from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient, DeviceError, DeviceRefused
 from operations.turnstiles.participants import Participant
-from operations.turnstiles.registration import DeviceReport, RegistrationOptions
+from operations.turnstiles.registration import DeviceReport, RegistrationOptions, Roster
 
 SAMPLE_SIZE = 8  # cached participants read back per turnstile and run (one request: ids in one `where` list)
 
@@ -112,10 +112,11 @@ def check_device(client: ControlIdClient, device: str, cache: RegistrationCache,
 
 
 def check_devices(clients: dict[str, Callable[[], ControlIdClient]], cache: RegistrationCache,
-                  participants: list[Participant], dry_run: bool = False) -> dict[str, DeviceCheck]:
+                  participants: list[Participant] | Roster, dry_run: bool = False) -> dict[str, DeviceCheck]:
     """`check_device` on every turnstile at once (one thread each, the checks are a few reads); `clients`:
-    turnstile name -> a function building its client."""
-    fingerprints = {p.registration: p.fingerprint() for p in participants}
+    turnstile name -> a function building its client; `participants`: a list or the run's `Roster` (whose
+    fingerprints the device work reuses)."""
+    fingerprints = (participants if isinstance(participants, Roster) else Roster(participants)).fingerprints()
     if not clients:
         return {}
     def check(name: str, make: Callable[[], ControlIdClient]) -> DeviceCheck:

@@ -19,6 +19,8 @@ from datetime import date, datetime, time
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
+
 from operations.errors import UserError
 from operations.infra.tabular import cell_text, is_blank, open_records, parse_whole, read_header
 
@@ -63,7 +65,10 @@ class Participant:
         """16 hex characters that change exactly when what a device must hold changes (not the row number), so
         that a participant already written with the same data need not be written again."""
         data = [self.registration, self.name, self.card, self.group, self.begin, self.end]
-        encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        try:  # orjson writes the same bytes as json.dumps(ensure_ascii=False, compact), ~5x faster
+            encoded = orjson.dumps(data)
+        except orjson.JSONEncodeError:  # a lone surrogate, which the json module passes through
+            encoded = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
         return hashlib.blake2b(encoded, digest_size=8).hexdigest()
 
 
