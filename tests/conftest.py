@@ -307,7 +307,7 @@ def deployed_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if k not in ("DASK_SCHEDULER_ADDRESS", "MARKETPLACE_API_URL", "TURNSTILE_EMULATOR_DEVICES")}
     env.update(settings_env, PREFECT_API_URL=prefect_api_url, PREFECT_WORKER_QUERY_SECONDS="1")
-    up = stack_command(env, "up")
+    up = stack_command(env, "up", timeout=600)  # minutes on a machine shared with other work
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         pause_scheduled_deployments(prefect_api_url)
