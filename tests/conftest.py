@@ -102,13 +102,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # `make test` runs the suite on two xdist workers (`-n 2 --dist loadgroup`), each with services of its own
 # (pytest_configure). A module runs whole on one worker, so its module fixtures start once. The modules that use
-# `deployed_stack` form two groups (STACK_GROUPS), one per worker when both are free, each worker bringing up its
-# own stack once: a module using it must be named there (the run stops at collection otherwise). The longest
-# groups start first, so that the last one to start is short and both workers finish close together (durations
-# of `make test`; a module not named in LONGEST_FIRST starts after those named).
+# `deployed_stack` form one group (STACK_GROUPS), run by one worker, which brings the stack up once for all of
+# them: a second stack would cost its own `up` (a deploy, a worker, emulators, receivers, a watcher) on the same
+# two cores, and the suite is CPU-bound. A module using it must be named there (the run stops at collection
+# otherwise). The longest groups start first, so that the last one to start is short and both workers finish
+# close together (durations of `make test`; a module not named in LONGEST_FIRST starts after those named).
 STACK_GROUPS = {
-    "deployed-stack-runs": ("test_deployments_e2e", "test_browser_ui"),
-    "deployed-stack-operator": ("test_operator_commands", "test_inbox_e2e", "test_automations"),
+    "deployed-stack": ("test_automations", "test_browser_ui", "test_deployments_e2e", "test_inbox_e2e",
+                       "test_operator_commands"),
 }
 STACK_MODULES = {module: group for group, modules in STACK_GROUPS.items() for module in modules}
 LONGEST_FIRST = (
@@ -151,7 +152,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                        and group_of(item.nodeid) not in STACK_GROUPS})
     if unlisted:
         raise pytest.UsageError(f"{', '.join(unlisted)} use deployed_stack: add them to STACK_GROUPS in "
-                                "tests/conftest.py, so that each worker brings its stack up at most once")
+                                "tests/conftest.py, so that one worker brings the stack up, once")
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(group_of(item.nodeid), len(rank)))  # stable: each module in order
 
@@ -224,12 +225,14 @@ def output_env():
 
 
 # What the worker of `deployed_stack` runs its flow runs with, beyond the session's services: small chunks, so that
-# a short generation run still has many to cancel between; the schedules paused, the default, whatever a
-# developer's .env says.
+# a short generation run still has many to cancel between; small runs on a LocalCluster of one process (each Dask
+# worker process imports Prefect and the flows: seconds of CPU that a second one would double); the schedules
+# paused, the default, whatever a developer's .env says.
 STACK_WORKER_SETTINGS = {
-    "IN_PROCESS_MAX_QUANTITY": "20000",
+    "IN_PROCESS_MAX_QUANTITY": "10000",
     "MIN_GAMES_PER_CHUNK": "1000",
-    "MAX_GAMES_PER_CHUNK": "5000",
+    "MAX_GAMES_PER_CHUNK": "2500",
+    "DASK_N_WORKERS": "1",
     "STACK_SCHEDULES": "off",
 }
 # Started by `stack up` on the session's services; the others show "not used: <setting> is set".
@@ -261,12 +264,30 @@ class DeployedStack:
     # that names each one
 
 
+def pause_scheduled_deployments(api_url: str) -> list[str]:
+    """Pause the deployments whose schedules `up` left active (the always-scheduled relay), their schedules
+    left active: the server's scheduler then makes no run of them (a run a minute, each a process of the worker
+    that imports Prefect and the flows: seconds of CPU on two busy cores), while a run started over REST still
+    runs and every schedule reads as `up` set it. Returns their names."""
+    import httpx
+
+    deployments = httpx.post(f"{api_url}/deployments/filter", json={}, timeout=30).json()
+    paused = []
+    for deployment in deployments:
+        if any(schedule["active"] for schedule in deployment["schedules"]):
+            response = httpx.post(f"{api_url}/deployments/{deployment['id']}/pause_deployment", timeout=30)
+            assert response.status_code in (200, 204), response.text
+            paused.append(deployment["name"])
+    return paused
+
+
 @pytest.fixture(scope="session")
 def deployed_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     """`python -m deployments.stack up` once, in a shell whose DATABASE_URL, REDIS_URL, PREFECT_API_URL and
     OUTPUT_BASE_URL name the session's services: it starts the marketplace and turnstile emulators and the worker,
-    migrates the database, saves the blocks and deploys prefect.yaml. The worker's flow runs write under a folder
-    of their own, served by the session's file server. `down` at the end stops what `up` started, in reverse
+    migrates the database, saves the blocks and deploys prefect.yaml. The deployments it left scheduled are paused
+    (`pause_scheduled_deployments`). The worker's flow runs write under a folder of their own, served by the
+    session's file server. `down` at the end stops what `up` started, in reverse
     order, and nothing of the session's."""
     from operations.settings import Settings
 
@@ -281,14 +302,15 @@ def deployed_stack(prefect_api_url, redis_url, database_url, tmp_path_factory):
     settings_env = {"MARKETPLACE_TOKEN_KEY": token_key, **served_output(f"stack-{root.name}"),
                     "DATA_DIR": str(root / "data"), "REDIS_URL": redis_url,
                     "DATABASE_URL": database_url, **STACK_WORKER_SETTINGS,
-                    # ports of their own: the other worker's stack may be starting at the same moment
+                    # ports of their own: other stacks may run on the same machine
                     "NOTIFICATION_RECEIVER_PORT": str(free_port()), "MARKETPLACE_RECEIVER_PORT": str(free_port())}
     env = {k: v for k, v in os.environ.items()
            if k not in ("DASK_SCHEDULER_ADDRESS", "MARKETPLACE_API_URL", "TURNSTILE_EMULATOR_DEVICES")}
     env.update(settings_env, PREFECT_API_URL=prefect_api_url, PREFECT_WORKER_QUERY_SECONDS="1")
-    up = stack_command(env, "up")
+    up = stack_command(env, "up", timeout=600)  # minutes on a machine shared with other work
     try:
         assert up.returncode == 0, up.stdout + up.stderr
+        pause_scheduled_deployments(prefect_api_url)
         yield DeployedStack(env, up.stdout, prefect_api_url, Settings.from_env(settings_env))
     finally:
         down = stack_command(env, "down")

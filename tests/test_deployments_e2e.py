@@ -297,14 +297,36 @@ RUN_CHECKS = {
 }
 
 
+@dataclass(frozen=True)
+class OnDemandRun:
+    run_key: str
+    parameters: dict
+    started: dict  # the flow run the first request created
+    again: dict  # what the same request with the same idempotency key returned
+
+
+@pytest.fixture(scope="module")
+def on_demand_runs(operator_stack) -> dict[str, OnDemandRun]:
+    """A small run of each on-demand deployment, all started at once over REST, each request sent twice with
+    the same idempotency key: the worker runs them side by side, so the tests below wait for the slowest run,
+    not for the sum of them all (each run is a process of its own, whose start-up is mostly waiting)."""
+    client, runs = operator_stack.client, {}
+    for flow_name in sorted(SMALL_RUN_PARAMETERS):
+        deployment = _deployment(client, f"{flow_name}/on-demand")
+        run_key = f"rest-{uuid.uuid4().hex[:6]}"
+        parameters = SMALL_RUN_PARAMETERS[flow_name](run_key, operator_stack)
+        started = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
+        again = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
+        runs[flow_name] = OnDemandRun(run_key, parameters, started, again)
+    return runs
+
+
 @pytest.mark.parametrize("flow_name", sorted(SMALL_RUN_PARAMETERS))
-def test_on_demand_run_started_through_the_rest_api_completes_with_artifacts(operator_stack, flow_name):
+def test_on_demand_run_started_through_the_rest_api_completes_with_artifacts(operator_stack, on_demand_runs,
+                                                                             flow_name):
     client = operator_stack.client
-    deployment = _deployment(client, f"{flow_name}/on-demand")
-    run_key = f"rest-{uuid.uuid4().hex[:6]}"
-    parameters = SMALL_RUN_PARAMETERS[flow_name](run_key, operator_stack)
-    started = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
-    again = _start(client, deployment["id"], parameters, idempotency_key=f"order-{run_key}")
+    run_key, parameters, started, again = (getattr(on_demand_runs[flow_name], name)
+                                           for name in ("run_key", "parameters", "started", "again"))
     assert again["id"] == started["id"], "the idempotency key must return the same flow run"
 
     run = _wait(client, started["id"])
@@ -445,7 +467,8 @@ def test_a_scheduled_and_an_on_demand_generation_run_take_turns(operator_stack):
     for deployment in (scheduled, on_demand):
         key = f"turns-{uuid.uuid4().hex[:6]}"
         # the smallest run on a LocalCluster (IN_PROCESS_MAX_QUANTITY), whose start-up the slot covers too
-        runs.append(_start(client, deployment["id"], {"quantity": 20_000, "run_key": key}, key))
+        quantity = operator_stack.settings.lottery.in_process_max_quantity
+        runs.append(_start(client, deployment["id"], {"quantity": quantity, "run_key": key}, key))
     done = [_wait(client, run["id"]) for run in runs]
     assert [d["state_type"] for d in done] == ["COMPLETED", "COMPLETED"], [d["state"] for d in done]
     assert {d["deployment_id"] for d in done} == {scheduled["id"], on_demand["id"]}
@@ -466,7 +489,7 @@ def test_a_cancelled_run_stops_its_tasks_and_a_rerun_resumes_it(operator_stack):
     client, settings = operator_stack
     deployment = _deployment(client, "generate-games/on-demand")
     run_key = f"cancel-{uuid.uuid4().hex[:6]}"
-    quantity, chunks = 80_000, 16  # chunks of MAX_GAMES_PER_CHUNK, two spreadsheet files
+    quantity, chunks = 40_000, 16  # chunks of MAX_GAMES_PER_CHUNK, one spreadsheet file
     counter = RedisGameCounter.load(settings.lottery.counter_block_name).counter(run_key)
     for chunk in range(chunks - 10, chunks):  # the last chunks fail twice first (retried after 1 s and 4 s, with
         counter.inject_faults(chunk, 2)  # jitter): the run cannot finish before the cancel lands, even on a busy

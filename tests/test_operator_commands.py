@@ -1,7 +1,9 @@
 """The operator's commands as they are typed: `python -m deployments.stack up` (the session's `deployed_stack`,
 then once more here), `status` (and on an empty data folder), `python -m deployments.start_run` against the
 stack, the account, dealer and turnstile commands, and `make samples`, `make onboard` and the `make run`
-commands they print. The session's `down` of that stack is checked in conftest.py."""
+commands they print. The session's `down` of that stack is checked in conftest.py. Each command runs at least
+once as it is typed (a process of its own); its repeats, listings and refusals run through the same `main` in this
+process (`_in_process`), sparing a Python start that imports Prefect (seconds of CPU) each."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -42,6 +45,46 @@ def _shell(env: dict, command: str, timeout: float = 300) -> subprocess.Complete
     """A command line as an operator pastes it into a shell in the project folder (`make ...`)."""
     return subprocess.run(command, shell=True, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _in_process(env: dict, module: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` run in this process, in the shell `env`: the module's own `main`, its exit
+    code and what it printed, without the seconds of CPU a new Python process spends importing Prefect. For the
+    repeats and refusals of a command whose typed form (`_command`, `_shell`) is run at least once too. Not
+    thread-safe (it swaps this process's environment): never inside `_together`."""
+    import contextlib
+    import importlib
+    import io
+
+    from operations.settings import get_settings
+
+    saved, out, err = dict(os.environ), io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    get_settings.cache_clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                _stdin(io.StringIO(stdin)):
+            try:
+                code = importlib.import_module(module).main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+    return subprocess.CompletedProcess([module, *args], code or 0, out.getvalue(), err.getvalue())
+
+
+@contextmanager
+def _stdin(stream):
+    saved, sys.stdin = sys.stdin, stream
+    try:
+        yield
+    finally:
+        sys.stdin = saved
 
 
 def _together(*calls):
@@ -101,12 +144,12 @@ def test_stack_up_twice_status_start_run_and_commands(deployed_stack, operator_e
         assert re.search(rf"^{service}:\s+not running \(not used: {variable} is set\); log /\S+\.log$",
                          status, re.M), status
 
-    refused, misspelt, started = _together(
-        lambda: _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0"),
+    misspelt, started = _together(
         lambda: _shell(operator_env, 'make -s run DEPLOYMENT=generate-games/on-demand PARAMS="quantiy=100"'),
         lambda: _command(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=3000",
                          "run_key=from-the-shell"),
     )
+    refused = _in_process(operator_env, "deployments.start_run", "generate-games/on-demand", "quantity=0")
     assert refused.returncode == 2 and "Validation failed for field 'quantity'" in refused.stderr, refused.stderr
     assert misspelt.returncode != 0 and "refused by the server (409)" in misspelt.stderr, misspelt.stderr
     assert "'quantiy' was unexpected" in misspelt.stderr, misspelt.stderr
@@ -130,7 +173,7 @@ def test_stack_up_twice_status_start_run_and_commands(deployed_stack, operator_e
     _dealers_and_turnstiles_from_the_shell(operator_env, first, api)
     run = _wait_run(api, sync_run_id)
     assert run["state_type"] == "COMPLETED", run["state"]
-    listing = _command(operator_env, "deployments.marketplace_accounts", "list").stdout
+    listing = _in_process(operator_env, "deployments.marketplace_accounts", "list").stdout
     assert re.search(rf"{first_seller}\s+shop-one\s+active\s+\S+ \S+ UTC\s+synced", listing), listing
 
 
@@ -165,14 +208,11 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
         "grant_type": "authorization_code", "client_id": "emulated-app", "client_secret": "emulated-secret",
         "code": code, "redirect_uri": control.config()["redirect_uri"],
     }).json()
-    reused, imported = _together(  # a spent code refused, beside the import
-        lambda: _command(env, "deployments.marketplace_accounts", "add", "--code", "spent-code"),
-        lambda: subprocess.run(
-            [sys.executable, "-m", "deployments.marketplace_accounts", "import", "--nickname", "shop-two"],
-            cwd=PROJECT_ROOT, env=env, input=grant["refresh_token"] + "\n", capture_output=True, text=True,
-            timeout=120,
-        ),
+    imported = subprocess.run(
+        [sys.executable, "-m", "deployments.marketplace_accounts", "import", "--nickname", "shop-two"],
+        cwd=PROJECT_ROOT, env=env, input=grant["refresh_token"] + "\n", capture_output=True, text=True, timeout=120,
     )
+    reused = _in_process(env, "deployments.marketplace_accounts", "add", "--code", "spent-code")  # a spent code
     assert reused.returncode == 2 and "invalid_grant" in reused.stderr, reused.stderr
     assert imported.returncode == 0 and f"seller {second} (shop-two) is active" in imported.stdout, imported.stderr
     assert grant["refresh_token"] not in imported.stdout + imported.stderr
@@ -182,13 +222,13 @@ def _marketplace_accounts_from_the_shell(env: dict, up_output: str, api: str) ->
     assert onboarded.returncode == 0, onboarded.stderr
     assert f"seller {third['seller_id']} ({third['nickname']}) is active" in onboarded.stdout, onboarded.stdout
 
-    deactivated = _command(env, "deployments.marketplace_accounts", "deactivate", str(second))
+    deactivated = _in_process(env, "deployments.marketplace_accounts", "deactivate", str(second))
     assert deactivated.returncode == 0, deactivated.stderr
-    listing = _command(env, "deployments.marketplace_accounts", "list").stdout
+    listing = _in_process(env, "deployments.marketplace_accounts", "list").stdout
     assert re.search(rf"{first}\s+shop-one\s+active", listing) and re.search(rf"{second}\s+shop-two\s+inactive", listing)
 
-    started = _command(env, "deployments.start_run", "sync-marketplace/on-demand",
-                       "--parameters", f'{{"accounts": [{first}], "resources": "orders"}}')
+    started = _in_process(env, "deployments.start_run", "sync-marketplace/on-demand",
+                          "--parameters", f'{{"accounts": [{first}], "resources": "orders"}}')
     assert started.returncode == 0, started.stderr
     return first, re.search(r"\(([0-9a-f-]{36})\)", started.stdout).group(1)
 
@@ -201,14 +241,12 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     samples = _shell(env, "make -s samples")
     assert samples.returncode == 0, samples.stderr
     assert "dealers loaded into the project database: 20 in the file, 20 new" in samples.stdout, samples.stdout
-    dealers, listing = _together(  # read-only, side by side
-        lambda: _command(env, "deployments.dealers", "list"),
-        lambda: _command(env, "deployments.turnstile_devices", "list"),
-    )
+    dealers = _command(env, "deployments.dealers", "list")
+    listing = _in_process(env, "deployments.turnstile_devices", "list")
     assert "D0020" in dealers.stdout
     assert "emulated-turnstile-1" in up_output
     assert listing.returncode == 0 and "emulated-turnstile-3" in listing.stdout, listing.stderr
-    again = _shell(env, "make -s samples")  # idempotent: the same files, the dealers already there
+    again = _in_process(env, "deployments.samples")  # idempotent: the same files, the dealers already there
     assert again.returncode == 0 and "20 in the file, 0 new" in again.stdout, again.stdout
 
     load = re.search(r"(\.venv/bin/python -m deployments\.turnstile_devices load \S+)", samples.stdout).group(1)
@@ -217,9 +255,9 @@ def _dealers_and_turnstiles_from_the_shell(env: dict, up_output: str, api: str) 
     (folder / "devices.csv").write_text("name,base_url,password\nGate One,http://10.0.0.1,x\n", encoding="utf-8")
     flows = ("process-products", "register-participants")
     commands = [re.search(rf"  {flow}:\n    (make run .+)\n", samples.stdout).group(1) for flow in flows]
-    loaded, refused, *started = _together(  # the loads save the blocks `up` saved, with the same values
+    refused = _in_process(env, "deployments.turnstile_devices", "load", str(folder / "devices.csv"))
+    loaded, *started = _together(  # the load saves the blocks `up` saved, with the same values
         lambda: _shell(env, load),
-        lambda: _command(env, "deployments.turnstile_devices", "load", str(folder / "devices.csv")),
         *[lambda command=command: _shell(env, command) for command in commands],
     )
     assert loaded.returncode == 0 and "3 turnstile(s) saved" in loaded.stdout, loaded.stderr
