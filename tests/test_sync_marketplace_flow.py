@@ -65,7 +65,7 @@ def test_accounts_sync_in_parallel_a_failing_one_does_not_stop_the_others_and_no
     for seller in (a, b, c):
         market.onboard(seller)
     market.control.expire_tokens()  # every account refreshes during the run: the rotated tokens must not leak
-    market.control.add_fault(path_prefix="/orders/search", seller_id=c, skip=0, times=10_000, status=400)
+    market.control.add_fault(path_prefix="/orders/search", seller_id=c, skip=0, times=10_000, status=403)  # forbidden: the account fails (a 400 is a gap)
     state = sync_marketplace(return_state=True)
     assert state.is_failed()
     assert f"-{c}" in state.message and "1 of 3" in state.message, state.message

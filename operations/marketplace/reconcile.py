@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from sqlalchemy import Engine, select, update
 
-from operations.marketplace.store import ITEMS, now_utc, utc
+from operations.marketplace.store import ITEMS, now_utc, statement, transaction, utc
 
 # The item columns compared with the API's (all but the keys, the stamp and when it was synced).
 COMPARED = ("title", "price", "currency_id", "available_quantity", "sold_quantity", "status", "sub_status",
@@ -35,7 +35,7 @@ DELETED = {"status": "closed", "sub_status": ["deleted"]}  # how the API shows a
 def stored_items(engine: Engine, seller_id: int) -> dict[str, dict[str, Any]]:
     """The seller's stored items: {id: {compared fields..., last_updated}} (one indexed query)."""
     columns = [ITEMS.c.id, ITEMS.c.last_updated, *(ITEMS.c[name] for name in COMPARED)]
-    with engine.connect() as conn:
+    with statement(engine) as conn:  # the account's connection during its sync (store.account_connection)
         rows = conn.execute(select(*columns).where(ITEMS.c.seller_id == seller_id)).mappings().all()
     return {row["id"]: {**row, "last_updated": utc(row["last_updated"]), "sub_status": row["sub_status"] or []}
             for row in rows}
@@ -81,7 +81,7 @@ def repair(engine: Engine, seller_id: int, rows: list[dict[str, Any]]) -> int:
     how many rows were written."""
     written = 0
     now = now_utc()
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         for row in rows:
             written += conn.execute(
                 update(ITEMS).where(ITEMS.c.id == row["id"], ITEMS.c.seller_id == seller_id,
@@ -101,7 +101,7 @@ def mark_gone(engine: Engine, seller_id: int, ids: Iterable[str], now: datetime 
     todo = [i for i in ids if i in stored and (stored[i]["status"], stored[i]["sub_status"]) != ("closed", ["deleted"])]
     if not todo:
         return 0
-    with engine.begin() as conn:
+    with transaction(engine) as conn:
         return conn.execute(update(ITEMS).where(ITEMS.c.seller_id == seller_id, ITEMS.c.id.in_(todo))
                             .values(**DELETED, synced_at=now or now_utc())).rowcount
 

@@ -112,7 +112,7 @@ def _held(engine: Engine) -> Connection | None:
 
 
 @contextmanager
-def _statement(engine: Engine, autocommit: bool = False) -> Iterator[Connection]:
+def statement(engine: Engine, autocommit: bool = False) -> Iterator[Connection]:
     """A connection for reads and one-statement writes (each committed on its own): the account's connection
     when one is held, else a checkout (in a transaction, or in autocommit)."""
     conn = _held(engine)
@@ -127,7 +127,7 @@ def _statement(engine: Engine, autocommit: bool = False) -> Iterator[Connection]
 
 
 @contextmanager
-def _transaction(engine: Engine) -> Iterator[Connection]:
+def transaction(engine: Engine) -> Iterator[Connection]:
     """A transaction: on the account's connection when one is held (out of autocommit for the block; switching is
     client-side), else on a checkout."""
     conn = _held(engine)
@@ -235,7 +235,7 @@ def save_account(engine: Engine, grant: TokenGrant, nickname: str = "", issued_a
 
 
 def get_account(engine: Engine, seller_id: int) -> AccountView:
-    with _statement(engine) as conn:
+    with statement(engine) as conn:
         row = conn.execute(select(*_VIEW_COLUMNS).where(ACCOUNTS.c.seller_id == seller_id)).first()
     if row is None:
         raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
@@ -295,7 +295,7 @@ def record_sync(
               "last_sync_error": error[:2000]}
     if run_id is not None:
         values["last_sync_run_id"] = run_id
-    with _statement(engine) as conn:
+    with statement(engine) as conn:
         conn.execute(update(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id).values(**values))
 
 
@@ -363,13 +363,13 @@ def claim_parked_notices(
 # Tokens are stored encrypted (operations/marketplace/tokens.py); a plain row (stored before encryption) is
 # encrypted in place the first time it is read.
 def read_tokens(engine: Engine, seller_id: int) -> TokenState:
-    with _statement(engine) as conn:
+    with statement(engine) as conn:
         row = conn.execute(select(ACCOUNTS).where(ACCOUNTS.c.seller_id == seller_id)).first()
     if row is None:
         raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
     state = _token_state(row)
     if _plain(row):
-        with _transaction(engine) as conn:
+        with transaction(engine) as conn:
             _seal(conn, row)
     return state
 
@@ -442,7 +442,7 @@ def refresh_tokens(
     AccountNeedsReauthorization; other failures keep the old tokens and propagate (the caller retries)."""
     with _local_lock(seller_id):
         dead_reason = None
-        with _transaction(engine) as conn:
+        with transaction(engine) as conn:
             row = _account_for_update(conn, seller_id)
             if row is None:
                 raise UnknownAccount(f"no marketplace account with seller id {seller_id}")
@@ -587,7 +587,7 @@ def _sync_lock_free(engine: Engine, seller_id: int) -> bool:
 
 # -- checkpoints -------------------------------------------------------------------------------------------
 def get_checkpoint(engine: Engine, seller_id: int, resource: str) -> datetime | None:
-    with _statement(engine) as conn:
+    with statement(engine) as conn:
         value = conn.execute(
             select(CHECKPOINTS.c.watermark).where(
                 CHECKPOINTS.c.seller_id == seller_id, CHECKPOINTS.c.resource == resource
@@ -599,7 +599,7 @@ def get_checkpoint(engine: Engine, seller_id: int, resource: str) -> datetime | 
 def advance_checkpoint(engine: Engine, seller_id: int, resource: str, watermark: datetime) -> None:
     """Move the checkpoint forward (never back): called after the rows it covers are committed."""
     row = {"seller_id": seller_id, "resource": resource, "watermark": utc(watermark), "updated_at": now_utc()}
-    with _statement(engine) as conn:
+    with statement(engine) as conn:
         upsert_rows(conn, CHECKPOINTS, [row], ["seller_id", "resource"], ["watermark", "updated_at"], "watermark")
 
 
@@ -621,7 +621,7 @@ def record_gap(engine: Engine, seller_id: int, resource: str, start: datetime, s
     """Record a gap (a window read again and still not whole counts one more attempt)."""
     now = now_utc()
     where = (GAPS.c.seller_id == seller_id, GAPS.c.resource == resource, GAPS.c.start == utc(start))
-    with _transaction(engine) as conn:
+    with transaction(engine) as conn:
         done = conn.execute(
             update(GAPS).where(*where)
             .values(stop=utc(stop), reason=reason[:4000], tried_at=now, attempts=GAPS.c.attempts + 1)
@@ -633,7 +633,7 @@ def record_gap(engine: Engine, seller_id: int, resource: str, start: datetime, s
 
 
 def close_gap(engine: Engine, seller_id: int, resource: str, start: datetime) -> None:
-    with _statement(engine) as conn:
+    with statement(engine) as conn:
         conn.execute(delete(GAPS).where(GAPS.c.seller_id == seller_id, GAPS.c.resource == resource,
                                         GAPS.c.start == utc(start)))
 
@@ -645,7 +645,7 @@ def open_gaps(engine: Engine, seller_id: int | None, resource: str | None = None
         query = query.where(GAPS.c.seller_id == seller_id)
     if resource is not None:
         query = query.where(GAPS.c.resource == resource)
-    with _statement(engine) as conn:
+    with statement(engine) as conn:
         return [Gap(r.seller_id, r.resource, utc(r.start), utc(r.stop), r.reason, r.attempts, utc(r.found_at))
                 for r in conn.execute(query)]
 
@@ -844,7 +844,7 @@ def _write_page(
         params = [json_rows(rows)]
         if lines_of is not None:
             params.append(json_rows(lines_of([row[writer.key] for row in rows])))
-        with _statement(engine, autocommit=True) as conn:
+        with statement(engine, autocommit=True) as conn:
             return _page_counts(rows, conn.exec_driver_sql(writer.statement, tuple(params)).all())
     with engine.begin() as conn:
         counts, changed = _upsert_classified(conn, writer.table, writer.key, writer.stamp, rows,
