@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -249,15 +248,18 @@ def help_key(words: list[str]) -> tuple[str, ...]:
 
 @cache
 def help_text(key: tuple[str, ...]) -> str:
-    extra = HELP_OPTIONS.get(key[key[0] == "-m"], [])
-    result = subprocess.run(
-        [sys.executable, *key, *extra, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert result.returncode == 0, (
-        f"`python {' '.join(key)} --help` exited {result.returncode}: {result.stderr[-800:]}"
-    )
-    return result.stdout
+    """What `python <key> --help` prints (asked by `_help_texts` for every command at once, else here)."""
+    if key in _HELP_TEXTS:
+        code, stdout, stderr = _HELP_TEXTS[key]
+    else:
+        extra = HELP_OPTIONS.get(key[key[0] == "-m"], [])
+        result = subprocess.run(
+            [sys.executable, *key, *extra, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        code, stdout, stderr = result.returncode, result.stdout, result.stderr
+    assert code == 0, f"`python {' '.join(key)} --help` exited {code}: {stderr[-800:]}"
+    return stdout
 
 
 def shows_option(help_output: str, option: str) -> bool:
@@ -464,21 +466,75 @@ LINKS = links()
 BLOCKS = other_blocks()
 
 
+# Runs `--help` of each command given (JSON: [[argv...], ...]) in a fork of one Python that has imported what
+# most of them import, so that Prefect and its dependencies load once instead of once per command; each fork runs
+# the module or script as `python ...` would (`__main__`, its own argv) and writes its output and exit status to
+# files of the folder given.
+_HELP_IN_FORKS = r"""
+import json, os, runpy, sys, traceback
+import prefect, prefect.cli, prefect.client.orchestration, prefect.flows, sqlalchemy  # noqa: E401,F401
+folder, commands = sys.argv[1], json.loads(sys.argv[2])
+for i, argv in enumerate(commands):
+    pid = os.fork()
+    if pid == 0:
+        out = os.open(os.path.join(folder, f"{i}.out"), os.O_WRONLY | os.O_CREAT)
+        err = os.open(os.path.join(folder, f"{i}.err"), os.O_WRONLY | os.O_CREAT)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        code = 0
+        try:
+            if argv[0] == "-m":
+                sys.argv = [argv[1], *argv[2:]]
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = list(argv)
+                sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
+                runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as exc:
+            if isinstance(exc.code, int) or exc.code is None:
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    with open(os.path.join(folder, f"{i}.code"), "w") as handle:
+        handle.write(str(os.waitstatus_to_exitcode(status)))
+"""
+
+
+def _help_in_forks(keys: list[tuple[str, ...]]) -> None:
+    """`help_text` of every key at once (`_HELP_IN_FORKS`): one Python start-up instead of one per key. A key
+    whose fork did not answer is left to `help_text`'s own process."""
+    commands = [[*key, *HELP_OPTIONS.get(key[key[0] == "-m"], []), "--help"] for key in keys]
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([sys.executable, "-c", _HELP_IN_FORKS, folder, json.dumps(commands)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+        for i, key in enumerate(keys):
+            try:
+                code = int(Path(folder, f"{i}.code").read_text())
+                stdout = Path(folder, f"{i}.out").read_text()
+                stderr = Path(folder, f"{i}.err").read_text()
+            except (OSError, ValueError):
+                continue
+            _HELP_TEXTS[key] = (code, stdout, stderr)
+
+
+_HELP_TEXTS: dict[tuple[str, ...], tuple[int, str, str]] = {}  # key -> (exit status, stdout, stderr)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _help_texts() -> None:
-    """Every `--help` the commands need, asked in parallel (each is a Python start-up)."""
+    """Every `--help` the commands need, asked once in forks of one Python (`_help_in_forks`)."""
     keys = {help_key(c.words) for c in SHELL + INLINE if c.words[0] in PYTHONS and "-c" not in c.words}
     keys = {key for key in keys if key[0] == "-m" or (ROOT / key[0]).is_file()}
     keys.add(("-m", "deployments.start_run"))
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(lambda key: _quietly(help_text, key), sorted(keys)))
-
-
-def _quietly(function, key):
-    try:
-        function(key)
-    except AssertionError:  # reported by the case that uses it
-        pass
+    _help_in_forks(sorted(keys))
 
 
 def test_the_docs_have_commands() -> None:

@@ -175,7 +175,7 @@ def test_a_run_without_a_link_base_fails_before_any_work_naming_the_setting(sett
     get_settings.cache_clear()
 
 
-def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url):
+def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url, dask_cluster):
     RedisGameCounter.from_url(redis_url, key_prefix="blocktest").save("blocktest-counter", overwrite=True)
     run_key = f"block-{uuid.uuid4().hex[:6]}"
 
@@ -188,7 +188,7 @@ def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url):
         counter.claim(0, "t", 1, games_to_masks(games), games[:, 0], np.zeros(1, int), 1)
         return os.getpid(), counter.snapshot()
 
-    @flow(task_runner=DaskTaskRunner(cluster_kwargs={"n_workers": 1, "processes": True, "dashboard_address": None}))
+    @flow(task_runner=DaskTaskRunner(address=dask_cluster))  # the session's cluster: worker processes of its own
     def use_block() -> tuple[int, dict]:
         return claim_in_worker.submit("blocktest-counter").result()
 
@@ -198,21 +198,23 @@ def test_block_saved_loaded_and_used_inside_a_dask_worker(redis_url):
     RedisGameCounter.load("blocktest-counter").counter(run_key).delete_run()
 
 
-def test_resume_after_the_flow_process_is_killed(dask_settings):
-    """SIGKILL the whole flow process group (flow, Dask cluster) mid-run; the re-run with the same run_key
-    generates only the chunks that had not committed, releases the killed attempts' claims, and its counter
-    matches its spreadsheets exactly."""
+def test_resume_after_the_flow_process_is_killed(dask_settings, dask_cluster, monkeypatch):
+    """SIGKILL the whole flow process group (flow, its own LocalCluster) mid-run; the re-run with the same
+    run_key (on the session's cluster) generates only the chunks that had not committed, releases the killed
+    attempts' claims, and its counter matches its spreadsheets exactly."""
     run_key = f"killed-{uuid.uuid4().hex[:6]}"
     block = RedisGameCounter.from_url(os.environ["REDIS_URL"], key_prefix="flowtest")
     block.save("flowtest-counter", overwrite=True)
     counter = block.counter(run_key)
-    quantity = 50_000  # 10 chunks of 5,000: killed after 2 have committed, 8 are left to resume
+    quantity = 30_000  # 6 chunks of 5,000: killed after 2 have committed, 4 are left to resume
     script = (
         "from flows.generate_games import generate_games\n"
         f"generate_games(quantity={quantity}, run_key={run_key!r}, counter_block='flowtest-counter')\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}  # a LocalCluster of its own
     process = subprocess.Popen(
-        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.monotonic() + 180
     try:
@@ -230,10 +232,12 @@ def test_resume_after_the_flow_process_is_killed(dask_settings):
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(GAMES_LIMIT).active_slots == 1
         client.delete_global_concurrency_limit_by_name(GAMES_LIMIT)
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_cluster)  # the re-run needs no cluster of its own
+    get_settings.cache_clear()
     state = generate_games(quantity=quantity, run_key=run_key, counter_block="flowtest-counter", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["chunks"] == 10 and result["chunks_generated"] == 10 - len(committed) < 10
+    assert result["chunks"] == 6 and result["chunks_generated"] == 6 - len(committed) < 6
     _check_run(result, quantity)
     assert counter.outputs()["games"] == quantity and counter.seen_count() == 0  # claims dropped once done
     counter.delete_run()

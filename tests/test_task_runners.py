@@ -71,24 +71,16 @@ def test_the_dashboard_link_prefect_dask_prints_serves_no_dashboard():
         assert httpx.get(link.replace("/status", "/health"), timeout=10).text == "ok"
 
 
-def test_the_local_runner_of_settings_drops_the_line_too(task_runner_lines):
-    runner = dask_task_runner(Settings(dask=DaskSettings(n_workers=1)))
-    assert isinstance(runner, LocalDaskTaskRunner)
-    assert _run_on(runner) == 42
-    lines = [r.getMessage() for r in task_runner_lines]
-    assert any("Creating a new Dask cluster" in line for line in lines), lines
-    assert not [line for line in lines if line.startswith(DASHBOARD_LINE)], lines
-
-
 @task
 def _add(x: int, y: int) -> int:
     return x + y
 
 
 @pytest.mark.parametrize("kind", ["threads", "dask"])
-def test_a_runner_used_inside_a_flow_run_runs_its_tasks_as_the_flow_runs_own(kind):
+def test_a_runner_used_inside_a_flow_run_runs_its_tasks_as_the_flow_runs_own(kind, task_runner_lines):
     """A runner chosen per task inside the flow (no subflow): its task runs belong to the calling flow run,
-    on a thread pool as on Dask process workers (prefect-dask's client carries the flow-run context)."""
+    on a thread pool as on Dask process workers (prefect-dask's client carries the flow-run context). The Dask
+    runner of settings starts a LocalCluster of its own and drops the dashboard line too."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.futures import as_completed
@@ -106,9 +98,15 @@ def test_a_runner_used_inside_a_flow_run_runs_its_tasks_as_the_flow_runs_own(kin
             single = runner.submit(_add, {"x": 20, "y": 22}).result()
         return sums, single, str(flow_run.get_id())
 
+    if kind == "dask":
+        assert isinstance(dask_task_runner(settings), LocalDaskTaskRunner)
     state = parent(return_state=True)
     sums, single, run_id = state.result()
     assert (sums, single) == ([11, 12, 13], 42)
+    if kind == "dask":
+        lines = [r.getMessage() for r in task_runner_lines]
+        assert any("Creating a new Dask cluster" in line for line in lines), lines
+        assert not [line for line in lines if line.startswith(DASHBOARD_LINE)], lines
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [run_id]}))
         assert not runs, "a subflow run was created"
