@@ -126,6 +126,7 @@ def test_changes_in_the_emulator_are_in_the_database_seconds_later_without_a_syn
     _wait(lambda: market.control.notifications()["delivered"] == 105, what="all 105 notifications delivered")
     assert receiver.stats()["stored"] == 105 and receiver.stored_events
     started = time.monotonic()
+    time.sleep(0.25)  # each account's notifications are taken once its oldest is a window (0.2 s) old
     taken = take_notifications(database_url, window_seconds=0.2, idle_seconds=0)
     assert taken.notifications == 105 and taken.unknown_sellers == [stranger] and taken.unknown_notifications == 35
     run = NotificationRun(database_url, OPTIONS, 3)
