@@ -293,8 +293,6 @@ def test_a_turnstiles_figures_count_every_attempt_of_its_task(gates, tmp_path, m
 def test_a_turnstile_unreachable_past_its_retries_emits_an_event(gates, tmp_path, monkeypatch):
     """`project.turnstile.unreachable` about the turnstile's block, related to the run, read back from the
     server's events; the reachable turnstile emits none."""
-    from prefect.client.orchestration import get_client
-
     emulator, names, cache = gates
     monkeypatch.setenv("TURNSTILE_TASK_RETRIES", "0")
     get_settings.cache_clear()
@@ -303,19 +301,7 @@ def test_a_turnstile_unreachable_past_its_retries_emits_an_event(gates, tmp_path
     write_participants_file(source, 5)
     state, _ = _run(participants_file=str(source), turnstiles=names[:2], cache_block=cache)
     assert state.is_failed()
-    flow_run_id = state.state_details.flow_run_id
-    body = {"filter": {"event": {"name": ["project.turnstile.unreachable"]},
-                       "any_resource": {"id_prefix": [f"project.turnstile.test-gate-"]},
-                       "occurred": {"since": "2000-01-01T00:00:00Z"}}, "limit": 50}
-    deadline, events = time.monotonic() + 30, []
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            found = client.request("POST", "/events/filter", json=body).json()["events"]
-            events = [e for e in found if any(r.get("prefect.resource.id") == f"prefect.flow-run.{flow_run_id}"
-                                              for r in e.get("related", []))]
-            if events:
-                break
-            time.sleep(0.5)
+    events = _events("project.turnstile.unreachable", state.state_details.flow_run_id, 1)
     assert [e["resource"]["prefect.resource.id"] for e in events] == [f"project.turnstile.{names[1]}"], events
     assert events[0]["payload"]["error"].startswith(f"{names[1]}: "), events[0]
     assert events[0]["payload"]["base_url"] == emulator.base_urls[1]
