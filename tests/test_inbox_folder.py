@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -115,10 +116,7 @@ def test_a_claim_moves_the_file_into_working_and_its_end_into_processed_or_faile
 
 
 def test_content_whose_run_failed_may_be_loaded_again(tmp_path):
-    folder = DropFolder(tmp_path / "in")
-    folder.ensure()
-    dropped = folder.root / "people.csv"
-    dropped.write_text("registration;name\n")
+    folder, dropped = _dropped(tmp_path, "people.csv", "registration;name\n")
     claim = folder.claim(dropped, file_digest(dropped))
     folder.finish(claim, FAILED, "run-2")
     assert (folder.root / "failed" / "run-2" / "people.csv").exists()
@@ -126,10 +124,7 @@ def test_content_whose_run_failed_may_be_loaded_again(tmp_path):
 
 
 def test_a_duplicate_is_set_aside_with_its_time(tmp_path):
-    folder = DropFolder(tmp_path / "in")
-    folder.ensure()
-    copy = folder.root / "copy.csv"
-    copy.write_text("x")
+    folder, copy = _dropped(tmp_path, "copy.csv", "x")
     target = folder.set_aside(copy)
     assert target.parent == folder.root / "duplicates" and target.name.endswith("-copy.csv")
     assert not copy.exists() and target.read_text() == "x"
@@ -138,10 +133,7 @@ def test_a_duplicate_is_set_aside_with_its_time(tmp_path):
 def test_a_crash_between_claim_and_move_leaves_the_file_to_be_taken_again(tmp_path):
     """The claim is written before the file moves: a claim found without its file is removed at start, and its
     ledger entry no longer counts as in flight, so the file (still at the top) is taken afresh."""
-    folder = DropFolder(tmp_path / "in")
-    folder.ensure()
-    dropped = folder.root / "precos.csv"
-    dropped.write_text("x")
+    folder, dropped = _dropped(tmp_path, "precos.csv", "x")
     claim = folder.claim(dropped, file_digest(dropped))
     os.replace(claim.path, dropped)  # as if the process had died before the rename
     assert folder.loaded_before(claim.sha256) is not None
@@ -151,10 +143,7 @@ def test_a_crash_between_claim_and_move_leaves_the_file_to_be_taken_again(tmp_pa
 
 
 def test_a_crash_after_the_ledger_but_before_the_move_is_finished_by_the_next_watcher(tmp_path):
-    folder = DropFolder(tmp_path / "in")
-    folder.ensure()
-    dropped = folder.root / "precos.csv"
-    dropped.write_text("x")
+    folder, dropped = _dropped(tmp_path, "precos.csv", "x")
     claim = folder.claim(dropped, file_digest(dropped))
     ledger = folder.root / ".ledger" / f"{claim.sha256}.json"
     ledger.write_text(json.dumps({**json.loads(ledger.read_text()), "outcome": PROCESSED}))  # ledger written, no move
@@ -168,11 +157,17 @@ def test_a_crash_after_the_ledger_but_before_the_move_is_finished_by_the_next_wa
 
 
 def test_an_unknown_outcome_is_refused(tmp_path):
-    folder = DropFolder(tmp_path / "in")
-    folder.ensure()
-    dropped = folder.root / "precos.csv"
-    dropped.write_text("x")
+    folder, dropped = _dropped(tmp_path, "precos.csv", "x")
     claim = folder.claim(dropped, file_digest(dropped))
     with pytest.raises(ValueError, match="unknown outcome"):
         folder.finish(claim, "done", "run")
     assert claim.path.exists()
+
+
+def _dropped(tmp_path: Path, name: str, text: str) -> tuple[DropFolder, Path]:
+    """A drop folder under `tmp_path` with one file `name` holding `text` at its top."""
+    folder = DropFolder(tmp_path / "in")
+    folder.ensure()
+    dropped = folder.root / name
+    dropped.write_text(text)
+    return folder, dropped
