@@ -1,5 +1,8 @@
 """Flow `sync-marketplace`: every seller account's orders and items synced incrementally into the project
-database, one mapped task per account, in parallel, on a schedule or on demand through the Prefect API.
+database, one mapped task per account, in parallel, on a schedule or on demand through the Prefect API. In a
+catch-up run with notifications on (no item read), the accounts synced a few hours ago share tasks, several
+accounts to a task, when there are more of them than tasks at once: their sync is a request or two, less than a
+task run costs.
 
 Stages: release the accounts a crashed or killed sync left `running` (shown as interrupted, resumed here); check
 the request and pick the accounts (unknown ids, a bad or future resync date, a missing app block or an unmigrated
@@ -34,7 +37,7 @@ from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import io_task_runner
 from operations.errors import UserError
 from operations.events import ACCOUNT_PARKED
-from operations.infra.database import project_engine
+from operations.infra.database import get_engine, project_engine
 from operations.marketplace.report import (
     AccountsFailed,
     account_line,
@@ -46,18 +49,21 @@ from operations.marketplace.report import (
     summary_markdown,
     sync_summary,
 )
-from operations.marketplace.store import AccountView, now_utc, select_accounts
+from operations.marketplace.store import AccountView, checkpoints, now_utc, select_accounts
 from operations.marketplace.sync import (
     AccountSyncFailed,
     SyncOptions,
     SyncResources,
     SyncRun,
+    group_light_accounts,
+    light_account,
     resync_start,
     run_shape,
+    settled_heap,
 )
 from operations.settings import Settings, get_settings
 from tasks.cancellation import note_termination, run_stop_check, watch_termination
-from tasks.marketplace import release_interrupted, sync_marketplace_account, tell_parked
+from tasks.marketplace import release_interrupted, sync_marketplace_account, sync_marketplace_accounts, tell_parked
 from tasks.retries import with_retries
 
 # After the worker's SIGTERM (it kills the process 30 s later), how long the run waits for its accounts to stop
@@ -96,24 +102,23 @@ def checked_app(name: str) -> MarketplaceApp:
 def sync_accounts(
     accounts: list[AccountView], app: MarketplaceApp, run: SyncRun, settings: Settings
 ) -> tuple[list[dict], TerminationSignal | None]:
-    """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY requests in flight (`run_shape`):
-    every account's report (a failed account's is its partial report with the error), and the worker's
-    termination signal if it arrived meanwhile (the caller reports, then re-raises it)."""
+    """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY requests in flight (`run_shape`),
+    the light accounts of a catch-up run several to a task (`group_light_accounts`): every account's report (a
+    failed account's is its partial report with the error), and the worker's termination signal if it arrived
+    meanwhile (the caller reports, then re-raises it)."""
     kind = settings.marketplace.task_runner
     shape = run_shape(settings.marketplace.concurrency, len(accounts), kind, settings.dask.n_workers,
                       bool(settings.dask.scheduler_address))
-    get_run_logger().info("syncing %d account(s) (%s) on %s, %d at a time, %d request(s) in flight",
-                          len(accounts), run.resources.value, kind, shape.accounts_at_once,
-                          settings.marketplace.concurrency)
     run = replace(run, requests_in_flight=shape.requests_in_flight, accounts_at_once=shape.accounts_at_once)
-    # No Prefect timeout_seconds: it cannot interrupt a blocking call in a worker thread. The domain stops
-    # the account itself at options.timeout_seconds, and every HTTP/database call has its own timeout.
-    task = with_retries(sync_marketplace_account, settings.marketplace.task_retries,
-                        [settings.marketplace.retry_delay_seconds])
+    singles, groups = group_light_accounts(accounts, light_sellers(accounts, run), shape.accounts_at_once)
+    get_run_logger().info("syncing %d account(s) (%s) on %s, %d at a time, %d request(s) in flight%s",
+                          len(accounts), run.resources.value, kind, shape.accounts_at_once,
+                          settings.marketplace.concurrency,
+                          f"; {len(accounts) - len(singles)} light ones in {len(groups)} task(s)" if groups else "")
     runner = io_task_runner(settings, shape.accounts_at_once, kind)
     signal = None
-    with runner:
-        futures = runner.map(task, {"account": accounts, "app": unmapped(app), "run": unmapped(run)})
+    with runner, settled_heap():
+        futures = _submit(runner, singles, groups, app, run, settings)
         try:
             wait(futures)
         except TerminationSignal as exc:  # the accounts stop at their next page: wait for what they did
@@ -123,12 +128,46 @@ def sync_accounts(
                                      STOP_GRACE_SECONDS)
             wait(futures, timeout=STOP_GRACE_SECONDS)
         outcomes = [_outcome(future, None if signal is None else 1.0) for future in futures]
-    return [
-        outcome if isinstance(outcome, dict)
-        else dict(outcome.result) if isinstance(outcome, AccountSyncFailed)
-        else failed_report(account, f"{type(outcome).__name__}: {outcome}")
-        for account, outcome in zip(accounts, outcomes)
-    ], signal
+    reports = {}
+    for index, outcome in enumerate(outcomes):  # the singles' outcomes, then the groups' (lists of reports)
+        grouped = index >= len(singles)
+        unit = groups[index - len(singles)] if grouped else [singles[index]]
+        each = outcome if grouped and isinstance(outcome, list) else [outcome] * len(unit)
+        reports.update((a.seller_id, _report(a, o)) for a, o in zip(unit, each))
+    return [reports[a.seller_id] for a in accounts], signal
+
+
+def light_sellers(accounts: list[AccountView], run: SyncRun) -> set[int]:
+    """The accounts whose sync in `run` is a short catch-up (`light_account`), from their orders checkpoints."""
+    now = now_utc()
+    marks = checkpoints(get_engine(run.database_url), [a.seller_id for a in accounts], "orders")
+    return {seller for seller, mark in marks.items() if light_account(run, mark, now)}
+
+
+def _submit(runner, singles: list[AccountView], groups: list[list[AccountView]], app: MarketplaceApp, run: SyncRun,
+            settings: Settings) -> list:
+    """The futures of the run's tasks: one per single account (with Prefect's retries), then one per group."""
+    # No Prefect timeout_seconds: it cannot interrupt a blocking call in a worker thread. The domain stops
+    # the account itself at options.timeout_seconds, and every HTTP/database call has its own timeout.
+    task = with_retries(sync_marketplace_account, settings.marketplace.task_retries,
+                        [settings.marketplace.retry_delay_seconds])
+    futures = list(runner.map(task, {"account": singles, "app": unmapped(app), "run": unmapped(run)})) if singles else []
+    if groups:
+        futures += runner.map(sync_marketplace_accounts, {
+            "accounts": groups, "label": [f"{g[0].label}-and-{len(g) - 1}-more" for g in groups],
+            "app": unmapped(app), "run": unmapped(run), "retries": unmapped(settings.marketplace.task_retries),
+            "retry_delay": unmapped(settings.marketplace.retry_delay_seconds),
+        })
+    return futures
+
+
+def _report(account: AccountView, outcome: object) -> dict:
+    """An account's report from its task's outcome (`_outcome`)."""
+    if isinstance(outcome, dict):
+        return outcome
+    if isinstance(outcome, AccountSyncFailed):
+        return dict(outcome.result)
+    return failed_report(account, f"{type(outcome).__name__}: {outcome}")
 
 
 def _outcome(future, timeout: float | None) -> object:

@@ -4,9 +4,11 @@ check and figures across attempts, and the events that tell someone an account n
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from uuid import UUID
 
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
@@ -19,11 +21,12 @@ from operations.events import ACCOUNT_PARKED
 from operations.infra.database import get_engine
 from operations.marketplace.client import request_slots
 from operations.marketplace.store import AccountView, claim_parked_notices, now_utc, release_interrupted_syncs
+from operations.marketplace.report import failed_report
 from operations.marketplace.sync import AccountSyncFailed, AccountSyncResult, SyncRun, sync_account
 from tasks.attempts import attempt_tally, release_tally
 from tasks.cancellation import current_flow_run_id, run_stop_check
 from tasks.events import emit
-from tasks.retries import retrying_task
+from tasks.retries import is_transient, retrying_task
 
 logger = logging.getLogger(__name__)
 # The states of a flow run that may still be syncing an account (a run waiting to be cancelled still is).
@@ -57,6 +60,56 @@ def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: Syn
         raise
     release_tally()
     return result.to_json()
+
+
+# Re-running a group is harmless for the reasons an account's re-run is; Prefect does not retry it: the accounts
+# that failed transiently are tried again inside it, after the others, so one account never re-runs the group.
+@task(name="sync-accounts", task_run_name="sync-{label}", cache_policy=NO_CACHE, tags=["marketplace", "http"])
+def sync_marketplace_accounts(
+    accounts: list[AccountView], label: str, app: MarketplaceApp, run: SyncRun, retries: int = 2,
+    retry_delay: float = 5.0,
+) -> list[dict]:
+    """Sync a group of light accounts (`operations.marketplace.sync.group_light_accounts`) one after another, each
+    as `sync_marketplace_account` syncs one; returns their reports in order. An account whose sync failed in a way
+    a retry may heal is tried again once the others are done, up to `retries` times `retry_delay` s later, its
+    report counting every attempt; one account failing never stops the others."""
+    flow_run_id = current_flow_run_id()
+    should_stop = run_stop_check(flow_run_id)
+    slots = request_slots(run.requests_in_flight)
+    tallies = {a.seller_id: AccountSyncResult(a.seller_id, a.nickname) for a in accounts}
+    reports: dict[int, dict] = {}
+    pending = list(accounts)
+    for attempt in range(retries + 1):
+        again = []
+        for account in pending:
+            try:
+                reports[account.seller_id] = sync_account(
+                    _engine(run), app.client().sharing(slots), account, run.resources, run.options,
+                    full_resync_from=run.full_resync_from, should_stop=should_stop, result=tallies[account.seller_id],
+                    run_id=str(flow_run_id) if flow_run_id else None,
+                ).to_json()
+                continue
+            except AccountSyncFailed as exc:
+                reports[account.seller_id], transient = dict(exc.result), exc.transient
+            except Exception as exc:  # noqa: BLE001 - the account's own failure, as its task would end with it
+                reports[account.seller_id] = failed_report(account, f"{type(exc).__name__}: {exc}")
+                transient = is_transient(exc)
+            if transient:
+                again.append(account)
+        if not again or attempt == retries or not _paused(retry_delay, should_stop):
+            break
+        pending = again
+    return [reports[a.seller_id] for a in accounts]
+
+
+def _paused(seconds: float, should_stop) -> bool:
+    """Wait `seconds` unless the run is stopped meanwhile (False then)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if should_stop():
+            return False
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    return not should_stop()
 
 
 def _engine(run: SyncRun) -> Engine:

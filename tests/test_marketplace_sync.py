@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, select
@@ -489,3 +489,33 @@ def test_an_accounts_store_calls_share_one_connection_that_gives_its_lock_back(p
         assert _is_transient_db_error(lost.value)
     finally:
         event.remove(pg_engine.pool, "checkout", listener)
+
+
+def _view(seller_id: int):
+    from operations.marketplace.store import AccountView
+
+    return AccountView(seller_id, f"s{seller_id}", "active", "", None, None, "", "")
+
+
+def test_a_catch_up_with_a_recent_checkpoint_and_no_item_read_is_light():
+    from operations.marketplace.sync import SyncOptions, SyncRun, light_account
+
+    now = datetime(2026, 12, 5, 12, tzinfo=timezone.utc)
+    catch_up = SyncRun("postgresql://x", SyncResources.both, SyncOptions(items_scan=False))
+    assert light_account(catch_up, now - timedelta(minutes=15), now)
+    assert not light_account(catch_up, None, now), "a first sync reads the whole history"
+    assert not light_account(catch_up, now - timedelta(days=2), now), "days of orders to read"
+    assert not light_account(SyncRun("u", SyncResources.both, SyncOptions(items_scan=True)), now, now), "every item"
+    assert not light_account(SyncRun("u", SyncResources.items, SyncOptions(items_scan=False)), now, now)
+    assert light_account(SyncRun("u", SyncResources.orders, SyncOptions(items_scan=True)), now, now)
+    assert not light_account(SyncRun("u", SyncResources.orders, full_resync_from=now - timedelta(days=9)), now, now)
+
+
+def test_light_accounts_are_grouped_only_when_more_of_them_than_tasks_at_once():
+    from operations.marketplace.sync import group_light_accounts
+
+    accounts = [_view(i) for i in range(1, 8)]
+    assert group_light_accounts(accounts, {1, 2, 3}, 3) == (accounts, [])
+    singles, groups = group_light_accounts(accounts, {1, 2, 3, 4, 5, 6}, 4)
+    assert singles == [accounts[6]]
+    assert [[a.seller_id for a in g] for g in groups] == [[1, 5], [2, 6], [3], [4]]

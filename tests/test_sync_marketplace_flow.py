@@ -20,7 +20,7 @@ from sqlalchemy import select
 from blocks.marketplace_app import MarketplaceApp
 from operations.marketplace.models import MarketplaceAccount, MarketplaceOrder
 from operations.marketplace.client import parse_time
-from operations.marketplace.store import count_rows, get_account, get_checkpoint, list_accounts
+from operations.marketplace.store import count_rows, get_account, get_checkpoint, list_accounts, utc
 from operations.settings import PROJECT_ROOT
 from flow_run_checks import assert_failed_in_one_line, task_runs_of_flow_run
 from run_checks import run_artifacts, run_texts
@@ -331,3 +331,37 @@ def test_a_holder_run_counts_as_syncing_only_while_running_pending_or_cancelling
         client.set_flow_run_state(run.id, Crashed(), force=True)
         assert not holder_running(str(run.id))
     assert not holder_running("00000000-0000-4000-8000-000000000000") and not holder_running("not-a-run")
+
+
+def test_light_accounts_of_a_catch_up_share_tasks_and_an_accounts_transient_failure_is_retried_in_its_group(
+    market, pg_engine, monkeypatch
+):
+    """Two runs of 3 accounts (~6 s: the first one reads their 450 orders, as the catch-up needs checkpoints)."""
+    from operations import settings as settings_module
+
+    a, b, c = market.seller_ids()
+    for seller in (a, b, c):
+        market.onboard(seller)
+    from flows.sync_marketplace import sync_marketplace
+
+    assert sync_marketplace(return_state=True).is_completed()  # first syncs: one task each
+    monkeypatch.setenv("MARKETPLACE_NOTIFICATIONS", "true")  # catch-ups read no items: 3 light accounts
+    monkeypatch.setenv("MARKETPLACE_CONCURRENCY", "1")  # 2 tasks at once: the 3 share 2 tasks
+    settings_module.get_settings.cache_clear()
+    changed = market.control.mutate(orders_updated=2, notify=False)["orders_updated"]
+    # a's first order request and its 2 in-client retries fail: a fails transiently, then its group retries it
+    market.control.add_fault(path_prefix="/orders/search", seller_id=a, skip=0, times=3, status=503)
+    state = sync_marketplace(return_state=True)
+    assert state.is_completed(), state.message
+    table = _rows(state)
+    assert [r["status"] for r in table] == ["synced"] * 3, table
+    assert sorted(r["attempts"] for r in table) == [1, 1, 2], table
+    deadline = time.monotonic() + 10  # task runs reach the API through events, shortly after the run
+    while len(runs := task_runs_of_flow_run(state.state_details.flow_run_id)[0]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(runs) == 2 and all(r.name.startswith("sync-") and "-more" in r.name for r in runs), [r.name for r in runs]
+    with pg_engine.connect() as conn:
+        stored = dict(conn.execute(select(MarketplaceOrder.id, MarketplaceOrder.date_last_updated)
+                                   .where(MarketplaceOrder.id.in_(changed))).all())
+    truth = {o["id"]: parse_time(o["date_last_updated"]) for o in market.control.orders() if o["id"] in changed}
+    assert {i: utc(v) for i, v in stored.items()} == truth, "the changed orders are read by the catch-up"

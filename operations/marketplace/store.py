@@ -596,6 +596,16 @@ def get_checkpoint(engine: Engine, seller_id: int, resource: str) -> datetime | 
     return utc(value)
 
 
+def checkpoints(engine: Engine, seller_ids: list[int], resource: str) -> dict[int, datetime]:
+    """{seller id: checkpoint of `resource`} of the given accounts that have one (one query)."""
+    if not seller_ids:
+        return {}
+    with statement(engine) as conn:
+        rows = conn.execute(select(CHECKPOINTS.c.seller_id, CHECKPOINTS.c.watermark).where(
+            CHECKPOINTS.c.resource == resource, CHECKPOINTS.c.seller_id.in_(seller_ids)))
+        return {seller_id: utc(watermark) for seller_id, watermark in rows if watermark is not None}
+
+
 def advance_checkpoint(engine: Engine, seller_id: int, resource: str, watermark: datetime) -> None:
     """Move the checkpoint forward (never back): called after the rows it covers are committed."""
     row = {"seller_id": seller_id, "resource": resource, "watermark": utc(watermark), "updated_at": now_utc()}
