@@ -417,4 +417,4 @@ def test_the_splitter_stops_between_chunks_once_asked(tmp_path):
             for chunk in splitter.chunks(should_stop=after(3)):
                 cut.append(chunk.index)
     assert cut == [0, 1, 2] and splitter.stats.chunks == 3
-    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [f"chunk-0000{i}.jsonl" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [f"chunk-0000{i}.copy" for i in range(3)]
