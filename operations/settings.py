@@ -410,9 +410,11 @@ class ProductsSettings(SettingsGroup):
         "`make up` saves it.",
     )
     in_process_max_rows: int = Field(
-        default=20_000, ge=0, validation_alias="PRODUCTS_IN_PROCESS_MAX_ROWS",
+        default=1_000_000, ge=0, validation_alias="PRODUCTS_IN_PROCESS_MAX_ROWS",
         description="Files of fewer rows (estimated without reading the file) are loaded by the flow's thread pool; "
-        "larger ones on Dask process workers.",
+        "larger ones on Dask process workers. The chunk work is mostly the database's, so threads cost less CPU "
+        "than a local cluster's processes (docs/benchmarks.md); a smaller value suits a cluster of other machines "
+        "(DASK_SCHEDULER_ADDRESS).",
     )
     min_chunk_rows: int = Field(
         default=2_000, ge=100, le=1_000_000, validation_alias="PRODUCTS_MIN_CHUNK_ROWS",

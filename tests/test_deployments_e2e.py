@@ -126,8 +126,9 @@ def _deployment(client: httpx.Client, name: str) -> dict:
     return response.json()
 
 
-def _start(client: httpx.Client, deployment_id: str, parameters: dict, idempotency_key: str | None = None) -> dict:
-    body = {"parameters": parameters}
+def _start(client: httpx.Client, deployment_id: str, parameters: dict, idempotency_key: str | None = None,
+           env: dict[str, str] | None = None) -> dict:
+    body = {"parameters": parameters, **({"job_variables": {"env": env}} if env else {})}
     if idempotency_key:
         body["idempotency_key"] = idempotency_key
     response = client.post(f"/deployments/{deployment_id}/create_flow_run", json=body)
@@ -576,12 +577,13 @@ def test_a_cancelled_products_run_on_dask_stops_within_seconds_and_reports_what_
     dealers = [f"CANCEL{i}" for i in range(2)]  # offers of their own: the run's rows are the new offers
     upsert_dealers(engine, [(code, code) for code in dealers])
     source = settings.stack.output_dir.parent / "products-cancel.csv"
-    rows = max(40_000, 2 * settings.products.in_process_max_rows)  # on the worker's Dask cluster
+    rows = 40_000
     generate_products_file(source, rows, dealers, bad_fraction=0.0, seed=29)
     before = product_counts(engine)
     run_key = f"cancel-products-{uuid.uuid4().hex[:6]}"
     deployment = _deployment(client, "process-products/on-demand")
-    run = _start(client, deployment["id"], {"file_path": str(source), "run_key": run_key, "chunk_rows": 400})
+    run = _start(client, deployment["id"], {"file_path": str(source), "run_key": run_key, "chunk_rows": 400},
+                 env={"PRODUCTS_IN_PROCESS_MAX_ROWS": "0"})  # on the worker's Dask cluster, whatever the size
     _cancel_once_under_way(client, run["id"], lambda: product_counts(engine)["offers"] - before["offers"] >= 800,
                            "no chunk committed in time")
     cancelled_at = time.time()

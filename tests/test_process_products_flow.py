@@ -199,7 +199,7 @@ def test_a_chunk_that_keeps_failing_fails_the_run_naming_its_rows_and_a_rerun_co
     sample = generate_products_file(source, 1_200, DEALERS, bad_fraction=0.0, seed=3)
 
     def refuse_second_chunk(engine, rows, run_key, stream):
-        if rows[0].row.row_number > 400:
+        if rows.first_row > 400:  # the chunk file's rows, as COPY lines
             raise ChunkFailed("database refused the chunk: injected", transient=False)
         return store_chunk(engine, rows, run_key, stream)
 

@@ -417,4 +417,33 @@ def test_the_splitter_stops_between_chunks_once_asked(tmp_path):
             for chunk in splitter.chunks(should_stop=after(3)):
                 cut.append(chunk.index)
     assert cut == [0, 1, 2] and splitter.stats.chunks == 3
-    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [f"chunk-0000{i}.jsonl" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == [f"chunk-0000{i}.copy" for i in range(3)]
+
+
+class _Float(float):
+    """A number cell that the checks' shorter path for plain floats does not take."""
+
+
+class _Int(int):
+    pass
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 0.005, 0.015, 2.675, 19.9, 3680.11, 9_999_999_998.999, 9_999_999_999.0,
+                                   9_999_999_999.99, 9_999_999_999.995, 1e10, 1e-9, -1.0, -0.5, 5.0, 2_147_483_647.0,
+                                   2_147_483_648.0, float("nan"), float("inf"), 7, -7, 2_147_483_648])
+def test_number_cells_take_a_shorter_path_with_the_same_outcome(value):
+    """Plain float and int cells skip the text checks; every outcome (value or reason) is the general path's."""
+    from operations.products.reader import _CellError, _price, _stock
+
+    def outcome(check, cell):
+        try:
+            return check(cell)
+        except _CellError as error:
+            return error.column, error.reason, error.detail
+
+    general = _Float(value) if isinstance(value, float) else _Int(value)
+    for check in (_price, _stock):
+        result, expected = outcome(check, value), outcome(check, general)
+        assert result == expected and type(result) is type(expected), (check.__name__, value)
+        if isinstance(result, Decimal):
+            assert str(result) == str(expected)

@@ -115,6 +115,25 @@ def test_a_row_the_database_refuses_fails_alone_and_the_rest_commit(products_eng
     assert product_counts(products_engine)["offers"] == 4
 
 
+def test_text_with_tabs_newlines_and_backslashes_is_stored_as_given_and_names_its_refused_row(
+    products_engine, publisher
+):
+    """Chunk rows travel to the database as COPY text lines: every special character of that format round-trips."""
+    ids = dealer_ids(products_engine)
+    odd = "tab\there, line\nbreak, back\\slash\\t, cr\r, quote \" and \\n, ação 🚗 \u2028"
+    rows = [DealerRow(ids["D1"], ProductRow(2, "D1", "SKU\\1", odd, Decimal("1.50"), 3, {"note": odd})),
+            DealerRow(ids["D1"], ProductRow(3, "D1", "SKU\t2", "fine", Decimal("99999999999.00"), 1, {}))]
+    outcome = store_chunk(products_engine, rows, "run-1", publisher.stream)
+    assert (outcome.rows, outcome.created) == (2, 1)
+    assert [(f.row_number, f.sku) for f in outcome.failures] == [(3, "SKU\t2")]
+    publish_outbox(products_engine, publisher, outcome.outbox_ids)
+    published = _stream(publisher)[0]["payload"]
+    with products_engine.connect() as conn:  # the stream holds the outbox's payload text byte for byte
+        assert published == conn.exec_driver_sql("SELECT payload::text FROM outbox_messages").scalar_one()
+    payload = json.loads(published)
+    assert (payload["sku"], payload["name"], payload["attributes"]) == ("SKU\\1", odd, {"note": odd})
+
+
 _CRASH_AFTER_COMMIT = textwrap.dedent("""
     import os, sys
     from decimal import Decimal

@@ -2,10 +2,10 @@
 
 The file is read once, row by row. Rows that fail a cell check (reader.py), name an unknown dealer or repeat a
 dealer's SKU already seen in the file (the first occurrence wins) go to the failure log; the others are
-written, with their dealer's id, to numbered chunk files of `chunk_rows` rows (JSON lines, replaced
-atomically) that the chunk tasks read. Each chunk file is handed out as soon as it is complete, so the
-database work starts while the rest of the file is still being read, and no more than one chunk of rows is
-ever in memory (plus one small key per row to find repeats).
+written, with their dealer's id and fingerprint, to numbered chunk files of `chunk_rows` rows in the text
+format of the database's COPY (replaced atomically), which a chunk task sends as it is. Each chunk file is
+handed out as soon as it is complete, so the database work starts while the rest of the file is still being
+read, and no more than one chunk of rows is ever in memory (plus one small key per row to find repeats).
 """
 
 from __future__ import annotations
@@ -16,18 +16,16 @@ import re
 import time
 import zipfile
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Iterator
 
-import orjson
 from python_calamine import CalamineError, CalamineWorkbook
 
 from operations.cancellation import StopCheck, never, raise_if_stopped
 from operations.errors import UserError
 from operations.products.reader import ProductRow, Reason, RowFailure, open_product_rows
 from operations.products.report import FailureLog
-from operations.products.store import DealerRow
+from operations.products.store import CopyRows, copy_line
 
 _XLSX_SAMPLE_BYTES = 256 * 1024
 CHUNKS_PER_SLOT = 4  # chunks per task slot: enough to balance the workers, few enough to keep overhead low
@@ -125,21 +123,10 @@ def _estimate_zipped_rows(path: Path, suffix: str) -> int:
     return max(0, round(rows * sheet.file_size / max(1, len(head))) - 1)
 
 
-def _encode(dealer_id: int, row: ProductRow) -> bytes:
-    return orjson.dumps(
-        [row.row_number, dealer_id, row.dealer_code, row.sku, row.name, str(row.price), row.stock, row.attributes]
-    )
-
-
-def read_chunk(path: Path) -> list[DealerRow]:
-    """The rows of a chunk file."""
-    rows = []
-    with path.open("rb") as handle:
-        for line in handle:
-            number, dealer_id, dealer_code, sku, name, price, stock, attributes = orjson.loads(line)
-            rows.append(DealerRow(dealer_id, ProductRow(number, dealer_code, sku, name, Decimal(price), stock,
-                                                        attributes)))
-    return rows
+def read_chunk(path: Path) -> CopyRows:
+    """The rows of a chunk file, as the COPY lines the file holds."""
+    data = path.read_bytes()
+    return CopyRows(data, data.count(b"\n"))
 
 
 class FileSplitter:
@@ -188,7 +175,7 @@ class FileSplitter:
                 continue
             if not lines:
                 first_row = item.row_number
-            lines.append(_encode(self.dealers[item.dealer_code], item))
+            lines.append(copy_line(len(lines), self.dealers[item.dealer_code], item))
             last_row = item.row_number
             if len(lines) == self.chunk_rows:
                 raise_if_stopped(should_stop, f"the chunk of rows {first_row}-{last_row}")
@@ -217,9 +204,9 @@ class FileSplitter:
 
     def _write_chunk(self, lines: list[bytes], first_row: int, last_row: int) -> ChunkFile:
         index = self.stats.chunks
-        path = self.chunk_dir / f"chunk-{index:05d}.jsonl"
+        path = self.chunk_dir / f"chunk-{index:05d}.copy"
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(b"\n".join(lines) + b"\n")
+        temporary.write_bytes(b"".join(lines))
         os.replace(temporary, path)
         self.stats.chunks += 1
         self.stats.valid_rows += len(lines)

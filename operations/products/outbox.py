@@ -21,18 +21,27 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, text
 
 from operations.cancellation import StopCheck, never, raise_if_stopped
-from operations.infra.redis_stream import StreamMessage, StreamPublisher
+from operations.infra.redis_stream import EncodedMessages, StreamPublisher
 
+# One row per batch: the claimed ids, their message keys and the messages as the stream publisher's JSON array
+# (operations/infra/redis_stream.py, EncodedMessages), so no Python object is made per message.
 _CLAIM = """
-SELECT id, message_key, message_type, payload::text FROM outbox_messages
-WHERE published_at IS NULL AND stream = :stream {only}
-ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
+WITH claimed AS (
+    SELECT id, message_key, message_type, payload FROM outbox_messages
+    WHERE published_at IS NULL AND stream = :stream {only}
+    ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
+)
+SELECT count(*), coalesce(array_agg(id ORDER BY id), '{{}}'), coalesce(array_agg(message_key ORDER BY id), '{{}}'),
+       coalesce(json_agg(json_build_array(message_key, message_key, message_type, id::text, payload::text)
+                         ORDER BY id), '[]')::text
+FROM claimed
 """
+_FIELDS = ("message_key", "type", "outbox_id", "payload")  # the stream entry's fields, as the claim builds them
 _CLAIM_ANY = text(_CLAIM.format(only=""))
 _CLAIM_IDS = text(_CLAIM.format(only="AND id = ANY(CAST(:ids AS bigint[]))"))
 _MARK = text("""
 UPDATE outbox_messages SET published_at = now(), stream_entry_id = m.entry_id
-FROM unnest(CAST(:ids AS bigint[]), CAST(:entry_ids AS text[])) AS m(id, entry_id)
+FROM unnest(CAST(:ids AS bigint[]), string_to_array(:entry_ids, ',')) AS m(id, entry_id)
 WHERE outbox_messages.id = m.id
 """)
 _STILL_UNMARKED = text("""
@@ -75,19 +84,15 @@ def publish_outbox(
             batch, pending = pending[:batch_size], pending[batch_size:]
             claim, parameters = _CLAIM_IDS, {"stream": publisher.stream, "limit": batch_size, "ids": batch}
         with engine.begin() as conn:
-            rows = conn.execute(claim, parameters).all()
-            if rows:
-                results = publisher.publish([
-                    StreamMessage(key, {"message_key": key, "type": message_type, "outbox_id": str(id_),
-                                        "payload": payload})
-                    for id_, key, message_type, payload in rows
-                ])
-                conn.execute(_MARK, {"ids": [row[0] for row in rows], "entry_ids": [r.entry_id for r in results]})
-        if rows:
-            added = sum(r.added for r in results)
-            counts.add(PublishCounts(added, len(results) - added))
-            publisher.forget(r.key for r in results)  # marked: never claimed again (the sweep covers a crash here)
-        if pending is None and len(rows) < batch_size:
+            claimed, claimed_ids, keys, messages = conn.execute(claim, parameters).one()
+            if claimed:
+                result = publisher.publish(EncodedMessages(_FIELDS, messages, claimed))
+                conn.execute(_MARK, {"ids": claimed_ids, "entry_ids": result.entry_ids})
+        if claimed:
+            added = result.added_now
+            counts.add(PublishCounts(added, claimed - added))
+            publisher.forget(keys)  # marked: never claimed again (the sweep covers a crash here)
+        if pending is None and claimed < batch_size:
             return counts
     return counts
 

@@ -52,6 +52,7 @@ MAX_PRICE = Decimal("9999999999.99")
 MAX_STOCK = 2_147_483_647
 CENT = Decimal("0.01")
 _PRICE_LIMIT = MAX_PRICE + CENT / 2  # the smallest value that rounds above MAX_PRICE
+_FLOAT_PRICE_LIMIT = 9_999_999_999.0  # number cells below it need no check but the rounding
 
 # What `open_product_rows` raises when the file as a whole cannot be loaded: unsupported or unreadable file, empty
 # file, not UTF-8 text, or a header with a missing or duplicated column (tabular's `HeaderError`, a subclass).
@@ -138,27 +139,31 @@ def _checked_rows(
 ) -> Iterator[ProductRow | RowFailure]:
     used = (*header.indexes.values(), *(index for _, index in header.extra_columns))
     width = max(used) + 1
+    at = header.indexes
+    columns = (at["dealer_code"], at["sku"], at["name"], at["price"], at["stock"], header.extra_columns)
     for row_number, cells in numbered:
         if len(cells) < width:
             cells = (*cells, *(None,) * (width - len(cells)))
         if not all(is_blank(cells[index]) for index in used):
-            yield _check_row(row_number, cells, header)
+            yield _check_row(row_number, cells, columns)
 
 
-def _check_row(row_number: int, cells: Sequence[object], header: Header) -> ProductRow | RowFailure:
-    at = header.indexes
-    dealer_code, sku = cell_text(cells[at["dealer_code"]]), cell_text(cells[at["sku"]])
+def _text(value: object) -> str:
+    return value.strip() if type(value) is str else cell_text(value)
+
+
+def _check_row(row_number: int, cells: Sequence[object], columns: tuple) -> ProductRow | RowFailure:
+    dealer_at, sku_at, name_at, price_at, stock_at, extra_columns = columns
+    dealer_code, sku = _text(cells[dealer_at]), _text(cells[sku_at])
     try:
         return ProductRow(  # arguments are evaluated in order: the problem reported is the first in column order
-            row_number=row_number,
-            dealer_code=_non_empty(dealer_code, "dealer_code", Reason.EMPTY_DEALER_CODE),
-            sku=_bounded(sku, "sku", Reason.EMPTY_SKU, MAX_SKU_LENGTH, Reason.SKU_TOO_LONG),
-            name=_bounded(
-                cell_text(cells[at["name"]]), "name", Reason.EMPTY_NAME, MAX_NAME_LENGTH, Reason.NAME_TOO_LONG
-            ),
-            price=_price(cells[at["price"]]),
-            stock=_stock(cells[at["stock"]]),
-            attributes={name: text for name, index in header.extra_columns if (text := cell_text(cells[index]))},
+            row_number,
+            _non_empty(dealer_code, "dealer_code", Reason.EMPTY_DEALER_CODE),
+            _bounded(sku, "sku", Reason.EMPTY_SKU, MAX_SKU_LENGTH, Reason.SKU_TOO_LONG),
+            _bounded(_text(cells[name_at]), "name", Reason.EMPTY_NAME, MAX_NAME_LENGTH, Reason.NAME_TOO_LONG),
+            _price(cells[price_at]),
+            _stock(cells[stock_at]),
+            {name: text for name, index in extra_columns if (text := _text(cells[index]))},
         )
     except _CellError as error:
         return RowFailure(row_number, dealer_code, sku, error.column, error.reason, error.detail)
@@ -185,6 +190,8 @@ def _bounded(text: str, column: str, empty: str, limit: int, too_long: str) -> s
 
 
 def _price(value: object) -> Decimal:
+    if type(value) is float and 0 <= value < _FLOAT_PRICE_LIMIT:  # a number cell (not NaN, not infinite)
+        return Decimal(repr(value)).quantize(CENT, rounding=ROUND_HALF_UP) if value else Decimal("0.00")
     text = cell_text(value)
     if not text:
         raise _CellError("price", Reason.EMPTY_PRICE)
@@ -199,6 +206,8 @@ def _price(value: object) -> Decimal:
 
 
 def _stock(value: object) -> int:
+    if (type(value) is int or type(value) is float and value.is_integer()) and 0 <= value <= MAX_STOCK:
+        return int(value)  # a whole number cell within bounds
     text = cell_text(value)
     if not text:
         raise _CellError("stock", Reason.EMPTY_STOCK)

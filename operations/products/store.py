@@ -155,35 +155,85 @@ SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM changed WHERE versi
 """)
 
 
-def _copy_rows(conn: Connection, rows: list[DealerRow]) -> None:
-    """The rows into the chunk's temporary table (one row per dealer and SKU: the last one given wins, as one
-    offer can be written once per statement). A driver error comes out as SQLAlchemy's (DataError, ...)."""
-    unique = {(r.dealer_id, r.row.sku): (ord_, r) for ord_, r in enumerate(rows)}
+def _copy_field(text: str) -> str:
+    """`text` as a field of COPY's text format (backslash, tab, newline and carriage return escaped)."""
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text
+
+
+def copy_line(ord_: int, dealer_id: int, row: ProductRow) -> bytes:
+    """One row of the chunk's temporary table as a line of COPY's text format, its fingerprint computed here:
+    what chunk files hold, so that a chunk task sends its file to the database without decoding a row."""
+    attributes = _copy_field(orjson.dumps(row.attributes).decode()) if row.attributes else "{}"
+    return (f"{ord_}\t{row.row_number}\t{dealer_id}\t{_copy_field(row.dealer_code)}\t{_copy_field(row.sku)}\t"
+            f"{_copy_field(row.name)}\t{row.price}\t{row.stock}\t{attributes}\t{fingerprint(row)}\n").encode()
+
+
+@dataclass(frozen=True)
+class CopyRows:
+    """A chunk's rows as COPY text lines (`copy_line`), one per dealer and SKU, and how many rows were given
+    (a repeat of a dealer's SKU in the same chunk is given but not written: the last one wins)."""
+
+    data: bytes
+    rows: int
+
+    @classmethod
+    def of(cls, rows: list[DealerRow]) -> CopyRows:
+        """The lines of `rows` (the last row of a dealer's SKU wins, as one offer can be written once per
+        statement)."""
+        unique = {(r.dealer_id, r.row.sku): (ord_, r) for ord_, r in enumerate(rows)}
+        lines = [copy_line(ord_, r.dealer_id, r.row) for ord_, r in sorted(unique.values(), key=lambda item: item[0])]
+        return cls(b"".join(lines), len(rows))
+
+    def lines(self) -> list[bytes]:
+        return [line + b"\n" for line in self.data.split(b"\n") if line]
+
+    @property
+    def first_row(self) -> int:
+        """The file row of the first line (0 when there is none)."""
+        line = self.data.split(b"\n", 1)[0]
+        return int(line.split(b"\t", 2)[1]) if line else 0
+
+
+def _unescape(field: bytes) -> str:
+    text = field.decode()
+    if "\\" not in text:
+        return text
+    return text.replace("\\\\", "\0").replace("\\t", "\t").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
+
+
+def _line_failure(line: bytes, exc: DBAPIError) -> RowFailure:
+    """The row of a COPY line the database refused (its row number, dealer code and SKU from the line)."""
+    fields = line.rstrip(b"\n").split(b"\t")
+    row = ProductRow(int(fields[1]), _unescape(fields[3]), _unescape(fields[4]), "", None, 0, {})  # type: ignore[arg-type]
+    return _row_failure(row, exc)
+
+
+def _copy_rows(conn: Connection, data: bytes) -> None:
+    """The lines into the chunk's temporary table, in one COPY. A driver error comes out as SQLAlchemy's
+    (DataError, ...)."""
     cursor = conn.connection.driver_connection.cursor()
     try:
         with cursor.copy(_COPY_CHUNK) as copy:
-            for ord_, r in sorted(unique.values(), key=lambda item: item[0]):
-                row = r.row
-                copy.write_row((ord_, row.row_number, r.dealer_id, row.dealer_code, row.sku, row.name,
-                                str(row.price), row.stock, orjson.dumps(row.attributes).decode(), fingerprint(row)))
+            copy.write(data)
     except psycopg.Error as exc:
         raise DBAPIError.instance(_COPY_CHUNK, None, exc, psycopg.Error) from None
     finally:
         cursor.close()
 
 
-def _write(conn: Connection, rows: list[DealerRow], run_key: str, stream: str) -> ChunkOutcome:
+def _write(conn: Connection, data: bytes, rows: int, run_key: str, stream: str) -> ChunkOutcome:
     conn.exec_driver_sql(_CREATE_CHUNK_TABLE)
     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")  # the sorts of a chunk stay in memory
     conn.exec_driver_sql(f"DELETE FROM {_CHUNK_TABLE}")  # a single row's retry after the batch was refused
-    _copy_rows(conn, rows)
+    _copy_rows(conn, data)
     conn.execute(_UPSERT_PRODUCTS)
     changed, created, outbox_ids = conn.execute(
         _WRITE_OFFERS, {"run_key": run_key, "stream": stream, "message_type": MESSAGE_TYPE}
     ).one()
     return ChunkOutcome(
-        rows=len(rows), created=created, updated=changed - created, unchanged=len(rows) - changed,
-        outbox_ids=list(outbox_ids),
+        rows=rows, created=created, updated=changed - created, unchanged=rows - changed, outbox_ids=list(outbox_ids),
     )
 
 
@@ -204,27 +254,29 @@ def _row_failure(row: ProductRow, exc: DBAPIError) -> RowFailure:
 _TRANSIENT = (OperationalError, InterfaceError)
 
 
-def store_chunk(engine: Engine, rows: list[DealerRow], run_key: str, stream: str) -> ChunkOutcome:
+def store_chunk(engine: Engine, rows: list[DealerRow] | CopyRows, run_key: str, stream: str) -> ChunkOutcome:
     """Write the chunk in one transaction (PostgreSQL): all rows in one batch, or, when the database refuses the batch
     (a value or constraint it rejects), each row in its own savepoint so a bad row fails alone and the rest
     commit. Raises ChunkFailed (nothing committed) when the transaction itself cannot complete."""
-    if not rows:
+    chunk = rows if isinstance(rows, CopyRows) else CopyRows.of(rows)
+    if not chunk.rows:
         return ChunkOutcome()
     try:
         with engine.begin() as conn:
             try:
                 with conn.begin_nested():
-                    return _write(conn, rows, run_key, stream)
+                    return _write(conn, chunk.data, chunk.rows, run_key, stream)
             except (IntegrityError, DataError):
                 pass
-            outcome = ChunkOutcome()
-            for dealer_row in rows:
+            lines = chunk.lines()
+            outcome = ChunkOutcome(rows=chunk.rows - len(lines), unchanged=chunk.rows - len(lines))  # repeats
+            for line in lines:
                 try:
                     with conn.begin_nested():
-                        outcome.add(_write(conn, [dealer_row], run_key, stream))
+                        outcome.add(_write(conn, line, 1, run_key, stream))
                 except (IntegrityError, DataError) as exc:
                     outcome.rows += 1
-                    outcome.failures.append(_row_failure(dealer_row.row, exc))
+                    outcome.failures.append(_line_failure(line, exc))
             return outcome
     except _TRANSIENT as exc:
         raise ChunkFailed(f"database fault, nothing of the chunk committed: {_first_line(exc)}", True) from None
