@@ -3,8 +3,9 @@
 Each message is added by one Lua script that first looks for the message's key in the stream's guard hash:
 absent, it XADDs the message and records the new entry id there; present, it returns the recorded entry id and
 adds nothing. Messages come as objects (`StreamMessage`) or, for large batches, as one JSON array built
-elsewhere (`EncodedMessages`: the database's claim query), which the script decodes itself. A publisher that crashed after XADD but before recording the publication elsewhere (the outbox
-row's mark) can therefore publish the same message again, days later if need be: the stream still holds it once.
+elsewhere (`EncodedMessages`: the database's claim query), which the script decodes itself. A publisher that
+crashed after XADD but before recording the publication elsewhere (the outbox row's mark) can therefore publish
+the same message again, days later if need be: the stream still holds it once.
 
 The guards have no expiry. A message can be published again only while its source (the outbox row) is not
 marked published, so a guard is needed exactly that long and no longer: the publisher `forget`s a batch's
