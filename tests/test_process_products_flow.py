@@ -508,7 +508,8 @@ def test_a_sigterm_to_the_flow_process_on_dask_stops_it_with_its_summary(product
     source = tmp_path / "products.csv"
     generate_products_file(source, 8_000, DEALERS, bad_fraction=0.0, seed=23)  # 20 chunks, signalled after 2
     run_key = f"sigterm-{uuid.uuid4().hex[:6]}"
-    env = dict(os.environ, PRODUCTS_IN_PROCESS_MAX_ROWS="500", DASK_N_WORKERS="2", DASK_THREADS_PER_WORKER="1")
+    # one worker process, as the stack's worker runs its flow runs (STACK_WORKER_SETTINGS in conftest.py)
+    env = dict(os.environ, PRODUCTS_IN_PROCESS_MAX_ROWS="500", DASK_N_WORKERS="1", DASK_THREADS_PER_WORKER="1")
     process = subprocess.Popen([sys.executable, "-c", _RUN_IN_A_PROCESS, str(source), block, run_key],
                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
