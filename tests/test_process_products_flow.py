@@ -514,7 +514,7 @@ def test_a_sigterm_to_the_flow_process_on_dask_stops_it_with_its_summary(product
                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # ~10 s on a quiet machine; minutes when other work shares the cores
         while product_counts(engine)["offers"] < 800:
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
             time.sleep(0.05)
