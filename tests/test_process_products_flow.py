@@ -496,7 +496,7 @@ _RUN_IN_A_PROCESS = textwrap.dedent("""
 
 def test_a_sigterm_to_the_flow_process_on_dask_stops_it_with_its_summary(products, tmp_path):
     """What the worker does on a cancel (SIGTERM, SIGKILL 30 s later), to a run on a LocalCluster of its own:
-    no chunk starts after it, the cluster closes, the run ends Cancelled with its summary. ~30 s: a process and
+    no chunk starts after it, the cluster closes, the run ends Cancelled with its summary. ~12 s: a process and
     a LocalCluster of its own (the cancel closes it), as a worker's flow run has."""
     import signal
     import subprocess
