@@ -212,6 +212,7 @@ def test_resume_after_the_flow_process_is_killed(dask_settings, dask_cluster, mo
         f"generate_games(quantity={quantity}, run_key={run_key!r}, counter_block='flowtest-counter')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}  # a LocalCluster of its own
+    env["DASK_N_WORKERS"] = "1"  # of one worker process: a kill of its group is what is tested, not its size
     process = subprocess.Popen(
         [sys.executable, "-c", script], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env=env,

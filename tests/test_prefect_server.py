@@ -29,7 +29,7 @@ from deployments.prefect_worker import (
     worker_name,
 )
 from deployments.stack import stack_status
-from operations.infra.embedded_postgres import running_embedded_postgres, stop_embedded_postgres
+from operations.infra.embedded_postgres import running_embedded_postgres
 from operations.infra.processes import ExposedWithoutAuth, basic_auth_headers, free_port, read_state
 from operations.settings import PROJECT_ROOT, Settings, StackSettings
 
@@ -57,21 +57,6 @@ def test_session_server_keeps_its_flow_runs_in_the_prefect_database(prefect_api_
     assert found == (1,)
 
 
-def test_sqlite_backend_still_starts_and_serves(tmp_path):
-    settings = Settings(stack=StackSettings(data_dir=tmp_path / "data", prefect_database="sqlite"))
-    server = ensure_local_prefect_server(settings, port=free_port())
-    try:
-        with httpx.Client(base_url=server.api_url, timeout=30) as client:
-            run_id = _create_flow_run(client)
-        assert read_state(settings.stack.prefect_dir / STATE_FILE)["backend"] == "sqlite"
-        with sqlite3.connect(settings.stack.prefect_dir / "prefect.db") as conn:
-            assert conn.execute("SELECT count(*) FROM flow_run WHERE id = ?", (run_id,)).fetchone() == (1,)
-        assert running_embedded_postgres(settings.stack.postgres_dir) is None  # SQLite needs no PostgreSQL
-        assert "sqlite" in stack_status(settings)["prefect server"]
-    finally:
-        stop_prefect_server(settings.stack.prefect_dir)
-
-
 def test_an_explicit_prefect_database_url_wins(tmp_path, monkeypatch):
     url = "postgresql+asyncpg://prefect:s3cret@db.internal:5432/prefect"
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", url)
@@ -90,31 +75,39 @@ def test_an_exposed_address_without_auth_is_refused_before_anything_starts(tmp_p
 
 @pytest.fixture
 def authenticated_stack(tmp_path):
-    """The stack's own server from default settings but for an open address with basic auth: PostgreSQL."""
+    """The stack's own server from settings for an open address with basic auth, on SQLite (STACK_PREFECT_DATABASE):
+    one server start checks both, the default PostgreSQL backend being the session server's (above)."""
     secret = f"ops:{uuid.uuid4().hex}"
-    settings = Settings(stack=StackSettings(data_dir=tmp_path / "data", host="0.0.0.0", auth_string=secret))
+    settings = Settings(stack=StackSettings(data_dir=tmp_path / "data", host="0.0.0.0", auth_string=secret,
+                                            prefect_database="sqlite"))
     server = ensure_local_prefect_server(settings, port=free_port())
     yield settings, server, secret
     stop_prefect_worker(tmp_path / "worker")
     stop_prefect_server(settings.stack.prefect_dir)
-    stop_embedded_postgres(settings.stack.postgres_dir)
 
 
-def test_basic_auth_refuses_strangers_and_serves_the_stack_clients(authenticated_stack, tmp_path):
+def test_sqlite_and_basic_auth_refuse_strangers_and_serve_the_stack_clients(authenticated_stack, tmp_path,
+                                                                           monkeypatch):
+    """SQLite still starts and serves (its runs are rows of prefect.db, no PostgreSQL started for it); basic
+    auth refuses strangers and wrong strings and serves the REST API, Prefect's client and a worker; a running
+    server with another string or database is refused; the string is in no log, state file or status."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     settings, server, secret = authenticated_stack
     assert server.auth and server.api_url.startswith("http://127.0.0.1:")  # 0.0.0.0 reached over loopback
     state = read_state(settings.stack.prefect_dir / STATE_FILE)
-    assert state["backend"] == "postgresql" and state["auth"] is True  # the default backend
+    assert state["backend"] == "sqlite" and state["auth"] is True
 
     stranger = httpx.post(f"{server.api_url}/flows/filter", json={}, timeout=10)
     assert stranger.status_code == 401
     wrong = httpx.post(f"{server.api_url}/flows/filter", json={}, headers=basic_auth_headers("ops:guess"), timeout=10)
     assert wrong.status_code == 401
     with httpx.Client(base_url=server.api_url, headers=basic_auth_headers(secret), timeout=30) as client:
-        _create_flow_run(client)
+        run_id = _create_flow_run(client)
+    with sqlite3.connect(settings.stack.prefect_dir / "prefect.db") as conn:
+        assert conn.execute("SELECT count(*) FROM flow_run WHERE id = ?", (run_id,)).fetchone() == (1,)
+    assert running_embedded_postgres(settings.stack.postgres_dir) is None  # SQLite needs no PostgreSQL
 
     pool = "auth-pool"
     with temporary_settings({PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: secret}):
@@ -132,11 +125,14 @@ def test_basic_auth_refuses_strangers_and_serves_the_stack_clients(authenticated
     assert ensure_local_prefect_server(settings).pid == server.pid
     with pytest.raises(PrefectServerMismatch, match="refuses STACK_AUTH_STRING"):
         ensure_local_prefect_server(settings.replace(stack={"auth_string": "ops:other"}))
-    with pytest.raises(PrefectServerMismatch, match="database"):
-        ensure_local_prefect_server(settings.replace(stack={"prefect_database": "sqlite"}))
+    with monkeypatch.context() as other:  # another database, named without starting anything for it
+        other.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://prefect@db.internal:5432/prefect")
+        with pytest.raises(PrefectServerMismatch, match="database"):
+            ensure_local_prefect_server(settings)
 
     status = "\n".join(stack_status(settings).values())
-    assert "basic auth" in status and "postgresql" in status
+    assert "basic auth" in status and "sqlite" in status
+    assert "sqlite" in stack_status(settings)["prefect server"]
     # no access log: the server keeps warnings and errors, not a line per REST request
     server_log = settings.stack.prefect_dir / "server.log"
     assert "POST /api/flow_runs/" not in server_log.read_text()
