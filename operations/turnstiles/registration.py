@@ -2,7 +2,8 @@
 changed in batches (users, then cards, then group links), and remember what was confirmed in Redis.
 
 - Participants whose fingerprint the cache holds for this device cost no device call (unless `verify`, which
-  reads the device for everyone, or `skip_cache`, which neither reads nor writes the cache).
+  reads the device for everyone, or `skip_cache`, which neither reads nor writes the cache). A device the cache
+  knows nothing of is first asked for any user: a new or wiped one is not read further.
 - New users and new cards are written with `create_objects`: a value that exists is refused, never changed,
   so a user id or a card value of someone else is never overwritten. A refused batch is read back in one
   `load_objects`: the records the device holds exactly as sent (a retried write whose answer was lost) are
@@ -362,7 +363,7 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
           dry_run: bool) -> _Plan:
     """What each participant needs, from one read of the device (users by registration, their cards and
     group links, in lists of at most 999 values; then the holders of the wanted cards and the wanted groups)."""
-    on_device = {u["registration"]: u for u in client.load("users", "registration", [p.registration for p in todo])}
+    on_device = _users_by_registration(client, cache, scope.device, [p.registration for p in todo])
     known_ids = [u["id"] for u in on_device.values()]
     cards: dict[int, list[dict[str, Any]]] = {}
     for card in client.load("cards", "user_id", known_ids) if known_ids else []:
@@ -389,6 +390,17 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
     if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
         _check_groups(client, targets, scope.device)
     return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
+
+
+def _users_by_registration(client: ControlIdClient, cache: RegistrationCache, device: str,
+                           registrations: list[str]) -> dict[str, dict[str, Any]]:
+    """The device's users of `registrations`, by registration. When the cache holds nothing of the device (a
+    first run, or a unit found reset) and reading them takes several requests, one request for any user first:
+    a device that holds none (new or wiped) is not read further."""
+    if len(registrations) > MAX_IN_LIST and not cache.count(device):
+        if not client.call("/load_objects.fcgi", {"object": "users", "limit": 1}).get("users"):
+            return {}
+    return {u["registration"]: u for u in client.load("users", "registration", registrations)}
 
 
 def _check_groups(client: ControlIdClient, targets: list[_Target], device: str) -> None:
