@@ -285,8 +285,35 @@ def _check(obj: str, name: str, value: Any, writing: bool = True) -> Any:
     return value
 
 
+# Per object: field -> (Python type, low, high) of every writable column, and the fields an insert must give.
+_WRITABLE: dict[str, dict[str, tuple[type, int, int]]] = {
+    obj: {name: (str, 0, 0) if column.kind == "str" else (int, *_RANGES[column.kind])
+          for name, column in columns.items() if column.writable}
+    for obj, columns in SCHEMA.items()
+}
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    obj: tuple(name for name, column in columns.items() if column.not_null and column.writable)
+    for obj, columns in SCHEMA.items()
+}
+
+
+def _checked_row(obj: str, value: Row) -> Row:
+    """A written value validated against the schema: one pass of type checks when every field is a non-null
+    value of its column's type (the common case), else `_check` field by field, which raises the device's error
+    for the first bad one (the nulls it lets through stay, for `_clean`)."""
+    spec = _WRITABLE[obj]
+    for name, field_value in value.items():
+        kind = spec.get(name)
+        if kind is None or type(field_value) is not kind[0] or (
+                kind[0] is int and not kind[1] <= field_value <= kind[2]):
+            return {name: _check(obj, name, v) for name, v in value.items()}
+    return value
+
+
 def _clean(row: Row) -> Row:
-    """A row as stored and answered: optional fields that are null are left out."""
+    """A row as stored and answered: optional fields that are null are left out (the row itself when none is)."""
+    if None not in row.values():
+        return row
     return {name: value for name, value in row.items() if value is not None}
 
 
@@ -360,10 +387,11 @@ class _Store:
         """INSERT every value; the ids of the new rows, in order."""
         rows = []
         seen: set[Any] = set()
+        required = _REQUIRED[obj]
         for value in values:
-            row = {name: _check(obj, name, v) for name, v in value.items()}
-            for name, column in SCHEMA[obj].items():
-                if column.not_null and column.writable and row.get(name) is None:
+            row = _checked_row(obj, value)
+            for name in required:
+                if row.get(name) is None:
                     raise _db_error(f"NOT NULL constraint failed: {obj}.{name}")
             if obj == "cards":
                 if row["value"] in self.card_by_value or row["value"] in seen:
@@ -405,16 +433,17 @@ class _Store:
         keys = key_fields[obj]
         staged: dict[Any, Row] = {}
         changes = 0
+        required = _REQUIRED[obj]
         for value in values:
-            fields = {name: _check(obj, name, v) for name, v in value.items()}
+            fields = _checked_row(obj, value)
             for name in keys:
                 if fields.get(name) is None:
                     raise _db_error(f"NOT NULL constraint failed: {obj}.{name}")
             key = tuple(fields[name] for name in keys) if len(keys) > 1 else fields[keys[0]]
             current = staged.get(key, self._current(obj, key))
             if current is None:
-                for name, column in SCHEMA[obj].items():
-                    if column.not_null and column.writable and fields.get(name) is None:
+                for name in required:
+                    if fields.get(name) is None:
                         raise _db_error(f"NOT NULL constraint failed: {obj}.{name}")
                 row = _clean(fields)
             else:
@@ -511,7 +540,8 @@ def _values_list(body: dict[str, Any]) -> list[Row]:
     values = body.get("values")
     if not isinstance(values, list) or not all(isinstance(value, dict) for value in values):
         raise _bad_request("values must be a list of objects")
-    if any(set(value) != set(values[0]) for value in values):
+    first = values[0].keys() if values else None
+    if any(value.keys() != first for value in values):
         raise _bad_request("all values of one call must have the same fields")
     return values
 
@@ -663,6 +693,7 @@ def _uvicorn_server(app: Starlette) -> _DeviceServer:
         uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", server_header=False,
             timeout_graceful_shutdown=3, timeout_keep_alive=65, backlog=2048,
+            proxy_headers=False,  # local clients only: no X-Forwarded-* middleware on every request
         )
     )
 

@@ -296,3 +296,18 @@ def test_a_new_participant_gets_the_card_of_someone_who_left_and_a_planned_run_s
     assert (report.created, report.cards, report.cards_freed, report.failures) == (1, 1, 1, [])
     held = _on_device(emulator)
     assert held["NEW1"]["cards"] == [newcomer.card] and held[people[-1].registration]["cards"] == []
+
+
+def test_an_empty_device_costs_one_read_and_a_held_one_is_read_in_full(emulator, cache, tmp_path):
+    """More participants than one read takes (999): on a device the cache knows nothing of, one request asks
+    for any user; an empty device is then not read further, one that holds users is read as usual."""
+    people = _participants(tmp_path, 1_200)
+    first = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions())
+    reads = emulator.control.stats(0)["routes"]["/load_objects.fcgi"]
+    assert (first.created, first.failures, reads) == (1_200, [], {"200": 1})
+    assert first.requests == 1 + 1 + 3 * 5 + 1  # login, the probe, 5 batches of users, cards and links, logout
+
+    emulator.control.reset_stats()
+    again = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions(verify=True))
+    reads = emulator.control.stats(0)["routes"]["/load_objects.fcgi"]
+    assert (again.unchanged, again.writes, reads) == (1_200, 0, {"200": 2 + 2 + 2})  # users, cards, links by 999

@@ -10,6 +10,7 @@ spreadsheet dates or Unix seconds, and are stored as Unix seconds as the devices
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -231,6 +232,11 @@ def _text(value: object, limit: int) -> str:
 def _whole(value: object, low: int, high: int) -> int | None:
     """An optional whole number in low..high. A spreadsheet number above 2**53 is refused: the spreadsheet
     has already rounded it, so it may not be the number typed."""
+    if type(value) is str and value.isascii() and value.isdigit():  # the common cell, read without a Decimal
+        number = int(value)
+        if not low <= number <= high:
+            raise _CellError(f"out of range {low}..{high}")
+        return number
     if is_blank(value):
         return None
     if isinstance(value, float) and abs(value) > _EXACT_FLOAT_LIMIT:
@@ -254,10 +260,18 @@ def _moment(value: object, zone: ZoneInfo, time_of_day: time) -> int | None:
     elif isinstance(value, date):
         moment = datetime.combine(value, time_of_day)
     else:
-        text = cell_text(value)
-        if _UNIX_SECONDS.fullmatch(text):
-            return int(text)
-        moment = _parsed_date(text, time_of_day)
+        return _text_moment(cell_text(value), zone, time_of_day)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return round(moment.timestamp())
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_moment(text: str, zone: ZoneInfo, time_of_day: time) -> int:
+    """A date written as text, as Unix seconds (remembered: a file repeats a few hundred dates)."""
+    if _UNIX_SECONDS.fullmatch(text):
+        return int(text)
+    moment = _parsed_date(text, time_of_day)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=zone)
     return round(moment.timestamp())

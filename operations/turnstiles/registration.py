@@ -2,7 +2,8 @@
 changed in batches (users, then cards, then group links), and remember what was confirmed in Redis.
 
 - Participants whose fingerprint the cache holds for this device cost no device call (unless `verify`, which
-  reads the device for everyone, or `skip_cache`, which neither reads nor writes the cache).
+  reads the device for everyone, or `skip_cache`, which neither reads nor writes the cache). A device the cache
+  knows nothing of is first asked for any user: a new or wiped one is not read further.
 - New users and new cards are written with `create_objects`: a value that exists is refused, never changed,
   so a user id or a card value of someone else is never overwritten. A refused batch is read back in one
   `load_objects`: the records the device holds exactly as sent (a retried write whose answer was lost) are
@@ -34,7 +35,7 @@ import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 import orjson
 
@@ -137,21 +138,26 @@ class DeviceFailed(Exception):
         return (DeviceFailed, (str(self), self.report, self.transient))
 
 
-@dataclass
+@dataclass(slots=True)
 class _Target:
     """A participant and what the device must get. `failed`: the user could not be written (nothing else of
-    theirs is); `problems`: the other parts that could not be (cards, groups), each with why."""
+    theirs is); `problems`: the other parts that could not be (cards, groups), each with why. The sequences
+    are replaced, never changed in place (the empty defaults are shared: ten devices plan 10,000 targets each)."""
 
     participant: Participant
     user_id: int
     new_user: bool = False
     user_changed: bool = False
     card_create: bool = False
-    card_drop: list[int] = field(default_factory=list)      # ids of this user's cards the new card replaces
+    card_drop: Sequence[int] = ()      # ids of this user's cards the new card replaces
     group_link: bool = False
-    groups_remove: list[int] = field(default_factory=list)  # managed groups the file does not grant
+    groups_remove: Sequence[int] = ()  # managed groups the file does not grant
     failed: str = ""
-    problems: list[str] = field(default_factory=list)
+    problems: Sequence[str] = ()
+
+    def refuse(self, why: str) -> None:
+        """Note a part that could not be written (a card, a group link) and why."""
+        self.problems = [*self.problems, why]
 
     @property
     def needs_write(self) -> bool:
@@ -178,7 +184,7 @@ class Roster:
     lists, dataclasses and models given to a task looking for futures (~0.8 s per task for 10,000 participants),
     not a plain object; pickled, it carries the participants only."""
 
-    __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock")
+    __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock", "_records")
 
     def __init__(self, items: list[Participant]):
         self.items = items
@@ -186,6 +192,7 @@ class Roster:
         self._fingerprints_lock = threading.Lock()
         self._user_ids: dict[str, dict[str, int]] = {}  # cache prefix -> registration -> device user id
         self._user_ids_lock = threading.Lock()
+        self._records: dict[str, tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]] = {}
 
     def __getstate__(self) -> list[Participant]:
         return self.items
@@ -212,6 +219,20 @@ class Roster:
             if missing:
                 known.update(cache.user_ids(missing))
             return {registration: known[registration] for registration in registrations}
+
+    def records(self, participant: Participant, user_id: int
+                ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+        """The participant's user, card and group link objects for `user_id` (card and link None when the file
+        gives none), made once per process for the id the devices share and reused by each device (read only:
+        they are encoded, never changed); a device's own id for a user it already had gets objects of its own."""
+        made = self._records.get(participant.registration)
+        if made is not None and made[0]["id"] == user_id:
+            return made
+        made = (user_values(participant, user_id),
+                None if participant.card is None else {"value": participant.card, "user_id": user_id},
+                None if participant.group is None else {"user_id": user_id, "group_id": participant.group})
+        self._records.setdefault(participant.registration, made)  # kept for the first id asked
+        return made
 
 
 def user_values(p: Participant, user_id: int) -> dict[str, Any]:
@@ -266,10 +287,13 @@ def register_on_device(
             with device_slot():
                 targets = _device_work(client, cache, roster, todo, scope, options, report, progress, should_stop,
                                        tally)
-                client.logout()
-            if not options.skip_cache and not options.dry_run:
-                cache.confirm(device, [(t.participant.registration, t.user_id, fingerprints[t.participant.registration])
-                                       for t in targets if not t.error])
+                confirmed_now = [] if options.skip_cache or options.dry_run else [
+                    (t.participant.registration, t.user_id, fingerprints[t.participant.registration])
+                    for t in targets if not t.error]
+                with ThreadPoolExecutor(1, thread_name_prefix=f"confirm-{device}") as background:
+                    confirming = background.submit(cache.confirm, device, confirmed_now)  # beside the logout
+                    client.logout()
+                confirming.result()
     except Cancelled as exc:
         report.status, report.error = "cancelled", str(exc)
         client.logout()
@@ -309,7 +333,7 @@ def _device_work(
         return targets
     if progress and report.unchanged:
         progress(report.unchanged)
-    _write(client, cache, scope, plan, options, progress, should_stop, tally)
+    _write(client, cache, roster, scope, plan, options, progress, should_stop, tally)
     report.failures += [(t.participant.registration, t.participant.row_number, t.error) for t in targets if t.error]
     return targets
 
@@ -339,7 +363,7 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
           dry_run: bool) -> _Plan:
     """What each participant needs, from one read of the device (users by registration, their cards and
     group links, in lists of at most 999 values; then the holders of the wanted cards and the wanted groups)."""
-    on_device = {u["registration"]: u for u in client.load("users", "registration", [p.registration for p in todo])}
+    on_device = _users_by_registration(client, cache, scope.device, [p.registration for p in todo])
     known_ids = [u["id"] for u in on_device.values()]
     cards: dict[int, list[dict[str, Any]]] = {}
     for card in client.load("cards", "user_id", known_ids) if known_ids else []:
@@ -368,6 +392,17 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
     return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
 
 
+def _users_by_registration(client: ControlIdClient, cache: RegistrationCache, device: str,
+                           registrations: list[str]) -> dict[str, dict[str, Any]]:
+    """The device's users of `registrations`, by registration. When the cache holds nothing of the device (a
+    first run, or a unit found reset) and reading them takes several requests, one request for any user first:
+    a device that holds none (new or wiped) is not read further."""
+    if len(registrations) > MAX_IN_LIST and not cache.count(device):
+        if not client.call("/load_objects.fcgi", {"object": "users", "limit": 1}).get("users"):
+            return {}
+    return {u["registration"]: u for u in client.load("users", "registration", registrations)}
+
+
 def _check_groups(client: ControlIdClient, targets: list[_Target], device: str) -> None:
     """Links to groups the device lacks are not attempted: the participant's failure names the group."""
     wanted = {t.participant.group for t in targets if t.group_link}
@@ -375,7 +410,7 @@ def _check_groups(client: ControlIdClient, targets: list[_Target], device: str) 
     for t in targets:
         if t.group_link and t.participant.group not in existing:
             t.group_link = False
-            t.problems.append(f"groups: group {t.participant.group} does not exist on {device}")
+            t.refuse(f"groups: group {t.participant.group} does not exist on {device}")
 
 
 @dataclass
@@ -431,8 +466,8 @@ def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: li
         blocked = False
         for t in creating:
             if t.card_create and (why := blocker(t)) is not None:
-                t.card_create, t.card_drop, blocked = False, [], True
-                t.problems.append(why)
+                t.card_create, t.card_drop, blocked = False, (), True
+                t.refuse(why)
     freed = {}
     for t in creating:
         held = holders.get(t.participant.card)
@@ -442,34 +477,155 @@ def _settle_cards(client: ControlIdClient, cache: RegistrationCache, targets: li
 
 
 def _write(
-    client: ControlIdClient, cache: RegistrationCache, scope: _Scope, plan: _Plan, options: RegistrationOptions,
-    progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
+    client: ControlIdClient, cache: RegistrationCache, roster: Roster, scope: _Scope, plan: _Plan,
+    options: RegistrationOptions, progress: Callable[[int], None] | None, should_stop: StopCheck, tally: DeviceTally,
 ) -> None:
     """Users, then cards (the replaced and freed ones destroyed first), then group links (the removed ones
     destroyed first), each in batches (`options.concurrency` calls at once); a participant whose user failed
     gets nothing more, one whose card failed still gets their group link. Each confirmed write is added to
     `tally` at once. Once a batch fails (the device unreachable) or `should_stop()` (Cancelled), no further
-    batch starts: those in flight finish and are counted, then the error is raised."""
-    device = scope.device
-    targets = [t for t in plan.targets if t.needs_write]
+    batch starts: those in flight finish and are counted, then the error is raised. The next kind's batches
+    are built while the current kind's are on the device."""
+    _Writer(client, cache, roster, scope, plan, options, progress, should_stop, tally).run()
 
-    def alive(predicate: Callable[[_Target], bool]) -> list[_Target]:
-        return [t for t in targets if not t.failed and predicate(t)]
 
-    def check_users(batch: list[_Target]) -> dict[int, str | None]:
-        found = {u["id"]: u for u in client.load("users", "id", [t.user_id for t in batch])}
+@dataclass(frozen=True)
+class _Step:
+    """One kind of write: the targets that need it, the object each sends (its index in `Roster.records`),
+    whether existing values are refused (`create_only`), how a refused batch is read back, the figure it adds to."""
+
+    object_name: str
+    wanted: Callable[[_Target], bool]
+    record: int
+    create_only: bool
+    check: str | None  # name of the _Writer method reading a refused batch back
+    figure: str
+
+
+_STEPS = (
+    _Step("users", lambda t: t.new_user, 0, True, "check_users", "created"),
+    _Step("users", lambda t: t.user_changed, 0, False, None, "updated"),
+    _Step("cards", lambda t: t.card_create, 1, True, "check_cards", "cards"),
+    _Step("user_groups", lambda t: t.group_link, 2, False, "check_links", "groups"),
+)
+
+Record = tuple[_Target, dict]
+
+
+class _Writer:
+    """The writes of one device's plan (`_write`), and the reads that settle a refused batch."""
+
+    def __init__(self, client: ControlIdClient, cache: RegistrationCache, roster: Roster, scope: _Scope,
+                 plan: _Plan, options: RegistrationOptions, progress: Callable[[int], None] | None,
+                 should_stop: StopCheck, tally: DeviceTally):
+        self.client, self.cache, self.roster, self.scope, self.plan = client, cache, roster, scope, plan
+        self.options, self.progress, self.should_stop, self.tally = options, progress, should_stop, tally
+        self.device = scope.device
+        self.targets = [t for t in plan.targets if t.needs_write]
+        self.users_failed = False  # once a user write is refused, prepared batches are filtered again
+
+    def run(self) -> None:
+        with ThreadPoolExecutor(max(1, self.options.concurrency), thread_name_prefix=f"device-{self.device}") as pool:
+            prepared = {0: self.batches(_STEPS[0])}
+            for index, step in enumerate(_STEPS):
+                self.clear_way(step.object_name)
+                batches = prepared.pop(index)
+                if self.users_failed:  # built before those users were refused
+                    batches = [kept for batch in batches if (kept := [r for r in batch if not r[0].failed])]
+                futures = [pool.submit(self.one_batch, batch, step) for batch in batches]
+                for later in range(index + 1, len(_STEPS)):  # built while the first batches are on the device
+                    if later not in prepared:
+                        prepared[later] = self.batches(_STEPS[later])
+                self.settle(step, batches, futures)
+        if self.progress:  # the participants without a user write are settled now
+            self.progress(sum(not (t.new_user or t.user_changed) for t in self.targets))
+
+    def alive(self, predicate: Callable[[_Target], bool]) -> list[_Target]:
+        return [t for t in self.targets if not t.failed and predicate(t)]
+
+    def batches(self, step: _Step) -> list[list[Record]]:
+        records = self.roster.records
+        return _batches([(t, records(t.participant, t.user_id)[step.record]) for t in self.alive(step.wanted)],
+                        self.options.batch_size, self.options.max_body_bytes)
+
+    def clear_way(self, object_name: str) -> None:
+        """Before the cards, the cards given up and freed (a swap needs both values free); before the links,
+        the links to managed groups the file does not grant."""
+        if object_name == "cards":
+            dropping = [(card_id, t.participant.registration) for t in self.alive(lambda t: t.card_create)
+                        for card_id in t.card_drop] + self.plan.freed
+            self.destroy("cards", {}, [card_id for card_id, _ in dropping], None,
+                         [registration for _, registration in dropping])
+            self.tally.add("cards_freed", len(self.plan.freed))
+        if object_name == "user_groups":
+            for group in sorted({g for t in self.alive(lambda t: bool(t.groups_remove)) for g in t.groups_remove}):
+                losing = self.alive(lambda t: group in t.groups_remove)
+                self.destroy("user_groups", {"group_id": group}, [t.user_id for t in losing], "groups_removed",
+                             [t.participant.registration for t in losing])
+
+    def settle(self, step: _Step, batches: list[list[Record]], futures: list) -> None:
+        """Count each batch as its answer comes; after a failed one, cancel those not started and raise."""
+        stopped: Exception | None = None
+        for batch, future in zip(batches, futures):
+            try:
+                self.written(batch, future.result(), step)
+            except CancelledError:  # not started: a batch before it failed or was stopped
+                pass
+            except Exception as exc:  # noqa: BLE001 - raised once the batches in flight are counted
+                if stopped is None:
+                    stopped = exc
+                    for later in futures:
+                        later.cancel()
+        if stopped is not None:
+            raise stopped
+
+    def one_batch(self, batch: list[Record], step: _Step) -> list[tuple[_Target, str]]:
+        raise_if_stopped(self.should_stop, f"the next {step.object_name} batch on {self.device}")
+        check = getattr(self, step.check) if step.check else None
+        return _write_isolating(self.client, step.object_name, batch, step.create_only, check)
+
+    def written(self, batch: list[Record], refused: list[tuple[_Target, str]], step: _Step) -> None:
+        object_name = step.object_name
+        refused_ids = {id(target) for target, _ in refused}
+        for target, error in refused:
+            if object_name == "users":
+                target.failed = f"users: {error}"
+                self.users_failed = True
+            else:
+                target.refuse(f"{'groups' if object_name == 'user_groups' else object_name}: {error}")
+        self.tally.add(step.figure, len(batch) - len(refused_ids),
+                       [t.participant.registration for t, _ in batch if id(t) not in refused_ids])
+        if self.progress and object_name == "users":
+            self.progress(len(batch))
+
+    def destroy(self, object_name: str, where: dict[str, Any], values: list[int], figure: str | None,
+                registrations: list[str]) -> None:
+        """Destroy the `object_name` rows matching `where` and each part of `values` (lists of at most 998)."""
+        field_name = "id" if object_name == "cards" else "user_id"
+        for start in range(0, len(values), MAX_IN_LIST - 1):
+            part = values[start:start + MAX_IN_LIST - 1]
+            raise_if_stopped(self.should_stop, f"the next {object_name} removal on {self.device}")
+            self.client.call("/destroy_objects.fcgi",
+                             {"object": object_name, "where": {object_name: {**where, field_name: part}}})
+            self.client.stats.count(writes=1)
+            self.tally.add(figure, len(part), registrations[start:start + MAX_IN_LIST - 1])
+
+    # -- reading a refused batch back: id(target) -> None (held as sent), why it is refused, or "" (send again)
+    def check_users(self, batch: list[_Target]) -> dict[int, str | None]:
+        found = {u["id"]: u for u in self.client.load("users", "id", [t.user_id for t in batch])}
         outcome: dict[int, str | None] = {}
         for t in batch:
             if t.user_id in found:  # ours: an earlier write whose answer was lost; else someone else's id
                 registration = found[t.user_id].get("registration")
                 outcome[id(t)] = (None if registration == t.participant.registration
-                                  else f"user id {t.user_id} is {registration!r} on {device}")
+                                  else f"user id {t.user_id} is {registration!r} on {self.device}")
         return outcome
 
-    def check_cards(batch: list[_Target]) -> dict[int, str | None]:
+    def check_cards(self, batch: list[_Target]) -> dict[int, str | None]:
         """Cards held as sent are done; those of people who left are freed (sent again), others refused."""
-        found = _card_holders(client, cache, [t.participant.card for t in batch], {t.user_id for t in batch}, scope)
-        by_user = {t.user_id: t for t in plan.targets}
+        found = _card_holders(self.client, self.cache, [t.participant.card for t in batch],
+                              {t.user_id for t in batch}, self.scope)
+        by_user = {t.user_id: t for t in self.plan.targets}
         outcome: dict[int, str | None] = {}
         freed = []
         for t in batch:
@@ -483,84 +639,15 @@ def _write(
             holder = by_user.get(card["user_id"])
             outcome[id(t)] = None if card["user_id"] == t.user_id else (
                 f"card {t.participant.card} is held by "
-                f"{found.named(card['user_id'], holder.participant.registration if holder else None)} on {device}")
+                f"{found.named(card['user_id'], holder.participant.registration if holder else None)} on {self.device}")
         if freed:
-            destroy("cards", {}, [card_id for card_id, _ in freed], "cards_freed", [r for _, r in freed])
+            self.destroy("cards", {}, [card_id for card_id, _ in freed], "cards_freed", [r for _, r in freed])
         return outcome
 
-    def check_links(batch: list[_Target]) -> dict[int, str | None]:
-        existing = {g["id"] for g in client.load("groups", "id", sorted({t.participant.group for t in batch}))}
-        return {id(t): f"group {t.participant.group} does not exist on {device}"
+    def check_links(self, batch: list[_Target]) -> dict[int, str | None]:
+        existing = {g["id"] for g in self.client.load("groups", "id", sorted({t.participant.group for t in batch}))}
+        return {id(t): f"group {t.participant.group} does not exist on {self.device}"
                 for t in batch if t.participant.group not in existing}
-
-    def written(batch: list[tuple[_Target, dict]], refused: list[tuple[_Target, str]], object_name: str,
-                figure: str) -> None:
-        refused_ids = {id(target) for target, _ in refused}
-        for target, error in refused:
-            if object_name == "users":
-                target.failed = f"users: {error}"
-            else:
-                target.problems.append(f"{'groups' if object_name == 'user_groups' else object_name}: {error}")
-        tally.add(figure, len(batch) - len(refused_ids),
-                  [t.participant.registration for t, _ in batch if id(t) not in refused_ids])
-        if progress and object_name == "users":
-            progress(len(batch))
-
-    def one_batch(batch: list[tuple[_Target, dict]], object_name: str, create_only: bool, check):
-        raise_if_stopped(should_stop, f"the next {object_name} batch on {device}")
-        return _write_isolating(client, object_name, batch, create_only, check)
-
-    def destroy(object_name: str, where: dict[str, Any], values: list[int], figure: str | None,
-                registrations: list[str]) -> None:
-        """Destroy the `object_name` rows matching `where` and each part of `values` (lists of at most 998)."""
-        field_name = "id" if object_name == "cards" else "user_id"
-        for start in range(0, len(values), MAX_IN_LIST - 1):
-            part = values[start:start + MAX_IN_LIST - 1]
-            raise_if_stopped(should_stop, f"the next {object_name} removal on {device}")
-            client.call("/destroy_objects.fcgi",
-                        {"object": object_name, "where": {object_name: {**where, field_name: part}}})
-            client.stats.count(writes=1)
-            tally.add(figure, len(part), registrations[start:start + MAX_IN_LIST - 1])
-
-    steps = [
-        ("users", lambda t: t.new_user, lambda t: user_values(t.participant, t.user_id), True, check_users,
-         "created"),
-        ("users", lambda t: t.user_changed, lambda t: user_values(t.participant, t.user_id), False, None, "updated"),
-        ("cards", lambda t: t.card_create, lambda t: {"value": t.participant.card, "user_id": t.user_id}, True,
-         check_cards, "cards"),
-        ("user_groups", lambda t: t.group_link, lambda t: {"user_id": t.user_id, "group_id": t.participant.group},
-         False, check_links, "groups"),
-    ]
-    with ThreadPoolExecutor(max(1, options.concurrency), thread_name_prefix=f"device-{device}") as pool:
-        for object_name, wanted, values, create_only, check, figure in steps:
-            if object_name == "cards":  # the cards given up and freed go first: a swap needs both values free
-                dropping = [(card_id, t.participant.registration) for t in alive(lambda t: t.card_create)
-                            for card_id in t.card_drop] + plan.freed
-                destroy("cards", {}, [card_id for card_id, _ in dropping], None,
-                        [registration for _, registration in dropping])
-                tally.add("cards_freed", len(plan.freed))
-            if object_name == "user_groups":
-                for group in sorted({g for t in alive(lambda t: bool(t.groups_remove)) for g in t.groups_remove}):
-                    losing = alive(lambda t: group in t.groups_remove)
-                    destroy("user_groups", {"group_id": group}, [t.user_id for t in losing], "groups_removed",
-                            [t.participant.registration for t in losing])
-            batches = _batches([(t, values(t)) for t in alive(wanted)], options.batch_size, options.max_body_bytes)
-            futures = [pool.submit(one_batch, batch, object_name, create_only, check) for batch in batches]
-            stopped: Exception | None = None
-            for batch, future in zip(batches, futures):
-                try:
-                    written(batch, future.result(), object_name, figure)
-                except CancelledError:  # not started: a batch before it failed or was stopped
-                    pass
-                except Exception as exc:  # noqa: BLE001 - raised once the batches in flight are counted
-                    if stopped is None:
-                        stopped = exc
-                        for later in futures:
-                            later.cancel()
-            if stopped is not None:
-                raise stopped
-    if progress:  # the participants without a user write are settled now
-        progress(sum(not (t.new_user or t.user_changed) for t in targets))
 
 
 def _batches(records: list[tuple[_Target, dict]], max_count: int, max_bytes: int) -> list[list[tuple[_Target, dict]]]:
