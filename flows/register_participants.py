@@ -17,10 +17,7 @@ cancel and ends Cancelled.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -46,6 +43,7 @@ from flows.forms import form_field
 from flows.outcomes import ends_failed_on_user_error
 from flows.task_runners import io_task_runner
 from operations.errors import UserError
+from operations.infra.heap import settled_heap
 from operations.infra.links import output_base_url, output_link
 from operations.infra.tabular import READ_FILE_PATTERN
 from operations.settings import Settings, get_settings
@@ -163,7 +161,7 @@ def register_everywhere(
     task = with_retries(register_on_turnstile, settings.turnstiles.task_retries)
     runner = io_task_runner(settings, max(1, min(settings.turnstiles.concurrency, len(devices))),
                             settings.turnstiles.task_runner)
-    with runner, heap_frozen():
+    with runner, settled_heap():
         futures = runner.map(task, {
             "device_name": list(devices), "device": list(devices.values()),
             "participants": unmapped(people), "cache_block": unmapped(cache),
@@ -182,18 +180,6 @@ def register_everywhere(
         else DeviceReport(name, participants=len(people), status="failed", error=str(outcome)).to_json()
         for name, outcome in zip(devices, outcomes)
     }
-
-
-@contextlib.contextmanager
-def heap_frozen() -> Iterator[None]:
-    """The objects alive before the turnstile tasks start (Prefect's, the participants') left out of the garbage
-    collector's full passes while the tasks' threads plan and write: on the thread pool each full pass holds the
-    interpreter lock for ~0.2 s, stalling every turnstile at once. Collectable again afterwards."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def register_where_needed(

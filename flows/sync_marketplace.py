@@ -38,6 +38,7 @@ from flows.task_runners import io_task_runner
 from operations.errors import UserError
 from operations.events import ACCOUNT_PARKED
 from operations.infra.database import get_engine, project_engine
+from operations.infra.heap import settled_heap
 from operations.marketplace.report import (
     AccountsFailed,
     account_line,
@@ -59,7 +60,6 @@ from operations.marketplace.sync import (
     light_account,
     resync_start,
     run_shape,
-    settled_heap,
 )
 from operations.settings import Settings, get_settings
 from tasks.cancellation import note_termination, run_stop_check, watch_termination

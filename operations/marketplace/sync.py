@@ -18,14 +18,11 @@ updates land behind the watermark), again without duplicates.
 from __future__ import annotations
 
 import enum
-import gc
-import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, time as clock_time, timedelta, timezone
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from pydantic import SecretStr
 from sqlalchemy import Engine
@@ -144,31 +141,6 @@ def run_shape(concurrency: int, accounts: int, runner: str, dask_workers: int, e
         return RunShape(at_once, concurrency)
     workers = max(1, min(dask_workers, at_once))
     return RunShape(at_once, -(-concurrency // workers))
-
-
-_heap_guard = threading.Lock()
-_heap_holders = 0
-
-
-@contextmanager
-def settled_heap() -> Iterator[None]:
-    """Run the block with the objects the process holds at its start (Prefect, SQLAlchemy, httpx: ~250,000 in
-    a flow process) left out of the cyclic garbage collector's passes (`gc.freeze`), and give them back after
-    the last such block of the process ends (`gc.unfreeze`). An account's pages allocate thousands of short-lived
-    objects each; every oldest-generation pass otherwise walks the whole heap again, which measured ~20% of the
-    flow process's CPU in a first sync of 50 accounts, held under the GIL that every account thread waits for.
-    Objects made during the block are collected as usual."""
-    global _heap_holders
-    with _heap_guard:
-        _heap_holders += 1
-        gc.freeze()
-    try:
-        yield
-    finally:
-        with _heap_guard:
-            _heap_holders -= 1
-            if not _heap_holders:
-                gc.unfreeze()
 
 
 # An account whose orders checkpoint is at most this old, in a run that reads no items (notifications on) and
