@@ -25,16 +25,11 @@ from typing import Iterable, Iterator, Sequence
 
 import redis
 
-# KEYS[1] stream, KEYS[2] guard hash; ARGV[1] approximate MAXLEN (0: none), ARGV[2] the number n of fields every
-# message of the call has, ARGV[3..2+n] their names, then per message: its key and its n values. The guards are
-# read with one HMGET and the new ones written with one HSET. Returns the entry ids in order and a string of
-# '1' (added now) or '0' (already in the stream) per message.
-_PUBLISH = """
-local stream, guards, maxlen, n = KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2])
-local names, keys, first = {}, {}, 3 + n
-for j = 1, n do names[j] = ARGV[2 + j] end
-for pos = first, #ARGV, n + 1 do keys[#keys + 1] = ARGV[pos] end
-if #keys == 0 then return {{}, ''} end
+# What both publish scripts do once they know the batch: `keys` (each message's key), `n` field `names` and
+# `value(i, j)` (message i's j-th value). The guards are read with one HMGET and the new ones written with one
+# HSET; `ids` (each message's entry id, in order) and `added` ('1' added now, '0' already in the stream) are
+# left for the script's return.
+_GUARDED_XADD = """
 local existing = redis.call('HMGET', guards, unpack(keys))
 local ids, added, new_guards, seen = {}, {}, {}, {}
 local args = {stream}
@@ -48,17 +43,28 @@ for i = 1, #keys do
   if id then
     ids[i] = id; added[i] = '0'
   else
-    local pos = first + (i - 1) * (n + 1)
-    for j = 1, n do args[base + 2 * j - 1] = names[j]; args[base + 2 * j] = ARGV[pos + j] end
+    for j = 1, n do args[base + 2 * j - 1] = names[j]; args[base + 2 * j] = value(i, j) end
     id = redis.call('XADD', unpack(args))
     ids[i] = id; added[i] = '1'; seen[keys[i]] = id
     new_guards[#new_guards + 1] = keys[i]; new_guards[#new_guards + 1] = id
   end
 end
 if #new_guards > 0 then redis.call('HSET', guards, unpack(new_guards)) end
-return {ids, table.concat(added)}
 """
 
+# KEYS[1] stream, KEYS[2] guard hash; ARGV[1] approximate MAXLEN (0: none), ARGV[2] the number n of fields every
+# message of the call has, ARGV[3..2+n] their names, then per message: its key and its n values. Returns the
+# entry ids in order and the string of '1'/'0'.
+_PUBLISH = """
+local stream, guards, maxlen, n = KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2])
+local names, keys, first = {}, {}, 3 + n
+for j = 1, n do names[j] = ARGV[2 + j] end
+for pos = first, #ARGV, n + 1 do keys[#keys + 1] = ARGV[pos] end
+if #keys == 0 then return {{}, ''} end
+local function value(i, j) return ARGV[first + (i - 1) * (n + 1) + j] end
+""" + _GUARDED_XADD + """
+return {ids, table.concat(added)}
+"""
 
 # The same for messages given as one JSON array (ARGV[2]) of [key, value 1, ..., value n], the field names in
 # ARGV[3..]: a batch built by the database costs no Python per message. Returns the entry ids joined by ',' and
@@ -71,28 +77,8 @@ local names, n = {}, #ARGV - 2
 for j = 1, n do names[j] = ARGV[2 + j] end
 local keys = {}
 for i = 1, #messages do keys[i] = messages[i][1] end
-local existing = redis.call('HMGET', guards, unpack(keys))
-local ids, added, new_guards, seen = {}, {}, {}, {}
-local args = {stream}
-if maxlen > 0 then
-  args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-end
-args[#args + 1] = '*'
-local base = #args
-for i = 1, #messages do
-  local key = keys[i]
-  local id = existing[i] or seen[key]
-  if id then
-    ids[i] = id; added[i] = '0'
-  else
-    local message = messages[i]
-    for j = 1, n do args[base + 2 * j - 1] = names[j]; args[base + 2 * j] = message[j + 1] end
-    id = redis.call('XADD', unpack(args))
-    ids[i] = id; added[i] = '1'; seen[key] = id
-    new_guards[#new_guards + 1] = key; new_guards[#new_guards + 1] = id
-  end
-end
-if #new_guards > 0 then redis.call('HSET', guards, unpack(new_guards)) end
+local function value(i, j) return messages[i][j + 1] end
+""" + _GUARDED_XADD + """
 return {table.concat(ids, ','), table.concat(added)}
 """
 
