@@ -162,8 +162,8 @@ def group_light_accounts(
 ) -> tuple[list[AccountView], list[list[AccountView]]]:
     """(accounts synced one to a task, groups of light accounts synced several to a task). The light accounts
     are grouped only when there are more of them than tasks at once (`at_once`): then into `at_once` groups of
-    near-equal size, in the accounts' order, so the run keeps as many syncs going as before with a task run per
-    group instead of per account."""
+    near-equal size, in the accounts' order, so the run keeps `at_once` syncs going with a task run per group
+    instead of per account."""
     chosen = [a for a in accounts if a.seller_id in light]
     if len(chosen) <= at_once:
         return list(accounts), []
