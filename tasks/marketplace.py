@@ -50,10 +50,7 @@ def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: Syn
     tally = attempt_tally(lambda: AccountSyncResult(account.seller_id, account.nickname))
     flow_run_id = current_flow_run_id()
     try:
-        client = app.client().sharing(request_slots(run.requests_in_flight))  # the process's slots (run_shape)
-        result = sync_account(_engine(run), client, account, run.resources, run.options,
-                              full_resync_from=run.full_resync_from, should_stop=run_stop_check(flow_run_id),
-                              result=tally, run_id=str(flow_run_id) if flow_run_id else None)
+        result = _sync(account, app, run, tally, run_stop_check(flow_run_id), flow_run_id)
     except AccountSyncFailed as exc:
         if not exc.transient or _last_attempt():
             release_tally()  # no retry follows
@@ -75,7 +72,6 @@ def sync_marketplace_accounts(
     report counting every attempt; one account failing never stops the others."""
     flow_run_id = current_flow_run_id()
     should_stop = run_stop_check(flow_run_id)
-    slots = request_slots(run.requests_in_flight)
     tallies = {a.seller_id: AccountSyncResult(a.seller_id, a.nickname) for a in accounts}
     reports: dict[int, dict] = {}
     pending = list(accounts)
@@ -83,11 +79,8 @@ def sync_marketplace_accounts(
         again = []
         for account in pending:
             try:
-                reports[account.seller_id] = sync_account(
-                    _engine(run), app.client().sharing(slots), account, run.resources, run.options,
-                    full_resync_from=run.full_resync_from, should_stop=should_stop, result=tallies[account.seller_id],
-                    run_id=str(flow_run_id) if flow_run_id else None,
-                ).to_json()
+                reports[account.seller_id] = _sync(account, app, run, tallies[account.seller_id], should_stop,
+                                                   flow_run_id).to_json()
                 continue
             except AccountSyncFailed as exc:
                 reports[account.seller_id], transient = dict(exc.result), exc.transient
@@ -100,6 +93,16 @@ def sync_marketplace_accounts(
             break
         pending = again
     return [reports[a.seller_id] for a in accounts]
+
+
+def _sync(account: AccountView, app: MarketplaceApp, run: SyncRun, tally: AccountSyncResult, should_stop,
+          flow_run_id: UUID | None) -> AccountSyncResult:
+    """One attempt at one account's sync, its figures added to `tally`, its requests in the process's slots
+    (`run_shape`)."""
+    client = app.client().sharing(request_slots(run.requests_in_flight))
+    return sync_account(_engine(run), client, account, run.resources, run.options,
+                        full_resync_from=run.full_resync_from, should_stop=should_stop, result=tally,
+                        run_id=str(flow_run_id) if flow_run_id else None)
 
 
 def _paused(seconds: float, should_stop) -> bool:
