@@ -11,36 +11,23 @@ from concurrent.futures import Future as ThreadFuture
 from typing import Any
 from urllib.parse import urlparse
 
+from typing import TYPE_CHECKING
+
 from prefect import Task
 from prefect.futures import PrefectFuture, wait
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect_dask import DaskTaskRunner
 
 from operations.settings import Settings
 
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
+
+# prefect-dask, distributed and numpy are imported only when a Dask runner is built (flows/dask_runners.py):
+# ~0.5 s of CPU that a flow run on threads does not spend at its start.
 
 # Dask's per-worker INFO lines drown the run's own log; worker processes inherit the variable.
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 logging.getLogger("distributed").setLevel(logging.WARNING)
-
-
-class _NoDashboardLine(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("The Dask dashboard is available at")
-
-
-_NO_DASHBOARD_LINE = _NoDashboardLine()
-
-
-class LocalDaskTaskRunner(DaskTaskRunner):
-    """A DaskTaskRunner on a LocalCluster this project starts with `dashboard_address=None`. prefect-dask
-    still logs "The Dask dashboard is available at http://...:8787/status" for it (the scheduler keeps a bare
-    HTTP server for /health; bokeh, which serves the dashboard, is not installed), a link to nothing: this
-    runner's logger drops that line. Runners on DASK_SCHEDULER_ADDRESS keep it: that cluster may serve one."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.logger.addFilter(_NO_DASHBOARD_LINE)  # the logger of this class; added once (addFilter skips it after)
 
 
 class DaskSchedulerUnreachable(RuntimeError):
@@ -64,8 +51,10 @@ def check_scheduler_reachable(address: str, timeout: float) -> None:
 def dask_task_runner(settings: Settings) -> DaskTaskRunner:
     """The configured Dask cluster: DASK_SCHEDULER_ADDRESS if set (the flow has checked it is reachable),
     else a LocalCluster of process workers."""
+    from flows.dask_runners import LocalDaskTaskRunner, on_existing_cluster
+
     if settings.dask.scheduler_address:
-        return DaskTaskRunner(address=settings.dask.scheduler_address)
+        return on_existing_cluster(settings.dask.scheduler_address)
     return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
@@ -104,6 +93,8 @@ class LocalClusterInBackground:
         self._thread.join()
         if self._error is not None:
             raise RuntimeError(f"the local Dask cluster did not start: {self._error}") from self._error
+        from flows.dask_runners import LocalDaskTaskRunner
+
         return LocalDaskTaskRunner(address=self._cluster.scheduler_address)
 
     def close(self) -> None:
@@ -144,9 +135,11 @@ def io_task_runner(settings: Settings, concurrency: int, kind: str) -> ThreadPoo
         return ThreadPoolTaskRunner(max_workers=concurrency)
     if kind != "dask":
         raise ValueError(f"unknown task runner {kind!r}: use 'threads' or 'dask'")
+    from flows.dask_runners import LocalDaskTaskRunner, on_existing_cluster
+
     if settings.dask.scheduler_address:
         check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
-        return DaskTaskRunner(address=settings.dask.scheduler_address)
+        return on_existing_cluster(settings.dask.scheduler_address)
     workers = max(1, min(settings.dask.n_workers, concurrency))
     return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",

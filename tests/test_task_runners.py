@@ -9,7 +9,8 @@ import pytest
 from prefect import flow, task
 from prefect_dask import DaskTaskRunner
 
-from flows.task_runners import LocalClusterInBackground, LocalDaskTaskRunner, dask_task_runner, in_process_task_runner
+from flows.dask_runners import LocalDaskTaskRunner
+from flows.task_runners import LocalClusterInBackground, dask_task_runner, in_process_task_runner
 from operations.settings import DaskSettings, Settings
 
 DASHBOARD_LINE = "The Dask dashboard is available at "
