@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,13 +34,15 @@ from sqlalchemy.engine import make_url
 from operations.infra.database import redact_url
 from operations.infra.embedded_postgres import EmbeddedPostgres, ensure_database, ensure_embedded_postgres
 from operations.infra.processes import (
-    basic_auth_headers, client_host, free_port, port_free, require_auth_off_loopback,
+    basic_auth_headers, client_host, folder_lock, free_port, port_free, require_auth_off_loopback,
 )
 from operations.infra.services import Service
 from operations.settings import Settings
 
 STATE_FILE = "prefect-server.json"
 DEFAULT_PORT = 4200
+# One lock on the machine for the choice of DEFAULT_PORT, whatever the stack's DATA_DIR.
+DEFAULT_PORT_LOCK = Path(tempfile.gettempdir()) / f"prefect-server-port-{DEFAULT_PORT}"
 PREFECT_DATABASE = "prefect"  # the server's own database on the embedded PostgreSQL
 # Prefect's names of its database URL; it reads the first one when both are set.
 DATABASE_URL_VARIABLES = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
@@ -216,8 +219,15 @@ class PrefectServerService(Service[PrefectServer]):
         return True
 
     def start(self) -> PrefectServer:
+        if self.port:
+            return self._start(self.port)
+        # Held until the server answers: a stack starting at the same moment waits, then finds DEFAULT_PORT taken
+        # and takes another port, instead of also choosing it and being answered by this stack's server.
+        with folder_lock(DEFAULT_PORT_LOCK):
+            return self._start(DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port())
+
+    def _start(self, port: int) -> PrefectServer:
         database, host = self.database, self.host
-        port = self.port or (DEFAULT_PORT if port_free(DEFAULT_PORT) else free_port())
         base = f"http://{client_host(host)}:{port}"
         headers = basic_auth_headers(self.auth)
         pid = self.supervise(

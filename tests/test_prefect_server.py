@@ -172,3 +172,40 @@ def test_a_malformed_auth_string_is_refused_without_showing_it(tmp_path, value):
     with pytest.raises(ValueError, match="'user:password'") as refused:
         Settings(stack=StackSettings(data_dir=tmp_path / "data", auth_string=value))
     assert value not in str(refused.value).replace("'user:password'", "")
+
+
+def test_two_stacks_starting_at_once_do_not_both_choose_the_default_port(tmp_path, monkeypatch):
+    """Each `start` holds the machine's lock of DEFAULT_PORT until its server answers: the second one finds the
+    port taken and takes another, instead of starting a server that cannot bind while the first one's answers
+    its health check. The servers are stand-ins that listen on the port they are given after 0.3 s."""
+    import socket
+    import threading
+    import time
+
+    from deployments import prefect_server
+
+    monkeypatch.setattr(prefect_server, "DEFAULT_PORT", free_port())  # free now, as 4200 is on a fresh machine
+    monkeypatch.setattr(prefect_server, "DEFAULT_PORT_LOCK", tmp_path / "port-lock")
+    listening: list[socket.socket] = []
+
+    def start_listening(service, port: int) -> int:
+        time.sleep(0.3)  # the server's start-up, during which the port still looks free
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", port))  # a second server on the same port would fail here
+        sock.listen()
+        listening.append(sock)
+        return port
+
+    monkeypatch.setattr(prefect_server.PrefectServerService, "_start", start_listening)
+    services = [prefect_server.PrefectServerService(tmp_path / name) for name in ("one", "two")]
+    ports: list[int] = []
+    threads = [threading.Thread(target=lambda s=s: ports.append(s.start())) for s in services]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(ports) == 2 and prefect_server.DEFAULT_PORT in ports and len(set(ports)) == 2, ports
+    finally:
+        for sock in listening:
+            sock.close()
