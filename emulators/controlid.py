@@ -884,11 +884,8 @@ class TurnstileEmulator:
         await device.gate.acquire()
         try:
             stats.peak_served = max(stats.peak_served, device.gate.active)
-            latency = self.config.device_knob(device.index, "latency_ms")
-            if latency > 0:
-                await asyncio.sleep(latency / 1000)
-            if device.down:
-                return await self._drop(device, request), "dropped"
+            loop = asyncio.get_running_loop()
+            ends = loop.time() + self.config.device_knob(device.index, "latency_ms") / 1000
             try:
                 if path not in ("/login.fcgi", "/session_is_valid.fcgi"):
                     self._authenticate(device, request)
@@ -901,6 +898,10 @@ class TurnstileEmulator:
                 response, outcome = _json(answer), "200"
             except _ApiError as exc:
                 response, outcome = _json(exc.body, exc.status), str(exc.status)
+            if ends > loop.time():  # the call takes the latency in all, its own work included
+                await asyncio.sleep(ends - loop.time())
+            if device.down:  # set down during the call: the answer is lost (a write is applied)
+                return await self._drop(device, request), "dropped"
             if fault == "drop_after_commit":
                 stats.faults_injected += 1
                 stats.dropped += 1
