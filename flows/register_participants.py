@@ -17,7 +17,9 @@ cancel and ends Cancelled.
 
 from __future__ import annotations
 
+import contextvars
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -121,6 +123,12 @@ def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
         for name, slots in wanted.items():
             if existing.get(name) != slots:
                 upsert_concurrency_limit(client, name, slots)
+
+
+def load_blocks(names: list[str], cache_block: str, settings: Settings
+                ) -> tuple[dict[str, TurnstileDevice], TurnstileCache]:
+    """The turnstiles' blocks and the cache block, answering."""
+    return load_turnstiles(names), checked_cache(cache_block, settings)
 
 
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:
@@ -281,9 +289,10 @@ def register_participants(
     started, settings = time.perf_counter(), get_settings()
     output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
     source = participants_path(participants_file, settings.turnstiles.participants_file)
-    people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
-    devices = load_turnstiles(turnstiles)
-    cache = checked_cache(cache_block, settings)
+    with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:  # the blocks and Redis while the file is read
+        loading = side.submit(contextvars.copy_context().run, load_blocks, turnstiles, cache_block, settings)
+        people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
+        devices, cache = loading.result()
     run_id = str(flow_run.get_id() or "local")
     options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
                                   concurrency=concurrency_per_device)
