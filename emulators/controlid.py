@@ -11,7 +11,8 @@ It follows the device access API the project's client is written for:
   cascading deletes, at most 999 bound values in one `where`, order by id, limit/offset paging. A refused call
   writes nothing: every value is checked before anything is applied.
 - A small device: it serves at most `max_concurrent_requests` calls at a time (the others wait, in order) and
-  each call takes `latency_ms`, so concurrent calls to one device serialize as on the real hardware. Stats
+  each call takes `latency_ms`, its own work done inside that time (as on a unit with its own CPU: the devices
+  share one event loop here), so concurrent calls to one device serialize as on the real hardware. Stats
   record the peaks of calls in flight (waiting included) and served, so tests can prove a client's cap.
 - `system_information.fcgi` answers the device's identity as the real one does (`serial`, `device_id`,
   `version`, `network.mac`, `uptime`, `time`); a device wiped with `replace` (a new unit at the same address)

@@ -20,6 +20,8 @@ changed in batches (users, then cards, then group links), and remember what was 
   destroyed (the link object, never the person). Links to groups nobody manages are left alone. A group the
   device lacks is named in the participant's failure, and their user and card are written all the same.
 - People are never deleted: a participant who leaves keeps their user, and their `end` date says until when.
+- A participant written in full is remembered in the cache after the batch of their group link (while the next
+  batch is on the device); those who needed no link, at the end of the device's work.
 - Batches hold at most `batch_size` objects and `max_body_bytes` of JSON (the device's buffer is ~2 MB; the
   vendor's SDK writes 250 objects a call).
 - `should_stop` is asked before the device work and before every batch: once it answers True no new write
