@@ -49,7 +49,7 @@ from operations.infra.heap import settled_heap
 from operations.infra.links import output_base_url, output_link
 from operations.infra.tabular import READ_FILE_PATTERN
 from operations.settings import Settings, get_settings
-from operations.turnstiles.identity import turnstiles_with_work, with_checks
+from operations.turnstiles.identity import any_cached, turnstiles_with_work, with_checks
 from operations.turnstiles.participants import ParticipantsFile, participants_path, read_participants
 from operations.turnstiles.registration import DeviceFailed, DeviceReport, RegistrationOptions
 from operations.turnstiles.report import (
@@ -194,11 +194,12 @@ def register_where_needed(
     devices: dict[str, TurnstileDevice], people: ParticipantsFile, cache: TurnstileCache,
     options: RegistrationOptions, run_id: str, file_name: str, settings: Settings,
 ) -> list[dict]:
-    """Check the turnstiles (unless the cache is skipped or every device is read anyway), then register on
+    """Check the turnstiles (unless the cache is skipped, every device is read anyway or the cache holds nothing
+    of any of them, so nothing is trusted), then register on
     those with work only (their concurrency limits, the progress artifact, one task each); every turnstile's
     report."""
     participants = Participants(people.participants)
-    checks = ({} if options.skip_cache or options.verify
+    checks = ({} if options.skip_cache or options.verify or not any_cached(cache.cache(), list(devices))
               else check_turnstiles(devices, participants, cache, options.dry_run))
     work = turnstiles_with_work(list(devices), checks, options)
     get_run_logger().info("%d of %d turnstile(s) have work%s", len(work), len(devices),

@@ -137,6 +137,12 @@ def check_devices(clients: dict[str, Callable[[], ControlIdClient]], cache: Regi
         return {name: future.result() for name, future in futures.items()}
 
 
+def any_cached(cache: RegistrationCache, names: list[str]) -> bool:
+    """Whether the cache holds any participant of any of these turnstiles (if not, no check is needed: every
+    participant is to do everywhere). One round trip."""
+    return any(cache.counts(names).values())
+
+
 def turnstiles_with_work(names: list[str], checks: dict[str, dict], options: RegistrationOptions
                          ) -> dict[str, RegistrationOptions]:
     """The turnstiles that need their own work, each with its options: every one when there are no checks (the
