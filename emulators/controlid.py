@@ -11,7 +11,8 @@ It follows the device access API the project's client is written for:
   cascading deletes, at most 999 bound values in one `where`, order by id, limit/offset paging. A refused call
   writes nothing: every value is checked before anything is applied.
 - A small device: it serves at most `max_concurrent_requests` calls at a time (the others wait, in order) and
-  each call takes `latency_ms`, so concurrent calls to one device serialize as on the real hardware. Stats
+  each call takes `latency_ms`, its own work done inside that time (as on a unit with its own CPU: the devices
+  share one event loop here), so concurrent calls to one device serialize as on the real hardware. Stats
   record the peaks of calls in flight (waiting included) and served, so tests can prove a client's cap.
 - `system_information.fcgi` answers the device's identity as the real one does (`serial`, `device_id`,
   `version`, `network.mac`, `uptime`, `time`); a device wiped with `replace` (a new unit at the same address)
@@ -884,11 +885,8 @@ class TurnstileEmulator:
         await device.gate.acquire()
         try:
             stats.peak_served = max(stats.peak_served, device.gate.active)
-            latency = self.config.device_knob(device.index, "latency_ms")
-            if latency > 0:
-                await asyncio.sleep(latency / 1000)
-            if device.down:
-                return await self._drop(device, request), "dropped"
+            loop = asyncio.get_running_loop()
+            ends = loop.time() + self.config.device_knob(device.index, "latency_ms") / 1000
             try:
                 if path not in ("/login.fcgi", "/session_is_valid.fcgi"):
                     self._authenticate(device, request)
@@ -901,6 +899,10 @@ class TurnstileEmulator:
                 response, outcome = _json(answer), "200"
             except _ApiError as exc:
                 response, outcome = _json(exc.body, exc.status), str(exc.status)
+            if ends > loop.time():  # the call takes the latency in all, its own work included
+                await asyncio.sleep(ends - loop.time())
+            if device.down:  # set down during the call: the answer is lost (a write is applied)
+                return await self._drop(device, request), "dropped"
             if fault == "drop_after_commit":
                 stats.faults_injected += 1
                 stats.dropped += 1

@@ -17,7 +17,9 @@ cancel and ends Cancelled.
 
 from __future__ import annotations
 
+import contextvars
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -47,7 +49,7 @@ from operations.infra.heap import settled_heap
 from operations.infra.links import output_base_url, output_link
 from operations.infra.tabular import READ_FILE_PATTERN
 from operations.settings import Settings, get_settings
-from operations.turnstiles.identity import turnstiles_with_work, with_checks
+from operations.turnstiles.identity import any_cached, turnstiles_with_work, with_checks
 from operations.turnstiles.participants import ParticipantsFile, participants_path, read_participants
 from operations.turnstiles.registration import DeviceFailed, DeviceReport, RegistrationOptions
 from operations.turnstiles.report import (
@@ -123,6 +125,12 @@ def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
                 upsert_concurrency_limit(client, name, slots)
 
 
+def load_blocks(names: list[str], cache_block: str, settings: Settings
+                ) -> tuple[dict[str, TurnstileDevice], TurnstileCache]:
+    """The turnstiles' blocks and the cache block, answering."""
+    return load_turnstiles(names), checked_cache(cache_block, settings)
+
+
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:
     """The cache block `name` (empty: TURNSTILE_CACHE_BLOCK), answering; a missing block is the user's to fix."""
     try:
@@ -186,11 +194,12 @@ def register_where_needed(
     devices: dict[str, TurnstileDevice], people: ParticipantsFile, cache: TurnstileCache,
     options: RegistrationOptions, run_id: str, file_name: str, settings: Settings,
 ) -> list[dict]:
-    """Check the turnstiles (unless the cache is skipped or every device is read anyway), then register on
+    """Check the turnstiles (unless the cache is skipped, every device is read anyway or the cache holds nothing
+    of any of them, so nothing is trusted), then register on
     those with work only (their concurrency limits, the progress artifact, one task each); every turnstile's
     report."""
     participants = Participants(people.participants)
-    checks = ({} if options.skip_cache or options.verify
+    checks = ({} if options.skip_cache or options.verify or not any_cached(cache.cache(), list(devices))
               else check_turnstiles(devices, participants, cache, options.dry_run))
     work = turnstiles_with_work(list(devices), checks, options)
     get_run_logger().info("%d of %d turnstile(s) have work%s", len(work), len(devices),
@@ -281,9 +290,10 @@ def register_participants(
     started, settings = time.perf_counter(), get_settings()
     output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
     source = participants_path(participants_file, settings.turnstiles.participants_file)
-    people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
-    devices = load_turnstiles(turnstiles)
-    cache = checked_cache(cache_block, settings)
+    with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:  # the blocks and Redis while the file is read
+        loading = side.submit(contextvars.copy_context().run, load_blocks, turnstiles, cache_block, settings)
+        people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
+        devices, cache = loading.result()
     run_id = str(flow_run.get_id() or "local")
     options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
                                   concurrency=concurrency_per_device)

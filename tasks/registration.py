@@ -10,6 +10,7 @@ entries, and the `project.turnstile.reset-detected` event tells someone) and say
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from uuid import UUID
@@ -18,6 +19,7 @@ from prefect import get_run_logger
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from redis.exceptions import RedisError
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
 from operations.events import TURNSTILE_RESET_DETECTED, TURNSTILE_UNREACHABLE
@@ -68,7 +70,14 @@ class _Reporter:
         self.settled, self.last = 0, 0.0
 
     def __call__(self, delta: int) -> None:
+        """`delta` more settled: added to the run's counter at most once per PROGRESS_EVERY_SECONDS (and when
+        every participant is settled); `flush()` adds the rest."""
         self.settled += delta
+        if time.monotonic() - self.last >= PROGRESS_EVERY_SECONDS or self.settled >= self.participants:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add to the run's counter what this device settled beyond what was added; log it and show it."""
         new = self.settled - self.tally.settled
         if new <= 0:
             return
@@ -114,11 +123,12 @@ def register_on_turnstile(
     client = device.client(device_name, limiter=pacer.slot)
     should_stop, logger = run_stop_check(), get_run_logger()
     limit, tally = device_limit_name(device_name), attempt_tally(DeviceTally)
+    reporter = _Reporter(device_name, len(participants), progress, cache_block, tally)
     try:
         report = register_on_device(
             client, device_name, participants, cache_block.cache(),
             replace(options, concurrency=slots, managed_groups=tuple(device.managed_groups) or options.managed_groups),
-            progress=_Reporter(device_name, len(participants), progress, cache_block, tally),
+            progress=reporter,
             device_slot=lambda: held_slot(limit, logger, what=f"slot of turnstile {device_name}", occupy=slots,
                                           context=f" (global concurrency limit '{limit}', the block's max "
                                                   "concurrent requests)", should_stop=should_stop),
@@ -134,6 +144,9 @@ def register_on_turnstile(
         if not is_transient(exc) or _last_attempt():
             release_tally()
         raise
+    finally:
+        with contextlib.suppress(RedisError):  # the progress only: the task's own outcome stands
+            reporter.flush()
     release_tally()
     if report.status == "cancelled":
         logger.warning("%s: %s; written before: %d user(s) created, %d updated, %d card(s), %d group link(s)",

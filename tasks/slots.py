@@ -29,7 +29,7 @@ import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run, task_run
 
 from operations.cancellation import StopCheck, never, raise_if_stopped
@@ -183,7 +183,15 @@ class _Heartbeat(threading.Thread):
                 raise
             client.create_variable(VariableCreate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
 
+    def create_record(self, client: SyncPrefectClient) -> None:
+        """The first write of the record (its lease is new: one call, not an update refused first)."""
+        try:
+            client.create_variable(VariableCreate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
+        except ObjectAlreadyExists:
+            self.write_record(client)
+
     def run(self) -> None:
+        """Beat until stopped, then delete the record (while the holder releases the lease)."""
         with get_client(sync_client=True) as client:
             while not self.stopped.wait(HEARTBEAT_SECONDS):
                 self.record["beat"] += 1
@@ -193,6 +201,10 @@ class _Heartbeat(threading.Thread):
                 except Exception as exc:  # noqa: BLE001 - the next beat tries again
                     self.log.warning("could not renew the slot of '%s' (%s): %s", self.record["limit"],
                                      self.lease_id, exc)
+            try:
+                client.delete_variable_by_name(self.name_)
+            except Exception as exc:  # noqa: BLE001 - a record left behind names a lease already released
+                self.log.debug("could not delete the record of the slot %s: %s", self.lease_id, exc)
 
 
 @contextmanager
@@ -210,11 +222,13 @@ def held_slot(limit: str, log: Logger, *, what: str, occupy: int = 1, context: s
                   "since": datetime.now(timezone.utc).isoformat(), "beat": 0}
         heartbeat = _Heartbeat(lease_id, record, log)
         try:
-            heartbeat.write_record(client)
+            heartbeat.create_record(client)
             heartbeat.start()
             yield waited
         finally:
             heartbeat.stopped.set()
-            if heartbeat.is_alive():
+            if heartbeat.is_alive():  # it deletes the record while the lease is released here
+                client.release_concurrency_slots_with_lease(lease_id)
                 heartbeat.join(timeout=HEARTBEAT_SECONDS)
-            _release(client, lease_id)
+            else:
+                _release(client, lease_id)

@@ -15,7 +15,7 @@ from emulators.controlid import EmulatorConfig, RunningEmulator, run_in_thread
 from operations.infra.http import RetryPolicy
 from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient
-from operations.turnstiles.identity import check_device, check_devices, turnstiles_with_work, with_checks
+from operations.turnstiles.identity import any_cached, check_device, check_devices, turnstiles_with_work, with_checks
 from operations.turnstiles.participants import Participant
 from operations.turnstiles.registration import RegistrationOptions, register_on_device
 
@@ -119,3 +119,11 @@ def test_an_unreachable_turnstile_is_read_in_full_and_keeps_its_cache(emulator, 
     reports = with_checks(["gate-0", "gate-1"], {}, checks)
     assert [(r["device"], r["status"], r["cached"]) for r in reports][0] == ("gate-0", "cached", 40)
     assert reports[0]["requests"] == 5
+
+
+def test_any_cached_says_whether_a_check_is_needed_at_all(emulator, cache):
+    """A run whose cache holds nothing of any turnstile trusts nothing: the flow then starts no check task."""
+    assert not any_cached(cache, ["gate-0", "gate-1"])
+    _register(emulator, cache, device=1)
+    assert cache.counts(["gate-0", "gate-1"]) == {"gate-0": 0, "gate-1": len(PEOPLE)}
+    assert any_cached(cache, ["gate-0", "gate-1"]) and not any_cached(cache, ["gate-0"])

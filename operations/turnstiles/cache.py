@@ -151,6 +151,13 @@ class RegistrationCache:
         """How many participants the cache holds as confirmed on the device."""
         return int(self.client.hlen(self._device_key(device)))
 
+    def counts(self, devices: list[str]) -> dict[str, int]:
+        """`count` of each device, in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for device in devices:
+                pipe.hlen(self._device_key(device))
+            return dict(zip(devices, map(int, pipe.execute())))
+
     def sample(self, device: str, size: int) -> dict[str, int]:
         """registration -> device user id of up to `size` participants confirmed on the device, drawn at random."""
         drawn = self.client.hrandfield(self._device_key(device), size, withvalues=True) if size > 0 else []

@@ -86,10 +86,11 @@ def reset_reason(client: ControlIdClient, device: str, cache: RegistrationCache,
 
 
 def check_device(client: ControlIdClient, device: str, cache: RegistrationCache, fingerprints: dict[str, str],
-                 dry_run: bool = False) -> DeviceCheck:
+                 dry_run: bool = False, pending: Callable[[], int] | None = None) -> DeviceCheck:
     """Check one turnstile (identity, count, sample), drop its cache entries on a mismatch (not in a dry run)
     and count the participants it needs. `fingerprints`: registration -> fingerprint of the file's
-    participants. Never raises for the device: an unanswered check is `error`, and the cache is left alone."""
+    participants; `pending`: that count as read beside the device calls (by default read after them). Never
+    raises for the device: an unanswered check is `error`, and the cache is left alone."""
     check = DeviceCheck(device, participants=len(fingerprints), pending=len(fingerprints))
     if not cache.count(device):  # nothing cached to trust: no check needed, every participant is to do
         return check
@@ -106,7 +107,7 @@ def check_device(client: ControlIdClient, device: str, cache: RegistrationCache,
     if check.identity and not dry_run and not check.error:
         cache.remember_identity(device, check.identity)
     if not check.reset:
-        check.pending = cache.pending(device, fingerprints)
+        check.pending = pending() if pending is not None else cache.pending(device, fingerprints)
     check.requests = client.stats.requests
     return check
 
@@ -119,16 +120,27 @@ def check_devices(clients: dict[str, Callable[[], ControlIdClient]], cache: Regi
     fingerprints = (participants if isinstance(participants, Roster) else Roster(participants)).fingerprints()
     if not clients:
         return {}
-    def check(name: str, make: Callable[[], ControlIdClient]) -> DeviceCheck:
+    def check(name: str, make: Callable[[], ControlIdClient], pending: Callable[[], int]) -> DeviceCheck:
         try:
             client = make()
         except ValueError as exc:  # a block that cannot make a client (no password): its own task says so
             return DeviceCheck(name, len(fingerprints), len(fingerprints), error=str(exc))
-        return check_device(client, name, cache, fingerprints, dry_run)
+        return check_device(client, name, cache, fingerprints, dry_run, pending)
 
-    with ThreadPoolExecutor(min(16, len(clients)), thread_name_prefix="turnstile-check") as pool:
-        futures = {name: pool.submit(check, name, make) for name, make in clients.items()}
+    def pending(name: str) -> int:  # what a trusted cache leaves to do: read while the device answers the checks
+        return cache.pending(name, fingerprints) if cache.count(name) else len(fingerprints)
+
+    workers = min(16, len(clients))
+    with ThreadPoolExecutor(2 * workers, thread_name_prefix="turnstile-check") as pool:
+        counts = {name: pool.submit(pending, name) for name in clients}
+        futures = {name: pool.submit(check, name, make, counts[name].result) for name, make in clients.items()}
         return {name: future.result() for name, future in futures.items()}
+
+
+def any_cached(cache: RegistrationCache, names: list[str]) -> bool:
+    """Whether the cache holds any participant of any of these turnstiles (if not, no check is needed: every
+    participant is to do everywhere). One round trip."""
+    return any(cache.counts(names).values())
 
 
 def turnstiles_with_work(names: list[str], checks: dict[str, dict], options: RegistrationOptions

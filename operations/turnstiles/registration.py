@@ -20,6 +20,8 @@ changed in batches (users, then cards, then group links), and remember what was 
   destroyed (the link object, never the person). Links to groups nobody manages are left alone. A group the
   device lacks is named in the participant's failure, and their user and card are written all the same.
 - People are never deleted: a participant who leaves keeps their user, and their `end` date says until when.
+- A participant written in full is remembered in the cache after the batch of their group link (while the next
+  batch is on the device); those who needed no link, at the end of the device's work.
 - Batches hold at most `batch_size` objects and `max_body_bytes` of JSON (the device's buffer is ~2 MB; the
   vendor's SDK writes 250 objects a call).
 - `should_stop` is asked before the device work and before every batch: once it answers True no new write
@@ -154,6 +156,7 @@ class _Target:
     groups_remove: Sequence[int] = ()  # managed groups the file does not grant
     failed: str = ""
     problems: Sequence[str] = ()
+    confirmed: bool = False            # remembered in the cache as written (after its group link's batch)
 
     def refuse(self, why: str) -> None:
         """Note a part that could not be written (a card, a group link) and why."""
@@ -184,7 +187,8 @@ class Roster:
     lists, dataclasses and models given to a task looking for futures (~0.8 s per task for 10,000 participants),
     not a plain object; pickled, it carries the participants only."""
 
-    __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock", "_records")
+    __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock", "_records",
+                 "_prefetched")
 
     def __init__(self, items: list[Participant]):
         self.items = items
@@ -193,6 +197,7 @@ class Roster:
         self._user_ids: dict[str, dict[str, int]] = {}  # cache prefix -> registration -> device user id
         self._user_ids_lock = threading.Lock()
         self._records: dict[str, tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]] = {}
+        self._prefetched: set[str] = set()
 
     def __getstate__(self) -> list[Participant]:
         return self.items
@@ -219,6 +224,20 @@ class Roster:
             if missing:
                 known.update(cache.user_ids(missing))
             return {registration: known[registration] for registration in registrations}
+
+    def prefetch_user_ids(self, cache: RegistrationCache) -> None:
+        """`user_ids` of every participant, asked in a thread of its own (once per process and cache): a device
+        that then asks for them waits for the answer instead of asking again."""
+        with self._user_ids_lock:
+            if cache.prefix in self._prefetched:
+                return
+            self._prefetched.add(cache.prefix)
+
+        def fetch() -> None:
+            with contextlib.suppress(Exception):  # a failure here is met again by the device's own request
+                self.user_ids(cache, [p.registration for p in self.items])
+
+        threading.Thread(target=fetch, name="user-ids", daemon=True).start()
 
     def records(self, participant: Participant, user_id: int
                 ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
@@ -273,7 +292,10 @@ def register_on_device(
     report = DeviceReport(device, participants=len(participants))
     try:
         todo = participants
-        if not (options.skip_cache or options.verify):
+        unknown = not options.skip_cache and not cache.count(device)  # a new or wiped device: nothing to read
+        if unknown:
+            roster.prefetch_user_ids(cache)  # every participant needs one there: asked while the slot is taken
+        if not (options.skip_cache or options.verify or unknown):
             confirmed = cache.confirmed(device, [p.registration for p in participants])
             todo = [p for p in participants if confirmed.get(p.registration, (0, ""))[1] != fingerprints[p.registration]]
             report.cached = len(participants) - len(todo)
@@ -289,7 +311,7 @@ def register_on_device(
                                        tally)
                 confirmed_now = [] if options.skip_cache or options.dry_run else [
                     (t.participant.registration, t.user_id, fingerprints[t.participant.registration])
-                    for t in targets if not t.error]
+                    for t in targets if not t.error and not t.confirmed]
                 with ThreadPoolExecutor(1, thread_name_prefix=f"confirm-{device}") as background:
                     confirming = background.submit(cache.confirm, device, confirmed_now)  # beside the logout
                     client.logout()
@@ -597,6 +619,17 @@ class _Writer:
                        [t.participant.registration for t, _ in batch if id(t) not in refused_ids])
         if self.progress and object_name == "users":
             self.progress(len(batch))
+        if object_name == "user_groups" and not self.options.skip_cache:
+            self.confirm([t for t, _ in batch if not t.error])
+
+    def confirm(self, done: list[_Target]) -> None:
+        """Remember in the cache the participants written in full by the last kind of write (while the next
+        batch is on the device: the run's end then confirms only the participants that needed no group link)."""
+        fingerprints = self.roster.fingerprints()
+        self.cache.confirm(self.device, [(t.participant.registration, t.user_id, fingerprints[t.participant.registration])
+                                         for t in done])
+        for t in done:
+            t.confirmed = True
 
     def destroy(self, object_name: str, where: dict[str, Any], values: list[int], figure: str | None,
                 registrations: list[str]) -> None:
