@@ -279,6 +279,25 @@ def test_a_publisher_stops_between_batches_once_asked_and_counts_what_it_publish
     assert backlog.stale(-1)
 
 
+def test_removing_an_offer_or_its_dealer_removes_its_integration_records(products_engine, publisher):
+    """Integration records carry no foreign key (each is written from its offer's write in the same statement):
+    the trigger of migration 0008 deletes them with their offer, as a cascading key would."""
+    store_chunk(products_engine, _rows(products_engine, 8), "run-1", publisher.stream)
+    store_chunk(products_engine, _rows(products_engine, 8, {0: Decimal("1.00")}), "run-2", publisher.stream)
+    assert product_counts(products_engine)["staged"] == 9  # eight created, one updated
+    with products_engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM product_dealers WHERE version = 2")  # the offer with two records
+    assert product_counts(products_engine)["staged"] == 7
+    with products_engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM dealers WHERE code = 'D2'")  # its offers cascade, then their records
+    counts = product_counts(products_engine)
+    assert (counts["offers"], counts["staged"]) == (3, 3)
+    with products_engine.connect() as conn:
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM product_integration_staging s "
+            "WHERE NOT EXISTS (SELECT 1 FROM product_dealers d WHERE d.id = s.product_dealer_id)").scalar_one() == 0
+
+
 def test_dealers_are_upserted_by_code(products_engine):
     assert upsert_dealers(products_engine, [("D1", "Dealer one"), ("D2", "Renamed"), ("D3", "New")]) == (1, 1)
     assert set(dealer_ids(products_engine)) == {"D1", "D2", "D3"}

@@ -87,9 +87,9 @@ class ProductIntegrationStaging(Base):
     __table_args__ = (UniqueConstraint("product_dealer_id", "version"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    product_dealer_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("product_dealers.id", ondelete="CASCADE", name="fk_product_staging_product_dealer")
-    )
+    # The offer's id, without a foreign key: records are inserted only from the RETURNING of their offer's write
+    # in the same statement (store.py), and deleting an offer deletes its records (a trigger, migration 0008).
+    product_dealer_id: Mapped[int] = mapped_column(BigInteger)
     version: Mapped[int] = mapped_column(Integer)
     change: Mapped[str] = mapped_column(String(16))  # created | updated
     dealer_code: Mapped[str] = mapped_column(String(32))

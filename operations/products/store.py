@@ -108,7 +108,9 @@ ON CONFLICT (sku) DO UPDATE SET name = excluded.name, attributes = excluded.attr
 
 # The offers whose fingerprint is new or changed (version + 1), one integration record per written offer
 # version and its outbox message; returns how many offers were written, how many created, and the ids of the
-# messages queued (an integration record an earlier attempt kept is kept with its message).
+# messages queued (an integration record an earlier attempt kept is kept with its message). Integration records
+# take their offer's id only from `changed` (an offer this statement wrote, locked until the commit): that is
+# what stands for a foreign key on them (migration 0008; a trigger deletes them with their offer).
 _WRITE_OFFERS = text(f"""
 WITH incoming AS (
     SELECT p.id AS product_id, c.dealer_id, c.dealer_code, c.sku, c.name, c.price, c.stock, c.attributes,
