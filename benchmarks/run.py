@@ -193,12 +193,14 @@ def _run_pair(target, args_for) -> float:
 
 
 def bench_counter(lua_games: int, manager_games: int) -> tuple[float, float]:
+    from deployments.stack import start_local_stack
     from operations.infra.embedded_redis import resolve_redis_url
     from operations.lottery.counter import FirstNumberCounter
     from operations.settings import get_settings
 
     import redis
 
+    start_local_stack(get_settings())  # its Redis (REDIS_URL when set), as the other lines do: the first line runs
     url = resolve_redis_url(get_settings())
     run_key = f"claims-{uuid.uuid4().hex[:8]}"
     counter = FirstNumberCounter(redis.Redis.from_url(url), "bench", run_key)
@@ -212,7 +214,8 @@ def bench_counter(lua_games: int, manager_games: int) -> tuple[float, float]:
     return lua_rate, manager_rate
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """Which lines run, and their sizes."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantity", type=int, default=1_000_000)
     parser.add_argument("--skip-e2e", action="store_true")
@@ -250,13 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-retention", action="store_true")
     parser.add_argument("--retention-runs", type=int, default=5)
     parser.add_argument("--retention-quantity", type=int, default=200_000)
-    args = parser.parse_args(argv)
-    if "OUTPUT_DIR" not in os.environ:  # the benchmark's files in a folder of their own, linked as file:// URIs:
-        # serving that folder would replace the file server `make up` started for the operator's OUTPUT_DIR
-        os.environ["OUTPUT_DIR"] = tempfile.mkdtemp(prefix="games-bench-")
-        os.environ.setdefault("OUTPUT_BASE_URL", Path(os.environ["OUTPUT_DIR"]).as_uri())
+    return parser
 
-    print(f"machine: {os.cpu_count()} cores; DASK_N_WORKERS={os.environ.get('DASK_N_WORKERS', '2')}", flush=True)
+
+def _games_lines(args: argparse.Namespace) -> None:
+    """The counter and the end-to-end generation lines."""
     if not args.skip_counter:
         lua, manager = bench_counter(lua_games=400_000, manager_games=4_000)
         print(f"counter claims, 2 processes: Lua batches {lua:,.0f} accepted games/s; "
@@ -277,6 +278,17 @@ def main(argv: list[str] | None = None) -> int:
               f"Redis growth alone {e2e['peak_redis_bytes'] / 2**30:.2f} GiB")
         if not args.keep_output:
             shutil.rmtree(e2e["run_dir"], ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if "OUTPUT_DIR" not in os.environ:  # the benchmark's files in a folder of their own, linked as file:// URIs:
+        # serving that folder would replace the file server `make up` started for the operator's OUTPUT_DIR
+        os.environ["OUTPUT_DIR"] = tempfile.mkdtemp(prefix="games-bench-")
+        os.environ.setdefault("OUTPUT_BASE_URL", Path(os.environ["OUTPUT_DIR"]).as_uri())
+
+    print(f"machine: {os.cpu_count()} cores; DASK_N_WORKERS={os.environ.get('DASK_N_WORKERS', '2')}", flush=True)
+    _games_lines(args)
     if not args.skip_marketplace:
         from benchmarks.marketplace import bench_marketplace, print_marketplace
 

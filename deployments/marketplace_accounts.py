@@ -124,15 +124,8 @@ def _print_accounts(accounts) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from operations.marketplace.client import MarketplaceError
-    from operations.marketplace.models import AccountStatus
-    from operations.marketplace.onboarding import import_refresh_token, onboard_from_code
-    from operations.marketplace.store import (
-        UnknownAccount, encrypt_stored_tokens, get_account, list_accounts, open_gaps, set_account_status,
-    )
-    from operations.marketplace.tokens import TokenKeyError
-
+def _parser() -> argparse.ArgumentParser:
+    """The commands and their options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--app-block", default=None, help="MarketplaceApp block name")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,7 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name).add_argument("seller_id", type=int)
     sub.add_parser("gaps", help="hours of orders a sync could not read whole (each later sync reads them again)")
     sub.add_parser("rotate-key", help="re-encrypt every account's tokens with the first key of MARKETPLACE_TOKEN_KEY")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from operations.marketplace.client import MarketplaceError
+    from operations.marketplace.models import AccountStatus
+    from operations.marketplace.onboarding import import_refresh_token, onboard_from_code
+    from operations.marketplace.store import (
+        UnknownAccount, encrypt_stored_tokens, get_account, list_accounts, open_gaps, set_account_status,
+    )
+    from operations.marketplace.tokens import TokenKeyError
+
+    args = _parser().parse_args(argv)
     block = args.app_block or get_settings().marketplace.app_block
     engine = _engine()
     try:

@@ -230,8 +230,10 @@ def test_the_receiver_service_follows_the_stacks_bind_and_auth_rules(tmp_path, p
                                          auth_string="ops:s3cret")
     running = service.ensure()
     try:
-        assert httpx.post(running.callback_url, json=_note(_id="svc-1")).status_code == 401
-        assert httpx.post(running.callback_url, json=_note(_id="svc-1"), auth=("ops", "s3cret")).status_code == 200
+        # httpx's 5 s default is too short for a first request to a just-started process on a loaded machine
+        assert httpx.post(running.callback_url, json=_note(_id="svc-1"), timeout=30).status_code == 401
+        assert httpx.post(running.callback_url, json=_note(_id="svc-1"), auth=("ops", "s3cret"),
+                          timeout=30).status_code == 200
         assert [p.id for p in pending_notifications(pg_engine)] == ["svc-1"]
         line = service.status().line()
         assert line.startswith("running") and running.callback_url in line and "basic auth" in line, line
