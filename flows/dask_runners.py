@@ -1,4 +1,4 @@
-"""The Dask task runners of flows/task_runners.py, in a module of their own: importing prefect-dask brings
+"""The LocalCluster runner of flows/task_runners.py, in a module of its own: importing prefect-dask brings
 distributed and numpy (~0.5 s of CPU), which a flow run on threads never needs."""
 
 from __future__ import annotations
@@ -26,7 +26,3 @@ class LocalDaskTaskRunner(DaskTaskRunner):
         super().__init__(*args, **kwargs)
         self.logger.addFilter(_NO_DASHBOARD_LINE)  # the logger of this class; added once (addFilter skips it after)
 
-
-def on_existing_cluster(address: str) -> DaskTaskRunner:
-    """prefect-dask's runner on the cluster at DASK_SCHEDULER_ADDRESS."""
-    return DaskTaskRunner(address=address)

@@ -8,10 +8,8 @@ import socket
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future as ThreadFuture
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-from typing import TYPE_CHECKING
 
 from prefect import Task
 from prefect.futures import PrefectFuture, wait
@@ -51,10 +49,12 @@ def check_scheduler_reachable(address: str, timeout: float) -> None:
 def dask_task_runner(settings: Settings) -> DaskTaskRunner:
     """The configured Dask cluster: DASK_SCHEDULER_ADDRESS if set (the flow has checked it is reachable),
     else a LocalCluster of process workers."""
-    from flows.dask_runners import LocalDaskTaskRunner, on_existing_cluster
+    from prefect_dask import DaskTaskRunner
+
+    from flows.dask_runners import LocalDaskTaskRunner
 
     if settings.dask.scheduler_address:
-        return on_existing_cluster(settings.dask.scheduler_address)
+        return DaskTaskRunner(address=settings.dask.scheduler_address)
     return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={
@@ -135,11 +135,13 @@ def io_task_runner(settings: Settings, concurrency: int, kind: str) -> ThreadPoo
         return ThreadPoolTaskRunner(max_workers=concurrency)
     if kind != "dask":
         raise ValueError(f"unknown task runner {kind!r}: use 'threads' or 'dask'")
-    from flows.dask_runners import LocalDaskTaskRunner, on_existing_cluster
+    from prefect_dask import DaskTaskRunner
+
+    from flows.dask_runners import LocalDaskTaskRunner
 
     if settings.dask.scheduler_address:
         check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
-        return on_existing_cluster(settings.dask.scheduler_address)
+        return DaskTaskRunner(address=settings.dask.scheduler_address)
     workers = max(1, min(settings.dask.n_workers, concurrency))
     return LocalDaskTaskRunner(
         cluster_class="distributed.LocalCluster",

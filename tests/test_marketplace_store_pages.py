@@ -119,8 +119,9 @@ def _aware(row: dict) -> dict:
 
 
 def test_a_page_stores_every_field_as_the_python_rows_say_on_both_databases(any_database):
-    """The PostgreSQL statement builds the rows from the API's JSON; SQLite stores the Python rows: both must
-    hold what `order_row`, `order_line_rows` and `item_row` make of the same records, field for field."""
+    """A stored page holds, field for field and on both databases, what `order_row`, `order_line_rows` and
+    `item_row` make of the same records (half-even cents, naive and `Z` times, ids and counts as strings or
+    floats, an older copy of a record): the columns' types lose nothing, whatever builds the page's statement."""
     from operations.marketplace.store import _newest_by_key, _newest_orders, item_row, order_line_rows
 
     engine = any_database

@@ -127,8 +127,10 @@ def check_devices(clients: dict[str, Callable[[], ControlIdClient]], cache: Regi
             return DeviceCheck(name, len(fingerprints), len(fingerprints), error=str(exc))
         return check_device(client, name, cache, fingerprints, dry_run, pending)
 
+    cached = cache.counts(list(clients))  # one round trip for every turnstile
+
     def pending(name: str) -> int:  # what a trusted cache leaves to do: read while the device answers the checks
-        return cache.pending(name, fingerprints) if cache.count(name) else len(fingerprints)
+        return cache.pending(name, fingerprints) if cached[name] else len(fingerprints)
 
     workers = min(16, len(clients))
     with ThreadPoolExecutor(2 * workers, thread_name_prefix="turnstile-check") as pool:
