@@ -188,7 +188,7 @@ class Roster:
     not a plain object; pickled, it carries the participants only."""
 
     __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock", "_records",
-                 "_prefetched")
+                 "_prefetched", "_batches", "_batches_lock")
 
     def __init__(self, items: list[Participant]):
         self.items = items
@@ -198,6 +198,8 @@ class Roster:
         self._user_ids_lock = threading.Lock()
         self._records: dict[str, tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]] = {}
         self._prefetched: set[str] = set()
+        self._batches: dict[tuple, _Once] = {}  # (record, sizes, registrations, user ids) -> encoded batches
+        self._batches_lock = threading.Lock()
 
     def __getstate__(self) -> list[Participant]:
         return self.items
@@ -252,6 +254,38 @@ class Roster:
                 None if participant.group is None else {"user_id": user_id, "group_id": participant.group})
         self._records.setdefault(participant.registration, made)  # kept for the first id asked
         return made
+
+    def batches(self, record: int, targets: list[_Target], max_count: int, max_bytes: int
+                ) -> tuple[tuple[str, ...], list[tuple[int, int, bytes]]]:
+        """The `record` objects (index in `records`) of `targets` in consecutive batches of at most `max_count`
+        objects and `max_bytes` of JSON: (the targets' registrations, [(start, end, JSON of targets[start:end]'s
+        objects)]). Made once per process for the same registrations and user ids and reused by each device
+        that sends them (the new users, cards and links of a first run are the same on every device): encoded
+        once, measured by that encoding, never encoded again."""
+        registrations = tuple([t.participant.registration for t in targets])
+        user_ids = tuple([t.user_id for t in targets])
+        key = (record, max_count, max_bytes, registrations, user_ids)
+        with self._batches_lock:
+            once = self._batches.get(key)
+            if once is None:
+                once = self._batches[key] = _Once()
+        return registrations, once.get(lambda: _encoded_batches(
+            [self.records(t.participant, t.user_id)[record] for t in targets], max_count, max_bytes))
+
+
+class _Once:
+    """A value made by the first caller of `get` while the others wait for it (a failed make is tried again)."""
+
+    __slots__ = ("_lock", "_value", "_made")
+
+    def __init__(self):
+        self._lock, self._value, self._made = threading.Lock(), None, False
+
+    def get(self, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if not self._made:
+                self._value, self._made = make(), True
+            return self._value
 
 
 def user_values(p: Participant, user_id: int) -> dict[str, Any]:
@@ -534,6 +568,16 @@ _STEPS = (
 Record = tuple[_Target, dict]
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One write call's targets, their registrations, and the JSON of their objects (shared by every device
+    sending the same; None: encoded from the objects when sent)."""
+
+    targets: list[_Target]
+    registrations: Sequence[str]
+    values: bytes | None
+
+
 class _Writer:
     """The writes of one device's plan (`_write`), and the reads that settle a refused batch."""
 
@@ -553,7 +597,9 @@ class _Writer:
                 self.clear_way(step.object_name)
                 batches = prepared.pop(index)
                 if self.users_failed:  # built before those users were refused
-                    batches = [kept for batch in batches if (kept := [r for r in batch if not r[0].failed])]
+                    batches = [_Batch(kept, [t.participant.registration for t in kept],
+                                      batch.values if len(kept) == len(batch.targets) else None)
+                               for batch in batches if (kept := [t for t in batch.targets if not t.failed])]
                 futures = [pool.submit(self.one_batch, batch, step) for batch in batches]
                 for later in range(index + 1, len(_STEPS)):  # built while the first batches are on the device
                     if later not in prepared:
@@ -565,10 +611,11 @@ class _Writer:
     def alive(self, predicate: Callable[[_Target], bool]) -> list[_Target]:
         return [t for t in self.targets if not t.failed and predicate(t)]
 
-    def batches(self, step: _Step) -> list[list[Record]]:
-        records = self.roster.records
-        return _batches([(t, records(t.participant, t.user_id)[step.record]) for t in self.alive(step.wanted)],
-                        self.options.batch_size, self.options.max_body_bytes)
+    def batches(self, step: _Step) -> list[_Batch]:
+        targets = self.alive(step.wanted)
+        registrations, encoded = self.roster.batches(step.record, targets, self.options.batch_size,
+                                                     self.options.max_body_bytes)
+        return [_Batch(targets[start:end], registrations[start:end], values) for start, end, values in encoded]
 
     def clear_way(self, object_name: str) -> None:
         """Before the cards, the cards given up and freed (a swap needs both values free); before the links,
@@ -585,7 +632,7 @@ class _Writer:
                 self.destroy("user_groups", {"group_id": group}, [t.user_id for t in losing], "groups_removed",
                              [t.participant.registration for t in losing])
 
-    def settle(self, step: _Step, batches: list[list[Record]], futures: list) -> None:
+    def settle(self, step: _Step, batches: list[_Batch], futures: list) -> None:
         """Count each batch as its answer comes; after a failed one, cancel those not started and raise."""
         stopped: Exception | None = None
         for batch, future in zip(batches, futures):
@@ -601,12 +648,23 @@ class _Writer:
         if stopped is not None:
             raise stopped
 
-    def one_batch(self, batch: list[Record], step: _Step) -> list[tuple[_Target, str]]:
+    def one_batch(self, batch: _Batch, step: _Step) -> list[tuple[_Target, str]]:
         raise_if_stopped(self.should_stop, f"the next {step.object_name} batch on {self.device}")
         check = getattr(self, step.check) if step.check else None
-        return _write_isolating(self.client, step.object_name, batch, step.create_only, check)
+        refused = None
+        if batch.values is not None:  # the shared encoding: the objects are looked at only if it is refused
+            try:
+                self.client.write_json(step.object_name, batch.values, len(batch.targets),
+                                       create_only=step.create_only)
+                return []
+            except DeviceRefused as exc:
+                refused = exc.error
+        records = self.roster.records
+        return _write_isolating(self.client, step.object_name,
+                                [(t, records(t.participant, t.user_id)[step.record]) for t in batch.targets],
+                                step.create_only, check, refused=refused)
 
-    def written(self, batch: list[Record], refused: list[tuple[_Target, str]], step: _Step) -> None:
+    def written(self, batch: _Batch, refused: list[tuple[_Target, str]], step: _Step) -> None:
         object_name = step.object_name
         refused_ids = {id(target) for target, _ in refused}
         for target, error in refused:
@@ -615,12 +673,13 @@ class _Writer:
                 self.users_failed = True
             else:
                 target.refuse(f"{'groups' if object_name == 'user_groups' else object_name}: {error}")
-        self.tally.add(step.figure, len(batch) - len(refused_ids),
-                       [t.participant.registration for t, _ in batch if id(t) not in refused_ids])
+        self.tally.add(step.figure, len(batch.targets) - len(refused_ids),
+                       [t.participant.registration for t in batch.targets if id(t) not in refused_ids]
+                       if refused_ids else batch.registrations)
         if self.progress and object_name == "users":
-            self.progress(len(batch))
+            self.progress(len(batch.targets))
         if object_name == "user_groups" and not self.options.skip_cache:
-            self.confirm([t for t, _ in batch if not t.error])
+            self.confirm([t for t in batch.targets if not t.error])
 
     def confirm(self, done: list[_Target]) -> None:
         """Remember in the cache the participants written in full by the last kind of write (while the next
@@ -683,31 +742,25 @@ class _Writer:
                 for t in batch if t.participant.group not in existing}
 
 
-def _batches(records: list[tuple[_Target, dict]], max_count: int, max_bytes: int) -> list[list[tuple[_Target, dict]]]:
-    """Consecutive batches of at most `max_count` records and `max_bytes` of JSON each (a batch of `max_count`
-    is measured whole, once; only one over `max_bytes` is measured record by record)."""
+def _encoded_batches(values: list[dict[str, Any]], max_count: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+    """(start, end, JSON of values[start:end]) of consecutive batches of at most `max_count` objects and
+    `max_bytes` of JSON each (a batch of `max_count` is encoded whole, once; only one over `max_bytes` is
+    measured object by object)."""
     batches = []
-    for start in range(0, len(records), max_count):
-        part = records[start:start + max_count]
-        if len(orjson.dumps([values for _, values in part])) <= max_bytes:
-            batches.append(part)
-        else:
-            batches += _batches_by_size(part, max_count, max_bytes)
-    return batches
-
-
-def _batches_by_size(records: list[tuple[_Target, dict]], max_count: int, max_bytes: int
-                     ) -> list[list[tuple[_Target, dict]]]:
-    batches, current, size = [], [], 2
-    for record in records:
-        length = len(orjson.dumps(record[1])) + 1
-        if current and (len(current) >= max_count or size + length > max_bytes):
-            batches.append(current)
-            current, size = [], 2
-        current.append(record)
-        size += length
-    if current:
-        batches.append(current)
+    for start in range(0, len(values), max_count):
+        part = values[start:start + max_count]
+        encoded = orjson.dumps(part)
+        if len(encoded) <= max_bytes:
+            batches.append((start, start + len(part), encoded))
+            continue
+        first, size = start, 2
+        for index, value in enumerate(part, start):
+            length = len(orjson.dumps(value)) + 1
+            if index > first and size + length > max_bytes:
+                batches.append((first, index, orjson.dumps(values[first:index])))
+                first, size = index, 2
+            size += length
+        batches.append((first, start + len(part), orjson.dumps(values[first:start + len(part)])))
     return batches
 
 
@@ -716,17 +769,21 @@ Check = Callable[[list[_Target]], dict[int, "str | None"]]
 
 def _write_isolating(
     client: ControlIdClient, object_name: str, batch: list[tuple[_Target, dict]], create_only: bool,
-    check: Check | None, read_back: bool = True,
+    check: Check | None, read_back: bool = True, refused: str | None = None,
 ) -> list[tuple[_Target, str]]:
     """Write a batch; if the device refuses it, read the batch back in one call (`check`: id(target) -> None
     when the device holds the record as sent, the reason it is refused, or "" to send it again): the held
     ones are done, the refused ones returned, and only the rest is sent again. What is still refused is
-    halved until each refused record is alone; those records are returned with the device's error."""
-    try:
-        client.write(object_name, [values for _, values in batch], create_only=create_only)
-        return []
-    except DeviceRefused as exc:
-        error = exc.error
+    halved until each refused record is alone; those records are returned with the device's error.
+    `refused`: the device's error when the batch was already sent and refused (it is not sent again first)."""
+    if refused is not None:
+        error = refused
+    else:
+        try:
+            client.write(object_name, [values for _, values in batch], create_only=create_only)
+            return []
+        except DeviceRefused as exc:
+            error = exc.error
     if check is not None and (read_back or len(batch) == 1):
         found = check([target for target, _ in batch])
         if found:
