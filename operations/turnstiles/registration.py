@@ -42,7 +42,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 import orjson
 
 from operations.cancellation import Cancelled, StopCheck, never, raise_if_stopped
-from operations.turnstiles.cache import RegistrationCache
+from operations.turnstiles.cache import RegistrationCache, prepare_confirm
 from operations.turnstiles.client import MAX_IN_LIST, ControlIdClient, DeviceError, DeviceRefused
 from operations.turnstiles.participants import Participant
 
@@ -188,7 +188,7 @@ class Roster:
     not a plain object; pickled, it carries the participants only."""
 
     __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock", "_records",
-                 "_prefetched", "_batches", "_batches_lock")
+                 "_prefetched", "_batches", "_batches_lock", "_listed")
 
     def __init__(self, items: list[Participant]):
         self.items = items
@@ -200,6 +200,7 @@ class Roster:
         self._prefetched: set[str] = set()
         self._batches: dict[tuple, _Once] = {}  # (record, sizes, registrations, user ids) -> encoded batches
         self._batches_lock = threading.Lock()
+        self._listed: tuple[frozenset[str], frozenset[int]] | None = None
 
     def __getstate__(self) -> list[Participant]:
         return self.items
@@ -217,15 +218,24 @@ class Roster:
                 self._fingerprints = {p.registration: p.fingerprint() for p in self.items}
             return self._fingerprints
 
+    def listed(self) -> tuple[frozenset[str], frozenset[int]]:
+        """(every registration, every group) the file names."""
+        with self._fingerprints_lock:
+            if self._listed is None:
+                self._listed = (frozenset(p.registration for p in self.items),
+                                frozenset(p.group for p in self.items if p.group is not None))
+            return self._listed
+
     def user_ids(self, cache: RegistrationCache, registrations: Iterable[str]) -> dict[str, int]:
-        """`cache.user_ids(registrations)`, each registration asked of Redis once per process."""
+        """`cache.user_ids(registrations)`, each registration asked of Redis once per process (the answer holds
+        at least those asked: read only)."""
         registrations = list(registrations)
         with self._user_ids_lock:
             known = self._user_ids.setdefault(cache.prefix, {})
             missing = [registration for registration in registrations if registration not in known]
             if missing:
                 known.update(cache.user_ids(missing))
-            return {registration: known[registration] for registration in registrations}
+            return known
 
     def prefetch_user_ids(self, cache: RegistrationCache) -> None:
         """`user_ids` of every participant, asked in a thread of its own (once per process and cache): a device
@@ -256,12 +266,13 @@ class Roster:
         return made
 
     def batches(self, record: int, targets: list[_Target], max_count: int, max_bytes: int
-                ) -> tuple[tuple[str, ...], list[tuple[int, int, bytes]]]:
+                ) -> tuple[tuple[str, ...], list[tuple[int, int, bytes, _Once]]]:
         """The `record` objects (index in `records`) of `targets` in consecutive batches of at most `max_count`
         objects and `max_bytes` of JSON: (the targets' registrations, [(start, end, JSON of targets[start:end]'s
-        objects)]). Made once per process for the same registrations and user ids and reused by each device
-        that sends them (the new users, cards and links of a first run are the same on every device): encoded
-        once, measured by that encoding, never encoded again."""
+        objects, a place for what else the devices sending that batch share)]). Made once per process for the
+        same registrations and user ids and reused by each device that sends them (the new users, cards and
+        links of a first run are the same on every device): encoded once, measured by that encoding, never
+        encoded again."""
         registrations = tuple([t.participant.registration for t in targets])
         user_ids = tuple([t.user_id for t in targets])
         key = (record, max_count, max_bytes, registrations, user_ids)
@@ -269,8 +280,8 @@ class Roster:
             once = self._batches.get(key)
             if once is None:
                 once = self._batches[key] = _Once()
-        return registrations, once.get(lambda: _encoded_batches(
-            [self.records(t.participant, t.user_id)[record] for t in targets], max_count, max_bytes))
+        return registrations, once.get(lambda: [(*batch, _Once()) for batch in _encoded_batches(
+            [self.records(t.participant, t.user_id)[record] for t in targets], max_count, max_bytes)])
 
 
 class _Once:
@@ -294,11 +305,11 @@ def user_values(p: Participant, user_id: int) -> dict[str, Any]:
             "begin_time": p.begin or 0, "end_time": p.end or 0}
 
 
-def managed_groups(participants: list[Participant], options: RegistrationOptions) -> set[int]:
+def managed_groups(roster: Roster, options: RegistrationOptions) -> set[int]:
     """The groups whose links follow the file: the option's, else every group the file names."""
     if options.managed_groups is not None:
         return set(options.managed_groups)
-    return {p.group for p in participants if p.group is not None}
+    return set(roster.listed()[1])
 
 
 def register_on_device(
@@ -339,7 +350,7 @@ def register_on_device(
             report.status = "cached"
         else:
             raise_if_stopped(should_stop, f"the work on {device}")
-            scope = _Scope(device, {p.registration for p in participants}, managed_groups(participants, options))
+            scope = _Scope(device, roster.listed()[0], managed_groups(roster, options))
             with device_slot():
                 targets = _device_work(client, cache, roster, todo, scope, options, report, progress, should_stop,
                                        tally)
@@ -365,7 +376,7 @@ def register_on_device(
 @dataclass(frozen=True)
 class _Scope:
     device: str
-    listed: set[str]    # every registration of the file
+    listed: frozenset[str]  # every registration of the file
     managed: set[int]   # groups whose links follow the file
 
 
@@ -427,6 +438,22 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
     groups: dict[int, set[int]] = {}
     for link in client.load("user_groups", "user_id", known_ids) if known_ids else []:
         groups.setdefault(link["user_id"], set()).add(link["group_id"])
+    if not on_device:  # a new or wiped device: every participant is new there
+        new_ids = roster.user_ids(cache, [p.registration for p in todo])
+        targets = [_Target(p, new_ids[p.registration], True, False, p.card is not None, (), p.group is not None)
+                   for p in todo]
+    else:
+        targets = _targets(cache, roster, todo, scope, on_device, cards, groups)
+    if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
+        _check_groups(client, targets, scope.device)
+    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
+
+
+def _targets(cache: RegistrationCache, roster: Roster, todo: list[Participant], scope: _Scope,
+             on_device: dict[str, dict[str, Any]], cards: dict[int, list[dict[str, Any]]],
+             groups: dict[int, set[int]]) -> list[_Target]:
+    """What each participant needs on a device that holds some of them (`on_device`, by registration, with their
+    `cards` and `groups` by user id)."""
     new_ids = roster.user_ids(cache, [p.registration for p in todo if p.registration not in on_device])
     targets = []
     for p in todo:
@@ -443,9 +470,7 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
         if p.card is not None and all(card["value"] != p.card for card in held):
             target.card_create, target.card_drop = True, [card["id"] for card in held]
         targets.append(target)
-    if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
-        _check_groups(client, targets, scope.device)
-    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
+    return targets
 
 
 def _users_by_registration(client: ControlIdClient, cache: RegistrationCache, device: str,
@@ -576,6 +601,7 @@ class _Batch:
     targets: list[_Target]
     registrations: Sequence[str]
     values: bytes | None
+    shared: _Once | None = None  # the cache entries of the batch, prepared once for the devices sending it
 
 
 class _Writer:
@@ -597,8 +623,8 @@ class _Writer:
                 self.clear_way(step.object_name)
                 batches = prepared.pop(index)
                 if self.users_failed:  # built before those users were refused
-                    batches = [_Batch(kept, [t.participant.registration for t in kept],
-                                      batch.values if len(kept) == len(batch.targets) else None)
+                    batches = [batch if len(kept) == len(batch.targets)
+                               else _Batch(kept, [t.participant.registration for t in kept], None)
                                for batch in batches if (kept := [t for t in batch.targets if not t.failed])]
                 futures = [pool.submit(self.one_batch, batch, step) for batch in batches]
                 for later in range(index + 1, len(_STEPS)):  # built while the first batches are on the device
@@ -615,7 +641,8 @@ class _Writer:
         targets = self.alive(step.wanted)
         registrations, encoded = self.roster.batches(step.record, targets, self.options.batch_size,
                                                      self.options.max_body_bytes)
-        return [_Batch(targets[start:end], registrations[start:end], values) for start, end, values in encoded]
+        return [_Batch(targets[start:end], registrations[start:end], values, shared)
+                for start, end, values, shared in encoded]
 
     def clear_way(self, object_name: str) -> None:
         """Before the cards, the cards given up and freed (a swap needs both values free); before the links,
@@ -679,14 +706,21 @@ class _Writer:
         if self.progress and object_name == "users":
             self.progress(len(batch.targets))
         if object_name == "user_groups" and not self.options.skip_cache:
-            self.confirm([t for t in batch.targets if not t.error])
+            self.confirm(batch)
 
-    def confirm(self, done: list[_Target]) -> None:
-        """Remember in the cache the participants written in full by the last kind of write (while the next
-        batch is on the device: the run's end then confirms only the participants that needed no group link)."""
+    def confirm(self, batch: _Batch) -> None:
+        """Remember in the cache the participants of `batch` written in full by the last kind of write (while the
+        next batch is on the device: the run's end then confirms only the participants that needed no group
+        link). A shared batch written in full is prepared once for every device."""
+        done = [t for t in batch.targets if not t.error]
         fingerprints = self.roster.fingerprints()
-        self.cache.confirm(self.device, [(t.participant.registration, t.user_id, fingerprints[t.participant.registration])
-                                         for t in done])
+
+        def prepared():
+            return prepare_confirm([(t.participant.registration, t.user_id, fingerprints[t.participant.registration])
+                                    for t in done])
+
+        self.cache.confirm_prepared(self.device, batch.shared.get(prepared)
+                                    if batch.shared is not None and len(done) == len(batch.targets) else prepared())
         for t in done:
             t.confirmed = True
 
