@@ -178,6 +178,7 @@ class _Target:
 class _Plan:
     targets: list[_Target]
     freed: list[tuple[int, str]] = field(default_factory=list)  # (card id, registration) of cards to free
+    fresh: bool = False  # every target is a new user (the device holds none of them)
 
 
 class Roster:
@@ -388,8 +389,8 @@ def _device_work(
     """Read the device, then write what it lacks (or only report it, on a dry run)."""
     plan = _plan(client, cache, roster, todo, scope, options.dry_run)
     targets = plan.targets
-    report.unchanged = sum(1 for t in targets if not t.needs_write and not t.problems
-                           and t.participant.registration not in tally.written)
+    report.unchanged = 0 if plan.fresh else sum(  # a fresh device's targets all need a write
+        1 for t in targets if not t.needs_write and not t.problems and t.participant.registration not in tally.written)
     if options.dry_run:
         report.status = "dry-run"
         _count_writes(report, plan)
@@ -446,7 +447,7 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
         targets = _targets(cache, roster, todo, scope, on_device, cards, groups)
     if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
         _check_groups(client, targets, scope.device)
-    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
+    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run), fresh=not on_device)
 
 
 def _targets(cache: RegistrationCache, roster: Roster, todo: list[Participant], scope: _Scope,
@@ -613,7 +614,7 @@ class _Writer:
         self.client, self.cache, self.roster, self.scope, self.plan = client, cache, roster, scope, plan
         self.options, self.progress, self.should_stop, self.tally = options, progress, should_stop, tally
         self.device = scope.device
-        self.targets = [t for t in plan.targets if t.needs_write]
+        self.targets = plan.targets if plan.fresh else [t for t in plan.targets if t.needs_write]
         self.users_failed = False  # once a user write is refused, prepared batches are filtered again
 
     def run(self) -> None:
