@@ -23,7 +23,9 @@ changed in batches (users, then cards, then group links), and remember what was 
 - A participant written in full is remembered in the cache after the batch of their group link (while the next
   batch is on the device); those who needed no link, at the end of the device's work.
 - Batches hold at most `batch_size` objects and `max_body_bytes` of JSON (the device's buffer is ~2 MB; the
-  vendor's SDK writes 250 objects a call).
+  vendor's SDK writes 250 objects a call). A batch is encoded once per process and its JSON sent as is by every
+  device that sends the same records (`Roster.batches`: a first run's new users, cards and links are the same
+  on every device), so ten devices cost the interpreter one encoding, not ten.
 - `should_stop` is asked before the device work and before every batch: once it answers True no new write
   starts, the device reports status "cancelled", and what was confirmed before stays counted.
 - The figures are added to a `DeviceTally` as each batch is confirmed; the caller may hand the same tally to
@@ -183,8 +185,9 @@ class _Plan:
 
 class Roster:
     """A run's participants and what every device of the run shares, computed once per process and reused by each
-    device worked on in it: every participant's fingerprint, and the device user ids (the same on every device:
-    the first device that needs some asks Redis, the others reuse the answer). One opaque object: Prefect walks
+    device worked on in it: every participant's fingerprint, the registrations and groups of the file, the
+    device user ids (the same on every device: the first device that needs some asks Redis, the others reuse the
+    answer), and the encoded batches of the same records. One opaque object: Prefect walks
     lists, dataclasses and models given to a task looking for futures (~0.8 s per task for 10,000 participants),
     not a plain object; pickled, it carries the participants only."""
 
