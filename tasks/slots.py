@@ -5,7 +5,8 @@ A slot is a Prefect lease (`/v2/concurrency_limits/increment-with-lease`). The s
 least and its repossessor frees expired ones every PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS, so a holder
 killed with SIGKILL would keep its slot up to a minute and more. So each holder also keeps a record of itself,
 the Prefect variable `slot-holder-<lease id>` (who: flow run name and id, task run; since when; a heartbeat),
-and refreshes both every HEARTBEAT_SECONDS. A run that finds the limit full reads the records of its holders;
+written by a thread of its own as the holder's work starts (not in its way), and refreshes both every
+HEARTBEAT_SECONDS. A run that finds the limit full reads the records of its holders;
 one whose heartbeat has not moved for STALE_AFTER_SECONDS of the waiter's own clock belongs to a process that is
 gone: the waiter releases that lease (the server frees its slots at once) and takes the slot. A killed holder's
 slot is free within STALE_AFTER_SECONDS plus one poll of a waiting run; without a waiter, the lease runs out.
@@ -167,44 +168,58 @@ def _wait(client: SyncPrefectClient, limit: str, occupy: int, holder: Concurrenc
 
 
 class _Heartbeat(threading.Thread):
-    """Renews the lease and refreshes the holder's record every HEARTBEAT_SECONDS until stopped."""
+    """Writes the holder's record, then renews the lease and refreshes the record every HEARTBEAT_SECONDS until
+    stopped, then deletes the record; through the holder's client (httpx clients are thread-safe)."""
 
-    def __init__(self, lease_id: UUID, record: dict[str, Any], log: Logger):
+    def __init__(self, client: SyncPrefectClient, lease_id: UUID, record: dict[str, Any], log: Logger):
         super().__init__(name=f"slot-heartbeat-{lease_id}", daemon=True)
-        self.lease_id, self.record, self.log = lease_id, record, log
+        self.client, self.lease_id, self.record, self.log = client, lease_id, record, log
         self.stopped = threading.Event()
         self.name_ = f"{RECORD_PREFIX}{lease_id}"
 
-    def write_record(self, client: SyncPrefectClient) -> None:
+    def write_record(self) -> None:
         try:
-            client.update_variable(VariableUpdate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
+            self.client.update_variable(VariableUpdate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != 404:
                 raise
-            client.create_variable(VariableCreate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
+            self.client.create_variable(VariableCreate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
 
-    def create_record(self, client: SyncPrefectClient) -> None:
+    def create_record(self) -> None:
         """The first write of the record (its lease is new: one call, not an update refused first)."""
         try:
-            client.create_variable(VariableCreate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
+            self.client.create_variable(VariableCreate(name=self.name_, value=self.record, tags=[RECORD_TAG]))
         except ObjectAlreadyExists:
-            self.write_record(client)
+            self.write_record()
 
     def run(self) -> None:
-        """Beat until stopped, then delete the record (while the holder releases the lease)."""
-        with get_client(sync_client=True) as client:
-            while not self.stopped.wait(HEARTBEAT_SECONDS):
-                self.record["beat"] += 1
-                try:
-                    client.renew_concurrency_lease(self.lease_id, LEASE_SECONDS)
-                    self.write_record(client)
-                except Exception as exc:  # noqa: BLE001 - the next beat tries again
+        """The record, then a beat every HEARTBEAT_SECONDS until stopped, then the record deleted (while the
+        holder releases the lease). A beat that fails once the holder has stopped is no matter (the lease is
+        being released): only one failing while the slot is held is a warning."""
+        if self.stopped.is_set():  # a block over before its record was written: no record to write nor delete
+            return
+        try:
+            self.create_record()
+        except Exception as exc:  # noqa: BLE001 - the next beat writes it
+            if not self.stopped.is_set():
+                self.log.warning("could not write the holder record of the slot of '%s' (%s): %s",
+                                 self.record["limit"], self.lease_id, exc)
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            self.record["beat"] += 1
+            try:
+                self.client.renew_concurrency_lease(self.lease_id, LEASE_SECONDS)
+                self.write_record()
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again
+                if self.stopped.is_set():  # the holder stopped during the beat: its release raced the renewal
+                    self.log.debug("slot of '%s' (%s) released during a renewal: %s", self.record["limit"],
+                                   self.lease_id, exc)
+                else:
                     self.log.warning("could not renew the slot of '%s' (%s): %s", self.record["limit"],
                                      self.lease_id, exc)
-            try:
-                client.delete_variable_by_name(self.name_)
-            except Exception as exc:  # noqa: BLE001 - a record left behind names a lease already released
-                self.log.debug("could not delete the record of the slot %s: %s", self.lease_id, exc)
+        try:
+            self.client.delete_variable_by_name(self.name_)
+        except Exception as exc:  # noqa: BLE001 - a record left behind names a lease already released
+            self.log.debug("could not delete the record of the slot %s: %s", self.lease_id, exc)
 
 
 @contextmanager
@@ -220,10 +235,9 @@ def held_slot(limit: str, log: Logger, *, what: str, occupy: int = 1, context: s
         lease_id, waited = _wait(client, limit, occupy, holder, log, what, context, should_stop)
         record = {"limit": limit, "slots": occupy, "holder": who, "flow_run_id": run_id,
                   "since": datetime.now(timezone.utc).isoformat(), "beat": 0}
-        heartbeat = _Heartbeat(lease_id, record, log)
+        heartbeat = _Heartbeat(client, lease_id, record, log)
         try:
-            heartbeat.create_record(client)
-            heartbeat.start()
+            heartbeat.start()  # writes the record while the block starts its work
             yield waited
         finally:
             heartbeat.stopped.set()

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 
+import httpx
 from prefect.client.orchestration import get_client
 
 from flows.concurrency import upsert_concurrency_limit
@@ -55,11 +56,15 @@ def test_runs_creating_the_same_limit_at_once_all_succeed_and_leave_one_limit():
 _HOLD_THEN_SLEEP = """
 import sys, time
 from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from tasks import slots
 from tasks.slots import held_slot
 
 @flow(name="slot-holder")
 def hold(limit: str) -> None:
-    with held_slot(limit, get_run_logger(), what="test slot"):
+    with held_slot(limit, get_run_logger(), what="test slot"), get_client(sync_client=True) as client:
+        while not slots._records(client, limit):  # its record is written beside the block's work
+            time.sleep(0.05)
         print("holding", flush=True)
         time.sleep(600)
 
@@ -109,3 +114,49 @@ def test_a_killed_holders_turnstile_slot_is_free_within_30_s_and_the_wait_says_w
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
         assert not [r for r in slots._records(client, limit)], "the records of both holders are gone"
         client.delete_global_concurrency_limit_by_name(limit)
+
+
+class _RenewalRacingTheRelease:
+    """A Prefect client whose lease renewal answers 410 Gone, as the server does once the lease is released;
+    `release_first`: the holder stops (and releases) while the renewal is in flight."""
+
+    def __init__(self, heartbeat_box: list, release_first: bool):
+        self.box, self.release_first = heartbeat_box, release_first
+        self.renewals, self.deleted = 0, []
+
+    def create_variable(self, variable):
+        pass
+
+    def renew_concurrency_lease(self, lease_id, seconds):
+        self.renewals += 1
+        if self.release_first:
+            self.box[0].stopped.set()
+        request = httpx.Request("POST", f"http://server/v2/concurrency_limits/leases/{lease_id}/renew")
+        raise httpx.HTTPStatusError("Client error '410 Gone'", request=request,
+                                    response=httpx.Response(410, request=request, json={"detail": "Lease not found"}))
+
+    def delete_variable_by_name(self, name):
+        self.deleted.append(name)
+
+
+def test_a_renewal_refused_because_the_holder_released_its_slot_is_no_warning(monkeypatch):
+    """The lease released while a renewal is in flight (every task's end, now and then) logs no warning; the
+    same refusal while the slot is held is a warning. Either way the record is deleted at the end."""
+    monkeypatch.setattr(slots, "HEARTBEAT_SECONDS", 0.01)
+    for release_first, warned in ((True, []), (False, ["could not renew the slot of 'turnstile:gate'"])):
+        log, lines = logging.getLogger(f"test.slots.renewal.{release_first}"), _Lines()
+        log.setLevel(logging.DEBUG)
+        log.addHandler(lines)
+        box: list = []
+        client = _RenewalRacingTheRelease(box, release_first)
+        lease = uuid.uuid4()
+        heartbeat = slots._Heartbeat(client, lease, {"limit": "turnstile:gate", "beat": 0}, log)
+        box.append(heartbeat)
+        heartbeat.start()
+        while not client.renewals:
+            time.sleep(0.005)
+        heartbeat.stopped.set()
+        heartbeat.join(5)
+        warnings = [line.split(" (")[0] for line in lines.lines if "could not" in line]
+        assert sorted(set(warnings)) == warned, lines.lines
+        assert client.deleted == [f"{slots.RECORD_PREFIX}{lease}"]

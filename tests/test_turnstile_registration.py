@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import replace
 
+import orjson
 import pytest
 from pydantic import SecretStr
 
@@ -16,7 +17,15 @@ from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient
 from operations.turnstiles.participants import read_participants
 from operations.cancellation import after
-from operations.turnstiles.registration import DeviceFailed, DeviceTally, RegistrationOptions, register_on_device
+from operations.turnstiles import registration
+from operations.turnstiles.registration import (
+    DeviceFailed,
+    DeviceTally,
+    RegistrationOptions,
+    Roster,
+    _encoded_batches,
+    register_on_device,
+)
 from operations.turnstiles.sample import write_participants_file
 
 QUICK_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
@@ -311,3 +320,48 @@ def test_an_empty_device_costs_one_read_and_a_held_one_is_read_in_full(emulator,
     again = register_on_device(_client(emulator), "device-0", people, cache, RegistrationOptions(verify=True))
     reads = emulator.control.stats(0)["routes"]["/load_objects.fcgi"]
     assert (again.unchanged, again.writes, reads) == (1_200, 0, {"200": 2 + 2 + 2})  # users, cards, links by 999
+
+
+def test_devices_sharing_a_roster_encode_their_batches_once_and_a_refusal_stays_on_its_device(
+        emulator, cache, tmp_path, monkeypatch):
+    """Two empty devices given one Roster: their batches of new users, cards and links are encoded once for
+    both; a card another user holds on the second device refuses that device's shared batch, which is read back
+    and resent there alone, while the first device holds everyone."""
+    encoded = []
+
+    def counted(values, max_count, max_bytes):
+        encoded.append(len(values))
+        return _encoded_batches(values, max_count, max_bytes)
+
+    monkeypatch.setattr(registration, "_encoded_batches", counted)
+    people = _participants(tmp_path, 300)
+    roster, victim = Roster(people), people[7]
+    squatter = _client(emulator, 1)
+    squatter.write("users", [{"id": 5, "registration": "SQUATTER", "name": "Someone else"}])
+    squatter.write("cards", [{"value": victim.card, "user_id": 5}], create_only=True)
+    first = register_on_device(_client(emulator, 0), "device-0", roster, cache, RegistrationOptions())
+    second = register_on_device(_client(emulator, 1), "device-1", roster, cache, RegistrationOptions())
+    assert (first.created, first.failures, first.writes) == (300, [], 6)
+    assert (second.created, [r for r, _, _ in second.failures]) == (300, [victim.registration])
+    assert second.failures[0][2].startswith(f"cards: card {victim.card} is held by 'SQUATTER'")
+    assert sorted(n for n in encoded if n) == sorted([300, sum(p.card is not None for p in people),
+                                                      sum(p.group is not None for p in people)]), encoded
+    for device in (0, 1):
+        held = _on_device(emulator, device)
+        assert all(held[p.registration]["cards"] == ([p.card] if p.card else []) for p in people if p is not victim)
+        assert all(held[p.registration]["groups"] == [p.group] for p in people if p.group is not None)
+    assert held["SQUATTER"]["cards"] == [victim.card]
+
+
+def test_batches_are_encoded_once_within_the_count_and_the_bytes_and_keep_the_order():
+    """The pure batching: at most `max_count` objects and `max_bytes` of JSON a batch, each batch's JSON the
+    objects in order (one object larger than the limit goes alone)."""
+    values = [{"id": i, "name": "x" * (i % 7) * 10} for i in range(23)] + [{"id": 99, "name": "y" * 500}]
+    for max_count, max_bytes in ((5, 10_000), (250, 200), (4, 150), (1, 1)):
+        batches = _encoded_batches(values, max_count, max_bytes)
+        assert [start for start, _, _ in batches] == [0] + [end for _, end, _ in batches[:-1]]
+        assert batches[-1][1] == len(values)
+        for start, end, encoded in batches:
+            assert orjson.loads(encoded) == values[start:end]
+            assert end - start <= max_count
+            assert len(encoded) <= max_bytes or end - start == 1

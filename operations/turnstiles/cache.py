@@ -84,6 +84,19 @@ def _joinable(registrations: list[str]) -> bool:
     return not any("\n" in registration for registration in registrations)
 
 
+ConfirmPayload = list[str] | dict[str, str]  # script arguments joined by newlines, or the hash's fields and values
+
+
+def prepare_confirm(entries: Iterable[tuple[str, int, str]]) -> ConfirmPayload:
+    """(registration, device user id, fingerprint) entries as `RegistrationCache.confirm_prepared` sends them."""
+    mapping = {registration: f"{user_id}:{fingerprint}" for registration, user_id, fingerprint in entries}
+    if not _joinable(list(mapping)):
+        return mapping
+    items = list(mapping.items())
+    return ["\n".join(f"{r}\n{v}" for r, v in items[start:start + _JOINED_BATCH])
+            for start in range(0, len(items), _JOINED_BATCH)]
+
+
 class RegistrationCache:
     """The cache of one prefix (config-only callers build it per process from the block's client)."""
 
@@ -130,14 +143,18 @@ class RegistrationCache:
 
     def confirm(self, device: str, entries: Iterable[tuple[str, int, str]]) -> None:
         """Remember (registration, device user id, fingerprint) as written on the device."""
-        mapping = {registration: f"{user_id}:{fingerprint}" for registration, user_id, fingerprint in entries}
-        items = list(mapping.items())
+        self.confirm_prepared(device, prepare_confirm(entries))
+
+    def confirm_prepared(self, device: str, prepared: ConfirmPayload) -> None:
+        """`confirm` of entries prepared by `prepare_confirm` (the same entries confirmed on several devices
+        are prepared once)."""
         key = self._device_key(device)
-        if not items:
+        if isinstance(prepared, list):
+            for joined in prepared:
+                self._hset_joined(keys=[key], args=[joined])
             return
-        if _joinable(list(mapping)):
-            for start in range(0, len(items), _JOINED_BATCH):
-                self._hset_joined(keys=[key], args=["\n".join(f"{r}\n{v}" for r, v in items[start:start + _JOINED_BATCH])])
+        items = list(prepared.items())
+        if not items:
             return
         with self.client.pipeline(transaction=False) as pipe:  # one round trip
             for start in range(0, len(items), _BATCH):

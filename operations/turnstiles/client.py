@@ -178,6 +178,12 @@ class ControlIdClient:
         self.call(path, {"object": object_name, "values": values})
         self.stats.count(writes=1, objects_written=len(values))
 
+    def write_json(self, object_name: str, values: bytes, count: int, *, create_only: bool = False) -> None:
+        """`write` of `count` objects already encoded as one JSON list (sent as is, not decoded again)."""
+        path = "/create_objects.fcgi" if create_only else "/create_or_modify_objects.fcgi"
+        self.call(path, {"object": object_name, "values": orjson.Fragment(values)})
+        self.stats.count(writes=1, objects_written=count)
+
 
 def _decoded(response: httpx.Response) -> dict[str, Any]:
     """A 2xx answer's JSON ({} when empty), decoded with orjson (999-user pages ~5x faster than the json module);

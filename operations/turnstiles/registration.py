@@ -23,7 +23,9 @@ changed in batches (users, then cards, then group links), and remember what was 
 - A participant written in full is remembered in the cache after the batch of their group link (while the next
   batch is on the device); those who needed no link, at the end of the device's work.
 - Batches hold at most `batch_size` objects and `max_body_bytes` of JSON (the device's buffer is ~2 MB; the
-  vendor's SDK writes 250 objects a call).
+  vendor's SDK writes 250 objects a call). A batch is encoded once per process and its JSON sent as is by every
+  device that sends the same records (`Roster.batches`: a first run's new users, cards and links are the same
+  on every device), so ten devices cost the interpreter one encoding, not ten.
 - `should_stop` is asked before the device work and before every batch: once it answers True no new write
   starts, the device reports status "cancelled", and what was confirmed before stays counted.
 - The figures are added to a `DeviceTally` as each batch is confirmed; the caller may hand the same tally to
@@ -42,7 +44,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 import orjson
 
 from operations.cancellation import Cancelled, StopCheck, never, raise_if_stopped
-from operations.turnstiles.cache import RegistrationCache
+from operations.turnstiles.cache import RegistrationCache, prepare_confirm
 from operations.turnstiles.client import MAX_IN_LIST, ControlIdClient, DeviceError, DeviceRefused
 from operations.turnstiles.participants import Participant
 
@@ -178,17 +180,19 @@ class _Target:
 class _Plan:
     targets: list[_Target]
     freed: list[tuple[int, str]] = field(default_factory=list)  # (card id, registration) of cards to free
+    fresh: bool = False  # every target is a new user (the device holds none of them)
 
 
 class Roster:
     """A run's participants and what every device of the run shares, computed once per process and reused by each
-    device worked on in it: every participant's fingerprint, and the device user ids (the same on every device:
-    the first device that needs some asks Redis, the others reuse the answer). One opaque object: Prefect walks
+    device worked on in it: every participant's fingerprint, the registrations and groups of the file, the
+    device user ids (the same on every device: the first device that needs some asks Redis, the others reuse the
+    answer), and the encoded batches of the same records. One opaque object: Prefect walks
     lists, dataclasses and models given to a task looking for futures (~0.8 s per task for 10,000 participants),
     not a plain object; pickled, it carries the participants only."""
 
     __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock", "_records",
-                 "_prefetched")
+                 "_prefetched", "_batches", "_batches_lock", "_listed")
 
     def __init__(self, items: list[Participant]):
         self.items = items
@@ -198,6 +202,9 @@ class Roster:
         self._user_ids_lock = threading.Lock()
         self._records: dict[str, tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]] = {}
         self._prefetched: set[str] = set()
+        self._batches: dict[tuple, _Once] = {}  # (record, sizes, registrations, user ids) -> encoded batches
+        self._batches_lock = threading.Lock()
+        self._listed: tuple[frozenset[str], frozenset[int]] | None = None
 
     def __getstate__(self) -> list[Participant]:
         return self.items
@@ -215,15 +222,24 @@ class Roster:
                 self._fingerprints = {p.registration: p.fingerprint() for p in self.items}
             return self._fingerprints
 
+    def listed(self) -> tuple[frozenset[str], frozenset[int]]:
+        """(every registration, every group) the file names."""
+        with self._fingerprints_lock:
+            if self._listed is None:
+                self._listed = (frozenset(p.registration for p in self.items),
+                                frozenset(p.group for p in self.items if p.group is not None))
+            return self._listed
+
     def user_ids(self, cache: RegistrationCache, registrations: Iterable[str]) -> dict[str, int]:
-        """`cache.user_ids(registrations)`, each registration asked of Redis once per process."""
+        """`cache.user_ids(registrations)`, each registration asked of Redis once per process (the answer holds
+        at least those asked: read only)."""
         registrations = list(registrations)
         with self._user_ids_lock:
             known = self._user_ids.setdefault(cache.prefix, {})
             missing = [registration for registration in registrations if registration not in known]
             if missing:
                 known.update(cache.user_ids(missing))
-            return {registration: known[registration] for registration in registrations}
+            return known
 
     def prefetch_user_ids(self, cache: RegistrationCache) -> None:
         """`user_ids` of every participant, asked in a thread of its own (once per process and cache): a device
@@ -253,6 +269,39 @@ class Roster:
         self._records.setdefault(participant.registration, made)  # kept for the first id asked
         return made
 
+    def batches(self, record: int, targets: list[_Target], max_count: int, max_bytes: int
+                ) -> tuple[tuple[str, ...], list[tuple[int, int, bytes, _Once]]]:
+        """The `record` objects (index in `records`) of `targets` in consecutive batches of at most `max_count`
+        objects and `max_bytes` of JSON: (the targets' registrations, [(start, end, JSON of targets[start:end]'s
+        objects, a place for what else the devices sending that batch share)]). Made once per process for the
+        same registrations and user ids and reused by each device that sends them (the new users, cards and
+        links of a first run are the same on every device): encoded once, measured by that encoding, never
+        encoded again."""
+        registrations = tuple([t.participant.registration for t in targets])
+        user_ids = tuple([t.user_id for t in targets])
+        key = (record, max_count, max_bytes, registrations, user_ids)
+        with self._batches_lock:
+            once = self._batches.get(key)
+            if once is None:
+                once = self._batches[key] = _Once()
+        return registrations, once.get(lambda: [(*batch, _Once()) for batch in _encoded_batches(
+            [self.records(t.participant, t.user_id)[record] for t in targets], max_count, max_bytes)])
+
+
+class _Once:
+    """A value made by the first caller of `get` while the others wait for it (a failed make is tried again)."""
+
+    __slots__ = ("_lock", "_value", "_made")
+
+    def __init__(self):
+        self._lock, self._value, self._made = threading.Lock(), None, False
+
+    def get(self, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if not self._made:
+                self._value, self._made = make(), True
+            return self._value
+
 
 def user_values(p: Participant, user_id: int) -> dict[str, Any]:
     """The device's user object for a participant (always the same fields, as one call requires)."""
@@ -260,11 +309,11 @@ def user_values(p: Participant, user_id: int) -> dict[str, Any]:
             "begin_time": p.begin or 0, "end_time": p.end or 0}
 
 
-def managed_groups(participants: list[Participant], options: RegistrationOptions) -> set[int]:
+def managed_groups(roster: Roster, options: RegistrationOptions) -> set[int]:
     """The groups whose links follow the file: the option's, else every group the file names."""
     if options.managed_groups is not None:
         return set(options.managed_groups)
-    return {p.group for p in participants if p.group is not None}
+    return set(roster.listed()[1])
 
 
 def register_on_device(
@@ -305,7 +354,7 @@ def register_on_device(
             report.status = "cached"
         else:
             raise_if_stopped(should_stop, f"the work on {device}")
-            scope = _Scope(device, {p.registration for p in participants}, managed_groups(participants, options))
+            scope = _Scope(device, roster.listed()[0], managed_groups(roster, options))
             with device_slot():
                 targets = _device_work(client, cache, roster, todo, scope, options, report, progress, should_stop,
                                        tally)
@@ -331,7 +380,7 @@ def register_on_device(
 @dataclass(frozen=True)
 class _Scope:
     device: str
-    listed: set[str]    # every registration of the file
+    listed: frozenset[str]  # every registration of the file
     managed: set[int]   # groups whose links follow the file
 
 
@@ -343,8 +392,8 @@ def _device_work(
     """Read the device, then write what it lacks (or only report it, on a dry run)."""
     plan = _plan(client, cache, roster, todo, scope, options.dry_run)
     targets = plan.targets
-    report.unchanged = sum(1 for t in targets if not t.needs_write and not t.problems
-                           and t.participant.registration not in tally.written)
+    report.unchanged = 0 if plan.fresh else sum(  # a fresh device's targets all need a write
+        1 for t in targets if not t.needs_write and not t.problems and t.participant.registration not in tally.written)
     if options.dry_run:
         report.status = "dry-run"
         _count_writes(report, plan)
@@ -393,6 +442,22 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
     groups: dict[int, set[int]] = {}
     for link in client.load("user_groups", "user_id", known_ids) if known_ids else []:
         groups.setdefault(link["user_id"], set()).add(link["group_id"])
+    if not on_device:  # a new or wiped device: every participant is new there
+        new_ids = roster.user_ids(cache, [p.registration for p in todo])
+        targets = [_Target(p, new_ids[p.registration], True, False, p.card is not None, (), p.group is not None)
+                   for p in todo]
+    else:
+        targets = _targets(cache, roster, todo, scope, on_device, cards, groups)
+    if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
+        _check_groups(client, targets, scope.device)
+    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run), fresh=not on_device)
+
+
+def _targets(cache: RegistrationCache, roster: Roster, todo: list[Participant], scope: _Scope,
+             on_device: dict[str, dict[str, Any]], cards: dict[int, list[dict[str, Any]]],
+             groups: dict[int, set[int]]) -> list[_Target]:
+    """What each participant needs on a device that holds some of them (`on_device`, by registration, with their
+    `cards` and `groups` by user id)."""
     new_ids = roster.user_ids(cache, [p.registration for p in todo if p.registration not in on_device])
     targets = []
     for p in todo:
@@ -409,9 +474,7 @@ def _plan(client: ControlIdClient, cache: RegistrationCache, roster: Roster, tod
         if p.card is not None and all(card["value"] != p.card for card in held):
             target.card_create, target.card_drop = True, [card["id"] for card in held]
         targets.append(target)
-    if dry_run:  # a run learns of a missing group when its link is refused (no read when none is)
-        _check_groups(client, targets, scope.device)
-    return _Plan(targets, _settle_cards(client, cache, targets, scope, everyone=dry_run))
+    return targets
 
 
 def _users_by_registration(client: ControlIdClient, cache: RegistrationCache, device: str,
@@ -534,6 +597,17 @@ _STEPS = (
 Record = tuple[_Target, dict]
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One write call's targets, their registrations, and the JSON of their objects (shared by every device
+    sending the same; None: encoded from the objects when sent)."""
+
+    targets: list[_Target]
+    registrations: Sequence[str]
+    values: bytes | None
+    shared: _Once | None = None  # the cache entries of the batch, prepared once for the devices sending it
+
+
 class _Writer:
     """The writes of one device's plan (`_write`), and the reads that settle a refused batch."""
 
@@ -543,7 +617,7 @@ class _Writer:
         self.client, self.cache, self.roster, self.scope, self.plan = client, cache, roster, scope, plan
         self.options, self.progress, self.should_stop, self.tally = options, progress, should_stop, tally
         self.device = scope.device
-        self.targets = [t for t in plan.targets if t.needs_write]
+        self.targets = plan.targets if plan.fresh else [t for t in plan.targets if t.needs_write]
         self.users_failed = False  # once a user write is refused, prepared batches are filtered again
 
     def run(self) -> None:
@@ -553,7 +627,9 @@ class _Writer:
                 self.clear_way(step.object_name)
                 batches = prepared.pop(index)
                 if self.users_failed:  # built before those users were refused
-                    batches = [kept for batch in batches if (kept := [r for r in batch if not r[0].failed])]
+                    batches = [batch if len(kept) == len(batch.targets)
+                               else _Batch(kept, [t.participant.registration for t in kept], None)
+                               for batch in batches if (kept := [t for t in batch.targets if not t.failed])]
                 futures = [pool.submit(self.one_batch, batch, step) for batch in batches]
                 for later in range(index + 1, len(_STEPS)):  # built while the first batches are on the device
                     if later not in prepared:
@@ -565,10 +641,12 @@ class _Writer:
     def alive(self, predicate: Callable[[_Target], bool]) -> list[_Target]:
         return [t for t in self.targets if not t.failed and predicate(t)]
 
-    def batches(self, step: _Step) -> list[list[Record]]:
-        records = self.roster.records
-        return _batches([(t, records(t.participant, t.user_id)[step.record]) for t in self.alive(step.wanted)],
-                        self.options.batch_size, self.options.max_body_bytes)
+    def batches(self, step: _Step) -> list[_Batch]:
+        targets = self.alive(step.wanted)
+        registrations, encoded = self.roster.batches(step.record, targets, self.options.batch_size,
+                                                     self.options.max_body_bytes)
+        return [_Batch(targets[start:end], registrations[start:end], values, shared)
+                for start, end, values, shared in encoded]
 
     def clear_way(self, object_name: str) -> None:
         """Before the cards, the cards given up and freed (a swap needs both values free); before the links,
@@ -585,7 +663,7 @@ class _Writer:
                 self.destroy("user_groups", {"group_id": group}, [t.user_id for t in losing], "groups_removed",
                              [t.participant.registration for t in losing])
 
-    def settle(self, step: _Step, batches: list[list[Record]], futures: list) -> None:
+    def settle(self, step: _Step, batches: list[_Batch], futures: list) -> None:
         """Count each batch as its answer comes; after a failed one, cancel those not started and raise."""
         stopped: Exception | None = None
         for batch, future in zip(batches, futures):
@@ -601,12 +679,23 @@ class _Writer:
         if stopped is not None:
             raise stopped
 
-    def one_batch(self, batch: list[Record], step: _Step) -> list[tuple[_Target, str]]:
+    def one_batch(self, batch: _Batch, step: _Step) -> list[tuple[_Target, str]]:
         raise_if_stopped(self.should_stop, f"the next {step.object_name} batch on {self.device}")
         check = getattr(self, step.check) if step.check else None
-        return _write_isolating(self.client, step.object_name, batch, step.create_only, check)
+        refused = None
+        if batch.values is not None:  # the shared encoding: the objects are looked at only if it is refused
+            try:
+                self.client.write_json(step.object_name, batch.values, len(batch.targets),
+                                       create_only=step.create_only)
+                return []
+            except DeviceRefused as exc:
+                refused = exc.error
+        records = self.roster.records
+        return _write_isolating(self.client, step.object_name,
+                                [(t, records(t.participant, t.user_id)[step.record]) for t in batch.targets],
+                                step.create_only, check, refused=refused)
 
-    def written(self, batch: list[Record], refused: list[tuple[_Target, str]], step: _Step) -> None:
+    def written(self, batch: _Batch, refused: list[tuple[_Target, str]], step: _Step) -> None:
         object_name = step.object_name
         refused_ids = {id(target) for target, _ in refused}
         for target, error in refused:
@@ -615,19 +704,27 @@ class _Writer:
                 self.users_failed = True
             else:
                 target.refuse(f"{'groups' if object_name == 'user_groups' else object_name}: {error}")
-        self.tally.add(step.figure, len(batch) - len(refused_ids),
-                       [t.participant.registration for t, _ in batch if id(t) not in refused_ids])
+        self.tally.add(step.figure, len(batch.targets) - len(refused_ids),
+                       [t.participant.registration for t in batch.targets if id(t) not in refused_ids]
+                       if refused_ids else batch.registrations)
         if self.progress and object_name == "users":
-            self.progress(len(batch))
+            self.progress(len(batch.targets))
         if object_name == "user_groups" and not self.options.skip_cache:
-            self.confirm([t for t, _ in batch if not t.error])
+            self.confirm(batch)
 
-    def confirm(self, done: list[_Target]) -> None:
-        """Remember in the cache the participants written in full by the last kind of write (while the next
-        batch is on the device: the run's end then confirms only the participants that needed no group link)."""
+    def confirm(self, batch: _Batch) -> None:
+        """Remember in the cache the participants of `batch` written in full by the last kind of write (while the
+        next batch is on the device: the run's end then confirms only the participants that needed no group
+        link). A shared batch written in full is prepared once for every device."""
+        done = [t for t in batch.targets if not t.error]
         fingerprints = self.roster.fingerprints()
-        self.cache.confirm(self.device, [(t.participant.registration, t.user_id, fingerprints[t.participant.registration])
-                                         for t in done])
+
+        def prepared():
+            return prepare_confirm([(t.participant.registration, t.user_id, fingerprints[t.participant.registration])
+                                    for t in done])
+
+        self.cache.confirm_prepared(self.device, batch.shared.get(prepared)
+                                    if batch.shared is not None and len(done) == len(batch.targets) else prepared())
         for t in done:
             t.confirmed = True
 
@@ -683,31 +780,25 @@ class _Writer:
                 for t in batch if t.participant.group not in existing}
 
 
-def _batches(records: list[tuple[_Target, dict]], max_count: int, max_bytes: int) -> list[list[tuple[_Target, dict]]]:
-    """Consecutive batches of at most `max_count` records and `max_bytes` of JSON each (a batch of `max_count`
-    is measured whole, once; only one over `max_bytes` is measured record by record)."""
+def _encoded_batches(values: list[dict[str, Any]], max_count: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+    """(start, end, JSON of values[start:end]) of consecutive batches of at most `max_count` objects and
+    `max_bytes` of JSON each (a batch of `max_count` is encoded whole, once; only one over `max_bytes` is
+    measured object by object)."""
     batches = []
-    for start in range(0, len(records), max_count):
-        part = records[start:start + max_count]
-        if len(orjson.dumps([values for _, values in part])) <= max_bytes:
-            batches.append(part)
-        else:
-            batches += _batches_by_size(part, max_count, max_bytes)
-    return batches
-
-
-def _batches_by_size(records: list[tuple[_Target, dict]], max_count: int, max_bytes: int
-                     ) -> list[list[tuple[_Target, dict]]]:
-    batches, current, size = [], [], 2
-    for record in records:
-        length = len(orjson.dumps(record[1])) + 1
-        if current and (len(current) >= max_count or size + length > max_bytes):
-            batches.append(current)
-            current, size = [], 2
-        current.append(record)
-        size += length
-    if current:
-        batches.append(current)
+    for start in range(0, len(values), max_count):
+        part = values[start:start + max_count]
+        encoded = orjson.dumps(part)
+        if len(encoded) <= max_bytes:
+            batches.append((start, start + len(part), encoded))
+            continue
+        first, size = start, 2
+        for index, value in enumerate(part, start):
+            length = len(orjson.dumps(value)) + 1
+            if index > first and size + length > max_bytes:
+                batches.append((first, index, orjson.dumps(values[first:index])))
+                first, size = index, 2
+            size += length
+        batches.append((first, start + len(part), orjson.dumps(values[first:start + len(part)])))
     return batches
 
 
@@ -716,17 +807,21 @@ Check = Callable[[list[_Target]], dict[int, "str | None"]]
 
 def _write_isolating(
     client: ControlIdClient, object_name: str, batch: list[tuple[_Target, dict]], create_only: bool,
-    check: Check | None, read_back: bool = True,
+    check: Check | None, read_back: bool = True, refused: str | None = None,
 ) -> list[tuple[_Target, str]]:
     """Write a batch; if the device refuses it, read the batch back in one call (`check`: id(target) -> None
     when the device holds the record as sent, the reason it is refused, or "" to send it again): the held
     ones are done, the refused ones returned, and only the rest is sent again. What is still refused is
-    halved until each refused record is alone; those records are returned with the device's error."""
-    try:
-        client.write(object_name, [values for _, values in batch], create_only=create_only)
-        return []
-    except DeviceRefused as exc:
-        error = exc.error
+    halved until each refused record is alone; those records are returned with the device's error.
+    `refused`: the device's error when the batch was already sent and refused (it is not sent again first)."""
+    if refused is not None:
+        error = refused
+    else:
+        try:
+            client.write(object_name, [values for _, values in batch], create_only=create_only)
+            return []
+        except DeviceRefused as exc:
+            error = exc.error
     if check is not None and (read_back or len(batch) == 1):
         found = check([target for target, _ in batch])
         if found:
