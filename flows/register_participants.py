@@ -104,7 +104,7 @@ def load_turnstiles(names: list[str]) -> dict[str, TurnstileDevice]:
 def _device_block(document) -> TurnstileDevice:
     """The block of a document read with the others (one API call for all), else loaded on its own."""
     if document.block_schema is None:
-        return TurnstileDevice.load(document.name)
+        return TurnstileDevice.load(document.name, _sync=True)
     return TurnstileDevice._load_from_block_document(document)
 
 
@@ -127,8 +127,10 @@ def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
 
 def load_blocks(names: list[str], cache_block: str, settings: Settings
                 ) -> tuple[dict[str, TurnstileDevice], TurnstileCache]:
-    """The turnstiles' blocks and the cache block, answering."""
-    return load_turnstiles(names), checked_cache(cache_block, settings)
+    """The turnstiles' blocks and the cache block, answering (both read at once)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-block") as side:
+        cache = side.submit(contextvars.copy_context().run, checked_cache, cache_block, settings)
+        return load_turnstiles(names), cache.result()
 
 
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:
@@ -146,7 +148,7 @@ def checked_cache(name: str, settings: Settings) -> TurnstileCache:
 def run_progress(cache: TurnstileCache, run_id: str, total: int, file_name: str) -> RunProgress:
     """The run's progress artifact and the Redis counter its device tasks add to."""
     artifact = create_progress_artifact(0.0, key="registration-progress",
-                                        description=f"Participant x turnstile pairs settled of {file_name}")
+                                        description=f"Participant x turnstile pairs settled of {file_name}", _sync=True)
     return RunProgress(artifact, f"{cache.key_prefix}:progress:{run_id}", total)
 
 
@@ -155,7 +157,8 @@ def finish_progress(cache: TurnstileCache, progress: RunProgress) -> None:
     the counter gone."""
     settled = int(cache.get_client().getdel(progress.counter_key) or 0)
     if progress.artifact_id is not None:
-        update_progress_artifact(progress.artifact_id, 100.0 * min(settled, progress.total) / max(1, progress.total))
+        update_progress_artifact(progress.artifact_id, 100.0 * min(settled, progress.total) / max(1, progress.total),
+                                 _sync=True)
 
 
 def register_everywhere(
@@ -236,13 +239,17 @@ def publish(source: Path, people: ParticipantsFile, reports: list[dict], dry_run
         write_registration_failures(workbook, failures, title=f"Registration failures of {source.name}")
         link = output_link(workbook)
         create_link_artifact(key="registration-failures", link=link, link_text=workbook.name,
-                             description=f"{len(failures):,} failed record(s) (registration, turnstile, row, error)")
-    create_table_artifact(
-        key="registration-turnstiles", table=turnstile_rows(reports, dry_run),
-        description=f"Turnstiles of this registration{' (dry run: planned, not written)' if dry_run else ''}",
-    )
-    create_markdown_artifact(key="registration-report", markdown=registration_markdown(source.name, summary, link),
-                             description=f"Final figures of the registration of {source.name}")
+                             description=f"{len(failures):,} failed record(s) (registration, turnstile, row, error)",
+                             _sync=True)
+    with ThreadPoolExecutor(1, thread_name_prefix="artifacts") as side:  # the two API calls at once
+        table = side.submit(
+            contextvars.copy_context().run, create_table_artifact, key="registration-turnstiles",
+            table=turnstile_rows(reports, dry_run), _sync=True,
+            description=f"Turnstiles of this registration{' (dry run: planned, not written)' if dry_run else ''}",
+        )
+        create_markdown_artifact(key="registration-report", markdown=registration_markdown(source.name, summary, link),
+                                 description=f"Final figures of the registration of {source.name}", _sync=True)
+        table.result()
     return summary
 
 
@@ -280,12 +287,16 @@ CACHE_BLOCK = form_field(
 
 @flow(name="register-participants", log_prints=False)
 @ends_failed_on_user_error
-def register_participants(
+async def register_participants(
     participants_file: FileName = PARTICIPANTS_FILE, turnstiles: TurnstileNames = TURNSTILES,
     skip_cache: bool = SKIP_CACHE, verify: bool = VERIFY, dry_run: bool = DRY_RUN, batch_size: BatchSize = BATCH_SIZE,
     concurrency_per_device: RequestsAtOnce = CONCURRENCY_PER_DEVICE, cache_block: BlockName = CACHE_BLOCK,
 ) -> dict:
-    """Register every participant of the file on every chosen turnstile."""
+    """Register every participant of the file on every chosen turnstile.
+
+    `async def` for Prefect's async engine, which ends the run without waiting out its heartbeat thread's
+    one-second sleep; the body's calls stay blocking (Prefect's dispatching calls with `_sync=True`), so a
+    SIGTERM still lands in them (in the wait for the turnstile tasks) as under the sync engine."""
     watch_termination()
     started, settings = time.perf_counter(), get_settings()
     output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
