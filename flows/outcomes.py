@@ -1,10 +1,10 @@
 """How a flow ends on an expected user error: Failed, with the error's message as one log line, no traceback.
 
-Put `@ends_failed_on_user_error` under `@flow` (a `def` or an `async def` flow). A `UserError` (operations/errors.py) raised by the flow body,
-or by a task whose result the body reads, becomes the run's final state `Failed(message=...)`, logged once at
-ERROR without a traceback; every other exception propagates, so Prefect logs it with its traceback. The
-error itself stays the state's data: `state.result()` raises it, `state.result(raise_on_failure=False)`
-returns it.
+Put `@ends_failed_on_user_error` under `@flow` (of a `def` or an `async def` function). A `UserError`
+(operations/errors.py) raised by the flow body, or by a task whose result the body reads, becomes the run's
+final state `Failed(message=...)`, logged once at ERROR without a traceback; every other exception propagates,
+so Prefect logs it with its traceback. The error itself stays the state's data: `state.result()` raises it,
+`state.result(raise_on_failure=False)` returns it.
 """
 
 from __future__ import annotations

@@ -30,11 +30,13 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import BlockDocument
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
+from prefect.context import SyncClientContext
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled, Failed, State
 from prefect.utilities.annotations import unmapped
 from pydantic import Field
 from typing_extensions import Annotated
@@ -72,6 +74,7 @@ from tasks.registration import (
 )
 
 LIMITS_PAGE = 200  # global concurrency limits read per request
+BLOCKS_PAGE = 200  # block documents read per request (the server's most)
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
 
 FILE_PATTERN = r"^$|" + READ_FILE_PATTERN  # .xlsx, .xls, .ods or .csv; empty: PARTICIPANTS_FILE
@@ -89,16 +92,33 @@ def load_turnstiles(names: list[str]) -> dict[str, TurnstileDevice]:
     """The named TurnstileDevice blocks (every saved one when `names` is empty); unknown names are an error
     naming them and the devices that exist."""
     with get_client(sync_client=True) as client:
-        documents = {d.name: d for d in client.read_block_documents_by_type("turnstile-device", include_secrets=True)}
-    saved = sorted(documents)
-    unknown = sorted(set(names) - set(saved))
-    if unknown:
-        raise UnknownTurnstile(f"no TurnstileDevice block named {', '.join(unknown)}; saved: {', '.join(saved) or 'none'}")
-    chosen = list(dict.fromkeys(names)) or saved
+        documents = _turnstile_documents(client, names)
+        unknown = sorted(set(names) - set(documents))
+        if unknown:
+            saved = sorted(_turnstile_documents(client, [], include_secrets=False))
+            raise UnknownTurnstile(f"no TurnstileDevice block named {', '.join(unknown)}; "
+                                   f"saved: {', '.join(saved) or 'none'}")
+    chosen = list(dict.fromkeys(names)) or sorted(documents)
     if not chosen:
         raise UnknownTurnstile("no turnstile is configured: save TurnstileDevice blocks (UI, or "
                                "python -m deployments.turnstile_devices load FILE)")
     return {name: _device_block(documents[name]) for name in chosen}
+
+
+def _turnstile_documents(client: SyncPrefectClient, names: list[str], include_secrets: bool = True
+                         ) -> dict[str, BlockDocument]:
+    """The saved TurnstileDevice block documents named `names` (every one when empty), by name: only those
+    (the server decrypts each document's secrets), BLOCKS_PAGE a request."""
+    body = {"block_types": {"slug": {"any_": ["turnstile-device"]}},
+            "block_documents": {"is_anonymous": {"eq_": False}, **({"name": {"any_": names}} if names else {})},
+            "include_secrets": include_secrets, "limit": BLOCKS_PAGE}
+    documents, offset = {}, 0
+    while True:
+        page = client.request("POST", "/block_documents/filter", json={**body, "offset": offset}).json()
+        documents.update((d.name, d) for d in BlockDocument.model_validate_list(page))
+        if len(page) < BLOCKS_PAGE:
+            return documents
+        offset += BLOCKS_PAGE
 
 
 def _device_block(document) -> TurnstileDevice:
@@ -253,6 +273,15 @@ def publish(source: Path, people: ParticipantsFile, reports: list[dict], dry_run
     return summary
 
 
+def cancelled_state(summary: dict) -> State:
+    """The final state of a cancelled run: Cancelled, saying what was written before the cancel."""
+    written = summary["written"]
+    stopped = (f"cancelled: {summary['turnstiles_cancelled']} turnstile(s) stopped; written before the cancel: "
+               f"{written['created']:,} user(s) created, {written['updated']:,} updated, {written['cards']:,} "
+               f"card(s), {written['groups']:,} group link(s)")
+    return Cancelled(message=stopped, data=RegistrationCancelled(stopped))
+
+
 FileName = Annotated[str, Field(max_length=4096, pattern=FILE_PATTERN)]
 TurnstileNames = Annotated[list[Annotated[str, Field(min_length=1, max_length=120)]], Field(max_length=500)]
 BatchSize = Annotated[int, Field(ge=1, le=1000)]
@@ -296,31 +325,30 @@ async def register_participants(
 
     `async def` for Prefect's async engine, which ends the run without waiting out its heartbeat thread's
     one-second sleep; the body's calls stay blocking (Prefect's dispatching calls with `_sync=True`), so a
-    SIGTERM still lands in them (in the wait for the turnstile tasks) as under the sync engine."""
+    SIGTERM still lands in them (in the wait for the turnstile tasks) as under the sync engine. The body shares
+    one sync API client, as the sync engine does (without it every task thread builds its own: ~0.1 s of CPU
+    each, for its TLS context)."""
     watch_termination()
-    started, settings = time.perf_counter(), get_settings()
-    output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
-    source = participants_path(participants_file, settings.turnstiles.participants_file)
-    with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:  # the blocks and Redis while the file is read
-        loading = side.submit(contextvars.copy_context().run, load_blocks, turnstiles, cache_block, settings)
-        people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
-        devices, cache = loading.result()
-    run_id = str(flow_run.get_id() or "local")
-    options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
-                                  concurrency=concurrency_per_device)
-    get_run_logger().info(
-        "registering %d participant(s) of %s on %d turnstile(s) (%d operations; %d row(s) repeated in the file)%s",
-        len(people.participants), source.name, len(devices), len(people.participants) * len(devices),
-        len(people.duplicates), " - dry run: planned, nothing written" if dry_run else "",
-    )
-    reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings)
-    workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
-    summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
-    if summary["turnstiles_cancelled"] or run_stop_check()():
-        written = summary["written"]
-        stopped = (f"cancelled: {summary['turnstiles_cancelled']} turnstile(s) stopped; written before the cancel: "
-                   f"{written['created']:,} user(s) created, {written['updated']:,} updated, {written['cards']:,} "
-                   f"card(s), {written['groups']:,} group link(s)")
-        return Cancelled(message=stopped, data=RegistrationCancelled(stopped))
+    with SyncClientContext.get_or_create():  # one API client for the run's calls and its task threads
+        started, settings = time.perf_counter(), get_settings()
+        output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
+        source = participants_path(participants_file, settings.turnstiles.participants_file)
+        with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:  # the blocks and Redis while the file is read
+            loading = side.submit(contextvars.copy_context().run, load_blocks, turnstiles, cache_block, settings)
+            people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file: row/column
+            devices, cache = loading.result()
+        run_id = str(flow_run.get_id() or "local")
+        options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
+                                      concurrency=concurrency_per_device)
+        get_run_logger().info(
+            "registering %d participant(s) of %s on %d turnstile(s) (%d operations; %d row(s) repeated in the file)%s",
+            len(people.participants), source.name, len(devices), len(people.participants) * len(devices),
+            len(people.duplicates), " - dry run: planned, nothing written" if dry_run else "",
+        )
+        reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings)
+        workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
+        summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
+        if summary["turnstiles_cancelled"] or run_stop_check()():
+            return cancelled_state(summary)
     failed = registration_failure_message(summary)
     return Failed(message=failed, data=RegistrationIncomplete(failed)) if failed else summary
