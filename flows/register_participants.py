@@ -32,9 +32,9 @@ from prefect.artifacts import (
 )
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import BlockDocument
+from prefect.context import SyncClientContext
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
-from prefect.context import SyncClientContext
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 from prefect.utilities.annotations import unmapped
