@@ -17,6 +17,7 @@ PARTICIPANTS participants x DEVICES emulated turnstiles (the emulator in its own
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import time
@@ -91,8 +92,8 @@ def _flow(source: Path, names: list[str], cache_name: str, runner: str, emulator
     emulator.control.reset_stats()
     with PeakMemory({os.getpid()}) as memory:
         started = time.perf_counter()
-        state = register_participants(participants_file=str(source), turnstiles=names, cache_block=cache_name,
-                                      return_state=True)
+        state = asyncio.run(register_participants(participants_file=str(source), turnstiles=names,
+                                                  cache_block=cache_name, return_state=True))
         wall = time.perf_counter() - started
     if not state.is_completed():
         raise SystemExit(f"register-participants on {runner} failed: {state.message}")

@@ -94,9 +94,10 @@ RedisConnection.load("BLOCK_NAME").get_client().ping()
     def load_or_create_default(cls, name: str, default_name: str, settings: Settings):
         """The saved block `name`. The default one (`default_name`) is created on first use for the project's
         Redis: REDIS_URL, else the embedded Redis the local stack runs (looked up, never started: without either,
-        NotConfigured names REDIS_URL); any other missing name is an error saying so."""
+        NotConfigured names REDIS_URL); any other missing name is an error saying so. Blocking even under an
+        `async def` flow (`_sync=True`), where Prefect would otherwise hand back a coroutine."""
         try:
-            return cls.load(name)
+            return cls.load(name, _sync=True)
         except ValueError:
             if name != default_name:
                 raise ValueError(
@@ -106,5 +107,5 @@ RedisConnection.load("BLOCK_NAME").get_client().ping()
 
         password = settings.redis.password.get_secret_value() if settings.redis.password else None
         block = cls.from_url(resolve_redis_url(settings), password)
-        block.save(name, overwrite=True)
+        block.save(name, overwrite=True, _sync=True)
         return block

@@ -14,6 +14,7 @@ The stack is left running so the run can be looked at in the UI (`make down` sto
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -193,9 +194,9 @@ def demo_turnstiles(stack, participants: int) -> int:
     if not source.exists():
         write_participants_file(source, participants)
     print(f"\nregistering {source} on {', '.join(stack.emulated_turnstiles)} ...", flush=True)
-    state = register_participants(
+    state = asyncio.run(register_participants(  # an async flow: its run ends without a heartbeat's wait
         participants_file=str(source), turnstiles=list(stack.emulated_turnstiles), return_state=True
-    )
+    ))
     result = _result("register-participants", state)
     if result is None:
         return 1

@@ -30,11 +30,13 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import BlockDocument
+from prefect.context import SyncClientContext
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled, Failed, State
 from prefect.utilities.annotations import unmapped
 from pydantic import Field
 from typing_extensions import Annotated
@@ -72,6 +74,7 @@ from tasks.registration import (
 )
 
 LIMITS_PAGE = 200  # global concurrency limits read per request
+BLOCKS_PAGE = 200  # block documents read per request (the server's most)
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
 
 FILE_PATTERN = r"^$|" + READ_FILE_PATTERN  # .xlsx, .xls, .ods or .csv; empty: PARTICIPANTS_FILE
@@ -89,22 +92,39 @@ def load_turnstiles(names: list[str]) -> dict[str, TurnstileDevice]:
     """The named TurnstileDevice blocks (every saved one when `names` is empty); unknown names are an error
     naming them and the devices that exist."""
     with get_client(sync_client=True) as client:
-        documents = {d.name: d for d in client.read_block_documents_by_type("turnstile-device", include_secrets=True)}
-    saved = sorted(documents)
-    unknown = sorted(set(names) - set(saved))
-    if unknown:
-        raise UnknownTurnstile(f"no TurnstileDevice block named {', '.join(unknown)}; saved: {', '.join(saved) or 'none'}")
-    chosen = list(dict.fromkeys(names)) or saved
+        documents = _turnstile_documents(client, names)
+        unknown = sorted(set(names) - set(documents))
+        if unknown:
+            saved = sorted(_turnstile_documents(client, [], include_secrets=False))
+            raise UnknownTurnstile(f"no TurnstileDevice block named {', '.join(unknown)}; "
+                                   f"saved: {', '.join(saved) or 'none'}")
+    chosen = list(dict.fromkeys(names)) or sorted(documents)
     if not chosen:
         raise UnknownTurnstile("no turnstile is configured: save TurnstileDevice blocks (UI, or "
                                "python -m deployments.turnstile_devices load FILE)")
     return {name: _device_block(documents[name]) for name in chosen}
 
 
+def _turnstile_documents(client: SyncPrefectClient, names: list[str], include_secrets: bool = True
+                         ) -> dict[str, BlockDocument]:
+    """The saved TurnstileDevice block documents named `names` (every one when empty), by name: only those
+    (the server decrypts each document's secrets), BLOCKS_PAGE a request."""
+    body = {"block_types": {"slug": {"any_": ["turnstile-device"]}},
+            "block_documents": {"is_anonymous": {"eq_": False}, **({"name": {"any_": names}} if names else {})},
+            "include_secrets": include_secrets, "limit": BLOCKS_PAGE}
+    documents, offset = {}, 0
+    while True:
+        page = client.request("POST", "/block_documents/filter", json={**body, "offset": offset}).json()
+        documents.update((d.name, d) for d in BlockDocument.model_validate_list(page))
+        if len(page) < BLOCKS_PAGE:
+            return documents
+        offset += BLOCKS_PAGE
+
+
 def _device_block(document) -> TurnstileDevice:
     """The block of a document read with the others (one API call for all), else loaded on its own."""
     if document.block_schema is None:
-        return TurnstileDevice.load(document.name)
+        return TurnstileDevice.load(document.name, _sync=True)
     return TurnstileDevice._load_from_block_document(document)
 
 
@@ -127,8 +147,10 @@ def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
 
 def load_blocks(names: list[str], cache_block: str, settings: Settings
                 ) -> tuple[dict[str, TurnstileDevice], TurnstileCache]:
-    """The turnstiles' blocks and the cache block, answering."""
-    return load_turnstiles(names), checked_cache(cache_block, settings)
+    """The turnstiles' blocks and the cache block, answering (both read at once)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-block") as side:
+        cache = side.submit(contextvars.copy_context().run, checked_cache, cache_block, settings)
+        return load_turnstiles(names), cache.result()
 
 
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:
@@ -146,7 +168,7 @@ def checked_cache(name: str, settings: Settings) -> TurnstileCache:
 def run_progress(cache: TurnstileCache, run_id: str, total: int, file_name: str) -> RunProgress:
     """The run's progress artifact and the Redis counter its device tasks add to."""
     artifact = create_progress_artifact(0.0, key="registration-progress",
-                                        description=f"Participant x turnstile pairs settled of {file_name}")
+                                        description=f"Participant x turnstile pairs settled of {file_name}", _sync=True)
     return RunProgress(artifact, f"{cache.key_prefix}:progress:{run_id}", total)
 
 
@@ -155,7 +177,8 @@ def finish_progress(cache: TurnstileCache, progress: RunProgress) -> None:
     the counter gone."""
     settled = int(cache.get_client().getdel(progress.counter_key) or 0)
     if progress.artifact_id is not None:
-        update_progress_artifact(progress.artifact_id, 100.0 * min(settled, progress.total) / max(1, progress.total))
+        update_progress_artifact(progress.artifact_id, 100.0 * min(settled, progress.total) / max(1, progress.total),
+                                 _sync=True)
 
 
 def register_everywhere(
@@ -236,14 +259,27 @@ def publish(source: Path, people: ParticipantsFile, reports: list[dict], dry_run
         write_registration_failures(workbook, failures, title=f"Registration failures of {source.name}")
         link = output_link(workbook)
         create_link_artifact(key="registration-failures", link=link, link_text=workbook.name,
-                             description=f"{len(failures):,} failed record(s) (registration, turnstile, row, error)")
-    create_table_artifact(
-        key="registration-turnstiles", table=turnstile_rows(reports, dry_run),
-        description=f"Turnstiles of this registration{' (dry run: planned, not written)' if dry_run else ''}",
-    )
-    create_markdown_artifact(key="registration-report", markdown=registration_markdown(source.name, summary, link),
-                             description=f"Final figures of the registration of {source.name}")
+                             description=f"{len(failures):,} failed record(s) (registration, turnstile, row, error)",
+                             _sync=True)
+    with ThreadPoolExecutor(1, thread_name_prefix="artifacts") as side:  # the two API calls at once
+        table = side.submit(
+            contextvars.copy_context().run, create_table_artifact, key="registration-turnstiles",
+            table=turnstile_rows(reports, dry_run), _sync=True,
+            description=f"Turnstiles of this registration{' (dry run: planned, not written)' if dry_run else ''}",
+        )
+        create_markdown_artifact(key="registration-report", markdown=registration_markdown(source.name, summary, link),
+                                 description=f"Final figures of the registration of {source.name}", _sync=True)
+        table.result()
     return summary
+
+
+def cancelled_state(summary: dict) -> State:
+    """The final state of a cancelled run: Cancelled, saying what was written before the cancel."""
+    written = summary["written"]
+    stopped = (f"cancelled: {summary['turnstiles_cancelled']} turnstile(s) stopped; written before the cancel: "
+               f"{written['created']:,} user(s) created, {written['updated']:,} updated, {written['cards']:,} "
+               f"card(s), {written['groups']:,} group link(s)")
+    return Cancelled(message=stopped, data=RegistrationCancelled(stopped))
 
 
 FileName = Annotated[str, Field(max_length=4096, pattern=FILE_PATTERN)]
@@ -280,36 +316,39 @@ CACHE_BLOCK = form_field(
 
 @flow(name="register-participants", log_prints=False)
 @ends_failed_on_user_error
-def register_participants(
+async def register_participants(
     participants_file: FileName = PARTICIPANTS_FILE, turnstiles: TurnstileNames = TURNSTILES,
     skip_cache: bool = SKIP_CACHE, verify: bool = VERIFY, dry_run: bool = DRY_RUN, batch_size: BatchSize = BATCH_SIZE,
     concurrency_per_device: RequestsAtOnce = CONCURRENCY_PER_DEVICE, cache_block: BlockName = CACHE_BLOCK,
 ) -> dict:
-    """Register every participant of the file on every chosen turnstile."""
+    """Register every participant of the file on every chosen turnstile.
+
+    `async def` for Prefect's async engine, which ends the run without waiting out its heartbeat thread's
+    one-second sleep; the body's calls stay blocking (Prefect's dispatching calls with `_sync=True`), so a
+    SIGTERM still lands in them (in the wait for the turnstile tasks) as under the sync engine. The body shares
+    one sync API client, as the sync engine does (without it every task thread builds its own: ~0.1 s of CPU
+    each, for its TLS context)."""
     watch_termination()
-    started, settings = time.perf_counter(), get_settings()
-    output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
-    source = participants_path(participants_file, settings.turnstiles.participants_file)
-    with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:  # the blocks and Redis while the file is read
-        loading = side.submit(contextvars.copy_context().run, load_blocks, turnstiles, cache_block, settings)
-        people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file, naming row/column
-        devices, cache = loading.result()
-    run_id = str(flow_run.get_id() or "local")
-    options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
-                                  concurrency=concurrency_per_device)
-    get_run_logger().info(
-        "registering %d participant(s) of %s on %d turnstile(s) (%d operations; %d row(s) repeated in the file)%s",
-        len(people.participants), source.name, len(devices), len(people.participants) * len(devices),
-        len(people.duplicates), " - dry run: planned, nothing written" if dry_run else "",
-    )
-    reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings)
-    workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
-    summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
-    if summary["turnstiles_cancelled"] or run_stop_check()():
-        written = summary["written"]
-        stopped = (f"cancelled: {summary['turnstiles_cancelled']} turnstile(s) stopped; written before the cancel: "
-                   f"{written['created']:,} user(s) created, {written['updated']:,} updated, {written['cards']:,} "
-                   f"card(s), {written['groups']:,} group link(s)")
-        return Cancelled(message=stopped, data=RegistrationCancelled(stopped))
+    with SyncClientContext.get_or_create():  # one API client for the run's calls and its task threads
+        started, settings = time.perf_counter(), get_settings()
+        output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
+        source = participants_path(participants_file, settings.turnstiles.participants_file)
+        with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:  # the blocks and Redis while the file is read
+            loading = side.submit(contextvars.copy_context().run, load_blocks, turnstiles, cache_block, settings)
+            people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file: row/column
+            devices, cache = loading.result()
+        run_id = str(flow_run.get_id() or "local")
+        options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
+                                      concurrency=concurrency_per_device)
+        get_run_logger().info(
+            "registering %d participant(s) of %s on %d turnstile(s) (%d operations; %d row(s) repeated in the file)%s",
+            len(people.participants), source.name, len(devices), len(people.participants) * len(devices),
+            len(people.duplicates), " - dry run: planned, nothing written" if dry_run else "",
+        )
+        reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings)
+        workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
+        summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
+        if summary["turnstiles_cancelled"] or run_stop_check()():
+            return cancelled_state(summary)
     failed = registration_failure_message(summary)
     return Failed(message=failed, data=RegistrationIncomplete(failed)) if failed else summary

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prefect import flow, task
 from prefect.utilities.callables import parameter_schema
@@ -73,3 +75,22 @@ def test_an_unexpected_error_keeps_its_traceback():
     assert state.is_failed()
     texts = run_texts(state.state_details.flow_run_id)
     assert any("Traceback" in t and "an unexpected fault" in t for t in texts), texts
+
+
+@flow(name="outcome-probe-async")
+@ends_failed_on_user_error
+async def _probe_async(value: Annotated[int, Field(ge=-10, le=10)] = form_field(1, "Value", "A number.")) -> int:
+    if value == -1:
+        raise _BadInput("value -1 is refused: give 0 or more")
+    return _check(value)
+
+
+def test_an_async_flow_stays_async_and_a_user_error_fails_it_with_one_line():
+    assert _probe_async.isasync, "Prefect runs it on its async engine"
+    assert parameter_schema(_probe_async).model_dump()["properties"]["value"]["title"] == "Value"
+    assert asyncio.run(_probe_async(value=3)) == 3
+    state = asyncio.run(_probe_async(value=-1, return_state=True))
+    assert state.is_failed() and state.message == "value -1 is refused: give 0 or more"
+    assert isinstance(state.result(raise_on_failure=False), _BadInput)
+    texts = run_texts(state.state_details.flow_run_id)
+    assert [t for t in texts if "give 0 or more" in t] and not [t for t in texts if "Traceback" in t], texts

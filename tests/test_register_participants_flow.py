@@ -7,6 +7,7 @@ requests on a turnstile than its limit."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -52,7 +53,7 @@ def gates(settings, redis_url):
 def _run(**parameters):
     from flows.register_participants import register_participants
 
-    state = register_participants(**parameters, return_state=True)
+    state = asyncio.run(register_participants(**parameters, return_state=True))
     return state, (state.result() if state.is_completed() else None)
 
 
@@ -156,11 +157,11 @@ def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_repor
 
 
 _RUN_ONE = """
-import sys
+import asyncio, sys
 from flows.register_participants import register_participants
-state = register_participants(participants_file=sys.argv[1], turnstiles=sys.argv[2].split(","),
-                              cache_block=sys.argv[3], skip_cache=True, batch_size=10, concurrency_per_device=4,
-                              return_state=True)
+state = asyncio.run(register_participants(
+    participants_file=sys.argv[1], turnstiles=sys.argv[2].split(","), cache_block=sys.argv[3], skip_cache=True,
+    batch_size=10, concurrency_per_device=4, return_state=True))
 sys.exit(0 if state.is_completed() else 1)
 """
 
@@ -247,8 +248,8 @@ def test_a_cancelled_registration_stops_writing_within_seconds_and_reports_what_
 
     run_name = f"cancel-{runner}-{uuid.uuid4().hex[:6]}"
     watch = _WriteWatch(emulator, run_name, after=6)
-    state = register_participants.with_options(flow_run_name=run_name)(
-        participants_file=str(source), turnstiles=names, cache_block=cache, batch_size=10, return_state=True)
+    state = asyncio.run(register_participants.with_options(flow_run_name=run_name)(
+        participants_file=str(source), turnstiles=names, cache_block=cache, batch_size=10, return_state=True))
     last_write, writes_after = watch.stop()
     print(f"{runner}: last device write {last_write:.2f} s after the cancel ({writes_after} write call(s) after it)")
     assert state.is_cancelled(), state
@@ -363,10 +364,10 @@ def test_a_reset_and_a_replaced_turnstile_are_noticed_and_restored_by_the_next_n
 
 
 _RUN_NAMED = """
-import sys
+import asyncio, sys
 from flows.register_participants import register_participants
-register_participants.with_options(flow_run_name=sys.argv[4])(
-    participants_file=sys.argv[1], turnstiles=sys.argv[2].split(","), cache_block=sys.argv[3], batch_size=10)
+asyncio.run(register_participants.with_options(flow_run_name=sys.argv[4])(
+    participants_file=sys.argv[1], turnstiles=sys.argv[2].split(","), cache_block=sys.argv[3], batch_size=10))
 """
 
 

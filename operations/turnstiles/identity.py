@@ -132,9 +132,11 @@ def check_devices(clients: dict[str, Callable[[], ControlIdClient]], cache: Regi
     def pending(name: str) -> int:  # what a trusted cache leaves to do: read while the device answers the checks
         return cache.pending(name, fingerprints) if cached[name] else len(fingerprints)
 
-    workers = min(16, len(clients))
-    with ThreadPoolExecutor(2 * workers, thread_name_prefix="turnstile-check") as pool:
-        counts = {name: pool.submit(pending, name) for name in clients}
+    # the counts on two threads, not one per turnstile: their CPU then takes the gaps between the device answers
+    # instead of holding back every turnstile's next request
+    with ThreadPoolExecutor(2, thread_name_prefix="turnstile-pending") as counting, \
+            ThreadPoolExecutor(min(16, len(clients)), thread_name_prefix="turnstile-check") as pool:
+        counts = {name: counting.submit(pending, name) for name in clients}
         futures = {name: pool.submit(check, name, make, counts[name].result) for name, make in clients.items()}
         return {name: future.result() for name, future in futures.items()}
 
