@@ -21,17 +21,17 @@ from pathlib import Path
 
 
 def bench_turnstile_scenarios(participants: int, devices: int, moves: int = 44) -> dict:
+    from deployments.stack import start_local_stack
     from emulators import controlid as emulator_module
-    from operations.infra.embedded_redis import resolve_redis_url
     from operations.settings import get_settings
     from operations.turnstiles.sample import write_participants_file
 
     import redis
 
+    client = redis.Redis.from_url(start_local_stack(get_settings()).redis_url)  # the stack first, as every line
     state_dir = Path(tempfile.mkdtemp(prefix="turnstile-scenarios-"))
     emulator = emulator_module.start_emulator_process(
         emulator_module.EmulatorConfig(devices=devices, max_concurrent_requests=1), state_dir)
-    client = redis.Redis.from_url(resolve_redis_url(get_settings()))
     try:
         people = write_participants_file(state_dir / "participants.csv", participants, groups=(1, 2))
         ones = [i for i, p in enumerate(people) if p.group == 1][:moves]

@@ -127,3 +127,22 @@ def test_any_cached_says_whether_a_check_is_needed_at_all(emulator, cache):
     _register(emulator, cache, device=1)
     assert cache.counts(["gate-0", "gate-1"]) == {"gate-0": 0, "gate-1": len(PEOPLE)}
     assert any_cached(cache, ["gate-0", "gate-1"]) and not any_cached(cache, ["gate-0"])
+
+
+def test_the_pending_counts_inside_redis_equal_the_per_device_count(cache):
+    """`pendings` (one round trip, counted by a script) answers what `pending` answers for each device: a
+    participant missing, one confirmed with another fingerprint (the suffix must match whole, not a tail of it),
+    one with another user id but the same fingerprint (still held); registrations holding a newline take the
+    per-argument way with the same answers."""
+    fingerprints = _fingerprints()
+    cache.confirm("gate-0", [(p.registration, 100 + i, fingerprints[p.registration]) for i, p in enumerate(PEOPLE)])
+    cache.confirm("gate-1", [(p.registration, 200 + i, fingerprints[p.registration]) for i, p in enumerate(PEOPLE[5:])])
+    changed = fingerprints[PEOPLE[7].registration]
+    cache.confirm("gate-1", [(PEOPLE[7].registration, 1, ("1" if changed[0] == "0" else "0") + changed[1:]),
+                             (PEOPLE[8].registration, 1, fingerprints[PEOPLE[8].registration][4:])])
+    expected = {"gate-0": 0, "gate-1": 5 + 2, "gate-2": len(PEOPLE)}
+    assert {d: cache.pending(d, fingerprints) for d in expected} == expected
+    assert cache.pendings(list(expected), fingerprints) == expected
+    odd = {**fingerprints, "two\nlines": "0123456789abcdef"}
+    assert cache.pendings(list(expected), odd) == {d: n + 1 for d, n in expected.items()}
+    assert cache.pendings([], fingerprints) == {} and cache.pendings(["gate-0"], {}) == {"gate-0": 0}

@@ -70,6 +70,20 @@ end
 return table.concat(out, '\\n')
 """
 
+# KEYS[1] hash; ARGV[1] registration, fingerprint, registration, fingerprint... joined by newlines. How many of
+# those registrations the hash does not hold as "<user id>:<that fingerprint>".
+_PENDING_JOINED = """
+local pending, name = 0, nil
+for item in string.gmatch(ARGV[1] .. '\\n', '(.-)\\n') do
+  if name == nil then name = item else
+    local value, suffix = redis.call('HGET', KEYS[1], name), ':' .. item
+    if not value or string.sub(value, -#suffix) ~= suffix then pending = pending + 1 end
+    name = nil
+  end
+end
+return pending
+"""
+
 # KEYS[1] hash; ARGV[1] field, value, field, value... joined by newlines.
 _HSET_JOINED = """
 local name = nil
@@ -107,6 +121,7 @@ class RegistrationCache:
         self._user_ids_joined = client.register_script(_USER_IDS_JOINED)
         self._hmget_joined = client.register_script(_HMGET_JOINED)
         self._hset_joined = client.register_script(_HSET_JOINED)
+        self._pending_joined = client.register_script(_PENDING_JOINED)
 
     def _device_key(self, device: str) -> str:
         return f"{self.prefix}:device:{device}:registered"
@@ -140,6 +155,21 @@ class RegistrationCache:
         values = self._values(self._device_key(device), registrations)
         return sum(1 for registration, value in zip(registrations, values)
                    if not value or not value.endswith(b":" + fingerprints[registration].encode()))
+
+    def pendings(self, devices: list[str], fingerprints: dict[str, str]) -> dict[str, int]:
+        """`pending` of each device, counted inside Redis: the registrations and fingerprints are joined once for
+        every device and each device answers one number (one round trip for all)."""
+        registrations = list(fingerprints)
+        if not devices or not registrations or not _joinable(registrations):
+            return {device: self.pending(device, fingerprints) if registrations else 0 for device in devices}
+        parts = ["\n".join(f"{r}\n{fingerprints[r]}" for r in registrations[start:start + _JOINED_BATCH])
+                 for start in range(0, len(registrations), _JOINED_BATCH)]
+        with self.client.pipeline(transaction=False) as pipe:
+            for device in devices:
+                for part in parts:
+                    self._pending_joined(keys=[self._device_key(device)], args=[part], client=pipe)
+            answers = pipe.execute()
+        return {device: sum(answers[i * len(parts):(i + 1) * len(parts)]) for i, device in enumerate(devices)}
 
     def confirm(self, device: str, entries: Iterable[tuple[str, int, str]]) -> None:
         """Remember (registration, device user id, fingerprint) as written on the device."""
