@@ -174,9 +174,7 @@ class ControlIdClient:
     def write(self, object_name: str, values: list[dict[str, Any]], *, create_only: bool = False) -> None:
         """Write one batch: `create_or_modify_objects` (idempotent), or `create_objects` (`create_only`: a value
         that exists is refused with 400 instead of being changed)."""
-        path = "/create_objects.fcgi" if create_only else "/create_or_modify_objects.fcgi"
-        self.call(path, {"object": object_name, "values": values})
-        self.stats.count(writes=1, objects_written=len(values))
+        self.write_json(object_name, orjson.dumps(values), len(values), create_only=create_only)
 
     def write_json(self, object_name: str, values: bytes, count: int, *, create_only: bool = False) -> None:
         """`write` of `count` objects already encoded as one JSON list (sent as is, not decoded again)."""
