@@ -69,7 +69,7 @@ def bench_marketplace(
     os.environ["MARKETPLACE_CONCURRENCY"] = str(concurrency)
     get_settings.cache_clear()  # the onboard-account flow runs below must write to this database, not the stack's
     engine = get_engine(url)
-    clear_marketplace_data(engine, accounts=True)
+    clear_marketplace_data(engine, accounts=True, truncate=True)
     state_dir = Path(tempfile.mkdtemp(prefix="marketplace-bench-"))
     config = EmulatorConfig(
         sellers=accounts, orders_per_seller=orders, items_per_seller=items, latency_ms=latency_ms, seed=11
@@ -103,7 +103,7 @@ def _measure(base_url, config, engine, latency_ms, concurrency, settings, emulat
     figures["onboarding"] = _onboard_all(control, engine, app, block_name, concurrency)
 
     for runner in ("threads", "dask"):
-        clear_marketplace_data(engine)
+        clear_marketplace_data(engine, truncate=True)
         os.environ["MARKETPLACE_TASK_RUNNER"] = runner
         settings_module.get_settings.cache_clear()
         from flows.sync_marketplace import sync_marketplace
@@ -125,7 +125,7 @@ def _measure(base_url, config, engine, latency_ms, concurrency, settings, emulat
         }
 
     # the old behaviour: one account after another, same code, no orchestration
-    clear_marketplace_data(engine)
+    clear_marketplace_data(engine, truncate=True)
     options = sync_options(settings)
     control.reset_stats()
     started = time.perf_counter()

@@ -519,3 +519,17 @@ def test_light_accounts_are_grouped_only_when_more_of_them_than_tasks_at_once():
     singles, groups = group_light_accounts(accounts, {1, 2, 3, 4, 5, 6}, 4)
     assert singles == [accounts[6]]
     assert [[a.seller_id for a in g] for g in groups] == [[1, 5], [2, 6], [3], [4]]
+
+
+def test_many_accounts_share_tasks_keeping_two_tasks_per_sync_at_once():
+    from operations.marketplace.sync import group_accounts
+
+    few = [_view(i) for i in range(1, 8)]
+    assert group_accounts(few, set(), 3) == (few, []), "fewer than 4 accounts per sync at once: a task each"
+    many = [_view(i) for i in range(1, 42)]
+    singles, groups = group_accounts(many, set(), 4)
+    assert singles == [] and [len(g) for g in groups] == [5] * 8 + [1]
+    assert [a for g in groups for a in g] == many, "every account once, in order"
+    singles, groups = group_accounts(many, set(range(1, 6)), 4)  # 5 light ones in 4 groups, 36 others by 4
+    assert singles == [] and [len(g) for g in groups] == [4] * 9 + [2, 1, 1, 1]
+    assert sorted(a.seller_id for g in groups for a in g) == list(range(1, 42))
