@@ -162,6 +162,9 @@ class RequestPacer:
             yield
 
 
+_USER_AGENT = f"python-httpx/{httpx.__version__}"  # what the httpx client says, so the API sees one client
+
+
 class KeepAliveGets:
     """GETs to one origin over plain keep-alive HTTP/1.1 connections (`http.client`), answered as
     `httpx.Response`s, and failing with httpx's transport errors (TRANSIENT_ERRORS): for a client whose hot path
@@ -195,7 +198,7 @@ class KeepAliveGets:
         from urllib.parse import urlencode
 
         target = self._prefix + path + (f"?{urlencode(params)}" if params else "")
-        sent = {"Host": self._host, "Accept": "*/*", **(headers or {})}
+        sent = {"Host": self._host, "Accept": "*/*", "User-Agent": _USER_AGENT, **(headers or {})}
         if not self._slots.acquire(timeout=self.settings.pool_timeout):
             raise httpx.PoolTimeout(f"no connection free within {self.settings.pool_timeout:.0f} s")
         try:
