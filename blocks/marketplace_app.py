@@ -13,7 +13,7 @@ from typing import ClassVar
 from pydantic import Field, SecretStr
 
 from blocks.http_endpoint import HttpEndpoint
-from operations.infra.http import shared_http_client
+from operations.infra.http import keepalive_gets, shared_http_client
 from operations.marketplace.client import AppCredentials, MarketplaceClient, RequestStats
 
 
@@ -64,8 +64,10 @@ client = app.client()  # a MarketplaceClient over this process's shared httpx.Cl
         """A client (cheap; counters of its own) over this process's shared HTTP pool for the API."""
         if not self.client_id or not self.client_secret.get_secret_value():
             raise ValueError("the MarketplaceApp block has no client_id/client_secret: fill them in and save it")
-        http = shared_http_client(self.api_base_url, self.http_settings())
-        return MarketplaceClient(http, self.credentials(), self.retry_policy(), stats or RequestStats())
+        settings = self.http_settings()
+        http = shared_http_client(self.api_base_url, settings)
+        return MarketplaceClient(http, self.credentials(), self.retry_policy(), stats or RequestStats(),
+                                 gets=keepalive_gets(self.api_base_url, settings))
 
 
 def load_marketplace_app(name: str) -> MarketplaceApp:

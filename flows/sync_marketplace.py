@@ -2,7 +2,8 @@
 database, one mapped task per account, in parallel, on a schedule or on demand through the Prefect API. In a
 catch-up run with notifications on (no item read), the accounts synced a few hours ago share tasks, several
 accounts to a task, when there are more of them than tasks at once: their sync is a request or two, less than a
-task run costs.
+task run costs. A run with many more accounts than syncs at once (a first sync of many sellers) syncs the others
+several to a task as well, keeping two tasks per sync at once (`group_accounts`).
 
 Stages: release the accounts a crashed or killed sync left `running` (shown as interrupted, resumed here); check
 the request and pick the accounts (unknown ids, a bad or future resync date, a missing app block or an unmigrated
@@ -56,7 +57,7 @@ from operations.marketplace.sync import (
     SyncOptions,
     SyncResources,
     SyncRun,
-    group_light_accounts,
+    group_accounts,
     light_account,
     resync_start,
     run_shape,
@@ -103,18 +104,18 @@ def sync_accounts(
     accounts: list[AccountView], app: MarketplaceApp, run: SyncRun, settings: Settings
 ) -> tuple[list[dict], TerminationSignal | None]:
     """One task per account on MARKETPLACE_TASK_RUNNER, MARKETPLACE_CONCURRENCY requests in flight (`run_shape`),
-    the light accounts of a catch-up run several to a task (`group_light_accounts`): every account's report (a
+    several accounts to a task when they are many or light (`group_accounts`): every account's report (a
     failed account's is its partial report with the error), and the worker's termination signal if it arrived
     meanwhile (the caller reports, then re-raises it)."""
     kind = settings.marketplace.task_runner
     shape = run_shape(settings.marketplace.concurrency, len(accounts), kind, settings.dask.n_workers,
                       bool(settings.dask.scheduler_address))
     run = replace(run, requests_in_flight=shape.requests_in_flight, accounts_at_once=shape.accounts_at_once)
-    singles, groups = group_light_accounts(accounts, light_sellers(accounts, run), shape.accounts_at_once)
+    singles, groups = group_accounts(accounts, light_sellers(accounts, run), shape.accounts_at_once)
     get_run_logger().info("syncing %d account(s) (%s) on %s, %d at a time, %d request(s) in flight%s",
                           len(accounts), run.resources.value, kind, shape.accounts_at_once,
                           settings.marketplace.concurrency,
-                          f"; {len(accounts) - len(singles)} light ones in {len(groups)} task(s)" if groups else "")
+                          f"; {len(accounts) - len(singles)} of them in {len(groups)} shared task(s)" if groups else "")
     runner = io_task_runner(settings, shape.accounts_at_once, kind)
     signal = None
     with runner, settled_heap():

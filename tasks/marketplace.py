@@ -66,7 +66,7 @@ def sync_marketplace_accounts(
     accounts: list[AccountView], label: str, app: MarketplaceApp, run: SyncRun, retries: int = 2,
     retry_delay: float = 5.0,
 ) -> list[dict]:
-    """Sync a group of light accounts (`operations.marketplace.sync.group_light_accounts`) one after another, each
+    """Sync a group of accounts (`operations.marketplace.sync.group_accounts`) one after another, each
     as `sync_marketplace_account` syncs one; returns their reports in order. An account whose sync failed in a way
     a retry may heal is tried again once the others are done, up to `retries` times `retry_delay` s later, its
     report counting every attempt; one account failing never stops the others."""

@@ -519,3 +519,73 @@ def test_light_accounts_are_grouped_only_when_more_of_them_than_tasks_at_once():
     singles, groups = group_light_accounts(accounts, {1, 2, 3, 4, 5, 6}, 4)
     assert singles == [accounts[6]]
     assert [[a.seller_id for a in g] for g in groups] == [[1, 5], [2, 6], [3], [4]]
+
+
+def test_many_accounts_share_tasks_keeping_two_tasks_per_sync_at_once():
+    from operations.marketplace.sync import group_accounts
+
+    few = [_view(i) for i in range(1, 8)]
+    assert group_accounts(few, set(), 3) == (few, []), "fewer than 4 accounts per sync at once: a task each"
+    many = [_view(i) for i in range(1, 42)]
+    singles, groups = group_accounts(many, set(), 4)
+    assert singles == [] and [len(g) for g in groups] == [5] * 8 + [1]
+    assert [a for g in groups for a in g] == many, "every account once, in order"
+    singles, groups = group_accounts(many, set(range(1, 6)), 4)  # 5 light ones in 4 groups, 36 others by 4
+    assert singles == [] and [len(g) for g in groups] == [4] * 9 + [2, 1, 1, 1]
+    assert sorted(a.seller_id for g in groups for a in g) == list(range(1, 42))
+
+
+def test_keepalive_gets_answers_as_httpx_reuses_connections_and_fails_with_transport_errors():
+    """A stdlib server in a thread: the query and headers arrive, a kept-alive connection is reused, one the
+    server closed while idle is replaced without an error, and a server that never answers is a ReadTimeout
+    (~0.4 s)."""
+    import http.server
+    import socket
+    import threading
+
+    import httpx
+
+    from operations.infra.http import TRANSIENT_ERRORS, HttpSettings, KeepAliveGets
+
+    seen: list[tuple[str, str, int]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            seen.append((self.path, self.headers.get("Authorization"), self.client_address[1]))
+            body = b'{"ok": true}'
+            self.send_response(429 if "busy" in self.path else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Retry-After", "3")
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = "closing" in self.path  # closed after the answer, unannounced
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    try:
+        gets = KeepAliveGets(f"http://127.0.0.1:{server.server_address[1]}/api", HttpSettings(read_timeout=0.3))
+        answer = gets.get("/orders/search", {"from": "2026-01-01T00:00:00.000+00:00", "n": 2},
+                          {"Authorization": "Bearer t"})
+        assert isinstance(answer, httpx.Response) and answer.status_code == 200 and answer.json() == {"ok": True}
+        busy = gets.get("/busy")
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "3"
+        assert seen[0][:2] == ("/api/orders/search?from=2026-01-01T00%3A00%3A00.000%2B00%3A00&n=2", "Bearer t")
+        assert seen[1][2] == seen[0][2], "the second GET reuses the first one's connection"
+        assert gets.get("/closing").status_code == 200  # then the server closes that connection while idle
+        time.sleep(0.05)
+        assert gets.get("/again").status_code == 200 and seen[3][2] != seen[0][2], "a fresh connection"
+        mute = KeepAliveGets(f"http://127.0.0.1:{silent.getsockname()[1]}", HttpSettings(read_timeout=0.3))
+        with pytest.raises(httpx.ReadTimeout) as caught:
+            mute.get("/orders/search")
+        assert isinstance(caught.value, TRANSIENT_ERRORS)
+    finally:
+        server.shutdown()
+        silent.close()

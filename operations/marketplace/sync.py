@@ -171,6 +171,27 @@ def group_light_accounts(
     return [a for a in accounts if a.seller_id not in light], [g for g in groups if g]
 
 
+# A task run costs the Prefect server ~50 ms of CPU and the flow process ~20 ms, whatever its account does. In a
+# run with many more accounts than syncs at once, the accounts that are not light are synced several to a task
+# too, in groups sized so that the run keeps TASKS_PER_SYNC_SLOT tasks per sync at once: tasks are started as
+# syncs finish, so an account slower than the others holds up its own group only.
+TASKS_PER_SYNC_SLOT = 2
+
+
+def group_accounts(
+    accounts: list[AccountView], light: set[int], at_once: int
+) -> tuple[list[AccountView], list[list[AccountView]]]:
+    """(accounts synced one to a task, groups synced several to a task): the light accounts as
+    `group_light_accounts` groups them; the others, when there are at least 2 * TASKS_PER_SYNC_SLOT times as many
+    as syncs at once (`at_once`), in groups of len // (TASKS_PER_SYNC_SLOT * at_once) accounts (the last one may
+    hold fewer), in the accounts' order."""
+    singles, groups = group_light_accounts(accounts, light, at_once)
+    size = len(singles) // (TASKS_PER_SYNC_SLOT * max(1, at_once))
+    if size < 2:
+        return singles, groups
+    return [], [singles[i : i + size] for i in range(0, len(singles), size)] + groups
+
+
 class BadResyncDate(UserError, ValueError):
     """A full-resync day that is not a date, or is in the future."""
 
