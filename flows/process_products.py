@@ -251,6 +251,8 @@ class _Load:
     database_url: str
     queue: ProductsQueue
     rows_per_chunk: int
+    expected_rows: int          # the estimate, when the chunk size is the flow's choice (0: as asked, every chunk)
+    slots: int                  # task slots that load the chunks
     pool_size: int
     on_dask: bool
     record: Path                # where a complete run of this content is recorded (operations/products/loaded.py)
@@ -271,7 +273,7 @@ def _plan_load(
     load = _Load(
         source, settings.stack.output_dir / "products" / run_key, run_key, dealers, database_url, queue,
         chunk_rows or chunk_size(estimated, slots, settings.products.min_chunk_rows, settings.products.max_chunk_rows),
-        chunk_pool_size(settings.database.pool_size, processes), on_dask,
+        0 if chunk_rows else estimated, slots, chunk_pool_size(settings.database.pool_size, processes), on_dask,
         record_path(settings.stack.output_dir, file_digest(source), database_url, queue.stream), started_at,
     )
     get_run_logger().info(
@@ -314,7 +316,8 @@ def _load(runner: TaskRunner, load: _Load, chunk_task, should_stop: StopCheck) -
     (run_dir / READ_FAILURES).unlink(missing_ok=True)  # a re-run with the same run key starts its log afresh
     try:
         with FailureLog(run_dir / READ_FAILURES) as failures, \
-                FileSplitter(source, run_dir / "chunks", load.dealers, load.rows_per_chunk, failures) as splitter:
+                FileSplitter(source, run_dir / "chunks", load.dealers, load.rows_per_chunk, failures,
+                             expected_rows=load.expected_rows, slots=load.slots) as splitter:
             result.stats = splitter.stats
             for chunk in splitter.chunks(should_stop):
                 future = runner.submit(chunk_task, {"chunk": chunk, "database_url": load.database_url,

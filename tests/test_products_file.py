@@ -4,6 +4,7 @@ Brazilian numbers, .xlsx and .csv alike, the sample files, and the failure repor
 from __future__ import annotations
 
 import pickle
+import shutil
 from collections import Counter
 from decimal import Decimal
 from functools import partial
@@ -447,3 +448,23 @@ def test_number_cells_take_a_shorter_path_with_the_same_outcome(value):
         assert result == expected and type(result) is type(expected), (check.__name__, value)
         if isinstance(result, Decimal):
             assert str(result) == str(expected)
+
+
+def test_the_splitter_halves_the_last_chunks_of_the_expected_rows(tmp_path):
+    """The rows past `expected_rows - slots x chunk_rows` go in half chunks, so that the last chunks end
+    together on every slot; without an estimate every chunk is full."""
+    from operations.products.chunks import FileSplitter
+
+    dealers = dealer_codes(3)
+    generate_products_file(tmp_path / "products.csv", 1_000, dealers, bad_fraction=0.0, seed=4)
+    ids = {code: i for i, code in enumerate(dealers, 1)}
+
+    def sizes(**tail) -> list[int]:
+        shutil.rmtree(tmp_path / "chunks", ignore_errors=True)
+        with FailureLog(tmp_path / "failures.jsonl") as failures, \
+                FileSplitter(tmp_path / "products.csv", tmp_path / "chunks", ids, 300, failures, **tail) as splitter:
+            return [chunk.rows for chunk in splitter.chunks()]
+
+    assert sizes() == [300, 300, 300, 100]
+    assert sizes(expected_rows=1_000, slots=2) == [300, 300, 150, 150, 100]  # from row 400 read: half chunks
+    assert sizes(expected_rows=600, slots=1) == [300, 150, 150, 150, 150, 100]

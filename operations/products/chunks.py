@@ -131,10 +131,14 @@ def read_chunk(path: Path) -> CopyRows:
 
 class FileSplitter:
     """`with FileSplitter(...) as splitter:` opens the file and checks its header (HeaderError names the
-    column); `splitter.chunks()` then yields the chunk files as they are written."""
+    column); `splitter.chunks()` then yields the chunk files as they are written.
+
+    Given `expected_rows` (the file's estimated rows) and the `slots` that load the chunks, the rows read past
+    `expected_rows - slots x chunk_rows` are cut into chunks of half the size: the last chunks then finish
+    together on every slot rather than one of them running alone at the end of the run."""
 
     def __init__(self, source: Path, chunk_dir: Path, dealers: dict[str, int], chunk_rows: int,
-                 failures: FailureLog):
+                 failures: FailureLog, *, expected_rows: int = 0, slots: int = 1):
         if chunk_rows < 1:
             raise ValueError("chunk_rows must be at least 1")
         self.source = source
@@ -142,6 +146,7 @@ class FileSplitter:
         self.dealers = dealers
         self.chunk_rows = chunk_rows
         self.failures = failures
+        self._tail_from = expected_rows - max(1, slots) * chunk_rows if expected_rows > 0 else None
         self.stats = SplitStats()
         self._context = None
         self._rows: Iterator[ProductRow | RowFailure] | None = None
@@ -165,6 +170,7 @@ class FileSplitter:
         stats, seen = self.stats, {}
         lines: list[bytes] = []
         first_row = last_row = 0
+        cut_at = self._cut_size()
         started = time.perf_counter()
         for item in self._rows:
             stats.rows += 1
@@ -177,10 +183,10 @@ class FileSplitter:
                 first_row = item.row_number
             lines.append(copy_line(len(lines), self.dealers[item.dealer_code], item))
             last_row = item.row_number
-            if len(lines) == self.chunk_rows:
+            if len(lines) == cut_at:
                 raise_if_stopped(should_stop, f"the chunk of rows {first_row}-{last_row}")
                 chunk = self._write_chunk(lines, first_row, last_row)
-                lines = []
+                lines, cut_at = [], self._cut_size()
                 stats.read_seconds += time.perf_counter() - started
                 yield chunk
                 started = time.perf_counter()
@@ -191,6 +197,12 @@ class FileSplitter:
             yield chunk
         else:
             stats.read_seconds += time.perf_counter() - started
+
+    def _cut_size(self) -> int:
+        """Rows of the next chunk: half a chunk once the rows read reach the tail of the expected rows."""
+        if self._tail_from is not None and self.stats.rows >= self._tail_from:
+            return max(1, math.ceil(self.chunk_rows / 2))
+        return self.chunk_rows
 
     def _cross_row_failure(self, row: ProductRow, seen: dict[tuple[str, str], int]) -> RowFailure | None:
         if row.dealer_code not in self.dealers:
