@@ -12,6 +12,12 @@ three reads, whatever the number of participants:
 3. a random sample of the cached participants read back by user id (`SAMPLE_SIZE`): each must be there under
    its registration (a reset unit refilled by hand, or users renumbered).
 
+What the cache holds of every turnstile (count, identity, sample, settled mark) is read in one round trip before
+the devices are asked; the participants each turnstile still needs are counted beside the device calls (none,
+without comparing every participant, when the turnstile is marked settled for the file: `RegistrationCache`).
+A turnstile left with no work logs out without the run waiting (`Logouts`; the run waits before it ends); one
+with work logs out before the check returns, so its own task never meets the check's logout on the device.
+
 On a mismatch the turnstile's entries are dropped (not in a dry run), so every participant is read and written
 again; the identity is remembered once known. A turnstile with nothing cached costs no check (nothing is
 trusted; its identity is learnt by the next run's check). A check the device does not answer leaves the cache in place and
