@@ -365,6 +365,13 @@ class _Store:
             rows.sort(key=lambda row: row["id"])
         return rows
 
+    def page(self, obj: str, offset: int, limit: int | None) -> list[Row]:
+        """Every row from `offset` on (at most `limit`) in key order: the keys are sorted, not the rows, and
+        only the page's rows are read (a count probe of a 10,000-user device is as cheap as its index)."""
+        table = self.table(obj)
+        keys = sorted(table)
+        return [table[key] for key in (keys[offset:] if limit is None else keys[offset : offset + limit])]
+
     def truth_users(self) -> list[dict[str, Any]]:
         cards: dict[int, list[int]] = {}
         for card in self.cards.values():
@@ -1035,8 +1042,9 @@ class TurnstileEmulator:
         obj = _object_name(body)
         where = _where(obj, body)
         limit, offset = _paging(body)
-        rows = device.store.select(obj, where)
-        rows = rows[offset:] if limit is None else rows[offset : offset + limit]
+        rows = device.store.page(obj, offset, limit) if not where else device.store.select(obj, where)
+        if where:
+            rows = rows[offset:] if limit is None else rows[offset : offset + limit]
         return {obj: [dict(row) for row in rows]}
 
     def modify_objects(self, device: _Device, request: Request, body: dict[str, Any]) -> dict[str, Any]:

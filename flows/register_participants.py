@@ -51,7 +51,7 @@ from operations.infra.heap import settled_heap
 from operations.infra.links import output_base_url, output_link
 from operations.infra.tabular import READ_FILE_PATTERN
 from operations.settings import Settings, get_settings
-from operations.turnstiles.identity import any_cached, turnstiles_with_work, with_checks
+from operations.turnstiles.identity import Logouts, any_cached, turnstiles_with_work, with_checks
 from operations.turnstiles.participants import ParticipantsFile, participants_path, read_participants
 from operations.turnstiles.registration import DeviceFailed, DeviceReport, RegistrationOptions
 from operations.turnstiles.report import (
@@ -215,15 +215,15 @@ def register_everywhere(
 
 def register_where_needed(
     devices: dict[str, TurnstileDevice], people: ParticipantsFile, cache: TurnstileCache,
-    options: RegistrationOptions, run_id: str, file_name: str, settings: Settings,
+    options: RegistrationOptions, run_id: str, file_name: str, settings: Settings, logouts: Logouts,
 ) -> list[dict]:
     """Check the turnstiles (unless the cache is skipped, every device is read anyway or the cache holds nothing
     of any of them, so nothing is trusted), then register on
     those with work only (their concurrency limits, the progress artifact, one task each); every turnstile's
-    report."""
+    report. `logouts`: where the checks of turnstiles left with no work end their sessions."""
     participants = Participants(people.participants)
     checks = ({} if options.skip_cache or options.verify or not any_cached(cache.cache(), list(devices))
-              else check_turnstiles(devices, participants, cache, options.dry_run))
+              else check_turnstiles(devices, participants, cache, options.dry_run, logouts))
     work = turnstiles_with_work(list(devices), checks, options)
     get_run_logger().info("%d of %d turnstile(s) have work%s", len(work), len(devices),
                           "" if work else ": every participant is confirmed on every turnstile")
@@ -345,9 +345,10 @@ async def register_participants(
             len(people.participants), source.name, len(devices), len(people.participants) * len(devices),
             len(people.duplicates), " - dry run: planned, nothing written" if dry_run else "",
         )
-        reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings)
-        workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
-        summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
+        with Logouts() as logouts:  # the checked turnstiles with no work log out while the run goes on
+            reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings, logouts)
+            workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
+            summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
         if summary["turnstiles_cancelled"] or run_stop_check()():
             return cancelled_state(summary)
     failed = registration_failure_message(summary)

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
 from operations.events import TURNSTILE_RESET_DETECTED, TURNSTILE_UNREACHABLE
 from operations.infra.http import RequestPacer
-from operations.turnstiles.identity import check_devices
+from operations.turnstiles.identity import Logouts, check_devices
 from operations.turnstiles.registration import (
     DeviceFailed,
     DeviceTally,
@@ -160,13 +160,14 @@ def register_on_turnstile(
                tags=["turnstiles", "http"])
 def check_turnstiles(
     devices: dict[str, TurnstileDevice], participants: Participants, cache_block: TurnstileCache, dry_run: bool,
+    logouts: Logouts | None = None,
 ) -> dict[str, dict]:
     """Each turnstile's identity and health check (all at once) and how many participants it needs; a reset or
     replaced turnstile is logged, told (event `project.turnstile.reset-detected`) and its cache entries dropped
-    (not in a dry run)."""
+    (not in a dry run). `logouts`: where the sessions of turnstiles left with no work end, the run not waiting."""
     logger = get_run_logger()
     checks = check_devices({name: (lambda d=device, n=name: d.client(n)) for name, device in devices.items()},
-                           cache_block.cache(), participants, dry_run=dry_run)
+                           cache_block.cache(), participants, dry_run=dry_run, logouts=logouts)
     for name, check in checks.items():
         if check.reset:
             logger.warning("%s: reset or replaced, its cache is not trusted: %s; %s", name, check.reset,

@@ -3,6 +3,7 @@ session's real Redis (no Prefect): what it costs, and each way a reset or replac
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import replace
 from typing import Iterator
@@ -13,9 +14,16 @@ from pydantic import SecretStr
 
 from emulators.controlid import EmulatorConfig, RunningEmulator, run_in_thread
 from operations.infra.http import RetryPolicy
-from operations.turnstiles.cache import RegistrationCache
 from operations.turnstiles.client import ControlIdClient
-from operations.turnstiles.identity import any_cached, check_device, check_devices, turnstiles_with_work, with_checks
+from operations.turnstiles.cache import DeviceState, RegistrationCache
+from operations.turnstiles.identity import (
+    Logouts,
+    any_cached,
+    check_device,
+    check_devices,
+    turnstiles_with_work,
+    with_checks,
+)
 from operations.turnstiles.participants import Participant
 from operations.turnstiles.registration import RegistrationOptions, register_on_device
 
@@ -146,3 +154,58 @@ def test_the_pending_counts_inside_redis_equal_the_per_device_count(cache):
     odd = {**fingerprints, "two\nlines": "0123456789abcdef"}
     assert cache.pendings(list(expected), odd) == {d: n + 1 for d, n in expected.items()}
     assert cache.pendings([], fingerprints) == {} and cache.pendings(["gate-0"], {}) == {"gate-0": 0}
+
+
+def test_a_settled_turnstile_is_known_without_counting_until_its_cache_is_written(cache):
+    """A count that finds nothing pending marks the turnstile settled for that file at the hash's version: the
+    next `pendings` given the states answers 0 from the mark alone (a change made behind the cache's back, which
+    no write of the project makes, is not seen), and any confirm or drop moves the version on, so the mark stops
+    counting and the participants are compared again. Another file (here one participant renamed) is compared."""
+    fingerprints = _fingerprints()
+    cache.confirm("gate-0", [(p.registration, 100 + i, fingerprints[p.registration]) for i, p in enumerate(PEOPLE)])
+    assert cache.pendings(["gate-0"], fingerprints, cache.states(["gate-0"], 0)) == {"gate-0": 0}
+    states = cache.states(["gate-0"], 0)
+    assert states["gate-0"].settled and states["gate-0"].settled.endswith(f":{states['gate-0'].version}")
+    cache.client.hdel(cache._device_key("gate-0"), PEOPLE[0].registration)  # behind the cache's back
+    assert cache.pendings(["gate-0"], fingerprints, states) == {"gate-0": 0}, "the mark answers alone"
+    assert cache.pendings(["gate-0"], fingerprints) == {"gate-0": 1}, "without the states: counted"
+    renamed = _fingerprints([replace(PEOPLE[1], name="Renamed"), *PEOPLE[2:]])
+    assert cache.pendings(["gate-0"], renamed, states) == {"gate-0": 1}, "another file is compared"
+    cache.confirm("gate-0", [(PEOPLE[0].registration, 100, fingerprints[PEOPLE[0].registration])])
+    assert cache.pendings(["gate-0"], fingerprints, states) == {"gate-0": 0}
+    cache.confirm("gate-0", [(PEOPLE[5].registration, 105, "0" * 16)])  # a write: the old mark no longer holds
+    assert cache.pendings(["gate-0"], fingerprints, cache.states(["gate-0"], 0)) == {"gate-0": 1}
+    cache.forget_device("gate-0")
+    assert cache.states(["gate-0"], 8)["gate-0"] == DeviceState(0, None, {}, states["gate-0"].version + 3,
+                                                                states["gate-0"].settled)
+
+
+def test_a_turnstile_with_no_work_logs_out_while_the_run_goes_on(emulator, cache):
+    """With `Logouts`, the check of a turnstile left with no work returns before its logout is sent (the logout
+    counted among its requests) and `wait` sees it done; a turnstile with work logs out before its check returns,
+    so its own task's login never meets the check's logout on the device."""
+    _register(emulator, cache, 0)
+    _register(emulator, cache, 1)
+    user_id = cache.user_ids([PEOPLE[0].registration])[PEOPLE[0].registration]
+    cache.confirm("gate-1", [(PEOPLE[0].registration, user_id, "0" * 16)])  # gate-1: one participant to write
+    emulator.control.reset_stats()
+    release = threading.Event()
+
+    class HeldLogout(ControlIdClient):
+        def logout(self) -> None:
+            release.wait(10)
+            super().logout()
+
+    def held(device: int) -> ControlIdClient:
+        return HeldLogout(emulator.base_urls[device], "admin", SecretStr("admin"), name=f"gate-{device}")
+
+    with Logouts() as logouts:
+        checks = check_devices({"gate-0": lambda: held(0)}, cache, PEOPLE, logouts=logouts)
+        assert "/logout.fcgi" not in emulator.control.stats(0)["routes"], "gate-0's check returned before its logout"
+        release.set()
+        checks.update(check_devices({"gate-1": lambda: held(1)}, cache, PEOPLE, logouts=logouts))
+        assert emulator.control.stats(1)["routes"]["/logout.fcgi"] == {"200": 1}
+    assert emulator.control.stats(0)["routes"]["/logout.fcgi"] == {"200": 1}
+    assert (checks["gate-0"].pending, checks["gate-1"].pending) == (0, 1)
+    assert checks["gate-0"].requests == checks["gate-1"].requests == 5
+    assert [emulator.control.stats(d)["total"] for d in (0, 1)] == [5, 5]

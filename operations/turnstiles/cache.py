@@ -7,6 +7,12 @@ Keys under prefix P:
                                         validity has another fingerprint, so it is written again)
     P:device:<device>:identity    string  the identity (serial and device id) of the unit the hash was
                                         written to: another unit at the same address makes the hash void
+    P:device:<device>:version     string  counts the writes to the hash (every confirm and drop adds one)
+    P:device:<device>:settled     string  "<digest of a file's registrations and fingerprints>:<version>":
+                                        at that version the hash held every participant of that file as the
+                                        file says, so while the version stays the same nothing of that file
+                                        is pending on the device (a run with nothing to do reads one string
+                                        per device instead of comparing every participant)
     P:user-ids                    hash  registration -> device user id, the same on every device
     P:user-id-seq                 string  the last id handed out (ids start above USER_ID_BASE)
 
@@ -21,8 +27,12 @@ multi-line cell) goes the per-argument way.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, field
 from typing import Iterable
 
+import orjson
 import redis
 
 USER_ID_BASE = 100_000_000
@@ -70,8 +80,9 @@ end
 return table.concat(out, '\\n')
 """
 
-# KEYS[1] hash; ARGV[1] registration, fingerprint, registration, fingerprint... joined by newlines. How many of
-# those registrations the hash does not hold as "<user id>:<that fingerprint>".
+# KEYS[1] hash, KEYS[2] its version; ARGV[1] registration, fingerprint, registration, fingerprint... joined by
+# newlines. {how many of those registrations the hash does not hold as "<user id>:<that fingerprint>", the
+# hash's version} (both read at once).
 _PENDING_JOINED = """
 local pending, name = 0, nil
 for item in string.gmatch(ARGV[1] .. '\\n', '(.-)\\n') do
@@ -81,17 +92,47 @@ for item in string.gmatch(ARGV[1] .. '\\n', '(.-)\\n') do
     name = nil
   end
 end
-return pending
+return {pending, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
-# KEYS[1] hash; ARGV[1] field, value, field, value... joined by newlines.
+# KEYS[1] hash, KEYS[2] its version; ARGV[1] field, value, field, value... joined by newlines.
 _HSET_JOINED = """
 local name = nil
 for item in string.gmatch(ARGV[1] .. '\\n', '(.-)\\n') do
   if name == nil then name = item else redis.call('HSET', KEYS[1], name, item); name = nil end
 end
+redis.call('INCR', KEYS[2])
 return 0
 """
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What the cache holds of one device for its identity check: how many participants it confirmed there, the
+    identity of the unit they were confirmed on (None: not known yet), a random sample of them (registration ->
+    device user id), the hash's version and its settled mark ("<digest>:<version>", None: none)."""
+
+    count: int = 0
+    identity: str | None = None
+    sample: dict[str, int] = field(default_factory=dict)
+    version: int = 0
+    settled: str | None = None
+
+
+def roster_digest(fingerprints: dict[str, str]) -> str:
+    """A digest of a file's registrations and fingerprints (whatever their order in the file)."""
+    pairs = sorted(fingerprints.items())
+    try:
+        encoded = orjson.dumps(pairs)
+    except orjson.JSONEncodeError:  # a lone surrogate, which the json module passes through
+        encoded = json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def _sample(drawn: list[bytes]) -> dict[str, int]:
+    """An HRANDFIELD ... WITHVALUES answer as registration -> device user id."""
+    pairs = zip(drawn[::2], drawn[1::2])
+    return {registration.decode(): int(value.decode().partition(":")[0]) for registration, value in pairs}
 
 
 def _joinable(registrations: list[str]) -> bool:
@@ -156,20 +197,41 @@ class RegistrationCache:
         return sum(1 for registration, value in zip(registrations, values)
                    if not value or not value.endswith(b":" + fingerprints[registration].encode()))
 
-    def pendings(self, devices: list[str], fingerprints: dict[str, str]) -> dict[str, int]:
-        """`pending` of each device, counted inside Redis: the registrations and fingerprints are joined once for
-        every device and each device answers one number (one round trip for all)."""
+    def pendings(self, devices: list[str], fingerprints: dict[str, str],
+                 states: dict[str, DeviceState] | None = None) -> dict[str, int]:
+        """`pending` of each device. A device whose `states` (as `states` read them) say it was settled for
+        these very registrations and fingerprints at its current version has none, without a comparison; the
+        others are counted inside Redis: the registrations and fingerprints are joined once for every device and
+        each device answers one number (one round trip for all), and a device found with none is marked settled
+        at the version read with the count."""
         registrations = list(fingerprints)
         if not devices or not registrations or not _joinable(registrations):
             return {device: self.pending(device, fingerprints) if registrations else 0 for device in devices}
+        digest = roster_digest(fingerprints)
+        states = states or {}
+        counts = {device: 0 for device in devices
+                  if device in states and states[device].settled == f"{digest}:{states[device].version}"}
+        counted = [device for device in devices if device not in counts]
+        if not counted:
+            return counts
         parts = ["\n".join(f"{r}\n{fingerprints[r]}" for r in registrations[start:start + _JOINED_BATCH])
                  for start in range(0, len(registrations), _JOINED_BATCH)]
         with self.client.pipeline(transaction=False) as pipe:
-            for device in devices:
+            for device in counted:
                 for part in parts:
-                    self._pending_joined(keys=[self._device_key(device)], args=[part], client=pipe)
+                    self._pending_joined(keys=[self._device_key(device), self._version_key(device)], args=[part],
+                                         client=pipe)
             answers = pipe.execute()
-        return {device: sum(answers[i * len(parts):(i + 1) * len(parts)]) for i, device in enumerate(devices)}
+        settled = {}
+        for i, device in enumerate(counted):
+            mine = answers[i * len(parts):(i + 1) * len(parts)]
+            counts[device] = sum(pending for pending, _ in mine)
+            versions = {version for _, version in mine}
+            if not counts[device] and len(versions) == 1:  # no write between the parts' counts
+                settled[self._settled_key(device)] = f"{digest}:{versions.pop()}"
+        if settled:
+            self.client.mset(settled)
+        return {device: counts[device] for device in devices}
 
     def confirm(self, device: str, entries: Iterable[tuple[str, int, str]]) -> None:
         """Remember (registration, device user id, fingerprint) as written on the device."""
@@ -181,7 +243,7 @@ class RegistrationCache:
         key = self._device_key(device)
         if isinstance(prepared, list):
             for joined in prepared:
-                self._hset_joined(keys=[key], args=[joined])
+                self._hset_joined(keys=[key, self._version_key(device)], args=[joined])
             return
         items = list(prepared.items())
         if not items:
@@ -189,10 +251,17 @@ class RegistrationCache:
         with self.client.pipeline(transaction=False) as pipe:  # one round trip
             for start in range(0, len(items), _BATCH):
                 pipe.hset(key, mapping=dict(items[start:start + _BATCH]))
+            pipe.incr(self._version_key(device))
             pipe.execute()
 
     def _identity_key(self, device: str) -> str:
         return f"{self.prefix}:device:{device}:identity"
+
+    def _version_key(self, device: str) -> str:
+        return f"{self.prefix}:device:{device}:version"
+
+    def _settled_key(self, device: str) -> str:
+        return f"{self.prefix}:device:{device}:settled"
 
     def count(self, device: str) -> int:
         """How many participants the cache holds as confirmed on the device."""
@@ -207,9 +276,24 @@ class RegistrationCache:
 
     def sample(self, device: str, size: int) -> dict[str, int]:
         """registration -> device user id of up to `size` participants confirmed on the device, drawn at random."""
-        drawn = self.client.hrandfield(self._device_key(device), size, withvalues=True) if size > 0 else []
-        pairs = zip(drawn[::2], drawn[1::2])
-        return {registration.decode(): int(value.decode().partition(":")[0]) for registration, value in pairs}
+        return _sample(self.client.hrandfield(self._device_key(device), size, withvalues=True) if size > 0 else [])
+
+    def states(self, devices: list[str], sample_size: int) -> dict[str, DeviceState]:
+        """Each device's `count`, `identity`, `sample` of `sample_size`, hash version and settled mark, in one
+        round trip (read before any other command of the run can keep Redis busy)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for device in devices:
+                pipe.hlen(self._device_key(device)).get(self._identity_key(device))
+                pipe.get(self._version_key(device)).get(self._settled_key(device))
+                pipe.hrandfield(self._device_key(device), max(1, sample_size), withvalues=True)
+            answers = pipe.execute()
+        states = {}
+        for i, device in enumerate(devices):
+            count, identity, version, settled, drawn = answers[i * 5:(i + 1) * 5]
+            states[device] = DeviceState(int(count), identity.decode() if identity is not None else None,
+                                         _sample(drawn or []) if sample_size > 0 else {}, int(version or 0),
+                                         settled.decode() if settled is not None else None)
+        return states
 
     def identity(self, device: str) -> str | None:
         """The identity of the unit the device's entries were confirmed on (None: not known yet)."""
@@ -224,8 +308,8 @@ class RegistrationCache:
         returns how many there were."""
         key = self._device_key(device)
         with self.client.pipeline() as pipe:
-            pipe.hlen(key).delete(key)
-            count, _ = pipe.execute()
+            pipe.hlen(key).delete(key).incr(self._version_key(device))
+            count, *_ = pipe.execute()
         return int(count)
 
     def known_user_ids(self, registrations: list[str]) -> dict[str, int]:

@@ -361,8 +361,11 @@ def register_on_device(
                 confirmed_now = [] if options.skip_cache or options.dry_run else [
                     (t.participant.registration, t.user_id, fingerprints[t.participant.registration])
                     for t in targets if not t.error and not t.confirmed]
+                settle = not (options.skip_cache or options.dry_run or any(t.error for t in targets))
                 with ThreadPoolExecutor(1, thread_name_prefix=f"confirm-{device}") as background:
-                    confirming = background.submit(cache.confirm, device, confirmed_now)  # beside the logout
+                    # beside the logout: the cache, and (all written) the mark that lets the next run's check of
+                    # this file skip comparing every participant
+                    confirming = background.submit(_confirm, cache, device, confirmed_now, fingerprints, settle)
                     client.logout()
                 confirming.result()
     except Cancelled as exc:
@@ -375,6 +378,15 @@ def register_on_device(
         _finish(report, client, started, tally)  # the next attempt's report counts this one's requests
         raise
     return _finish(report, client, started, tally)
+
+
+def _confirm(cache: RegistrationCache, device: str, entries: list[tuple[str, int, str]],
+             fingerprints: dict[str, str], settle: bool) -> None:
+    """Remember `entries` as written on the device; `settle`: then count the file's participants pending there
+    (a device left with none is marked settled for the file)."""
+    cache.confirm(device, entries)
+    if settle:
+        cache.pendings([device], fingerprints)
 
 
 @dataclass(frozen=True)
