@@ -4,26 +4,20 @@ openpyxl's `append` builds a cell object per value and serialises it through lxm
 large run. Here a block of rows becomes one string: small integers (numbers, sums, even counts) are looked
 up among precomputed cells, ranks and row numbers formatted once per row, scores by `repr` (always a float in
 the file: `1.0`, never `1`). openpyxl still writes everything else (Summary sheet, chart, styles, workbook
-parts, and each game sheet's header, freeze pane, column widths and `<dimension>`): `RowsArchive` is the
-zip file it saves into, and when openpyxl stores a game sheet's part it streams that sheet's rows in just
-before `</sheetData>`, one block at a time, so memory stays bounded whatever the number of rows.
+parts, and each game sheet's header, freeze pane, column widths and `<dimension>`), and the rows are spliced in
+as it saves each game sheet (`operations/infra/sheet_xml.py`).
 """
 
 from __future__ import annotations
 
-import zipfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
-import openpyxl
-from openpyxl.writer.excel import ExcelWriter
 
 ROWS_PER_BLOCK = 20_000  # ~4 MB of XML per block for 6-number games
 HIGHEST_NUMBER, MAX_NUMBERS_PER_GAME = 60, 20
 # every value of the middle columns has a precomputed cell: numbers, even counts and sums (at most 20 x 60)
 _CELLS = tuple(f"<c><v>{i}</v></c>" for i in range(HIGHEST_NUMBER * MAX_NUMBERS_PER_GAME + 1))
-_SHEET_DATA_END = b"</sheetData>"
 
 
 def game_rows(
@@ -47,44 +41,3 @@ def game_rows(
                 for i, (values, score) in enumerate(zip(middle.tolist(), scores[start : start + len(g)].tolist()))
             ]
         ).encode()
-
-
-class RowsArchive(zipfile.ZipFile):
-    """The zip file openpyxl's `ExcelWriter` saves into, with the rows of some worksheets supplied from outside.
-
-    openpyxl writes a write-only sheet to a temporary file and stores it with `archive.write(file, part)`;
-    for a sheet given in `rows` that file (the sheet with its header rows only) is split at `</sheetData>`
-    and the sheet's row blocks are streamed in between, compressed as they come.
-    """
-
-    def __init__(self, path: Path, rows: dict[object, Callable[[], Iterator[bytes]]], compresslevel: int):
-        super().__init__(path, "w", zipfile.ZIP_DEFLATED, allowZip64=True, compresslevel=compresslevel)
-        self._rows = rows
-
-    def write(self, filename, arcname=None, compress_type=None, compresslevel=None):
-        blocks = next((make for ws, make in self._rows.items() if ws.path[1:] == arcname), None)
-        if blocks is None:
-            return super().write(filename, arcname, compress_type, compresslevel)
-        head, end, tail = Path(filename).read_bytes().rpartition(_SHEET_DATA_END)
-        if not end:
-            raise RuntimeError(f"openpyxl wrote {arcname} without </sheetData>: cannot place its rows")
-        with self.open(arcname, "w", force_zip64=True) as part:
-            part.write(head)
-            for block in blocks():
-                part.write(block)
-            part.write(end + tail)
-
-
-def save_with_rows(
-    wb: openpyxl.Workbook, path: Path, rows: dict[object, Callable[[], Iterator[bytes]]], compresslevel: int = 1
-) -> None:
-    """Save a write-only workbook to `path`, the sheets keyed in `rows` getting those row blocks after the rows
-    appended to them (their `dimension` is the caller's: see `declare_dimension`)."""
-    ExcelWriter(wb, RowsArchive(path, rows, compresslevel)).save()  # closes the archive
-
-
-def declare_dimension(ws, ref: str) -> None:
-    """Have openpyxl write `<dimension ref=...>` for a write-only sheet (it writes none otherwise, and its
-    read-only loader then scans the whole sheet to size it: ~5 s per 200,000 rows). Call before the first
-    append: the element is written with the sheet's top."""
-    ws.calculate_dimension = lambda: ref

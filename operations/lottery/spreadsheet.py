@@ -18,7 +18,8 @@ from openpyxl.cell import WriteOnlyCell
 from openpyxl.chart import BarChart, Reference
 from openpyxl.utils import get_column_letter
 
-from operations.lottery.sheet_xml import declare_dimension, game_rows, save_with_rows
+from operations.infra.sheet_xml import declare_dimension, save_with_rows
+from operations.lottery.sheet_xml import game_rows
 
 GAME_SHEET_PREFIX = "Games"
 SUMMARY_SHEET = "Summary"

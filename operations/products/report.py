@@ -27,7 +27,7 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
 from operations.infra.tabular import EXCEL_MAX_DATA_ROWS, add_counts_sheet, bold_cell
-from operations.lottery.sheet_xml import declare_dimension, save_with_rows
+from operations.infra.sheet_xml import declare_dimension, save_with_rows
 from operations.products.reader import RowFailure
 
 FAILURE_COLUMNS = ("Row", "Dealer", "SKU", "Column", "Reason", "Detail")
@@ -48,7 +48,7 @@ def write_failures_workbook(
 
     The failures' rows are written as sheet XML (`_failure_rows`, ~10x faster than a cell object per value) into
     temporary files first, so that each sheet declares its size; openpyxl writes the rest of the workbook and
-    the rows are spliced into its sheets as it saves them (operations/lottery/sheet_xml.py).
+    the rows are spliced into its sheets as it saves them (operations/infra/sheet_xml.py).
     """
     if not 1 <= rows_per_sheet <= EXCEL_MAX_DATA_ROWS:
         raise ValueError(f"rows_per_sheet must be 1..{EXCEL_MAX_DATA_ROWS:,}, not {rows_per_sheet}")
