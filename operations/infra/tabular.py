@@ -36,6 +36,7 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.styles import Font
 
 from operations.errors import UserError
+from operations.infra.sheet_xml import save_with_rows
 
 if TYPE_CHECKING:
     from openpyxl.worksheet._write_only import WriteOnlyWorksheet
@@ -305,14 +306,18 @@ def bold_cell(sheet: WriteOnlyWorksheet, text: str) -> WriteOnlyCell:
     return cell
 
 
-def atomic_workbook_save(workbook: openpyxl.Workbook, path: Path) -> None:
+def atomic_workbook_save(workbook: openpyxl.Workbook, path: Path, rows: dict | None = None) -> None:
     """Save `workbook` beside `path` and move it over `path`, so that a failed or retried write never leaves
-    half a file (creating the folder if needed)."""
+    half a file (creating the folder if needed). `rows`: write-only sheets -> their row blocks as XML, spliced
+    in as the workbook is saved (`operations.infra.sheet_xml.save_with_rows`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
     try:
-        workbook.save(temporary)
+        if rows is None:
+            workbook.save(temporary)
+        else:
+            save_with_rows(workbook, temporary, rows)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -5,8 +5,6 @@ rows written by `sheet_xml`."""
 from __future__ import annotations
 
 import datetime
-import os
-import uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +16,8 @@ from openpyxl.cell import WriteOnlyCell
 from openpyxl.chart import BarChart, Reference
 from openpyxl.utils import get_column_letter
 
-from operations.infra.sheet_xml import declare_dimension, save_with_rows
+from operations.infra.sheet_xml import declare_dimension
+from operations.infra.tabular import atomic_workbook_save
 from operations.lottery.sheet_xml import game_rows
 
 GAME_SHEET_PREFIX = "Games"
@@ -144,12 +143,7 @@ def write_games_workbook(
         rows[ws] = partial(game_rows, games[start:stop], rounded_scores[start:stop], first_rank + start, 2)
         sheets.append(SheetRange(name, first_rank + start, first_rank + stop - 1))
     wb.properties.modified = datetime.datetime.now(tz=datetime.timezone.utc).replace(tzinfo=None)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
-    try:
-        save_with_rows(wb, tmp, rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_workbook_save(wb, path, rows)
     return WrittenWorkbook(path=path, rows=n, sheets=sheets)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -26,8 +25,8 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet._write_only import WriteOnlyWorksheet
 
-from operations.infra.tabular import EXCEL_MAX_DATA_ROWS, add_counts_sheet, bold_cell
-from operations.infra.sheet_xml import declare_dimension, save_with_rows
+from operations.infra.sheet_xml import declare_dimension
+from operations.infra.tabular import EXCEL_MAX_DATA_ROWS, add_counts_sheet, atomic_workbook_save, bold_cell
 from operations.products.reader import RowFailure
 
 FAILURE_COLUMNS = ("Row", "Dealer", "SKU", "Column", "Reason", "Detail")
@@ -74,7 +73,7 @@ def write_failures_workbook(
             spliced[sheet] = partial(_blocks, rows)
         by_count = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
         add_counts_sheet(workbook, REASONS_SHEET, title, list(by_count.items()), "failed rows", ("Reason", "Rows"))
-        _save(workbook, path, spliced)
+        atomic_workbook_save(workbook, path, spliced)
     return by_count
 
 
@@ -118,17 +117,6 @@ def _failures_sheet(workbook: openpyxl.Workbook, name: str, rows: int) -> WriteO
         sheet.column_dimensions[get_column_letter(index)].width = width
     sheet.append([bold_cell(sheet, heading) for heading in FAILURE_COLUMNS])
     return sheet
-
-
-def _save(workbook: openpyxl.Workbook, path: Path, spliced: dict) -> None:
-    """Save beside `path`, then move over it (creating the folder if needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.xlsx")
-    try:
-        save_with_rows(workbook, temporary, spliced)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_failures_workbook(path: Path) -> list[RowFailure]:
