@@ -152,7 +152,7 @@ def print_turnstiles(figures: dict) -> None:
               f"(file, blocks, checks, limits, task start, artifacts)")
     c = figures["cached"]
     share = 100 * c["seconds"] / figures["threads"]["seconds"]
-    print(f"  second run, everything cached: {c['seconds']:.1f} s = {share:.0f}% of the first (target < 10%), "
+    print(f"  second run, everything cached: {c['seconds']:.2f} s = {share:.1f}% of the first (target < 10%), "
           f"{c['writes']} write requests, {c['requests']} requests in all (the identity checks); flow body "
           f"{c['flow_seconds']:.1f} s")
     w = figures["reset"]
