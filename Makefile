@@ -15,10 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m deployments.demo
 
-# Two xdist workers, each with the session's services of its own: a module's tests on one worker, the modules on
-# the deployed stack together, the longest first (tests/conftest.py); the slowest tests printed at the end.
+# Three xdist workers, each with the session's services of its own: a module's tests on one worker, the modules on
+# the deployed stack in two groups with a stack each, the longest first (tests/conftest.py); the slowest tests
+# printed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 3 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -2,7 +2,7 @@
 DATA_DIR, exported as the stack exports them to its worker: one real embedded PostgreSQL (database
 "operations_test", migrated to head: DATABASE_URL), one real Prefect server on it (its own database "prefect", the
 stack's default: PREFECT_API_URL), one real embedded redis-server (REDIS_URL) and the file server of OUTPUT_DIR
-(OUTPUT_BASE_URL). `pytest_sessionfinish` stops them in reverse order. Under xdist (`make test`: two workers)
+(OUTPUT_BASE_URL). `pytest_sessionfinish` stops them in reverse order. Under xdist (`make test`: three workers)
 each worker starts services of its own and the controller none; which tests run where: STACK_GROUPS below.
 
 `deployed_stack`: the operator's `python -m deployments.stack up`, run once for the modules that need deployments,
@@ -55,7 +55,7 @@ def session_services(settings) -> list:
 
 
 def _xdist_controller(config: pytest.Config) -> bool:
-    """Whether this process only hands tests to xdist workers (`-n 2`): each worker starts its own services."""
+    """Whether this process only hands tests to xdist workers (`-n 3`): each worker starts its own services."""
     return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
 
 
@@ -100,16 +100,20 @@ def pytest_configure(config: pytest.Config) -> None:
     get_settings.cache_clear()
 
 
-# `make test` runs the suite on two xdist workers (`-n 2 --dist loadgroup`), each with services of its own
+# `make test` runs the suite on three xdist workers (`-n 3 --dist loadgroup`), each with services of its own
 # (pytest_configure). A module runs whole on one worker, so its module fixtures start once. The modules that use
-# `deployed_stack` form one group (STACK_GROUPS), run by one worker, which brings the stack up once for all of
-# them: a second stack would cost its own `up` (a deploy, a worker, emulators, receivers, a watcher) on the same
-# two cores, and the suite is CPU-bound. A module using it must be named there (the run stops at collection
-# otherwise). The longest groups start first, so that the last one to start is short and both workers finish
-# close together (durations of `make test`; a module not named in LONGEST_FIRST starts after those named).
+# `deployed_stack` form two groups (STACK_GROUPS), each run by one worker, which brings a stack up once for the
+# modules of its group. Much of the suite is waiting (a flow-run process starting on the stack's worker, a cancel
+# landing, a heartbeat missing): its processes kept ~1.2 of the two cores busy on two workers, the deployed stack's
+# modules on one worker (~300 s) its critical path. On three workers with two stacks (a second `up`: a deploy, a
+# worker, emulators, receivers, a watcher; ~25 s) each stack's group is about as long as the third worker's share.
+# A module using it must be named there (the run stops at collection otherwise); the two groups share no run,
+# limit or emulator, as each test of a group expects the stack's worker to run its runs alone. The longest groups
+# start first, so that the last one to start is short and the workers finish close together (durations of
+# `make test`; a module not named in LONGEST_FIRST starts after those named).
 STACK_GROUPS = {
-    "deployed-stack": ("test_automations", "test_browser_ui", "test_deployments_e2e", "test_inbox_e2e",
-                       "test_operator_commands"),
+    "deployed-stack-operator": ("test_automations", "test_browser_ui", "test_inbox_e2e", "test_operator_commands"),
+    "deployed-stack-runs": ("test_deployments_e2e",),
 }
 STACK_MODULES = {module: group for group, modules in STACK_GROUPS.items() for module in modules}
 LONGEST_FIRST = (
@@ -267,7 +271,7 @@ class DeployedStack:
 def pause_scheduled_deployments(api_url: str) -> list[str]:
     """Pause the deployments whose schedules `up` left active (the always-scheduled relay), their schedules
     left active: the server's scheduler then makes no run of them (a run a minute, each a process of the worker
-    that imports Prefect and the flows: seconds of CPU on two busy cores), while a run started over REST still
+    that imports Prefect and the flows: seconds of CPU on busy cores), while a run started over REST still
     runs and every schedule reads as `up` set it. Returns their names."""
     import httpx
 
