@@ -40,6 +40,8 @@ MAX_NAME_LENGTH = 120
 MAX_CARD = 2**64 - 1  # the devices store card values as uint64
 MAX_GROUP = 2**63 - 1  # and group ids as int64
 MAX_PROBLEMS_SHOWN = 20
+READING_VERSION = 1  # of how a file is read and checked: a change to it makes every file unknown again
+KNOWN_POLL_ROWS = 256  # rows read between two looks at whether the file turned out to be known
 _EXACT_FLOAT_LIMIT = 2**53  # above it, an xlsx number (a double) no longer holds every whole number
 _DATE_FORMS = "YYYY-MM-DD or DD/MM/YYYY, optionally with HH:MM[:SS], or Unix seconds"
 _ISO_DATE = re.compile(r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})(?:[T ](?P<time>.+))?")
@@ -132,8 +134,21 @@ def participants_path(given: str, default: Path | None) -> Path:
     return path
 
 
-def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE) -> ParticipantsFile:
+def file_key(path: Path, timezone: str = DEFAULT_TIMEZONE) -> str:
+    """A digest of the file's bytes, the time zone its dates are read in and READING_VERSION: two files with the
+    same key read to the same participants (or are refused alike)."""
+    digest = hashlib.blake2b(f"{READING_VERSION}\n{timezone}\n".encode(), digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE,
+                      known: Callable[[], ParticipantsFile | None] | None = None) -> ParticipantsFile:
     """Read and check the participants file at `path`, streaming it; dates without a time zone are in `timezone`.
+    `known`: asked every KNOWN_POLL_ROWS rows whether the file turned out to be one already read and accepted
+    (by its `file_key`, looked up while it is read); its answer, once it has one, is returned without reading on.
 
     Raises `ParticipantsFileError` when any cell is bad, and the `UnreadableFile` or `HeaderError` of
     `operations.infra.tabular` when the file or its header is unusable (the message names the column).
@@ -154,6 +169,10 @@ def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE) -> Participa
         indexes, _ = read_header(numbered, HEADER_ALIASES, REQUIRED_COLUMNS, path.name)
         for row_number, cells in _data_rows(numbered, indexes):
             rows += 1
+            if known is not None and not rows % KNOWN_POLL_ROWS:
+                already = known()
+                if already is not None:
+                    return already
             checked = _check_row(row_number, cells, zone)
             if isinstance(checked, list):
                 problems.extend(checked)
