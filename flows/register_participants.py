@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -165,18 +165,14 @@ def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
 
 def load_inputs(source: Path, names: list[str], cache_block: str, settings: Settings
                 ) -> tuple[ParticipantsFile, str, str, dict[str, TurnstileDevice], TurnstileCache]:
-    """The participants file read and checked, its `file_key`, the `roster_digest` of its participants when the
-    file was known ("" when it was read now), the turnstiles' blocks and the cache block (answering), all at once: while the file is read, the blocks load and Redis is asked whether the file is one
-    already read and accepted (by its key); if so, the reading stops and what the file read to is taken."""
+    """The participants file, its `file_key`, the `roster_digest` of its participants when the file was known
+    ("" when it was read now), the turnstiles' blocks and the cache block (answering). A file Redis knows by its
+    key (read and accepted by an earlier run) is taken as it read then; any other is read and checked here."""
     key = file_key(source, settings.turnstiles.timezone)
-    with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:
-        looked_up = side.submit(contextvars.copy_context().run, blocks_and_known_file, names, cache_block, settings,
-                                key)
-        people = read_participants(source, settings.turnstiles.timezone, known=lambda: _known_people(looked_up))
-        devices, cache, known = looked_up.result()
-    if known is not None:  # the file as its key read (the reading may have ended first)
+    devices, cache, known = blocks_and_known_file(names, cache_block, settings, key)
+    if known is not None:
         return known.people, key, known.digest, devices, cache
-    return people, key, "", devices, cache
+    return read_participants(source, settings.turnstiles.timezone), key, "", devices, cache
 
 
 def blocks_and_known_file(names: list[str], cache_block: str, settings: Settings, key: str
@@ -188,14 +184,6 @@ def blocks_and_known_file(names: list[str], cache_block: str, settings: Settings
     cache = (checked_cache(name, settings) if document is None or document.block_schema is None
              else _answering(TurnstileCache._load_from_block_document(document)))
     return devices, cache, cache.cache().known_file(key)
-
-
-def _known_people(looked_up: Future) -> ParticipantsFile | None:
-    """What a known file read to, once Redis has answered that it knows it (None until then, or if not)."""
-    if not looked_up.done() or looked_up.exception() is not None:
-        return None
-    known = looked_up.result()[2]
-    return known.people if known is not None else None
 
 
 def remember_file(cache: TurnstileCache, key: str, source: Path, people: ParticipantsFile, roster: Participants,
@@ -395,7 +383,7 @@ async def register_participants(
         started, settings = time.perf_counter(), get_settings()
         output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
         source = participants_path(participants_file, settings.turnstiles.participants_file)
-        # the file read (a malformed one refused, naming row and column) or known, the blocks and Redis meanwhile
+        # the blocks, Redis, and the file: known, or read and checked (a malformed one refused, naming row and column)
         people, key, digest, devices, cache = load_inputs(source, turnstiles, cache_block, settings)
         roster = Participants(people.participants, digest or None)
         run_id = str(flow_run.get_id() or "local")

@@ -41,7 +41,6 @@ MAX_CARD = 2**64 - 1  # the devices store card values as uint64
 MAX_GROUP = 2**63 - 1  # and group ids as int64
 MAX_PROBLEMS_SHOWN = 20
 READING_VERSION = 1  # of how a file is read and checked: a change to it makes every file unknown again
-KNOWN_POLL_ROWS = 256  # rows read between two looks at whether the file turned out to be known
 _EXACT_FLOAT_LIMIT = 2**53  # above it, an xlsx number (a double) no longer holds every whole number
 _DATE_FORMS = "YYYY-MM-DD or DD/MM/YYYY, optionally with HH:MM[:SS], or Unix seconds"
 _ISO_DATE = re.compile(r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})(?:[T ](?P<time>.+))?")
@@ -144,11 +143,8 @@ def file_key(path: Path, timezone: str = DEFAULT_TIMEZONE) -> str:
     return digest.hexdigest()
 
 
-def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE,
-                      known: Callable[[], ParticipantsFile | None] | None = None) -> ParticipantsFile:
+def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE) -> ParticipantsFile:
     """Read and check the participants file at `path`, streaming it; dates without a time zone are in `timezone`.
-    `known`: asked every KNOWN_POLL_ROWS rows whether the file turned out to be one already read and accepted
-    (by its `file_key`, looked up while it is read); its answer, once it has one, is returned without reading on.
 
     Raises `ParticipantsFileError` when any cell is bad, and the `UnreadableFile` or `HeaderError` of
     `operations.infra.tabular` when the file or its header is unusable (the message names the column).
@@ -169,10 +165,6 @@ def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE,
         indexes, _ = read_header(numbered, HEADER_ALIASES, REQUIRED_COLUMNS, path.name)
         for row_number, cells in _data_rows(numbered, indexes):
             rows += 1
-            if known is not None and not rows % KNOWN_POLL_ROWS:
-                already = known()
-                if already is not None:
-                    return already
             checked = _check_row(row_number, cells, zone)
             if isinstance(checked, list):
                 problems.extend(checked)
