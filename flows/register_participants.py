@@ -1,14 +1,14 @@
 """Flow `register-participants`: every participant of a file on every access-control turnstile, one mapped task
 per turnstile, in batches, cached in Redis, within each device's limits across flow runs, retried, reported.
 
-Stages: read and check the participants file once (a missing or malformed file is refused naming the row and
-column, before any device call), resolve the turnstiles (saved TurnstileDevice blocks: all of them by default);
-check every turnstile's identity and health before its cache is trusted (in the flow's own body, all at once: a
-reset or replaced one is registered in full and told); then, only for the turnstiles with work, create or update each one's global
-concurrency limit and register on them in parallel on the configured task runner (an unreachable one fails its
-own task after its retries, the others finish); a run with nothing to write ends after the check; then
-publish the report (the seed's figures, a table of turnstiles, the failed records as a linked spreadsheet when
-any failed) and end Failed if any record failed. A dry run reports its work as planned.
+Stages: read and check the participants file once (a missing or malformed file is refused naming the row and column,
+before any device call), resolve the turnstiles (saved TurnstileDevice blocks: all of them by default); check every
+turnstile's identity and health before its cache is trusted (in the flow's own body, all at once: a reset or
+replaced one is registered in full and told); then, only for the turnstiles with work, create or update each one's
+global concurrency limit and register on them in parallel on the configured task runner (an unreachable one fails
+its own task after its retries, the others finish); a run with nothing to write ends after the check; then publish
+the report (the seed's figures, a table of turnstiles, the failed records as a linked spreadsheet when any failed)
+and end Failed if any record failed. A dry run reports its work as planned.
 
 A cancelled run (the run's state, or the worker's SIGTERM) starts no new write within seconds: each device task
 stops between batches and returns what it wrote; the run publishes the report of what was done before the
