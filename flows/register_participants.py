@@ -1,14 +1,14 @@
 """Flow `register-participants`: every participant of a file on every access-control turnstile, one mapped task
 per turnstile, in batches, cached in Redis, within each device's limits across flow runs, retried, reported.
 
-Stages: read and check the participants file once (a missing or malformed file is refused naming the row and
-column, before any device call), resolve the turnstiles (saved TurnstileDevice blocks: all of them by default);
-check every turnstile's identity and health before its cache is trusted (one task: a reset or replaced one is
-registered in full and told); then, only for the turnstiles with work, create or update each one's global
-concurrency limit and register on them in parallel on the configured task runner (an unreachable one fails its
-own task after its retries, the others finish); a run with nothing to write ends after the check; then
-publish the report (the seed's figures, a table of turnstiles, the failed records as a linked spreadsheet when
-any failed) and end Failed if any record failed. A dry run reports its work as planned.
+Stages: read and check the participants file once (a missing or malformed file is refused naming the row and column,
+before any device call), resolve the turnstiles (saved TurnstileDevice blocks: all of them by default); check every
+turnstile's identity and health before its cache is trusted (in the flow's own body, all at once: a reset or
+replaced one is registered in full and told); then, only for the turnstiles with work, create or update each one's
+global concurrency limit and register on them in parallel on the configured task runner (an unreachable one fails
+its own task after its retries, the others finish); a run with nothing to write ends after the check; then publish
+the report (the seed's figures, a table of turnstiles, the failed records as a linked spreadsheet when any failed)
+and end Failed if any record failed. A dry run reports its work as planned.
 
 A cancelled run (the run's state, or the worker's SIGTERM) starts no new write within seconds: each device task
 stops between batches and returns what it wrote; the run publishes the report of what was done before the
@@ -39,6 +39,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
 from prefect.utilities.annotations import unmapped
 from pydantic import Field
+from redis.exceptions import RedisError
 from typing_extensions import Annotated
 
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
@@ -52,7 +53,8 @@ from operations.infra.links import output_base_url, output_link
 from operations.infra.tabular import READ_FILE_PATTERN
 from operations.settings import Settings, get_settings
 from operations.turnstiles.identity import Logouts, any_cached, turnstiles_with_work, with_checks
-from operations.turnstiles.participants import ParticipantsFile, participants_path, read_participants
+from operations.turnstiles.cache import KnownFile
+from operations.turnstiles.participants import ParticipantsFile, file_key, participants_path, read_participants
 from operations.turnstiles.registration import DeviceFailed, DeviceReport, RegistrationOptions
 from operations.turnstiles.report import (
     RegistrationIncomplete,
@@ -73,6 +75,7 @@ from tasks.registration import (
     register_on_turnstile,
 )
 
+TURNSTILE_SLUG, CACHE_SLUG = TurnstileDevice.get_block_type_slug(), TurnstileCache.get_block_type_slug()
 LIMITS_PAGE = 200  # global concurrency limits read per request
 BLOCKS_PAGE = 200  # block documents read per request (the server's most)
 STOP_WAIT_SECONDS = 20.0  # after a SIGTERM, how long the device tasks get to stop and report (the worker kills at 30 s)
@@ -91,33 +94,48 @@ class UnknownTurnstile(UserError, ValueError):
 def load_turnstiles(names: list[str]) -> dict[str, TurnstileDevice]:
     """The named TurnstileDevice blocks (every saved one when `names` is empty); unknown names are an error
     naming them and the devices that exist."""
+    return load_turnstiles_and_cache(names, None)[0]
+
+
+def load_turnstiles_and_cache(names: list[str], cache_block: str | None
+                              ) -> tuple[dict[str, TurnstileDevice], BlockDocument | None]:
+    """`load_turnstiles`, and the document of the TurnstileCache block named `cache_block` read in the same
+    request (None when it is not saved)."""
     with get_client(sync_client=True) as client:
-        documents = _turnstile_documents(client, names)
+        documents, cache = _turnstile_documents(client, names, cache_block=cache_block)
         unknown = sorted(set(names) - set(documents))
         if unknown:
-            saved = sorted(_turnstile_documents(client, [], include_secrets=False))
+            saved = sorted(_turnstile_documents(client, [], include_secrets=False)[0])
             raise UnknownTurnstile(f"no TurnstileDevice block named {', '.join(unknown)}; "
                                    f"saved: {', '.join(saved) or 'none'}")
     chosen = list(dict.fromkeys(names)) or sorted(documents)
     if not chosen:
         raise UnknownTurnstile("no turnstile is configured: save TurnstileDevice blocks (UI, or "
                                "python -m deployments.turnstile_devices load FILE)")
-    return {name: _device_block(documents[name]) for name in chosen}
+    return {name: _device_block(documents[name]) for name in chosen}, cache
 
 
-def _turnstile_documents(client: SyncPrefectClient, names: list[str], include_secrets: bool = True
-                         ) -> dict[str, BlockDocument]:
+def _turnstile_documents(client: SyncPrefectClient, names: list[str], include_secrets: bool = True,
+                         cache_block: str | None = None) -> tuple[dict[str, BlockDocument], BlockDocument | None]:
     """The saved TurnstileDevice block documents named `names` (every one when empty), by name: only those
-    (the server decrypts each document's secrets), BLOCKS_PAGE a request."""
-    body = {"block_types": {"slug": {"any_": ["turnstile-device"]}},
-            "block_documents": {"is_anonymous": {"eq_": False}, **({"name": {"any_": names}} if names else {})},
+    (the server decrypts each document's secrets), BLOCKS_PAGE a request; and the TurnstileCache document named
+    `cache_block` (if given and saved), read by the same requests."""
+    slugs = [TURNSTILE_SLUG] + ([CACHE_SLUG] if cache_block else [])
+    named = [*names, cache_block] if names and cache_block else names
+    body = {"block_types": {"slug": {"any_": slugs}},
+            "block_documents": {"is_anonymous": {"eq_": False}, **({"name": {"any_": named}} if named else {})},
             "include_secrets": include_secrets, "limit": BLOCKS_PAGE}
-    documents, offset = {}, 0
+    documents, cache, offset = {}, None, 0
     while True:
         page = client.request("POST", "/block_documents/filter", json={**body, "offset": offset}).json()
-        documents.update((d.name, d) for d in BlockDocument.model_validate_list(page))
+        for document in BlockDocument.model_validate_list(page):
+            slug = document.block_type.slug if document.block_type else TURNSTILE_SLUG
+            if slug == TURNSTILE_SLUG:
+                documents[document.name] = document
+            elif document.name == cache_block:
+                cache = document
         if len(page) < BLOCKS_PAGE:
-            return documents
+            return documents, cache
         offset += BLOCKS_PAGE
 
 
@@ -145,12 +163,38 @@ def ensure_device_limits(devices: dict[str, TurnstileDevice]) -> None:
                 upsert_concurrency_limit(client, name, slots)
 
 
-def load_blocks(names: list[str], cache_block: str, settings: Settings
-                ) -> tuple[dict[str, TurnstileDevice], TurnstileCache]:
-    """The turnstiles' blocks and the cache block, answering (both read at once)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="cache-block") as side:
-        cache = side.submit(contextvars.copy_context().run, checked_cache, cache_block, settings)
-        return load_turnstiles(names), cache.result()
+def load_inputs(source: Path, names: list[str], cache_block: str, settings: Settings
+                ) -> tuple[ParticipantsFile, str, str, dict[str, TurnstileDevice], TurnstileCache]:
+    """The participants file, its `file_key`, the `roster_digest` of its participants when the file was known
+    ("" when it was read now), the turnstiles' blocks and the cache block (answering). A file Redis knows by its
+    key (read and accepted by an earlier run) is taken as it read then; any other is read and checked here."""
+    key = file_key(source, settings.turnstiles.timezone)
+    devices, cache, known = blocks_and_known_file(names, cache_block, settings, key)
+    if known is not None:
+        return known.people, key, known.digest, devices, cache
+    return read_participants(source, settings.turnstiles.timezone), key, "", devices, cache
+
+
+def blocks_and_known_file(names: list[str], cache_block: str, settings: Settings, key: str
+                          ) -> tuple[dict[str, TurnstileDevice], TurnstileCache, KnownFile | None]:
+    """The turnstiles' blocks and the cache block (one request for both; answering), then the file Redis knows
+    under `key`, if any."""
+    name = cache_block or settings.turnstiles.cache_block
+    devices, document = load_turnstiles_and_cache(names, name)
+    cache = (checked_cache(name, settings) if document is None or document.block_schema is None
+             else _answering(TurnstileCache._load_from_block_document(document)))
+    return devices, cache, cache.cache().known_file(key)
+
+
+def remember_file(cache: TurnstileCache, key: str, source: Path, people: ParticipantsFile, roster: Participants,
+                  timezone: str) -> None:
+    """Remember a file just read and accepted under its key (unless it changed while it was read), so that the
+    next run of the same file does not read it again; best effort (that run reads the file otherwise)."""
+    try:
+        if file_key(source, timezone) == key:
+            cache.cache().remember_file(key, KnownFile(people, roster.digest()))
+    except (OSError, RedisError) as exc:
+        get_run_logger().warning("could not remember %s as read (%s): the next run reads it again", source.name, exc)
 
 
 def checked_cache(name: str, settings: Settings) -> TurnstileCache:
@@ -161,6 +205,10 @@ def checked_cache(name: str, settings: Settings) -> TurnstileCache:
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    return _answering(cache)
+
+
+def _answering(cache: TurnstileCache) -> TurnstileCache:
     cache.ping()
     return cache
 
@@ -214,14 +262,14 @@ def register_everywhere(
 
 
 def register_where_needed(
-    devices: dict[str, TurnstileDevice], people: ParticipantsFile, cache: TurnstileCache,
+    devices: dict[str, TurnstileDevice], people: ParticipantsFile, participants: Participants, cache: TurnstileCache,
     options: RegistrationOptions, run_id: str, file_name: str, settings: Settings, logouts: Logouts,
 ) -> list[dict]:
     """Check the turnstiles (unless the cache is skipped, every device is read anyway or the cache holds nothing
     of any of them, so nothing is trusted), then register on
     those with work only (their concurrency limits, the progress artifact, one task each); every turnstile's
-    report. `logouts`: where the checks of turnstiles left with no work end their sessions."""
-    participants = Participants(people.participants)
+    report. `participants`: the file's, as the tasks share them; `logouts`: where the checks of turnstiles left
+    with no work end their sessions."""
     checks = ({} if options.skip_cache or options.verify or not any_cached(cache.cache(), list(devices))
               else check_turnstiles(devices, participants, cache, options.dry_run, logouts))
     work = turnstiles_with_work(list(devices), checks, options)
@@ -329,14 +377,15 @@ async def register_participants(
     one sync API client, as the sync engine does (without it every task thread builds its own: ~0.1 s of CPU
     each, for its TLS context)."""
     watch_termination()
-    with SyncClientContext.get_or_create():  # one API client for the run's calls and its task threads
+    # one API client for the run's calls and its task threads; the heap alive at the start (Prefect, the imports,
+    # an earlier run's leftovers in a long-lived process) is left out of the collector's passes during the run
+    with SyncClientContext.get_or_create(), settled_heap():
         started, settings = time.perf_counter(), get_settings()
         output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any call
         source = participants_path(participants_file, settings.turnstiles.participants_file)
-        with ThreadPoolExecutor(1, thread_name_prefix="blocks") as side:  # the blocks and Redis while the file is read
-            loading = side.submit(contextvars.copy_context().run, load_blocks, turnstiles, cache_block, settings)
-            people = read_participants(source, settings.turnstiles.timezone)  # refuses a malformed file: row/column
-            devices, cache = loading.result()
+        # the blocks, Redis, and the file: known, or read and checked (a malformed one refused, naming row and column)
+        people, key, digest, devices, cache = load_inputs(source, turnstiles, cache_block, settings)
+        roster = Participants(people.participants, digest or None)
         run_id = str(flow_run.get_id() or "local")
         options = RegistrationOptions(skip_cache=skip_cache, verify=verify, dry_run=dry_run, batch_size=batch_size,
                                       concurrency=concurrency_per_device)
@@ -345,11 +394,19 @@ async def register_participants(
             len(people.participants), source.name, len(devices), len(people.participants) * len(devices),
             len(people.duplicates), " - dry run: planned, nothing written" if dry_run else "",
         )
-        with Logouts() as logouts:  # the checked turnstiles with no work log out while the run goes on
-            reports = register_where_needed(devices, people, cache, options, run_id, source.name, settings, logouts)
+        # the checked turnstiles with no work log out while the run goes on; a file read now is remembered meanwhile
+        with Logouts() as logouts, ThreadPoolExecutor(1, thread_name_prefix="known-file") as later:
+            if not digest:
+                later.submit(contextvars.copy_context().run, remember_file, cache, key, source, people, roster,
+                             settings.turnstiles.timezone)
+            reports = register_where_needed(devices, people, roster, cache, options, run_id, source.name, settings,
+                                            logouts)
             workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
-            summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
-        if summary["turnstiles_cancelled"] or run_stop_check()():
+            with ThreadPoolExecutor(1, thread_name_prefix="stop-check") as side:  # asked while the report is made
+                stopping = side.submit(contextvars.copy_context().run, run_stop_check())
+                summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
+                stopped = stopping.result()
+        if summary["turnstiles_cancelled"] or stopped:
             return cancelled_state(summary)
     failed = registration_failure_message(summary)
     return Failed(message=failed, data=RegistrationIncomplete(failed)) if failed else summary

@@ -5,8 +5,9 @@ The task stops between batches once its run is cancelled (`run_stop_check`), cou
 (`attempt_tally`), and tells someone (the `project.turnstile.unreachable` event) when a device stays
 unreachable past its retries.
 
-Before them, one task checks every turnstile's identity and health (a reset or replaced unit voids its cache
-entries, and the `project.turnstile.reset-detected` event tells someone) and says which turnstiles have work."""
+Before them, the flow's own body checks every turnstile's identity and health (`check_turnstiles`, not a task: a
+reset or replaced unit voids its cache entries, and the `project.turnstile.reset-detected` event tells someone)
+and says which turnstiles have work."""
 
 from __future__ import annotations
 
@@ -154,17 +155,35 @@ def register_on_turnstile(
     return report.to_json()
 
 
-# A check reads the devices and drops the cache entries of a reset one: run again, it finds the same (or, the entries
-# being gone, nothing more to drop, and the turnstile still has every participant to do).
-@retrying_task(name="check-turnstiles", task_run_name="check-turnstiles", retries=1, delays=[2], cache_policy=NO_CACHE,
-               tags=["turnstiles", "http"])
+CHECK_RETRY_SECONDS = 2.0  # before the one more try of a check that failed past its devices (Redis)
+
+
 def check_turnstiles(
     devices: dict[str, TurnstileDevice], participants: Participants, cache_block: TurnstileCache, dry_run: bool,
     logouts: Logouts | None = None,
 ) -> dict[str, dict]:
     """Each turnstile's identity and health check (all at once) and how many participants it needs; a reset or
     replaced turnstile is logged, told (event `project.turnstile.reset-detected`) and its cache entries dropped
-    (not in a dry run). `logouts`: where the sessions of turnstiles left with no work end, the run not waiting."""
+    (not in a dry run). `logouts`: where the sessions of turnstiles left with no work end, the run not waiting.
+
+    A stage of the flow's own body, not a task run: a run with nothing to write is one flow run (a task run adds
+    its own start and end on the API and, in a new process, a look-up of its tags' concurrency limits). A device
+    that does not answer is the check's answer for that device (`error`: its own task reads it in full); a
+    failure past the devices (Redis) is tried once more after CHECK_RETRY_SECONDS, as the task's retry did: run
+    again, a check finds the same (or, a reset turnstile's entries being gone, nothing more to drop)."""
+    try:
+        return _check_turnstiles(devices, participants, cache_block, dry_run, logouts)
+    except Exception as exc:  # noqa: BLE001 - classified: what cannot heal is raised at once
+        if not is_transient(exc):
+            raise
+        get_run_logger().warning("the turnstiles' checks failed (%s); trying once more in %.0f s", exc,
+                                 CHECK_RETRY_SECONDS)
+        time.sleep(CHECK_RETRY_SECONDS)
+        return _check_turnstiles(devices, participants, cache_block, dry_run, logouts)
+
+
+def _check_turnstiles(devices: dict[str, TurnstileDevice], participants: Participants, cache_block: TurnstileCache,
+                      dry_run: bool, logouts: Logouts | None) -> dict[str, dict]:
     logger = get_run_logger()
     checks = check_devices({name: (lambda d=device, n=name: d.client(n)) for name, device in devices.items()},
                            cache_block.cache(), participants, dry_run=dry_run, logouts=logouts)

@@ -1,6 +1,7 @@
 """The participants file of `register-participants`: headers in English or Portuguese, every bad cell refusing the
 file with its row and column, dates in each accepted form and time zone, repeated registrations and cards as
-failures of the later rows, .xlsx and .csv alike, the sample files, fingerprints, and the failures workbook."""
+failures of the later rows, .xlsx and .csv alike, the sample files, fingerprints, a file known by its bytes (its
+reading then not done again), and the failures workbook."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from operations.turnstiles.participants import (
     Participant,
     ParticipantsFileError,
     RowProblem,
+    file_key,
     read_participants,
 )
+from operations.turnstiles.cache import KnownFile
 from operations.turnstiles.report import FAILURE_COLUMNS, read_registration_failures, write_registration_failures
 from operations.turnstiles.sample import write_participants_file
 
@@ -343,6 +346,22 @@ def test_failures_workbook_without_failures(tmp_path):
     assert [row for row in workbook["Summary"].values] == [("Nothing failed",), ("No failures",)]
     with pytest.raises(ValueError, match="rows_per_sheet"):
         write_registration_failures(path, [], title="t", rows_per_sheet=0)
+
+
+def test_a_file_is_known_by_its_bytes_and_time_zone_and_its_reading_kept_as_it_was(tmp_path):
+    path = tmp_path / "participants.csv"
+    people = write_participants_file(path, 600)
+    with path.open("a", encoding="utf-8") as handle:  # a repeated registration: a failure the record keeps
+        handle.write("R000001,Repeated Row,,,,\n")
+    key = file_key(path)
+    assert file_key(path) == key and file_key(path, "UTC") != key, "the time zone reads the dates"
+    read = read_participants(path)
+    known = KnownFile(read, "digest-of-the-fingerprints")
+    assert KnownFile.decode(known.encode()) == known, "a record reads back to the same participants and failures"
+    assert read.participants == people and len(read.duplicates) == 1 and read.rows == 601
+
+    path.write_bytes(path.read_bytes().replace(b"R000002", b"R000002X"))
+    assert file_key(path) != key, "any byte changed: another file, read and checked again"
 
 
 @pytest.mark.parametrize(

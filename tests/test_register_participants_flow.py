@@ -22,6 +22,8 @@ from pydantic import SecretStr
 from blocks.turnstile_device import TurnstileCache, TurnstileDevice
 from emulators.controlid import DeviceSpec, EmulatorConfig, run_in_thread
 from operations.settings import PROJECT_ROOT, get_settings
+from operations.turnstiles.participants import file_key, read_participants
+from operations.turnstiles.registration import Roster
 from operations.turnstiles.report import read_registration_failures
 from operations.turnstiles.sample import write_participants_file
 from flow_run_checks import assert_failed_in_one_line, task_runs_of_flow_run
@@ -92,7 +94,7 @@ def test_everyone_is_registered_on_every_turnstile_with_a_report_and_the_second_
         assert stats["total"] <= 5 and stats["write_calls"] == 0, stats
     assert [r["status"] for r in again["reports"]] == ["cached"] * 3
     runs, subflows = task_runs_of_flow_run(state.state_details.flow_run_id)
-    assert [r.name for r in runs] == ["check-turnstiles"] and subflows == [], "no device task: nothing to do"
+    assert runs == [] and subflows == [], "one flow run: the checks are its own stage, no device task"
 
 
 def test_a_malformed_file_is_refused_naming_row_and_column_before_any_device_call(gates, tmp_path):
@@ -109,6 +111,27 @@ def test_a_malformed_file_is_refused_naming_row_and_column_before_any_device_cal
     state, _ = _run(participants_file=str(good), turnstiles=[names[0], "no-such-gate"], cache_block=cache)
     assert_failed_in_one_line(state, "no TurnstileDevice block named no-such-gate")
     assert sum(emulator.control.stats(d)["total"] for d in range(3)) == 0
+
+
+def test_a_file_already_read_is_taken_from_redis_and_an_edited_one_is_checked_again(gates, tmp_path):
+    emulator, names, cache = gates
+    source = tmp_path / "participants.csv"
+    write_participants_file(source, 300)
+    state, first = _run(participants_file=str(source), turnstiles=names[:1], cache_block=cache)
+    assert state.is_completed(), state.message
+    remembered = TurnstileCache.load(cache).cache().known_file(file_key(source, get_settings().turnstiles.timezone))
+    assert remembered is not None and remembered.people == read_participants(source)
+    assert remembered.digest == Roster(remembered.people.participants).digest()
+    state, again = _run(participants_file=str(source), turnstiles=names[:1], cache_block=cache)
+    assert state.is_completed() and (again["participants"], again["cached"]) == (300, 300)
+
+    emulator.control.reset_stats()
+    lines = source.read_text(encoding="utf-8").splitlines()
+    lines[7] = "R000007,Renamed,12a,,,"  # row 8: a bad card in a file otherwise the same
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    state, _ = _run(participants_file=str(source), turnstiles=names[:1], cache_block=cache)
+    assert_failed_in_one_line(state, "row 8, card", "not a whole number")
+    assert emulator.control.stats(0)["total"] == 0, "refused before any device call"
 
 
 def test_a_dry_run_reports_its_work_as_planned_and_writes_nothing(gates, tmp_path):
@@ -144,7 +167,6 @@ def test_on_dask_an_unreachable_turnstile_fails_alone_and_the_failures_are_repor
     assert "31 record(s) failed and 1 turnstile(s)" in str(state.result(raise_on_failure=False))
     flow_run_id = state.state_details.flow_run_id
     runs, subflows = task_runs_of_flow_run(flow_run_id)
-    runs = [r for r in runs if r.name != "check-turnstiles"]
     assert sorted(r.name for r in runs) == sorted(f"turnstile-{name}" for name in names)
     assert {r.flow_run_id for r in runs} == {flow_run_id} and subflows == [], "the Dask tasks are the run's own"
     for device in (0, 1):
@@ -281,7 +303,7 @@ def test_a_turnstiles_figures_count_every_attempt_of_its_task(gates, tmp_path, m
     assert (report["created"], report["unchanged"], report["cached"]) == (100, 0, 0), report
     assert report["cards"] == sum(p.card is not None for p in people)
     assert report["groups"] == sum(p.group is not None for p in people)
-    [task_run] = [r for r in task_runs_of_flow_run(state.state_details.flow_run_id)[0] if r.name != "check-turnstiles"]
+    [task_run] = task_runs_of_flow_run(state.state_details.flow_run_id)[0]
     assert task_run.run_count == 2, "the first attempt failed"
     table = {a.key: a for a in run_artifacts(state.state_details.flow_run_id)}["registration-turnstiles"].data
     table = json.loads(table) if isinstance(table, str) else table

@@ -15,6 +15,10 @@ Keys under prefix P:
                                         per device instead of comparing every participant)
     P:user-ids                    hash  registration -> device user id, the same on every device
     P:user-id-seq                 string  the last id handed out (ids start above USER_ID_BASE)
+    P:participants-file:<key>     string  a participants file already read and accepted (`KnownFile`), by the
+                                        digest of its bytes and how it was read (`participants.file_key`):
+                                        the next run of the same file reads this instead of parsing every
+                                        row again (kept KNOWN_FILE_SECONDS after its last use)
 
 Ids handed out here start high (USER_ID_BASE) so they do not meet the small ids a device's own software gives;
 a user the device already has under its registration keeps the device's id.
@@ -30,12 +34,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import orjson
 import redis
 
+from operations.turnstiles.participants import Participant, ParticipantsFile, RowProblem
+
 USER_ID_BASE = 100_000_000
+KNOWN_FILE_SECONDS = 8 * 86_400  # a file read every night stays known; one not used for 8 days is forgotten
 _BATCH = 1_000  # registrations per command, per-argument way
 _JOINED_BATCH = 10_000  # registrations per script call, joined way (a call blocks Redis for a few ms)
 
@@ -129,6 +136,31 @@ def roster_digest(fingerprints: dict[str, str]) -> str:
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
 
 
+@dataclass(frozen=True)
+class KnownFile:
+    """A participants file already read and accepted: what it read to, and the `roster_digest` of its
+    participants (so the settled marks are compared without working out every fingerprint)."""
+
+    people: ParticipantsFile
+    digest: str
+
+    def encode(self) -> bytes:
+        people = self.people
+        return orjson.dumps({
+            "rows": people.rows, "digest": self.digest,
+            "participants": [[p.row_number, p.registration, p.name, p.card, p.group, p.begin, p.end]
+                             for p in people.participants],
+            "duplicates": [[d.row_number, d.column, d.reason, d.value, d.registration] for d in people.duplicates],
+        })
+
+    @classmethod
+    def decode(cls, blob: bytes) -> KnownFile:
+        data = orjson.loads(blob)
+        people = ParticipantsFile(participants=[Participant(*row) for row in data["participants"]],
+                                  duplicates=[RowProblem(*row) for row in data["duplicates"]], rows=data["rows"])
+        return cls(people, data["digest"])
+
+
 def _sample(drawn: list[bytes]) -> dict[str, int]:
     """An HRANDFIELD ... WITHVALUES answer as registration -> device user id."""
     pairs = zip(drawn[::2], drawn[1::2])
@@ -197,17 +229,25 @@ class RegistrationCache:
         return sum(1 for registration, value in zip(registrations, values)
                    if not value or not value.endswith(b":" + fingerprints[registration].encode()))
 
-    def pendings(self, devices: list[str], fingerprints: dict[str, str],
-                 states: dict[str, DeviceState] | None = None) -> dict[str, int]:
+    def pendings(self, devices: list[str], fingerprints: dict[str, str] | Callable[[], dict[str, str]],
+                 states: dict[str, DeviceState] | None = None, digest: str | None = None) -> dict[str, int]:
         """`pending` of each device. A device whose `states` (as `states` read them) say it was settled for
         these very registrations and fingerprints at its current version has none, without a comparison; the
         others are counted inside Redis: the registrations and fingerprints are joined once for every device and
         each device answers one number (one round trip for all), and a device found with none is marked settled
-        at the version read with the count."""
+        at the version read with the count. `fingerprints` may be a function making them: with `digest` (their
+        `roster_digest`, known beforehand) it is not called when every device is settled."""
+        if digest is not None and states:
+            settled = {device: 0 for device in devices
+                       if device in states and states[device].settled == f"{digest}:{states[device].version}"}
+            if len(settled) == len(devices):
+                return settled
+        if callable(fingerprints):
+            fingerprints = fingerprints()
         registrations = list(fingerprints)
         if not devices or not registrations or not _joinable(registrations):
             return {device: self.pending(device, fingerprints) if registrations else 0 for device in devices}
-        digest = roster_digest(fingerprints)
+        digest = digest or roster_digest(fingerprints)
         states = states or {}
         counts = {device: 0 for device in devices
                   if device in states and states[device].settled == f"{digest}:{states[device].version}"}
@@ -294,6 +334,24 @@ class RegistrationCache:
                                          _sample(drawn or []) if sample_size > 0 else {}, int(version or 0),
                                          settled.decode() if settled is not None else None)
         return states
+
+    def _known_file_key(self, key: str) -> str:
+        return f"{self.prefix}:participants-file:{key}"
+
+    def known_file(self, key: str) -> KnownFile | None:
+        """The file read and accepted under `key` (`participants.file_key`), kept KNOWN_FILE_SECONDS more; None
+        when it is not known (or its record is unreadable: the file is then read again)."""
+        blob = self.client.getex(self._known_file_key(key), ex=KNOWN_FILE_SECONDS)
+        if blob is None:
+            return None
+        try:
+            return KnownFile.decode(blob)
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def remember_file(self, key: str, known: KnownFile) -> None:
+        """Remember a file read and accepted under `key`, for KNOWN_FILE_SECONDS."""
+        self.client.set(self._known_file_key(key), known.encode(), ex=KNOWN_FILE_SECONDS)
 
     def identity(self, device: str) -> str | None:
         """The identity of the unit the device's entries were confirmed on (None: not known yet)."""

@@ -195,7 +195,7 @@ def check_devices(clients: dict[str, Callable[[], ControlIdClient]], cache: Regi
 
     def count(trusted: list[str]) -> None:
         try:
-            counts.set_result(cache.pendings(trusted, roster.fingerprints(), states))
+            counts.set_result(cache.pendings(trusted, roster.fingerprints, states, roster.digest()))
         except BaseException as exc:  # the checks waiting on it raise it
             counts.set_exception(exc)
 

@@ -40,6 +40,7 @@ MAX_NAME_LENGTH = 120
 MAX_CARD = 2**64 - 1  # the devices store card values as uint64
 MAX_GROUP = 2**63 - 1  # and group ids as int64
 MAX_PROBLEMS_SHOWN = 20
+READING_VERSION = 1  # of how a file is read and checked: a change to it makes every file unknown again
 _EXACT_FLOAT_LIMIT = 2**53  # above it, an xlsx number (a double) no longer holds every whole number
 _DATE_FORMS = "YYYY-MM-DD or DD/MM/YYYY, optionally with HH:MM[:SS], or Unix seconds"
 _ISO_DATE = re.compile(r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})(?:[T ](?P<time>.+))?")
@@ -130,6 +131,16 @@ def participants_path(given: str, default: Path | None) -> Path:
     if not path.is_file():
         raise NoParticipantsFile(f"participants file {path} does not exist (or is not a file) on this machine")
     return path
+
+
+def file_key(path: Path, timezone: str = DEFAULT_TIMEZONE) -> str:
+    """A digest of the file's bytes, the time zone its dates are read in and READING_VERSION: two files with the
+    same key read to the same participants (or are refused alike)."""
+    digest = hashlib.blake2b(f"{READING_VERSION}\n{timezone}\n".encode(), digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_participants(path: Path, timezone: str = DEFAULT_TIMEZONE) -> ParticipantsFile:

@@ -44,7 +44,7 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 import orjson
 
 from operations.cancellation import Cancelled, StopCheck, never, raise_if_stopped
-from operations.turnstiles.cache import RegistrationCache, prepare_confirm
+from operations.turnstiles.cache import RegistrationCache, prepare_confirm, roster_digest
 from operations.turnstiles.client import MAX_IN_LIST, ControlIdClient, DeviceError, DeviceRefused
 from operations.turnstiles.participants import Participant
 
@@ -191,11 +191,12 @@ class Roster:
     lists, dataclasses and models given to a task looking for futures (~0.8 s per task for 10,000 participants),
     not a plain object; pickled, it carries the participants only."""
 
-    __slots__ = ("items", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock", "_records",
-                 "_prefetched", "_batches", "_batches_lock", "_listed")
+    __slots__ = ("items", "_digest", "_fingerprints", "_fingerprints_lock", "_user_ids", "_user_ids_lock",
+                 "_records", "_prefetched", "_batches", "_batches_lock", "_listed")
 
-    def __init__(self, items: list[Participant]):
+    def __init__(self, items: list[Participant], digest: str | None = None):
         self.items = items
+        self._digest = digest  # roster_digest of the fingerprints, when known beforehand (a file already read)
         self._fingerprints: dict[str, str] | None = None
         self._fingerprints_lock = threading.Lock()
         self._user_ids: dict[str, dict[str, int]] = {}  # cache prefix -> registration -> device user id
@@ -221,6 +222,12 @@ class Roster:
             if self._fingerprints is None:
                 self._fingerprints = {p.registration: p.fingerprint() for p in self.items}
             return self._fingerprints
+
+    def digest(self) -> str:
+        """`roster_digest` of every fingerprint (known beforehand for a file already read, else worked out once)."""
+        if self._digest is None:
+            self._digest = roster_digest(self.fingerprints())
+        return self._digest
 
     def listed(self) -> tuple[frozenset[str], frozenset[int]]:
         """(every registration, every group) the file names."""
