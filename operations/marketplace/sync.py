@@ -695,6 +695,12 @@ def _item_ids(session: AccountSession, result: AccountSyncResult) -> list[str]:
     return list(ids)
 
 
+# Batches of item details an account asks ahead of the one it stores (the ids are known, no batch depends on
+# another's answer): while request slots are free (a run's first and last seconds), an account's details
+# arrive two at a time.
+DETAIL_BATCHES_AHEAD = 2
+
+
 def _sync_items(session: AccountSession, result: AccountSyncResult) -> None:
     """Every item of the seller read and stored: the listed ids and, to reconcile, the stored ids no longer
     listed (deleted on the marketplace); differences under an equal stamp repaired (operations/marketplace/
@@ -721,23 +727,32 @@ def _sync_items(session: AccountSession, result: AccountSyncResult) -> None:
         return lambda t: client.get_items(t, batch)
 
     batches = [ids[i : i + ITEMS_DETAIL_BATCH] for i in range(0, len(ids), ITEMS_DETAIL_BATCH)]
-    ahead = None
+    pending: deque[ReadAhead] = deque()  # the next batches asked, in order
+    asked = 0
     try:
-        for n, batch in enumerate(batches):
-            found, missing = ahead.result() if ahead is not None else session.call(details(batch), unit)
-            ahead = None
+        for batch in batches:
+            if pending:
+                found, missing = pending.popleft().result()
+            else:
+                found, missing = session.call(details(batch), unit)
+                asked += 1
             result.items_missing += len(missing)
             gone += [item_id for item_id in missing if item_id in stored]
             buffer.extend(found)
-            if n + 1 < len(batches):  # the next batch is asked while this one is stored
-                ahead = session.ahead(details(batches[n + 1]), unit)
+            # the next batches (they depend on no answer) are asked while this one is stored; none after a
+            # check failed (its error is raised in turn)
+            while asked < len(batches) and len(pending) < DETAIL_BATCHES_AHEAD and not (
+                    pending and pending[-1].error is not None):
+                pending.append(session.ahead(details(batches[asked]), unit))
+                asked += 1
             if len(buffer) >= 100:
                 store()
     except Cancelled:
         store()  # details already read are kept
         raise
     finally:
-        _settle(ahead)
+        for ahead in pending:
+            ahead.settle()
     store()
     result.items_gone += mark_gone(engine, seller, gone)
     advance_checkpoint(engine, seller, "items", started)
