@@ -1,8 +1,9 @@
 """One seller account's incremental sync: orders by date windows, items by a full id scan, each page upserted
 and committed, each checkpoint advanced only after the rows it covers are stored. No Prefect import.
 
-Cancel: every API request goes through `AccountSession.call`, which asks the run's `should_stop` first, so a
-cancelled run starts no new page or batch; the sync ends `cancelled` with what it committed counted and its
+Cancel: every API request goes through `AccountSession.call` (or `AccountSession.ahead`, for a page or batch
+asked while the one before is stored), which asks the run's `should_stop` first, so a cancelled run starts no
+new page or batch; the sync ends `cancelled` with what it committed counted and its
 checkpoints where the stored rows put them (a window cut short never moves the checkpoint).
 
 Figures across retries: the caller may hand the same `AccountSyncResult` to every attempt of an account's task;
@@ -411,8 +412,8 @@ def _settle(ahead: ReadAhead | None) -> None:
         ahead.settle()
 
 
-# The threads that send the read-ahead requests of this process's account syncs (each account has at most one
-# outstanding, and it holds one of the process's request slots only while on the wire): threads are started
+# The threads that send the read-ahead requests of this process's account syncs (each account has at most two
+# outstanding, and each holds one of the process's request slots only while on the wire): threads are started
 # as needed, up to this many.
 READ_AHEAD_THREADS = 64
 _read_ahead: dict[int, ThreadPoolExecutor] = {}
