@@ -35,13 +35,16 @@ HOLDING_STATES = frozenset({StateType.RUNNING, StateType.CANCELLING, StateType.P
 
 # Re-running an account is harmless by design (upserts keyed by the API's ids, checkpoints after commits), so
 # Dask recomputing a finished task needs no cache; NO_CACHE also keeps the block out of cache keys.
+# No tags: a tagged task run asks the Prefect server for its tags' concurrency slots before it starts, through
+# one queue per tag set on the client's event-loop thread; with 20 account syncs busy in the process, the
+# second wave of a first sync's tasks waited 0.5-2.4 s there (and the first wave sometimes ~2 s), every request
+# slot idle meanwhile. MARKETPLACE_CONCURRENCY is what bounds the marketplace's load.
 @retrying_task(
     name="sync-account",
     task_run_name="sync-{account.label}",
     retries=2,
     delays=[5, 20],  # AccountSyncFailed says whether a retry helps
     cache_policy=NO_CACHE,
-    tags=["marketplace", "http"],
 )
 def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: SyncRun) -> dict:
     """Sync one seller account (orders and/or items, as `run` says) into the project database; returns its
@@ -61,7 +64,8 @@ def sync_marketplace_account(account: AccountView, app: MarketplaceApp, run: Syn
 
 # Re-running a group is harmless for the reasons an account's re-run is; Prefect does not retry it: the accounts
 # that failed transiently are tried again inside it, after the others, so one account never re-runs the group.
-@task(name="sync-accounts", task_run_name="sync-{label}", cache_policy=NO_CACHE, tags=["marketplace", "http"])
+# No tags, as `sync-account`.
+@task(name="sync-accounts", task_run_name="sync-{label}", cache_policy=NO_CACHE)
 def sync_marketplace_accounts(
     accounts: list[AccountView], label: str, app: MarketplaceApp, run: SyncRun, retries: int = 2,
     retry_delay: float = 5.0,

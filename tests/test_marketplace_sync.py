@@ -270,6 +270,45 @@ def test_a_used_authorization_code_is_a_user_error_and_unknown_ids_are_refused(p
     assert issubclass(UnknownAccount, UserError)
 
 
+def test_the_next_page_and_batch_are_asked_while_the_one_before_is_stored(pg_engine, emulator_factory, monkeypatch):
+    import operations.marketplace.sync as sync_module
+
+    # 300 ms a request: a store that sees no request of its account in flight ran while nothing was asked
+    from operations.marketplace.client import request_slots
+
+    market = emulator_factory(pg_engine, sellers=2, orders_per_seller=120, items_per_seller=120, latency_ms=300)
+    seller, other = market.seller_ids()
+    account = market.onboard(seller)
+    seen: dict[str, list[int]] = {"orders": [], "items": []}
+
+    def observed(kind: str, store):
+        def run(engine, seller_id, rows):
+            deadline = time.monotonic() + 0.25
+            while market.control.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen[kind].append(market.control.stats()["in_flight"])
+            return store(engine, seller_id, rows)
+        return run
+
+    monkeypatch.setattr(sync_module, "upsert_orders", observed("orders", sync_module.upsert_orders))
+    monkeypatch.setattr(sync_module, "upsert_items", observed("items", sync_module.upsert_items))
+    market.control.reset_stats()
+    result = sync_account(pg_engine, market.client(), account, SyncResources.both, OPTIONS)
+    assert result.status == "synced" and result.orders.new == 120 and result.items.new == 120
+    # every page of orders is stored while the next one (the last: the empty page) is asked; item details are
+    # stored 100 at a time, the first while the 6th batch is asked (the last after every batch is read)
+    assert seen["orders"] and set(seen["orders"]) == {1}, seen
+    assert seen["items"][0] >= 1, seen
+    # item details (no batch depends on another) are asked two at a time; pages of orders one at a time
+    assert market.control.stats()["max_in_flight"] == 2
+    # the process's request slots bound what is asked ahead too
+    market.control.reset_stats()
+    result = sync_account(pg_engine, market.client().sharing(request_slots(1)), market.onboard(other),
+                          SyncResources.both, OPTIONS)
+    assert result.status == "synced" and result.items.new == 120
+    assert market.control.stats()["max_in_flight"] == 1
+
+
 def test_two_accounts_overlap_in_time_and_the_same_account_never(pg_engine, emulator_factory):
     # each sync takes over a second (12+ pages at 60 ms), far longer than the second run's 0.3 s lock wait
     market = emulator_factory(pg_engine, sellers=2, orders_per_seller=600, latency_ms=60)

@@ -1,8 +1,9 @@
 """One seller account's incremental sync: orders by date windows, items by a full id scan, each page upserted
 and committed, each checkpoint advanced only after the rows it covers are stored. No Prefect import.
 
-Cancel: every API request goes through `AccountSession.call`, which asks the run's `should_stop` first, so a
-cancelled run starts no new page or batch; the sync ends `cancelled` with what it committed counted and its
+Cancel: every API request goes through `AccountSession.call` (or `AccountSession.ahead`, for a page or batch
+asked while the one before is stored), which asks the run's `should_stop` first, so a cancelled run starts no
+new page or batch; the sync ends `cancelled` with what it committed counted and its
 checkpoints where the stored rows put them (a window cut short never moves the checkpoint).
 
 Figures across retries: the caller may hand the same `AccountSyncResult` to every attempt of an account's task;
@@ -18,8 +19,11 @@ updates land behind the watermark), again without duplicates.
 from __future__ import annotations
 
 import enum
+import os
+import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import date, datetime, time as clock_time, timedelta, timezone
 from typing import Any, Callable, TypeVar
@@ -361,6 +365,68 @@ class AccountSession:
             self._refresh()  # another holder may have refreshed already: then its token is taken
             return fn(self.tokens.access_token)  # a second 401 propagates
 
+    def ahead(self, fn: Callable[[SecretStr], T], unit: str = "the next request") -> ReadAhead:
+        """`call(fn, unit)` started now on a read-ahead thread, its answer taken later with `.result()`: the
+        request's wait overlaps what the account's thread does meanwhile (storing the page before it). The
+        checks (cancel, time, token) run here, once, as `call` runs them; whatever they raise is raised by
+        `.result()`, where the account's thread would have called `call`. `fn` must not read variables the
+        caller changes afterwards (bind them)."""
+        try:
+            raise_if_stopped(self.should_stop, unit)
+            self._check_time()
+            token = self.token()
+        except Exception as exc:  # noqa: BLE001 - raised by result(), in the order `call` would raise it
+            return ReadAhead(self, fn, None, exc)
+        return ReadAhead(self, fn, _read_ahead_pool().submit(fn, token), None)
+
+
+class ReadAhead:
+    """A request started by `AccountSession.ahead`."""
+
+    def __init__(self, session: AccountSession, fn: Callable[[SecretStr], Any], future: Future | None,
+                 error: BaseException | None):
+        self.session, self.fn, self.future, self.error = session, fn, future, error
+
+    def result(self) -> Any:
+        """The answer, or what `AccountSession.call` would have raised (a 401 is handled as `call` handles it)."""
+        if self.error is not None:
+            raise self.error
+        try:
+            return self.future.result()
+        except InvalidAccessToken:
+            self.session._refresh()
+            return self.fn(self.session.tokens.access_token)
+
+    def settle(self) -> None:
+        """Wait for a request whose answer is no longer wanted (the account stopped): nothing of the account's
+        is in flight once its sync returns."""
+        if self.future is not None:
+            try:
+                self.future.result()
+            except Exception:  # noqa: BLE001 - an answer nobody reads
+                pass
+
+
+def _settle(ahead: ReadAhead | None) -> None:
+    if ahead is not None:
+        ahead.settle()
+
+
+# The threads that send the read-ahead requests of this process's account syncs (each account has at most two
+# outstanding, and each holds one of the process's request slots only while on the wire): threads are started
+# as needed, up to this many.
+READ_AHEAD_THREADS = 64
+_read_ahead: dict[int, ThreadPoolExecutor] = {}
+_read_ahead_lock = threading.Lock()
+
+
+def _read_ahead_pool() -> ThreadPoolExecutor:
+    with _read_ahead_lock:
+        pool = _read_ahead.get(os.getpid())
+        if pool is None:
+            pool = _read_ahead[os.getpid()] = ThreadPoolExecutor(READ_AHEAD_THREADS, "marketplace-read-ahead")
+        return pool
+
 
 @dataclass(frozen=True)
 class OrderSlice:
@@ -413,24 +479,35 @@ def _page_slice(
     """One pass over a slice, each page upserted. `split_early`: stop at the first page when the total is beyond
     what the offset cap lets one pass read (the slice is then cut, not read to the cap)."""
     client, seller, cap = session.client, session.seller_id, session.client.orders_offset_cap
-    done, offset = _Pass(), 0
-    while offset + ORDERS_PAGE_LIMIT <= cap:
-        page = session.call(lambda t: sl.search(client, t, seller, offset, sort), "the next page of orders")
-        result.order_pages += 1
-        done.pages += 1
-        total = int((page.get("paging") or {}).get("total") or 0)
-        done.totals.add(total)
-        if offset == 0 and split_early and total + ORDERS_PAGE_LIMIT > cap:
-            done.capped = True
-            return done  # cut now rather than after paging up to the cap
-        orders = page.get("results") or []
-        if not orders:  # page until empty: paging.total is known to run low for some sellers
-            return done
-        result.orders.add(upsert_orders(session.engine, seller, orders))
-        done.seen.update(int(o["id"]) for o in orders)
-        offset += len(orders)
-    done.capped = True
-    return done
+    unit = "the next page of orders"
+
+    def page_at(at: int) -> Callable[[SecretStr], dict]:
+        return lambda t: sl.search(client, t, seller, at, sort)
+
+    done, offset, ahead = _Pass(), 0, None
+    try:
+        while offset + ORDERS_PAGE_LIMIT <= cap:
+            page = ahead.result() if ahead is not None else session.call(page_at(offset), unit)
+            ahead = None
+            result.order_pages += 1
+            done.pages += 1
+            total = int((page.get("paging") or {}).get("total") or 0)
+            done.totals.add(total)
+            if offset == 0 and split_early and total + ORDERS_PAGE_LIMIT > cap:
+                done.capped = True
+                return done  # cut now rather than after paging up to the cap
+            orders = page.get("results") or []
+            if not orders:  # page until empty: paging.total is known to run low for some sellers
+                return done
+            offset += len(orders)
+            if offset + ORDERS_PAGE_LIMIT <= cap:  # the next page is asked while this one is stored
+                ahead = session.ahead(page_at(offset), unit)
+            result.orders.add(upsert_orders(session.engine, seller, orders))
+            done.seen.update(int(o["id"]) for o in orders)
+        done.capped = True
+        return done
+    finally:
+        _settle(ahead)
 
 
 def _split(sl: OrderSlice, options: SyncOptions) -> list[OrderSlice]:
@@ -619,6 +696,12 @@ def _item_ids(session: AccountSession, result: AccountSyncResult) -> list[str]:
     return list(ids)
 
 
+# Batches of item details an account asks ahead of the one it stores (the ids are known, no batch depends on
+# another's answer): while request slots are free (a run's first and last seconds), an account's details
+# arrive two at a time.
+DETAIL_BATCHES_AHEAD = 2
+
+
 def _sync_items(session: AccountSession, result: AccountSyncResult) -> None:
     """Every item of the seller read and stored: the listed ids and, to reconcile, the stored ids no longer
     listed (deleted on the marketplace); differences under an equal stamp repaired (operations/marketplace/
@@ -639,18 +722,38 @@ def _sync_items(session: AccountSession, result: AccountSyncResult) -> None:
                                                                              if str(i["id"]) in stored)))
         buffer.clear()
 
+    unit = "the next batch of item details"
+
+    def details(batch: list[str]) -> Callable[[SecretStr], tuple[list[dict[str, Any]], list[str]]]:
+        return lambda t: client.get_items(t, batch)
+
+    batches = [ids[i : i + ITEMS_DETAIL_BATCH] for i in range(0, len(ids), ITEMS_DETAIL_BATCH)]
+    pending: deque[ReadAhead] = deque()  # the next batches asked, in order
+    asked = 0
     try:
-        for i in range(0, len(ids), ITEMS_DETAIL_BATCH):
-            batch = ids[i : i + ITEMS_DETAIL_BATCH]
-            found, missing = session.call(lambda t: client.get_items(t, batch), "the next batch of item details")
+        for batch in batches:
+            if pending:
+                found, missing = pending.popleft().result()
+            else:
+                found, missing = session.call(details(batch), unit)
+                asked += 1
             result.items_missing += len(missing)
             gone += [item_id for item_id in missing if item_id in stored]
             buffer.extend(found)
+            # the next batches (they depend on no answer) are asked while this one is stored; none after a
+            # check failed (its error is raised in turn)
+            while asked < len(batches) and len(pending) < DETAIL_BATCHES_AHEAD and not (
+                    pending and pending[-1].error is not None):
+                pending.append(session.ahead(details(batches[asked]), unit))
+                asked += 1
             if len(buffer) >= 100:
                 store()
     except Cancelled:
         store()  # details already read are kept
         raise
+    finally:
+        for ahead in pending:
+            ahead.settle()
     store()
     result.items_gone += mark_gone(engine, seller, gone)
     advance_checkpoint(engine, seller, "items", started)
