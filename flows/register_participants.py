@@ -186,6 +186,16 @@ def blocks_and_known_file(names: list[str], cache_block: str, settings: Settings
     return devices, cache, cache.cache().known_file(key)
 
 
+def publish_and_check_stop(source: Path, people: ParticipantsFile, reports: list[dict], dry_run: bool,
+                           started: float, workbook: Path) -> tuple[dict, bool]:
+    """The report published (`publish`), and whether the run is being stopped: asked of the API while the report
+    is made, so a run's end waits for one of them only."""
+    with ThreadPoolExecutor(1, thread_name_prefix="stop-check") as side:
+        stopping = side.submit(contextvars.copy_context().run, run_stop_check())
+        summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
+        return summary, stopping.result()
+
+
 def remember_file(cache: TurnstileCache, key: str, source: Path, people: ParticipantsFile, roster: Participants,
                   timezone: str) -> None:
     """Remember a file just read and accepted under its key (unless it changed while it was read), so that the
@@ -402,10 +412,7 @@ async def register_participants(
             reports = register_where_needed(devices, people, roster, cache, options, run_id, source.name, settings,
                                             logouts)
             workbook = settings.stack.output_dir / "registrations" / run_id / f"{source.stem}-failures.xlsx"
-            with ThreadPoolExecutor(1, thread_name_prefix="stop-check") as side:  # asked while the report is made
-                stopping = side.submit(contextvars.copy_context().run, run_stop_check())
-                summary = publish(source, people, reports, dry_run, time.perf_counter() - started, workbook)
-                stopped = stopping.result()
+            summary, stopped = publish_and_check_stop(source, people, reports, dry_run, started, workbook)
         if summary["turnstiles_cancelled"] or stopped:
             return cancelled_state(summary)
     failed = registration_failure_message(summary)
