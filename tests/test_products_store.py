@@ -57,6 +57,13 @@ def _rows(engine, count: int, price_bump: dict[int, Decimal] | None = None, star
     return rows
 
 
+def _outbox_keys(engine, where: str = "") -> list[str]:
+    """The message keys of the outbox rows (`where` them), in order."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"SELECT message_keys FROM outbox_batches {where} ORDER BY id").scalars()
+        return [key for keys in rows for key in keys.split(",")]
+
+
 def _stream(publisher: StreamPublisher) -> list[dict]:
     entries = publisher.client.xrange(publisher.stream)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
@@ -129,7 +136,7 @@ def test_text_with_tabs_newlines_and_backslashes_is_stored_as_given_and_names_it
     publish_outbox(products_engine, publisher, outcome.outbox_ids)
     published = _stream(publisher)[0]["payload"]
     with products_engine.connect() as conn:  # the stream holds the outbox's payload text byte for byte
-        assert published == conn.exec_driver_sql("SELECT payload::text FROM outbox_messages").scalar_one()
+        assert published == json.loads(conn.exec_driver_sql("SELECT messages FROM outbox_batches").scalar_one())[0][4]
     payload = json.loads(published)
     assert (payload["sku"], payload["name"], payload["attributes"]) == ("SKU\\1", odd, {"note": odd})
 
@@ -174,9 +181,8 @@ def test_a_crash_after_adding_to_the_stream_but_before_marking_the_outbox_adds_n
     products_engine, publisher
 ):
     outcome = store_chunk(products_engine, _rows(products_engine, 12), "run-1", publisher.stream)
-    # the publisher got half of them into the stream, then died before the outbox rows were marked
-    with products_engine.connect() as conn:
-        keys = [k for (k,) in conn.exec_driver_sql("SELECT message_key FROM outbox_messages ORDER BY id LIMIT 6")]
+    # the publisher got half of them into the stream, then died before the outbox row was marked
+    keys = _outbox_keys(products_engine)[:6]
     publisher.publish([StreamMessage(k, {"message_key": k}) for k in keys])
     assert publisher.length() == 6
 
@@ -187,7 +193,7 @@ def test_a_crash_after_adding_to_the_stream_but_before_marking_the_outbox_adds_n
 
 
 def test_concurrent_publishers_and_injected_faults_never_duplicate_a_message(products_engine, publisher):
-    store_chunk(products_engine, _rows(products_engine, 300), "run-1", publisher.stream)
+    store_chunk(products_engine, _rows(products_engine, 300), "run-1", publisher.stream, batch_messages=7)
     publisher.inject_faults(1)
     with pytest.raises(InjectedPublishFault):
         publish_outbox(products_engine, publisher)
@@ -197,7 +203,7 @@ def test_concurrent_publishers_and_injected_faults_never_duplicate_a_message(pro
 
     def publish():
         try:
-            publish_outbox(products_engine, publisher, batch_size=7)
+            publish_outbox(products_engine, publisher)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -229,9 +235,9 @@ def _keys_with_expiry(publisher: StreamPublisher) -> list[str]:
 
 
 def test_a_message_added_but_not_marked_is_never_added_again_however_late_the_next_publish(products_engine, publisher):
-    outcome = store_chunk(products_engine, _rows(products_engine, 30), "run-1", publisher.stream)
+    outcome = store_chunk(products_engine, _rows(products_engine, 30), "run-1", publisher.stream, batch_messages=20)
     with pytest.raises(SystemExit):
-        publish_outbox(products_engine, _CrashBeforeMark(publisher), outcome.outbox_ids, batch_size=20)
+        publish_outbox(products_engine, _CrashBeforeMark(publisher), outcome.outbox_ids)
     assert publisher.length() == 20 and product_counts(products_engine)["unpublished"] == 30
     assert publisher.guards() == 20
 
@@ -248,19 +254,16 @@ def test_a_message_added_but_not_marked_is_never_added_again_however_late_the_ne
 
 
 def test_the_sweep_drops_only_the_guards_of_marked_messages(products_engine, publisher, monkeypatch):
-    store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream)
-    with products_engine.connect() as conn:
-        in_flight = [k for (k,) in conn.exec_driver_sql("SELECT message_key FROM outbox_messages ORDER BY id DESC LIMIT 3")]
+    store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream, batch_messages=4)
+    in_flight = _outbox_keys(products_engine)[-3:]
     publisher.publish([StreamMessage(k, {"message_key": k}) for k in in_flight])  # added, not marked
     monkeypatch.setattr(publisher, "forget", lambda keys: 0)  # died after its commit, before dropping the guards
-    publish_outbox(products_engine, publisher, batch_size=4)  # marks all 10 (3 were in the stream already)
+    publish_outbox(products_engine, publisher)  # marks all 10 in 3 rows (3 were in the stream already)
     monkeypatch.undo()
     assert publisher.guards() == 10 and product_counts(products_engine)["unpublished"] == 0
 
     store_chunk(products_engine, _rows(products_engine, 12), "run-2", publisher.stream)  # 2 new, unpublished
-    with products_engine.connect() as conn:
-        unmarked = [k for (k,) in conn.exec_driver_sql(
-            "SELECT message_key FROM outbox_messages WHERE published_at IS NULL")]
+    unmarked = _outbox_keys(products_engine, "WHERE published_at IS NULL")
     publisher.publish([StreamMessage(k, {"message_key": k}) for k in unmarked])  # in flight: must stay guarded
     assert sweep_guards(products_engine, publisher) == 10
     assert publisher.guards() == 2
@@ -269,10 +272,10 @@ def test_the_sweep_drops_only_the_guards_of_marked_messages(products_engine, pub
 
 
 def test_a_publisher_stops_between_batches_once_asked_and_counts_what_it_published(products_engine, publisher):
-    store_chunk(products_engine, _rows(products_engine, 25), "run-1", publisher.stream)
+    store_chunk(products_engine, _rows(products_engine, 25), "run-1", publisher.stream, batch_messages=10)
     counts = PublishCounts()
     with pytest.raises(Cancelled, match="before the next batch"):
-        publish_outbox(products_engine, publisher, batch_size=10, should_stop=after(2), counts=counts)
+        publish_outbox(products_engine, publisher, should_stop=after(2), counts=counts)
     assert counts.total == 20 == publisher.length()
     backlog = outbox_backlog(products_engine, publisher.stream)
     assert backlog.unpublished == 5 and backlog.oldest_minutes >= 0 and not backlog.stale(10)
@@ -326,8 +329,8 @@ def test_the_dealers_command_loads_a_file_and_refuses_a_bad_one_before_writing(p
 def test_a_runs_figures_are_read_back_from_its_staged_records_and_messages(products_engine, publisher):
     from operations.products.store import RunFigures, run_figures
 
-    first = store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream)
-    publish_outbox(products_engine, publisher, first.outbox_ids[:4])
+    first = store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream, batch_messages=4)
+    publish_outbox(products_engine, publisher, first.outbox_ids[:1])  # one outbox row: 4 messages
     store_chunk(products_engine, _rows(products_engine, 10, {0: Decimal("1")}), "run-2", publisher.stream)
     assert run_figures(products_engine, "run-1") == RunFigures(created=10, updated=0, published=4, unpublished=6)
     assert run_figures(products_engine, "run-2") == RunFigures(created=0, updated=1, published=0, unpublished=1)
