@@ -301,6 +301,28 @@ def test_removing_an_offer_or_its_dealer_removes_its_integration_records(product
             "WHERE NOT EXISTS (SELECT 1 FROM product_dealers d WHERE d.id = s.product_dealer_id)").scalar_one() == 0
 
 
+def test_a_dealer_deleted_while_a_chunk_waits_for_it_fails_its_rows_and_leaves_no_offer(products_engine, publisher):
+    """Offers carry no foreign key on their dealer: a chunk locks the dealers it names, so a dealer deleted by a
+    transaction that commits while the chunk waits fails that dealer's rows as "dealer removed", and the rest
+    commit; no offer of the deleted dealer is left."""
+    rows = _rows(products_engine, 10)  # D1 and D2, alternately
+    with products_engine.connect() as deleting:
+        deleting.exec_driver_sql("DELETE FROM dealers WHERE code = 'D2'")  # not committed yet
+        outcome = []
+        chunk = threading.Thread(target=lambda: outcome.append(store_chunk(products_engine, rows, "run-1",
+                                                                           publisher.stream)))
+        chunk.start()
+        chunk.join(timeout=1.0)
+        assert chunk.is_alive()  # waiting for the dealer's lock
+        deleting.commit()
+    chunk.join(timeout=30)
+    (done,) = outcome
+    assert (done.rows, done.created, done.unchanged, done.messages) == (10, 5, 0, 5)
+    assert sorted(f.row_number for f in done.failures) == [r.row.row_number for r in rows if r.row.dealer_code == "D2"]
+    assert {f.reason for f in done.failures} == {"dealer removed"}
+    assert {code for code, _ in offers(products_engine)} == {"D1"}
+
+
 def test_dealers_are_upserted_by_code(products_engine):
     assert upsert_dealers(products_engine, [("D1", "Dealer one"), ("D2", "Renamed"), ("D3", "New")]) == (1, 1)
     assert set(dealer_ids(products_engine)) == {"D1", "D2", "D3"}

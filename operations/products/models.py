@@ -70,7 +70,9 @@ class ProductDealer(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     product_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("products.id", ondelete="CASCADE"))
-    dealer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("dealers.id", ondelete="CASCADE"), index=True)
+    # The dealer's id, without a foreign key: a chunk locks the dealers its rows name once, setting aside the rows
+    # of a dealer that is gone (store.py), and deleting a dealer deletes its offers (a trigger, migration 0010).
+    dealer_id: Mapped[int] = mapped_column(BigInteger, index=True)
     price: Mapped[Decimal] = mapped_column(Numeric(12, 2))
     stock: Mapped[int] = mapped_column(Integer)
     fingerprint: Mapped[str] = mapped_column(String(32))

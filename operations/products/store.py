@@ -30,7 +30,7 @@ from operations.products.models import (
     ProductDealer,
     ProductIntegrationStaging,
 )
-from operations.products.reader import ProductRow, RowFailure
+from operations.products.reader import ProductRow, Reason, RowFailure
 
 MESSAGE_TYPE = "product.staged"
 OUTBOX_BATCH_MESSAGES = 2000  # messages per outbox row: one claim, one script call and one mark each
@@ -99,6 +99,17 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {_CHUNK_TABLE} (
 """
 _COPY_CHUNK = (f"COPY {_CHUNK_TABLE} (ord, source_row, dealer_id, dealer_code, sku, name, price, stock, attributes, "
                "fingerprint) FROM STDIN")
+
+# The dealers the chunk's rows name, locked once for the transaction (`FOR KEY SHARE`: a dealer cannot be deleted
+# under the chunk, as a foreign key's check per row would ensure; migration 0010), in id order; the rows of a
+# dealer that is gone are taken out of the chunk and returned, to fail as "dealer removed".
+_LOCK_DEALERS = text(f"""
+WITH present AS (
+    SELECT id FROM dealers WHERE id IN (SELECT DISTINCT dealer_id FROM {_CHUNK_TABLE}) ORDER BY id FOR KEY SHARE
+)
+DELETE FROM {_CHUNK_TABLE} c WHERE NOT EXISTS (SELECT 1 FROM present p WHERE p.id = c.dealer_id)
+RETURNING source_row, dealer_code, sku, dealer_id
+""")
 
 # The catalog products of the chunk (the first row of a SKU wins): new SKUs inserted, changed names or
 # attributes updated, the others not touched (no row lock on a product another chunk also names).
@@ -248,15 +259,15 @@ def _write(conn: Connection, data: bytes, rows: int, run_key: str, stream: str, 
     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")  # the sorts of a chunk stay in memory
     conn.exec_driver_sql(f"DELETE FROM {_CHUNK_TABLE}")  # a single row's probe after the batch was refused
     _copy_rows(conn, data)
+    removed = [RowFailure(row, code, sku, "dealer_code", Reason.DEALER_REMOVED, f"no dealer with id {dealer_id} any more")
+               for row, code, sku, dealer_id in conn.execute(_LOCK_DEALERS)]
     conn.execute(_UPSERT_PRODUCTS)
     changed, created, outbox_ids, messages = conn.execute(_WRITE_OFFERS, {
         "run_key": run_key, "stream": stream, "message_type": MESSAGE_TYPE, "batch_messages": batch_messages,
     }).one()
-    return ChunkOutcome(rows=rows, created=created, updated=changed - created, unchanged=rows - changed,
-                        outbox_ids=list(outbox_ids), messages=int(messages))
-
-
-_DEALER_FOREIGN_KEY = next(iter(ProductDealer.__table__.c.dealer_id.foreign_keys)).constraint.name
+    return ChunkOutcome(rows=rows, created=created, updated=changed - created,
+                        unchanged=rows - changed - len(removed), outbox_ids=list(outbox_ids), messages=int(messages),
+                        failures=sorted(removed, key=lambda failure: failure.row_number))
 
 
 def _row_failure(row: ProductRow, exc: DBAPIError) -> RowFailure:
@@ -265,8 +276,6 @@ def _row_failure(row: ProductRow, exc: DBAPIError) -> RowFailure:
     diag = getattr(orig, "diag", None)
     column = getattr(diag, "column_name", None) or ""
     message = (getattr(diag, "message_primary", None) or str(orig).splitlines()[0])[:300]
-    if getattr(diag, "constraint_name", None) == _DEALER_FOREIGN_KEY:
-        return RowFailure(row.row_number, row.dealer_code, row.sku, "dealer_code", "dealer removed", message)
     return RowFailure(row.row_number, row.dealer_code, row.sku, column, "refused by the database", message)
 
 
