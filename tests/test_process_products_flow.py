@@ -161,6 +161,9 @@ def test_on_dask_publish_faults_still_publish_each_message_once_within_the_conne
     sample = generate_products_file(source, 4_000, DEALERS, bad_fraction=0.05, seed=11)
     queue.publisher().inject_faults(3)  # three chunks fail to publish after their commit
 
+    from operations.infra.database import dispose_engines
+
+    dispose_engines()  # the chunk connections earlier runs on this process's thread pool left idle in its pool
     peak, stop = [0], threading.Event()
 
     def sample_connections():

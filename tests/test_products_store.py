@@ -13,6 +13,7 @@ from dataclasses import replace
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import text
 
 from operations.infra.database import get_engine
 from operations.infra.redis_stream import InjectedPublishFault, StreamMessage, StreamPublisher
@@ -357,3 +358,50 @@ def test_a_runs_figures_are_read_back_from_its_staged_records_and_messages(produ
     assert run_figures(products_engine, "run-1") == RunFigures(created=10, updated=0, published=4, unpublished=6)
     assert run_figures(products_engine, "run-2") == RunFigures(created=0, updated=1, published=0, unpublished=1)
     assert run_figures(products_engine, "other") == RunFigures()
+
+
+def test_the_outbox_migration_moves_per_message_rows_into_batches_that_publish_each_message_once(
+    database_url, publisher
+):
+    """Revision 0009 on a database whose outbox holds one row per message: the published ones stay published,
+    the unpublished ones (one of them already in the stream, its guard kept by a publisher that died before
+    marking it) are published by the next publish, each once, keeping their message keys and outbox ids."""
+    from alembic import command
+
+    from operations.infra.database import alembic_config
+    from operations.infra.embedded_postgres import ensure_database
+
+    url = ensure_database(database_url, f"outbox_batches_{uuid.uuid4().hex[:8]}")
+    engine = get_engine(url)
+    command.upgrade(alembic_config(url), "0008")
+    payloads = [{"event": "product.created", "sku": f"SKU-{i}", "source_run": "old-run"} for i in range(5)]
+    with engine.begin() as conn:
+        for i, payload in enumerate(payloads):
+            conn.execute(text(
+                "INSERT INTO outbox_messages (stream, message_key, message_type, payload, published_at, "
+                "stream_entry_id) VALUES (:stream, :key, 'product.staged', CAST(:payload AS jsonb), "
+                "CASE WHEN :published THEN now() END, CASE WHEN :published THEN '1-' || :n END)"),
+                {"stream": publisher.stream, "key": f"product-dealer:{i}:v1", "payload": json.dumps(payload),
+                 "published": i < 2, "n": str(i)})
+        old_ids = [i for (i,) in conn.execute(text("SELECT id FROM outbox_messages ORDER BY id"))]
+    publisher.publish([StreamMessage("product-dealer:2:v1", {"message_key": "product-dealer:2:v1"})])
+
+    command.upgrade(alembic_config(url), "head")
+    counts = product_counts(engine)
+    assert (counts["outbox"], counts["unpublished"]) == (5, 3)
+    assert run_figures_published(engine, "old-run") == 2
+    published = publish_outbox(engine, publisher)
+    assert (published.published, published.already_in_stream) == (2, 1)
+    assert publish_outbox(engine, publisher).total == 0
+    entries = _stream(publisher)
+    assert [m["message_key"] for m in entries] == [f"product-dealer:{i}:v1" for i in (2, 3, 4)]
+    assert [json.loads(m["payload"])["sku"] for m in entries[1:]] == ["SKU-3", "SKU-4"]
+    assert [m["outbox_id"] for m in entries[1:]] == [str(i) for i in old_ids[3:]]
+    assert product_counts(engine)["unpublished"] == 0 and publisher.guards() == 0
+    engine.dispose()
+
+
+def run_figures_published(engine, run_key: str) -> int:
+    from operations.products.store import run_figures
+
+    return run_figures(engine, run_key).published
