@@ -7,8 +7,9 @@ in one script call (which adds a message key only once while the key is guarded)
 same transaction as the claim; once that commit is done the batch's guards are dropped, since a marked row is
 never claimed again. A crash anywhere leaves the row unpublished, or the stream already holding its messages
 with their guards kept (guards have no expiry); the next publish, however late (the run's final publish, the
-`publish-outbox` relay a minute later, or one a month later), completes them without a second entry. `sweep_guards` drops the guards a publisher that died between
-its commit and their removal left; it keeps every guard whose row is still unmarked.
+`publish-outbox` relay a minute later, or one a month later), completes them without a second entry.
+`sweep_guards` drops the guards a publisher that died between its commit and their removal left; it keeps
+every guard whose row is still unmarked.
 
 Publishers stop between batches when `should_stop()` (a cancelled run): the batches done stay published and
 counted in `counts`, which the caller may keep across a task's attempts.

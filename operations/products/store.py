@@ -168,7 +168,8 @@ WITH incoming AS (
     FROM (SELECT DISTINCT batch FROM numbered ORDER BY batch) b
 ), queued AS (
     INSERT INTO outbox_batches (id, stream, message_type, source_run, message_count, message_keys, messages)
-    SELECT b.id, :stream, CAST(:message_type AS text), CAST(:run_key AS text), count(*), string_agg(n.message_key, ',' ORDER BY n.id),
+    SELECT b.id, :stream, CAST(:message_type AS text), CAST(:run_key AS text), count(*),
+           string_agg(n.message_key, ',' ORDER BY n.id),
            json_agg(json_build_array(n.message_key, n.message_key, CAST(:message_type AS text), b.id::text,
                jsonb_build_object(
                    'event', CASE WHEN n.version = 1 THEN 'product.created' ELSE 'product.updated' END,
@@ -259,7 +260,7 @@ def _write(conn: Connection, data: bytes, rows: int, run_key: str, stream: str, 
     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")  # the sorts of a chunk stay in memory
     conn.exec_driver_sql(f"DELETE FROM {_CHUNK_TABLE}")  # a single row's probe after the batch was refused
     _copy_rows(conn, data)
-    removed = [RowFailure(row, code, sku, "dealer_code", Reason.DEALER_REMOVED, f"no dealer with id {dealer_id} any more")
+    removed = [RowFailure(row, code, sku, "dealer_code", Reason.DEALER_REMOVED, f"no dealer with id {dealer_id}")
                for row, code, sku, dealer_id in conn.execute(_LOCK_DEALERS)]
     conn.execute(_UPSERT_PRODUCTS)
     changed, created, outbox_ids, messages = conn.execute(_WRITE_OFFERS, {
