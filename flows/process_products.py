@@ -113,10 +113,6 @@ RunKey = Annotated[str, Field(max_length=80, pattern=r"^[A-Za-z0-9_.-]*$")]
 ChunkRows = Annotated[int, Field(ge=0, le=1_000_000)]
 BlockName = Annotated[str, Field(max_length=120)]
 CANCEL_GRACE_SECONDS = 5  # a cancelled run waits this long for the chunks under way to finish their transaction
-# Chunk tasks on the flow's thread pool, per worker (DASK_N_WORKERS, one per core by default): a chunk task's
-# thread waits on PostgreSQL or Redis most of its time, so two per core keep the cores busy where one left
-# them idle between a chunk's statements, its script calls and the next chunk.
-THREADS_PER_WORKER = 2
 _FILE_PATH = form_field(
     ..., "Products file",
     "Path of the .xlsx, .xls, .ods or .csv file on the machine that runs the flow (a shared folder on several "
@@ -183,7 +179,7 @@ def process_products(
 def _load_chunks(load: _Load, settings: Settings) -> LoadResult:
     """Read the file into chunks loaded on the chosen runner; the chunk files are removed whatever happens."""
     try:
-        with _chunk_task_runner(settings, load) as runner:
+        with _chunk_task_runner(settings, load.on_dask) as runner:
             return _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries),
                          run_stop_check())
     finally:
@@ -273,7 +269,7 @@ def _plan_load(
     on_dask = estimated >= settings.products.in_process_max_rows
     if on_dask and settings.dask.scheduler_address:
         check_scheduler_reachable(settings.dask.scheduler_address, settings.dask.connect_timeout_seconds)
-    processes, slots = cluster_shape(settings) if on_dask else (1, THREADS_PER_WORKER * settings.dask.n_workers)
+    processes, slots = cluster_shape(settings) if on_dask else (1, settings.dask.n_workers)
     load = _Load(
         source, settings.stack.output_dir / "products" / run_key, run_key, dealers, database_url, queue,
         chunk_rows or chunk_size(estimated, slots, settings.products.min_chunk_rows, settings.products.max_chunk_rows),
@@ -289,16 +285,15 @@ def _plan_load(
 
 
 @contextmanager
-def _chunk_task_runner(settings: Settings, load: _Load) -> Iterator[TaskRunner]:
+def _chunk_task_runner(settings: Settings, on_dask: bool) -> Iterator[TaskRunner]:
     """The started runner of the chunk tasks: a LocalCluster started in the background, the cluster at
-    DASK_SCHEDULER_ADDRESS, or the in-process thread pool (`load.slots` threads)."""
-    on_dask = load.on_dask
+    DASK_SCHEDULER_ADDRESS, or the in-process thread pool."""
     local_cluster = LocalClusterInBackground(settings) if on_dask and not settings.dask.scheduler_address else None
     try:
         if local_cluster is not None:
             runner = local_cluster.task_runner()
         else:
-            runner = dask_task_runner(settings) if on_dask else in_process_task_runner(settings, load.slots)
+            runner = dask_task_runner(settings) if on_dask else in_process_task_runner(settings)
         with runner:
             yield runner
     finally:

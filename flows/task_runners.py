@@ -103,9 +103,8 @@ class LocalClusterInBackground:
             self._cluster.close()
 
 
-def in_process_task_runner(settings: Settings, threads: int = 0) -> ThreadPoolTaskRunner:
-    """The flow's thread pool: `threads` threads, or one per worker (DASK_N_WORKERS)."""
-    return ThreadPoolTaskRunner(max_workers=threads or settings.dask.n_workers)
+def in_process_task_runner(settings: Settings) -> ThreadPoolTaskRunner:
+    return ThreadPoolTaskRunner(max_workers=settings.dask.n_workers)
 
 
 def cluster_shape(settings: Settings) -> tuple[int, int]:
