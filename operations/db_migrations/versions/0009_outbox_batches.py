@@ -84,7 +84,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_outbox_batches_unpublished', ['id'], unique=False,
                               postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
     if postgresql:
-        # stored out of line uncompressed: compressing ~1 MB per batch costs more CPU than writing it
+        # stored out of line, not compressed: ~1 MB a row, written once and read once by its publisher
         op.execute("ALTER TABLE outbox_batches ALTER COLUMN messages SET STORAGE EXTERNAL, "
                    "ALTER COLUMN message_keys SET STORAGE EXTERNAL, ALTER COLUMN entry_ids SET STORAGE EXTERNAL")
         op.execute("LOCK TABLE outbox_messages IN EXCLUSIVE MODE")  # no publisher marks a row while it moves
