@@ -147,8 +147,9 @@ def _unpublish(engine, queue) -> int:
     from sqlalchemy import text
 
     with engine.begin() as conn:
-        count = conn.execute(text("UPDATE outbox_messages SET published_at = NULL, stream_entry_id = NULL "
-                                  "WHERE stream = :stream"), {"stream": queue.stream}).rowcount
+        count = conn.execute(text("UPDATE outbox_batches SET published_at = NULL, entry_ids = NULL "
+                                  "WHERE stream = :stream RETURNING message_count"), {"stream": queue.stream})
+        count = sum(n for (n,) in count)
     client = queue.get_client()
     client.delete(queue.stream, queue.publisher().guards_key)
     return count

@@ -22,9 +22,11 @@ WHERE d.code = ANY(CAST(:codes AS text[]))
 _OFFER_COUNT = """
 SELECT count(*) FROM product_dealers pd JOIN dealers d ON d.id = pd.dealer_id WHERE d.code = ANY(CAST(:codes AS text[]))
 """
+# the messages of these dealers in outbox rows not marked published (a row holds a batch of messages, each
+# [key, message_key, type, outbox_id, payload])
 _UNPUBLISHED = """
-SELECT count(*) FROM outbox_messages
-WHERE published_at IS NULL AND CAST(payload AS jsonb) ->> 'dealer_code' = ANY(CAST(:codes AS text[]))
+SELECT count(*) FROM outbox_batches b CROSS JOIN LATERAL json_array_elements(CAST(b.messages AS json)) AS m(message)
+WHERE b.published_at IS NULL AND CAST(m.message ->> 4 AS json) ->> 'dealer_code' = ANY(CAST(:codes AS text[]))
 """
 
 

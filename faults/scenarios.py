@@ -356,11 +356,18 @@ def kill_registration(ctx: Context) -> list[Row]:
 _REFUSE_MARKS = """
 CREATE OR REPLACE FUNCTION faults_refuse_outbox_marks() RETURNS trigger LANGUAGE plpgsql AS
 $$ BEGIN RAISE EXCEPTION 'faults: the publisher dies before marking'; END $$;
-DROP TRIGGER IF EXISTS faults_refuse_outbox_marks ON outbox_messages;
-CREATE TRIGGER faults_refuse_outbox_marks BEFORE UPDATE ON outbox_messages
+DROP TRIGGER IF EXISTS faults_refuse_outbox_marks ON outbox_batches;
+CREATE TRIGGER faults_refuse_outbox_marks BEFORE UPDATE ON outbox_batches
 FOR EACH STATEMENT EXECUTE FUNCTION faults_refuse_outbox_marks();
 """
-_ALLOW_MARKS = "DROP TRIGGER IF EXISTS faults_refuse_outbox_marks ON outbox_messages"
+_FIRST_UNPUBLISHED = """
+SELECT b.id FROM outbox_batches b
+WHERE b.published_at IS NULL AND EXISTS (
+    SELECT 1 FROM json_array_elements(CAST(b.messages AS json)) AS m(message)
+    WHERE CAST(m.message ->> 4 AS json) ->> 'dealer_code' = ANY(CAST(:c AS text[])))
+ORDER BY b.id LIMIT 1
+"""  # the first outbox row (a batch of up to 2,000 messages) holding messages of these dealers
+_ALLOW_MARKS = "DROP TRIGGER IF EXISTS faults_refuse_outbox_marks ON outbox_batches"
 
 
 def outbox_guard_expiry(ctx: Context) -> list[Row]:
@@ -381,9 +388,9 @@ def outbox_guard_expiry(ctx: Context) -> list[Row]:
         run = h.start("process-products/on-demand", {"file_path": str(data.path), "run_key": ctx.key("ob")})
         state = h.wait(run, o.run_timeout)
         left = d.unpublished(h, [data]) or 0
-        batch = [i for (i,) in h.sql("SELECT id FROM outbox_messages WHERE published_at IS NULL AND "
-                                     "CAST(payload AS jsonb) ->> 'dealer_code' = ANY(CAST(:c AS text[])) "
-                                     "ORDER BY id LIMIT 2000", c=data.dealers) or []]
+        batch = [i for (i,) in h.sql(_FIRST_UNPUBLISHED, c=data.dealers) or []]
+        batch_messages = h.scalar("SELECT coalesce(sum(message_count), 0) FROM outbox_batches "
+                                  "WHERE id = ANY(CAST(:ids AS bigint[]))", ids=batch) or 0
         h.sql(_REFUSE_MARKS)
         if h.scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'faults_refuse_outbox_marks'") != 1:
             raise RuntimeError("the trigger that refuses the outbox marks could not be created")
@@ -401,7 +408,7 @@ def outbox_guard_expiry(ctx: Context) -> list[Row]:
     in_stream = d.products_truth(h, [data], ctx.stream, ctx.since_ms)
     expired = _expire_guards(h, queue.stream)
     died = died or "the publisher raised nothing"
-    log(f"outbox: {left:,} left by a {state} run, {len(batch):,} added unmarked ({died}), {expired:,} TTL keys gone")
+    log(f"outbox: {left:,} left by a {state} run, {batch_messages:,} added unmarked ({died}), {expired:,} TTL keys gone")
     drained = poll(lambda: d.unpublished(h, [data]) == 0, o.relay_wait, every=2)  # None (unreadable): not yet
     how = f"published by the stack within {drained:.0f} s" if drained is not None else ""
     if drained is None:
@@ -413,7 +420,7 @@ def outbox_guard_expiry(ctx: Context) -> list[Row]:
                f"({time.monotonic() - started:.0f} s)" if not d.unpublished(h, [data]) else
                f"nothing published them, not even the next products file")
     truth = d.products_truth(h, [data], ctx.stream, ctx.since_ms)
-    note = (f"{left:,} message(s) left in the outbox by a {state.title()} run; {len(batch):,} added to the stream"
+    note = (f"{left:,} message(s) left in the outbox by a {state.title()} run; {batch_messages:,} added to the stream"
             f" unmarked ({in_stream.messages.found if in_stream else '?'} in the stream); {expired:,} guard key(s) "
             f"with a TTL deleted (the passage of time); {how}; then {truth.text() if truth else '?'}")
     return [Row("outbox leftovers + guard lifetime passed", state.title(),

@@ -75,14 +75,14 @@ def load_products_chunk(
     except (Cancelled, *PUBLISH_FAULTS) as exc:  # Redis down, a drill or a cancel: a later publish takes them
         error = str(exc) if isinstance(exc, Cancelled) else f"{type(exc).__name__}: {exc}"
         get_run_logger().warning("chunk %d: %d message(s) left in the outbox: %s", chunk.index,
-                                 len(outcome.outbox_ids) - tally.published.total, error)
+                                 outcome.messages - tally.published.total, error)
     finally:
         tally.publish_seconds += time.perf_counter() - started
     release_tally()
     return ChunkReport(
         index=chunk.index, first_row=chunk.first_row, last_row=chunk.last_row, rows=outcome.rows,
         created=outcome.created, updated=outcome.updated, unchanged=outcome.unchanged,
-        published=tally.published.total, publish_deferred=len(outcome.outbox_ids) - tally.published.total,
+        published=tally.published.total, publish_deferred=outcome.messages - tally.published.total,
         failures=outcome.failures, publish_error=error, store_seconds=round(tally.store_seconds, 3),
         publish_seconds=round(tally.publish_seconds, 3),
     )

@@ -464,7 +464,7 @@ def test_the_relay_publishes_what_runs_left_and_says_when_messages_stay_unpublis
     # Redis refuses every publish while messages wait for 20 minutes: the run fails and says they are stale
     store_chunk(engine, _rows(engine, 34), "cancelled-run", queue.stream)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE outbox_messages SET created_at = now() - interval '20 minutes' "
+        conn.execute(text("UPDATE outbox_batches SET created_at = now() - interval '20 minutes' "
                           "WHERE published_at IS NULL"))
     queue.publisher().inject_faults(2)
     monkeypatch.setattr(relay, "RETRY_DELAY_SECONDS", 0)

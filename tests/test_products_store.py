@@ -13,6 +13,7 @@ from dataclasses import replace
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import text
 
 from operations.infra.database import get_engine
 from operations.infra.redis_stream import InjectedPublishFault, StreamMessage, StreamPublisher
@@ -55,6 +56,13 @@ def _rows(engine, count: int, price_bump: dict[int, Decimal] | None = None, star
         rows.append(DealerRow(ids[dealer], ProductRow(start_row + i, dealer, f"SKU-{i // 2:05d}", f"Product {i // 2}",
                                                       price, i, {"brand": "Acme"})))
     return rows
+
+
+def _outbox_keys(engine, where: str = "") -> list[str]:
+    """The message keys of the outbox rows (`where` them), in order."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(f"SELECT message_keys FROM outbox_batches {where} ORDER BY id").scalars()
+        return [key for keys in rows for key in keys.split(",")]
 
 
 def _stream(publisher: StreamPublisher) -> list[dict]:
@@ -129,7 +137,7 @@ def test_text_with_tabs_newlines_and_backslashes_is_stored_as_given_and_names_it
     publish_outbox(products_engine, publisher, outcome.outbox_ids)
     published = _stream(publisher)[0]["payload"]
     with products_engine.connect() as conn:  # the stream holds the outbox's payload text byte for byte
-        assert published == conn.exec_driver_sql("SELECT payload::text FROM outbox_messages").scalar_one()
+        assert published == json.loads(conn.exec_driver_sql("SELECT messages FROM outbox_batches").scalar_one())[0][4]
     payload = json.loads(published)
     assert (payload["sku"], payload["name"], payload["attributes"]) == ("SKU\\1", odd, {"note": odd})
 
@@ -174,9 +182,8 @@ def test_a_crash_after_adding_to_the_stream_but_before_marking_the_outbox_adds_n
     products_engine, publisher
 ):
     outcome = store_chunk(products_engine, _rows(products_engine, 12), "run-1", publisher.stream)
-    # the publisher got half of them into the stream, then died before the outbox rows were marked
-    with products_engine.connect() as conn:
-        keys = [k for (k,) in conn.exec_driver_sql("SELECT message_key FROM outbox_messages ORDER BY id LIMIT 6")]
+    # the publisher got half of them into the stream, then died before the outbox row was marked
+    keys = _outbox_keys(products_engine)[:6]
     publisher.publish([StreamMessage(k, {"message_key": k}) for k in keys])
     assert publisher.length() == 6
 
@@ -187,7 +194,7 @@ def test_a_crash_after_adding_to_the_stream_but_before_marking_the_outbox_adds_n
 
 
 def test_concurrent_publishers_and_injected_faults_never_duplicate_a_message(products_engine, publisher):
-    store_chunk(products_engine, _rows(products_engine, 300), "run-1", publisher.stream)
+    store_chunk(products_engine, _rows(products_engine, 300), "run-1", publisher.stream, batch_messages=7)
     publisher.inject_faults(1)
     with pytest.raises(InjectedPublishFault):
         publish_outbox(products_engine, publisher)
@@ -197,7 +204,7 @@ def test_concurrent_publishers_and_injected_faults_never_duplicate_a_message(pro
 
     def publish():
         try:
-            publish_outbox(products_engine, publisher, batch_size=7)
+            publish_outbox(products_engine, publisher)
         except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -229,9 +236,9 @@ def _keys_with_expiry(publisher: StreamPublisher) -> list[str]:
 
 
 def test_a_message_added_but_not_marked_is_never_added_again_however_late_the_next_publish(products_engine, publisher):
-    outcome = store_chunk(products_engine, _rows(products_engine, 30), "run-1", publisher.stream)
+    outcome = store_chunk(products_engine, _rows(products_engine, 30), "run-1", publisher.stream, batch_messages=20)
     with pytest.raises(SystemExit):
-        publish_outbox(products_engine, _CrashBeforeMark(publisher), outcome.outbox_ids, batch_size=20)
+        publish_outbox(products_engine, _CrashBeforeMark(publisher), outcome.outbox_ids)
     assert publisher.length() == 20 and product_counts(products_engine)["unpublished"] == 30
     assert publisher.guards() == 20
 
@@ -248,19 +255,16 @@ def test_a_message_added_but_not_marked_is_never_added_again_however_late_the_ne
 
 
 def test_the_sweep_drops_only_the_guards_of_marked_messages(products_engine, publisher, monkeypatch):
-    store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream)
-    with products_engine.connect() as conn:
-        in_flight = [k for (k,) in conn.exec_driver_sql("SELECT message_key FROM outbox_messages ORDER BY id DESC LIMIT 3")]
+    store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream, batch_messages=4)
+    in_flight = _outbox_keys(products_engine)[-3:]
     publisher.publish([StreamMessage(k, {"message_key": k}) for k in in_flight])  # added, not marked
     monkeypatch.setattr(publisher, "forget", lambda keys: 0)  # died after its commit, before dropping the guards
-    publish_outbox(products_engine, publisher, batch_size=4)  # marks all 10 (3 were in the stream already)
+    publish_outbox(products_engine, publisher)  # marks all 10 in 3 rows (3 were in the stream already)
     monkeypatch.undo()
     assert publisher.guards() == 10 and product_counts(products_engine)["unpublished"] == 0
 
     store_chunk(products_engine, _rows(products_engine, 12), "run-2", publisher.stream)  # 2 new, unpublished
-    with products_engine.connect() as conn:
-        unmarked = [k for (k,) in conn.exec_driver_sql(
-            "SELECT message_key FROM outbox_messages WHERE published_at IS NULL")]
+    unmarked = _outbox_keys(products_engine, "WHERE published_at IS NULL")
     publisher.publish([StreamMessage(k, {"message_key": k}) for k in unmarked])  # in flight: must stay guarded
     assert sweep_guards(products_engine, publisher) == 10
     assert publisher.guards() == 2
@@ -269,10 +273,10 @@ def test_the_sweep_drops_only_the_guards_of_marked_messages(products_engine, pub
 
 
 def test_a_publisher_stops_between_batches_once_asked_and_counts_what_it_published(products_engine, publisher):
-    store_chunk(products_engine, _rows(products_engine, 25), "run-1", publisher.stream)
+    store_chunk(products_engine, _rows(products_engine, 25), "run-1", publisher.stream, batch_messages=10)
     counts = PublishCounts()
     with pytest.raises(Cancelled, match="before the next batch"):
-        publish_outbox(products_engine, publisher, batch_size=10, should_stop=after(2), counts=counts)
+        publish_outbox(products_engine, publisher, should_stop=after(2), counts=counts)
     assert counts.total == 20 == publisher.length()
     backlog = outbox_backlog(products_engine, publisher.stream)
     assert backlog.unpublished == 5 and backlog.oldest_minutes >= 0 and not backlog.stale(10)
@@ -296,6 +300,28 @@ def test_removing_an_offer_or_its_dealer_removes_its_integration_records(product
         assert conn.exec_driver_sql(
             "SELECT count(*) FROM product_integration_staging s "
             "WHERE NOT EXISTS (SELECT 1 FROM product_dealers d WHERE d.id = s.product_dealer_id)").scalar_one() == 0
+
+
+def test_a_dealer_deleted_while_a_chunk_waits_for_it_fails_its_rows_and_leaves_no_offer(products_engine, publisher):
+    """Offers carry no foreign key on their dealer: a chunk locks the dealers it names, so a dealer deleted by a
+    transaction that commits while the chunk waits fails that dealer's rows as "dealer removed", and the rest
+    commit; no offer of the deleted dealer is left."""
+    rows = _rows(products_engine, 10)  # D1 and D2, alternately
+    with products_engine.connect() as deleting:
+        deleting.exec_driver_sql("DELETE FROM dealers WHERE code = 'D2'")  # not committed yet
+        outcome = []
+        chunk = threading.Thread(target=lambda: outcome.append(store_chunk(products_engine, rows, "run-1",
+                                                                           publisher.stream)))
+        chunk.start()
+        chunk.join(timeout=1.0)
+        assert chunk.is_alive()  # waiting for the dealer's lock
+        deleting.commit()
+    chunk.join(timeout=30)
+    (done,) = outcome
+    assert (done.rows, done.created, done.unchanged, done.messages) == (10, 5, 0, 5)
+    assert sorted(f.row_number for f in done.failures) == [r.row.row_number for r in rows if r.row.dealer_code == "D2"]
+    assert {f.reason for f in done.failures} == {"dealer removed"}
+    assert {code for code, _ in offers(products_engine)} == {"D1"}
 
 
 def test_dealers_are_upserted_by_code(products_engine):
@@ -326,9 +352,56 @@ def test_the_dealers_command_loads_a_file_and_refuses_a_bad_one_before_writing(p
 def test_a_runs_figures_are_read_back_from_its_staged_records_and_messages(products_engine, publisher):
     from operations.products.store import RunFigures, run_figures
 
-    first = store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream)
-    publish_outbox(products_engine, publisher, first.outbox_ids[:4])
+    first = store_chunk(products_engine, _rows(products_engine, 10), "run-1", publisher.stream, batch_messages=4)
+    publish_outbox(products_engine, publisher, first.outbox_ids[:1])  # one outbox row: 4 messages
     store_chunk(products_engine, _rows(products_engine, 10, {0: Decimal("1")}), "run-2", publisher.stream)
     assert run_figures(products_engine, "run-1") == RunFigures(created=10, updated=0, published=4, unpublished=6)
     assert run_figures(products_engine, "run-2") == RunFigures(created=0, updated=1, published=0, unpublished=1)
     assert run_figures(products_engine, "other") == RunFigures()
+
+
+def test_the_outbox_migration_moves_per_message_rows_into_batches_that_publish_each_message_once(
+    database_url, publisher
+):
+    """Revision 0009 on a database whose outbox holds one row per message: the published ones stay published,
+    the unpublished ones (one of them already in the stream, its guard kept by a publisher that died before
+    marking it) are published by the next publish, each once, keeping their message keys and outbox ids."""
+    from alembic import command
+
+    from operations.infra.database import alembic_config
+    from operations.infra.embedded_postgres import ensure_database
+
+    url = ensure_database(database_url, f"outbox_batches_{uuid.uuid4().hex[:8]}")
+    engine = get_engine(url)
+    command.upgrade(alembic_config(url), "0008")
+    payloads = [{"event": "product.created", "sku": f"SKU-{i}", "source_run": "old-run"} for i in range(5)]
+    with engine.begin() as conn:
+        for i, payload in enumerate(payloads):
+            conn.execute(text(
+                "INSERT INTO outbox_messages (stream, message_key, message_type, payload, published_at, "
+                "stream_entry_id) VALUES (:stream, :key, 'product.staged', CAST(:payload AS jsonb), "
+                "CASE WHEN :published THEN now() END, CASE WHEN :published THEN '1-' || :n END)"),
+                {"stream": publisher.stream, "key": f"product-dealer:{i}:v1", "payload": json.dumps(payload),
+                 "published": i < 2, "n": str(i)})
+        old_ids = [i for (i,) in conn.execute(text("SELECT id FROM outbox_messages ORDER BY id"))]
+    publisher.publish([StreamMessage("product-dealer:2:v1", {"message_key": "product-dealer:2:v1"})])
+
+    command.upgrade(alembic_config(url), "head")
+    counts = product_counts(engine)
+    assert (counts["outbox"], counts["unpublished"]) == (5, 3)
+    assert run_figures_published(engine, "old-run") == 2
+    published = publish_outbox(engine, publisher)
+    assert (published.published, published.already_in_stream) == (2, 1)
+    assert publish_outbox(engine, publisher).total == 0
+    entries = _stream(publisher)
+    assert [m["message_key"] for m in entries] == [f"product-dealer:{i}:v1" for i in (2, 3, 4)]
+    assert [json.loads(m["payload"])["sku"] for m in entries[1:]] == ["SKU-3", "SKU-4"]
+    assert [m["outbox_id"] for m in entries[1:]] == [str(i) for i in old_ids[3:]]
+    assert product_counts(engine)["unpublished"] == 0 and publisher.guards() == 0
+    engine.dispose()
+
+
+def run_figures_published(engine, run_key: str) -> int:
+    from operations.products.store import run_figures
+
+    return run_figures(engine, run_key).published

@@ -1,7 +1,8 @@
 """Tables of the product files: dealers, the product catalog, each dealer's offer of a product (price and
-stock), the integration records staged for every change, and the outbox of messages to publish.
+stock), the integration records staged for every change, and the outbox of messages to publish (a row per
+batch of messages).
 
-Every write is an upsert on a natural key (dealer code, SKU, product x dealer, offer x version, message key),
+Every write is an upsert on a natural key (dealer code, SKU, product x dealer, offer x version),
 so a retried or re-run chunk changes nothing twice.
 """
 
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Integer,
     Numeric,
     String,
+    Text,
     UniqueConstraint,
     func,
     text,
@@ -68,7 +70,9 @@ class ProductDealer(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     product_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("products.id", ondelete="CASCADE"))
-    dealer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("dealers.id", ondelete="CASCADE"), index=True)
+    # The dealer's id, without a foreign key: a chunk locks the dealers its rows name once, setting aside the rows
+    # of a dealer that is gone (store.py), and deleting a dealer deletes its offers (a trigger, migration 0010).
+    dealer_id: Mapped[int] = mapped_column(BigInteger, index=True)
     price: Mapped[Decimal] = mapped_column(Numeric(12, 2))
     stock: Mapped[int] = mapped_column(Integer)
     fingerprint: Mapped[str] = mapped_column(String(32))
@@ -103,15 +107,18 @@ class ProductIntegrationStaging(Base):
     staged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
-class OutboxMessage(Base):
-    """A message to publish, written in the same transaction as the change it announces and published after
-    the commit (transactional outbox). `message_key` is unique: the same change is never queued twice, and
-    the publisher's Redis guard keyed by it makes the publication itself exactly once."""
+class OutboxBatch(Base):
+    """Messages to publish, up to a batch of them in one row, written in the same transaction as the changes they
+    announce and published after the commit (transactional outbox). A chunk's statement writes one row per batch
+    of its staged changes (`store.OUTBOX_BATCH_MESSAGES`), with the messages already encoded as the stream
+    publisher takes them, so claiming and marking touch one row per batch, not one per message. One message per
+    change comes from the staged record's key (offer x version), written once; the publisher's Redis guard
+    keyed by each message key makes the publication itself exactly once."""
 
-    __tablename__ = "outbox_messages"
+    __tablename__ = "outbox_batches"
     __table_args__ = (
         Index(
-            "ix_outbox_messages_unpublished",
+            "ix_outbox_batches_unpublished",
             "id",
             postgresql_where=text("published_at IS NULL"),
             sqlite_where=text("published_at IS NULL"),
@@ -120,9 +127,13 @@ class OutboxMessage(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     stream: Mapped[str] = mapped_column(String(200))
-    message_key: Mapped[str] = mapped_column(String(200), unique=True)
     message_type: Mapped[str] = mapped_column(String(100))
-    payload: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    source_run: Mapped[str] = mapped_column(String(100), default="")  # the run key whose chunk queued them
+    message_count: Mapped[int] = mapped_column(Integer)
+    # the messages' keys joined by ',' (their guards' names); the messages as one JSON array of
+    # [key, message_key, type, outbox_id, payload] (operations/infra/redis_stream.py, EncodedMessages)
+    message_keys: Mapped[str] = mapped_column(Text)
+    messages: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    stream_entry_id: Mapped[str | None] = mapped_column(String(40))
+    entry_ids: Mapped[str | None] = mapped_column(Text)  # each message's stream entry id, in order, joined by ','

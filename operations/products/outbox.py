@@ -1,14 +1,15 @@
-"""The transactional outbox of the product files: messages written with the chunk that staged them, published
-to the Redis stream after the commit, then marked published.
+"""The transactional outbox of the product files: messages written with the chunk that staged them, a batch of
+messages per outbox row, published to the Redis stream after the commit, then marked published.
 
-Publishing is exactly once, whenever it happens: a batch of messages is claimed (`FOR UPDATE SKIP LOCKED`, so
-two publishers never take the same row at once), added through `StreamPublisher` (which adds a message key
-only once while the key is guarded), and marked in the same transaction as the claim; once that commit is
-done the batch's guards are dropped, since a marked row is never claimed again. A crash anywhere leaves the
-rows unpublished, or the stream already holding them with their guards kept (guards have no expiry); the next
-publish, however late (the run's final publish, the `publish-outbox` relay a minute later, or one a month
-later), completes them without a second entry. `sweep_guards` drops the guards a publisher that died between
-its commit and their removal left; it keeps every guard whose row is still unmarked.
+Publishing is exactly once, whenever it happens: an outbox row (a batch of messages) is claimed (`FOR UPDATE
+SKIP LOCKED`, so two publishers never take the same row at once), its messages added through `StreamPublisher`
+in one script call (which adds a message key only once while the key is guarded), and the row marked in the
+same transaction as the claim; once that commit is done the batch's guards are dropped, since a marked row is
+never claimed again. A crash anywhere leaves the row unpublished, or the stream already holding its messages
+with their guards kept (guards have no expiry); the next publish, however late (the run's final publish, the
+`publish-outbox` relay a minute later, or one a month later), completes them without a second entry.
+`sweep_guards` drops the guards a publisher that died between its commit and their removal left; it keeps
+every guard whose row is still unmarked.
 
 Publishers stop between batches when `should_stop()` (a cancelled run): the batches done stay published and
 counted in `counts`, which the caller may keep across a task's attempts.
@@ -23,32 +24,24 @@ from sqlalchemy import Engine, text
 from operations.cancellation import StopCheck, never, raise_if_stopped
 from operations.infra.redis_stream import EncodedMessages, StreamPublisher
 
-# One row per batch: the claimed ids, their message keys and the messages as the stream publisher's JSON array
-# (operations/infra/redis_stream.py, EncodedMessages), so no Python object is made per message.
+# One outbox row a claim: a batch of messages as the chunk's statement encoded them (operations/products/store.py),
+# their keys and count, so no Python object is made per message but the keys the guards are dropped by.
 _CLAIM = """
-WITH claimed AS (
-    SELECT id, message_key, message_type, payload FROM outbox_messages
-    WHERE published_at IS NULL AND stream = :stream {only}
-    ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
-)
-SELECT count(*), coalesce(array_agg(id ORDER BY id), '{{}}'), coalesce(array_agg(message_key ORDER BY id), '{{}}'),
-       coalesce(json_agg(json_build_array(message_key, message_key, message_type, id::text, payload::text)
-                         ORDER BY id), '[]')::text
-FROM claimed
+SELECT id, message_count, message_keys, messages FROM outbox_batches
+WHERE published_at IS NULL AND stream = :stream {only}
+ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED
 """
-_FIELDS = ("message_key", "type", "outbox_id", "payload")  # the stream entry's fields, as the claim builds them
+_FIELDS = ("message_key", "type", "outbox_id", "payload")  # the stream entry's fields, as the chunk encoded them
 _CLAIM_ANY = text(_CLAIM.format(only=""))
 _CLAIM_IDS = text(_CLAIM.format(only="AND id = ANY(CAST(:ids AS bigint[]))"))
-_MARK = text("""
-UPDATE outbox_messages SET published_at = now(), stream_entry_id = m.entry_id
-FROM unnest(CAST(:ids AS bigint[]), string_to_array(:entry_ids, ',')) AS m(id, entry_id)
-WHERE outbox_messages.id = m.id
-""")
+_MARK = text("UPDATE outbox_batches SET published_at = now(), entry_ids = :entry_ids WHERE id = :id")
 _STILL_UNMARKED = text("""
-SELECT message_key FROM outbox_messages WHERE message_key = ANY(CAST(:keys AS text[])) AND published_at IS NULL
+SELECT k.key FROM outbox_batches b CROSS JOIN LATERAL unnest(string_to_array(b.message_keys, ',')) AS k(key)
+WHERE b.published_at IS NULL AND b.stream = :stream AND k.key = ANY(CAST(:keys AS text[]))
 """)
 _BACKLOG = text("""
-SELECT count(*), min(created_at), now() FROM outbox_messages WHERE published_at IS NULL AND stream = :stream
+SELECT coalesce(sum(message_count), 0), min(created_at), now() FROM outbox_batches
+WHERE published_at IS NULL AND stream = :stream
 """)
 
 
@@ -68,33 +61,30 @@ class PublishCounts:
 
 
 def publish_outbox(
-    engine: Engine, publisher: StreamPublisher, ids: list[int] | None = None, batch_size: int = 2000, *,
+    engine: Engine, publisher: StreamPublisher, ids: list[int] | None = None, *,
     should_stop: StopCheck = never, counts: PublishCounts | None = None,
 ) -> PublishCounts:
-    """Publish the unpublished messages of `publisher.stream` (only those of `ids` when given), in id order,
-    adding each committed batch to `counts` (returned). Messages another publisher holds at the moment are left
-    to it. Raises `Cancelled` before a batch once `should_stop()`."""
+    """Publish the unpublished messages of `publisher.stream` (only those of the outbox rows `ids` when given), a
+    row (a batch of messages) at a time in id order, adding each committed batch to `counts` (returned). Rows
+    another publisher holds at the moment are left to it. Raises `Cancelled` before a batch once
+    `should_stop()`."""
     counts = PublishCounts() if counts is None else counts
-    pending = sorted(ids) if ids is not None else None
-    while pending is None or pending:
+    if ids is not None and not ids:
+        return counts
+    claim = _CLAIM_ANY if ids is None else _CLAIM_IDS
+    parameters = {"stream": publisher.stream} if ids is None else {"stream": publisher.stream, "ids": list(ids)}
+    while True:
         raise_if_stopped(should_stop, "the next batch of messages")
-        if pending is None:
-            claim, parameters = _CLAIM_ANY, {"stream": publisher.stream, "limit": batch_size}
-        else:
-            batch, pending = pending[:batch_size], pending[batch_size:]
-            claim, parameters = _CLAIM_IDS, {"stream": publisher.stream, "limit": batch_size, "ids": batch}
         with engine.begin() as conn:
-            claimed, claimed_ids, keys, messages = conn.execute(claim, parameters).one()
-            if claimed:
-                result = publisher.publish(EncodedMessages(_FIELDS, messages, claimed))
-                conn.execute(_MARK, {"ids": claimed_ids, "entry_ids": result.entry_ids})
-        if claimed:
-            added = result.added_now
-            counts.add(PublishCounts(added, claimed - added))
-            publisher.forget(keys)  # marked: never claimed again (the sweep covers a crash here)
-        if pending is None and claimed < batch_size:
-            return counts
-    return counts
+            row = conn.execute(claim, parameters).one_or_none()
+            if row is None:
+                return counts
+            batch_id, claimed, keys, messages = row
+            result = publisher.publish(EncodedMessages(_FIELDS, messages, claimed))
+            conn.execute(_MARK, {"id": batch_id, "entry_ids": result.entry_ids})
+        added = result.added_now
+        counts.add(PublishCounts(added, claimed - added))
+        publisher.forget(keys.split(","))  # marked: never claimed again (the sweep covers a crash here)
 
 
 def sweep_guards(engine: Engine, publisher: StreamPublisher) -> int:
@@ -103,7 +93,7 @@ def sweep_guards(engine: Engine, publisher: StreamPublisher) -> int:
     dropped = 0
     for keys in publisher.guarded_keys():
         with engine.connect() as conn:
-            unmarked = {key for (key,) in conn.execute(_STILL_UNMARKED, {"keys": keys})}
+            unmarked = {key for (key,) in conn.execute(_STILL_UNMARKED, {"stream": publisher.stream, "keys": keys})}
         dropped += publisher.forget(key for key in keys if key not in unmarked)
     return dropped
 

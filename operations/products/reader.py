@@ -78,6 +78,7 @@ class Reason:
     # Found by the caller's checks across rows; named here so that every module counts the same strings.
     UNKNOWN_DEALER = "unknown dealer"
     REPEATED_SKU = "SKU repeated for this dealer"
+    DEALER_REMOVED = "dealer removed"  # deleted from the database while the file was read
 
 
 @dataclass(frozen=True, slots=True)

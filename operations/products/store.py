@@ -3,14 +3,16 @@ an upsert keyed so that a retried or re-run chunk changes nothing twice.
 
 In the chunk's transaction, for its rows: the catalog products (by SKU), the dealers' offers (by product x
 dealer, updated only when what the file says of them changed, their version then growing by one), one
-integration record per created or changed offer (by offer x version) and its outbox message (by message
-key). The messages are published after the commit (`outbox.py`), so none announces a change that was not
+integration record per created or changed offer (by offer x version, so each change is staged once) and its
+message, in outbox rows of a batch of messages each, written only for the records staged by this statement.
+The messages are published after the commit (`outbox.py`), so none announces a change that was not
 committed. Rows are written in key order, so concurrent chunks lock shared rows in the same order.
 """
 
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -23,14 +25,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, DataError, InterfaceError
 from operations.errors import UserError
 from operations.products.models import (
     Dealer,
-    OutboxMessage,
+    OutboxBatch,
     Product,
     ProductDealer,
     ProductIntegrationStaging,
 )
-from operations.products.reader import ProductRow, RowFailure
+from operations.products.reader import ProductRow, Reason, RowFailure
 
 MESSAGE_TYPE = "product.staged"
+OUTBOX_BATCH_MESSAGES = 2000  # messages per outbox row: one claim, one script call and one mark each
 
 
 class ChunkFailed(Exception):
@@ -55,13 +58,15 @@ class DealerRow:
 
 @dataclass
 class ChunkOutcome:
-    """What a chunk's transaction did: rows by outcome, the outbox messages it queued, the rows that failed."""
+    """What a chunk's transaction did: rows by outcome, the outbox rows it queued (`outbox_ids`, each a batch of
+    messages) and how many messages they hold, the rows that failed."""
 
     rows: int = 0
     created: int = 0
     updated: int = 0
     unchanged: int = 0
     outbox_ids: list[int] = field(default_factory=list)
+    messages: int = 0
     failures: list[RowFailure] = field(default_factory=list)
 
     def add(self, other: ChunkOutcome) -> None:
@@ -70,6 +75,7 @@ class ChunkOutcome:
         self.updated += other.updated
         self.unchanged += other.unchanged
         self.outbox_ids += other.outbox_ids
+        self.messages += other.messages
         self.failures += other.failures
 
 
@@ -94,6 +100,17 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {_CHUNK_TABLE} (
 _COPY_CHUNK = (f"COPY {_CHUNK_TABLE} (ord, source_row, dealer_id, dealer_code, sku, name, price, stock, attributes, "
                "fingerprint) FROM STDIN")
 
+# The dealers the chunk's rows name, locked once for the transaction (`FOR KEY SHARE`: a dealer cannot be deleted
+# under the chunk, as a foreign key's check per row would ensure; migration 0010), in id order; the rows of a
+# dealer that is gone are taken out of the chunk and returned, to fail as "dealer removed".
+_LOCK_DEALERS = text(f"""
+WITH present AS (
+    SELECT id FROM dealers WHERE id IN (SELECT DISTINCT dealer_id FROM {_CHUNK_TABLE}) ORDER BY id FOR KEY SHARE
+)
+DELETE FROM {_CHUNK_TABLE} c WHERE NOT EXISTS (SELECT 1 FROM present p WHERE p.id = c.dealer_id)
+RETURNING source_row, dealer_code, sku, dealer_id
+""")
+
 # The catalog products of the chunk (the first row of a SKU wins): new SKUs inserted, changed names or
 # attributes updated, the others not touched (no row lock on a product another chunk also names).
 _UPSERT_PRODUCTS = text(f"""
@@ -107,8 +124,11 @@ ON CONFLICT (sku) DO UPDATE SET name = excluded.name, attributes = excluded.attr
 """)
 
 # The offers whose fingerprint is new or changed (version + 1), one integration record per written offer
-# version and its outbox message; returns how many offers were written, how many created, and the ids of the
-# messages queued (an integration record an earlier attempt kept is kept with its message). Integration records
+# version, and their messages as outbox rows of up to :batch_messages messages each, every row's messages one
+# JSON array as the stream publisher takes them (its `outbox_id` field the row's id, drawn before the insert);
+# returns how many offers were written, how many created, the ids of the outbox rows queued and how many messages
+# they hold (an integration record an earlier attempt kept is kept with its message: a message is queued only
+# for a record this statement staged). Integration records
 # take their offer's id only from `changed` (an offer this statement wrote, locked until the commit): that is
 # what stands for a foreign key on them (migration 0008; a trigger deletes them with their offer).
 _WRITE_OFFERS = text(f"""
@@ -139,21 +159,31 @@ WITH incoming AS (
     ORDER BY ch.id
     ON CONFLICT (product_dealer_id, version) DO NOTHING
     RETURNING id, product_dealer_id, version, dealer_code, sku, name, price, stock, attributes, source_row
+), numbered AS (
+    SELECT s.*, 'product-dealer:' || s.product_dealer_id || ':' || 'v' || s.version AS message_key,
+           (row_number() OVER (ORDER BY s.id) - 1) / :batch_messages AS batch
+    FROM staged s
+), batches AS (
+    SELECT batch, nextval(pg_get_serial_sequence('outbox_batches', 'id')) AS id
+    FROM (SELECT DISTINCT batch FROM numbered ORDER BY batch) b
 ), queued AS (
-    INSERT INTO outbox_messages (stream, message_key, message_type, payload)
-    SELECT :stream, 'product-dealer:' || s.product_dealer_id || ':' || 'v' || s.version, :message_type,
-           jsonb_build_object(
-               'event', CASE WHEN s.version = 1 THEN 'product.created' ELSE 'product.updated' END,
-               'staging_id', s.id, 'product_dealer_id', s.product_dealer_id, 'version', s.version,
-               'dealer_code', s.dealer_code, 'sku', s.sku, 'name', s.name, 'price', s.price::text,
-               'stock', s.stock, 'attributes', s.attributes, 'source_run', CAST(:run_key AS text),
-               'source_row', s.source_row)
-    FROM staged s ORDER BY s.id
-    ON CONFLICT (message_key) DO NOTHING
-    RETURNING id
+    INSERT INTO outbox_batches (id, stream, message_type, source_run, message_count, message_keys, messages)
+    SELECT b.id, :stream, CAST(:message_type AS text), CAST(:run_key AS text), count(*),
+           string_agg(n.message_key, ',' ORDER BY n.id),
+           json_agg(json_build_array(n.message_key, n.message_key, CAST(:message_type AS text), b.id::text,
+               jsonb_build_object(
+                   'event', CASE WHEN n.version = 1 THEN 'product.created' ELSE 'product.updated' END,
+                   'staging_id', n.id, 'product_dealer_id', n.product_dealer_id, 'version', n.version,
+                   'dealer_code', n.dealer_code, 'sku', n.sku, 'name', n.name, 'price', n.price::text,
+                   'stock', n.stock, 'attributes', n.attributes, 'source_run', CAST(:run_key AS text),
+                   'source_row', n.source_row)::text) ORDER BY n.id)::text
+    FROM numbered n JOIN batches b ON b.batch = n.batch
+    GROUP BY b.id ORDER BY b.id
+    RETURNING id, message_count
 )
 SELECT (SELECT count(*) FROM changed), (SELECT count(*) FROM changed WHERE version = 1),
-       (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM queued)
+       (SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM queued),
+       (SELECT coalesce(sum(message_count), 0) FROM queued)
 """)
 
 
@@ -225,21 +255,20 @@ def _copy_rows(conn: Connection, data: bytes) -> None:
         cursor.close()
 
 
-def _write(conn: Connection, data: bytes, rows: int, run_key: str, stream: str) -> ChunkOutcome:
+def _write(conn: Connection, data: bytes, rows: int, run_key: str, stream: str, batch_messages: int) -> ChunkOutcome:
     conn.exec_driver_sql(_CREATE_CHUNK_TABLE)
     conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")  # the sorts of a chunk stay in memory
-    conn.exec_driver_sql(f"DELETE FROM {_CHUNK_TABLE}")  # a single row's retry after the batch was refused
+    conn.exec_driver_sql(f"DELETE FROM {_CHUNK_TABLE}")  # a single row's probe after the batch was refused
     _copy_rows(conn, data)
+    removed = [RowFailure(row, code, sku, "dealer_code", Reason.DEALER_REMOVED, f"no dealer with id {dealer_id}")
+               for row, code, sku, dealer_id in conn.execute(_LOCK_DEALERS)]
     conn.execute(_UPSERT_PRODUCTS)
-    changed, created, outbox_ids = conn.execute(
-        _WRITE_OFFERS, {"run_key": run_key, "stream": stream, "message_type": MESSAGE_TYPE}
-    ).one()
-    return ChunkOutcome(
-        rows=rows, created=created, updated=changed - created, unchanged=rows - changed, outbox_ids=list(outbox_ids),
-    )
-
-
-_DEALER_FOREIGN_KEY = next(iter(ProductDealer.__table__.c.dealer_id.foreign_keys)).constraint.name
+    changed, created, outbox_ids, messages = conn.execute(_WRITE_OFFERS, {
+        "run_key": run_key, "stream": stream, "message_type": MESSAGE_TYPE, "batch_messages": batch_messages,
+    }).one()
+    return ChunkOutcome(rows=rows, created=created, updated=changed - created,
+                        unchanged=rows - changed - len(removed), outbox_ids=list(outbox_ids), messages=int(messages),
+                        failures=sorted(removed, key=lambda failure: failure.row_number))
 
 
 def _row_failure(row: ProductRow, exc: DBAPIError) -> RowFailure:
@@ -248,37 +277,50 @@ def _row_failure(row: ProductRow, exc: DBAPIError) -> RowFailure:
     diag = getattr(orig, "diag", None)
     column = getattr(diag, "column_name", None) or ""
     message = (getattr(diag, "message_primary", None) or str(orig).splitlines()[0])[:300]
-    if getattr(diag, "constraint_name", None) == _DEALER_FOREIGN_KEY:
-        return RowFailure(row.row_number, row.dealer_code, row.sku, "dealer_code", "dealer removed", message)
     return RowFailure(row.row_number, row.dealer_code, row.sku, column, "refused by the database", message)
 
 
 _TRANSIENT = (OperationalError, InterfaceError)
 
 
-def store_chunk(engine: Engine, rows: list[DealerRow] | CopyRows, run_key: str, stream: str) -> ChunkOutcome:
-    """Write the chunk in one transaction (PostgreSQL): all rows in one batch, or, when the database refuses the batch
-    (a value or constraint it rejects), each row in its own savepoint so a bad row fails alone and the rest
-    commit. Raises ChunkFailed (nothing committed) when the transaction itself cannot complete."""
+def store_chunk(engine: Engine, rows: list[DealerRow] | CopyRows, run_key: str, stream: str, *,
+                batch_messages: int = OUTBOX_BATCH_MESSAGES) -> ChunkOutcome:
+    """Write the chunk in one transaction (PostgreSQL), its messages in outbox rows of `batch_messages`: all rows
+    in one batch, or, when the database refuses the batch (a value or constraint it rejects), each row probed in
+    its own savepoint (rolled back) so that a bad row fails alone, then the others in one batch again (so their
+    messages stay batched). Raises ChunkFailed (nothing committed) when the transaction itself cannot complete."""
     chunk = rows if isinstance(rows, CopyRows) else CopyRows.of(rows)
     if not chunk.rows:
         return ChunkOutcome()
+    write = partial(_write, run_key=run_key, stream=stream, batch_messages=batch_messages)
     try:
         with engine.begin() as conn:
             try:
                 with conn.begin_nested():
-                    return _write(conn, chunk.data, chunk.rows, run_key, stream)
+                    return write(conn, chunk.data, chunk.rows)
             except (IntegrityError, DataError):
                 pass
             lines = chunk.lines()
-            outcome = ChunkOutcome(rows=chunk.rows - len(lines), unchanged=chunk.rows - len(lines))  # repeats
-            for line in lines:
+            repeats, failures, outcome = chunk.rows - len(lines), [], ChunkOutcome()
+            for _ in range(2):  # the good rows refused together again (changed meanwhile): probed again, once
+                lines, refused = _probe(conn, lines, write)
+                failures += refused
                 try:
                     with conn.begin_nested():
-                        outcome.add(_write(conn, line, 1, run_key, stream))
+                        outcome = write(conn, b"".join(lines), len(lines)) if lines else ChunkOutcome()
+                    lines = []
+                    break
+                except (IntegrityError, DataError):
+                    pass
+            for line in lines:  # still refused together: each row in a savepoint of its own
+                try:
+                    with conn.begin_nested():
+                        outcome.add(write(conn, line, 1))
                 except (IntegrityError, DataError) as exc:
-                    outcome.rows += 1
-                    outcome.failures.append(_line_failure(line, exc))
+                    failures.append(_line_failure(line, exc))
+            outcome.rows += repeats + len(failures)
+            outcome.unchanged += repeats
+            outcome.failures += failures
             return outcome
     except _TRANSIENT as exc:
         raise ChunkFailed(f"database fault, nothing of the chunk committed: {_first_line(exc)}", True) from None
@@ -287,16 +329,31 @@ def store_chunk(engine: Engine, rows: list[DealerRow] | CopyRows, run_key: str, 
         raise ChunkFailed(f"database refused the chunk: {_first_line(exc)}", transient) from None
 
 
+def _probe(conn: Connection, lines: list[bytes], write) -> tuple[list[bytes], list[RowFailure]]:
+    """Each line written in a savepoint rolled back: the lines the database takes, and the failures of the
+    others."""
+    good, refused = [], []
+    for line in lines:
+        savepoint = conn.begin_nested()
+        try:
+            write(conn, line, 1)
+            good.append(line)
+        except (IntegrityError, DataError) as exc:
+            refused.append(_line_failure(line, exc))
+        finally:
+            savepoint.rollback()
+    return good, refused
+
+
 def _first_line(exc: DBAPIError) -> str:
     return str(exc.orig).splitlines()[0][:300] if exc.orig is not None else type(exc).__name__
 
 
 _RUN_FIGURES = text("""
-SELECT s.change, count(*), count(o.published_at)
-FROM product_integration_staging s
-JOIN outbox_messages o ON o.message_key = concat('product-dealer:', s.product_dealer_id, ':', 'v', s.version)
-WHERE s.source_run = :run_key
-GROUP BY s.change
+SELECT s.change, count(*) FROM product_integration_staging s WHERE s.source_run = :run_key GROUP BY s.change
+""")
+_RUN_PUBLISHED = text("""
+SELECT coalesce(sum(message_count), 0) FROM outbox_batches WHERE source_run = :run_key AND published_at IS NOT NULL
 """)
 
 
@@ -312,14 +369,13 @@ class RunFigures:
 
 
 def run_figures(engine: Engine, run_key: str) -> RunFigures:
-    """The staged changes of `run_key` and their messages (a scan of the staging table: for a cancelled run's
-    report, not for every run)."""
+    """The staged changes of `run_key` and their messages (the outbox rows its chunks queued hold exactly the
+    messages of its staged changes; a scan of the staging table: for a cancelled run's report, not for every
+    run)."""
     with engine.connect() as conn:
-        rows = {change: (count, published) for change, count, published in conn.execute(
-            _RUN_FIGURES, {"run_key": run_key})}
-    created, published_created = rows.get("created", (0, 0))
-    updated, published_updated = rows.get("updated", (0, 0))
-    published = published_created + published_updated
+        rows = dict(conn.execute(_RUN_FIGURES, {"run_key": run_key}).all())
+        published = int(conn.execute(_RUN_PUBLISHED, {"run_key": run_key}).scalar_one())
+    created, updated = rows.get("created", 0), rows.get("updated", 0)
     return RunFigures(created, updated, published, created + updated - published)
 
 
@@ -364,15 +420,16 @@ def dealer_ids(engine: Engine) -> dict[str, int]:
 
 
 def product_counts(engine: Engine) -> dict[str, int]:
-    """Rows per table of the product files (for reports and tests)."""
-    tables = {"dealers": Dealer, "products": Product, "offers": ProductDealer, "staged": ProductIntegrationStaging,
-              "outbox": OutboxMessage}
+    """Rows per table of the product files, and the outbox's messages and unpublished messages (for reports and
+    tests)."""
+    tables = {"dealers": Dealer, "products": Product, "offers": ProductDealer, "staged": ProductIntegrationStaging}
+    messages = func.coalesce(func.sum(OutboxBatch.message_count), 0)
     with engine.connect() as conn:
         counts = {name: conn.execute(select(func.count()).select_from(model)).scalar_one()
                   for name, model in tables.items()}
-        counts["unpublished"] = conn.execute(
-            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
-        ).scalar_one()
+        counts["outbox"] = int(conn.execute(select(messages)).scalar_one())  # messages, not rows
+        counts["unpublished"] = int(conn.execute(
+            select(messages).where(OutboxBatch.published_at.is_(None))).scalar_one())
     return counts
 
 
@@ -393,5 +450,5 @@ def offers(engine: Engine, keys: list[tuple[str, str]] | None = None) -> dict[tu
 def clear_products_data(engine: Engine, dealers: bool = False) -> None:
     """Delete the products, offers, staged records and outbox messages (and the dealers): tests, benchmarks."""
     with engine.begin() as conn:
-        for model in (OutboxMessage, ProductIntegrationStaging, ProductDealer, Product, *([Dealer] if dealers else [])):
+        for model in (OutboxBatch, ProductIntegrationStaging, ProductDealer, Product, *([Dealer] if dealers else [])):
             conn.execute(delete(model))
