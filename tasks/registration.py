@@ -36,7 +36,7 @@ from operations.turnstiles.registration import (
 from tasks.attempts import attempt_tally, release_tally
 from tasks.cancellation import run_stop_check
 from tasks.events import emit
-from tasks.retries import is_transient, retrying_task
+from tasks.retries import is_transient, retrying_step, retrying_task
 from tasks.slots import held_slot
 
 PROGRESS_EVERY_SECONDS = 2.0  # log lines and progress updates at a readable pace
@@ -155,9 +155,6 @@ def register_on_turnstile(
     return report.to_json()
 
 
-CHECK_RETRY_SECONDS = 2.0  # before the one more try of a check that failed past its devices (Redis)
-
-
 def check_turnstiles(
     devices: dict[str, TurnstileDevice], participants: Participants, cache_block: TurnstileCache, dry_run: bool,
     logouts: Logouts | None = None,
@@ -169,17 +166,10 @@ def check_turnstiles(
     A stage of the flow's own body, not a task run: a run with nothing to write is one flow run (a task run adds
     its own start and end on the API and, in a new process, a look-up of its tags' concurrency limits). A device
     that does not answer is the check's answer for that device (`error`: its own task reads it in full); a
-    failure past the devices (Redis) is tried once more after CHECK_RETRY_SECONDS, as the task's retry did: run
-    again, a check finds the same (or, a reset turnstile's entries being gone, nothing more to drop)."""
-    try:
-        return _check_turnstiles(devices, participants, cache_block, dry_run, logouts)
-    except Exception as exc:  # noqa: BLE001 - classified: what cannot heal is raised at once
-        if not is_transient(exc):
-            raise
-        get_run_logger().warning("the turnstiles' checks failed (%s); trying once more in %.0f s", exc,
-                                 CHECK_RETRY_SECONDS)
-        time.sleep(CHECK_RETRY_SECONDS)
-        return _check_turnstiles(devices, participants, cache_block, dry_run, logouts)
+    failure past the devices (Redis) is tried once more after ~2 s, by the tasks' retry rule: run again, a check
+    finds the same (or, a reset turnstile's entries being gone, nothing more to drop)."""
+    return retrying_step(lambda: _check_turnstiles(devices, participants, cache_block, dry_run, logouts),
+                         retries=1, delays=[2], what="the turnstiles' checks", logger=get_run_logger())
 
 
 def _check_turnstiles(devices: dict[str, TurnstileDevice], participants: Participants, cache_block: TurnstileCache,

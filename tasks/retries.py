@@ -2,20 +2,25 @@
 
 `retrying_task(retries=..., delays=..., permanent=...)` is `@task` with the retry rule (`retry_transient`), the
 delays and their jitter; `with_retries(task, n)` is the same task with `n` retries (a count from settings,
-chosen by the flow that runs it), its delays kept.
+chosen by the flow that runs it), its delays kept; `retrying_step` the same rule for a stage of a flow's own body
+that is not a task run.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
+import random
+import time
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, TypeVar
 
 from prefect import Task, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 RetryCondition = Callable[[Task, TaskRun, State], bool]
+T = TypeVar("T")
 JITTER = 0.5  # each delay varies by up to half of it, so retries of many tasks do not arrive together
 # OS errors that may heal on their own (a busy or interrupted call, a network hiccup); any other (no such file,
 # no permission, disk full, read-only) fails the same way on every attempt.
@@ -71,3 +76,20 @@ def with_retries(task_: Task, retries: int, delays: Sequence[float] | None = Non
     if delays is not None:
         options["retry_delay_seconds"] = list(delays)
     return task_.with_options(**options) if options else task_
+
+
+def retrying_step(step: Callable[[], T], *, retries: int, delays: Sequence[float], what: str,
+                  logger: logging.Logger | logging.LoggerAdapter) -> T:
+    """`step()`, tried again `retries` times after `delays` seconds (the last one repeated, with the tasks'
+    jitter) when it fails with what may heal (`is_transient`); what cannot heal is raised at once. For a stage
+    of a flow's own body that is no task run (a task run costs its own start and end on the API)."""
+    for attempt in range(retries + 1):
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001 - classified: what cannot heal is raised at once
+            if attempt == retries or not is_transient(exc):
+                raise
+            delay = delays[min(attempt, len(delays) - 1)] * (1 + random.uniform(-JITTER, JITTER))
+            logger.warning("%s failed (%s); trying again in %.1f s", what, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises

@@ -12,7 +12,11 @@ from tasks.lottery import generate_games_chunk, rank_games_of_run
 from tasks.marketplace import sync_marketplace_account
 from tasks.products import load_products_chunk, publish_pending_messages
 from tasks.retention import remove_expired_runs
-from tasks.retries import is_transient, retrying_task, with_retries
+import logging
+
+import pytest
+
+from tasks.retries import is_transient, retrying_step, retrying_task, with_retries
 from tasks.registration import register_on_turnstile
 
 
@@ -67,3 +71,38 @@ def test_delays_from_settings_replace_the_declared_ones_and_keep_the_rule():
     assert (task_.retries, task_.retry_delay_seconds) == (4, [10.0])
     assert task_.retry_condition_fn is sync_marketplace_account.retry_condition_fn
     assert with_retries(sync_marketplace_account, sync_marketplace_account.retries) is sync_marketplace_account
+
+
+def test_a_step_of_a_flow_body_is_retried_by_the_same_rule():
+    """`retrying_step`: a healing failure tried again until the retries run out, a permanent one raised at once."""
+    logger = logging.getLogger("test-retrying-step")
+    calls = []
+
+    def heals_on_second():
+        calls.append(1)
+        if len(calls) < 2:
+            raise _Healing("busy")
+        return "done"
+
+    assert retrying_step(heals_on_second, retries=1, delays=[0], what="a step", logger=logger) == "done"
+    assert len(calls) == 2
+
+    calls.clear()
+
+    def never_heals():
+        calls.append(1)
+        raise _Healing("still busy")
+
+    with pytest.raises(_Healing):
+        retrying_step(never_heals, retries=2, delays=[0], what="a step", logger=logger)
+    assert len(calls) == 3
+
+    calls.clear()
+
+    def refused():
+        calls.append(1)
+        raise UserError("bad input")
+
+    with pytest.raises(UserError):
+        retrying_step(refused, retries=2, delays=[0], what="a step", logger=logger)
+    assert len(calls) == 1

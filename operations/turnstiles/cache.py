@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable
 
 import orjson
@@ -147,18 +147,32 @@ class KnownFile:
     def encode(self) -> bytes:
         people = self.people
         return orjson.dumps({
-            "rows": people.rows, "digest": self.digest,
-            "participants": [[p.row_number, p.registration, p.name, p.card, p.group, p.begin, p.end]
-                             for p in people.participants],
-            "duplicates": [[d.row_number, d.column, d.reason, d.value, d.registration] for d in people.duplicates],
+            "fields": [_PARTICIPANT_FIELDS, _PROBLEM_FIELDS], "rows": people.rows, "digest": self.digest,
+            "participants": [[getattr(p, name) for name in _PARTICIPANT_FIELDS] for p in people.participants],
+            "duplicates": [[getattr(d, name) for name in _PROBLEM_FIELDS] for d in people.duplicates],
         })
 
     @classmethod
     def decode(cls, blob: bytes) -> KnownFile:
+        """The file as `encode` wrote it; ValueError when it was written with other fields (read it again)."""
         data = orjson.loads(blob)
+        if data["fields"] != [list(_PARTICIPANT_FIELDS), list(_PROBLEM_FIELDS)]:
+            raise ValueError("written with other fields")
         people = ParticipantsFile(participants=[Participant(*row) for row in data["participants"]],
                                   duplicates=[RowProblem(*row) for row in data["duplicates"]], rows=data["rows"])
         return cls(people, data["digest"])
+
+
+# the fields of a known file's rows, in the dataclasses' order (what `Participant(*row)` takes)
+_PARTICIPANT_FIELDS = tuple(f.name for f in fields(Participant))
+_PROBLEM_FIELDS = tuple(f.name for f in fields(RowProblem))
+
+
+def _settled(devices: list[str], states: dict[str, DeviceState], digest: str) -> dict[str, int]:
+    """The devices (with 0 pending) whose state says they were settled for the roster of `digest` at their current
+    version."""
+    return {device: 0 for device in devices
+            if device in states and states[device].settled == f"{digest}:{states[device].version}"}
 
 
 def _sample(drawn: list[bytes]) -> dict[str, int]:
@@ -237,20 +251,16 @@ class RegistrationCache:
         each device answers one number (one round trip for all), and a device found with none is marked settled
         at the version read with the count. `fingerprints` may be a function making them: with `digest` (their
         `roster_digest`, known beforehand) it is not called when every device is settled."""
-        if digest is not None and states:
-            settled = {device: 0 for device in devices
-                       if device in states and states[device].settled == f"{digest}:{states[device].version}"}
-            if len(settled) == len(devices):
-                return settled
+        states = states or {}
+        if digest is not None and len(counts := _settled(devices, states, digest)) == len(devices):
+            return counts
         if callable(fingerprints):
             fingerprints = fingerprints()
         registrations = list(fingerprints)
         if not devices or not registrations or not _joinable(registrations):
             return {device: self.pending(device, fingerprints) if registrations else 0 for device in devices}
         digest = digest or roster_digest(fingerprints)
-        states = states or {}
-        counts = {device: 0 for device in devices
-                  if device in states and states[device].settled == f"{digest}:{states[device].version}"}
+        counts = _settled(devices, states, digest)
         counted = [device for device in devices if device not in counts]
         if not counted:
             return counts
