@@ -349,7 +349,7 @@ def database_url() -> str:
 @pytest.fixture(scope="session")
 def dask_cluster(prefect_api_url, tmp_path_factory):
     """The session's Dask cluster: a `dask scheduler` and two single-thread `dask worker` processes (the shape of
-    the default LocalCluster), started on first use. The workers reach the Prefect API, PostgreSQL and Redis of
+    the default LocalCluster; without a nanny, which would only restart a dead worker), started on first use. The workers reach the Prefect API, PostgreSQL and Redis of
     the session through the environment they start with, as remote workers would through theirs: a test whose
     tasks need other settings on the workers, or that kills or cancels its run, starts a cluster of its own."""
     from distributed import Client
@@ -362,7 +362,7 @@ def dask_cluster(prefect_api_url, tmp_path_factory):
     env = dict(os.environ, DASK_LOGGING__DISTRIBUTED="warning")
     commands = [
         ["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-        *[["worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"remote-{i}"] for i in range(2)],
+        *[["worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"remote-{i}"] for i in range(2)],
     ]
     processes = []
     for i, args in enumerate(commands):

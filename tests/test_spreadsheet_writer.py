@@ -84,9 +84,10 @@ def test_a_score_of_one_stays_a_float(tmp_path):
     games, scores = _games(3, 6)
     scores[0] = 1.0  # the highest score (every feature at its most common value)
     path = write_games_workbook(tmp_path / "g.xlsx", games, scores, 1, SUMMARY).path
-    first = next(read_game_rows(path))
-    assert first[-1] == 1.0 and type(first[-1]) is float
-    assert all(type(v) is int for v in first[:-1])
+    first = _typed_rows(path, "Games")[1]  # as openpyxl reads it: "1" would come back as an int
+    assert first[-1] == (float, 1.0)
+    assert all(kind is int for kind, _ in first[:-1])
+    assert next(read_game_rows(path)) == tuple(value for _, value in first)
 
 
 def test_game_sheets_keep_header_freeze_pane_widths_and_dimension(tmp_path):
