@@ -42,6 +42,7 @@ from pathlib import Path
 
 import httpx
 
+from operations.infra.http import default_ssl_context
 from operations.infra.inbox import FAILED, PROCESSED, SETTLE_SECONDS, Claim, DropFolder, Settling, file_digest
 from operations.infra.processes import basic_auth_headers
 from operations.infra.services import Service
@@ -85,7 +86,8 @@ class Watcher:
         self.folders = {kind: DropFolder(path) for kind, path in inboxes.items()}
         self.settling = {kind: Settling(settle_seconds) for kind in inboxes}
         self.resend_seconds = resend_seconds
-        self.api = httpx.Client(base_url=api_url, headers=basic_auth_headers(auth_string), timeout=10)
+        self.api = httpx.Client(base_url=api_url, headers=basic_auth_headers(auth_string), timeout=10,
+                                verify=default_ssl_context())
         self.deployments: dict[str, dict] = {}
         self._told: set[str] = set()  # log lines said once (a refused file, a deployment missing)
 

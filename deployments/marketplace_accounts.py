@@ -42,6 +42,7 @@ import httpx
 from pydantic import SecretStr
 
 from operations.infra.database import project_engine
+from operations.infra.http import default_ssl_context
 from operations.infra.services import NotConfigured
 from operations.settings import get_settings
 
@@ -72,7 +73,8 @@ def authorization_code(app, seller_id: int, timeout: float = 30) -> str:
     params = {"response_type": "code", "client_id": app.client_id, "seller_id": seller_id}
     if app.redirect_uri:
         params["redirect_uri"] = app.redirect_uri
-    response = httpx.get(f"{app.api_base_url}/authorization", params=params, follow_redirects=False, timeout=timeout)
+    response = httpx.get(f"{app.api_base_url}/authorization", params=params, follow_redirects=False, timeout=timeout,
+                         verify=default_ssl_context())
     code = parse_qs(urlsplit(response.headers.get("location", "")).query).get("code")
     if response.status_code not in (302, 303) or not code:
         raise ValueError(f"{app.api_base_url}/authorization gave no code ({response.status_code}): {response.text[:200]}")

@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
 from operations.infra.database import redact_url
+from operations.infra.http import default_ssl_context
 from operations.infra.embedded_postgres import EmbeddedPostgres, ensure_database, ensure_embedded_postgres
 from operations.infra.processes import (
     basic_auth_headers, client_host, folder_lock, free_port, port_free, require_auth_off_loopback,
@@ -132,7 +133,7 @@ def prefect_server_env(prefect_dir: Path, database_url: str, auth_string: str | 
 def _healthy(api_url: str) -> bool:
     """GET /health (Prefect lets it through without auth)."""
     try:
-        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        return httpx.get(f"{api_url}/health", timeout=2, verify=default_ssl_context()).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -140,7 +141,7 @@ def _healthy(api_url: str) -> bool:
 def _accepts(api_url: str, headers: dict[str, str]) -> bool:
     """Whether an authenticated-only route answers with these headers (a 401 means another auth string)."""
     try:
-        return httpx.get(f"{api_url}/admin/version", headers=headers, timeout=5).status_code == 200
+        return httpx.get(f"{api_url}/admin/version", headers=headers, timeout=5, verify=default_ssl_context()).status_code == 200
     except httpx.HTTPError:
         return False
 

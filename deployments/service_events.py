@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from operations.events import RESOURCE_PREFIX, SERVICE_RESTARTED
+from operations.infra.http import default_ssl_context
 from operations.infra.supervision import listen
 
 EMIT_WAIT_SECONDS = 600.0  # how long an event waits for the Prefect server to answer
@@ -48,7 +49,7 @@ def _api_url() -> str | None:
 
 def _answers(api_url: str) -> bool:
     try:
-        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        return httpx.get(f"{api_url}/health", timeout=2, verify=default_ssl_context()).status_code == 200
     except httpx.HTTPError:
         return False
 

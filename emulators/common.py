@@ -18,6 +18,7 @@ import httpx
 import orjson  # a dependency of Prefect: about 5x faster than json for large pages
 from pydantic import BaseModel
 
+from operations.infra.http import default_ssl_context
 from operations.infra.services import Service
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def config_from_arguments(args: dict[str, Any], config_class: type):
 def health(port: int, service: str) -> dict[str, Any] | None:
     """The health answer of the emulator `service` on 127.0.0.1:port, or None if none answers there."""
     try:
-        response = httpx.get(f"http://127.0.0.1:{port}/_emulator/health", timeout=2)
+        response = httpx.get(f"http://127.0.0.1:{port}/_emulator/health", timeout=2, verify=default_ssl_context())
         data = response.json()
     except (httpx.HTTPError, ValueError):
         return None
@@ -139,7 +140,7 @@ class ControlClient:
     closes it, and `_call`, which sends through `_send` (override it to choose the URL) and checks the answer."""
 
     def __init__(self, timeout: float, base_url: str = ""):
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, verify=default_ssl_context())
 
     def close(self) -> None:
         """Close the httpx client."""
