@@ -365,9 +365,10 @@ def database_url() -> str:
 @pytest.fixture(scope="session")
 def dask_cluster(prefect_api_url, tmp_path_factory):
     """The session's Dask cluster: a `dask scheduler` and two single-thread `dask worker` processes (the shape of
-    the default LocalCluster; without a nanny, which would only restart a dead worker), started on first use. The workers reach the Prefect API, PostgreSQL and Redis of
-    the session through the environment they start with, as remote workers would through theirs: a test whose
-    tasks need other settings on the workers, or that kills or cancels its run, starts a cluster of its own."""
+    the default LocalCluster; without a nanny, which would only restart a dead worker), started on first use. The
+    workers reach the Prefect API, PostgreSQL and Redis of the session through the environment they start with, as
+    remote workers would through theirs: a test whose tasks need other settings on the workers, or that kills or
+    cancels its run, starts a cluster of its own."""
     from distributed import Client
 
     from operations.infra.processes import free_port, stop_process_group

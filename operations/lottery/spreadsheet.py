@@ -155,7 +155,7 @@ def read_game_rows(path: Path) -> Iterator[tuple]:
         for name in workbook.sheet_names:
             if not name.startswith(GAME_SHEET_PREFIX):
                 continue
-            rows = iter(workbook.get_sheet_by_name(name).to_python())
+            rows = workbook.get_sheet_by_name(name).iter_rows()
             next(rows, None)
             for row in rows:
                 if row and row[0] != "":
