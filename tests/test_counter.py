@@ -112,6 +112,9 @@ def test_a_chunk_retried_after_a_fault_after_its_claims_counts_once(redis_client
         assert counter.snapshot()["total_generated"] == quota
     result = generate_chunk(plan, counter, 1, tmp_path)
     assert result.released == quota and result.games == quota
+    # every candidate drawn is accounted for: kept, failed a rule, repeated, region full or past the quota
+    assert result.candidates == (result.games + sum(result.rejected_by_rule.values()) + result.repeats
+                                 + result.region_full + result.unused)
     assert counter.snapshot()["total_generated"] == quota == counter.seen_count()
     # a recomputation of the finished chunk (Dask after a worker death) returns the committed result
     again = generate_chunk(plan, counter, 1, tmp_path)

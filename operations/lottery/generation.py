@@ -41,6 +41,7 @@ class ChunkResult:
     rejected_by_rule: dict[str, int] = field(default_factory=dict)
     repeats: int = 0
     region_full: int = 0
+    unused: int = 0  # passed the rules, drawn past the chunk's quota: never claimed
     released: int = 0
     seconds: float = 0.0
     resumed: bool = False
@@ -110,6 +111,7 @@ def generate_chunk(
         result.region_full += claim.region_full
         counts = claim.region_counts
         got = int(np.count_nonzero(claim.accepted))
+        result.unused += len(games) - got - claim.repeats - claim.region_full
         if got:
             accepted.append(masks[claim.accepted])
             need -= got
