@@ -158,7 +158,7 @@ def flow_commands(files: SampleFiles) -> list[FlowCommand]:
                     "Games 100000, Run key sample-games"),
         FlowCommand("onboard-account", "make onboard",
                     "Authorization code: the code `.venv/bin/python -m deployments.marketplace_accounts emulated "
-                    "--code-only` prints (single use, 10 minutes)"),
+                    "--code-only` prints (single use, 10 minutes), Nickname as you like"),
         FlowCommand("sync-marketplace", make_run("sync-marketplace/on-demand"),
                     "nothing to fill: every active account, orders and items"),
         FlowCommand("process-products", make_run("process-products/on-demand", file_path=files.products),

@@ -123,12 +123,12 @@ _PAST_DRAWS_FILE = form_field(
 @ends_failed_on_user_error
 def generate_games(
     quantity: Quantity = _field("quantity"),
+    run_key: RunKey = _RUN_KEY,  # second in the form: the rules and regions below it are long
     numbers_per_game: NumbersPerGame = _field("numbers_per_game"),
     highest_number: HighestNumber = _field("highest_number"),
     rules: Rules = _field("rules"),
     regions: Regions = _field("regions"),
     seed: Seed = _field("seed"),
-    run_key: RunKey = _RUN_KEY,
     counter_block: BlockName = _COUNTER_BLOCK,
     past_draws_file: FilePath = _PAST_DRAWS_FILE,
 ) -> dict:
