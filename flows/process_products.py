@@ -61,6 +61,7 @@ from flows.task_runners import (
 from operations.cancellation import Cancelled as OperationCancelled
 from operations.cancellation import StopCheck, raise_if_stopped
 from operations.infra.database import get_engine, project_engine
+from operations.infra.heap import settled_heap
 from operations.infra.links import output_base_url, output_link
 from operations.infra.tabular import READ_FILE_PATTERN
 from operations.products.chunks import (
@@ -179,7 +180,7 @@ def process_products(
 def _load_chunks(load: _Load, settings: Settings) -> LoadResult:
     """Read the file into chunks loaded on the chosen runner; the chunk files are removed whatever happens."""
     try:
-        with _chunk_task_runner(settings, load.on_dask) as runner:
+        with _chunk_task_runner(settings, load.on_dask) as runner, settled_heap():  # no collector pass over it all
             return _load(runner, load, with_retries(load_products_chunk, settings.products.task_retries),
                          run_stop_check())
     finally:

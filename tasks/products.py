@@ -27,6 +27,9 @@ from tasks.events import emit
 from tasks.retries import retrying_task
 
 CHUNK_ENGINE = "products"  # the chunk tasks' engine: a pool of its own, sized by the flow
+# The chunk and publish tasks carry no tags: a tagged task run first asks the Prefect server for its tags'
+# concurrency slots (a round trip before each chunk starts, and the lease's release after it); the database's
+# load is bounded by the flow's task slots and each chunk process's pool (docs/benchmarks.md, "Products file").
 # Faults of the stream or of the outbox's mark that leave a chunk's committed messages for a later publish.
 PUBLISH_FAULTS = (redis.RedisError, InjectedPublishFault, OSError, DBAPIError)
 
@@ -52,7 +55,6 @@ class _ChunkTally:
     delays=[2, 10, 30],
     permanent=(ValueError,),  # ChunkFailed says; an OSError only when it may heal (tasks/retries.py)
     cache_policy=NO_CACHE,
-    tags=["products", "database"],
 )
 def load_products_chunk(
     chunk: ChunkFile, database_url: str, pool_size: int, run_key: str, queue: ProductsQueue
@@ -95,7 +97,6 @@ def load_products_chunk(
     retries=3,
     delays=[2, 10, 30],
     cache_policy=NO_CACHE,
-    tags=["products", "redis"],
 )
 def publish_pending_messages(database_url: str, queue: ProductsQueue) -> PublishCounts:
     """Publish every message of the stream still in the outbox (this run's deferred ones, any an earlier run
