@@ -32,8 +32,8 @@ from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
 from operations.infra.database import redact_url
-from operations.infra.http import default_ssl_context
 from operations.infra.embedded_postgres import EmbeddedPostgres, ensure_database, ensure_embedded_postgres
+from operations.infra.http import default_ssl_context
 from operations.infra.processes import (
     basic_auth_headers, client_host, folder_lock, free_port, port_free, require_auth_off_loopback,
 )
@@ -141,7 +141,8 @@ def _healthy(api_url: str) -> bool:
 def _accepts(api_url: str, headers: dict[str, str]) -> bool:
     """Whether an authenticated-only route answers with these headers (a 401 means another auth string)."""
     try:
-        return httpx.get(f"{api_url}/admin/version", headers=headers, timeout=5, verify=default_ssl_context()).status_code == 200
+        answer = httpx.get(f"{api_url}/admin/version", headers=headers, timeout=5, verify=default_ssl_context())
+        return answer.status_code == 200
     except httpx.HTTPError:
         return False
 

@@ -61,7 +61,8 @@ def ensure_work_pool(pool: str = LOCAL_WORK_POOL) -> None:
 def _workers(api_url: str, pool: str, headers: dict[str, str]) -> list[dict] | None:
     """The pool's worker rows (None when the server cannot say)."""
     try:
-        response = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, headers=headers, timeout=5, verify=default_ssl_context())
+        response = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, headers=headers, timeout=5,
+                              verify=default_ssl_context())
     except httpx.HTTPError:
         return None
     return response.json() if response.status_code == 200 else None

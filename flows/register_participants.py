@@ -379,13 +379,9 @@ async def register_participants(
     skip_cache: bool = SKIP_CACHE, verify: bool = VERIFY, dry_run: bool = DRY_RUN, batch_size: BatchSize = BATCH_SIZE,
     concurrency_per_device: RequestsAtOnce = CONCURRENCY_PER_DEVICE, cache_block: BlockName = CACHE_BLOCK,
 ) -> dict:
-    """Register every participant of the file on every chosen turnstile.
-
-    `async def` for Prefect's async engine, which ends the run without waiting out its heartbeat thread's
-    one-second sleep; the body's calls stay blocking (Prefect's dispatching calls with `_sync=True`), so a
-    SIGTERM still lands in them (in the wait for the turnstile tasks) as under the sync engine. The body shares
-    one sync API client, as the sync engine does (without it every task thread builds its own: ~0.1 s of CPU
-    each, for its TLS context)."""
+    """Register every participant of the file on every chosen turnstile. `async def` for Prefect's async engine,
+    which ends a run without waiting out its heartbeat thread's one-second sleep; the calls stay blocking (a
+    SIGTERM lands in them as under the sync engine) and share one sync API client, as the sync engine's do."""
     watch_termination()
     # one API client for the run's calls and its task threads; the heap alive at the start (Prefect, the imports,
     # an earlier run's leftovers in a long-lived process) is left out of the collector's passes during the run

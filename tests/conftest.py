@@ -379,7 +379,8 @@ def dask_cluster(prefect_api_url, tmp_path_factory):
     env = dict(os.environ, DASK_LOGGING__DISTRIBUTED="warning")
     commands = [
         ["scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-        *[["worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"remote-{i}"] for i in range(2)],
+        *[["worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"remote-{i}"]
+          for i in range(2)],
     ]
     processes = []
     for i, args in enumerate(commands):
