@@ -21,6 +21,7 @@ time, rows/s and peak memory, beside the project's reader alone on it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import time
@@ -230,7 +231,7 @@ def _flow(source: Path, runner: str, rows: int) -> dict:
     before = _cpu_seconds(processes)
     with PeakMemory({os.getpid()}) as memory:
         started = time.perf_counter()
-        state = process_products(file_path=str(source), queue_block=BENCH_QUEUE_BLOCK, return_state=True)
+        state = asyncio.run(process_products(file_path=str(source), queue_block=BENCH_QUEUE_BLOCK, return_state=True))
         wall = time.perf_counter() - started
     after = _cpu_seconds(processes)
     if not state.is_completed():

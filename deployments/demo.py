@@ -150,7 +150,8 @@ def demo_products(stack, rows: int, run_key: str) -> int:
     if not products_file.exists():
         generate_products_file(products_file, rows, codes, bad_fraction=0.1, seed=2026)
     print(f"\n{len(codes)} dealers from {dealers_file} ({inserted} new); processing {products_file} ...", flush=True)
-    state = process_products(file_path=str(products_file), run_key=f"{run_key}-products", return_state=True)
+    state = asyncio.run(process_products(  # an async flow: its run ends without a heartbeat's wait
+        file_path=str(products_file), run_key=f"{run_key}-products", return_state=True))
     result = _result("process-products", state)
     if result is None:
         return 1

@@ -38,10 +38,11 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import SyncClientContext
 from prefect.exceptions import Abort, TerminationSignal
 from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Failed
+from prefect.states import Cancelled, Failed, State
 from prefect.task_runners import TaskRunner
 from pydantic import Field
 from typing_extensions import Annotated
@@ -136,14 +137,22 @@ _QUEUE_BLOCK = form_field(
 
 @flow(name="process-products", log_prints=False)
 @ends_failed_on_user_error
-def process_products(
+async def process_products(
     file_path: ProductsFilePath = _FILE_PATH,
     run_key: RunKey = _RUN_KEY,
     chunk_rows: ChunkRows = _CHUNK_ROWS,
     queue_block: BlockName = _QUEUE_BLOCK,
 ) -> dict:
-    """Load a dealers' products file into the project database and publish one message per change."""
+    """Load a dealers' products file into the project database and publish one message per change. `async def`
+    for Prefect's async engine, which ends a run without waiting out its heartbeat thread's one-second sleep; the
+    calls stay blocking and share one sync API client, as the sync engine's do."""
     watch_termination(forward=False)  # a SIGTERM stops the loops at their next check, with the run's report
+    with SyncClientContext.get_or_create():
+        return _process(file_path, run_key, chunk_rows, queue_block)
+
+
+def _process(file_path: str, run_key: str, chunk_rows: int, queue_block: str) -> dict | State:
+    """The run: check the request, load the file (or find it loaded already), publish, report."""
     started, logger, settings = time.perf_counter(), get_run_logger(), get_settings()
     output_base_url(settings)  # where a failures link will point: a missing OUTPUT_BASE_URL fails before any row
     source = products_file(file_path)
@@ -309,7 +318,8 @@ def _load(runner: TaskRunner, load: _Load, chunk_task, should_stop: StopCheck) -
     cancelled, and the result says what was done."""
     logger, source, run_dir = get_run_logger(), load.source, load.run_dir
     progress_id = create_progress_artifact(
-        progress=0.0, key="products-progress", description=f"Rows of {source.name} accounted for (run {load.run_key})"
+        progress=0.0, key="products-progress", description=f"Rows of {source.name} accounted for (run {load.run_key})",
+        _sync=True,  # blocking under the async engine too
     )
     chunks: dict[PrefectFuture, ChunkFile] = {}
     pending: set[PrefectFuture] = set()  # submitted, outcome not yet taken into the result
@@ -359,11 +369,11 @@ class _Progress:
 
     def __init__(self, artifact_id, stats: SplitStats):
         self.artifact_id, self.total, self.accounted = artifact_id, max(1, stats.rows), stats.failed_rows
-        update_progress_artifact(artifact_id, 100.0 * self.accounted / self.total)
+        update_progress_artifact(artifact_id, 100.0 * self.accounted / self.total, _sync=True)
 
     def add(self, rows: int) -> None:
         self.accounted += rows
-        update_progress_artifact(self.artifact_id, 100.0 * self.accounted / self.total)
+        update_progress_artifact(self.artifact_id, 100.0 * self.accounted / self.total, _sync=True)
 
 
 def _collect(future: PrefectFuture, chunk: ChunkFile, result: LoadResult, progress: _Progress | None) -> None:
@@ -435,9 +445,10 @@ def _publish_report(load: _Load, result: LoadResult, elapsed: float) -> dict:
         create_link_artifact(
             key="products-failures", link=link, link_text=workbook.name,
             description=f"{summary['failures']:,} failed row(s) of {source.name} (row, dealer, SKU, column, reason)",
+            _sync=True,
         )
     create_table_artifact(key="products-failure-reasons", table=reasons_table(by_reason),
-                          description=f"Failed rows of {source.name} by reason")
+                          description=f"Failed rows of {source.name} by reason", _sync=True)
     create_markdown_artifact(key="products-summary", markdown=summary_markdown(source, summary, result,
-                             load.on_dask, link), description=f"Summary of {source.name}")
+                             load.on_dask, link), description=f"Summary of {source.name}", _sync=True)
     return summary

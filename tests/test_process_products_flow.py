@@ -4,6 +4,7 @@ Dask run with publish faults that still publishes each message once within the c
 
 from __future__ import annotations
 
+import asyncio
 import os
 import textwrap
 import threading
@@ -47,7 +48,7 @@ def _stream_keys(queue: ProductsQueue) -> list[str]:
 def _run(**parameters):
     from flows.process_products import process_products
 
-    state = process_products(**parameters, return_state=True)
+    state = asyncio.run(process_products(**parameters, return_state=True))  # an async flow
     return state, (state.result() if state.is_completed() else None)
 
 
@@ -490,12 +491,13 @@ def test_the_relay_publishes_what_runs_left_and_says_when_messages_stay_unpublis
 
 
 _RUN_IN_A_PROCESS = textwrap.dedent("""
+    import asyncio
     import sys
     from flows.process_products import process_products
 
     file_path, block, run_key = sys.argv[1:4]
-    state = process_products(file_path=file_path, queue_block=block, run_key=run_key, chunk_rows=400,
-                             return_state=True)
+    state = asyncio.run(process_products(file_path=file_path, queue_block=block, run_key=run_key, chunk_rows=400,
+                                         return_state=True))
     print(state.type.value, state.message, flush=True)
 """)
 
