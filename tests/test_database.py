@@ -257,6 +257,26 @@ def test_sqlite_connections_use_wal_and_foreign_keys(sqlite_database_url):
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 30_000
 
 
+def test_on_sqlite_deleting_a_product_deletes_its_offers_and_their_integration_records(sqlite_database_url):
+    """The cascades of the products' tables hold on a migrated SQLite file too (migrations 0008-0011)."""
+    from operations.products.store import product_counts
+
+    engine = get_engine(sqlite_database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO dealers (id, code, name) VALUES (1, 'D1', 'Dealer one')")
+        conn.exec_driver_sql("INSERT INTO products (id, sku, name, attributes) VALUES (1, 'SKU-1', 'Product', '{}')")
+        conn.exec_driver_sql("INSERT INTO product_dealers (id, product_id, dealer_id, price, stock, fingerprint, "
+                             "version, source_run, source_row) VALUES (1, 1, 1, 1, 1, 'f', 1, 'r', 2)")
+        conn.exec_driver_sql("INSERT INTO product_integration_staging (product_dealer_id, version, change, "
+                             "dealer_code, sku, name, price, stock, attributes, source_run, source_row) "
+                             "VALUES (1, 1, 'created', 'D1', 'SKU-1', 'Product', 1, 1, '{}', 'r', 2)")
+    assert (product_counts(engine)["offers"], product_counts(engine)["staged"]) == (1, 1)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM products")
+    counts = product_counts(engine)
+    assert (counts["offers"], counts["staged"]) == (0, 0)
+
+
 def test_redact_url_hides_passwords():
     assert redact_url("postgresql+psycopg://ops:s3cr%40t@db.internal:5432/operations") == (
         "postgresql+psycopg://ops:***@db.internal:5432/operations"

@@ -302,6 +302,72 @@ def test_removing_an_offer_or_its_dealer_removes_its_integration_records(product
             "WHERE NOT EXISTS (SELECT 1 FROM product_dealers d WHERE d.id = s.product_dealer_id)").scalar_one() == 0
 
 
+def test_an_offer_must_name_an_existing_product_and_deleting_a_product_deletes_its_offers(products_engine, publisher):
+    """Offers carry no foreign key on their product (migration 0011): a statement writing an offer of a missing
+    product is refused as a foreign key violation naming the column, and deleting a product deletes its offers
+    and their integration records."""
+    from sqlalchemy.exc import IntegrityError
+
+    store_chunk(products_engine, _rows(products_engine, 6), "run-1", publisher.stream)  # 3 products, 2 offers each
+    with products_engine.connect() as conn:
+        (product_id,) = conn.exec_driver_sql("SELECT id FROM products WHERE sku = 'SKU-00000'").one()
+        (dealer_id,) = conn.exec_driver_sql("SELECT id FROM dealers WHERE code = 'D1'").one()
+        missing = conn.exec_driver_sql("SELECT max(id) + 1000 FROM products").scalar_one()
+    insert = text("INSERT INTO product_dealers (product_id, dealer_id, price, stock, fingerprint, version, source_run, "
+                  "source_row, created_at, updated_at) VALUES (:product, :dealer, 1, 1, 'f', 1, 'r', 1, now(), now())")
+    for statement, parameters in ((insert, {"product": missing, "dealer": dealer_id}),
+                                  (text("UPDATE product_dealers SET product_id = :product WHERE product_id = :old"),
+                                   {"product": missing, "old": product_id})):
+        with pytest.raises(IntegrityError) as refused, products_engine.begin() as conn:
+            conn.execute(statement, parameters)
+        assert refused.value.orig.diag.column_name == "product_id" and str(missing) in str(refused.value.orig)
+    assert product_counts(products_engine)["offers"] == 6
+    with products_engine.begin() as conn:
+        conn.exec_driver_sql(f"DELETE FROM products WHERE id = {product_id}")
+    counts = product_counts(products_engine)
+    assert (counts["products"], counts["offers"], counts["staged"]) == (2, 4, 4)
+    assert product_id not in {row[0] for row in _offer_products(products_engine)}
+
+
+def _offer_products(engine) -> list[tuple[int]]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql("SELECT product_id FROM product_dealers").all())
+
+
+def test_a_product_deleted_while_a_chunk_writes_its_offer_waits_for_the_chunk_and_leaves_no_offer(products_engine,
+                                                                                                   publisher):
+    """The delete of a product waits for the transactions writing offers at that moment, then deletes their
+    offers of it too: no offer is left naming a deleted product."""
+    store_chunk(products_engine, _rows(products_engine, 2), "run-1", publisher.stream)  # SKU-00000 on D1 and D2
+    with products_engine.connect() as conn:
+        (product_id,) = conn.exec_driver_sql("SELECT id FROM products WHERE sku = 'SKU-00000'").one()
+    upsert_dealers(products_engine, [("D3", "Dealer three")])
+    chunk = products_engine.connect()
+    try:
+        chunk.execute(text(  # a chunk's offer of the product, not committed yet
+            "INSERT INTO product_dealers (product_id, dealer_id, price, stock, fingerprint, version, source_run, "
+            "source_row, created_at, updated_at) SELECT :product, id, 1, 1, 'f', 1, 'r', 1, now(), now() "
+            "FROM dealers WHERE code = 'D3'"), {"product": product_id})
+        deleted = []
+
+        def delete_product():
+            with products_engine.begin() as conn:
+                deleted.append(conn.exec_driver_sql(f"DELETE FROM products WHERE id = {product_id}").rowcount)
+
+        deleting = threading.Thread(target=delete_product)
+        deleting.start()
+        deleting.join(timeout=1.0)
+        assert deleting.is_alive()  # waiting for the chunk's transaction
+        chunk.commit()
+    finally:
+        chunk.close()
+    deleting.join(timeout=30)
+    assert deleted == [1]
+    assert _offer_products(products_engine) == []
+    with products_engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM product_integration_staging").scalar_one() == 0
+
+
 def test_a_dealer_deleted_while_a_chunk_waits_for_it_fails_its_rows_and_leaves_no_offer(products_engine, publisher):
     """Offers carry no foreign key on their dealer: a chunk locks the dealers it names, so a dealer deleted by a
     transaction that commits while the chunk waits fails that dealer's rows as "dealer removed", and the rest

@@ -16,7 +16,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
-    ForeignKey,
     Index,
     Integer,
     Numeric,
@@ -69,7 +68,9 @@ class ProductDealer(Base):
     __table_args__ = (UniqueConstraint("product_id", "dealer_id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    product_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("products.id", ondelete="CASCADE"))
+    # The product's id, without a foreign key on PostgreSQL: checked once per statement, and deleting a product
+    # deletes its offers (triggers, migration 0011).
+    product_id: Mapped[int] = mapped_column(BigInteger)
     # The dealer's id, without a foreign key: a chunk locks the dealers its rows name once, setting aside the rows
     # of a dealer that is gone (store.py), and deleting a dealer deletes its offers (a trigger, migration 0010).
     dealer_id: Mapped[int] = mapped_column(BigInteger, index=True)
