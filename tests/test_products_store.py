@@ -85,7 +85,15 @@ def test_a_chunk_stages_every_new_offer_and_publishes_each_message_once(products
     messages = _stream(publisher)
     assert len(messages) == 40 and len({m["message_key"] for m in messages}) == 40
     payload = json.loads(messages[0]["payload"])
-    assert payload["event"] == "product.created" and payload["dealer_code"] == "D1" and payload["price"] == "10.00"
+    key = messages[0]["message_key"]  # product-dealer:<offer id>:v<version>
+    with products_engine.connect() as conn:
+        staging_id = conn.exec_driver_sql("SELECT id FROM product_integration_staging WHERE product_dealer_id = "
+                                          f"{payload['product_dealer_id']} AND version = 1").scalar_one()
+    assert key == f"product-dealer:{payload['product_dealer_id']}:v1"
+    assert payload == {"event": "product.created", "staging_id": staging_id,
+                       "product_dealer_id": payload["product_dealer_id"], "version": 1, "dealer_code": "D1",
+                       "sku": "SKU-00000", "name": "Product 0", "price": "10.00", "stock": 0,
+                       "attributes": {"brand": "Acme"}, "source_run": "run-1", "source_row": 2}
     assert product_counts(products_engine)["unpublished"] == 0
 
 
