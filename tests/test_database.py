@@ -270,11 +270,12 @@ def test_on_sqlite_deleting_a_product_deletes_its_offers_and_their_integration_r
         conn.exec_driver_sql("INSERT INTO product_integration_staging (product_dealer_id, version, change, "
                              "dealer_code, sku, name, price, stock, attributes, source_run, source_row) "
                              "VALUES (1, 1, 'created', 'D1', 'SKU-1', 'Product', 1, 1, '{}', 'r', 2)")
-    assert (product_counts(engine)["offers"], product_counts(engine)["staged"]) == (1, 1)
+    before = product_counts(engine)
+    assert (before["offers"], before["staged"]) == (1, 1)
     with engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM products")
-    counts = product_counts(engine)
-    assert (counts["offers"], counts["staged"]) == (0, 0)
+    after = product_counts(engine)
+    assert (after["offers"], after["staged"]) == (0, 0)
 
 
 def test_redact_url_hides_passwords():

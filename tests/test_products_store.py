@@ -321,9 +321,7 @@ def test_an_offer_must_name_an_existing_product_and_deleting_a_product_deletes_i
         (product_id,) = conn.exec_driver_sql("SELECT id FROM products WHERE sku = 'SKU-00000'").one()
         (dealer_id,) = conn.exec_driver_sql("SELECT id FROM dealers WHERE code = 'D1'").one()
         missing = conn.exec_driver_sql("SELECT max(id) + 1000 FROM products").scalar_one()
-    insert = text("INSERT INTO product_dealers (product_id, dealer_id, price, stock, fingerprint, version, source_run, "
-                  "source_row, created_at, updated_at) VALUES (:product, :dealer, 1, 1, 'f', 1, 'r', 1, now(), now())")
-    for statement, parameters in ((insert, {"product": missing, "dealer": dealer_id}),
+    for statement, parameters in ((_INSERT_OFFER, {"product": missing, "dealer": dealer_id}),
                                   (text("UPDATE product_dealers SET product_id = :product WHERE product_id = :old"),
                                    {"product": missing, "old": product_id})):
         with pytest.raises(IntegrityError) as refused, products_engine.begin() as conn:
@@ -335,6 +333,12 @@ def test_an_offer_must_name_an_existing_product_and_deleting_a_product_deletes_i
     counts = product_counts(products_engine)
     assert (counts["products"], counts["offers"], counts["staged"]) == (2, 4, 4)
     assert product_id not in {row[0] for row in _offer_products(products_engine)}
+
+
+# an offer written by hand, as another writer than a chunk would
+_INSERT_OFFER = text("INSERT INTO product_dealers (product_id, dealer_id, price, stock, fingerprint, version, "
+                     "source_run, source_row, created_at, updated_at) "
+                     "VALUES (:product, :dealer, 1, 1, 'f', 1, 'r', 1, now(), now())")
 
 
 def _offer_products(engine) -> list[tuple[int]]:
@@ -351,11 +355,8 @@ def test_a_product_deleted_while_a_chunk_writes_its_offer_waits_for_the_chunk_an
         (product_id,) = conn.exec_driver_sql("SELECT id FROM products WHERE sku = 'SKU-00000'").one()
     upsert_dealers(products_engine, [("D3", "Dealer three")])
     chunk = products_engine.connect()
-    try:
-        chunk.execute(text(  # a chunk's offer of the product, not committed yet
-            "INSERT INTO product_dealers (product_id, dealer_id, price, stock, fingerprint, version, source_run, "
-            "source_row, created_at, updated_at) SELECT :product, id, 1, 1, 'f', 1, 'r', 1, now(), now() "
-            "FROM dealers WHERE code = 'D3'"), {"product": product_id})
+    try:  # a chunk's offer of the product, not committed yet
+        chunk.execute(_INSERT_OFFER, {"product": product_id, "dealer": dealer_ids(products_engine)["D3"]})
         deleted = []
 
         def delete_product():

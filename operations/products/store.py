@@ -176,7 +176,8 @@ WITH incoming AS (
                    '","staging_id":', n.id, ',"product_dealer_id":', n.product_dealer_id, ',"version":', n.version,
                    ',"dealer_code":', to_json(n.dealer_code), ',"sku":', to_json(n.sku), ',"name":', to_json(n.name),
                    ',"price":"', n.price, '","stock":', n.stock, ',"attributes":', n.attributes,
-                   ',"source_run":', to_json(CAST(:run_key AS text)), ',"source_row":', n.source_row, '}}')) ORDER BY n.id)::text
+                   ',"source_run":', to_json(CAST(:run_key AS text)), ',"source_row":', n.source_row, '}}'))
+               ORDER BY n.id)::text
     FROM numbered n JOIN batches b ON b.batch = n.batch
     GROUP BY b.id ORDER BY b.id
     RETURNING id, message_count

@@ -1,8 +1,8 @@
 """offers without a foreign key check per row on their product: checked once per statement, cascaded by a trigger
 
 The foreign key checked every offer written with a query of its own on its product (an index probe and a row lock
-with its WAL record per offer): ~10% of the PostgreSQL time of a chunk's offers statement. On PostgreSQL, what it
-ensured is now three statement-level triggers (SQLite keeps the key, below):
+with its WAL record per offer): 89 ms of a 20,000-row chunk's 489 ms offers statement under EXPLAIN ANALYZE. On
+PostgreSQL, what it ensured is now three statement-level triggers (SQLite keeps the key, below):
 - offers inserted or updated: every product they name exists, checked once per statement over the statement's
   rows (a refusal is a foreign key violation, as the key's was);
 - products deleted: their offers are deleted (the key's ON DELETE CASCADE; their integration records follow by
